@@ -12,6 +12,12 @@ import pathlib
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight virtual CPU devices so sharding tests can build real meshes; unsharded code still runs on
+# device 0 exactly as on a one-device machine.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,271 @@
+"""Device meshes, logical-axis sharding rules and multi-host start-up.
+
+Every parameter (and the key activations) carries *logical* axis names in its
+``out_sharding`` metadata, e.g. ``("layers", "embed", "mlp")``. One rules table maps logical names
+to mesh axes; FSDP, tensor parallelism or both are chosen by changing the table only (MaxText /
+flax ``logical_axis_rules`` style). Mesh axes:
+
+- ``data``   — pure data parallelism (parameters replicated), usually the DCN / multi-slice axis;
+- ``fsdp``   — data parallelism with parameters and optimizer state sharded (ZeRO-3 style);
+- ``tensor`` — tensor (model) parallelism over heads / MLP / vocabulary.
+
+The batch is split over ``("data", "fsdp")``. A rule maps to a mesh axis name, a tuple of names,
+or ``None`` (replicated). A dimension that a rule would shard over axes whose size does not divide
+it is replicated instead, and this is logged: tiny test models and odd head counts still run, and
+the AOT memory plan shows what that costs.
+
+Models are built with ``nnx.use_eager_sharding(False)``: variables carry their logical names as
+metadata only, and placement goes through ``state_shardings`` (one mechanism for init, loading and
+the jitted steps' in/out shardings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# FSDP over `fsdp`, tensor parallelism over `tensor`. With tensor=1 this is plain FSDP, with fsdp=1
+# plain tensor parallelism: the table does not change, only the mesh does.
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("norm", None),
+    ("vision_patch", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_qkv", "tensor"),
+    ("vision_merge", "fsdp"),
+)
+
+# Pure data parallelism: everything replicated, batch over every axis.
+REPLICATED_RULES: LogicalRules = (("batch", ("data", "fsdp", "tensor")),)
+
+
+def make_mesh(
+    shape: Mapping[str, int],
+    *,
+    dcn_shape: Mapping[str, int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Builds a ``Mesh`` with axes ``MESH_AXES``.
+
+    Args:
+      shape: per-host-slice (ICI) size of each axis; one entry may be -1 (inferred from the device
+        count). Missing axes default to 1.
+      dcn_shape: multi-slice / multi-node factor per axis (DCN). The full mesh size of an axis is
+        ``shape[a] * dcn_shape[a]``. ``None`` means a single slice.
+      devices: defaults to ``jax.devices()``.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes are {MESH_AXES}")
+    dcn = {a: int((dcn_shape or {}).get(a, 1)) for a in MESH_AXES}
+    n_dcn = math.prod(dcn.values())
+    if len(devices) % n_dcn:
+        raise ValueError(f"{len(devices)} devices cannot be split into {n_dcn} DCN groups")
+    per_slice = len(devices) // n_dcn
+    ici = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    inferred = [a for a, s in ici.items() if s == -1]
+    if len(inferred) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {inferred}")
+    known = math.prod(s for s in ici.values() if s != -1)
+    if inferred:
+        if per_slice % known:
+            raise ValueError(f"cannot infer axis {inferred[0]!r}: {per_slice} devices / {known}")
+        ici[inferred[0]] = per_slice // known
+    if math.prod(ici.values()) != per_slice:
+        raise ValueError(
+            f"mesh {ici} x dcn {dcn} needs {math.prod(ici.values()) * n_dcn} devices, "
+            f"have {len(devices)}"
+        )
+    ici_shape = tuple(ici[a] for a in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if n_dcn > 1:
+        dev = _hybrid_devices(devices, ici_shape, tuple(dcn[a] for a in MESH_AXES))
+    elif devices == list(jax.devices()):
+        return jax.make_mesh(ici_shape, MESH_AXES, axis_types=auto, devices=devices)
+    else:
+        dev = np.asarray(devices).reshape(ici_shape)
+    return Mesh(dev, MESH_AXES, axis_types=auto)
+
+
+def _hybrid_devices(
+    devices: list[jax.Device], ici_shape: tuple[int, ...], dcn_shape: tuple[int, ...]
+) -> np.ndarray:
+    """Device array whose axis ``a`` is ``dcn_shape[a]`` granules of ``ici_shape[a]`` devices.
+
+    Granules are TPU slices (``slice_index``) or, on GPU clusters, processes. Virtual CPU devices
+    have neither: they are cut into equal consecutive groups, which is what tests need.
+    """
+    from jax.experimental import mesh_utils
+
+    if hasattr(devices[0], "slice_index"):
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+    if jax.process_count() > 1:
+        return mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices=devices, process_is_granule=True
+        )
+    n = len(ici_shape)
+    grid = np.asarray(devices).reshape(dcn_shape + ici_shape)
+    # interleave (dcn_a, ici_a) per axis, then merge each pair
+    grid = grid.transpose([i for a in range(n) for i in (a, n + a)])
+    return grid.reshape(tuple(d * i for d, i in zip(dcn_shape, ici_shape, strict=True)))
+
+
+def maybe_initialize_distributed(
+    enabled: bool | None = None,
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Calls ``jax.distributed.initialize`` for multi-host runs; a no-op on one host.
+
+    ``enabled=None`` initialises only when the arguments are given (GPU clusters) — on TPU pods call
+    with ``enabled=True`` and no arguments (JAX discovers the pod itself).
+    """
+    if enabled is False:
+        return
+    explicit = coordinator_address is not None or num_processes is not None
+    if enabled is None and not explicit:
+        return
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def _mesh_axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def logical_to_pspec(
+    names: Sequence[str | None] | None,
+    rules: LogicalRules = DEFAULT_RULES,
+    *,
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a ``PartitionSpec`` through ``rules``.
+
+    A mesh axis is used at most once per spec (the first dimension that asks for it wins), mesh
+    axes of size 1 are dropped, and with ``mesh`` and ``shape`` given a dimension that is not
+    divisible by its mesh axes is replicated (logged).
+    """
+    if not names:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out: list[Any] = []
+    for dim, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        if mesh is not None and shape is not None and axes:
+            size = _mesh_axes_size(mesh, axes)
+            if shape[dim] % size:
+                logging.warning(
+                    "dim %d (%s) of size %d is not divisible by mesh axes %s (%d): replicated",
+                    dim,
+                    name,
+                    shape[dim],
+                    axes,
+                    size,
+                )
+                axes = ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def _logical_names(variable: Any) -> tuple[str | None, ...] | None:
+    metadata = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    names = metadata.get("out_sharding")
+    return tuple(names) if names else None
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` for every leaf of an nnx ``State`` (concrete or abstract).
+
+    Leaves are the ``nnx.Variable`` objects of the state; the result has the same structure with
+    each variable's value replaced by its sharding, so it can be passed to ``jax.device_put`` or as
+    ``in_shardings``/``out_shardings`` of a jitted step.
+    """
+    from flax import nnx
+
+    def one(v: Any) -> Any:
+        if isinstance(v, nnx.Variable):
+            spec = logical_to_pspec(_logical_names(v), rules, mesh=mesh, shape=v.value.shape)
+            return v.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# --- activation constraints ----------------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
+    "tatar_sharding_active", default=None
+)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
+    """Within this context ``constrain`` applies sharding constraints on ``mesh`` via ``rules``."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; identity outside ``use_rules``."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_pspec(names, rules, mesh=mesh, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch-major array: leading dim over the batch axes, the rest replicated."""
+    return NamedSharding(
+        mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh=mesh)
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
