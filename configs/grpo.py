@@ -1,0 +1,124 @@
+"""Stage 2 — GRPO with the TATAR rewards (spec §7, §8).
+
+    python scripts/train.py --config=configs/grpo.py --workdir=/tmp/grpo           # embedded default
+    python scripts/train.py --config=configs/grpo.py:reference --workdir=... \\
+        --config.model.init_checkpoint=/runs/sft --config.model.init_step=120 \\
+        --config.data.sources.koniq_train.manifest=... \\
+        --config.data.sources.artimuse_train.manifest=...
+
+Presets (``:arg``): ``default`` (embedded tiny model + synthetic data), ``tiny`` (tests),
+``reference`` (spec §7: 16 prompts x G = 8 = 128 completions per step, beta 0.001, eps 0.2,
+mu = 1, temperature 1.0, top-k 50, 256 new tokens, AdamW lr 1e-6 linear decay, clip 1.0,
+3 epochs, save every 100, initialised from SFT step 120).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def _common():
+    import importlib.util
+
+    key = "_tatar_configs_common"
+    if key not in sys.modules:
+        path = pathlib.Path(__file__).with_name("common.py")
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+PRESETS = ("default", "tiny", "reference")
+
+
+def grpo_block() -> ml_collections.ConfigDict:
+    """GRPO objective and rollout (spec §7.2, §7.3)."""
+    c = ml_collections.ConfigDict()
+    c.num_generations = 8  # G
+    c.prompts_per_step = 16  # unique prompts per optimizer step (B_u)
+    c.beta = 0.001  # k3 KL weight; 0 skips the reference model entirely
+    c.epsilon = 0.2  # PPO clip (lower)
+    c.epsilon_high = config_dict.placeholder(float)  # None = epsilon (symmetric clip)
+    c.num_iterations = 1  # mu: optimisation passes per rollout; 1 => old log-probs = rollout's
+    c.mini_batch_size = 0  # completions per gradient micro-batch; 0 = all of a step at once
+    # Advantages: (R - mean_G) / (std_G + eps), std unbiased (ddof 1) over the G completions.
+    c.advantage = "group"  # "group" | "group_no_std" (Dr. GRPO style) | "batch"
+    c.advantage_eps = 1e-4
+    c.advantage_std_ddof = 1
+    # Loss aggregation: "sequence_mean" = token-mean per completion, then mean over completions
+    # (reference); "token_mean" = over all completion tokens (DAPO); "fixed_length" (Dr. GRPO).
+    c.loss_aggregation = "sequence_mean"
+    c.kl_estimator = "k3"
+    # Rollout (spec §7.2). Temperature 1.0 is what the reference actually used (B11).
+    c.temperature = 1.0
+    c.top_k = 50  # HF GenerationConfig default; 0 = off
+    c.top_p = 1.0
+    c.max_new_tokens = 256
+    c.max_prompt_len = 0  # 0 = no truncation (truncating would cut image tokens, B10)
+    c.mask_truncated_completions = False
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    common = _common()
+    preset = common.parse_preset(arg, PRESETS)
+    c = common.base_config(learning_rate=1e-6)  # authors' GRPOConfig (spec §7.4)
+    c.stage = "grpo"
+    c.preset = preset
+    c.grpo = grpo_block()
+    c.rewards = common.rewards_config("faithful" if preset == "reference" else "fixed")
+    # GRPO data: the two training lists concatenated and shuffled (spec §7.1), each prompt
+    # repeated G times inside the step (never re-loaded per copy: fixes B5).
+    c.data.mixing = "concat"
+    c.data.stopping = "first_exhausted"  # incomplete final chunk of prompts dropped
+
+    if preset == "reference":
+        c.model.init_checkpoint = ""  # required: the SFT workdir
+        c.model.init_step = 120  # spec §6.3: GRPO starts from SFT checkpoint-120
+        c.model.preset = ""
+        c.data.sources = common.reference_sources()
+        c.data.train = ("koniq_train", "artimuse_train")
+        c.data.max_seq_len = 4096
+        c.data.seq_buckets = (1024, 2048, 4096)
+        c.data.num_epochs = 3
+        c.optimizer.grad_accum_steps = 2  # 128 completions = 2 micro-steps of 64 (8 dev x 8)
+        c.grpo.mini_batch_size = 64
+        c.checkpoint.every_steps = 100
+        c.checkpoint.keep = 5
+        c.logging.every_steps = 1
+        c.eval.every_steps = 0
+        c.eval.datasets = ()
+    elif preset == "default":
+        # Embedded tiny random model (after an SFT warm-up) on the synthetic set, CPU minutes.
+        c.optimizer.learning_rate = 1e-4
+        c.grpo.prompts_per_step = 4
+        c.grpo.num_generations = 4
+        c.grpo.max_new_tokens = 48
+        c.total_steps = 40
+        c.data.max_seq_len = 256
+        c.data.seq_buckets = (128, 256)
+        c.checkpoint.every_steps = 10
+        c.logging.every_steps = 2
+    else:  # tiny: a few steps for tests
+        c.optimizer.learning_rate = 1e-4
+        c.grpo.prompts_per_step = 2
+        c.grpo.num_generations = 4
+        c.grpo.max_new_tokens = 16
+        c.total_steps = 3
+        c.data.synthetic.num_train = 16
+        c.data.synthetic.num_test = 8
+        c.data.max_seq_len = 256
+        c.data.seq_buckets = (256,)
+        c.checkpoint.every_steps = 2
+        c.checkpoint.async_save = False
+        c.logging.every_steps = 1
+        c.logging.progress = False
+        c.eval.max_examples = 8
+        c.eval.max_new_tokens = 32
+    return c

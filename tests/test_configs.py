@@ -1,0 +1,115 @@
+"""Configs load through absl ``config_flags`` (presets + command-line overrides) and carry the
+spec's constants (spec §6.3, §7.2-7.4)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+STAGES = ("sft", "grpo")
+
+
+def _parse(repo_root, argv):
+    fv = flags.FlagValues()
+    argv = ["prog", *argv]
+    # Override flags are discovered from the argument list, as absl does from sys.argv.
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("preset", ["", ":default", ":tiny", ":reference"])
+def test_presets_load(repo_root, stage, preset):
+    c = _parse(repo_root, [f"--config={repo_root}/configs/{stage}.py{preset}"])
+    assert c.stage == stage
+    assert c.seed == 42
+    assert c.preset == (preset[1:] or "default")
+    assert c.data.min_pixels == 3136 and c.data.max_pixels == 1572864
+    assert c.optimizer.b1 == 0.9 and c.optimizer.b2 == 0.999 and c.optimizer.eps == 1e-8
+    assert c.optimizer.max_grad_norm == 1.0 and c.optimizer.weight_decay == 0.0
+    assert c.model.param_dtype == "float32" and c.model.dtype == "bfloat16"
+    if preset != ":reference":
+        # The embedded default and tests need no weights and no data files.
+        assert not c.model.hf_dir and not c.model.init_checkpoint and c.model.preset
+        assert c.data.train == ("synthetic",)
+        assert c.total_steps > 0
+
+
+def test_reference_values(repo_root):
+    g = _parse(repo_root, [f"--config={repo_root}/configs/grpo.py:reference"])
+    assert g.grpo.num_generations == 8 and g.grpo.prompts_per_step == 16
+    assert g.grpo.beta == 0.001 and g.grpo.epsilon == 0.2 and g.grpo.epsilon_high is None
+    assert g.grpo.num_iterations == 1 and g.grpo.temperature == 1.0
+    assert g.grpo.top_k == 50 and g.grpo.top_p == 1.0 and g.grpo.max_new_tokens == 256
+    assert g.grpo.advantage_eps == 1e-4 and g.grpo.advantage_std_ddof == 1
+    assert g.grpo.loss_aggregation == "sequence_mean"
+    assert g.optimizer.learning_rate == 1e-6 and g.optimizer.schedule == "linear"
+    assert g.optimizer.warmup_steps == 0 and g.optimizer.end_lr_factor == 0.0
+    assert g.data.num_epochs == 3 and g.checkpoint.every_steps == 100
+    assert g.model.init_step == 120
+    # 16 prompts x 8 = 128 completions per optimizer step, in grad_accum micro-batches.
+    assert g.grpo.mini_batch_size * g.optimizer.grad_accum_steps == 128
+    s = _parse(repo_root, [f"--config={repo_root}/configs/sft.py:reference"])
+    assert s.optimizer.learning_rate == 2e-5 and s.sft.global_batch_size == 128
+    assert s.optimizer.grad_accum_steps == 2 and s.data.num_epochs == 2
+    assert s.checkpoint.every_steps == 40 and s.data.p_iqa == 0.5
+    assert s.data.p_drop_think.iqa == 0.0 and s.data.p_drop_think.iaa == 0.0  # spec D1
+
+
+def test_overrides(repo_root):
+    c = _parse(
+        repo_root,
+        [
+            f"--config={repo_root}/configs/grpo.py:reference",
+            "--config.optimizer.learning_rate=5e-7",
+            "--config.grpo.epsilon_high=0.28",
+            "--config.mesh.shape.fsdp=8",
+            "--config.data.train=('koniq_train',)",
+            "--config.data.sources.koniq_train.manifest=/data/koniq.jsonl",
+            "--config.model.freeze_vision=true",
+        ],
+    )
+    assert c.optimizer.learning_rate == 5e-7
+    assert c.grpo.epsilon_high == 0.28
+    assert c.mesh.shape.fsdp == 8
+    assert c.data.train == ("koniq_train",)
+    assert c.data.sources.koniq_train.manifest == "/data/koniq.jsonl"
+    assert c.model.freeze_vision is True
+
+
+def test_unknown_field_and_preset_are_errors(repo_root):
+    with pytest.raises((flags.Error, KeyError, AttributeError), match="lr"):
+        _parse(repo_root, [f"--config={repo_root}/configs/sft.py", "--config.optimizer.lr=1"])
+    with pytest.raises(flags.IllegalFlagValueError, match="unknown preset"):
+        _parse(repo_root, [f"--config={repo_root}/configs/sft.py:nope"])
+
+
+def test_override_in_subprocess_from_other_cwd(repo_root, tmp_path):
+    """As a script run from elsewhere sees it (``scripts/`` first on sys.path)."""
+    script = tmp_path / "show.py"
+    script.write_text(
+        "from absl import app\n"
+        "from ml_collections import config_flags\n"
+        "C = config_flags.DEFINE_config_file('config')\n"
+        "def main(_):\n"
+        "    print('LR', C.value.optimizer.learning_rate, C.value.stage)\n"
+        "app.run(main)\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            f"--config={repo_root}/configs/grpo.py",
+            "--config.optimizer.learning_rate=1e-6",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "LR 1e-06 grpo" in out.stdout
