@@ -1,6 +1,6 @@
 """Stage 2 — GRPO with the TATAR rewards (spec §7, §8).
 
-    python scripts/train.py --config=configs/grpo.py --workdir=/tmp/grpo           # embedded default
+    python scripts/train.py --config=configs/grpo.py --workdir=/tmp/grpo   # embedded default
     python scripts/train.py --config=configs/grpo.py:reference --workdir=... \\
         --config.model.init_checkpoint=/runs/sft --config.model.init_step=120 \\
         --config.data.sources.koniq_train.manifest=... \\
