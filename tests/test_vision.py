@@ -136,6 +136,25 @@ def test_layout_matches_hf_indices(grid):
     np.testing.assert_array_equal(lay.segment_valid.sum(1)[: len(frames)], frames)
 
 
+def test_layout_matches_hf_on_random_grids():
+    cfg = types.SimpleNamespace(**HF_KW)
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        k = rng.randint(1, 4)
+        grid = np.stack(
+            [rng.randint(1, 3, k), 2 * rng.randint(1, 9, k), 2 * rng.randint(1, 9, k)], axis=1
+        )
+        ref_idx, ref_cu = get_vision_window_index(torch.from_numpy(grid), 2, 56, 14)
+        idx, cu = V.hf_window_index(grid, cfg)
+        np.testing.assert_array_equal(idx, ref_idx.numpy())
+        np.testing.assert_array_equal(cu, ref_cu.numpy())
+        lay = V.vision_layout(grid, cfg)
+        n = int(grid.prod(axis=1).sum())
+        ref_pos = get_vision_position_ids(torch.from_numpy(grid), 2).numpy()
+        np.testing.assert_array_equal(lay.pos_ids, ref_pos[lay.patch_index])
+        assert lay.patch_index.shape == (n,)
+
+
 def test_layout_rejects_bad_input():
     cfg = types.SimpleNamespace(**HF_KW)
     with pytest.raises(ValueError, match="row 0"):
@@ -180,6 +199,22 @@ def test_parameters_carry_logical_axes(hf_pair):
             assert (names[0] == "layers") == (path[0] == "blocks"), (path, names)
             seen += 1
     assert seen == len(V.hf_vision_rules()) == 18
+
+
+def test_patch_embed_and_rotary_match_hf(hf_pair):
+    hf, ours, cfg, _ = hf_pair
+    grid = np.array([[1, 8, 12], [1, 6, 4]])
+    pv = _pixels(grid)
+    with torch.no_grad():
+        ref = hf.patch_embed(torch.from_numpy(pv)).numpy()
+        pos = get_vision_position_ids(torch.from_numpy(grid), 2)
+        ref_cos, ref_sin = hf.rotary_pos_emb(torch.zeros(1), pos)
+    out = np.asarray(ours.patch_embed.proj(jnp.asarray(pv)))
+    assert np.abs(out - ref).max() <= TOL
+    cos, sin = V.rotary_cos_sin(jnp.asarray(pos.numpy()), cfg.hidden_size // cfg.num_heads, 1e4)
+    assert cos.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(cos), ref_cos.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(sin), ref_sin.numpy(), atol=1e-6, rtol=0)
 
 
 def test_single_image_matches_hf(hf_pair):
