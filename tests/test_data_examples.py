@@ -280,3 +280,15 @@ def test_buckets_and_batch_padding(tok, hf_image_processor):
     assert b["valid"].tolist() == [True, True, False, False]
     assert b["input_ids"].shape == (4, 512) and b["task_id"].tolist() == [0, 1, 1, 1]
     assert b["meta"]["image_path"] == ["img0.png", "img1.png", "img1.png", "img1.png"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_numpy_fallback_rope_index_equals_transformers(tok, hf_image_processor, side):
+    exs = _examples(tok, hf_image_processor, False, _torch_rope_index)
+    batch = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512,), padding_side=side)
+    cfg = ex.RopeConfig.from_tokenizer(tok)
+    args = (batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], cfg)
+    ref_pos, ref_delta = _torch_rope_index(*args)
+    pos, delta = ex.rope_index_images(*args)
+    np.testing.assert_array_equal(pos, ref_pos)
+    np.testing.assert_array_equal(delta, ref_delta)

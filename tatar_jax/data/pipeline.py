@@ -1,0 +1,516 @@
+"""grain input pipelines for SFT, GRPO and evaluation.
+
+Stages of one pipeline (all deterministic given the seed)::
+
+    Schedule (host-local MapDataset of (source, record, epoch) slots: shuffling, task mixing,
+              per-epoch drop of the incomplete global batch, per-host sharding)
+      -> map(LoadExample)      image decode + resize/patchify, prompt/target tokens, mRoPE
+                               (in `worker_count` grain worker processes when > 0)
+      -> BatchIterDataset      skip-and-count or raise on bad records, bucketed collation
+
+Sharding: the *global* order is one sequence; global batch ``b`` is slots
+``[b*G, (b+1)*G)`` with ``G = batch_size * process_count``, and host ``h`` reads the contiguous
+``[b*G + h*B, b*G + (h+1)*B)`` of it. Every host therefore sees the same number of batches and
+the union of hosts equals the single-host run.
+
+Mixing (spec §6.1, §7.1):
+
+* ``"concat"`` (GRPO reference): all records concatenated; each epoch a seeded permutation; the
+  incomplete final global batch of an epoch is dropped (spec §7.1 drops the incomplete chunk).
+* ``"interleave"`` (SFT reference): each slot draws IQA with probability ``p_iqa``, else IAA;
+  each task's pool is walked in a seeded permutation and restarts (reshuffled) when exhausted;
+  the epoch ends when every pool has been exhausted at least once (``"all_exhausted"``, the
+  smaller pool is oversampled) or when the first pool is (``"first_exhausted"``).
+* Evaluation: natural order, one pass, nothing dropped: the last batch is filled with rows
+  flagged ``valid = False``.
+
+Bad records (fixes B5): ``bad_record="error"`` raises :class:`BadRecordError` naming the
+dataset, manifest row and file and what is wrong; ``"skip"`` drops the record, never substitutes
+another, and counts it: ``batch["meta"]["num_skipped"]`` (running total) and
+``batch["meta"]["skipped"]`` (the records skipped while filling this batch).
+
+State: ``it.get_state()`` / ``it.set_state(state)`` (JSON-serialisable dicts; grain's
+``DatasetIterator`` checkpoint protocol, so orbax's grain handler saves it) restore the exact
+position, mid-epoch, with or without worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from tatar_jax.data import examples as ex
+from tatar_jax.data import prompts
+
+STAGES = ("grpo", "sft", "eval")
+
+
+class BadRecordError(ValueError):
+    """A record that cannot become an example; the message names dataset, row and file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One dataset's records for the pipeline.
+
+    ``records`` is any random-access sequence (a list, or a lazy view over a TFDS data source) of
+    mappings with ``gt_100`` (float, already on 0-100), ``row_id`` (int, manifest row), either
+    ``image`` (a resolved file path) or ``image_bytes`` (encoded image; ``image`` then only names
+    it), and for SFT ``target`` (the rationale text).
+    """
+
+    name: str
+    task: str
+    records: Sequence[Mapping[str, Any]]
+
+    def __post_init__(self) -> None:
+        if self.task not in prompts.TASK_IDS:
+            raise ValueError(f"source {self.name!r}: task must be one of {prompts.TASKS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """How to read. Field names follow ``configs/common.py:data_config`` where they overlap."""
+
+    stage: str = "grpo"
+    batch_size: int = 16  # per host (unique prompts per host for GRPO)
+    seq_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
+    patch_buckets: tuple[int, ...] | None = None  # None: m * 2**k, m in 4..7 (<= 25 % pad)
+    padding_side: str | None = None  # None: left for grpo/eval (generation), right for sft
+    mixing: str = "concat"  # "concat" | "interleave"
+    p_iqa: float = 0.5
+    stopping: str = "all_exhausted"  # "all_exhausted" | "first_exhausted" (interleave only)
+    num_epochs: int | None = 1  # None = repeat forever
+    shuffle: bool = True
+    seed: int = 42
+    worker_count: int = 0  # grain worker processes decoding images (0 = in-process threads)
+    worker_buffer_size: int = 2  # examples buffered per worker
+    read_threads: int = 4  # threads per process running the map
+    bad_record: str = "error"  # "error" | "skip"
+    min_pixels: int = 3136
+    max_pixels: int = 1572864
+    upscale_min_side: int = 28  # images with a side below this are upscaled (spec §3)
+    prompt_variant: str = "train"
+    p_drop_think: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"iqa": 0.0, "iaa": 0.0}
+    )
+    tokenizer_dir: str | None = None  # checkpoint dir with tokenizer.json; None = rebuild
+    use_chat_template: bool = True  # use the checkpoint's chat template when it has one
+    process_index: int | None = None  # None: jax.process_index()
+    process_count: int | None = None  # None: jax.process_count()
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.mixing not in ("concat", "interleave"):
+            raise ValueError(f"mixing must be 'concat' or 'interleave', got {self.mixing!r}")
+        if self.stopping not in ("all_exhausted", "first_exhausted"):
+            raise ValueError(f"unknown stopping {self.stopping!r}")
+        if self.bad_record not in ("error", "skip"):
+            raise ValueError(f"bad_record must be 'error' or 'skip', got {self.bad_record!r}")
+        if not 0.0 <= self.p_iqa <= 1.0:
+            raise ValueError(f"p_iqa must be in [0, 1], got {self.p_iqa}")
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+
+    @property
+    def side(self) -> str:
+        return self.padding_side or ("right" if self.stage == "sft" else "left")
+
+
+def _host(opts: PipelineOptions) -> tuple[int, int]:
+    if opts.process_index is not None and opts.process_count is not None:
+        idx, cnt = opts.process_index, opts.process_count
+    else:
+        import jax  # only to ask which host we are
+
+        idx, cnt = jax.process_index(), jax.process_count()
+    if not 0 <= idx < cnt:
+        raise ValueError(f"process_index {idx} not in [0, {cnt})")
+    return idx, cnt
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+
+
+class Schedule(Sequence):
+    """Host-local slots ``k -> (source, record, epoch, global_slot)``; ``source = -1`` = filler.
+
+    Pure function of (sizes, options); each worker process rebuilds the epochs it needs.
+    """
+
+    def __init__(self, sizes: Sequence[int], tasks: Sequence[str], opts: PipelineOptions):
+        self._sizes = [int(s) for s in sizes]
+        self._tasks = list(tasks)
+        self._opts = opts
+        self._host, self._hosts = _host(opts)
+        self._b = opts.batch_size
+        self._g = opts.batch_size * self._hosts
+        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
+        self._total = int(self._offsets[-1])
+        if self._total == 0:
+            raise ValueError("no records to read")
+        self._epochs: dict[int, np.ndarray] = {}
+        self._epoch_len_cache: list[int] = []
+        if opts.stage == "eval":
+            # One pass; the last global batch is completed with filler slots (valid = False).
+            self._len = (self._total + self._g - 1) // self._g * self._b
+        elif opts.num_epochs is None:
+            self._len = sys.maxsize
+        else:
+            glob = sum(self._epoch_len(e) for e in range(opts.num_epochs))
+            self._len = glob // self._hosts
+            if self._len == 0:
+                raise ValueError(
+                    f"{self._total} records give no full global batch of {self._g} "
+                    f"({self._b} per host x {self._hosts} hosts)"
+                )
+
+    # -- per-epoch global order (array of global record indices) ---------------------------------
+
+    def _rng(self, epoch: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([int(self._opts.seed) & 0xFFFFFFFF, epoch, stream, 0x5EED])
+
+    def _perm(self, n: int, epoch: int, stream: int) -> np.ndarray:
+        if not self._opts.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return self._rng(epoch, stream).permutation(n).astype(np.int64)
+
+    def _build_epoch(self, epoch: int) -> np.ndarray:
+        opts = self._opts
+        if opts.stage == "eval":
+            return np.arange(self._total, dtype=np.int64)
+        if opts.mixing == "concat":
+            order = self._perm(self._total, epoch, 0)
+        else:
+            order = self._interleave(epoch)
+        keep = len(order) // self._g * self._g  # drop the incomplete final global batch
+        return order[:keep]
+
+    def _interleave(self, epoch: int) -> np.ndarray:
+        pools = []
+        for task in prompts.TASKS:
+            idx = [
+                np.arange(self._offsets[i], self._offsets[i + 1], dtype=np.int64)
+                for i, t in enumerate(self._tasks)
+                if t == task
+            ]
+            pools.append(np.concatenate(idx) if idx else np.zeros(0, np.int64))
+        probs = np.array([self._opts.p_iqa, 1.0 - self._opts.p_iqa])
+        live = [k for k in range(2) if len(pools[k]) and probs[k] > 0]
+        if not live:
+            raise ValueError("interleave: no task pool with records and positive probability")
+        probs = probs[live] / probs[live].sum()
+        rng = self._rng(epoch, 1)
+        cursor = [0] * len(live)
+        restarts = [0] * len(live)
+        perms = [self._perm(len(pools[k]), epoch, 10 + 1000 * k) for k in live]
+        exhausted = [False] * len(live)
+        out: list[int] = []
+        # Draw choices in chunks; each slot is one Bernoulli/categorical choice (spec §6.1).
+        while True:
+            for c in rng.choice(len(live), size=4096, p=probs):
+                k = live[c]
+                out.append(int(pools[k][perms[c][cursor[c]]]))
+                cursor[c] += 1
+                if cursor[c] == len(pools[k]):
+                    exhausted[c] = True
+                    restarts[c] += 1
+                    cursor[c] = 0
+                    perms[c] = self._perm(len(pools[k]), epoch, 10 + 1000 * k + restarts[c])
+                    done = all(exhausted) if self._opts.stopping == "all_exhausted" else True
+                    if done:
+                        return np.asarray(out, np.int64)
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        order = self._epochs.get(epoch)
+        if order is None:
+            if len(self._epochs) > 4:  # bounded memory on infinite runs
+                self._epochs.pop(min(self._epochs))
+            order = self._epochs[epoch] = self._build_epoch(epoch)
+        return order
+
+    def _epoch_len(self, epoch: int) -> int:
+        while len(self._epoch_len_cache) <= epoch:
+            self._epoch_len_cache.append(len(self._epoch(len(self._epoch_len_cache))))
+        return self._epoch_len_cache[epoch]
+
+    # -- Sequence protocol ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, k: int) -> tuple[int, int, int, int]:
+        if not 0 <= k < self._len:
+            raise IndexError(k)
+        glob = (k // self._b) * self._g + self._host * self._b + k % self._b
+        if self._opts.stage == "eval":
+            if glob >= self._total:
+                return (-1, 0, 0, glob)
+            epoch, pos = 0, glob
+        else:
+            epoch, pos = 0, glob
+            while pos >= self._epoch_len(epoch):
+                pos -= self._epoch_len(epoch)
+                epoch += 1
+        gidx = int(self._epoch(epoch)[pos])
+        src = int(np.searchsorted(self._offsets, gidx, side="right") - 1)
+        return (src, gidx - int(self._offsets[src]), epoch, glob)
+
+    def global_batches(self) -> int:
+        return self._len // self._b if self._len != sys.maxsize else -1
+
+
+# --------------------------------------------------------------------------------------------
+# Record -> example (runs in grain workers)
+
+
+class LoadExample:
+    """Picklable map function: schedule slot -> example dict, or a bad-record marker.
+
+    The tokenizer is (re)loaded lazily in each process rather than pickled with the function.
+    """
+
+    def __init__(self, sources: Sequence[Source], opts: PipelineOptions):
+        self._sources = list(sources)
+        self._opts = opts
+        self._tok = None
+        self._template = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tok"] = None
+        return state
+
+    def _tokenizer(self):
+        if self._tok is None:
+            from tatar_jax.data.tokenizer import load_tokenizer
+
+            self._tok = load_tokenizer(self._opts.tokenizer_dir)
+            self._template = self._tok.chat_template if self._opts.use_chat_template else None
+        return self._tok
+
+    def _image(self, rec: Mapping[str, Any]):
+        from tatar_jax.data import image as image_mod
+
+        if rec.get("image_bytes") is not None:
+            from PIL import Image
+
+            pil = Image.open(io.BytesIO(rec["image_bytes"]))
+            pil = image_mod.to_rgb(pil) if hasattr(image_mod, "to_rgb") else pil.convert("RGB")
+        else:
+            pil = image_mod.load_image(rec["image"])
+        kw = {}
+        if self._opts.upscale_min_side:
+            kw["upscale_min_side"] = self._opts.upscale_min_side
+        try:
+            return image_mod.preprocess_image(
+                pil, min_pixels=self._opts.min_pixels, max_pixels=self._opts.max_pixels, **kw
+            )
+        except TypeError:  # preprocess without the upscale keyword
+            return image_mod.preprocess_image(
+                pil, min_pixels=self._opts.min_pixels, max_pixels=self._opts.max_pixels
+            )
+
+    def __call__(self, slot: tuple[int, int, int, int]) -> dict[str, Any]:
+        src_i, rec_i, epoch, glob = (int(x) for x in slot)
+        filler = src_i < 0
+        src = self._sources[0 if filler else src_i]
+        rec = src.records[0 if filler else rec_i]
+        row = rec.get("row_id", rec_i)
+        where = f"dataset {src.name!r} row {row} (image {rec.get('image', '<bytes>')!r})"
+        try:
+            tok = self._tokenizer()
+            pv, thw = self._image(rec)
+            common = dict(
+                gt_100=float(rec["gt_100"]),
+                dataset=src.name,
+                image_path=str(rec.get("image", "")),
+                row_id=int(row),
+                variant=self._opts.prompt_variant,
+                chat_template=self._template,
+            )
+            if self._opts.stage == "sft":
+                if "target" not in rec:
+                    raise ex.ExampleError("record has no 'target' (SFT rationale)")
+                e = ex.make_sft_example(
+                    tok,
+                    pv,
+                    thw,
+                    src.task,
+                    rec["target"],
+                    p_drop_think=dict(self._opts.p_drop_think),
+                    seed=self._opts.seed,
+                    epoch=epoch,
+                    **common,
+                )
+            else:
+                e = ex.make_prompt_example(tok, pv, thw, src.task, **common)
+            longest = max(self._opts.seq_buckets)
+            if len(e["input_ids"]) > longest:
+                raise ex.ExampleError(
+                    f"{len(e['input_ids'])} tokens exceed the largest sequence bucket {longest} "
+                    "(raise data.seq_buckets / max_seq_len or lower max_pixels)"
+                )
+        except Exception as err:  # noqa: BLE001 - every failure is reported with its record
+            reason = f"{type(err).__name__}: {err}"
+            if self._opts.bad_record == "error":
+                raise BadRecordError(f"{where}: {reason}") from err
+            return {"_bad": True, "where": where, "reason": reason, "slot": glob}
+        e["epoch"] = np.int32(epoch)
+        e["valid"] = not filler
+        return e
+
+
+# --------------------------------------------------------------------------------------------
+# Batching (main process)
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, opts: PipelineOptions, pad_id: int):
+        super().__init__(parent)
+        self._opts = opts
+        self._pad_id = pad_id
+        self._num_skipped = 0
+        self._num_batches = 0
+
+    def __next__(self) -> dict[str, Any]:
+        items: list[dict] = []
+        skipped: list[dict] = []
+        while len(items) < self._opts.batch_size:
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                break
+            if x.get("_bad"):
+                self._num_skipped += 1
+                skipped.append({k: x[k] for k in ("where", "reason", "slot")})
+                continue
+            items.append(x)
+        eval_stage = self._opts.stage == "eval"
+        if not items or (len(items) < self._opts.batch_size and not eval_stage):
+            raise StopIteration
+        batch = ex.collate(
+            items,
+            pad_id=self._pad_id,
+            seq_buckets=self._opts.seq_buckets,
+            patch_buckets=self._opts.patch_buckets,
+            padding_side=self._opts.side,
+            batch_size=self._opts.batch_size,
+        )
+        batch["epoch"] = np.array(
+            [e["epoch"] for e in items] + [items[-1]["epoch"]] * (len(batch["valid"]) - len(items)),
+            np.int32,
+        )
+        self._num_batches += 1
+        batch["meta"]["num_skipped"] = self._num_skipped
+        batch["meta"]["skipped"] = skipped
+        batch["meta"]["batch_index"] = self._num_batches - 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "parent": self._parent.get_state(),
+            "num_skipped": self._num_skipped,
+            "num_batches": self._num_batches,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._num_skipped = int(state["num_skipped"])
+        self._num_batches = int(state["num_batches"])
+
+
+class _BatchDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, opts: PipelineOptions, pad_id: int):
+        super().__init__(parent)
+        self._opts = opts
+        self._pad_id = pad_id
+
+    def __iter__(self) -> _BatchIterator:
+        return _BatchIterator(self._parent.__iter__(), self._opts, self._pad_id)
+
+    def __str__(self) -> str:
+        return f"TatarBatch(batch_size={self._opts.batch_size}, stage={self._opts.stage})"
+
+
+def make_dataset(sources: Sequence[Source], opts: PipelineOptions) -> grain.IterDataset:
+    """The pipeline as a grain ``IterDataset`` of batches (see module doc).
+
+    ``iter(ds)`` gives a ``DatasetIterator`` with ``get_state``/``set_state``; close it (or
+    let it be collected) to stop worker processes.
+    """
+    if not sources:
+        raise ValueError("no sources")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate source names: {names}")
+    sched = Schedule([len(s.records) for s in sources], [s.task for s in sources], opts)
+    ds = grain.MapDataset.source(sched).map(LoadExample(sources, opts))
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, opts.read_threads), prefetch_buffer_size=8)
+    )
+    if opts.worker_count > 0:
+        from absl import flags
+
+        # grain's workers read absl flags; outside an absl app (tests, notebooks) they are
+        # unparsed, so take their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=opts.worker_count, per_worker_buffer_size=opts.worker_buffer_size
+            )
+        )
+    from tatar_jax.data.tokenizer import load_tokenizer
+
+    pad_id = load_tokenizer(opts.tokenizer_dir).pad_id
+    return _BatchDataset(it_ds, opts, pad_id)
+
+
+def steps_per_epoch(sources: Sequence[Source], opts: PipelineOptions) -> int:
+    """Host batches in the pipeline (``-1`` when it repeats forever)."""
+    sched = Schedule([len(s.records) for s in sources], [s.task for s in sources], opts)
+    return sched.global_batches()
+
+
+def options_from_config(data_cfg: Any, stage: str, batch_size: int, **overrides) -> PipelineOptions:
+    """``PipelineOptions`` from a ``configs/common.py:data_config`` block (+ keyword overrides)."""
+
+    def get(name, default):
+        try:
+            v = data_cfg[name]
+        except (KeyError, AttributeError, TypeError):
+            return default
+        return default if v is None else v
+
+    kw = dict(
+        stage=stage,
+        batch_size=batch_size,
+        seq_buckets=tuple(get("seq_buckets", (256, 512, 1024, 2048))),
+        patch_buckets=(tuple(get("patch_buckets", ())) or None),
+        mixing=get("mixing", "concat"),
+        p_iqa=float(get("p_iqa", 0.5)),
+        stopping=get("stopping", "all_exhausted"),
+        num_epochs=get("num_epochs", 1),
+        shuffle=bool(get("shuffle", True)),
+        seed=int(get("seed", 42)),
+        worker_count=int(get("worker_count", 0)),
+        worker_buffer_size=int(get("prefetch", 2)),
+        bad_record=get("bad_record", "error"),
+        min_pixels=int(get("min_pixels", 3136)),
+        max_pixels=int(get("max_pixels", 1572864)),
+        prompt_variant=get("prompt_variant", "train"),
+        p_drop_think=dict(get("p_drop_think", {"iqa": 0.0, "iaa": 0.0})),
+    )
+    if stage == "eval":
+        kw.update(num_epochs=1, shuffle=False, mixing="concat")
+    kw.update(overrides)
+    return PipelineOptions(**kw)

@@ -1,0 +1,226 @@
+"""grain pipelines: schedule (mixing, epochs, sharding), deterministic resume, bad records."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tatar_jax.data import pipeline as pl
+
+
+def _write_images(root, n, rng, prefix="img"):
+    from PIL import Image
+
+    paths = []
+    for i in range(n):
+        h, w = (int(x) for x in rng.integers(28, 72, size=2))
+        p = root / f"{prefix}{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    pytest.importorskip("tatar_jax.data.image")  # the image module of the data issue
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    iqa = [
+        {"image": p, "gt_100": float(i), "row_id": i, "target": f"<think>\nq{i}\n</think>"}
+        for i, p in enumerate(_write_images(root, 7, rng, "q"))
+    ]
+    iaa = [
+        {"image": p, "gt_100": 50.0 + i, "row_id": i, "target": f"<think>\na{i}\n</think>"}
+        for i, p in enumerate(_write_images(root, 5, rng, "a"))
+    ]
+    return [pl.Source("toy_iqa", "iqa", iqa), pl.Source("toy_iaa", "iaa", iaa)]
+
+
+def _opts(**kw):
+    base = dict(
+        batch_size=2,
+        seq_buckets=(512,),
+        process_index=0,
+        process_count=1,
+        read_threads=1,
+        min_pixels=3136,
+        max_pixels=4 * 28 * 28 * 4,
+    )
+    base.update(kw)
+    return pl.PipelineOptions(**base)
+
+
+def _slots(sizes, tasks, **kw):
+    s = pl.Schedule(sizes, tasks, _opts(**kw))
+    return [s[k] for k in range(len(s))]
+
+
+# ----------------------------------------------------------------------------------- schedule
+
+
+def test_concat_epochs_are_permutations_and_drop_incomplete_batch():
+    slots = _slots([7, 5], ["iqa", "iaa"], mixing="concat", num_epochs=2, batch_size=5)
+    assert len(slots) == 20  # 12 records -> 10 per epoch (2 full batches of 5)
+    for e in range(2):
+        ep = [(s, r) for s, r, epoch, _ in slots if epoch == e]
+        assert len(ep) == 10 and len(set(ep)) == 10
+    assert [x[:2] for x in slots[:10]] != [x[:2] for x in slots[10:]]  # reshuffled per epoch
+    again = _slots([7, 5], ["iqa", "iaa"], mixing="concat", num_epochs=2, batch_size=5)
+    assert again == slots
+    other = _slots([7, 5], ["iqa", "iaa"], mixing="concat", num_epochs=2, batch_size=5, seed=1)
+    assert other != slots
+
+
+def test_interleave_all_exhausted_oversamples_smaller_pool():
+    sizes, tasks = [300, 40], ["iqa", "iaa"]
+    slots = _slots(sizes, tasks, mixing="interleave", p_iqa=0.5, num_epochs=1, batch_size=1)
+    by_src = collections.Counter(s for s, *_ in slots)
+    # All of the 300 IQA records were seen; IAA restarted several times (~300 draws).
+    assert len({r for s, r, *_ in slots if s == 0}) == 300
+    assert by_src[1] > 150 and len({r for s, r, *_ in slots if s == 1}) == 40
+    # The choice is a fair coin: IAA share within a binomial bound.
+    n = len(slots)
+    assert abs(by_src[1] - n / 2) <= 4.5 * np.sqrt(n / 4)
+    first = _slots(
+        sizes, tasks, mixing="interleave", stopping="first_exhausted", num_epochs=1, batch_size=1
+    )
+    assert len(first) < len(slots)
+    assert collections.Counter(s for s, *_ in first)[1] >= 40
+
+
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_host_shards_partition_the_single_host_order(hosts):
+    sizes, tasks = [30, 17], ["iqa", "iaa"]
+    single = _slots(sizes, tasks, num_epochs=2, batch_size=2 * hosts)
+    shards = [
+        _slots(sizes, tasks, num_epochs=2, batch_size=2, process_index=h, process_count=hosts)
+        for h in range(hosts)
+    ]
+    assert len({len(s) for s in shards}) == 1
+    # Global batch b of the single-host run == concatenation of the hosts' batch b.
+    merged = []
+    for b in range(len(shards[0]) // 2):
+        for h in range(hosts):
+            merged += shards[h][2 * b : 2 * b + 2]
+    assert [x[:3] for x in merged] == [x[:3] for x in single]
+
+
+def test_eval_schedule_covers_each_record_once_with_fillers():
+    slots = _slots([5, 4], ["iqa", "iaa"], stage="eval", shuffle=False, batch_size=4)
+    real = [x[:2] for x in slots if x[0] >= 0]
+    assert real == [(0, i) for i in range(5)] + [(1, i) for i in range(4)]
+    assert len(slots) == 12 and sum(x[0] < 0 for x in slots) == 3
+
+
+# ----------------------------------------------------------------------------------- batches
+
+
+def test_grpo_batches_shapes_and_keys(sources):
+    ds = pl.make_dataset(sources, _opts(stage="grpo", num_epochs=1, batch_size=4))
+    batches = list(ds)
+    assert len(batches) == 3  # 12 records / 4
+    b = batches[0]
+    assert b["input_ids"].shape == (4, 512) and b["input_ids"].dtype == np.int32
+    assert b["position_ids"].shape == (3, 4, 512)
+    assert b["pixel_values"].shape[1] == 1176 and b["pixel_values"].dtype == np.float32
+    assert b["image_grid_thw"].shape == (4, 3) and b["rope_deltas"].shape == (4, 1)
+    assert b["attention_mask"][:, -1].all()  # left padded for generation
+    assert b["valid"].all() and b["meta"]["num_skipped"] == 0
+    rows = sorted(
+        (d, int(r))
+        for bb in batches
+        for d, r in zip(bb["meta"]["dataset"], bb["row_id"], strict=True)
+    )
+    assert rows == sorted([("toy_iqa", i) for i in range(7)] + [("toy_iaa", i) for i in range(5)])
+    for bb in batches:
+        for d, t, g, r in zip(
+            bb["meta"]["dataset"], bb["task_id"], bb["gt_100"], bb["row_id"], strict=True
+        ):
+            assert t == (0 if d == "toy_iqa" else 1)
+            assert g == (float(r) if d == "toy_iqa" else 50.0 + r)
+
+
+def test_sft_batches_have_labels(sources):
+    ds = pl.make_dataset(
+        sources, _opts(stage="sft", mixing="interleave", num_epochs=1, batch_size=2)
+    )
+    b = next(iter(ds))
+    assert b["attention_mask"][:, 0].all()  # right padded
+    assert b["label_mask"].sum() > 0
+    assert np.all(b["labels"][b["label_mask"] == 0] == -100)
+
+
+def _flat(batch):
+    return (
+        batch["input_ids"].tolist(),
+        batch["row_id"].tolist(),
+        batch["meta"]["dataset"],
+        float(np.abs(batch["pixel_values"]).sum()),
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_equals_uninterrupted(sources, workers):
+    if workers and os.environ.get("TATAR_SKIP_MP_TESTS"):
+        pytest.skip("multiprocess test disabled")
+    opts = _opts(stage="grpo", num_epochs=2, batch_size=2, worker_count=workers)
+    ds = pl.make_dataset(sources, opts)
+    it = iter(ds)
+    full = [_flat(next(it)) for _ in range(12)]
+    it.close() if hasattr(it, "close") else None
+
+    it = iter(ds)
+    first = [_flat(next(it)) for _ in range(5)]  # stop mid-epoch 0
+    state = json.loads(json.dumps(it.get_state()))  # survives a JSON round trip (checkpoint)
+    it.close() if hasattr(it, "close") else None
+    it2 = iter(pl.make_dataset(sources, opts))
+    it2.set_state(state)
+    rest = [_flat(next(it2)) for _ in range(7)]
+    it2.close() if hasattr(it2, "close") else None
+    assert first + rest == full
+
+
+def test_bad_record_error_names_file_and_row(sources, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    recs = list(sources[0].records) + [
+        {"image": str(broken), "gt_100": 1.0, "row_id": 41, "target": "x"}
+    ]
+    src = [pl.Source("toy_iqa", "iqa", recs)]
+    ds = pl.make_dataset(src, _opts(stage="eval", shuffle=False, batch_size=8))
+    with pytest.raises(pl.BadRecordError, match=r"'toy_iqa' row 41 .*broken\.png"):
+        list(ds)
+    missing = [{"image": str(tmp_path / "nope.jpg"), "gt_100": 1.0, "row_id": 3}]
+    ds = pl.make_dataset(
+        [pl.Source("m", "iaa", missing + recs[:1])], _opts(stage="eval", batch_size=2)
+    )
+    with pytest.raises(pl.BadRecordError, match=r"'m' row 3 .*nope\.jpg"):
+        list(ds)
+
+
+def test_bad_record_skip_is_counted_never_substituted(sources, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    recs = list(sources[0].records[:3]) + [{"image": str(broken), "gt_100": 1.0, "row_id": 99}]
+    src = [pl.Source("toy_iqa", "iqa", recs)]
+    ds = pl.make_dataset(src, _opts(stage="eval", shuffle=False, batch_size=2, bad_record="skip"))
+    batches = list(ds)
+    rows = [int(r) for b in batches for r, v in zip(b["row_id"], b["valid"], strict=True) if v]
+    assert rows == [0, 1, 2]  # row 99 is gone, nothing stands in for it
+    assert batches[-1]["meta"]["num_skipped"] == 1
+    skipped = [s for b in batches for s in b["meta"]["skipped"]]
+    assert len(skipped) == 1 and "row 99" in skipped[0]["where"]
+    assert batches[-1]["valid"].tolist() == [True, False]
+
+
+def test_options_validation():
+    with pytest.raises(ValueError, match="bad_record"):
+        pl.PipelineOptions(bad_record="replace")
+    with pytest.raises(ValueError, match="mixing"):
+        pl.PipelineOptions(mixing="zip")
+    with pytest.raises(ValueError, match="no full global batch"):
+        pl.Schedule([3], ["iqa"], _opts(batch_size=4))
