@@ -182,6 +182,10 @@ def test_resume_mid_epoch_equals_uninterrupted(sources, workers):
     rest = [_flat(next(it2)) for _ in range(7)]
     it2.close() if hasattr(it2, "close") else None
     assert first + rest == full
+    # A state only restores into the same reading order.
+    other = iter(pl.make_dataset(sources, _opts(stage="grpo", num_epochs=2, batch_size=2, seed=7)))
+    with pytest.raises(ValueError, match="fingerprint"):
+        other.set_state(state)
 
 
 def test_bad_record_error_names_file_and_row(sources, tmp_path):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -373,11 +374,25 @@ class LoadExample:
 # Batching (main process)
 
 
+def _fingerprint(sources: Sequence[Source], opts: PipelineOptions) -> str:
+    """What a saved iterator state is only valid for: record counts and the reading order."""
+    import hashlib
+
+    order = dataclasses.asdict(opts)
+    for k in ("worker_count", "worker_buffer_size", "read_threads", "tokenizer_dir"):
+        order.pop(k)  # may change between runs without changing the data order
+    key = json.dumps(
+        [[s.name, s.task, len(s.records)] for s in sources] + [order], sort_keys=True, default=str
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 class _BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, opts: PipelineOptions, pad_id: int):
+    def __init__(self, parent, opts: PipelineOptions, pad_id: int, fingerprint: str):
         super().__init__(parent)
         self._opts = opts
         self._pad_id = pad_id
+        self._fingerprint = fingerprint
         self._num_skipped = 0
         self._num_batches = 0
 
@@ -420,22 +435,30 @@ class _BatchIterator(grain.DatasetIterator):
             "parent": self._parent.get_state(),
             "num_skipped": self._num_skipped,
             "num_batches": self._num_batches,
+            "fingerprint": self._fingerprint,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise ValueError(
+                "iterator state was saved for different data or reading options "
+                f"(fingerprint {state.get('fingerprint')} != {self._fingerprint}); "
+                "restore with the same sources, batch size, seed, mixing and hosts"
+            )
         self._parent.set_state(state["parent"])
         self._num_skipped = int(state["num_skipped"])
         self._num_batches = int(state["num_batches"])
 
 
 class _BatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, opts: PipelineOptions, pad_id: int):
+    def __init__(self, parent: grain.IterDataset, opts: PipelineOptions, pad_id: int, fp: str):
         super().__init__(parent)
         self._opts = opts
         self._pad_id = pad_id
+        self._fp = fp
 
     def __iter__(self) -> _BatchIterator:
-        return _BatchIterator(self._parent.__iter__(), self._opts, self._pad_id)
+        return _BatchIterator(self._parent.__iter__(), self._opts, self._pad_id, self._fp)
 
     def __str__(self) -> str:
         return f"TatarBatch(batch_size={self._opts.batch_size}, stage={self._opts.stage})"
@@ -472,7 +495,7 @@ def make_dataset(sources: Sequence[Source], opts: PipelineOptions) -> grain.Iter
     from tatar_jax.data.tokenizer import load_tokenizer
 
     pad_id = load_tokenizer(opts.tokenizer_dir).pad_id
-    return _BatchDataset(it_ds, opts, pad_id)
+    return _BatchDataset(it_ds, opts, pad_id, _fingerprint(sources, opts))
 
 
 def steps_per_epoch(sources: Sequence[Source], opts: PipelineOptions) -> int:
