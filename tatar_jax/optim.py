@@ -261,7 +261,7 @@ def apply_gradients(
     finite = all_finite(grads)
     if loss is not None:
         finite = finite & jnp.all(jnp.isfinite(loss))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 

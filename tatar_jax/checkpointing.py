@@ -1,0 +1,298 @@
+"""Training checkpoints: orbax ``CheckpointManager`` + grain iterator state + pre-emption.
+
+A checkpoint of step ``s`` (the state *after* ``s`` optimizer steps) lives in
+``<workdir>/checkpoints/<s>/`` with three items:
+
+- ``state``: the ``TrainState`` pytree (params, optimizer state, step, RNG key data, non-finite
+  counters) through ``ocp.args.PyTreeSave`` (typed PRNG keys anywhere in it are stored as key data
+  and re-wrapped on restore);
+- ``data``: the grain iterator position through ``grain.checkpoint.CheckpointSave`` (one JSON file
+  per process, ``process_<i>-of-<n>.json``), so a resumed run sees exactly the batches the
+  uninterrupted run would have seen: no fast-forward, no skipped or repeated data;
+- ``meta``: a small JSON dict (the caller's: config, wall time, ...).
+
+Saves are asynchronous (the arrays are copied to host, then written in a background thread), kept
+N newest, and atomic: orbax writes into a temporary directory and renames it when complete, so a
+``kill -9`` during a save leaves the previous checkpoint as the latest one. Restarting with the same
+workdir resumes from the latest complete checkpoint (``restore_or_init``).
+
+Pre-emption: ``Checkpointer(..., handle_sigterm=True)`` installs a SIGTERM handler that only sets a
+flag; the loop calls ``ckpt.reached_preemption(step)`` at each step boundary and, when True, saves
+(``force=True``), waits and exits 0. On multi-host runs the host-local flag is not used (hosts
+could disagree and deadlock); JAX's preemption sync service (``jax.distributed`` with
+``jax_enable_preemption_service``) drives orbax's ``reached_preemption`` so all hosts stop at the
+same step.
+
+Nothing is written outside ``<workdir>``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+
+PyTree = Any
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def _is_typed_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def keys_to_data(tree: PyTree) -> PyTree:
+    """Typed PRNG keys -> uint32 key data (orbax cannot serialise typed keys)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs with a sharding for every leaf (typed keys as their key data).
+
+    Leaves without a sharding (plain ``jax.eval_shape``) are placed on the first local device;
+    pass an abstract state with ``NamedSharding``s to restore sharded.
+    """
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x):
+        if _is_typed_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def _key_impl(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return jax.random.key_impl(x)
+    return x.dtype._impl  # abstract key (ShapeDtypeStruct): jax has no public accessor yet
+
+
+def _rewrap_keys(template: PyTree, restored: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda t, r: jax.random.wrap_key_data(r, impl=_key_impl(t)) if _is_typed_key(t) else r,
+        template,
+        restored,
+    )
+
+
+class PreemptionFlag:
+    """SIGTERM -> a flag checked at step boundaries (the handler itself does no I/O)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning("not in the main thread: SIGTERM handler not installed")
+            return
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning(
+            "signal %d received: checkpoint at the next step boundary, then exit", signum
+        )
+        self.requested = True
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+class Checkpointer:
+    """Orbax manager for one training run's ``<workdir>/checkpoints``.
+
+    Args:
+      workdir: the run directory (created if missing).
+      every_steps: save when ``step % every_steps == 0`` (and whenever ``force=True``).
+      keep: number of newest checkpoints kept.
+      async_save: write in a background thread.
+      with_data: checkpoints carry a grain iterator state (then ``save`` needs ``data_iter``).
+      handle_sigterm: install the SIGTERM flag (single-host; see module docstring).
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        every_steps: int,
+        keep: int = 3,
+        async_save: bool = True,
+        with_data: bool = True,
+        handle_sigterm: bool = False,
+    ):
+        if every_steps <= 0:
+            raise ValueError(f"every_steps must be > 0, got {every_steps}")
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self.with_data = with_data
+        self.every_steps = every_steps
+        items = ("state", "data", "meta") if with_data else ("state", "meta")
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=items, options=options)
+        self.preemption = PreemptionFlag() if handle_sigterm else None
+
+    # -- discovery ---------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    # -- saving ------------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """``step % every_steps == 0`` (orbax's own policy would also save the first step)."""
+        return step % self.every_steps == 0
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        *,
+        data_iter: Any = None,
+        meta: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves if ``step`` is a save step (or ``force``); returns whether it saved.
+
+        The grain iterator state is read now (synchronously), so the iterator may advance as soon
+        as this returns; the arrays are written in the background when async.
+        """
+        if not force and not self.should_save(step):
+            return False
+        if step in self.manager.all_steps():
+            return False  # e.g. the final save right after a periodic one
+        items: dict[str, Any] = {
+            "state": ocp.args.PyTreeSave(keys_to_data(state)),
+            "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step))),
+        }
+        if self.with_data:
+            if data_iter is None:
+                raise ValueError("this Checkpointer saves the data iterator: pass data_iter")
+            from grain.checkpoint import CheckpointSave
+
+            items["data"] = CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+        if self.preemption is not None:
+            self.preemption.uninstall()
+
+    # -- restoring ---------------------------------------------------------------------------
+    def restore(
+        self, step: int, target: PyTree, *, data_iter: Any = None
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """Restores ``step`` into the structure (and shardings) of ``target``.
+
+        ``target`` may be concrete or abstract (``jax.eval_shape``; leaves without a sharding go
+        to the first local device). ``data_iter`` (grain) is set to the saved position in place.
+        Returns (state, meta).
+        """
+        abstract = _abstract(target)
+        items: dict[str, Any] = {
+            "state": ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+            ),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if self.with_data:
+            if data_iter is None:
+                raise ValueError("this Checkpointer restores the data iterator: pass data_iter")
+            from grain.checkpoint import CheckpointRestore
+
+            items["data"] = CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = _rewrap_keys(target, restored["state"])
+        return state, dict(restored["meta"] or {})
+
+    def restore_or_init(
+        self,
+        init_fn: Callable[[], PyTree],
+        *,
+        data_iter: Any = None,
+        abstract_state: PyTree | None = None,
+    ) -> tuple[PyTree, int | None]:
+        """The latest checkpoint if there is one, else ``init_fn()``.
+
+        ``abstract_state``: the state's ShapeDtypeStructs with shardings (default:
+        ``jax.eval_shape(init_fn)``), so restoring never runs the (possibly costly) init.
+        Returns (state, restored step or None).
+        """
+        step = self.latest_step()
+        if step is None:
+            return init_fn(), None
+        target = abstract_state if abstract_state is not None else jax.eval_shape(init_fn)
+        state, _ = self.restore(step, target, data_iter=data_iter)
+        logging.info("resumed from %s/%d", self.directory, step)
+        return state, step
+
+    # -- pre-emption -------------------------------------------------------------------------
+    def reached_preemption(self, step: int) -> bool:
+        """True when the run should checkpoint now and exit (SIGTERM or JAX preemption sync)."""
+        if self.manager.reached_preemption(step):
+            return True
+        if jax.process_count() > 1:
+            return False
+        return self.preemption is not None and self.preemption.requested
+
+
+def load_params(
+    path: str | os.PathLike, target_params: PyTree, *, step: int = -1
+) -> tuple[PyTree, int]:
+    """Only the ``params`` of a training checkpoint (init of the next stage; HF export).
+
+    Args:
+      path: a run's workdir, its ``checkpoints`` directory, or one step directory.
+      target_params: concrete or abstract params (structure, dtypes, shardings).
+      step: -1 = latest.
+    Returns:
+      (params, step). The optimizer state is not read.
+    """
+    p = pathlib.Path(path).absolute()
+    if (p / CHECKPOINT_SUBDIR).is_dir():
+        p = p / CHECKPOINT_SUBDIR
+    if (p / "state").is_dir() and p.name.isdigit():
+        step, p = int(p.name), p.parent
+    if not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(p, item_names=("state",), options=options)
+    try:
+        if step < 0:
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {p}")
+        elif step not in manager.all_steps():
+            raise FileNotFoundError(f"step {step} not in {p} (have {list(manager.all_steps())})")
+        abstract = {"params": _abstract(target_params)}
+        args = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    finally:
+        manager.close()
+    return restored["state"]["params"], int(step)
