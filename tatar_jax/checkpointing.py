@@ -99,10 +99,7 @@ class PreemptionFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        del frame
-        logging.warning(
-            "signal %d received: checkpoint at the next step boundary, then exit", signum
-        )
+        del signum, frame  # no logging/I-O inside a signal handler
         self.requested = True
 
     def uninstall(self) -> None:
@@ -255,7 +252,10 @@ class Checkpointer:
             return True
         if jax.process_count() > 1:
             return False
-        return self.preemption is not None and self.preemption.requested
+        if self.preemption is not None and self.preemption.requested:
+            logging.warning("SIGTERM received: checkpointing step %d, then exiting", step)
+            return True
+        return False
 
 
 def load_params(
