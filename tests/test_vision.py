@@ -304,13 +304,30 @@ def test_remat_and_gradients(hf_pair):
         tokens, valid = model(pv, lay)
         return jnp.sum(jnp.where(valid[:, None], tokens, 0.0) ** 2)
 
-    rm = V.VisionTransformer(cfg, remat="full", rngs=nnx.Rngs(1))
+    rm = V.VisionTransformer(cfg, remat="full", attn_q_chunk=40, rngs=nnx.Rngs(1))
     V.load_hf_vision_weights(rm, state, prefix="")
     g_plain = nnx.grad(loss)(ours)
     g_remat = nnx.grad(loss)(rm)
     flat_plain = jax.tree.leaves(g_plain)
     flat_remat = jax.tree.leaves(g_remat)
     assert all(bool(jnp.isfinite(x).all()) for x in flat_plain)
+    worst = 0.0
     for a, b in zip(flat_plain, flat_remat, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        a, b = np.asarray(a), np.asarray(b)
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
+    print(f"remat+chunked vs plain gradients: max |d| / max |g| = {worst:.3g}")
+    assert worst <= 1e-4
     assert float(jnp.abs(g_plain["blocks"]["attn"]["qkv"]["kernel"][...]).max()) > 0
+
+
+def test_query_chunked_full_attention_matches_hf(hf_pair):
+    hf, _, cfg, state = hf_pair
+    # 40 does not divide the 96- and 48-patch frames: exercises the padded last chunk.
+    chunked = V.VisionTransformer(cfg, attn_q_chunk=40, rngs=nnx.Rngs(2))
+    V.load_hf_vision_weights(chunked, state, prefix="")
+    grid = np.array([[1, 8, 12], [2, 4, 6]])
+    pv = _pixels(grid, seed=5)
+    ref = _hf_out(hf, pv, grid)
+    err = np.abs(np.asarray(chunked.embed_images(pv, grid, pv.shape[0] + 8)) - ref).max()
+    print(f"query-chunked fp32 max|d|={err:.3g}")
+    assert err <= TOL

@@ -227,21 +227,41 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def _attend(qg: jax.Array, kg: jax.Array, vg: jax.Array, valid: jax.Array) -> jax.Array:
+    """qg (G, Lq, H, hd), kg/vg (G, L, H, hd), valid (G, L) → (G, Lq, H, hd); float32 softmax."""
+    scale = qg.shape[-1] ** -0.5
+    scores = jnp.einsum("glhd,gmhd->ghlm", qg, kg, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(valid[:, None, None, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vg.dtype)
+    return jnp.einsum("ghlm,gmhd->glhd", probs, vg)
+
+
 def grouped_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, valid: jax.Array, slot: jax.Array
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rows: jax.Array,
+    valid: jax.Array,
+    slot: jax.Array,
+    q_chunk: int | None = None,
 ) -> jax.Array:
     """Attention within padded groups of rows.
 
     q, k, v (P, H, hd); rows/valid (G, L); slot (P,) → (P, H, hd). Rows absent from every group
-    (padding) get zeros. Scores (G, H, L, L) and softmax are float32.
+    (padding) get zeros. Scores and softmax are float32. With ``q_chunk`` < L the queries are
+    processed ``q_chunk`` at a time under ``jax.checkpoint``, so only (G, H, q_chunk, L) scores
+    are live, in the forward and in the backward pass (frames of thousands of patches).
     """
     g, length = rows.shape
     qg, kg, vg = q[rows], k[rows], v[rows]  # (G, L, H, hd)
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("glhd,gmhd->ghlm", qg, kg, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(valid[:, None, None, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("ghlm,gmhd->glhd", probs, vg)
+    if q_chunk is None or length <= q_chunk:
+        out = _attend(qg, kg, vg, valid)
+    else:
+        n = -(-length // q_chunk)
+        qg = jnp.pad(qg, ((0, 0), (0, n * q_chunk - length), (0, 0), (0, 0)))
+        qc = jnp.moveaxis(qg.reshape(g, n, q_chunk, *qg.shape[2:]), 1, 0)  # (n, G, C, H, hd)
+        out = jax.lax.map(jax.checkpoint(lambda qi: _attend(qi, kg, vg, valid)), qc)
+        out = jnp.moveaxis(out, 0, 1).reshape(g, n * q_chunk, *out.shape[3:])[:, :length]
     out = out.reshape(g * length, *out.shape[2:])
     out = jnp.concatenate([out, jnp.zeros((1, *out.shape[1:]), out.dtype)], axis=0)
     return out[slot]
@@ -254,6 +274,7 @@ def _block_forward(
     cos: jax.Array,
     sin: jax.Array,
     layout: VisionLayout,
+    q_chunk: int | None = None,
 ) -> jax.Array:
     """x (P, D) → (P, D); ``is_full`` (bool scalar) picks frame-wide vs window attention."""
     attn = blk.attn
@@ -268,7 +289,7 @@ def _block_forward(
 
     def full(q, k, v):
         return grouped_attention(
-            q, k, v, layout.segment_rows, layout.segment_valid, layout.segment_slot
+            q, k, v, layout.segment_rows, layout.segment_valid, layout.segment_slot, q_chunk
         )
 
     def window(q, k, v):
@@ -290,6 +311,9 @@ class VisionTransformer(nnx.Module):
         fullatt_block_indexes, out_hidden_size, hidden_act; optional rope_parameters/rope_theta).
       dtype: activation / compute dtype. param_dtype: storage dtype of the parameters.
       remat: None, or a policy name in {"full", "dots", "dots_no_batch"} applied per block.
+      attn_q_chunk: full-attention queries per chunk (see :func:`grouped_attention`); None never
+        chunks. Frames longer than this (up to ~8k patches at TATAR's max_pixels) then need
+        (G, H, attn_q_chunk, L) float32 scores instead of (G, H, L, L).
     """
 
     def __init__(
@@ -299,6 +323,7 @@ class VisionTransformer(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: str | None = None,
+        attn_q_chunk: int | None = 1024,
         rngs: nnx.Rngs,
     ) -> None:
         if remat is not None and remat not in _REMAT_POLICIES:
@@ -311,6 +336,9 @@ class VisionTransformer(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        if attn_q_chunk is not None and attn_q_chunk < 1:
+            raise ValueError(f"attn_q_chunk must be >= 1 or None, got {attn_q_chunk}")
+        self.attn_q_chunk = attn_q_chunk
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.rope_theta = _rope_theta(cfg)
         self.full_attention = tuple(i in set(cfg.fullatt_block_indexes) for i in range(cfg.depth))
@@ -348,7 +376,8 @@ class VisionTransformer(nnx.Module):
 
         def body(x: jax.Array, inputs: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
             state, is_full = inputs
-            return _block_forward(nnx.merge(graphdef, state), x, is_full, cos, sin, layout), None
+            blk = nnx.merge(graphdef, state)
+            return _block_forward(blk, x, is_full, cos, sin, layout, self.attn_q_chunk), None
 
         if self.remat is not None:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
