@@ -1,0 +1,159 @@
+"""Stage 0 — building the SFT reasoning data with a teacher and a judge (spec §5).
+
+    export TATAR_TEACHER_API_KEY=...   # only if the endpoint wants one; never put keys in flags
+    python scripts/build_reasoning.py --config=configs/reasoning.py:iqa \\
+        --config.input=/data/koniq/train.jsonl --config.out_dir=/data/sft/iqa \\
+        --config.teacher.base_url=http://localhost:8000/v1 \\
+        --config.teacher.model=Qwen/Qwen3-VL-32B-Instruct \\
+        --config.judge.base_url=http://judge:8000/v1 \\
+        --config.judge.model=Qwen/Qwen3-VL-235B-A22B-Instruct
+
+Presets (``:arg``): ``iqa`` (default) and ``iaa`` only set ``task``; every value below is the
+spec's, whatever the task. Endpoints and model names are flags; API keys are read from the
+environment variables *named* by ``teacher.api_key_env`` / ``judge.api_key_env`` and are never
+written anywhere.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import ml_collections
+
+try:
+    import tatar_jax  # noqa: F401
+except ImportError:  # loaded by path from a script without the package installed
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from tatar_jax.reasoning import judge as J  # noqa: E402
+from tatar_jax.reasoning import prompts as P  # noqa: E402
+
+PRESETS = ("iqa", "iaa")
+END_OF_TEXT = "<|endoftext|>"  # Qwen's end-of-text; DeepSeek-R1 distills end with their own EOS
+
+
+def client_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.concurrency = 8  # rows in flight (reference judge: 10 threads)
+    c.timeout_s = 120.0  # connect / per-read socket timeout of one request
+    c.max_retries = 5  # retries after the first attempt (429, 5xx, 408, timeouts, resets)
+    c.backoff_base_s = 1.0  # delay_k = min(max, base * 2**k) * U(1 - jitter, 1)
+    c.backoff_max_s = 60.0
+    c.jitter = 0.5
+    c.retry_seed = -1  # -1 = OS entropy (tests pin it)
+    return c
+
+
+def endpoint_config(api_key_env: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.base_url = ""  # e.g. http://localhost:8000/v1 (vLLM's OpenAI-compatible server)
+    c.model = ""  # the served model name
+    c.api_key_env = api_key_env  # NAME of the environment variable holding the key ("" = none)
+    return c
+
+
+def iqa_config() -> ml_collections.ConfigDict:
+    """Spec §5.1: Qwen3-VL-32B, T 0.3, top_p 0.8, 140 tokens, stop </answer> + EOS."""
+    c = ml_collections.ConfigDict()
+    c.system_prompt = P.IQA_TEACHER_SYSTEM
+    c.user_prompt = P.IQA_TEACHER_USER
+    c.temperature = 0.3
+    c.top_p = 0.8
+    c.max_tokens = 140
+    c.stop = ("</answer>", END_OF_TEXT)
+    c.send_image = True
+    c.max_sentences = 2  # keep the first 2 sentences
+    c.max_words = 50  # then the first 50 words (also the prompt's upper bound)
+    c.prompt_min_words = 30  # the prompt asks for 30-50 words ...
+    c.min_words = 0  # ... but the minimum is not enforced (reference); > 0 rejects shorter ones
+    c.reject_score_in_think = True  # the score written inside the think -> reject
+    c.reject_changed_score = True  # the teacher's <answer> differs from the given score -> reject
+    return c
+
+
+def iaa_config() -> ml_collections.ConfigDict:
+    """Spec §5.2: DeepSeek-R1-Distill-Qwen-32B, text only, T 0.2, top_p 0.9, 500 tokens."""
+    c = ml_collections.ConfigDict()
+    c.system_prompt = P.IAA_TEACHER_SYSTEM
+    c.user_prompt = P.IAA_TEACHER_USER
+    c.temperature = 0.2
+    c.top_p = 0.9
+    c.max_tokens = 500
+    c.stop = ("</answer>", END_OF_TEXT)
+    c.send_image = False  # the reference's IAA teacher never sees the image
+    c.attribute_order = P.IAA_ATTRIBUTE_ORDER
+    c.target_words = 100  # "about 100 words" (asked, not enforced)
+    c.low_score = "3.0"  # "below 3.0 is clearly low" (the 0-10 ArtiMuse scale)
+    c.require_attributes = True  # rows without attribute texts are rejected before the call
+    c.max_sentences = 0  # no cut
+    c.max_words = 0  # no cut
+    c.min_words = 0
+    c.reject_score_in_think = True
+    c.reject_changed_score = True
+    return c
+
+
+def rules_config() -> ml_collections.ConfigDict:
+    """Spec §5.3 hard rules (B9 fixed: see tatar_jax/reasoning/judge.py)."""
+    c = ml_collections.ConfigDict()
+    c.score_range = (1.0, 100.0)  # gt and answer, on the record's own scale (drops ArtiMuse < 1)
+    c.check_image_exists = True
+    c.min_aspects = 5  # IAA keyword coverage
+    c.keywords = ml_collections.ConfigDict({k: v for k, v in J.DEFAULT_KEYWORDS.items()})
+    c.causal_connectives = J.DEFAULT_CAUSAL_CONNECTIVES
+    return c
+
+
+def judge_config() -> ml_collections.ConfigDict:
+    """Spec §5.3: Qwen3-VL-235B, temperature 0, sees the image, strict JSON, keep rules."""
+    c = endpoint_config("TATAR_JUDGE_API_KEY")
+    c.enabled = True
+    c.temperature = 0.0
+    c.top_p = 1.0
+    c.max_tokens = 1024
+    c.send_image = True
+    c.attribute_max_chars = 1200  # each attribute text shown to the IAA judge
+    c.require_keep_decision = True  # keep only when decision == "keep" ...
+    c.iqa = ml_collections.ConfigDict()
+    c.iqa.system_prompt = P.IQA_JUDGE_SYSTEM
+    c.iqa.user_prompt = P.IQA_JUDGE_USER
+    # ... and every listed score > its threshold
+    c.iqa.keep_rules = ml_collections.ConfigDict(J.DEFAULT_KEEP_RULES["iqa"])
+    c.iaa = ml_collections.ConfigDict()
+    c.iaa.system_prompt = P.IAA_JUDGE_SYSTEM
+    c.iaa.user_prompt = P.IAA_JUDGE_USER
+    c.iaa.keep_rules = ml_collections.ConfigDict(J.DEFAULT_KEEP_RULES["iaa"])
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    task = (arg or "iqa").strip() or "iqa"
+    if task not in PRESETS:
+        raise ValueError(f"unknown preset {task!r}; choose one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.input = ""  # manifest: JSON list or JSONL of {"image", "gt_score", ...}
+    c.image_root = ""  # relative image paths resolve here ("" = the manifest's folder)
+    c.attributes = ""  # optional ArtiMuse annotation conversations (JSON/JSONL) to merge (IAA)
+    c.score_keys = ("gt_score", "score", "mos")  # first present wins
+    c.max_records = -1  # -1 = all (the reference shipped capped at 5 / 4: B13)
+    c.out_dir = ""  # sft.jsonl, rejected.jsonl, failed.jsonl, summary.json, journal.jsonl
+    c.restart = False  # discard an existing journal in out_dir
+    c.retry_failed = True  # re-running retries rows whose calls failed
+    c.fsync = True  # fsync every journal line (crash-safe resume)
+    c.progress = True
+    c.seed = 0
+    c.send_seed = False  # send seed = seed + row with each teacher request (vLLM honours it)
+    # judge-only mode (teacher.kind = "none"): the row's target is read from the first of these
+    c.target_fields = ("target", "reversal_thinking", "cot_reasoning")
+
+    c.teacher = endpoint_config("TATAR_TEACHER_API_KEY")
+    c.teacher.kind = "openai"  # "openai" | "jax" (our model; checkpoint below) | "none"
+    c.teacher.checkpoint = ""  # kind = "jax": a Hugging Face Qwen2.5-VL directory
+    c.client = client_config()
+    c.iqa = iqa_config()
+    c.iaa = iaa_config()
+    c.rules = rules_config()
+    c.judge = judge_config()
+    return c
