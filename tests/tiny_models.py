@@ -1,0 +1,245 @@
+"""Tiny random transformers Qwen2.5-VL models for tests (torch, CPU, never downloaded).
+
+Reusable by every test that needs an HF reference:
+
+- :func:`tiny_hf_config` — a transformers ``Qwen2_5_VLConfig`` (eager attention) whose numbers
+  equal ``tatar_jax.models.qwen2_5_vl.config.tiny()``: 2 decoder layers (GQA 4/2 heads, head_dim
+  16, mrope_section (2, 3, 3)), 3 vision blocks (block 1 full attention, windows of 4x4 patches).
+- :func:`tiny_hf_model` — a seeded random ``Qwen2_5_VLForConditionalGeneration`` with weights
+  of std ``std`` (default 0.08, so logits are spread out and greedy tokens are not ties) and norm
+  scales around 1 (so a mis-mapped norm shows).
+- :func:`save_hf_dir` — writes it as an HF directory: tensor names in the hub layout
+  (``model.layers.*`` / ``visual.*``) or the transformers-5 in-memory layout
+  (``model.language_model.*`` / ``model.visual.*``), nested or flat (legacy hub) config.json,
+  optionally sharded.
+- :func:`make_batch` — left-padded ``input_ids`` / ``attention_mask`` with image placeholder runs,
+  ``pixel_values`` and ``image_grid_thw`` exactly as the HF processor lays them out, plus
+  ``mm_token_type_ids`` for the HF forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+IMAGE_TOKEN_ID = 250
+VIDEO_TOKEN_ID = 251
+VISION_START_ID = 248
+VISION_END_ID = 249
+PAD_ID = 0
+TEXT_ID_RANGE = (3, 248)  # ordinary text tokens are drawn from here
+
+TEXT_KW = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=2048,
+    hidden_act="silu",
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=PAD_ID,
+)
+VISION_KW = dict(
+    depth=3,
+    hidden_size=32,
+    intermediate_size=48,
+    num_heads=2,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=56,  # 56 / 14 / 2 = 2 merge units → windows of 4x4 patches
+    fullatt_block_indexes=[1],
+    out_hidden_size=64,
+    hidden_act="silu",
+    tokens_per_second=2,
+)
+
+
+def tiny_hf_config(tie_word_embeddings: bool = False, **text_overrides: Any) -> Qwen2_5_VLConfig:
+    """transformers config of the tiny model (eager attention, fp32)."""
+    text = {**TEXT_KW, **text_overrides}
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(VISION_KW),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    cfg._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    cfg.vision_config._attn_implementation = "eager"
+    return cfg
+
+
+def tiny_hf_model(
+    config: Qwen2_5_VLConfig | None = None, seed: int = 0, std: float = 0.08
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Seeded random fp32 model in eval mode; every parameter (biases, norms too) is random."""
+    config = config or tiny_hf_config()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval().float()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _legacy_name(name: str) -> str:
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("model.visual."):
+        return "visual." + name[len("model.visual.") :]
+    return name
+
+
+def legacy_config_dict(config: Qwen2_5_VLConfig) -> dict[str, Any]:
+    """The flat config.json layout of the hub checkpoints (transformers 4.x era)."""
+    t = config.text_config
+    rope = dict(t.rope_parameters)
+    vision = {k: v for k, v in VISION_KW.items() if k != "in_channels"}
+    vision["in_chans"] = VISION_KW["in_channels"]
+    vision["model_type"] = "qwen2_5_vl"
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings,
+        "hidden_act": t.hidden_act,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {"type": "mrope", "mrope_section": list(rope["mrope_section"])},
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "max_window_layers": t.num_hidden_layers,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
+        "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": config.vision_end_token_id,
+        "vision_token_id": 247,
+        "torch_dtype": "float32",
+        "vision_config": vision,
+    }
+
+
+def save_hf_dir(
+    model: Qwen2_5_VLForConditionalGeneration,
+    path: str | os.PathLike[str],
+    names: str = "legacy",
+    config_layout: str = "nested",
+    shards: int = 1,
+) -> str:
+    """Saves ``model`` as an HF directory (safetensors via torch, tests only).
+
+    names: "legacy" (``model.layers.*`` / ``visual.*``, what the hub and ``save_pretrained``
+    write) or "v5" (``model.language_model.*`` / ``model.visual.*``, the in-memory names of
+    transformers 5). config_layout: "nested" (``config.save_pretrained``) or "flat" (the hub's
+    legacy config.json). shards > 1 splits the tensors over that many files plus an index.
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if names not in ("legacy", "v5") or config_layout not in ("nested", "flat"):
+        raise ValueError((names, config_layout))
+    state = {
+        (_legacy_name(k) if names == "legacy" else k): v.detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if not (model.config.tie_word_embeddings and k == "lm_head.weight")
+    }
+    ordered = sorted(state)
+    parts = [list(p) for p in np.array_split(np.asarray(ordered, dtype=object), shards)]
+    if shards == 1:
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, part in enumerate(parts):
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: state[n] for n in part}, os.path.join(path, fname), {"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    if config_layout == "nested":
+        model.config.save_pretrained(path)
+    else:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(legacy_config_dict(model.config), f, indent=2)
+    return path
+
+
+def image_tokens(thw: tuple[int, int, int], merge: int = 2) -> int:
+    t, h, w = thw
+    return t * h * w // merge**2
+
+
+def make_batch(
+    rows: list[list[Any]], seed: int = 0, patch_dim: int = 3 * 2 * 14 * 14
+) -> dict[str, np.ndarray]:
+    """Left-padded batch from row specs.
+
+    A row spec is a list of items: an int ``n`` (n random text tokens) or a tuple ``(t, h, w)``
+    (an image: vision_start, t*h*w/4 image tokens, vision_end). Returns numpy ``input_ids`` (B, L)
+    int64, ``attention_mask`` (B, L) int64, ``mm_token_type_ids`` (B, L), and when any image is
+    present ``pixel_values`` (N, patch_dim) float32 and ``image_grid_thw`` (num_images, 3) int64.
+    """
+    rng = np.random.default_rng(seed)
+    seqs, grids = [], []
+    for spec in rows:
+        seq: list[int] = []
+        for item in spec:
+            if isinstance(item, int):
+                seq += rng.integers(*TEXT_ID_RANGE, size=item).tolist()
+            else:
+                grids.append(tuple(item))
+                seq += [VISION_START_ID] + [IMAGE_TOKEN_ID] * image_tokens(item) + [VISION_END_ID]
+        seqs.append(seq)
+    length = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), length), PAD_ID, np.int64)
+    mask = np.zeros((len(seqs), length), np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s) :] = s
+        mask[i, length - len(s) :] = 1
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).astype(np.int64),
+    }
+    if grids:
+        thw = np.asarray(grids, np.int64)
+        n = int(np.prod(thw, axis=-1).sum())
+        out["pixel_values"] = rng.standard_normal((n, patch_dim)).astype(np.float32)
+        out["image_grid_thw"] = thw
+    return out
+
+
+def hf_logits(model: Qwen2_5_VLForConditionalGeneration, batch: dict[str, np.ndarray], **kw):
+    """transformers forward on a :func:`make_batch` batch → numpy logits (B, L, V)."""
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    if "image_grid_thw" not in inputs:
+        inputs.pop("mm_token_type_ids")
+    with torch.no_grad():
+        return model(**inputs, **kw).logits.float().numpy()
