@@ -165,15 +165,15 @@ def smart_resize(
 
 
 def upscale_small(im: Image.Image, min_side: int = UPSCALE_MIN_SIDE) -> Image.Image:
-    """Images with a side below ``min_side``: scale so the short side is ``min_side`` (long side
-    truncated, as the reference does), Lanczos. Others are returned unchanged."""
+    """Images with a side below ``min_side``: scale so the short side is ``min_side``, the long
+    side rounded to keep the aspect, Lanczos (reference GRPO loader). Others are returned as is."""
     w, h = im.size
     if min(w, h) >= min_side:
         return im
     if w < h:
-        size = (min_side, max(min_side, int(h * (min_side / w))))
+        size = (min_side, max(min_side, round(h * min_side / w)))
     else:
-        size = (max(min_side, int(w * (min_side / h))), min_side)
+        size = (max(min_side, round(w * min_side / h)), min_side)
     return im.resize(size, Image.Resampling.LANCZOS)
 
 
