@@ -331,3 +331,34 @@ def test_query_chunked_full_attention_matches_hf(hf_pair):
     err = np.abs(np.asarray(chunked.embed_images(pv, grid, pv.shape[0] + 8)) - ref).max()
     print(f"query-chunked fp32 max|d|={err:.3g}")
     assert err <= TOL
+
+
+def test_fixed_bucket_fits_every_admissible_grid():
+    cfg = types.SimpleNamespace(**HF_KW)
+    bucket = V.fixed_bucket(cfg, num_patches=512, max_frames=4, max_patches_per_frame=200)
+    assert bucket.num_segments == 4 and bucket.segment_len == 208
+    rng = np.random.RandomState(1)
+    hardest = 0
+    for _ in range(300):
+        rows, total, frames = [], 0, 0
+        for _ in range(rng.randint(1, 5)):
+            # thin images (1-unit-wide strips) are the worst case for the window count
+            h = 2 * rng.randint(1, 101)
+            w = 2 * rng.randint(1, max(2, 200 // (2 * h) + 1))
+            t = rng.randint(1, 3)
+            if h * w > 200 or total + t * h * w > 512 or frames + t > 4:
+                continue
+            rows.append([t, h, w])
+            total += t * h * w
+            frames += t
+        if not rows:
+            continue
+        grid = np.asarray(rows)
+        _, cu = V.hf_window_index(grid, cfg)
+        hardest = max(hardest, len(cu) - 1)
+        lay = V.vision_layout(grid, cfg, bucket)  # raises if anything does not fit
+        assert lay.window_rows.shape == (bucket.num_windows, V.window_len(cfg))
+    print(f"fixed bucket {bucket}: most windows seen {hardest}")
+    assert bucket.num_windows // 2 < hardest <= bucket.num_windows
+    with pytest.raises(ValueError, match="either a VisionBucket"):
+        V.vision_layout(np.array([[1, 4, 4]]), cfg, bucket, num_windows_padded=8)

@@ -47,6 +47,7 @@ from flax import nnx
 from tatar_jax.models.qwen2_5_vl.vision_layout import (
     VisionBucket,
     VisionLayout,
+    fixed_bucket,
     hf_position_ids,
     hf_window_index,
     vision_bucket,
@@ -58,6 +59,7 @@ __all__ = [
     "VisionBucket",
     "VisionLayout",
     "VisionTransformer",
+    "fixed_bucket",
     "hf_position_ids",
     "hf_vision_rules",
     "hf_window_index",

@@ -171,16 +171,23 @@ def _groups(
 def vision_bucket(
     grid_thw: Any,
     cfg: Any,
-    num_patches_padded: int | None = None,
+    num_patches_padded: int | VisionBucket | None = None,
     *,
     num_windows_padded: int | None = None,
     num_segments_padded: int | None = None,
     segment_len_padded: int | None = None,
 ) -> VisionBucket:
-    """Static sizes for ``grid_thw``; unspecified sizes are rounded up so that similar batches share
-    a compilation: patches to a multiple of ``spatial_merge_size**2`` (exact when None), windows and
-    segments to the next power of two, the segment length to a multiple of :func:`window_len`.
+    """Static sizes for ``grid_thw`` (``num_patches_padded`` may be a whole :class:`VisionBucket`,
+    which is then checked and returned); unspecified sizes are rounded up so that similar batches
+    share a compilation: patches exact (None) or as given, windows and segments to the next power
+    of two, the segment length to a multiple of :func:`window_len`.
     """
+    if isinstance(num_patches_padded, VisionBucket):
+        if (num_windows_padded, num_segments_padded, segment_len_padded) != (None, None, None):
+            raise ValueError("pass either a VisionBucket or separate sizes, not both")
+        num_patches_padded, num_windows_padded, num_segments_padded, segment_len_padded = (
+            num_patches_padded
+        )
     grid = _check_grid(grid_thw, cfg)
     unit = cfg.spatial_merge_size**2
     n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
@@ -202,10 +209,41 @@ def vision_bucket(
     return VisionBucket(p, w, s, ls)
 
 
+def fixed_bucket(
+    cfg: Any, num_patches: int, max_frames: int, max_patches_per_frame: int | None = None
+) -> VisionBucket:
+    """A bucket that fits *every* ``grid_thw`` with at most ``num_patches`` patches in total, at
+    most ``max_frames`` frames (images count one frame each, a video ``t``) and at most
+    ``max_patches_per_frame`` patches per frame (default ``num_patches``): one compilation for a
+    whole run.
+
+    Windows: a frame of ``a x b`` merge units has ``ceil(a/v) * ceil(b/v)`` windows (``v`` units per
+    window side) ``<= (ab + (v-1)(a+b) + (v-1)**2) / v**2``, and ``a + b <= ab + 1``, so ``n``
+    frames of ``U`` units in total have at most ``(U + n (v-1)) / v`` windows, thin images
+    included. Window attention costs ``W * window_len**2`` per head, small next to the MLPs even
+    at this bound.
+    """
+    unit = cfg.spatial_merge_size**2
+    if num_patches < unit or num_patches % unit:
+        raise ValueError(
+            f"num_patches={num_patches} must be a positive multiple of spatial_merge_size**2={unit}"
+        )
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    v = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+    lw = window_len(cfg)
+    per_frame = num_patches if max_patches_per_frame is None else int(max_patches_per_frame)
+    per_frame = min(per_frame, num_patches)
+    frames = min(int(max_frames), num_patches // unit)
+    windows = (num_patches // unit + frames * (v - 1)) // v
+    seg_len = min(-(-per_frame // lw) * lw, num_patches)
+    return VisionBucket(num_patches, windows, frames, seg_len)
+
+
 def vision_layout(
     grid_thw: Any,
     cfg: Any,
-    num_patches_padded: int | None = None,
+    num_patches_padded: int | VisionBucket | None = None,
     *,
     num_windows_padded: int | None = None,
     num_segments_padded: int | None = None,
@@ -214,7 +252,11 @@ def vision_layout(
     """Computes the :class:`VisionLayout` (numpy) of ``grid_thw`` (num_images, 3) for ``cfg``.
 
     ``cfg`` needs ``spatial_merge_size``, ``patch_size`` and ``window_size``. Sizes left as None
-    are chosen by :func:`vision_bucket`; pass all four for a fixed bucket.
+    are chosen by :func:`vision_bucket`; for a fixed bucket pass a :class:`VisionBucket` (e.g. from
+    :func:`fixed_bucket`) as ``num_patches_padded``, or all four sizes.
+
+    Pass the result to the jitted forward as an *argument* (not a closed-over constant), so
+    layouts of equal shapes share one compilation.
     """
     grid = _check_grid(grid_thw, cfg)
     p, nw, ns, ls = vision_bucket(
