@@ -125,6 +125,11 @@ def test_kill9_at_random_step_resumes_bit_identically(tmp_path, repo_root, unint
     workdir = tmp_path / "run"
     proc = _start(tmp_path, workdir, repo_root, sleep=0.05)
     _wait_for_step(proc, kill_at)
+    # The first async save may still be in flight; kill once one checkpoint is complete, so the
+    # restart really resumes (orbax renames a step directory to its number only when complete).
+    ckdir = workdir / "checkpoints"
+    while not any(d.name.isdigit() for d in ckdir.iterdir()):
+        kill_at = int(_wait_for_step(proc, kill_at + 1)[-1].split()[1])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rc, out = _finish(_start(tmp_path, workdir, repo_root))
