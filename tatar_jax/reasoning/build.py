@@ -354,7 +354,9 @@ def process_row(
         except ValueError as e:
             return done("rejected", "judge", "judge_unparseable", str(e))
         rec["judge_verdict"] = verdict
-        rejection = judge_mod.keep_decision(verdict, s.task, s.keep_rules, s.require_keep_decision)
+        rejection = judge_mod.keep_decision(
+            verdict, s.task, {s.task: s.keep_rules}, s.require_keep_decision
+        )
         if rejection:
             return done("rejected", "judge", rejection.reason, rejection.detail)
         return done("kept", "judge")

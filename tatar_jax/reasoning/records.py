@@ -139,7 +139,7 @@ def read_manifest(
 # --------------------------------------------------------------------------------------------
 # ArtiMuse annotation conversations -> attribute texts
 
-_ASPECT_RE = re.compile(r"aspect of\s*[\"'“”‘’]?([^\"'“”‘’?.\n]+)", re.IGNORECASE)
+_ASPECT_RE = re.compile(r"aspect of\s*[\"'“”‘’]?([^\"'“”‘’?.,;:!()\n]+)", re.IGNORECASE)
 _NAME_TO_KEY = {
     " ".join(k.lower().replace("&", " and ").split()): v for k, v in ATTRIBUTE_KEYS.items()
 }
