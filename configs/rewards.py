@@ -1,0 +1,95 @@
+"""Reward presets for Stage 2 (spec §7.3, §8, §14): which functions, per-task weights, constants.
+
+    python scripts/train.py --config=configs/grpo.py:reference --config.rewards.threshold=10
+    python -c "from configs import rewards; print(rewards.get_config('tatar'))"
+
+``tatar_jax.rewards.total_reward(..., config=c)`` computes
+``R = sum_f weights[task][f] * scale_f * r_f`` over the functions with a non-zero weight.
+
+Presets (``get_config(arg)``):
+
+* ``reference`` (alias ``faithful``): what the authors' launch script optimises (spec §7.3,
+  §8.6): format + Gaussian "accuracy" + sample-level soft "rank", unweighted sum for both tasks,
+  T = 8.75. The reference computes rewards on one device's micro-batch (one prompt x 8), so its
+  soft rank only sees one image (bug B6); ``scope = "device_local"`` with ``local_size = 8``
+  reproduces that. Set ``scope = "global"`` to rank across the whole batch instead.
+* ``tatar`` (alias ``fixed``, and the ``default``): what the paper describes: IQA = format +
+  Gaussian score shaping; IAA = format + Thurstone completion ranking over the gathered global
+  batch (``iaa_gaussian_weight`` optional, 0 by default).
+
+Every constant of spec §8 is a field with the reference's value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("default", "reference", "faithful", "tatar", "fixed")
+FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
+
+
+def _weights(**nonzero: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({f: float(nonzero.get(f, 0.0)) for f in FUNCTIONS})
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = (arg or "default").strip() or "default"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown rewards preset {preset!r}; choose one of {PRESETS}")
+    preset = {"faithful": "reference", "fixed": "tatar", "default": "tatar"}.get(preset, preset)
+
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.parser = "strict"  # spec §4; "lenient" = the reference evaluation parser (compat only)
+    # score_reward_threshold T on the 0-100 scale (spec §7.4: 8.75 in the script, 10 in code);
+    # shared by the Gaussian and the threshold reward.
+    c.threshold = 8.75
+    # "global": rank rewards over the whole (gathered) step batch; "device_local": consecutive
+    # chunks of `local_size` completions are separate reward calls (the reference, bug B6).
+    c.scope = "global"
+    c.local_size = 8  # reference per-device batch (one prompt x G) when scope = device_local
+
+    c.format = ml_collections.ConfigDict({"scale": 1.0})  # §8.1
+
+    a = ml_collections.ConfigDict()  # §8.2 Gaussian score reward ("accuracy")
+    a.threshold = c.get_ref("threshold")
+    a.target = 0.5  # reward value at d = T when alpha = 0
+    a.alpha_iqa = 0.8
+    a.alpha_iaa = 2.0
+    a.iqa_max_words = 65  # IQA completions longer than this (whitespace words) get 0
+    a.iaa_min_words = 125  # IAA completions shorter than this get 0
+    a.iqa_scale = 1.0
+    a.iaa_scale = 1.5  # then clipped at 1
+    a.scale = 1.0
+    c.accuracy = a
+
+    t = ml_collections.ConfigDict()  # §8.3 old binary reward (unregistered in the reference)
+    t.threshold = c.get_ref("threshold")
+    t.scale = 1.0
+    c.threshold_reward = t  # the block of function "threshold"
+
+    r = ml_collections.ConfigDict()  # §8.4 sample-level soft rank ("rank")
+    r.tau = 0.08
+    r.m = 0.12
+    r.eps = 1e-4
+    r.scale = 1.0  # rank_scale
+    c.rank = r
+
+    th = ml_collections.ConfigDict()  # §8.5 completion-level Thurstone rank
+    th.tau = 0.08
+    th.m = 0.12
+    th.eps = 1e-6
+    th.scale = 1.0  # rank_scale
+    c.thurstone = th
+
+    c.weights = ml_collections.ConfigDict()
+    if preset == "reference":
+        c.scope = "device_local"
+        c.weights.iqa = _weights(format=1.0, accuracy=1.0, rank=1.0)
+        c.weights.iaa = _weights(format=1.0, accuracy=1.0, rank=1.0)
+    else:
+        c.iaa_gaussian_weight = 0.0
+        c.weights.iqa = _weights(format=1.0, accuracy=1.0)
+        c.weights.iaa = _weights(format=1.0, thurstone=1.0)
+        c.weights.iaa.accuracy = c.get_ref("iaa_gaussian_weight")
+    return c

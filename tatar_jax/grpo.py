@@ -1,0 +1,191 @@
+"""GRPO math: group advantages, the clipped-surrogate + k3-KL loss, per-task metrics (spec §7.3).
+
+Pure ``jnp`` functions with static shapes; the trainer's update step (rollout, log-probs,
+optimizer) lives elsewhere and calls these. Layout: the ``N = prompts x G`` completions of a step
+are ordered so that the G completions of one prompt are contiguous (rows ``g*G .. g*G+G-1``).
+
+Names accepted by ``configs/grpo.py`` are aliases here: advantage ``"group"`` = ``"grpo"``,
+``"group_no_std"`` = ``"dr_grpo"``, ``"batch"`` = ``"batch_std"``; loss aggregation
+``"sequence_mean"`` = ``"seq_mean_token_mean"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["group_advantages", "grpo_loss", "masked_mean", "per_task_metrics"]
+
+ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch_std")
+_ADV_ALIASES = {"group": "grpo", "group_no_std": "dr_grpo", "batch": "batch_std"}
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "fixed_length")
+_AGG_ALIASES = {"sequence_mean": "seq_mean_token_mean"}
+
+
+def group_advantages(
+    rewards: jax.Array,
+    group_size: int,
+    mode: str = "grpo",
+    eps: float = 1e-4,
+    *,
+    ddof: int = 1,
+) -> jax.Array:
+    """Per-completion advantages from rewards (N,), N = prompts x group_size, groups contiguous.
+
+    Modes (G = group_size, mean/std over the G completions of a prompt):
+
+    * ``grpo`` (reference): (r - mean) / (std + eps), std with ``ddof`` (1 = unbiased, as the
+      reference's ``torch.std``). With G = 1 the advantage is 0.
+    * ``dr_grpo``: r - mean (no std division, Dr. GRPO).
+    * ``rloo``: r - mean of the *other* G - 1 completions = G/(G-1) (r - mean); needs G >= 2.
+    * ``batch_std``: (r - group mean) / (std over the whole batch + eps).
+
+    Returns (N,) in the rewards' float dtype (at least float32).
+    """
+    mode = _ADV_ALIASES.get(mode, mode)
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"unknown advantage mode {mode!r}; choose one of {ADVANTAGE_MODES}")
+    r = jnp.asarray(rewards)
+    r = r.astype(jnp.result_type(r.dtype, jnp.float32))
+    n = r.shape[0]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"{n} rewards do not split into groups of {group_size}")
+    g = r.reshape(n // group_size, group_size)
+    mean = g.mean(axis=1, keepdims=True)
+    centred = g - mean
+    if mode == "dr_grpo":
+        adv = centred
+    elif mode == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs group_size >= 2")
+        adv = centred * (group_size / (group_size - 1))
+    elif mode == "grpo":
+        dof = group_size - ddof
+        var = jnp.square(centred).sum(axis=1, keepdims=True) / max(dof, 1)
+        adv = centred / (jnp.sqrt(var) + eps) if dof > 0 else jnp.zeros_like(centred)
+    else:
+        dof = n - ddof
+        var = jnp.square(r - r.mean()).sum() / max(dof, 1)
+        adv = centred / (jnp.sqrt(var) + eps) if dof > 0 else jnp.zeros_like(centred)
+    return adv.reshape(n)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(x * mask) / max(sum(mask), 1): 0, never NaN, when the mask is empty."""
+    mask = jnp.asarray(mask, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.sum(jnp.where(mask > 0, x, 0.0) * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+def grpo_loss(
+    logps: jax.Array,
+    old_logps: jax.Array,
+    ref_logps: jax.Array | None,
+    advantages: jax.Array,
+    completion_mask: jax.Array,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.001,
+    aggregation: str = "seq_mean_token_mean",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GRPO objective of spec §7.3, float32.
+
+    Args: ``logps``, ``old_logps``, ``ref_logps``: (N, T) per-token log-probs of the sampled
+    completion tokens under the policy, the rollout policy and the frozen reference;
+    ``advantages`` (N,); ``completion_mask`` (N, T) bool/0-1 (tokens up to and including EOS).
+
+    Per token: rho = exp(logp - old), l = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) +
+    beta KL, KL = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0); the KL term is skipped when
+    ``beta == 0`` or ``ref_logps is None``. With mu = 1, pass ``old_logps =
+    jax.lax.stop_gradient(logps)`` (rho = 1, gradient = -A d logp).
+
+    Aggregation: ``seq_mean_token_mean`` (reference: token mean per completion, then mean over
+    completions), ``token_mean`` (DAPO: over all completion tokens), ``fixed_length`` (Dr. GRPO:
+    token sum / (N x T)). Completions with no tokens contribute 0.
+
+    Returns ``(loss, metrics)``; metrics (masked over completion tokens): ``kl`` (mean k3, 0 if
+    skipped), ``clip_frac_low`` (rho < 1 - eps with A < 0), ``clip_frac_high`` (rho > 1 + eps_high
+    with A > 0), ``clip_frac``, ``ratio_mean``, ``ratio_min``, ``ratio_max``.
+    """
+    aggregation = _AGG_ALIASES.get(aggregation, aggregation)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    eps_low = float(epsilon)
+    eps_high = eps_low if epsilon_high is None else float(epsilon_high)
+    f32 = jnp.float32
+    logps = jnp.asarray(logps, f32)
+    old = jnp.asarray(old_logps, f32)
+    mask = jnp.asarray(completion_mask).astype(f32)
+    adv = jnp.asarray(advantages, f32)[:, None]
+
+    log_ratio = logps - old
+    # Padded positions may hold garbage log-probs; keep them out of exp and out of the gradient.
+    log_ratio = jnp.where(mask > 0, log_ratio, 0.0)
+    ratio = jnp.exp(log_ratio)
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    use_kl = ref_logps is not None and not (isinstance(beta, (int, float)) and beta == 0)
+    if use_kl:
+        delta = jnp.where(mask > 0, jnp.asarray(ref_logps, f32) - logps, 0.0)
+        kl = jnp.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+    else:
+        kl = jnp.zeros_like(per_token)
+    per_token = jnp.where(mask > 0, per_token, 0.0) * mask
+
+    n, t = per_token.shape
+    tokens_per_seq = mask.sum(axis=1)
+    if aggregation == "seq_mean_token_mean":
+        loss = (per_token.sum(axis=1) / jnp.maximum(tokens_per_seq, 1.0)).mean()
+    elif aggregation == "token_mean":
+        loss = per_token.sum() / jnp.maximum(mask.sum(), 1.0)
+    else:
+        loss = per_token.sum() / (n * t)
+
+    on = mask > 0
+    any_on = on.any()
+    low = (ratio < 1.0 - eps_low) & (adv < 0)
+    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    metrics = {
+        "kl": masked_mean(kl, mask),
+        "clip_frac_low": masked_mean(low.astype(f32), mask),
+        "clip_frac_high": masked_mean(high.astype(f32), mask),
+        "clip_frac": masked_mean((low | high).astype(f32), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_min": jnp.where(any_on, jnp.min(jnp.where(on, ratio, jnp.inf)), 0.0),
+        "ratio_max": jnp.where(any_on, jnp.max(jnp.where(on, ratio, -jnp.inf)), 0.0),
+    }
+    return loss.astype(f32), {k: jax.lax.stop_gradient(v).astype(f32) for k, v in metrics.items()}
+
+
+def per_task_metrics(
+    components: Mapping[str, jax.Array],
+    is_iaa: jax.Array,
+    parsed: jax.Array,
+    completion_lengths: jax.Array | None = None,
+    total: jax.Array | None = None,
+    valid: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Means per task (IQA / IAA) of each reward component, the total, completion length, parsed.
+
+    All inputs (N,); ``valid`` (N,) masks padding completions out. Keys:
+    ``reward/<name>/<task>``, ``reward/total/<task>``, ``completion_length/<task>``,
+    ``parsed_frac/<task>``, ``count/<task>``. A task absent from the batch gives 0 means (never
+    NaN) and ``count`` 0, so a logger can tell "absent" from "zero". Jittable.
+    """
+    is_iaa = jnp.asarray(is_iaa, bool)
+    base = jnp.ones(is_iaa.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    out: dict[str, jax.Array] = {}
+    for task, sel in (("iqa", base & ~is_iaa), ("iaa", base & is_iaa)):
+        out[f"count/{task}"] = sel.sum().astype(jnp.float32)
+        out[f"parsed_frac/{task}"] = masked_mean(jnp.asarray(parsed, jnp.float32), sel)
+        for name, r in components.items():
+            out[f"reward/{name}/{task}"] = masked_mean(r, sel)
+        if total is not None:
+            out[f"reward/total/{task}"] = masked_mean(total, sel)
+        if completion_lengths is not None:
+            out[f"completion_length/{task}"] = masked_mean(completion_lengths, sel)
+    return out

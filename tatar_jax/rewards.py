@@ -1,0 +1,540 @@
+"""Answer parsing and the TATAR rewards as array programs (spec §4, §7.3, §8).
+
+Two halves:
+
+* **Host side** (plain Python / numpy, never jitted): :func:`parse_answer` (the strict training
+  parser of spec §4), :func:`parse_answer_lenient` + :func:`reference_rescale_prediction` (the
+  reference *evaluation* parser and its value-based rescaling, bug B2, for reference-compatible
+  evaluation only), and :func:`completion_features`, which turns a list of decoded completions
+  into the small per-completion arrays the rewards need. None of them raises on any string.
+* **Device side** (pure ``jnp``, jittable, static shapes): :func:`format_reward`,
+  :func:`threshold_reward`, :func:`gaussian_score_reward`, :func:`soft_rank_reward`,
+  :func:`thurstone_rank_reward` and :func:`total_reward` (the per-task weighted sum of a
+  ``configs/rewards.py`` preset). Every array is ``(N,)`` with ``N = prompts x G``; scores are on
+  the 0-100 scale; ``parsed`` is a bool mask and unparsed completions get 0 from every reward (as
+  the reference). Entries of ``pred`` where ``parsed`` is False are ignored (they may be NaN).
+
+**The rewards see the global rollout batch.** The reference calls its reward functions on one
+device's micro-batch (one prompt x G = 8 completions), so its ranking rewards can never compare
+two images (bug B6: the soft-rank reward degenerates to a within-group consensus term and the
+Thurstone reward is identically 0). Here the reward functions take the whole step's batch. On a
+multi-host run the per-completion inputs are a handful of scalars per completion (prediction,
+parsed flag, word count, task flag, group id, ground truth), so each host builds them for its own
+completions and all-gathers them before the reward math, e.g.::
+
+    from jax.experimental import multihost_utils
+    feats = multihost_utils.process_allgather(local_feats, tiled=True)   # (N,) on every host
+    total, parts = rewards.total_reward(..., config=cfg)                # identical on all hosts
+    # each host then keeps the slice of advantages for its own completions
+
+Group ids must then be globally unique (e.g. ``process_index * prompts_per_host + local_id``).
+The reference's device-local behaviour is available only as an explicit switch
+(``local_size=``: consecutive chunks of that many completions are separate reward calls), for
+faithfulness experiments.
+
+Numerics: every logistic and every BCE is evaluated in log-sigmoid form. Clipping a probability
+``q = sigmoid(x)`` to ``[eps, 1 - eps]`` is done exactly as clipping ``x`` to
+``[logit(eps), logit(1 - eps)]`` (sigmoid is monotone), so ``ln q'`` and ``ln(1 - q')`` are
+``log_sigmoid(+-x_clipped)`` and no input overflows (fixes B7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "CompletionFeatures",
+    "completion_features",
+    "format_reward",
+    "gaussian_score_reward",
+    "parse_answer",
+    "parse_answer_lenient",
+    "reference_rescale_prediction",
+    "REWARD_FUNCTIONS",
+    "soft_rank_reward",
+    "threshold_reward",
+    "thurstone_rank_reward",
+    "total_reward",
+]
+
+# --------------------------------------------------------------------------------------------
+# Parsing (host side)
+# --------------------------------------------------------------------------------------------
+
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
+# Spec §4 step 3: optional sign, digits, optional .digits, optional exponent e±digits.
+_STRICT_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_LEADING_FENCE = re.compile(r"^```(?:text)?", re.IGNORECASE)
+_TRAILING_FENCE = re.compile(r"```$")
+_LENIENT_FENCE_OPEN = re.compile(r"^```(?:json)?", re.IGNORECASE)
+_LENIENT_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+
+
+def _first_answer_block(text: str) -> str | None:
+    """Content of the first ``<answer>(.*?)</answer>`` (case-insensitive, dot-all).
+
+    Equivalent to ``re.search(r"<answer>(.*?)</answer>", text, re.I | re.S)`` but linear time: if
+    the first opening tag has no closing tag after it, no later opening tag has one either.
+    """
+    m = _ANSWER_OPEN.search(text)
+    if m is None:
+        return None
+    c = _ANSWER_CLOSE.search(text, m.end())
+    if c is None:
+        return None
+    return text[m.end() : c.start()]
+
+
+def _to_float(token: str) -> float | None:
+    try:
+        return float(token)
+    except (ValueError, OverflowError):  # non-ASCII digits float() does not know
+        return None
+
+
+def parse_answer(text: str) -> float | None:
+    """Strict training/reward parser (spec §4). Returns the number or ``None``.
+
+    First ``<answer>…</answer>`` block; surrounding whitespace and a leading (```` ``` ```` or
+    ```` ```text ````) / trailing code fence stripped; exactly one number token
+    ``[+-]?\\d+(\\.\\d+)?([eE][+-]?\\d+)?`` and nothing but whitespace besides it. ``"73.42
+    points"``, ``"score: 73"``, ``".5"``, ``"73."``, ``"70-80"`` → ``None``; ``"+73"``, ``"-5"``,
+    ``"7.3e1"`` → a float. The value is not clipped here (rewards clip to [0, 100]); a huge
+    exponent gives ``inf``, never NaN. Never raises for a ``str``.
+    """
+    if not isinstance(text, str):
+        return None
+    block = _first_answer_block(text)
+    if block is None:
+        return None
+    s = block.strip()
+    s = _LEADING_FENCE.sub("", s, count=1)
+    s = _TRAILING_FENCE.sub("", s, count=1)
+    tokens = _STRICT_NUMBER.findall(s)
+    if len(tokens) != 1:
+        return None
+    rest = s.replace(tokens[0], "", 1)
+    if rest.strip():
+        return None
+    return _to_float(tokens[0])
+
+
+def parse_answer_lenient(text: str) -> float | None:
+    """The reference *evaluation* parser (spec §4), for reference-compatible evaluation only.
+
+    Last ``<answer>…</answer>`` block; code fences (optionally ```` ```json ````) stripped; a JSON
+    object's ``rating`` if the content is one; else the first number-like substring anywhere in
+    the block ("about 73 points" → 73). No rescaling here: apply
+    :func:`reference_rescale_prediction` explicitly to reproduce bug B2. Never raises.
+    """
+    if not isinstance(text, str):
+        return None
+    blocks = re.findall(r"<answer>(.*?)</answer>", text, re.IGNORECASE | re.DOTALL)
+    if not blocks:
+        return None
+    s = blocks[-1].strip()
+    s = _LENIENT_FENCE_OPEN.sub("", s, count=1)
+    s = _TRAILING_FENCE.sub("", s, count=1).strip()
+    try:
+        obj = json.loads(s)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and "rating" in obj:
+        rating = obj["rating"]
+        if isinstance(rating, bool):
+            rating = None
+        elif isinstance(rating, (int, float)):
+            value = float(rating)
+            return value if math.isfinite(value) else None
+        elif isinstance(rating, str):
+            m = _LENIENT_NUMBER.search(rating)
+            value = _to_float(m.group(0)) if m else None
+            return value if value is not None and math.isfinite(value) else None
+    m = _LENIENT_NUMBER.search(s)
+    if m is None:
+        return None
+    value = _to_float(m.group(0))
+    return value if value is not None and math.isfinite(value) else None
+
+
+def reference_rescale_prediction(value: float | None, task: str) -> float | None:
+    """The reference evaluation's value-based rescaling of a prediction (spec §4 step 5, bug B2).
+
+    Non-monotone by construction (IQA 4.5 → 87.5 but 5.01 → 5.01); use only in
+    reference-compatible evaluation. ``task`` is ``"iqa"`` or ``"iaa"``.
+    """
+    if task not in ("iqa", "iaa"):
+        raise ValueError(f"task must be 'iqa' or 'iaa', got {task!r}")
+    if value is None or not math.isfinite(value):
+        return None
+    if 0.0 <= value <= 1.0:
+        return 100.0 * value
+    if task == "iqa" and 1.0 < value <= 5.0:
+        return 25.0 * (value - 1.0)
+    if task == "iaa" and 1.0 < value <= 10.0:
+        return 10.0 * value
+    return min(max(value, 0.0), 100.0)
+
+
+def _think_text(text: str) -> str:
+    """Text of the first ``<think>`` block: up to ``</think>``, else up to ``<answer>`` / end."""
+    m = _THINK_OPEN.search(text)
+    if m is None:
+        return ""
+    c = _THINK_CLOSE.search(text, m.end())
+    if c is None:
+        c = _ANSWER_OPEN.search(text, m.end())
+    return text[m.end() : c.start()] if c is not None else text[m.end() :]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionFeatures:
+    """Per-completion reward inputs, numpy arrays of shape (N,).
+
+    prediction: float32, the parsed number clipped to [0, 100]; 0 where not parsed.
+    parsed: bool, the parser returned a number.
+    num_words: int32, whitespace-separated tokens of the whole completion (spec §8).
+    think_len: int32, length of the first ``<think>`` block (tokens if a counter was given,
+        otherwise whitespace words); 0 without a think block.
+    has_think: bool, a ``<think>`` tag is present.
+    """
+
+    prediction: np.ndarray
+    parsed: np.ndarray
+    num_words: np.ndarray
+    think_len: np.ndarray
+    has_think: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return dataclasses.asdict(self)
+
+
+def completion_features(
+    texts: Sequence[str],
+    *,
+    count_tokens: Callable[[str], int] | None = None,
+    think_token_counts: Sequence[int] | None = None,
+    parser: str | Callable[[str], float | None] = "strict",
+) -> CompletionFeatures:
+    """Builds the reward inputs from decoded completions (special tokens already stripped).
+
+    Think length: ``think_token_counts`` (precomputed per completion, e.g. from token ids and
+    the think-tag positions) wins; else ``count_tokens(think_text)`` (e.g.
+    ``lambda s: len(tokenizer.encode(s))``); else whitespace words of the think text. No model is
+    needed for any of them. ``parser`` is ``"strict"`` (spec §4, the default), ``"lenient"`` or a
+    callable. Non-``str`` entries count as unparsed, empty completions. Never raises on text.
+    """
+    if parser == "strict":
+        parse = parse_answer
+    elif parser == "lenient":
+        parse = parse_answer_lenient
+    elif callable(parser):
+        parse = parser
+    else:
+        raise ValueError(f"parser must be 'strict', 'lenient' or a callable, got {parser!r}")
+    n = len(texts)
+    if think_token_counts is not None and len(think_token_counts) != n:
+        raise ValueError(
+            f"think_token_counts has {len(think_token_counts)} entries for {n} completions"
+        )
+    prediction = np.zeros(n, np.float32)
+    parsed = np.zeros(n, bool)
+    num_words = np.zeros(n, np.int32)
+    think_len = np.zeros(n, np.int32)
+    has_think = np.zeros(n, bool)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            continue
+        value = parse(text)
+        if value is not None and not math.isnan(value):
+            parsed[i] = True
+            prediction[i] = min(max(value, 0.0), 100.0)
+        num_words[i] = len(text.split())
+        has_think[i] = _THINK_OPEN.search(text) is not None
+        if think_token_counts is not None:
+            think_len[i] = int(think_token_counts[i])
+        elif has_think[i]:
+            think = _think_text(text)
+            think_len[i] = int(count_tokens(think)) if count_tokens else len(think.split())
+    return CompletionFeatures(prediction, parsed, num_words, think_len, has_think)
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards (device side, pure jnp)
+# --------------------------------------------------------------------------------------------
+
+
+def _float_dtype(*xs: Any) -> jnp.dtype:
+    """float64 only if x64 is on and some input is float64; else float32."""
+    dt = jnp.result_type(*[jnp.asarray(x).dtype for x in xs], jnp.float32)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
+
+def _clean_pred(pred: jax.Array, parsed: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Prediction clipped to [0, 100], and 0 where unparsed (so NaN/inf padding cannot leak)."""
+    pred = jnp.asarray(pred, dtype)
+    safe = jnp.where(parsed, pred, 0)
+    safe = jnp.where(jnp.isnan(safe), 0, safe)
+    return jnp.clip(safe, 0.0, 100.0)
+
+
+def format_reward(parsed: jax.Array) -> jax.Array:
+    """Spec §8.1: 1 where the strict parser returned a number, else 0. (N,) float32."""
+    return jnp.asarray(parsed, bool).astype(jnp.float32)
+
+
+def threshold_reward(
+    pred: jax.Array, gt: jax.Array, parsed: jax.Array, *, threshold: float = 8.75
+) -> jax.Array:
+    """Spec §8.3 (old, unregistered in the reference): 1 if |clip(pred) - clip(gt)| < T."""
+    parsed = jnp.asarray(parsed, bool)
+    dtype = _float_dtype(pred, gt)
+    d = jnp.abs(_clean_pred(pred, parsed, dtype) - jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0))
+    return jnp.where(parsed & (d < threshold), 1.0, 0.0).astype(dtype)
+
+
+def gaussian_score_reward(
+    pred: jax.Array,
+    gt: jax.Array,
+    parsed: jax.Array,
+    num_words: jax.Array,
+    is_iaa: jax.Array,
+    *,
+    threshold: float = 8.75,
+    target: float = 0.5,
+    alpha_iqa: float = 0.8,
+    alpha_iaa: float = 2.0,
+    iqa_max_words: int | None = 65,
+    iaa_min_words: int | None = 125,
+    iqa_scale: float = 1.0,
+    iaa_scale: float = 1.5,
+) -> jax.Array:
+    """Gaussian score reward with adaptive width, spec §8.2 (the reference's "accuracy").
+
+    d = |clip(pred) - clip(gt)|, sigma0 = T / sqrt(-2 ln target), sigma = sigma0 (1 + alpha d /
+    100) with alpha per task, r = exp(-d^2 / (2 sigma^2)); IQA completions with more than
+    ``iqa_max_words`` words and IAA ones with fewer than ``iaa_min_words`` get 0 (``None``
+    disables a rule); then r = min(1, scale_task * r). All args (N,); returns (N,) in [0, 1].
+    """
+    if isinstance(threshold, (int, float)) and not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    if isinstance(target, (int, float)) and not 0.0 < target < 1.0:
+        raise ValueError(f"target must be in (0, 1), got {target}")
+    parsed = jnp.asarray(parsed, bool)
+    is_iaa = jnp.asarray(is_iaa, bool)
+    dtype = _float_dtype(pred, gt)
+    d = jnp.abs(_clean_pred(pred, parsed, dtype) - jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0))
+    sigma0 = threshold / jnp.sqrt(-2.0 * jnp.log(jnp.asarray(target, dtype)))
+    alpha = jnp.where(is_iaa, alpha_iaa, alpha_iqa).astype(dtype)
+    sigma = sigma0 * (1.0 + alpha * d / 100.0)
+    r = jnp.exp(-jnp.square(d) / (2.0 * jnp.square(sigma)))
+    words = jnp.asarray(num_words)
+    ok = parsed
+    if iqa_max_words is not None:
+        ok = ok & ~(~is_iaa & (words > iqa_max_words))
+    if iaa_min_words is not None:
+        ok = ok & ~(is_iaa & (words < iaa_min_words))
+    scale = jnp.where(is_iaa, iaa_scale, iqa_scale).astype(dtype)
+    return jnp.where(ok, jnp.minimum(1.0, scale * r), 0.0).astype(dtype)
+
+
+def _bce_logits_clipped(target: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    """BCE(target, clip(sigmoid(x), eps, 1 - eps)), exactly, in log-sigmoid form."""
+    lo = math.log(eps) - math.log1p(-eps)  # logit(eps); logit(1 - eps) = -lo
+    xc = jnp.clip(x, lo, -lo)
+    return -(target * jax.nn.log_sigmoid(xc) + (1.0 - target) * jax.nn.log_sigmoid(-xc))
+
+
+def _call_ids(n: int, local_size: int | None) -> jax.Array | None:
+    if local_size is None:
+        return None
+    if local_size < 1:
+        raise ValueError(f"local_size must be >= 1, got {local_size}")
+    return jnp.arange(n) // local_size
+
+
+def soft_rank_reward(
+    pred: jax.Array,
+    gt: jax.Array,
+    parsed: jax.Array,
+    is_iaa: jax.Array,
+    *,
+    tau: float = 0.08,
+    m: float = 0.12,
+    eps: float = 1e-4,
+    local_size: int | None = None,
+) -> jax.Array:
+    """Sample-level soft rank reward, spec §8.4 (the reference's "rank"), IAA only.
+
+    I = IAA completions with a parsed prediction (over the whole batch, or, with ``local_size``,
+    within each consecutive chunk of that many completions: the reference's device-local call,
+    bug B6). On the 0-1 scale p = clip(pred)/100, gamma = clip(gt)/100; for c in I:
+    L_c = sum_{d in I, d != c} w_cd BCE(sigmoid((gamma_c - gamma_d)/tau),
+    clip(sigmoid((p_c - p_d)/tau), eps, 1 - eps)) / sum_{d != c} w_cd with
+    w_cd = exp(-|gamma_c - gamma_d| / m); r_c = clip(1 - L_c / ln(1/eps), 0, 1). Fewer than two
+    members in I (per call) → all 0; IQA and unparsed → 0. (N,) → (N,), O(N^2) work.
+    """
+    parsed = jnp.asarray(parsed, bool)
+    is_iaa = jnp.asarray(is_iaa, bool)
+    dtype = _float_dtype(pred, gt)
+    n = parsed.shape[0]
+    p = _clean_pred(pred, parsed, dtype) / 100.0
+    gamma = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
+    member = parsed & is_iaa
+    pair = member[:, None] & member[None, :] & ~jnp.eye(n, dtype=bool)
+    calls = _call_ids(n, local_size)
+    if calls is not None:
+        pair = pair & (calls[:, None] == calls[None, :])
+    dg = gamma[:, None] - gamma[None, :]
+    target = jax.nn.sigmoid(dg / tau)
+    bce = _bce_logits_clipped(target, (p[:, None] - p[None, :]) / tau, eps)
+    w = jnp.where(pair, jnp.exp(-jnp.abs(dg) / m), 0.0)
+    wsum = w.sum(axis=1)
+    loss = (w * bce).sum(axis=1) / jnp.where(wsum > 0, wsum, 1.0)
+    r = jnp.clip(1.0 - loss / math.log(1.0 / eps), 0.0, 1.0)
+    # A member with no partner: |I| < 2 in its call.
+    return jnp.where(member & (pair.sum(axis=1) > 0), r, 0.0).astype(dtype)
+
+
+def thurstone_rank_reward(
+    pred: jax.Array,
+    gt: jax.Array,
+    parsed: jax.Array,
+    group_ids: jax.Array,
+    is_iaa: jax.Array,
+    *,
+    tau: float = 0.08,
+    m: float = 0.12,
+    eps: float = 1e-6,
+    num_groups: int | None = None,
+    local_size: int | None = None,
+) -> jax.Array:
+    """Completion-level Thurstone-style rank reward, spec §8.5 (the paper's IAA reward).
+
+    Groups = prompts (``group_ids``, ints in [0, num_groups); gt and task constant within a
+    group). Per group i over its parsed completions on the 0-1 scale: mu_i = mean, v_i =
+    population variance; S = IAA groups with at least one parsed completion. For completion k of
+    group i in S: L_k = sum_{j in S, j != i} w_ij BCE(sigmoid((gamma_i - gamma_j)/tau),
+    clip(sigmoid((p_k - mu_j) / sqrt(v_i + v_j + eps)), eps, 1 - eps)) / sum_{j != i} w_ij,
+    w_ij = exp(-|gamma_i - gamma_j| / m); r_k = clip(1 - L_k / ln(1/eps), 0, 1). |S| < 2 → all
+    0; IQA and unparsed → 0. ``num_groups`` (static) makes the work (N, num_groups) instead of
+    (N, N). ``local_size`` restricts S to each consecutive chunk of completions (device-local
+    reference semantics, B6; chunks must not split a group). (N,) → (N,).
+    """
+    parsed = jnp.asarray(parsed, bool)
+    is_iaa = jnp.asarray(is_iaa, bool)
+    group_ids = jnp.asarray(group_ids, jnp.int32)
+    dtype = _float_dtype(pred, gt)
+    n = parsed.shape[0]
+    ng = n if num_groups is None else int(num_groups)
+    p = _clean_pred(pred, parsed, dtype) / 100.0
+    gamma_c = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
+    valid = parsed.astype(dtype)
+    seg = lambda x: jax.ops.segment_sum(x, group_ids, num_segments=ng)
+    count = seg(valid)
+    size = seg(jnp.ones_like(valid))
+    safe_count = jnp.where(count > 0, count, 1.0)
+    mu = seg(p * valid) / safe_count
+    var = seg(jnp.square(p - mu[group_ids]) * valid) / safe_count
+    gamma = seg(gamma_c) / jnp.where(size > 0, size, 1.0)
+    group_iaa = jax.ops.segment_max(is_iaa.astype(jnp.int32), group_ids, num_segments=ng) > 0
+    in_s = group_iaa & (count > 0)  # (G,)
+    partner = in_s[None, :] & (jnp.arange(ng)[None, :] != group_ids[:, None])  # (N, G)
+    calls = _call_ids(n, local_size)
+    if calls is not None:
+        group_call = jax.ops.segment_max(calls, group_ids, num_segments=ng)
+        partner = partner & (group_call[None, :] == calls[:, None])
+    gi = gamma[group_ids]
+    dg = gi[:, None] - gamma[None, :]
+    target = jax.nn.sigmoid(dg / tau)
+    denom = jnp.sqrt(var[group_ids][:, None] + var[None, :] + eps)
+    bce = _bce_logits_clipped(target, (p[:, None] - mu[None, :]) / denom, eps)
+    w = jnp.where(partner, jnp.exp(-jnp.abs(dg) / m), 0.0)
+    wsum = w.sum(axis=1)
+    loss = (w * bce).sum(axis=1) / jnp.where(wsum > 0, wsum, 1.0)
+    r = jnp.clip(1.0 - loss / math.log(1.0 / eps), 0.0, 1.0)
+    member = parsed & is_iaa & in_s[group_ids]
+    return jnp.where(member & (partner.sum(axis=1) > 0), r, 0.0).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted total (per-task weights from a configs/rewards.py preset)
+# --------------------------------------------------------------------------------------------
+
+REWARD_FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
+# Config block holding each function's constants (top-level "threshold" is the shared T).
+_CONFIG_BLOCK = {"threshold": "threshold_reward"}
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def total_reward(
+    pred: jax.Array,
+    gt: jax.Array,
+    parsed: jax.Array,
+    num_words: jax.Array,
+    is_iaa: jax.Array,
+    group_ids: jax.Array,
+    *,
+    config: Any,
+    num_groups: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-task weighted sum of the reward functions of a rewards preset (spec §7.3, §8.6).
+
+    ``config`` is a ``configs/rewards.py`` block (ConfigDict or nested mapping): ``weights.iqa``
+    / ``weights.iaa`` map each name of :data:`REWARD_FUNCTIONS` to its weight (this is where the
+    "asymmetric" in TATAR lives), one sub-block per function holds its constants, and ``scope`` /
+    ``local_size`` choose the global batch or the reference's device-local calls for the rank
+    rewards. A function whose weight is 0 for both tasks is not computed. Returns
+    ``(total (N,), {name: unweighted reward (N,)})``. Jit it with the config closed over:
+    ``jax.jit(functools.partial(total_reward, config=cfg))``.
+    """
+    weights = _get(config, "weights")
+    is_iaa_b = jnp.asarray(is_iaa, bool)
+    dtype = _float_dtype(pred, gt)
+    scope = _get(config, "scope", "global")
+    if scope not in ("global", "device_local"):
+        raise ValueError(f"rewards scope must be 'global' or 'device_local', got {scope!r}")
+    local = _get(config, "local_size") if scope == "device_local" else None
+    total = jnp.zeros(is_iaa_b.shape, dtype)
+    parts: dict[str, jax.Array] = {}
+    for name in REWARD_FUNCTIONS:
+        w_iqa = float(_get(_get(weights, "iqa"), name, 0.0) or 0.0)
+        w_iaa = float(_get(_get(weights, "iaa"), name, 0.0) or 0.0)
+        if w_iqa == 0.0 and w_iaa == 0.0:
+            continue
+        sub = _get(config, _CONFIG_BLOCK.get(name, name), {}) or {}
+        kw = dict(sub.items()) if hasattr(sub, "items") else {}
+        scale = float(kw.pop("scale", 1.0))
+        if name == "format":
+            r = format_reward(parsed).astype(dtype)
+        elif name == "accuracy":
+            r = gaussian_score_reward(pred, gt, parsed, num_words, is_iaa_b, **kw)
+        elif name == "threshold":
+            r = threshold_reward(pred, gt, parsed, **kw)
+        elif name == "rank":
+            r = soft_rank_reward(pred, gt, parsed, is_iaa_b, local_size=local, **kw)
+        else:
+            r = thurstone_rank_reward(
+                pred, gt, parsed, group_ids, is_iaa_b, num_groups=num_groups, local_size=local, **kw
+            )
+        r = (scale * r).astype(dtype)
+        parts[name] = r
+        total = total + jnp.where(is_iaa_b, w_iaa, w_iqa).astype(dtype) * r
+    return total, parts
