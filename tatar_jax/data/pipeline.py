@@ -37,7 +37,6 @@ position, mid-epoch, with or without worker processes.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -298,27 +297,19 @@ class LoadExample:
             self._template = self._tok.chat_template if self._opts.use_chat_template else None
         return self._tok
 
-    def _image(self, rec: Mapping[str, Any]):
+    def _image(self, rec: Mapping[str, Any], where: str):
         from tatar_jax.data import image as image_mod
 
         if rec.get("image_bytes") is not None:
-            from PIL import Image
-
-            pil = Image.open(io.BytesIO(rec["image_bytes"]))
-            pil = image_mod.to_rgb(pil) if hasattr(image_mod, "to_rgb") else pil.convert("RGB")
+            pil = image_mod.load_image(rec["image_bytes"], name=str(rec.get("image") or where))
         else:
             pil = image_mod.load_image(rec["image"])
-        kw = {}
-        if self._opts.upscale_min_side:
-            kw["upscale_min_side"] = self._opts.upscale_min_side
-        try:
-            return image_mod.preprocess_image(
-                pil, min_pixels=self._opts.min_pixels, max_pixels=self._opts.max_pixels, **kw
-            )
-        except TypeError:  # preprocess without the upscale keyword
-            return image_mod.preprocess_image(
-                pil, min_pixels=self._opts.min_pixels, max_pixels=self._opts.max_pixels
-            )
+        return image_mod.preprocess_image(
+            pil,
+            min_pixels=self._opts.min_pixels,
+            max_pixels=self._opts.max_pixels,
+            upscale_min_side=self._opts.upscale_min_side or None,
+        )
 
     def __call__(self, slot: tuple[int, int, int, int]) -> dict[str, Any]:
         src_i, rec_i, epoch, glob = (int(x) for x in slot)
@@ -326,10 +317,11 @@ class LoadExample:
         src = self._sources[0 if filler else src_i]
         rec = src.records[0 if filler else rec_i]
         row = rec.get("row_id", rec_i)
-        where = f"dataset {src.name!r} row {row} (image {rec.get('image', '<bytes>')!r})"
+        manifest = f" ({rec['source']})" if rec.get("source") else ""
+        where = f"dataset {src.name!r}{manifest} row {row} (image {rec.get('image', '<bytes>')!r})"
         try:
             tok = self._tokenizer()
-            pv, thw = self._image(rec)
+            pv, thw = self._image(rec, where)
             common = dict(
                 gt_100=float(rec["gt_100"]),
                 dataset=src.name,
