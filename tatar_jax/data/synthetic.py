@@ -1,0 +1,361 @@
+"""Embedded synthetic IQA + IAA dataset (the default when no data is configured).
+
+Built offline, deterministically, from photographs scikit-image ships inside its wheel
+(``skimage.data``; only images that load without a download). Every record carries
+``"synthetic": true`` and the dataset names start with ``synthetic-``: results on it say nothing
+about real image quality or aesthetics; it exists so the whole pipeline (manifests, images, SFT
+targets, GRPO rewards, evaluation) runs anywhere, and so a model can be seen to learn something.
+
+Layout under ``root`` (manifests in the real format, paths relative to ``root``)::
+
+    meta.json                                   version + build parameters (idempotency key)
+    iqa_train.jsonl  iqa_test.jsonl             {"image", "gt_score" (1-5), "rationale", ...}
+    iaa_train.jsonl  iaa_test.jsonl             {"image", "gt_score" (0-10), "rationale", ...}
+    images/iqa/<ref>_<distortion>_<level>.png   lossless, so only the intended distortion shows
+    images/iaa/<ref>_t<tilt>_s<sat>_z<zoom>.jpg  JPEG quality 95, as photo-aesthetics sets are
+
+Split by reference photo: ``TEST_REFERENCES`` are only in the test split.
+
+**IQA labels** (KADID-style: every reference at its pristine level 0 plus 8 distortions x 5
+levels, applied after resizing the reference so its long side is ``image_size``)::
+
+    gt_score = 5 - 4 * w[distortion] * level / 5          (native range 1..5, pristine = 5)
+
+with per-distortion weights ``w`` (how damaging the strongest level is) in ``IQA_DISTORTIONS``.
+
+**IAA labels** (controlled edits of the reference: tilt, saturation, zoom crop)::
+
+    gt_score = clip(base[ref] - 0.12 * tilt_deg - 2.0 * |ln(sat / 1.15)| * colour[ref]
+                    - 2.5 * (1 - zoom), 0, 10)               (native range 0..10)
+
+``base`` is a fixed per-photo constant (``REFERENCES``), ``colour`` is 1 for colour photos and 0
+for grey ones (saturation does not change them). Tilted images keep black corners (that is the
+defect being scored); a zoom crops the centre and resizes it back.
+
+Each record also holds a short templated ``rationale`` (``<think>`` + ``<answer>``) describing
+the known edit and ending in the 0-100 gt (``%.2f``), used as the SFT target.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from tatar_jax.data.manifest import DatasetSpec, to_score_100, write_manifest
+
+VERSION = 1
+# name -> (IAA base score 0-10, colour photo). Only files bundled with scikit-image.
+REFERENCES: dict[str, tuple[float, bool]] = {
+    "astronaut": (7.0, True),
+    "coffee": (7.5, True),
+    "chelsea": (8.0, True),
+    "rocket": (6.5, True),
+    "immunohistochemistry": (5.5, True),
+    "hubble_deep_field": (7.5, True),
+    "stereo_motorcycle": (6.0, True),
+    "retina": (5.0, True),
+    "camera": (6.5, False),
+    "coins": (5.0, False),
+    "clock": (5.5, False),
+    "moon": (6.0, False),
+}
+TEST_REFERENCES = ("chelsea", "hubble_deep_field", "coins")
+LEVELS = (1, 2, 3, 4, 5)
+IAA_TILTS = (0, 5, 12)  # degrees
+IAA_SATURATIONS = (0.3, 1.0, 1.25, 2.2)
+IAA_ZOOMS = (1.0, 0.6)
+TASK_RANGES = {"iqa": (1.0, 5.0), "iaa": (0.0, 10.0)}
+
+
+def _rng(*key: object) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _array_op(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[Image.Image], Image.Image]:
+    def op(im: Image.Image) -> Image.Image:
+        x = fn(np.asarray(im, dtype=np.float64))
+        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "RGB")
+
+    return op
+
+
+def _blur(level: int, key) -> Callable[[Image.Image], Image.Image]:
+    return lambda im: im.filter(ImageFilter.GaussianBlur((0.5, 1.0, 1.8, 2.8, 4.5)[level - 1]))
+
+
+def _noise(level: int, key):
+    sigma = (4.0, 9.0, 16.0, 26.0, 40.0)[level - 1]
+    return _array_op(lambda x: x + _rng("noise", key).normal(0.0, sigma, x.shape))
+
+
+def _impulse(level: int, key):
+    p = (0.005, 0.015, 0.03, 0.06, 0.1)[level - 1]
+
+    def f(x):
+        r = _rng("impulse", key)
+        u = r.random(x.shape[:2])
+        x = x.copy()
+        x[u < p / 2] = 0.0
+        x[u > 1 - p / 2] = 255.0
+        return x
+
+    return _array_op(f)
+
+
+def _jpeg(level: int, key):
+    quality = (50, 30, 18, 10, 4)[level - 1]
+
+    def op(im):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+    return op
+
+
+def _brighten(level: int, key):
+    gain = (1.2, 1.45, 1.75, 2.1, 2.6)[level - 1]
+    return _array_op(lambda x: x * gain)
+
+
+def _darken(level: int, key):
+    gain = (0.8, 0.6, 0.45, 0.3, 0.18)[level - 1]
+    return _array_op(lambda x: x * gain)
+
+
+def _contrast(level: int, key):
+    alpha = (0.75, 0.55, 0.4, 0.25, 0.12)[level - 1]
+    return _array_op(lambda x: x.mean() + alpha * (x - x.mean()))
+
+
+def _pixelate(level: int, key):
+    factor = (1.5, 2.0, 3.0, 4.0, 6.0)[level - 1]
+
+    def op(im):
+        w, h = im.size
+        small = im.resize(
+            (max(1, round(w / factor)), max(1, round(h / factor))), Image.Resampling.BOX
+        )
+        return small.resize((w, h), Image.Resampling.NEAREST)
+
+    return op
+
+
+# name -> (weight w: share of the 1..5 range the strongest level removes, op factory, words)
+IQA_DISTORTIONS = {
+    "blur": (0.85, _blur, "Gaussian blur softens edges and fine texture"),
+    "noise": (0.9, _noise, "additive Gaussian noise adds grain over the whole frame"),
+    "impulse": (0.8, _impulse, "impulse noise scatters black and white specks"),
+    "jpeg": (0.9, _jpeg, "JPEG compression causes blocking and ringing around edges"),
+    "brighten": (0.7, _brighten, "overexposure clips the highlights and washes out detail"),
+    "darken": (0.75, _darken, "underexposure crushes the shadows and hides detail"),
+    "contrast": (0.65, _contrast, "reduced contrast makes the image look flat and hazy"),
+    "pixelate": (0.8, _pixelate, "pixelation replaces detail with visible blocks"),
+}
+SEVERITY_WORDS = ("no", "slight", "mild", "moderate", "strong", "severe")
+
+
+def iqa_score(distortion: str | None, level: int) -> float:
+    """Native 1-5 IQA label of a distortion at a level (0 = pristine)."""
+    if level == 0:
+        return 5.0
+    return round(5.0 - 4.0 * IQA_DISTORTIONS[distortion][0] * level / 5.0, 4)
+
+
+def iaa_score(ref: str, tilt: float, sat: float, zoom: float) -> float:
+    """Native 0-10 IAA label of an edit of reference photo ``ref``."""
+    base, colour = REFERENCES[ref]
+    s = base - 0.12 * tilt - 2.0 * abs(math.log(sat / 1.15)) * colour - 2.5 * (1.0 - zoom)
+    return round(min(10.0, max(0.0, s)), 4)
+
+
+def _load_reference(name: str, image_size: int) -> Image.Image:
+    import skimage.data  # only needed to build
+
+    x = getattr(skimage.data, name)()
+    if isinstance(x, tuple):  # stereo_motorcycle returns (left, right, disparity)
+        x = x[0]
+    x = np.asarray(x)
+    if x.ndim == 2:
+        x = np.stack([x] * 3, axis=-1)
+    im = Image.fromarray(x[..., :3].astype(np.uint8), "RGB")
+    w, h = im.size
+    s = image_size / max(w, h)
+    if s < 1:
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+    return im
+
+
+def _iaa_edit(im: Image.Image, tilt: float, sat: float, zoom: float) -> Image.Image:
+    if zoom < 1.0:
+        w, h = im.size
+        cw, ch = round(w * zoom), round(h * zoom)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
+    if tilt:
+        im = im.rotate(tilt, resample=Image.Resampling.BICUBIC, expand=False, fillcolor=(0, 0, 0))
+    if sat != 1.0:
+        im = ImageEnhance.Color(im).enhance(sat)
+    return im
+
+
+def _answer(score: float, task: str) -> str:
+    return f"<answer>{to_score_100(score, TASK_RANGES[task]):.2f}</answer>"
+
+
+def _iqa_rationale(distortion: str | None, level: int) -> str:
+    if level == 0:
+        thought = "The image is clean: edges are sharp, noise is absent and exposure is balanced."
+    else:
+        words = IQA_DISTORTIONS[distortion][2]
+        thought = f"There is {SEVERITY_WORDS[level]} degradation: {words}."
+    return f"<think>\n{thought}\n</think>\n" + _answer(iqa_score(distortion, level), "iqa")
+
+
+def _iaa_rationale(ref: str, tilt: float, sat: float, zoom: float) -> str:
+    parts = [f"The photograph shows the {ref.replace('_', ' ')} scene."]
+    parts.append(
+        "The horizon is level and the frame is stable."
+        if not tilt
+        else f"The frame is tilted by about {tilt} degrees, leaving black corners that distract."
+    )
+    if REFERENCES[ref][1]:
+        if sat < 0.8:
+            parts.append("Colours are washed out and the palette feels dull.")
+        elif sat > 1.6:
+            parts.append("Colours are oversaturated and look garish.")
+        else:
+            parts.append("The colour palette is natural and harmonious.")
+    else:
+        parts.append("It is a monochrome image, so tonal balance carries the mood.")
+    parts.append(
+        "The composition keeps the full context of the scene."
+        if zoom == 1.0
+        else "A tight crop cuts away context and softens detail."
+    )
+    answer = _answer(iaa_score(ref, tilt, sat, zoom), "iaa")
+    return "<think>\n" + " ".join(parts) + "\n</think>\n" + answer
+
+
+def _build(out: str, image_size: int) -> dict[str, int]:
+    rows: dict[str, list[dict]] = {
+        f"{t}_{s}": [] for t in ("iqa", "iaa") for s in ("train", "test")
+    }
+    os.makedirs(os.path.join(out, "images", "iqa"))
+    os.makedirs(os.path.join(out, "images", "iaa"))
+    for ref in REFERENCES:
+        split = "test" if ref in TEST_REFERENCES else "train"
+        base = _load_reference(ref, image_size)
+        common = {"synthetic": True, "reference": ref, "split": split}
+        grid = [(None, 0)] + [(d, lv) for d in IQA_DISTORTIONS for lv in LEVELS]
+        for dist, level in grid:
+            im = base if level == 0 else IQA_DISTORTIONS[dist][1](level, (ref, dist, level))(base)
+            rel = f"images/iqa/{ref}_{dist or 'pristine'}_{level}.png"
+            im.save(os.path.join(out, rel), "PNG", compress_level=1)
+            rows[f"iqa_{split}"].append(
+                {
+                    "image": rel,
+                    "gt_score": iqa_score(dist, level),
+                    "distortion": dist or "pristine",
+                    "level": level,
+                    "rationale": _iqa_rationale(dist, level),
+                    **common,
+                }
+            )
+        for tilt in IAA_TILTS:
+            for sat in IAA_SATURATIONS:
+                for zoom in IAA_ZOOMS:
+                    rel = f"images/iaa/{ref}_t{tilt}_s{sat:g}_z{zoom:g}.jpg"
+                    edited = _iaa_edit(base, tilt, sat, zoom)
+                    edited.save(os.path.join(out, rel), "JPEG", quality=95)
+                    rows[f"iaa_{split}"].append(
+                        {
+                            "image": rel,
+                            "gt_score": iaa_score(ref, tilt, sat, zoom),
+                            "tilt": tilt,
+                            "saturation": sat,
+                            "zoom": zoom,
+                            "rationale": _iaa_rationale(ref, tilt, sat, zoom),
+                            **common,
+                        }
+                    )
+    for name, rs in rows.items():
+        write_manifest(os.path.join(out, f"{name}.jsonl"), rs)
+    return {name: len(rs) for name, rs in rows.items()}
+
+
+def specs(root: str | os.PathLike) -> dict[str, DatasetSpec]:
+    """Declarations of the four synthetic datasets under ``root`` (built or not).
+
+    Keys and names: ``synthetic-iqa-train``, ``synthetic-iqa-test``, ``synthetic-iaa-train``,
+    ``synthetic-iaa-test``. The SFT target is the record's ``rationale``.
+    """
+    root = os.path.abspath(os.fspath(root))
+    out = {}
+    for task in ("iqa", "iaa"):
+        for split in ("train", "test"):
+            name = f"synthetic-{task}-{split}"
+            out[name] = DatasetSpec(
+                name=name,
+                task=task,
+                manifest=os.path.join(root, f"{task}_{split}.jsonl"),
+                image_root=root,
+                score_range=TASK_RANGES[task],
+                target_field="rationale",
+                synthetic=True,
+            )
+    return out
+
+
+def _meta(image_size: int) -> dict:
+    import skimage
+
+    return {"version": VERSION, "image_size": image_size, "skimage": skimage.__version__}
+
+
+def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str, DatasetSpec]:
+    """Build the synthetic set under ``root`` unless an identical build is there; its specs.
+
+    Deterministic (same files for the same parameters and scikit-image version) and idempotent:
+    a complete build with the same ``meta.json`` is reused, anything else in ``root`` is rebuilt.
+    The build goes to a temporary folder renamed into place, so concurrent callers (several
+    processes or hosts on a shared disk) never see a half-written set.
+    """
+    root = os.path.abspath(os.fspath(root))
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    want = _meta(image_size)
+    meta_path = os.path.join(root, "meta.json")
+    try:
+        with open(meta_path) as f:
+            if json.load(f).get("params") == want:
+                return specs(root)
+    except (OSError, ValueError):
+        pass
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
+    try:
+        counts = _build(tmp, image_size)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"params": want, "counts": counts, "synthetic": True}, f, indent=1)
+        if os.path.exists(root):
+            old = f"{root}.old-{os.getpid()}"
+            os.replace(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first: use its (identical) build
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return specs(root)
