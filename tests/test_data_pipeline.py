@@ -227,3 +227,22 @@ def test_options_validation():
         pl.PipelineOptions(mixing="zip")
     with pytest.raises(ValueError, match="no full global batch"):
         pl.Schedule([3], ["iqa"], _opts(batch_size=4))
+
+
+def test_synthetic_sft_end_to_end(tmp_path_factory):
+    from tatar_jax.data import synthetic
+    from tatar_jax.data import tokenizer as tk
+
+    specs = synthetic.ensure_synthetic(tmp_path_factory.mktemp("syn") / "s", image_size=32)
+    sources = pl.sources_from_synthetic(specs, "train")
+    assert [s.task for s in sources] == ["iqa", "iaa"]
+    opts = _opts(stage="sft", mixing="interleave", num_epochs=1, batch_size=4, seq_buckets=(1024,))
+    b = next(iter(pl.make_dataset(sources, opts)))
+    tok = tk.load_tokenizer()
+    for r in range(4):
+        text = tok.decode(b["input_ids"][r][b["label_mask"][r] == 1], skip_special_tokens=False)
+        assert text.startswith("<think>\n")
+        assert text.endswith("</answer><|im_end|>")
+        answer = float(text.rsplit("<answer>", 1)[1].split("</answer>")[0])
+        assert abs(answer - float(b["gt_100"][r])) <= 0.005 + 1e-4  # two decimals of the gt
+    assert b["meta"]["num_skipped_rows"] == 0

@@ -68,10 +68,45 @@ class Source:
     name: str
     task: str
     records: Sequence[Mapping[str, Any]]
+    num_skipped_rows: int = 0  # rows the manifest loader dropped (its on_error="skip")
 
     def __post_init__(self) -> None:
         if self.task not in prompts.TASK_IDS:
             raise ValueError(f"source {self.name!r}: task must be one of {prompts.TASKS}")
+
+
+def source_from_loaded(loaded: Any) -> Source:
+    """A :class:`Source` from ``manifest.load_records(spec)``'s result."""
+    return Source(
+        loaded.spec.name, loaded.spec.task, loaded.records, num_skipped_rows=loaded.num_skipped
+    )
+
+
+def sources_from_specs(
+    specs: Sequence[Any],
+    *,
+    on_error: str = "error",
+    reference_compat: bool = False,
+    seed: int = 42,
+) -> list[Source]:
+    """Load ``manifest.DatasetSpec`` declarations (manifest rows checked, images not opened)."""
+    from tatar_jax.data import manifest
+
+    return [
+        source_from_loaded(
+            manifest.load_records(
+                spec, on_error=on_error, reference_compat=reference_compat, seed=seed
+            )
+        )
+        for spec in specs
+    ]
+
+
+def sources_from_synthetic(specs: Mapping[str, Any], split: str = "train") -> list[Source]:
+    """The IQA and IAA sources of one split of ``synthetic.ensure_synthetic(root)``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return sources_from_specs([specs[f"synthetic-{t}-{split}"] for t in prompts.TASKS])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,11 +415,14 @@ def _fingerprint(sources: Sequence[Source], opts: PipelineOptions) -> str:
 
 
 class _BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, opts: PipelineOptions, pad_id: int, fingerprint: str):
+    def __init__(
+        self, parent, opts: PipelineOptions, pad_id: int, fingerprint: str, skipped_rows: int
+    ):
         super().__init__(parent)
         self._opts = opts
         self._pad_id = pad_id
         self._fingerprint = fingerprint
+        self._skipped_rows = skipped_rows
         self._num_skipped = 0
         self._num_batches = 0
 
@@ -418,6 +456,7 @@ class _BatchIterator(grain.DatasetIterator):
         )
         self._num_batches += 1
         batch["meta"]["num_skipped"] = self._num_skipped
+        batch["meta"]["num_skipped_rows"] = self._skipped_rows
         batch["meta"]["skipped"] = skipped
         batch["meta"]["batch_index"] = self._num_batches - 1
         return batch
@@ -443,14 +482,18 @@ class _BatchIterator(grain.DatasetIterator):
 
 
 class _BatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, opts: PipelineOptions, pad_id: int, fp: str):
+    def __init__(self, parent: grain.IterDataset, opts: PipelineOptions, pad_id: int, fp: str,
+                 skipped_rows: int):  # fmt: skip
         super().__init__(parent)
         self._opts = opts
         self._pad_id = pad_id
         self._fp = fp
+        self._skipped_rows = skipped_rows
 
     def __iter__(self) -> _BatchIterator:
-        return _BatchIterator(self._parent.__iter__(), self._opts, self._pad_id, self._fp)
+        return _BatchIterator(
+            self._parent.__iter__(), self._opts, self._pad_id, self._fp, self._skipped_rows
+        )
 
     def __str__(self) -> str:
         return f"TatarBatch(batch_size={self._opts.batch_size}, stage={self._opts.stage})"
@@ -487,7 +530,8 @@ def make_dataset(sources: Sequence[Source], opts: PipelineOptions) -> grain.Iter
     from tatar_jax.data.tokenizer import load_tokenizer
 
     pad_id = load_tokenizer(opts.tokenizer_dir).pad_id
-    return _BatchDataset(it_ds, opts, pad_id, _fingerprint(sources, opts))
+    skipped_rows = sum(s.num_skipped_rows for s in sources)
+    return _BatchDataset(it_ds, opts, pad_id, _fingerprint(sources, opts), skipped_rows)
 
 
 def steps_per_epoch(sources: Sequence[Source], opts: PipelineOptions) -> int:
