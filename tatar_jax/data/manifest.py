@@ -104,6 +104,7 @@ class BadRow:
     row: int
     reason: str
     image: str = ""
+    kind: str = ""  # "field" | "score" | "duplicate" | "image"
 
     def __str__(self) -> str:
         img = f" (image {self.image!r})" if self.image else ""
@@ -277,8 +278,8 @@ def _resolve(image_root: str, name: str) -> str:
 
 def _row_problems(
     spec: DatasetSpec, rows: Sequence[Mapping[str, Any]], indices: Iterable[int]
-) -> tuple[dict[int, str], dict[int, float]]:
-    """Per-row problems (field / score / duplicate) and parsed scores of the good rows."""
+) -> tuple[dict[int, tuple[str, str]], dict[int, float]]:
+    """Per-row ``(kind, reason)`` problems and the parsed scores of the good rows."""
     problems: dict[int, str] = {}
     scores: dict[int, float] = {}
     seen: dict[str, int] = {}
@@ -287,22 +288,22 @@ def _row_problems(
         row = rows[i]
         name = row.get(spec.image_field)
         if not isinstance(name, str) or not name:
-            problems[i] = f"missing or empty field {spec.image_field!r}"
+            problems[i] = ("field", f"missing or empty field {spec.image_field!r}")
             continue
         if spec.label_field not in row:
-            problems[i] = f"missing field {spec.label_field!r}"
+            problems[i] = ("field", f"missing field {spec.label_field!r}")
             continue
         if spec.target_field is not None and not isinstance(row.get(spec.target_field), str):
-            problems[i] = f"missing or non-text field {spec.target_field!r}"
+            problems[i] = ("field", f"missing or non-text field {spec.target_field!r}")
             continue
         try:
             scores[i] = parse_score(row[spec.label_field], spec.score_range)
         except ValueError as err:
-            problems[i] = f"field {spec.label_field!r}: {err}"
+            problems[i] = ("score", f"field {spec.label_field!r}: {err}")
             continue
         path = _resolve(root, name)
         if path in seen:
-            problems[i] = f"duplicate image (same as row {seen[path]})"
+            problems[i] = ("duplicate", f"duplicate image (same as row {seen[path]})")
             scores.pop(i)
             continue
         seen[path] = i
@@ -344,7 +345,8 @@ def load_records(
         i = int(i)
         row = rows[i]
         if i in problems:
-            bad = BadRow(spec.manifest, i, problems[i], str(row.get(spec.image_field, "") or ""))
+            kind, reason = problems[i]
+            bad = BadRow(spec.manifest, i, reason, str(row.get(spec.image_field, "") or ""), kind)
             if on_error == "error":
                 raise ManifestError(f"dataset {spec.name!r}: {bad}")
             skipped.append(bad)
@@ -404,8 +406,8 @@ def validate(
         rows = read_rows(spec.manifest)
     problems, _ = _row_problems(spec, rows, range(len(rows)))
     out = {
-        i: BadRow(spec.manifest, i, r, str(rows[i].get(spec.image_field, "") or ""))
-        for i, r in problems.items()
+        i: BadRow(spec.manifest, i, r, str(rows[i].get(spec.image_field, "") or ""), kind)
+        for i, (kind, r) in problems.items()
     }
     if check_images:
         good = [i for i in range(len(rows)) if i not in problems]
@@ -419,7 +421,7 @@ def validate(
             reasons = [_check_image_file(p) for p in paths]
         for i, reason in zip(good, reasons, strict=True):
             if reason is not None:
-                out[i] = BadRow(spec.manifest, i, reason, rows[i][spec.image_field])
+                out[i] = BadRow(spec.manifest, i, reason, rows[i][spec.image_field], "image")
     return [out[i] for i in sorted(out)]
 
 

@@ -1,0 +1,119 @@
+"""scripts/check_data.py: every kind of bad row reported with file, row and reason; exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _run(repo_root, *args):
+    return subprocess.run(
+        [sys.executable, str(repo_root / "scripts/check_data.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _jpeg(rgb):
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_set(tmp_path):
+    rng = np.random.default_rng(0)
+    img = tmp_path / "img"
+    img.mkdir()
+    for i in range(3):
+        (img / f"ok{i}.jpg").write_bytes(_jpeg(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)))
+    data = _jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (img / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (img / "junk.jpg").write_bytes(b"GIF89a but not really")
+    (img / "empty.jpg").write_bytes(b"")
+    rows = [
+        {"image": "ok0.jpg", "gt_score": 3.0},  # 0 ok
+        {"image": "missing.jpg", "gt_score": 3.0},  # 1
+        {"image": "trunc.jpg", "gt_score": 3.0},  # 2
+        {"image": "junk.jpg", "gt_score": 3.0},  # 3
+        {"image": "empty.jpg", "gt_score": 3.0},  # 4
+        {"image": "ok1.jpg", "gt_score": "NaN"},  # 5
+        {"image": "ok1.jpg", "gt_score": "bad"},  # 6
+        {"image": "ok2.jpg", "gt_score": 9.0},  # 7
+        {"image": "ok0.jpg", "gt_score": 2.0},  # 8 duplicate of 0
+        {"gt_score": 2.0},  # 9
+        {"image": "ok2.jpg", "gt_score": 4.5},  # 10 ok
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, img
+
+
+EXPECTED = {
+    1: "file not found",
+    2: "truncated",
+    3: "not a readable image",
+    4: "empty file",
+    5: "not finite",
+    6: "not a number",
+    7: "outside the declared range [1, 5]",
+    8: "duplicate image (same as row 0)",
+    9: "missing or empty field 'image'",
+}
+
+
+def test_reports_every_bad_row(repo_root, bad_set):
+    path, img = bad_set
+    out = _run(
+        repo_root, f"--manifest={path}", f"--image_root={img}", "--task=iqa", "--score_range=1,5"
+    )
+    assert out.returncode == 1, out.stderr
+    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("ERROR ")]
+    assert len(errors) == len(EXPECTED)
+    for line, (row, reason) in zip(errors, sorted(EXPECTED.items()), strict=True):
+        assert f"{path}: row {row}" in line and reason in line, line
+    assert "bad: 11 rows, 9 bad (duplicate: 1, field: 1, image: 4, score: 3)" in out.stdout
+    assert "FAILED: 11 rows checked, 9 bad rows" in out.stdout
+
+
+def test_rows_only_and_clean(repo_root, bad_set, tmp_path):
+    path, img = bad_set
+    out = _run(
+        repo_root, f"--manifest={path}", f"--image_root={img}", "--score_range=1,5", "--noimages"
+    )
+    assert out.returncode == 1 and "5 bad (duplicate: 1, field: 1, score: 3)" in out.stdout
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps([{"image": f"ok{i}.jpg", "gt_score": 1 + i} for i in range(3)]))
+    out = _run(repo_root, f"--manifest={clean}", f"--image_root={img}", "--score_range=1,5")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK: 3 rows checked, 0 bad rows" in out.stdout
+
+
+def test_builtin_datasets_and_usage_errors(repo_root, shared_dir, tmp_path):
+    root = shared_dir / "benchmarks"
+    out = _run(
+        repo_root, "--dataset=KADID", "--dataset=ava", f"--benchmark_root={root}", "--noimages"
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "KADID: 2000 rows, 0 bad (ok); range (1.0, 5.0)" in out.stdout
+    assert "AVA: 19930 rows, 0 bad" in out.stdout
+    # A too-narrow declared range is caught on the real labels.
+    out = _run(
+        repo_root, "--dataset=SPAQ", f"--benchmark_root={root}", "--noimages", "--score_range=0,90"
+    )
+    n_over = sum(r["gt_score"] > 90 for r in json.loads((root / "IQA/SPAQ/SPAQ.json").read_text()))
+    assert n_over > 0 and out.returncode == 1
+    assert f"SPAQ: 2224 rows, {n_over} bad (score: {n_over})" in out.stdout
+    # Images are not shipped with the label files: every image is reported missing.
+    out = _run(repo_root, "--dataset=PIPAL", f"--benchmark_root={root}", f"--image_root={tmp_path}")
+    assert out.returncode == 1 and "4640 bad (image: 4640)" in out.stdout
+    assert "A0243_03_23.bmp" in out.stdout or "more problems" in out.stdout
+    assert _run(repo_root, "--manifest=x.json").returncode != 0  # no range
+    assert _run(repo_root, "--dataset=LIVE", f"--benchmark_root={root}").returncode != 0
