@@ -2,7 +2,8 @@
 
     export TATAR_TEACHER_API_KEY=...   # only if the endpoint wants one; never put keys in flags
     python scripts/build_reasoning.py --config=configs/reasoning.py:iqa \\
-        --config.input=/data/koniq/train.jsonl --config.out_dir=/data/sft/iqa \\
+        --config.input=/data/koniq/train.jsonl --config.score_range="(0, 100)" \\
+        --config.out_dir=/data/sft/iqa \\
         --config.teacher.base_url=http://localhost:8000/v1 \\
         --config.teacher.model=Qwen/Qwen3-VL-32B-Instruct \\
         --config.judge.base_url=http://judge:8000/v1 \\
@@ -20,6 +21,7 @@ import pathlib
 import sys
 
 import ml_collections
+from ml_collections import config_dict
 
 try:
     import tatar_jax  # noqa: F401
@@ -133,11 +135,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {task!r}; choose one of {PRESETS}")
     c = ml_collections.ConfigDict()
     c.task = task
-    c.input = ""  # manifest: JSON list or JSONL of {"image", "gt_score", ...}
+    # The dataset (tatar_jax.data.manifest / datasets): either a built-in declaration ...
+    c.dataset = ""  # e.g. "koniq-train", "artimuse-train" (tatar_jax.data.datasets.BUILTINS)
+    c.data_root = ""  # root of the built-in manifests
+    # ... or a manifest with its declared native score range (required then).
+    c.input = ""  # JSON list or JSONL of {"image", "gt_score", ...}; overrides a built-in's path
+    c.dataset_name = ""  # "" = the manifest's file name
+    c.score_range = config_dict.placeholder(tuple)  # (lo, hi); None = the built-in's
+    c.label_field = ""  # "" = the built-in's, else "gt_score"
     c.image_root = ""  # relative image paths resolve here ("" = the manifest's folder)
+    c.sampling = "all"  # "all" | "first:N" | "random:N" | "P%" (the reference shipped "first:5")
+    c.on_bad_row = "error"  # bad manifest row: "error" stops; "skip" lists it in rejected.jsonl
     c.attributes = ""  # optional ArtiMuse annotation conversations (JSON/JSONL) to merge (IAA)
-    c.score_keys = ("gt_score", "score", "mos")  # first present wins
-    c.max_records = -1  # -1 = all (the reference shipped capped at 5 / 4: B13)
+    # Score the teacher explains and the target's answer: "native" = the manifest's value (the
+    # reference); "100" = its 0-100 value by the declared range, 2 decimals.
+    c.score_scale = "native"
     c.out_dir = ""  # sft.jsonl, rejected.jsonl, failed.jsonl, summary.json, journal.jsonl
     c.restart = False  # discard an existing journal in out_dir
     c.retry_failed = True  # re-running retries rows whose calls failed

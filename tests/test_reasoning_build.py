@@ -65,6 +65,7 @@ def make_dataset(tmp_path, n, *, base=10.0, missing=(), attributes=None, extra=N
 def make_cfg(tmp_path, manifest, img_dir, teacher_url, judge_url, task="iqa", **client):
     cfg = _config().get_config(task)
     cfg.input = manifest
+    cfg.score_range = (0.0, 100.0)
     cfg.image_root = img_dir
     cfg.out_dir = str(tmp_path / "out")
     cfg.progress = False
@@ -149,7 +150,7 @@ def test_iqa_end_to_end_bookkeeping_and_retry_failed(tmp_path):
 
     with StubServer(teacher) as t_srv, StubServer(judge) as j_srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, t_srv.url, j_srv.url, concurrency=3)
-        rows = build.load_rows(cfg)
+        rows = build.load_rows(cfg)[0]
         summary = build.run(cfg, rows, build.make_teacher(cfg), build.make_judge(cfg))
         out = pathlib.Path(cfg.out_dir)
         kept = read_jsonl(out / "sft.jsonl")
@@ -203,7 +204,7 @@ def test_order_is_input_order_under_out_of_order_completion(tmp_path):
 
     with StubServer(teacher) as srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None, concurrency=6)
-        rows = build.load_rows(cfg)
+        rows = build.load_rows(cfg)[0]
         build.run(cfg, rows, build.make_teacher(cfg), None)
     out = pathlib.Path(cfg.out_dir)
     completion_order = [e["row"] for e in read_jsonl(out / "journal.jsonl")]
@@ -221,7 +222,7 @@ def test_resume_after_interrupt_and_torn_journal_line(tmp_path):
 
     with StubServer(teacher) as srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None, concurrency=2)
-        rows = build.load_rows(cfg)
+        rows = build.load_rows(cfg)[0]
         count = []
 
         def interrupt(entry):
@@ -259,6 +260,7 @@ def _kill9_script(tmp_path, manifest, img_dir, t_url, j_url):
         str(REPO / "scripts" / "build_reasoning.py"),
         f"--config={REPO / 'configs' / 'reasoning.py'}:iqa",
         f"--config.input={manifest}",
+        "--config.score_range=(0.0, 100.0)",
         f"--config.image_root={img_dir}",
         f"--config.out_dir={out}",
         f"--config.teacher.base_url={t_url}",
@@ -298,7 +300,8 @@ def test_kill_dash_9_mid_run_then_resume_no_lost_or_duplicate_rows(tmp_path):
             if proc.poll() is not None:
                 break
             time.sleep(0.01)
-        assert proc.poll() is None, "the run finished before it could be killed"
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before the kill: {proc.communicate()[1][-2000:]}")
         proc.send_signal(signal.SIGKILL)
         so, se = proc.communicate(timeout=30)
         logs += [so, se]
@@ -384,7 +387,7 @@ def test_iaa_text_only_teacher_attribute_order_and_coverage(tmp_path):
     with StubServer(teacher) as t_srv, StubServer(judge) as j_srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, t_srv.url, j_srv.url, task="iaa")
         summary = build.run(
-            cfg, build.load_rows(cfg), build.make_teacher(cfg), build.make_judge(cfg)
+            cfg, build.load_rows(cfg)[0], build.make_teacher(cfg), build.make_judge(cfg)
         )
     out = pathlib.Path(cfg.out_dir)
     kept = read_jsonl(out / "sft.jsonl")
@@ -407,24 +410,86 @@ def test_judge_only_mode_reads_existing_targets(tmp_path):
         cfg = make_cfg(tmp_path, manifest, img_dir, "", j_srv.url)
         cfg.teacher.kind = "none"
         summary = build.run(
-            cfg, build.load_rows(cfg), build.make_teacher(cfg), build.make_judge(cfg)
+            cfg, build.load_rows(cfg)[0], build.make_teacher(cfg), build.make_judge(cfg)
         )
     assert summary.kept == 2 and summary.rejected == {"role_prefix": 1}
     kept = read_jsonl(pathlib.Path(cfg.out_dir) / "sft.jsonl")
     assert kept[0]["target"] == kept[0]["reversal_thinking"] and "teacher_reply" not in kept[0]
 
 
-def test_manifest_errors_name_file_and_row(tmp_path):
+def test_dataset_declaration_bad_rows_and_skip_reporting(tmp_path):
+    from PIL import Image
+
+    for name in ("a.png", "d.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
     p = tmp_path / "m.jsonl"
-    p.write_text('{"image": "a.png", "gt_score": 3}\n{"gt_score": 4}\n')
-    with pytest.raises(records.ManifestError, match=r"m.jsonl row 1: missing or empty 'image'"):
-        records.read_manifest(str(p))
-    p.write_text('[{"image": "a.png", "gt_score": "n/a"}]')
-    with pytest.raises(records.ManifestError, match=r"row 0: gt_score = 'n/a' is not a number"):
-        records.read_manifest(str(p))
-    p.write_text('{"image": "a.png", "mos": "4.5"}\n{"image": "b.png", "gt_score": 2}\n')
-    rows = records.read_manifest(str(p), image_root="/imgs", max_records=1)
-    assert len(rows) == 1 and rows[0].gt_score == 4.5 and rows[0].image_path == "/imgs/a.png"
+    p.write_text(
+        '{"image": "a.png", "gt_score": 3}\n{"gt_score": 4}\n'
+        '{"image": "c.png", "gt_score": 11}\n{"image": "d.png", "gt_score": 7.5}\n'
+    )
+    cfg = _config().get_config("iaa")
+    cfg.input = str(p)
+    with pytest.raises(ValueError, match="declare the native score range"):
+        build.load_rows(cfg)
+    cfg.score_range = (0.0, 10.0)
+    with pytest.raises(records.ManifestError, match=r"m.jsonl: row 1.*missing or empty field"):
+        build.load_rows(cfg)
+    cfg.on_bad_row = "skip"
+    rows, bad = build.load_rows(cfg)
+    assert [r.row for r in rows] == [0, 3] and [b.row for b in bad] == [1, 2]
+    assert rows[0].gt_score == 3 and isinstance(rows[0].gt_score, int)  # as the file gives it
+    assert rows[0].gt_100 == 30.0 and rows[0].image_path == str(tmp_path / "a.png")
+
+    # skipped manifest rows are reported in rejected.jsonl, in file order, never silently lost
+    cfg.iaa.require_attributes = False
+    cfg.rules.min_aspects = 0
+    text = "<think>Warm palette, calm mood.</think><answer>"
+    with StubServer(
+        lambda b, n: Reply(text + str(find_number(r"unchanged\): ([0-9.]+)", user_text(b))))
+    ) as srv:
+        cfg.out_dir = str(tmp_path / "out")
+        cfg.progress = False
+        cfg.teacher.base_url, cfg.teacher.model = srv.url, "t"
+        cfg.judge.enabled = False
+        summary = build.run(cfg, rows, build.make_teacher(cfg), None, bad_rows=bad)
+    assert summary.kept == 2 and summary.rejected == {"bad_manifest_row": 2}
+    rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert [(r["source_row"], r["stage"]) for r in rejected] == [(1, "manifest"), (2, "manifest")]
+    assert "outside the declared range" in rejected[1]["detail"]
+    kept = read_jsonl(tmp_path / "out" / "sft.jsonl")
+    assert [(r["image"], r["gt_100"]) for r in kept] == [("a.png", 30.0), ("d.png", 75.0)]
+
+    # a built-in declaration supplies range and label field; its task must match
+    cfg.input, cfg.score_range = "", None
+    cfg.dataset, cfg.data_root = "artimuse-train", str(tmp_path)
+    spec = build.dataset_spec(cfg)
+    assert spec.score_range == (0.0, 10.0)
+    assert spec.manifest == str(tmp_path / "train" / "train_iaa.json")
+    cfg.task = "iqa"
+    with pytest.raises(ValueError, match="is an iaa dataset"):
+        build.dataset_spec(cfg)
+
+
+def test_score_scale_100_shows_the_0_100_score(tmp_path):
+    manifest, img_dir = make_dataset(tmp_path, 2, base=2.0)  # scores 2.0, 3.0 on a 1-5 range
+
+    def teacher(body, _):
+        mos = find_number(r"Ground-truth MOS: ([0-9.]+)", user_text(body))
+        return Reply(f"<think>Clean and sharp.</think><answer>{mos}")
+
+    with StubServer(teacher) as srv:
+        cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None)
+        cfg.score_range = (1.0, 5.0)
+        cfg.score_scale = "100"
+        build.run(cfg, build.load_rows(cfg)[0], build.make_teacher(cfg), None)
+        shown = [find_number(r"MOS: ([0-9.]+)", user_text(r["body"])) for r in srv.requests]
+    assert sorted(shown) == [25.0, 50.0]
+    kept = read_jsonl(pathlib.Path(cfg.out_dir) / "sft.jsonl")
+    assert [r["target"][-22:] for r in kept] == [
+        "\n<answer>25.0</answer>",
+        "\n<answer>50.0</answer>",
+    ]
+    assert [r["gt_score"] for r in kept] == [2.0, 3.0]
 
 
 def test_merge_artimuse_attribute_conversations():

@@ -179,6 +179,7 @@ class TaskSettings:
     max_words_prompt: int = 50
     send_seed: bool = False
     seed: int = 0
+    score_scale: str = "native"  # "native" | "100"
 
 
 def task_settings(cfg: Any) -> TaskSettings:
@@ -233,11 +234,18 @@ def task_settings(cfg: Any) -> TaskSettings:
         max_words_prompt=int(cfg.iqa.max_words),
         send_seed=bool(cfg.send_seed),
         seed=int(cfg.seed),
+        score_scale=_score_scale(cfg.score_scale),
     )
 
 
+def _score_scale(value: str) -> str:
+    if value not in ("native", "100"):
+        raise ValueError(f"score_scale must be 'native' or '100', got {value!r}")
+    return value
+
+
 def teacher_request(row: InputRow, s: TaskSettings) -> ChatRequest:
-    score = pp.format_score(row.gt_score)
+    score = pp.format_score(shown_score(row, s))
     if s.task == "iqa":
         user = s.user.format(
             score=score,
@@ -262,7 +270,7 @@ def judge_request(
     row: InputRow, target: str, checks: Mapping[str, Any], s: TaskSettings
 ) -> ChatRequest:
     think, answer = judge_mod.split_target(target)
-    fields = dict(gt_score=pp.format_score(row.gt_score), answer=answer, think=think)
+    fields = dict(gt_score=pp.format_score(shown_score(row, s)), answer=answer, think=think)
     if s.task == "iaa":
         fields["attributes"] = P.format_attributes(
             row.attributes, s.attribute_order, s.judge_attribute_max_chars
@@ -276,9 +284,21 @@ def judge_request(
     )
 
 
+def shown_score(row: InputRow, s: TaskSettings) -> float | int:
+    """The score the teacher explains and the target's answer: the manifest's own value
+    (``score_scale = "native"``, the reference) or its 0-100 value to 2 decimals (``"100"``)."""
+    if s.score_scale == "native":
+        return row.gt_score
+    if row.gt_100 is None:
+        raise ValueError(f"row {row.row}: no 0-100 score (declare the dataset's score_range)")
+    return round(float(row.gt_100), 2)
+
+
 def _base_record(row: InputRow, task: str) -> dict[str, Any]:
     rec = dict(row.fields)
     rec.update(image=row.image, gt_score=row.gt_score, task=task, source_row=row.row)
+    if row.gt_100 is not None:
+        rec["gt_100"] = row.gt_100
     if task == "iaa":
         rec["aesthetic_attributes"] = dict(row.attributes)
     return rec
@@ -325,7 +345,7 @@ def process_row(
                 return done("failed", "teacher", "teacher_error", str(e))
             rec["teacher_reply"] = reply
             rec["teacher"] = teacher.name
-            processed = pp.postprocess(reply, row.gt_score, s.post)
+            processed = pp.postprocess(reply, shown_score(row, s), s.post)
             if processed.target is None:
                 rec["think"] = processed.think
                 return done("rejected", "postprocess", processed.reason or "", processed.detail)
@@ -333,7 +353,13 @@ def process_row(
         rec.update(target=target, think=think)
         rec["reversal_thinking" if s.task == "iqa" else "cot_reasoning"] = target
         rejection, checks = judge_mod.hard_rules(
-            target, s.task, float(row.gt_score), row.image_path, row.attributes, s.rules, coverage
+            target,
+            s.task,
+            float(shown_score(row, s)),
+            row.image_path,
+            row.attributes,
+            s.rules,
+            coverage,
         )
         if checks:
             rec["local_checks"] = checks
@@ -371,12 +397,16 @@ def process_row(
 # The run
 
 
-def fingerprint(cfg: Any, num_rows: int, teacher: Teacher | None, judge: Teacher | None) -> dict:
+def fingerprint(
+    cfg: Any, rows: Sequence[InputRow], teacher: Teacher | None, judge: Teacher | None
+) -> dict:
     """What must not change between a run and its resumption (no URLs, no keys)."""
+    rows_blob = json.dumps([(r.row, r.image, r.gt_score) for r in rows]).encode("utf-8")
     shaping = {
         "task": cfg.task,
-        "input": os.path.abspath(cfg.input),
-        "num_rows": num_rows,
+        "input": hashlib.sha256(rows_blob).hexdigest(),  # which rows, images and scores
+        "num_rows": len(rows),
+        "score_scale": cfg.score_scale,
         "teacher": teacher.name if teacher else None,
         "judge": judge.name if judge else None,
         "task_block": cfg[cfg.task].to_dict(),
@@ -390,7 +420,7 @@ def fingerprint(cfg: Any, num_rows: int, teacher: Teacher | None, judge: Teacher
     return {
         "task": cfg.task,
         "input": shaping["input"],
-        "num_rows": num_rows,
+        "num_rows": len(rows),
         "teacher": shaping["teacher"],
         "judge": shaping["judge"],
         "settings_sha256": hashlib.sha256(blob).hexdigest(),
@@ -427,11 +457,28 @@ class Summary:
         return "\n".join(lines)
 
 
-def assemble(out_dir: str, rows: Sequence[InputRow], journal: Journal) -> tuple[int, dict, dict]:
-    """Write the ordered output files from the journal; returns (kept, rejected, failed) counts."""
+def assemble(
+    out_dir: str, rows: Sequence[InputRow], journal: Journal, bad_rows: Sequence[Any] = ()
+) -> tuple[int, dict, dict]:
+    """Write the ordered output files from the journal; returns (kept, rejected, failed) counts.
+
+    ``bad_rows`` (manifest rows skipped by the loader, ``BadRow``) go to rejected.jsonl with
+    stage ``manifest`` so that nothing disappears silently.
+    """
     kept, rejected, failed = [], [], []
-    for r in rows:  # input order
-        e = journal.entries.get(r.row)
+    bad_entries = {
+        int(b.row): {
+            "status": "rejected",
+            "stage": "manifest",
+            "reason": "bad_manifest_row",
+            "detail": str(b),
+            "record": {"image": b.image, "source_row": int(b.row)},
+        }
+        for b in bad_rows
+    }
+    order = sorted({r.row for r in rows} | set(bad_entries))
+    for row in order:  # input order
+        e = journal.entries.get(row) or bad_entries.get(row)
         if e is None:
             continue
         if e["status"] == "kept":
@@ -458,6 +505,7 @@ def run(
     *,
     progress: bool | None = None,
     on_entry: Callable[[dict[str, Any]], None] | None = None,
+    bad_rows: Sequence[Any] = (),
 ) -> Summary:
     """Process ``rows`` into ``cfg.out_dir`` (resumable; see the module docstring)."""
     out_dir = cfg.out_dir
@@ -470,7 +518,7 @@ def run(
     coverage = judge_mod.KeywordCoverage(s.rules.keywords)
     journal_path = os.path.join(out_dir, JOURNAL_FILE)
     run_path = os.path.join(out_dir, RUN_FILE)
-    fp = fingerprint(cfg, len(rows), teacher, judge)
+    fp = fingerprint(cfg, rows, teacher, judge)
     if cfg.restart:
         for name in (JOURNAL_FILE, RUN_FILE):
             if os.path.exists(os.path.join(out_dir, name)):
@@ -550,7 +598,7 @@ def run(
         if bar is not None:
             bar.close()
         journal.close()
-    n_kept, rejected, failed = assemble(out_dir, rows, journal)
+    n_kept, rejected, failed = assemble(out_dir, rows, journal, bad_rows)
     requests = {}
     for name, client in (("teacher", teacher), ("judge", judge)):
         stats = getattr(client, "stats", None)
@@ -640,27 +688,63 @@ def make_judge(cfg: Any) -> Teacher | None:
     )
 
 
-def load_rows(cfg: Any) -> list[InputRow]:
+def dataset_spec(cfg: Any):
+    """The dataset declaration: a built-in (``cfg.dataset`` under ``cfg.data_root``) or
+    ``cfg.input`` with its declared ``cfg.score_range``."""
+    from tatar_jax.data import datasets
+    from tatar_jax.data.manifest import DatasetSpec
+
+    if cfg.dataset:
+        spec = datasets.get(
+            cfg.dataset,
+            cfg.data_root,
+            image_root=cfg.image_root or None,
+            manifest=cfg.input or None,
+            sampling=cfg.sampling,
+            label_field=cfg.label_field or None,
+        )
+        if cfg.score_range is not None:
+            spec = spec.replace(score_range=tuple(cfg.score_range))
+        if spec.task != cfg.task:
+            raise ValueError(f"dataset {spec.name!r} is an {spec.task} dataset, task is {cfg.task}")
+        return spec
+    if not cfg.input:
+        raise ValueError("set input (a JSON/JSONL manifest) or dataset (a built-in name)")
+    if cfg.score_range is None:
+        raise ValueError(
+            f"declare the native score range of {cfg.input} (score_range=(lo, hi), e.g. (0, 10) "
+            "for ArtiMuse, (1, 5) for DeQA gt_score_norm, (0, 100) for KonIQ MOS)"
+        )
+    name = cfg.dataset_name or os.path.splitext(os.path.basename(cfg.input))[0]
+    return DatasetSpec(
+        name=name,
+        task=cfg.task,
+        manifest=cfg.input,
+        image_root=cfg.image_root,
+        score_range=tuple(cfg.score_range),
+        sampling=cfg.sampling,
+        label_field=cfg.label_field or "gt_score",
+    )
+
+
+def load_rows(cfg: Any) -> tuple[list[InputRow], list[Any]]:
+    """(rows, manifest rows skipped under ``on_bad_row = "skip"``)."""
     from tatar_jax.reasoning import records
 
-    if not cfg.input:
-        raise ValueError("input is empty (a JSON/JSONL manifest of {image, gt_score, ...})")
-    rows = records.read_manifest(
-        cfg.input, cfg.image_root, tuple(cfg.score_keys), int(cfg.max_records)
-    )
+    rows, bad = records.load_rows(dataset_spec(cfg), on_error=cfg.on_bad_row)
     if cfg.attributes:
-        rows = records.merge_attribute_conversations(rows, records._load_json_rows(cfg.attributes))
-    return rows
+        rows = records.merge_attribute_conversations(rows, records.read_rows(cfg.attributes))
+    return rows, bad
 
 
 def main(cfg: Any) -> Summary:
     """Build from a ``configs/reasoning.py`` config; prints the summary."""
-    rows = load_rows(cfg)
+    rows, bad_rows = load_rows(cfg)
     teacher = make_teacher(cfg)
     judge = make_judge(cfg)
     if teacher is not None and cfg.teacher.kind == "jax" and int(cfg.client.concurrency) != 1:
         log.info("JAX teacher: running rows one at a time (concurrency 1)")
         cfg.client.concurrency = 1
-    summary = run(cfg, rows, teacher, judge)
+    summary = run(cfg, rows, teacher, judge, bad_rows=bad_rows)
     print(summary.text())
     return summary

@@ -1,96 +1,57 @@
-"""Input rows for the builder: a manifest (JSON list or JSONL of ``{"image", "gt_score", ...}``)
-plus, for IAA, the eight ArtiMuse attribute texts (spec §5.2).
+"""Input rows for the builder: a dataset declaration (``tatar_jax.data.manifest.DatasetSpec``:
+manifest + image folder + declared native score range) plus, for IAA, the eight ArtiMuse
+attribute texts (spec §5.2).
 
-Minimal reader of its own (``tatar_jax.data.manifest`` was not available when this was written):
-it only needs the image, the score as the record gives it and the attribute texts; the score is
-*not* mapped to 0-100 here (the teacher explains the score on the dataset's own scale, as in the
-reference; the SFT data path maps it by the dataset's declared range).
+Manifests are read and checked by :func:`tatar_jax.data.manifest.load_records` (JSON list or
+JSONL; missing fields, non-numeric / out-of-range scores and duplicate images are errors naming
+file and row, or are skipped and reported). Each row keeps its score as the manifest gives it
+(the teacher explains the score on the dataset's own scale, as in the reference) and its 0-100
+value from the declared range (``gt_100``).
 
 Attribute texts are read, per row, from (first found): ``aesthetic_attributes`` or
 ``attributes`` (a mapping of attribute key -> text, the reference generator's output field), or
 top-level keys named like the attribute keys (``composition_structure``, …). Raw ArtiMuse
 annotation conversations can be attached with :func:`merge_attribute_conversations` (the
 reference's ``merge_artimuse_attrs.py``; later duplicates win, as there).
-
-Every problem raises :class:`ManifestError` naming the file and the row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tatar_jax.data import manifest as manifest_mod
+from tatar_jax.data.manifest import BadRow, DatasetSpec, ManifestError
 from tatar_jax.reasoning.prompts import ATTRIBUTE_KEYS
 
-SCORE_KEYS: tuple[str, ...] = ("gt_score", "score", "mos")
+__all__ = [
+    "ATTRIBUTE_FIELDS",
+    "BadRow",
+    "DatasetSpec",
+    "InputRow",
+    "ManifestError",
+    "load_rows",
+    "merge_attribute_conversations",
+    "read_rows",
+    "row_attributes",
+]
+
 ATTRIBUTE_FIELDS: tuple[str, ...] = ("aesthetic_attributes", "attributes")
-
-
-class ManifestError(ValueError):
-    """A manifest problem; the message names the file and row."""
+read_rows = manifest_mod.read_rows
 
 
 @dataclasses.dataclass(frozen=True)
 class InputRow:
-    row: int  # 0-based index in the manifest (the journal key; output order)
+    row: int  # 0-based row of the manifest file (the journal key; output order)
     image: str  # as written in the manifest
     image_path: str  # resolved against the image root
-    gt_score: float | int  # as the record gives it (its own scale)
+    gt_score: float | int  # as the manifest gives it (its own scale)
     attributes: dict[str, str]
-    fields: dict[str, Any]  # the whole input record (passed through to the output)
-
-
-def _load_json_rows(path: str) -> list[Any]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: invalid JSON: {e}") from None
-        return list(rows)
-    if stripped.startswith("{") and not path.endswith((".jsonl", ".ndjson")):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            obj = None  # JSONL after all
-        if isinstance(obj, dict):
-            for key in ("data", "records", "annotations"):
-                if isinstance(obj.get(key), list):
-                    return list(obj[key])
-            raise ManifestError(f"{path}: a JSON object without a 'data'/'records' list")
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: line {i + 1} is not valid JSON: {e}") from None
-    return rows
-
-
-def _score(rec: Mapping[str, Any], keys: Sequence[str], where: str) -> float | int:
-    for key in keys:
-        if key in rec and rec[key] is not None:
-            v = rec[key]
-            if isinstance(v, bool):
-                raise ManifestError(f"{where}: {key} is a boolean")
-            if isinstance(v, str):
-                try:
-                    v = float(v.strip())
-                except ValueError:
-                    raise ManifestError(f"{where}: {key} = {rec[key]!r} is not a number") from None
-            if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-                raise ManifestError(f"{where}: {key} = {rec[key]!r} is not a finite number")
-            return v
-    raise ManifestError(f"{where}: no score field (looked for {', '.join(keys)})")
+    fields: dict[str, Any]  # the manifest row as read (passed through to the output)
+    gt_100: float | None = None  # 0-100 by the declared range
 
 
 def row_attributes(rec: Mapping[str, Any]) -> dict[str, str]:
@@ -101,39 +62,29 @@ def row_attributes(rec: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in rec.items() if k in keys and v is not None}
 
 
-def read_manifest(
-    path: str,
-    image_root: str = "",
-    score_keys: Sequence[str] = SCORE_KEYS,
-    max_records: int = -1,
-) -> list[InputRow]:
-    """Rows of a JSON/JSONL manifest. Relative image paths resolve against ``image_root``, else
-    against the manifest's folder."""
-    if not os.path.isfile(path):
-        raise ManifestError(f"manifest {path!r} does not exist")
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    out = []
-    for i, rec in enumerate(_load_json_rows(path)):
-        if 0 <= max_records <= len(out):
-            break
-        where = f"{path} row {i}"
-        if not isinstance(rec, Mapping):
-            raise ManifestError(f"{where}: expected an object, got {type(rec).__name__}")
-        image = rec.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise ManifestError(f"{where}: missing or empty 'image'")
-        resolved = image if os.path.isabs(image) else os.path.join(root, image)
-        out.append(
+def load_rows(spec: DatasetSpec, on_error: str = "error") -> tuple[list[InputRow], list[BadRow]]:
+    """Rows of a declared dataset (sampling applied) and the bad rows skipped (``on_error``)."""
+    raw_rows = manifest_mod.read_rows(spec.manifest)
+    loaded = manifest_mod.load_records(spec, on_error=on_error, rows=raw_rows)
+    rows = []
+    for rec in loaded.records:
+        fields = dict(raw_rows[int(rec["row_id"])])  # the row exactly as the file has it
+        fields.setdefault("dataset", spec.name)
+        original = fields.get(spec.label_field)
+        given = original if isinstance(original, (int, float)) else rec["score_raw"]
+        rows.append(
             InputRow(
-                row=i,
-                image=image,
-                image_path=resolved,
-                gt_score=_score(rec, score_keys, where),
+                row=int(rec["row_id"]),
+                image=rec["image_name"],
+                image_path=rec["image"],
+                gt_score=given,
                 attributes=row_attributes(rec),
-                fields=dict(rec),
+                fields=fields,
+                gt_100=float(rec["gt_100"]),
             )
         )
-    return out
+    rows.sort(key=lambda r: r.row)  # random: sampling permutes; output follows the file
+    return rows, list(loaded.skipped)
 
 
 # --------------------------------------------------------------------------------------------
