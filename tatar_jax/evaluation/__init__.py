@@ -1,0 +1,41 @@
+"""Evaluation: correlation metrics, the resumable eval runner, reports and plots (spec §9).
+
+The model enters through ``predict_fn(records) -> list[str]`` (see :mod:`.runner`); everything
+here is model-independent and is used by ``scripts/eval.py`` and the trainer's periodic eval.
+"""
+
+from tatar_jax.evaluation.metrics import (
+    correlation_metrics,
+    fit_logistic4,
+    logistic4,
+    pearson,
+    spearman,
+    spearman_reference,
+)
+from tatar_jax.evaluation.runner import (
+    EvalError,
+    EvalOptions,
+    PredictFn,
+    dataset_metrics,
+    evaluate_dataset,
+    read_jsonl,
+    run_eval,
+    score_completion,
+)
+
+__all__ = [
+    "EvalError",
+    "EvalOptions",
+    "PredictFn",
+    "correlation_metrics",
+    "dataset_metrics",
+    "evaluate_dataset",
+    "fit_logistic4",
+    "logistic4",
+    "pearson",
+    "read_jsonl",
+    "run_eval",
+    "score_completion",
+    "spearman",
+    "spearman_reference",
+]
