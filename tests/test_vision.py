@@ -184,8 +184,8 @@ def test_hf_rules_cover_checkpoint(hf_pair):
         var = ours
         for part in path:
             var = getattr(var, part)
-        stacked = "{i}" in template
-        assert var.shape[0] == cfg.depth if stacked else True
+        stacked = (cfg.depth,) if "{i}" in template else ()
+        assert var.shape == stacked + value.shape, (template, var.shape, value.shape)
     assert names == set(state), sorted(names ^ set(state))
 
 
