@@ -244,7 +244,7 @@ def make_prompt_example(
     text = prompts.render_chat(
         prompts.build_messages(task, variant), chat_template, add_generation_prompt=True
     )
-    ids, _ = _expand_ids(tok.encode(text), tok.image_pad_id, n_img, where)
+    ids, _ = _expand_ids(tok.encode_cached(text), tok.image_pad_id, n_img, where)
     rope_cfg = rope_cfg or RopeConfig.from_tokenizer(tok, merge_size)
     pos, delta = rope_positions(ids, thw, rope_cfg, rope_index_fn)
     ex = {

@@ -276,6 +276,16 @@ class Tokenizer:
         """Token ids of ``text`` (special-token strings become their ids; nothing is added)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_cached(self, text: str) -> list[int]:
+        """``encode`` memoised (prompt texts repeat for every example of a task)."""
+        cache = self.__dict__.setdefault("_encode_cache", {})
+        ids = cache.get(text)
+        if ids is None:
+            if len(cache) > 256:
+                cache.clear()
+            ids = cache[text] = self.encode(text)
+        return list(ids)
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's (start, end) character span in ``text``."""
         enc = self.tok.encode(text, add_special_tokens=False)
