@@ -21,6 +21,7 @@ import dataclasses
 import http.client
 import json
 import mimetypes
+import os
 import random
 import threading
 import time
@@ -381,6 +382,8 @@ class JaxTeacher:
         elif hasattr(out, "tokens"):
             tokens = out.tokens
         row = [int(t) for t in np.asarray(tokens)[0].tolist()]
+        if len(row) > int(request.sampling.max_tokens):  # the prompt came back too: drop it
+            row = row[ids.shape[1] :]
         eos = set(getattr(self.tokenizer, "eos_ids", ()))
         for i, t in enumerate(row):
             if t in eos:
@@ -401,26 +404,19 @@ def apply_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def load_jax_teacher(checkpoint: str, seed: int = 0) -> JaxTeacher:
+def load_jax_teacher(checkpoint: str, seed: int = 0, dtype: str = "bfloat16") -> JaxTeacher:
     """Our model from a Hugging Face Qwen2.5-VL directory (safetensors) + its tokenizer.
 
-    Needs the model package's loader (``tatar_jax.models.qwen2_5_vl.checkpoint``) and the rollout
-    engine (``tatar_jax.generate``); a clear error says which is missing.
+    Needs the rollout engine (``tatar_jax.generate``) at the first ``complete`` call.
     """
     if not checkpoint:
         raise ValueError("teacher.kind = 'jax' needs teacher.checkpoint (a Qwen2.5-VL directory)")
-    try:
-        from tatar_jax.data.tokenizer import load_tokenizer
-        from tatar_jax.models.qwen2_5_vl import checkpoint as ckpt_mod
-    except ImportError as e:
-        raise ImportError(f"the JAX teacher needs the model package: {e}") from e
-    load = getattr(ckpt_mod, "load_pretrained", None) or getattr(ckpt_mod, "load_hf", None)
-    if load is None:
-        raise ImportError(
-            "tatar_jax.models.qwen2_5_vl.checkpoint has no load_pretrained/load_hf function"
-        )
-    model = load(checkpoint)
+    import jax.numpy as jnp
+
+    from tatar_jax.data.tokenizer import load_tokenizer
+    from tatar_jax.models.qwen2_5_vl.checkpoint import load_hf_checkpoint
+
+    model = load_hf_checkpoint(checkpoint, dtype=getattr(jnp, dtype))
     tok = load_tokenizer(checkpoint)
-    return JaxTeacher(
-        model, tok, name=f"jax:{checkpoint}", seed=seed, chat_template=tok.chat_template
-    )
+    name = f"jax:{os.path.basename(os.path.normpath(checkpoint))}"
+    return JaxTeacher(model, tok, name=name, seed=seed, chat_template=tok.chat_template)
