@@ -1,0 +1,420 @@
+"""Training metrics: writers (console / JSONL / TensorBoard), progress bar, timers, GRPO summaries,
+and a FLOP-count based MFU estimate.
+
+Writers run on process 0 only. Everything here is host-side (numpy); jitted steps return arrays and
+the loop hands them over with ``writer.write(step, metrics)`` every ``every_steps`` steps.
+
+FLOP count (``flops_per_token``), the PaLM / MaxText convention (model FLOPs, not hardware FLOPs:
+rematerialisation is not counted, so MFU does not reward recomputation):
+
+    forward FLOPs per text token = 2 * N_matmul + 4 * L * (H * d_head) * T_ctx
+    training = 3 x forward (backward = 2 x forward);   inference = 1 x forward
+
+``N_matmul`` = weights applied to every token: per decoder layer q, k, v, o and the gated MLP
+(3 * D * I), plus the lm_head (D * V, also when tied: it is a matmul either way); embedding lookups,
+norms and biases are not counted. ``T_ctx`` = attended positions (the sequence length; halved with
+``causal_discount=True``). The vision tower adds, per pre-merge patch, ``2 * N_vis_matmul`` plus
+``4 * L_vis * D_vis * ctx`` (ctx = the window's patches, (window_size / patch_size)^2, or all the
+image's patches in the ``fullatt_block_indexes`` layers) and the merger per merged token; x3 when
+the vision tower trains (x2 for the patch embedding, whose input needs no gradient), x1 when frozen
+(no backward through it). These numbers equal ``torch.utils.flop_counter.FlopCounterMode`` on the
+transformers model (eager attention), forward and forward+backward (tests/test_metrics.py).
+Per-token numbers average the vision cost over the sequence's tokens.
+MFU = achieved FLOP/s / (n_devices x peak FLOP/s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+# --- writers ---------------------------------------------------------------------------------
+
+
+def _to_float(v: Any) -> float:
+    a = np.asarray(v)
+    if a.size != 1:
+        raise ValueError(f"metric must be a scalar, got shape {a.shape}")
+    return float(a.reshape(()))
+
+
+class MetricsWriter:
+    """Every ``every_steps`` steps: one console line, one JSONL record, TensorBoard scalars.
+
+    Files: ``<workdir>/metrics.jsonl`` (``{"step": s, "wall_time": t, name: value, ...}``;
+    non-finite values as JSON NaN/Infinity) and ``<workdir>/tensorboard/``.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        every_steps: int = 1,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        console: bool = True,
+        process_index: int | None = None,
+    ):
+        if process_index is None:
+            import jax
+
+            process_index = jax.process_index()
+        self.enabled = process_index == 0
+        self.every_steps = max(1, int(every_steps))
+        self.console = console
+        self.workdir = pathlib.Path(workdir)
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def should_write(self, step: int) -> bool:
+        return self.enabled and step % self.every_steps == 0
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Writes if ``step`` is a logging step (or ``force``); returns whether it wrote."""
+        if not self.enabled or not (force or step % self.every_steps == 0):
+            return False
+        values = {k: _to_float(v) for k, v in metrics.items()}
+        if self._jsonl is not None:
+            record = {"step": int(step), "wall_time": time.time(), **values}
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+        if self.console:
+            _console(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        return True
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        """Sample completions etc. (TensorBoard text + console)."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.add_text(name, text, int(step))
+        if self.console:
+            _console(f"step {step} {name}: {text}")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+def _console(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line)  # keeps an active progress bar intact
+
+
+class Progress:
+    """tqdm bar over optimizer steps with rate and ETA; ``initial`` = resumed step."""
+
+    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True, desc: str = "train"):
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="step",
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if postfix:
+            self._bar.set_postfix({k: _fmt(_to_float(v)) for k, v in postfix.items()})
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class StepTimer:
+    """Wall-clock split of a step: ``with timer("rollout"): ...``; ``metrics()`` -> time/<name>.
+
+    Block on device results inside a section (``jax.block_until_ready``) or the time lands in the
+    next section that waits.
+    """
+
+    def __init__(self) -> None:
+        self._t: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t[name] = self._t.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self, reset: bool = True) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self._t.items()}
+        out["time/step"] = sum(self._t.values())
+        if reset:
+            self._t = {}
+        return out
+
+
+# --- GRPO summaries ----------------------------------------------------------------------------
+
+
+def grpo_reward_metrics(
+    rewards: Mapping[str, Any],
+    tasks: Sequence[str],
+    *,
+    group_size: int,
+    completion_lengths: Any = None,
+    parsed: Any = None,
+    weights: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, float]:
+    """Reward statistics of one GRPO step's completions.
+
+    Args:
+      rewards: function name -> (N,) rewards, N = prompts x group_size, group-major (the G
+        completions of a prompt are consecutive).
+      tasks: (N,) task name of each completion ("iqa" / "iaa").
+      completion_lengths: (N,) completion tokens (incl. EOS). parsed: (N,) bool, answer parsed.
+      weights: task -> function -> weight of the total reward (None: unweighted sum).
+    Returns (per task t and for "all"):
+      reward/<fn>/<t> mean; reward_total/<t> mean of the weighted sum; reward_std/<t> std (ddof 0)
+      of the totals; reward_group_std/<t> mean within-group std (ddof 1, as in the advantages);
+      zero_std_groups/<t> fraction of groups with identical totals (no learning signal);
+      completion_len/<t>; parsed_frac/<t>.
+    """
+    tasks = np.asarray(tasks)
+    n = tasks.shape[0]
+    if n % group_size:
+        raise ValueError(f"{n} completions are not a multiple of group size {group_size}")
+    r = {k: np.asarray(v, np.float64).reshape(-1) for k, v in rewards.items()}
+    for k, v in r.items():
+        if v.shape[0] != n:
+            raise ValueError(f"reward {k!r} has {v.shape[0]} values for {n} completions")
+    total = np.zeros(n)
+    for k, v in r.items():
+        w = np.array([(weights or {}).get(t, {}).get(k, 1.0) if weights else 1.0 for t in tasks])
+        total += w * v
+    groups_task = tasks.reshape(-1, group_size)[:, 0]
+    if np.any(tasks.reshape(-1, group_size) != groups_task[:, None]):
+        raise ValueError("a group mixes tasks: completions must be group-major, G per prompt")
+    g_total = total.reshape(-1, group_size)
+    g_std = g_total.std(axis=1, ddof=1) if group_size > 1 else np.zeros(len(g_total))
+    out: dict[str, float] = {}
+    for t in [*sorted(set(tasks.tolist())), "all"]:
+        sel = np.ones(n, bool) if t == "all" else tasks == t
+        gsel = np.ones(len(groups_task), bool) if t == "all" else groups_task == t
+        for k, v in r.items():
+            out[f"reward/{k}/{t}"] = float(v[sel].mean())
+        out[f"reward_total/{t}"] = float(total[sel].mean())
+        out[f"reward_std/{t}"] = float(total[sel].std())
+        out[f"reward_group_std/{t}"] = float(g_std[gsel].mean())
+        out[f"zero_std_groups/{t}"] = float(np.mean(g_std[gsel] == 0))
+        if completion_lengths is not None:
+            out[f"completion_len/{t}"] = float(np.asarray(completion_lengths)[sel].mean())
+        if parsed is not None:
+            out[f"parsed_frac/{t}"] = float(np.asarray(parsed, bool)[sel].mean())
+    return out
+
+
+# --- FLOPs, parameters, MFU --------------------------------------------------------------------
+
+
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if isinstance(cfg, Mapping) and name in cfg:
+            return cfg[name]
+        if not isinstance(cfg, Mapping) and hasattr(cfg, name):
+            return getattr(cfg, name)
+    if default is not None:
+        return default
+    raise KeyError(f"config has none of {names}")
+
+
+def _text_dims(c: Any) -> dict[str, int]:
+    d = int(_get(c, "hidden_size"))
+    h = int(_get(c, "num_attention_heads"))
+    return {
+        "d": d,
+        "h": h,
+        "kv": int(_get(c, "num_key_value_heads", default=h)),
+        "hd": int(_get(c, "head_dim", default=d // h) or d // h),
+        "i": int(_get(c, "intermediate_size")),
+        "l": int(_get(c, "num_hidden_layers")),
+        "v": int(_get(c, "vocab_size")),
+        "tie": bool(_get(c, "tie_word_embeddings", default=False)),
+    }
+
+
+def _vision_dims(c: Any) -> dict[str, Any]:
+    def first(x):
+        return int(x[0] if isinstance(x, list | tuple) else x)
+
+    return {
+        "d": int(_get(c, "hidden_size")),
+        "i": int(_get(c, "intermediate_size")),
+        "l": int(_get(c, "depth")),
+        "h": int(_get(c, "num_heads")),
+        "p": first(_get(c, "patch_size")),
+        "tp": first(_get(c, "temporal_patch_size")),
+        "c": int(_get(c, "in_channels", default=3)),
+        "m": int(_get(c, "spatial_merge_size")),
+        "out": int(_get(c, "out_hidden_size")),
+        "win": int(_get(c, "window_size", default=0) or 0),
+        "full": tuple(_get(c, "fullatt_block_indexes", default=()) or ()),
+    }
+
+
+def param_counts(
+    text_cfg: Any, vision_cfg: Any = None, *, tie_word_embeddings: bool | None = None
+) -> dict[str, int]:
+    """Parameter counts of Qwen2.5-VL from config numbers (HF field names; dicts or objects).
+
+    ``tie_word_embeddings``: None = read from ``text_cfg`` (transformers >= 5 keeps it on the
+    top-level config only: pass ``hf_config.tie_word_embeddings``).
+
+    Keys: embedding, text_layers, lm_head (0 when tied), text (all of the language model),
+    vision, total, text_matmul / vision_matmul (weights used in per-token matmuls, for FLOPs).
+    """
+    t = _text_dims(text_cfg)
+    if tie_word_embeddings is not None:
+        t["tie"] = bool(tie_word_embeddings)
+    d, hd = t["d"], t["hd"]
+    q, kv = t["h"] * hd, t["kv"] * hd
+    attn = d * q + q + 2 * (d * kv + kv) + q * d  # q/k/v with bias, o without
+    mlp = 3 * d * t["i"]
+    layer = attn + mlp + 2 * d  # + 2 RMSNorms
+    layers = t["l"] * layer
+    embedding = t["v"] * d
+    lm_head = 0 if t["tie"] else d * t["v"]
+    text = embedding + layers + d + lm_head  # + final norm
+    text_matmul = t["l"] * (d * q + 2 * d * kv + q * d + mlp) + d * t["v"]
+    out = {
+        "embedding": embedding,
+        "text_layers": layers,
+        "lm_head": lm_head,
+        "text": text,
+        "text_matmul": text_matmul,
+        "vision": 0,
+        "vision_matmul": 0,
+    }
+    if vision_cfg is not None:
+        v = _vision_dims(vision_cfg)
+        dv, iv = v["d"], v["i"]
+        patch = v["c"] * v["tp"] * v["p"] ** 2 * dv  # Conv3d, no bias
+        block = 2 * dv + (dv * 3 * dv + 3 * dv) + (dv * dv + dv) + 2 * (dv * iv + iv) + iv * dv + dv
+        mh = dv * v["m"] ** 2
+        merger = dv + (mh * mh + mh) + (mh * v["out"] + v["out"])
+        out["vision"] = patch + v["l"] * block + merger
+        out["vision_matmul"] = patch + v["l"] * (4 * dv * dv + 3 * dv * iv)
+        out["merger_matmul"] = mh * mh + mh * v["out"]
+    out["total"] = out["text"] + out["vision"]
+    return out
+
+
+def flops_per_token(
+    text_cfg: Any,
+    vision_cfg: Any = None,
+    seq_len: int = 1,
+    *,
+    training: bool = True,
+    patches_per_seq: int = 0,
+    patches_per_image: int | None = None,
+    train_vision: bool = True,
+    causal_discount: bool = False,
+) -> float:
+    """Model FLOPs per sequence token (see the module docstring for the formula).
+
+    Args:
+      seq_len: tokens per sequence (attention context; image placeholder tokens included).
+      training: 3x forward (fwd + bwd) if True, else forward only (rollout / evaluation).
+      patches_per_seq: pre-merge vision patches per sequence (4 per image token); 0 = text only.
+      patches_per_image: context of the full-attention vision layers (default patches_per_seq).
+      train_vision: False when the vision tower is frozen (forward only, no backward).
+      causal_discount: count T/2 attended positions instead of T.
+    """
+    t = _text_dims(text_cfg)
+    n = param_counts(text_cfg, vision_cfg)
+    ctx = seq_len / 2 if causal_discount else seq_len
+    fwd_text = 2 * n["text_matmul"] + 4 * t["l"] * t["h"] * t["hd"] * ctx
+    mult = 3 if training else 1
+    total = mult * fwd_text * seq_len
+    if vision_cfg is not None and patches_per_seq:
+        v = _vision_dims(vision_cfg)
+        full_ctx = patches_per_image or patches_per_seq
+        win_ctx = min((v["win"] // v["p"]) ** 2, full_ctx) if v["win"] else full_ctx
+        n_full = sum(1 for i in v["full"] if 0 <= i < v["l"])
+        attn = 4 * v["d"] * ((v["l"] - n_full) * win_ctx + n_full * full_ctx)
+        patch_embed = 2 * v["c"] * v["tp"] * v["p"] ** 2 * v["d"]
+        rest = 2 * n["vision_matmul"] - patch_embed + attn + 2 * n["merger_matmul"] / v["m"] ** 2
+        if training and train_vision:
+            # The patch embedding needs no input gradient (pixels): forward + weight grad only.
+            per_patch = 3 * rest + 2 * patch_embed
+        else:
+            per_patch = rest + patch_embed
+        total += per_patch * patches_per_seq
+    return total / seq_len
+
+
+# Dense bf16 peak FLOP/s per chip (vendor data sheets). Matched on jax's ``device_kind``.
+_PEAK_BF16 = (
+    ("tpu v6", 918e12),  # v6e / Trillium ("TPU v6 lite")
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports "TPU v5"
+    ("tpu v4", 275e12),
+    ("h200", 989e12),  # SXM, dense
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM, dense
+    ("a100", 312e12),
+)
+
+
+def peak_flops(device: Any = None) -> float | None:
+    """Dense bf16 peak FLOP/s of one device (a jax Device or its ``device_kind`` string).
+
+    None when unknown (e.g. CPU), so no MFU is reported rather than a made-up one.
+    """
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    kind = (device if isinstance(device, str) else getattr(device, "device_kind", "")).lower()
+    for key, value in _PEAK_BF16:
+        if key in kind:
+            return value
+    return None
+
+
+def mfu(
+    tokens_per_second: float, flops_per_tok: float, n_devices: int, device: Any = None
+) -> float | None:
+    """Model FLOPs utilisation in [0, 1], or None when the device's peak is unknown."""
+    peak = peak_flops(device)
+    if peak is None or n_devices <= 0:
+        return None
+    return tokens_per_second * flops_per_tok / (n_devices * peak)

@@ -1,0 +1,224 @@
+"""Metrics: parameter / FLOP counts vs the transformers model (numel, torch FlopCounterMode), a hand
+count, the peak-FLOPs table, writers (JSONL + TensorBoard), GRPO reward summaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from tatar_jax import metrics
+
+T, PATCHES = 40, 64  # sequence tokens; one 8x8-patch image = 16 image tokens
+
+
+def _hf_model(tie: bool):
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,  # 4x4-patch windows on the 8x8 grid: windowed layer 0, full layer 1
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=299,
+        video_token_id=298,
+        vision_start_token_id=297,
+        vision_end_token_id=296,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=tie,
+    )
+    cfg._attn_implementation = "eager"  # explicit matmuls, counted by FlopCounterMode
+    torch.manual_seed(0)
+    return cfg, Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return _hf_model(tie=False)
+
+
+def _inputs(with_image: bool):
+    ids = torch.randint(0, 290, (1, T), generator=torch.Generator().manual_seed(0))
+    if not with_image:
+        return {"input_ids": ids}
+    ids[0, 5:21] = 299
+    return {
+        "input_ids": ids,
+        "pixel_values": torch.randn(PATCHES, 3 * 2 * 14 * 14),
+        "image_grid_thw": torch.tensor([[1, 8, 8]]),
+    }
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_counts_match_hf_numel(tie):
+    cfg, model = _hf_model(tie)
+    pc = metrics.param_counts(
+        cfg.text_config, cfg.vision_config, tie_word_embeddings=cfg.tie_word_embeddings
+    )
+    # The actual parameter tree: transformers' state dict shapes (tied weights appear once).
+    assert pc["total"] == sum(p.numel() for p in model.parameters())
+    assert pc["vision"] == sum(p.numel() for p in model.model.visual.parameters())
+    assert pc["lm_head"] == (0 if tie else 64 * 300)
+    # Works from plain dicts too (a params-shape dict / config.json contents).
+    as_dict = metrics.param_counts(
+        {**cfg.text_config.to_dict(), "tie_word_embeddings": tie}, cfg.vision_config.to_dict()
+    )
+    assert as_dict == pc
+
+
+def test_param_counts_of_our_config_dataclass():
+    cfgmod = pytest.importorskip("tatar_jax.models.qwen2_5_vl.config")
+    c = cfgmod.qwen2_5_vl_7b()
+    pc = metrics.param_counts(c.text, c.vision)
+    assert 8.2e9 < pc["total"] < 8.4e9  # Qwen2.5-VL-7B-Instruct: 8.29B parameters
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_flops_match_torch_flop_counter(hf, with_image, training):
+    cfg, model = hf
+    inputs = _inputs(with_image)
+    model.zero_grad()
+    with FlopCounterMode(display=False) as fc:
+        if training:
+            model.train()
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(**inputs)
+    ours = metrics.flops_per_token(
+        cfg.text_config,
+        cfg.vision_config,
+        T,
+        training=training,
+        patches_per_seq=PATCHES if with_image else 0,
+    )
+    assert ours * T == fc.get_total_flops()
+
+
+def test_flops_hand_count_and_options():
+    text = dict(
+        vocab_size=10,
+        hidden_size=4,
+        intermediate_size=6,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    # Per token: q 4x4, k 4x2, v 4x2, o 4x4, gate/up/down 3x4x6, lm_head 4x10 -> 2 FLOPs per MAC.
+    macs = 16 + 8 + 8 + 16 + 72 + 40
+    attn = 4 * 1 * 2 * 2 * 8  # 4 * layers * heads * head_dim * context (QK^T and AV)
+    assert metrics.flops_per_token(text, None, 8, training=False) == 2 * macs + attn
+    assert metrics.flops_per_token(text, None, 8) == 3 * (2 * macs + attn)
+    assert metrics.flops_per_token(text, None, 8, training=False, causal_discount=True) == (
+        2 * macs + attn / 2
+    )
+
+
+def test_frozen_vision_counts_forward_only(hf):
+    cfg, _ = hf
+    args = (cfg.text_config, cfg.vision_config, T)
+    full = metrics.flops_per_token(*args, patches_per_seq=PATCHES)
+    frozen = metrics.flops_per_token(*args, patches_per_seq=PATCHES, train_vision=False)
+    text_only = metrics.flops_per_token(*args)
+    vis_fwd = metrics.flops_per_token(*args, training=False, patches_per_seq=PATCHES) - (
+        metrics.flops_per_token(*args, training=False)
+    )
+    assert frozen == pytest.approx(text_only + vis_fwd)
+    assert full > frozen
+
+
+def test_peak_flops_table():
+    assert metrics.peak_flops("TPU v4") == 275e12
+    assert metrics.peak_flops("TPU v5 lite") == 197e12
+    assert metrics.peak_flops("TPU v5") == 459e12
+    assert metrics.peak_flops("TPU v5p") == 459e12
+    assert metrics.peak_flops("TPU v6 lite") == 918e12
+    assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops("NVIDIA H200") == 989e12
+    assert metrics.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.peak_flops("cpu") is None
+    assert metrics.peak_flops() is None  # tests run on CPU
+    assert metrics.mfu(1000.0, 1e9, 1) is None
+    assert metrics.mfu(1000.0, 1e9, 4, "TPU v4") == pytest.approx(1e12 / (4 * 275e12))
+
+
+def test_writer_jsonl_tensorboard_and_every(tmp_path):
+    w = metrics.MetricsWriter(tmp_path, every_steps=2, console=False, process_index=0)
+    assert not w.write(1, {"loss": 1.0})
+    assert w.write(2, {"loss": np.float32(0.5), "lr": np.asarray([1e-6])})
+    assert w.write(3, {"loss": float("nan")}, force=True)
+    w.close()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 3]
+    assert recs[0]["loss"] == 0.5 and recs[0]["lr"] == pytest.approx(1e-6)
+    assert np.isnan(recs[1]["loss"])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(ValueError, match="scalar"):
+        metrics.MetricsWriter(tmp_path, console=False, process_index=0).write(0, {"x": [1, 2]})
+    other = tmp_path / "other"
+    w1 = metrics.MetricsWriter(other, process_index=1)
+    assert not w1.write(0, {"loss": 1.0})
+    assert not other.exists()  # non-zero processes write nothing
+
+
+def test_grpo_reward_metrics():
+    tasks = ["iqa"] * 4 + ["iaa"] * 4  # two prompts, G = 4
+    acc = [1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2]
+    fmt = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    m = metrics.grpo_reward_metrics(
+        {"accuracy": acc, "format": fmt},
+        tasks,
+        group_size=4,
+        completion_lengths=[10, 20, 30, 40, 100, 100, 100, 100],
+        parsed=[1, 1, 0, 1, 1, 1, 1, 1],
+        weights={"iqa": {"accuracy": 2.0, "format": 1.0}, "iaa": {"accuracy": 1.0}},
+    )
+    iqa_total = 2 * np.array(acc[:4]) + np.array(fmt[:4])
+    assert m["reward/accuracy/iqa"] == pytest.approx(0.5)
+    assert m["reward/format/iaa"] == pytest.approx(1.0)
+    assert m["reward_total/iqa"] == pytest.approx(iqa_total.mean())
+    assert m["reward_total/iaa"] == pytest.approx(1.2)  # format weight defaults to 1
+    assert m["reward_group_std/iqa"] == pytest.approx(iqa_total.std(ddof=1))
+    assert m["zero_std_groups/iaa"] == 1.0 and m["zero_std_groups/iqa"] == 0.0
+    assert m["zero_std_groups/all"] == 0.5
+    assert m["completion_len/iqa"] == 25 and m["parsed_frac/iqa"] == 0.75
+    assert m["parsed_frac/all"] == pytest.approx(7 / 8)
+    with pytest.raises(ValueError, match="mixes tasks"):
+        metrics.grpo_reward_metrics({"a": acc}, ["iqa", "iaa"] * 4, group_size=4)
+    with pytest.raises(ValueError, match="multiple"):
+        metrics.grpo_reward_metrics({"a": acc}, tasks, group_size=3)
+
+
+def test_step_timer_and_progress():
+    timer = metrics.StepTimer()
+    with timer("rollout"):
+        pass
+    with timer("update"):
+        pass
+    m = timer.metrics()
+    assert set(m) == {"time/rollout", "time/update", "time/step"}
+    assert m["time/step"] == pytest.approx(m["time/rollout"] + m["time/update"])
+    assert timer.metrics() == {"time/step": 0.0}
+    bar = metrics.Progress(10, initial=3, enabled=False)
+    bar.update(1, loss=np.float32(0.1))
+    bar.close()
