@@ -115,6 +115,24 @@ def test_eval_schedule_covers_each_record_once_with_fillers():
     assert len(slots) == 12 and sum(x[0] < 0 for x in slots) == 3
 
 
+def test_eval_schedule_two_hosts_cover_each_record_once():
+    shards = [
+        _slots(
+            [5, 4],
+            ["iqa", "iaa"],
+            stage="eval",
+            shuffle=False,
+            batch_size=2,
+            process_index=h,
+            process_count=2,
+        )  # fmt: skip
+        for h in range(2)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 6  # 9 records -> 3 global batches of 4
+    real = sorted(x[:2] for sh in shards for x in sh if x[0] >= 0)
+    assert real == [(0, i) for i in range(5)] + [(1, i) for i in range(4)]
+
+
 # ----------------------------------------------------------------------------------- batches
 
 
