@@ -264,3 +264,23 @@ def test_synthetic_sft_end_to_end(tmp_path_factory):
         answer = float(text.rsplit("<answer>", 1)[1].split("</answer>")[0])
         assert abs(answer - float(b["gt_100"][r])) <= 0.005 + 1e-4  # two decimals of the gt
     assert b["meta"]["num_skipped_rows"] == 0
+
+
+def test_tfds_source_reads_like_the_manifest(tmp_path_factory):
+    pytest.importorskip("tensorflow_datasets")
+    from tatar_jax.data import manifest, synthetic, tfds_builder
+
+    root = tmp_path_factory.mktemp("syn_tfds")
+    spec = synthetic.ensure_synthetic(root / "s", image_size=32)["synthetic-iaa-test"]
+    rows = manifest.read_rows(spec.manifest)[:6]
+    small = root / "small.jsonl"
+    manifest.write_manifest(small, rows)
+    spec = spec.replace(manifest=str(small))
+    path = tfds_builder.build(spec, root / "tfds", split="test")
+    from_tfds = pl.source_from_tfds(path, "test")
+    from_manifest = pl.sources_from_specs([spec])[0]
+    assert (from_tfds.name, from_tfds.task) == (from_manifest.name, from_manifest.task)
+    opts = _opts(stage="eval", shuffle=False, batch_size=4, worker_count=0)
+    a = [_flat(b) for b in pl.make_dataset([from_tfds], opts)]
+    b = [_flat(b) for b in pl.make_dataset([from_manifest], opts)]
+    assert a == b and len(a) == 2

@@ -102,6 +102,23 @@ def sources_from_specs(
     ]
 
 
+def source_from_tfds(path: str, split: str = "train", name: str | None = None) -> Source:
+    """A :class:`Source` reading a split staged by ``tfds_builder.build`` (no TensorFlow).
+
+    Records carry the image bytes, so workers decode from the array_record files, not the
+    original image folder. Name and task come from the staged records unless ``name`` is given.
+    """
+    from tatar_jax.data import tfds_builder
+
+    recs = tfds_builder.load(path, split)
+    if len(recs) == 0:
+        raise ValueError(f"{path}: split {split!r} is empty")
+    first = recs[0]
+    return Source(
+        name or first["dataset"], first["task"], recs, num_skipped_rows=len(recs.skipped())
+    )
+
+
 def sources_from_synthetic(specs: Mapping[str, Any], split: str = "train") -> list[Source]:
     """The IQA and IAA sources of one split of ``synthetic.ensure_synthetic(root)``."""
     if split not in ("train", "test"):
