@@ -72,35 +72,57 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def dataset_source(
-    task: str, manifest: str = "", image_root: str = "", weight: float = 1.0
+    task: str = "iqa",
+    *,
+    builtin: str = "",
+    manifest: str = "",
+    image_root: str = "",
+    score_range: tuple[float, float] = (0.0, 100.0),
+    label_field: str = "gt_score",
+    target_field: str = "",
+    sampling: str = "all",
 ) -> ml_collections.ConfigDict:
-    """One dataset declaration: a manifest file of the data issue + its image folder."""
-    if task not in (*TASKS, "both"):
-        raise ValueError(f"task must be one of {TASKS} or 'both', got {task!r}")
+    """One dataset declaration (fields of ``tatar_jax.data.manifest.DatasetSpec``).
+
+    ``builtin``: a name of ``tatar_jax.data.datasets.BUILTINS`` (e.g. "koniq-train"); its task,
+    range, label field and path under ``data.root`` are used unless ``manifest`` overrides the path.
+    Otherwise ``task``/``manifest``/``score_range``/``label_field`` declare the set.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     c = ml_collections.ConfigDict()
+    c.builtin = builtin
     c.task = task
-    c.manifest = manifest  # JSONL/CSV manifest (see tatar_jax.data.manifest); "" = not configured
-    c.image_root = image_root
-    c.weight = weight  # relative sampling weight when mixing
-    c.max_records = -1  # -1 = all
+    c.manifest = manifest  # JSON/JSONL manifest; "" = built-in path under data.root
+    c.image_root = image_root  # "" = the manifest's folder
+    c.score_range = tuple(float(x) for x in score_range)  # native (lo, hi) -> 0-100
+    c.label_field = label_field
+    c.image_field = "image"
+    c.target_field = target_field  # SFT rationale field ("" for GRPO / eval)
+    c.sampling = sampling  # "all" | "first:N" | "random:N" | "P%" (manifest.sample_indices)
     return c
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """Datasets by name, preprocessing and batching (spec §2, §6.1, §7.1)."""
+    """Datasets by name, preprocessing and batching (spec §2, §6.1, §7.1).
+
+    ``train`` names entries of ``sources``; the reserved name "synthetic" is the embedded
+    synthetic set (``tatar_jax.data.synthetic``, both tasks, built under the workdir), so the
+    default configs need no files.
+    """
     c = ml_collections.ConfigDict()
-    # Names of entries of `sources` used for training; "synthetic" is the embedded dataset.
+    c.root = ""  # folder of the built-in manifests (tatar_jax.data.datasets)
     c.train = ("synthetic",)
-    c.sources = ml_collections.ConfigDict()
-    c.sources.synthetic = dataset_source("both")  # the synthetic set carries both tasks
+    c.sources = ml_collections.ConfigDict()  # name -> dataset_source(...)
     c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.num_train = 256
-    c.synthetic.num_test = 64
-    c.synthetic.image_size = 56
+    c.synthetic.image_size = 128
+    c.tokenizer_dir = ""  # "" = the model's hf_dir, else the offline Qwen2.5-VL tokenizer
+    c.prompt_variant = "train"
     c.min_pixels = MIN_PIXELS
     c.max_pixels = MAX_PIXELS
-    c.max_seq_len = 2048  # static padded length (bucketed below it); longer examples are an error
-    c.seq_buckets = (256, 512, 1024, 2048)
+    c.max_seq_len = 2048  # longest bucket; longer examples are an error, never truncated
+    c.seq_buckets = (256, 512, 1024, 2048)  # static padded lengths (one compile per bucket)
+    c.patch_buckets = ()  # () = the pipeline's default vision-patch buckets
     # Mixing of the tasks (spec §6.1): random interleave with P(IQA) = p_iqa, "all_exhausted".
     c.mixing = "interleave"  # "interleave" | "concat" (GRPO reference: concatenated, shuffled)
     c.p_iqa = 0.5
@@ -220,12 +242,28 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
     return c
 
 
-def reference_sources() -> ml_collections.ConfigDict:
-    """Reference training sets (spec §2.2): paths are left for the user to fill."""
+def reference_grpo_sources() -> ml_collections.ConfigDict:
+    """GRPO training sets (spec §7.1): DeQA KonIQ train (gt_score_norm) + ArtiMuse train."""
     c = ml_collections.ConfigDict()
-    c.koniq_train = dataset_source("iqa")
-    c.artimuse_train = dataset_source("iaa")
-    c.synthetic = dataset_source("both")
+    c.koniq_train = dataset_source(
+        "iqa", builtin="koniq-train", score_range=(1.0, 5.0), label_field="gt_score_norm"
+    )
+    c.artimuse_train = dataset_source("iaa", builtin="artimuse-train", score_range=(0.0, 10.0))
+    return c
+
+
+def reference_sft_sources() -> ml_collections.ConfigDict:
+    """SFT sets (spec §6.1): judged IQA reversal rationales and IAA narratives (user paths).
+
+    IQA labels are DeQA's raw ``gt_score`` on 1-5 (25 * (gt - 1)); IAA ``gt_score`` on 0-10.
+    """
+    c = ml_collections.ConfigDict()
+    c.iqa_sft = dataset_source(
+        "iqa", score_range=(1.0, 5.0), label_field="gt_score", target_field="reversal_thinking"
+    )
+    c.iaa_sft = dataset_source(
+        "iaa", score_range=(0.0, 10.0), label_field="gt_score", target_field="cot_reasoning"
+    )
     return c
 
 

@@ -3,8 +3,7 @@
     python scripts/train.py --config=configs/grpo.py --workdir=/tmp/grpo   # embedded default
     python scripts/train.py --config=configs/grpo.py:reference --workdir=... \\
         --config.model.init_checkpoint=/runs/sft --config.model.init_step=120 \\
-        --config.data.sources.koniq_train.manifest=... \\
-        --config.data.sources.artimuse_train.manifest=...
+        --config.data.root=/data/tatar   # built-in manifests (tatar_jax.data.datasets)
 
 Presets (``:arg``): ``default`` (embedded tiny model + synthetic data), ``tiny`` (tests),
 ``reference`` (spec §7: 16 prompts x G = 8 = 128 completions per step, beta 0.001, eps 0.2,
@@ -82,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.init_checkpoint = ""  # required: the SFT workdir
         c.model.init_step = 120  # spec §6.3: GRPO starts from SFT checkpoint-120
         c.model.preset = ""
-        c.data.sources = common.reference_sources()
+        c.data.sources = common.reference_grpo_sources()
         c.data.train = ("koniq_train", "artimuse_train")
         c.data.max_seq_len = 4096
         c.data.seq_buckets = (1024, 2048, 4096)
@@ -111,8 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grpo.num_generations = 4
         c.grpo.max_new_tokens = 16
         c.total_steps = 3
-        c.data.synthetic.num_train = 16
-        c.data.synthetic.num_test = 8
+        c.data.synthetic.image_size = 56
         c.data.max_seq_len = 256
         c.data.seq_buckets = (256,)
         c.checkpoint.every_steps = 2

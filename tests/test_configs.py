@@ -113,3 +113,39 @@ def test_override_in_subprocess_from_other_cwd(repo_root, tmp_path):
         check=True,
     )
     assert "LR 1e-06 grpo" in out.stdout
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("preset", ["", ":tiny", ":reference"])
+def test_fields_fit_the_modules_that_read_them(repo_root, stage, preset):
+    """Dataset declarations build DatasetSpecs, the model preset exists, batches divide."""
+    datasets = pytest.importorskip("tatar_jax.data.datasets")
+    manifest = pytest.importorskip("tatar_jax.data.manifest")
+    model_config = pytest.importorskip("tatar_jax.models.qwen2_5_vl.config")
+    c = _parse(repo_root, [f"--config={repo_root}/configs/{stage}.py{preset}"])
+    for name, src in c.data.sources.items():
+        if src.builtin:
+            spec = datasets.get(src.builtin, "/data", sampling=src.sampling)
+            assert (spec.task, spec.score_range) == (src.task, src.score_range), name
+            assert spec.label_field == src.label_field, name
+        else:
+            manifest.DatasetSpec(
+                name=name,
+                task=src.task,
+                manifest="/data/x.jsonl",
+                score_range=src.score_range,
+                sampling=src.sampling,
+                label_field=src.label_field,
+                image_field=src.image_field,
+                target_field=src.target_field or None,
+            )
+    for name in c.data.train:
+        assert name == "synthetic" or name in c.data.sources, name
+    if c.model.preset:
+        model_config.preset(c.model.preset)
+    assert c.data.max_seq_len == max(c.data.seq_buckets)
+    if stage == "sft":
+        assert c.sft.global_batch_size % c.optimizer.grad_accum_steps == 0
+    else:
+        completions = c.grpo.prompts_per_step * c.grpo.num_generations
+        assert completions % c.optimizer.grad_accum_steps == 0
