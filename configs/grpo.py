@@ -46,13 +46,16 @@ def grpo_block() -> ml_collections.ConfigDict:
     c.epsilon_high = config_dict.placeholder(float)  # None = epsilon (symmetric clip)
     c.num_iterations = 1  # mu: optimisation passes per rollout; 1 => old log-probs = rollout's
     c.mini_batch_size = 0  # completions per gradient micro-batch; 0 = all of a step at once
-    # Advantages: (R - mean_G) / (std_G + eps), std unbiased (ddof 1) over the G completions.
-    c.advantage = "group"  # "group" | "group_no_std" (Dr. GRPO style) | "batch"
+    # Advantages (tatar_jax.grpo.group_advantages): "grpo" = (R - mean_G) / (std_G + eps) with
+    # the unbiased std (ddof 1) over the G completions (reference) | "dr_grpo" | "rloo" |
+    # "batch_std".
+    c.advantage = "grpo"
     c.advantage_eps = 1e-4
     c.advantage_std_ddof = 1
-    # Loss aggregation: "sequence_mean" = token-mean per completion, then mean over completions
-    # (reference); "token_mean" = over all completion tokens (DAPO); "fixed_length" (Dr. GRPO).
-    c.loss_aggregation = "sequence_mean"
+    # Loss aggregation (tatar_jax.grpo.grpo_loss): "seq_mean_token_mean" = token mean per
+    # completion, then mean over completions (reference) | "token_mean" (DAPO) | "fixed_length"
+    # (Dr. GRPO).
+    c.loss_aggregation = "seq_mean_token_mean"
     c.kl_estimator = "k3"
     # Rollout (spec §7.2). Temperature 1.0 is what the reference actually used (B11).
     c.temperature = 1.0

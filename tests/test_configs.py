@@ -47,7 +47,7 @@ def test_reference_values(repo_root):
     assert g.grpo.num_iterations == 1 and g.grpo.temperature == 1.0
     assert g.grpo.top_k == 50 and g.grpo.top_p == 1.0 and g.grpo.max_new_tokens == 256
     assert g.grpo.advantage_eps == 1e-4 and g.grpo.advantage_std_ddof == 1
-    assert g.grpo.loss_aggregation == "sequence_mean"
+    assert g.grpo.loss_aggregation == "seq_mean_token_mean" and g.grpo.advantage == "grpo"
     assert g.optimizer.learning_rate == 1e-6 and g.optimizer.schedule == "linear"
     assert g.optimizer.warmup_steps == 0 and g.optimizer.end_lr_factor == 0.0
     assert g.data.num_epochs == 3 and g.checkpoint.every_steps == 100
@@ -149,3 +149,27 @@ def test_fields_fit_the_modules_that_read_them(repo_root, stage, preset):
     else:
         completions = c.grpo.prompts_per_step * c.grpo.num_generations
         assert completions % c.optimizer.grad_accum_steps == 0
+
+
+def test_grpo_names_are_accepted_by_tatar_jax_grpo(repo_root):
+    grpo = pytest.importorskip("tatar_jax.grpo")
+    import jax.numpy as jnp
+
+    for preset in ("", ":reference"):
+        g = _parse(repo_root, [f"--config={repo_root}/configs/grpo.py{preset}"]).grpo
+        n = g.num_generations
+        adv = grpo.group_advantages(
+            jnp.arange(2.0 * n), n, g.advantage, g.advantage_eps, ddof=g.advantage_std_ddof
+        )
+        logps = jnp.zeros((2 * n, 3))
+        grpo.grpo_loss(
+            logps,
+            logps,
+            logps,
+            adv,
+            jnp.ones((2 * n, 3)),
+            epsilon=g.epsilon,
+            epsilon_high=g.epsilon_high,
+            beta=g.beta,
+            aggregation=g.loss_aggregation,
+        )
