@@ -204,6 +204,10 @@ def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     return lut
 
 
+def _channel_offsets(c: int) -> np.ndarray:
+    return (256 * np.arange(c, dtype=np.intp)).reshape(1, c, 1)
+
+
 def patchify_rgb(
     rgb: np.ndarray,
     mean: tuple[float, ...] = CLIP_MEAN,
@@ -225,12 +229,14 @@ def patchify_rgb(
     if h % unit or w % unit:
         raise ValueError(f"image {h}x{w} is not a multiple of {unit}")
     gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
-    # Permute the uint8 image first (4x less memory traffic than permuting floats).
+    n = gh * gw
+    # One strided pass: uint8 view in patch order + channel offset -> intp LUT index.
     x = rgb.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)
-    idx = x.astype(np.int32) + (256 * np.arange(c, dtype=np.int32)).reshape(1, 1, 1, 1, c, 1, 1)
-    vals = _lut(tuple(mean), tuple(std))[idx].reshape(gh * gw, c, 1, p * p)
-    out = np.empty((gh * gw, c, temporal_patch_size, p * p), np.float32)
-    out[...] = vals  # the still image repeated on the temporal axis
+    idx = x.reshape(n, c, p * p) + _channel_offsets(c)
+    vals = _lut(tuple(mean), tuple(std)).take(idx, mode="clip")  # indices are in range
+    out = np.empty((n, c, temporal_patch_size, p * p), np.float32)
+    for t in range(temporal_patch_size):  # the still image repeated on the temporal axis
+        out[:, :, t] = vals
     return out.reshape(gh * gw, c * temporal_patch_size * p * p), np.array([1, gh, gw], np.int32)
 
 
