@@ -215,6 +215,8 @@ def test_thought_dropout_rate_within_binomial_bound():
     assert a == [ex.drop_think_draw(1, 0, r, "iqa", 0.5) for r in range(200)]
     assert a != [ex.drop_think_draw(1, 1, r, "iqa", 0.5) for r in range(200)]
     assert a != [ex.drop_think_draw(1, 0, r, "iaa", 0.5) for r in range(200)]
+    assert a != [ex.drop_think_draw(1, 0, r, "iqa", 0.5, dataset="other") for r in range(200)]
+    assert a != [ex.drop_think_draw(1, 0, r, "iqa", 0.5, visit=1) for r in range(200)]
     # Joint rate over (epoch, row) pairs also binomial.
     k = sum(ex.drop_think_draw(7, e, r, "iaa", 0.3) for e in range(4) for r in range(1000))
     assert abs(k - 1200) <= 4.5 * np.sqrt(4000 * 0.21)

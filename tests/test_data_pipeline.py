@@ -65,7 +65,7 @@ def test_concat_epochs_are_permutations_and_drop_incomplete_batch():
     slots = _slots([7, 5], ["iqa", "iaa"], mixing="concat", num_epochs=2, batch_size=5)
     assert len(slots) == 20  # 12 records -> 10 per epoch (2 full batches of 5)
     for e in range(2):
-        ep = [(s, r) for s, r, epoch, _ in slots if epoch == e]
+        ep = [(s, r) for s, r, epoch, *_ in slots if epoch == e]
         assert len(ep) == 10 and len(set(ep)) == 10
     assert [x[:2] for x in slots[:10]] != [x[:2] for x in slots[10:]]  # reshuffled per epoch
     again = _slots([7, 5], ["iqa", "iaa"], mixing="concat", num_epochs=2, batch_size=5)
@@ -81,6 +81,9 @@ def test_interleave_all_exhausted_oversamples_smaller_pool():
     # All of the 300 IQA records were seen; IAA restarted several times (~300 draws).
     assert len({r for s, r, *_ in slots if s == 0}) == 300
     assert by_src[1] > 150 and len({r for s, r, *_ in slots if s == 1}) == 40
+    # Each pass over the IAA pool is a new visit: (record, visit) never repeats in an epoch.
+    iaa = [(r, v) for s, r, _, _, v in slots if s == 1]
+    assert len(set(iaa)) == len(iaa) and max(v for _, v in iaa) >= 3
     # The choice is a fair coin: IAA share within a binomial bound.
     n = len(slots)
     assert abs(by_src[1] - n / 2) <= 4.5 * np.sqrt(n / 4)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -166,13 +167,27 @@ def empty_think(target: str) -> str:
     return _THINK_RE.sub(lambda _: prompts.EMPTY_THINK, target)
 
 
-def drop_think_draw(seed: int, epoch: int, row_id: int, task: str, p: float) -> bool:
-    """Whether thought dropout fires for (seed, epoch, task, row): reproducible, independent."""
+def drop_think_draw(
+    seed: int, epoch: int, row_id: int, task: str, p: float, dataset: str = "", visit: int = 0
+) -> bool:
+    """Whether thought dropout fires for (seed, epoch, dataset, task, row, visit).
+
+    Reproducible (a pure function of its arguments, whatever the worker/batch layout) and
+    independent across rows, epochs, datasets and repeated visits within an epoch.
+    """
     if p <= 0.0:
         return False
     if p >= 1.0:
         return True
-    key = [int(seed) & 0xFFFFFFFF, int(epoch), prompts.TASK_IDS[task], int(row_id), 0x7A7A]
+    key = [
+        int(seed) & 0xFFFFFFFF,
+        int(epoch),
+        prompts.TASK_IDS[task],
+        int(row_id) & 0xFFFFFFFFFFFF,
+        zlib.crc32(dataset.encode()),
+        int(visit),
+        0x7A7A,
+    ]
     return bool(np.random.default_rng(key).random() < p)
 
 
@@ -314,6 +329,7 @@ def make_sft_example(
     p_drop_think: Mapping[str, float] | None = None,
     seed: int = 0,
     epoch: int = 0,
+    visit: int = 0,
     rope_cfg: Any = None,
     rope_index_fn: RopeIndexFn | None = None,
     merge_size: int = 2,
@@ -329,7 +345,7 @@ def make_sft_example(
         raise ExampleError(f"{where}: empty SFT target")
     text = rewrite_answer(target, float(gt_100))
     p = float((p_drop_think or {}).get(task, 0.0))
-    dropped = drop_think_draw(seed, epoch, row_id, task, p)
+    dropped = drop_think_draw(seed, epoch, row_id, task, p, dataset=dataset, visit=visit)
     if dropped:
         text = empty_think(text)
     ids, mask = assistant_span(tok, task, text, variant, chat_template, where)

@@ -193,7 +193,11 @@ def _host(opts: PipelineOptions) -> tuple[int, int]:
 
 
 class Schedule(Sequence):
-    """Host-local slots ``k -> (source, record, epoch, global_slot)``; ``source = -1`` = filler.
+    """Host-local slots ``k -> (source, record, epoch, global_slot, visit)``.
+
+    ``source = -1`` marks an evaluation filler slot. ``visit`` counts how often the record's
+    task pool restarted earlier in this epoch (interleave oversampling; 0 otherwise), so the
+    thought-dropout draw of a repeated record is a fresh one.
 
     Pure function of (sizes, options); each worker process rebuilds the epochs it needs.
     """
@@ -209,7 +213,7 @@ class Schedule(Sequence):
         self._total = int(self._offsets[-1])
         if self._total == 0:
             raise ValueError("no records to read")
-        self._epochs: dict[int, np.ndarray] = {}
+        self._epochs: dict[int, np.ndarray] = {}  # epoch -> (N, 2) [global index, visit]
         self._epoch_len_cache: list[int] = []
         if opts.stage == "eval":
             # One pass; the last global batch is completed with filler slots (valid = False).
@@ -238,11 +242,16 @@ class Schedule(Sequence):
     def _build_epoch(self, epoch: int) -> np.ndarray:
         opts = self._opts
         if opts.stage == "eval":
-            return np.arange(self._total, dtype=np.int64)
-        if opts.mixing == "concat":
+            order = np.arange(self._total, dtype=np.int64)
+        elif opts.mixing == "concat":
             order = self._perm(self._total, epoch, 0)
         else:
-            order = self._interleave(epoch)
+            return self._drop_partial(self._interleave(epoch))
+        return self._drop_partial(np.stack([order, np.zeros_like(order)], axis=1))
+
+    def _drop_partial(self, order: np.ndarray) -> np.ndarray:
+        if self._opts.stage == "eval":
+            return order
         keep = len(order) // self._g * self._g  # drop the incomplete final global batch
         return order[:keep]
 
@@ -265,12 +274,12 @@ class Schedule(Sequence):
         restarts = [0] * len(live)
         perms = [self._perm(len(pools[k]), epoch, 10 + 1000 * k) for k in live]
         exhausted = [False] * len(live)
-        out: list[int] = []
+        out: list[tuple[int, int]] = []
         # Draw choices in chunks; each slot is one Bernoulli/categorical choice (spec §6.1).
         while True:
             for c in rng.choice(len(live), size=4096, p=probs):
                 k = live[c]
-                out.append(int(pools[k][perms[c][cursor[c]]]))
+                out.append((int(pools[k][perms[c][cursor[c]]]), restarts[c]))
                 cursor[c] += 1
                 if cursor[c] == len(pools[k]):
                     exhausted[c] = True
@@ -279,7 +288,7 @@ class Schedule(Sequence):
                     perms[c] = self._perm(len(pools[k]), epoch, 10 + 1000 * k + restarts[c])
                     done = all(exhausted) if self._opts.stopping == "all_exhausted" else True
                     if done:
-                        return np.asarray(out, np.int64)
+                        return np.asarray(out, np.int64).reshape(-1, 2)
 
     def _epoch(self, epoch: int) -> np.ndarray:
         order = self._epochs.get(epoch)
@@ -305,16 +314,16 @@ class Schedule(Sequence):
         glob = (k // self._b) * self._g + self._host * self._b + k % self._b
         if self._opts.stage == "eval":
             if glob >= self._total:
-                return (-1, 0, 0, glob)
+                return (-1, 0, 0, glob, 0)
             epoch, pos = 0, glob
         else:
             epoch, pos = 0, glob
             while pos >= self._epoch_len(epoch):
                 pos -= self._epoch_len(epoch)
                 epoch += 1
-        gidx = int(self._epoch(epoch)[pos])
+        gidx, visit = (int(x) for x in self._epoch(epoch)[pos])
         src = int(np.searchsorted(self._offsets, gidx, side="right") - 1)
-        return (src, gidx - int(self._offsets[src]), epoch, glob)
+        return (src, gidx - int(self._offsets[src]), epoch, glob, visit)
 
     def global_batches(self) -> int:
         return self._len // self._b if self._len != sys.maxsize else -1
@@ -363,8 +372,8 @@ class LoadExample:
             upscale_min_side=self._opts.upscale_min_side or None,
         )
 
-    def __call__(self, slot: tuple[int, int, int, int]) -> dict[str, Any]:
-        src_i, rec_i, epoch, glob = (int(x) for x in slot)
+    def __call__(self, slot: tuple[int, int, int, int, int]) -> dict[str, Any]:
+        src_i, rec_i, epoch, glob, visit = (int(x) for x in slot)
         filler = src_i < 0
         src = self._sources[0 if filler else src_i]
         rec = src.records[0 if filler else rec_i]
@@ -394,6 +403,7 @@ class LoadExample:
                     p_drop_think=dict(self._opts.p_drop_think),
                     seed=self._opts.seed,
                     epoch=epoch,
+                    visit=visit,
                     **common,
                 )
             else:
