@@ -8,9 +8,14 @@
         --image_root=KonIQ-10K=/data/koniq/1024x768 --image_root=AVA=/data/ava/images
     python scripts/check_data.py --dataset=benchmarks --benchmark_root=/data/VR --noimages
 
+    # check, then stage for pods as TFDS array_record (readable without TensorFlow)
+    python scripts/check_data.py --dataset=KonIQ-10K --benchmark_root=/data/VR \
+        --image_root=/data/koniq/1024x768 --tfds_dir=gs://my-bucket/tfds --tfds_split=test
+
 Checks: missing / empty image field or label, non-numeric / NaN / out-of-declared-range score,
 duplicate image, and (unless --noimages) missing, unreadable or truncated image files (each
-image is fully decoded). Exit status 1 when any problem is found, 2 on a usage error.
+image is fully decoded). Exit status 1 when any problem is found (also when --skip_bad staged
+the good rows), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ _IMAGE_ROOT = flags.DEFINE_multi_string(
 _IMAGES = flags.DEFINE_boolean("images", True, "Decode every image (--noimages: rows only).")
 _THREADS = flags.DEFINE_integer("num_threads", 8, "Threads decoding images.")
 _MAX = flags.DEFINE_integer("max_report", 200, "Problems printed per dataset (all are counted).")
+_TFDS = flags.DEFINE_string(
+    "tfds_dir", None, "After the check, stage each dataset as TFDS array_record here (gs:// ok)."
+)
+_SPLIT = flags.DEFINE_string("tfds_split", "train", "Split name of the staged datasets.")
+_SKIP_BAD = flags.DEFINE_boolean(
+    "skip_bad", False, "Stage even with bad rows, leaving them out (listed next to the data)."
+)
 
 
 def _specs() -> list[manifest.DatasetSpec]:
@@ -127,6 +139,26 @@ def main(argv) -> int:
         )
         total_rows += len(rows)
         total_bad += len(problems)
+        if _TFDS.value:
+            if problems and not _SKIP_BAD.value:
+                print(f"{spec.name}: not staged (bad rows; fix them or pass --skip_bad)")
+                continue
+            from tatar_jax.data import tfds_builder
+
+            try:
+                path = tfds_builder.build(
+                    spec,
+                    _TFDS.value,
+                    split=_SPLIT.value,
+                    on_error="skip" if _SKIP_BAD.value else "error",
+                    check_images=bool(problems) or not _IMAGES.value,
+                )
+            except (manifest.ManifestError, ValueError) as err:
+                print(f"ERROR {spec.name}: not staged: {err}")
+                failed_files += 1
+                continue
+            n = len(tfds_builder.load(path, _SPLIT.value))
+            print(f"{spec.name}: staged {n} records as TFDS split {_SPLIT.value!r} at {path}")
     status = "FAILED" if total_bad or failed_files else "OK"
     print(
         f"{status}: {total_rows} rows checked, {total_bad} bad rows, "

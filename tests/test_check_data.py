@@ -117,3 +117,26 @@ def test_builtin_datasets_and_usage_errors(repo_root, shared_dir, tmp_path):
     assert "A0243_03_23.bmp" in out.stdout or "more problems" in out.stdout
     assert _run(repo_root, "--manifest=x.json").returncode != 0  # no range
     assert _run(repo_root, "--dataset=LIVE", f"--benchmark_root={root}").returncode != 0
+
+
+def test_stage_as_tfds(repo_root, bad_set, tmp_path):
+    from tatar_jax.data import manifest, tfds_builder
+
+    path, img = bad_set
+    args = [f"--manifest={path}", f"--image_root={img}", "--score_range=1,5"]
+    out = _run(repo_root, *args, f"--tfds_dir={tmp_path / 'no'}")
+    assert out.returncode == 1 and "bad: not staged (bad rows" in out.stdout
+    assert not (tmp_path / "no").exists()
+    out = _run(repo_root, *args, f"--tfds_dir={tmp_path / 't'}", "--tfds_split=test", "--skip_bad")
+    assert out.returncode == 1, out.stderr  # the problems are still reported
+    assert "bad: staged 2 records as TFDS split 'test'" in out.stdout
+    recs = tfds_builder.load(tmp_path / "t/tatar_manifest/bad/1.0.0", "test")
+    assert [r["row_id"] for r in recs] == [0, 10] and recs[1]["gt_100"] == 87.5
+    assert sorted(s["row"] for s in recs.skipped()) == sorted(EXPECTED)
+    spec = manifest.DatasetSpec("bad", "iqa", str(path), str(img), (1, 5))
+    good = manifest.load_records(spec, on_error="skip").records
+    assert (
+        (img / "ok2.jpg").read_bytes()
+        == recs[1]["image_bytes"]
+        == open(good[-1]["image"], "rb").read()
+    )
