@@ -1,0 +1,225 @@
+"""Logic behind ``scripts/eval.py`` and ``scripts/score.py`` (the scripts only parse flags).
+
+The predictor factory is a parameter (default :func:`tatar_jax.evaluation.predict.build_predict_fn`)
+so the wiring can be exercised without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tatar_jax.evaluation import runner, specs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """``"1,5"`` -> ``(1.0, 5.0)``; ValueError unless two finite numbers with lo < hi."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--score_range must be LO,HI (two numbers), got {text!r}") from None
+    if not lo < hi:
+        raise ValueError(f"--score_range needs LO < HI, got {text!r}")
+    return lo, hi
+
+
+def parse_axes(text: str, what: str) -> dict[str, int]:
+    """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2}`` (mesh flags)."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in ("data", "fsdp", "tensor"):
+            raise ValueError(f"--{what}: entry {item!r} is not data|fsdp|tensor=N")
+        out[name.strip()] = int(value)
+    return out
+
+
+def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
+    """Sets the short flags that were given (not None) on ``cfg`` (``configs/eval.py``)."""
+    ev = cfg.eval
+    direct = (
+        "datasets",
+        "benchmark_root",
+        "manifest",
+        "task",
+        "image_root",
+        "batch_size",
+        "max_new_tokens",
+        "max_pixels",
+        "limit",
+        "out_dir",
+        "reference_compat",
+        "prompt_variant",
+    )
+    for key in direct:
+        if flags.get(key) is not None:
+            setattr(ev, key, flags[key])
+    if flags.get("score_range") is not None:
+        ev.score_range = parse_range(flags["score_range"])
+    if flags.get("hf_dir") is not None:
+        cfg.model.hf_dir = flags["hf_dir"]
+    if flags.get("mesh_shape"):
+        cfg.mesh.shape.update(parse_axes(flags["mesh_shape"], "mesh_shape"))
+    if flags.get("dcn_shape"):
+        cfg.mesh.dcn_shape.update(parse_axes(flags["dcn_shape"], "dcn_shape"))
+    return cfg
+
+
+def run_eval_from_config(
+    cfg: Any,
+    *,
+    checkpoint: str = "",
+    image_roots: str = "",
+    predictor_factory: Callable[..., Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Declarations + predictor + runner; returns metrics by dataset and prints the summary.
+
+    Everything that can be checked without the model (flags, label files) is checked before the
+    model is loaded.
+    """
+    ev = cfg.eval
+    if not ev.out_dir:
+        raise ValueError("--out_dir is required")
+    dataset_specs = specs.specs_from_config(ev, specs.parse_mapping(image_roots))
+    for s in dataset_specs:  # fail on a wrong path before spending minutes loading weights
+        if not os.path.isfile(s.manifest):
+            raise FileNotFoundError(f"dataset {s.name}: label file {s.manifest} not found")
+    if predictor_factory is None:
+        from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
+    predictor = predictor_factory(cfg, checkpoint=checkpoint)
+    is_writer = True
+    if "jax" in sys.modules:
+        import jax
+
+        is_writer = jax.process_index() == 0
+    options = runner.EvalOptions(
+        batch_size=ev.batch_size,
+        limit=ev.limit,
+        reference_compat=ev.reference_compat,
+        bad_rows=ev.bad_rows,
+        image_threads=ev.image_threads,
+        progress=ev.progress and is_writer,
+        is_writer=is_writer,
+        plots=ev.plots,
+        run_info=predictor.info,
+    )
+    results = runner.run_eval(
+        dataset_specs,
+        predictor.predict_fn,
+        ev.out_dir,
+        options,
+        count_tokens=predictor.count_tokens,
+        title=predictor.name,
+    )
+    if is_writer:
+        with open(os.path.join(ev.out_dir, "summary.md"), encoding="utf-8") as f:
+            print(f.read())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# score.py
+
+
+def collect_images(paths: Sequence[str]) -> list[str]:
+    """Files as given, folders expanded to their images (sorted, non-recursive).
+
+    FileNotFoundError naming a path that does not exist; ValueError if nothing is left.
+    """
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += sorted(
+                os.path.join(p, f)
+                for f in os.listdir(p)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(p, f))
+            )
+        elif os.path.exists(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"--image: {p} does not exist")
+    if not out:
+        raise ValueError(f"no images found in {list(paths)}")
+    return out
+
+
+def think_text(completion: str) -> str:
+    """The reasoning shown to a person: the first ``<think>`` block (to ``</think>``, else to
+    ``<answer>`` or the end), stripped; "" without one."""
+    m = re.search(r"<think>(.*?)(?:</think>|<answer>|$)", completion, re.I | re.S)
+    return m.group(1).strip() if m else ""
+
+
+def score_images(
+    paths: Sequence[str],
+    tasks: Sequence[str],
+    predict_fn: runner.PredictFn,
+    *,
+    batch_size: int,
+    count_tokens: runner.CountTokens | None = None,
+) -> list[dict[str, Any]]:
+    """Scores every image for every task; one result dict per (image, task), input order.
+
+    Result: ``image, task, score`` (0-100 or None when the answer does not parse), ``reasoning``
+    (the think text), ``completion``, ``think_tokens``, ``error`` (why an image was not scored).
+    """
+    from tatar_jax.data import image as image_mod
+
+    jobs: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for i, path in enumerate(paths):
+        try:
+            im = image_mod.load_image(path)
+            err = None
+        except image_mod.ImageLoadError as e:
+            im, err = None, e.reason
+        for task in tasks:
+            res = {"image": path, "task": task, "score": None, "reasoning": "", "error": err}
+            results.append(res)
+            if err is None:
+                rec = {"image": path, "image_name": os.path.basename(path), "task": task}
+                jobs.append(
+                    {**rec, "row_id": i, "dataset": "score", "pil_image": im, "_result": res}
+                )
+    for k in range(0, len(jobs), batch_size):
+        chunk = jobs[k : k + batch_size]
+        texts = list(predict_fn([{kk: v for kk, v in j.items() if kk != "_result"} for j in chunk]))
+        if len(texts) != len(chunk):
+            raise runner.EvalError(f"predict_fn returned {len(texts)} texts for {len(chunk)}")
+        for job, text in zip(chunk, texts, strict=True):
+            scored = runner.score_completion(text, job["task"], count_tokens=count_tokens)
+            job["_result"].update(
+                score=scored["prediction"],
+                reasoning=think_text(text),
+                completion=text,
+                think_tokens=scored["think_tokens"],
+            )
+    return results
+
+
+def format_results(results: Sequence[Mapping[str, Any]], as_json: bool) -> str:
+    """Human-readable text (reasoning, then the score) or one JSON object per line."""
+    if as_json:
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in results)
+    lines = []
+    for r in results:
+        head = f"{r['image']}  [{r['task'].upper()}]"
+        if r.get("error"):
+            lines.append(f"{head}  error: {r['error']}")
+            continue
+        score = "unparsed answer" if r["score"] is None else f"{r['score']:.2f} / 100"
+        lines.append(f"{head}  score: {score}")
+        if r.get("reasoning"):
+            lines.append(f"  reasoning: {r['reasoning']}")
+        if r["score"] is None:
+            lines.append(f"  raw output: {r.get('completion', '')!r}")
+    return "\n".join(lines)

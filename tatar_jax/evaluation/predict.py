@@ -1,0 +1,197 @@
+"""The model side of evaluation: a greedy-decoding ``predict_fn`` from a checkpoint.
+
+This is the only part of :mod:`tatar_jax.evaluation` that touches the model. It needs
+``tatar_jax.models.qwen2_5_vl`` (weights) and ``tatar_jax.generate`` (the rollout engine,
+issue 5). When either is missing, :func:`build_predict_fn` raises :class:`ModelUnavailableError`
+saying which; there is no fallback that invents predictions.
+
+Multi-host: every process calls the predict function with the same global batch of records;
+inputs are placed on the mesh with ``jax.make_array_from_callback`` (each process supplies its
+addressable shards of the identical host arrays) and the generated tokens are all-gathered, so
+every process returns the same completions and the runner stays in lockstep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class ModelUnavailableError(RuntimeError):
+    """A module the model side needs is not available in this checkout."""
+
+
+@dataclasses.dataclass
+class Predictor:
+    """What :func:`build_predict_fn` returns.
+
+    predict_fn: records -> decoded completions (special tokens stripped), one per record.
+    count_tokens: text -> number of tokens (think lengths in tokens).
+    name: a short model name for reports (the checkpoint / HF directory).
+    info: settings stored in ``run_info.json`` (a resumed run must use the same).
+    """
+
+    predict_fn: Callable[[Sequence[Mapping[str, Any]]], list[str]]
+    count_tokens: Callable[[str], int]
+    name: str
+    info: dict[str, Any]
+
+
+def _require(module: str, issue: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ModelUnavailableError(
+            f"{module} is not available ({err}); it is built by {issue}. Evaluation with a model "
+            "needs it - nothing else is substituted."
+        ) from err
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[name]
+
+
+def load_model(model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "") -> tuple[Any, str]:
+    """The model from ``checkpoint`` (orbax), ``model_cfg.hf_dir`` or the embedded preset.
+
+    ``checkpoint`` may be an exported orbax model directory (``config.json`` + params, written
+    by ``save_orbax``) or a training run (workdir / step directory, :mod:`tatar_jax.checkpointing`;
+    its architecture comes from ``hf_dir``'s ``config.json``, else ``model_cfg.preset``).
+    Returns (model, name).
+    """
+    from flax import nnx
+
+    from tatar_jax import checkpointing
+
+    qvl = _require("tatar_jax.models.qwen2_5_vl", "issue 2 (the model port)")
+    dtype = _dtype(model_cfg.dtype)
+    if checkpoint and os.path.exists(os.path.join(checkpoint, "config.json")):
+        shard = qvl.checkpoint._shardings_from_mesh(mesh, rules)
+        return qvl.load_orbax(checkpoint, dtype, shardings=shard), os.path.basename(
+            os.path.normpath(checkpoint)
+        )
+    if model_cfg.hf_dir and not checkpoint:
+        model = qvl.load_hf_checkpoint(model_cfg.hf_dir, dtype, mesh=mesh, rules=rules)
+        return model, os.path.basename(os.path.normpath(model_cfg.hf_dir))
+    config = qvl.load_config_json(model_cfg.hf_dir) if model_cfg.hf_dir else None
+    config = config or qvl.preset(model_cfg.preset)
+    model = nnx.eval_shape(
+        lambda: qvl.Qwen2_5_VLForConditionalGeneration(
+            config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)
+        )
+    )
+    if not checkpoint:
+        raise ModelUnavailableError(
+            "no weights: give --checkpoint (orbax) or --hf_dir (a Hugging Face directory)"
+        )
+    state = nnx.state(model, nnx.Param)
+    params, step = checkpointing.load_params(checkpoint, state)
+    nnx.update(model, params)
+    return model, f"{os.path.basename(os.path.normpath(checkpoint))}@{step}"
+
+
+def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
+    """A greedy ``predict_fn`` for ``cfg`` (``configs/eval.py``: ``model``, ``mesh``, ``eval``).
+
+    Per call: each record's decoded ``pil_image`` is preprocessed (Qwen2.5-VL budget
+    ``eval.min_pixels`` / ``eval.max_pixels``), rendered into the task prompt
+    (``eval.prompt_variant``), collated with left padding into a static batch of
+    ``eval.batch_size`` rows (short batches are filled with flagged copies), and decoded greedily
+    for up to ``eval.max_new_tokens`` tokens, stopping at ``<|im_end|>`` / end-of-text.
+    """
+    generate = _require("tatar_jax.generate", "issue 5 (the rollout engine)")
+    import jax
+    from jax.experimental import multihost_utils
+
+    from tatar_jax import sharding
+    from tatar_jax.data import examples, image, tokenizer
+
+    ev = cfg.eval
+    sharding.maybe_initialize_distributed(
+        cfg.mesh.distributed,
+        coordinator_address=cfg.mesh.coordinator_address,
+        num_processes=cfg.mesh.num_processes,
+        process_id=cfg.mesh.process_id,
+    )
+    mesh = sharding.make_mesh(dict(cfg.mesh.shape), dcn_shape=dict(cfg.mesh.dcn_shape))
+    rules = sharding.REPLICATED_RULES if cfg.mesh.rules == "replicated" else sharding.DEFAULT_RULES
+    model, name = load_model(cfg.model, mesh, rules, checkpoint)
+    tok = tokenizer.load_tokenizer(cfg.model.hf_dir or None)
+    merge = model.config.vision.spatial_merge_size
+    rope_cfg = examples.RopeConfig.from_tokenizer(tok, merge)
+
+    def on_mesh(x: np.ndarray, batch_major: bool) -> jax.Array:
+        spec = (
+            sharding.batch_sharding(mesh, x.ndim, rules)
+            if batch_major
+            else sharding.replicated(mesh)
+        )
+        return jax.make_array_from_callback(x.shape, spec, lambda idx: x[idx])
+
+    def predict_fn(records: Sequence[Mapping[str, Any]]) -> list[str]:
+        if len(records) > ev.batch_size:
+            raise ValueError(f"{len(records)} records for batch_size {ev.batch_size}")
+        exs = []
+        for r in records:
+            pv, thw = image.preprocess_image(r["pil_image"], ev.min_pixels, ev.max_pixels)
+            gt = r.get("gt_100", math.nan)
+            exs.append(
+                examples.make_prompt_example(
+                    tok,
+                    pv,
+                    thw,
+                    r["task"],
+                    gt_100=float(gt) if gt is not None else math.nan,
+                    dataset=str(r.get("dataset", "")),
+                    image_path=str(r.get("image", "")),
+                    row_id=int(r.get("row_id", -1)),
+                    variant=ev.prompt_variant,
+                    rope_cfg=rope_cfg,
+                    merge_size=merge,
+                )
+            )
+        batch = examples.collate(
+            exs,
+            pad_id=tok.pad_id,
+            seq_buckets=None,
+            patch_buckets=None,
+            padding_side="left",
+            batch_size=ev.batch_size,
+        )
+        n_patch = int(batch["patch_mask"].sum())
+        with sharding.use_rules(mesh, rules):
+            out = generate.generate(
+                model,
+                on_mesh(batch["input_ids"], True),
+                on_mesh(batch["attention_mask"], True),
+                pixel_values=on_mesh(batch["pixel_values"][:n_patch], False),
+                image_grid_thw=on_mesh(batch["image_grid_thw"], False),
+                max_new_tokens=ev.max_new_tokens,
+                num_samples=1,
+                temperature=0.0,
+                stop_token_ids=tuple(tok.eos_ids),
+                rng=jax.random.key(cfg.seed),
+            )
+        tokens = np.asarray(multihost_utils.process_allgather(out.tokens, tiled=True))
+        mask = np.asarray(multihost_utils.process_allgather(out.mask, tiled=True))
+        texts = []
+        for k in range(len(records)):
+            ids = tokens[k][mask[k]].tolist()
+            texts.append(tok.decode(ids, skip_special_tokens=True))
+        return texts
+
+    info = {
+        "model": name,
+        "max_new_tokens": int(ev.max_new_tokens),
+        "max_pixels": int(ev.max_pixels),
+        "prompt_variant": ev.prompt_variant,
+    }
+    return Predictor(predict_fn, lambda s: len(tok.encode(s)), name, info)
