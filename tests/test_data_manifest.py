@@ -292,3 +292,34 @@ def test_training_set_declarations(shared_dir):
     with pytest.raises(KeyError, match="built-in"):
         datasets.get("LIVE", root)
     assert math.isclose(datasets.BUILTINS["FLICKR-AES"].score_range[1], 1.0)
+
+
+def test_spec_from_config():
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(
+        {
+            "task": "iqa",
+            "manifest": "/d/m.jsonl",
+            "image_root": "/d/img",
+            "weight": 1.0,
+            "max_records": 100,
+            "score_range": (1, 5),
+            "label_field": "gt_score_norm",
+        }
+    )
+    spec = manifest.spec_from_config("koniq", cfg)
+    assert spec == manifest.DatasetSpec(
+        "koniq", "iqa", "/d/m.jsonl", "/d/img", (1.0, 5.0), "first:100", "gt_score_norm"
+    )
+    d = {
+        "task": "iaa",
+        "manifest": "m.json",
+        "score_range": [0, 10],
+        "sampling": "random:5%",
+        "target_field": "cot_reasoning",
+    }
+    spec = manifest.spec_from_config("x", d)
+    assert (spec.sampling, spec.target_field, spec.image_root) == ("random:5%", "cot_reasoning", "")
+    with pytest.raises(ValueError, match="score_range.*declared native range"):
+        manifest.spec_from_config("x", {"task": "iqa", "manifest": "m.json"})

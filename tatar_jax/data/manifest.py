@@ -124,6 +124,44 @@ class Loaded:
         return len(self.skipped)
 
 
+def spec_from_config(name: str, cfg: Any) -> DatasetSpec:
+    """DatasetSpec from a config block (``ml_collections.ConfigDict`` or a dict).
+
+    Fields: ``task``, ``manifest``, ``score_range`` (required: the declared native range),
+    optional ``image_root``, ``sampling``, ``label_field``, ``image_field``, ``target_field``,
+    ``max_records`` (> 0 and no sampling: ``first:max_records``).
+    """
+
+    def get(key, default=None):
+        try:
+            v = cfg[key]
+        except (KeyError, AttributeError):
+            return default
+        return default if v is None else v
+
+    for key in ("task", "manifest", "score_range"):
+        if get(key) in (None, "", ()):
+            raise ValueError(
+                f"dataset {name!r}: config needs {key!r}"
+                + (" (the declared native range, e.g. (1, 5))" if key == "score_range" else "")
+            )
+    sampling = get("sampling", "all") or "all"
+    max_records = int(get("max_records", -1))
+    if max_records > 0 and sampling == "all":
+        sampling = f"first:{max_records}"
+    return DatasetSpec(
+        name=name,
+        task=get("task"),
+        manifest=str(get("manifest")),
+        image_root=str(get("image_root", "")),
+        score_range=tuple(float(v) for v in get("score_range")),
+        sampling=sampling,
+        label_field=get("label_field", "gt_score"),
+        image_field=get("image_field", "image"),
+        target_field=get("target_field") or None,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Score mapping
 
