@@ -23,13 +23,15 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "prompts per batch (reference: 1
 _ROOT = flags.DEFINE_string("root", "", "synthetic data folder (default: a temp dir)")
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", 1572864, "image budget (spec §3)")
 _THREADS = flags.DEFINE_integer("read_threads", 2, "map threads per process")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "long side of the synthetic images")
 
 
 def _sources(root: str):
     from tatar_jax.data import pipeline as pl
     from tatar_jax.data import synthetic
 
-    return pl.sources_from_synthetic(synthetic.ensure_synthetic(root), split="train")
+    specs = synthetic.ensure_synthetic(root, image_size=_IMAGE_SIZE.value)
+    return pl.sources_from_synthetic(specs, split="train")
 
 
 def _run(sources, workers: int) -> tuple[float, int, int]:
@@ -63,13 +65,18 @@ def _run(sources, workers: int) -> tuple[float, int, int]:
 
 def main(argv):
     del argv
-    root = _ROOT.value or os.path.join(tempfile.gettempdir(), "tatar_jax_synthetic")
+    root = _ROOT.value or os.path.join(
+        tempfile.gettempdir(), f"tatar_jax_synthetic_{_IMAGE_SIZE.value}"
+    )
     sources = _sources(root)
     print(
         f"synthetic set at {root}: "
         + ", ".join(f"{s.name} ({s.task}) {len(s.records)} records" for s in sources)
     )
-    print(f"host CPUs: {os.cpu_count()}, batch {_BATCH.value}, {_BATCHES.value} timed batches")
+    print(
+        f"host CPUs: {os.cpu_count()}, batch {_BATCH.value}, {_BATCHES.value} timed batches, "
+        f"images {_IMAGE_SIZE.value}px long side"
+    )
     ours, n1, _ = _run(sources, _WORKERS.value)
     peer, n0, _ = _run(sources, 0)
     print(f"GRPO pipeline, {_WORKERS.value} workers: {ours:8.1f} examples/s ({n1} examples)")

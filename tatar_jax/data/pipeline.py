@@ -383,8 +383,14 @@ class LoadExample:
         try:
             tok = self._tokenizer()
             pv, thw = self._image(rec, where)
+            if "gt_100" in rec:
+                gt = float(rec["gt_100"])
+            elif self._opts.stage == "eval":
+                gt = float("nan")  # unlabeled images can be scored
+            else:
+                raise ex.ExampleError("record has no 'gt_100' (training needs a label)")
             common = dict(
-                gt_100=float(rec["gt_100"]),
+                gt_100=gt,
                 dataset=src.name,
                 image_path=str(rec.get("image", "")),
                 row_id=int(row),
