@@ -340,3 +340,35 @@ def test_summary_has_paper_layout():
     assert cells[11] == "0.650* / 0.670*"
     assert "covers 2 of 4" in text and "covers 6 of 8" in text
     assert "| custom | IAA |" in text  # non-benchmark sets appear in the details table
+
+
+def test_record_failure_from_predict_fn_is_listed_and_counted(tmp_path, specs):
+    inner = FakePredictor()
+
+    def predict_fn(records):
+        out = inner(records)
+        return [
+            runner.RecordFailure("aspect ratio 250 > 200") if r["row_id"] == 7 else t
+            for r, t in zip(records, out, strict=True)
+        ]
+
+    m = runner.run_eval(specs[:1], predict_fn, tmp_path / "o", _opts(plots=False))["KADID"]
+    assert m["n_predict_errors"] == 1 and m["n_image_errors"] == 1 and m["n_scored"] == 21
+    assert m["n_missing"] == 0
+    errs = runner.read_jsonl(str(tmp_path / "o" / "KADID" / "errors.jsonl"))
+    assert ("predict", 7, "aspect ratio 250 > 200") in {
+        (e["kind"], e["row_id"], e["reason"]) for e in errs
+    }
+
+
+def test_metrics_from_completions_matches_the_runner(tmp_path, specs):
+    res = runner.run_eval(specs[1:], FakePredictor(), tmp_path / "o", _opts(plots=False))["AVA"]
+    rows = runner.read_jsonl(str(tmp_path / "o" / "AVA" / "predictions.jsonl"))
+    recs = [{"gt_100": r["gt_100"], "task": "iaa"} for r in rows]
+    m = runner.metrics_from_completions(recs, [r["completion"] for r in rows], name="AVA")
+    for key in ("srcc", "plcc", "plcc_logistic", "krcc", "n_pairs", "n_unparsed", "frac_unparsed"):
+        assert m[key] == res[key], key
+    with pytest.raises(ValueError, match="one task"):
+        runner.metrics_from_completions(
+            [{"gt_100": 1.0, "task": "iqa"}, {"gt_100": 2.0, "task": "iaa"}], ["", ""]
+        )

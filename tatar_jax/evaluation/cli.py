@@ -196,6 +196,9 @@ def score_images(
         if len(texts) != len(chunk):
             raise runner.EvalError(f"predict_fn returned {len(texts)} texts for {len(chunk)}")
         for job, text in zip(chunk, texts, strict=True):
+            if isinstance(text, runner.RecordFailure):
+                job["_result"]["error"] = text.reason
+                continue
             scored = runner.score_completion(text, job["task"], count_tokens=count_tokens)
             job["_result"].update(
                 score=scored["prediction"],

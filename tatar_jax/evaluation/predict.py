@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from tatar_jax.evaluation.runner import RecordFailure
+
 
 class ModelUnavailableError(RuntimeError):
     """A module the model side needs is not available in this checkout."""
@@ -37,7 +39,7 @@ class Predictor:
     info: settings stored in ``run_info.json`` (a resumed run must use the same).
     """
 
-    predict_fn: Callable[[Sequence[Mapping[str, Any]]], list[str]]
+    predict_fn: Callable[[Sequence[Mapping[str, Any]]], list[str | RecordFailure]]
     count_tokens: Callable[[str], int]
     name: str
     info: dict[str, Any]
@@ -136,12 +138,16 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
         )
         return jax.make_array_from_callback(x.shape, spec, lambda idx: x[idx])
 
-    def predict_fn(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    def predict_fn(records: Sequence[Mapping[str, Any]]) -> list[str | RecordFailure]:
         if len(records) > ev.batch_size:
             raise ValueError(f"{len(records)} records for batch_size {ev.batch_size}")
-        exs = []
-        for r in records:
-            pv, thw = image.preprocess_image(r["pil_image"], ev.min_pixels, ev.max_pixels)
+        exs, failures = [], {}
+        for k, r in enumerate(records):
+            try:
+                pv, thw = image.preprocess_image(r["pil_image"], ev.min_pixels, ev.max_pixels)
+            except ValueError as err:  # e.g. an aspect ratio the processor rejects
+                failures[k] = RecordFailure(f"image preprocessing failed: {err}")
+                continue
             gt = r.get("gt_100", math.nan)
             exs.append(
                 examples.make_prompt_example(
@@ -158,6 +164,8 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
                     merge_size=merge,
                 )
             )
+        if not exs:
+            return [failures[k] for k in range(len(records))]
         batch = examples.collate(
             exs,
             pad_id=tok.pad_id,
@@ -182,11 +190,11 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
             )
         tokens = np.asarray(multihost_utils.process_allgather(out.tokens, tiled=True))
         mask = np.asarray(multihost_utils.process_allgather(out.mask, tiled=True))
-        texts = []
-        for k in range(len(records)):
-            ids = tokens[k][mask[k]].tolist()
-            texts.append(tok.decode(ids, skip_special_tokens=True))
-        return texts
+        texts = iter(
+            tok.decode(tokens[k][mask[k]].tolist(), skip_special_tokens=True)
+            for k in range(len(exs))
+        )
+        return [failures[k] if k in failures else next(texts) for k in range(len(records))]
 
     info = {
         "model": name,

@@ -4,6 +4,9 @@ The model enters through one narrow seam, a **predict function**::
 
     predict_fn(records: Sequence[dict]) -> Sequence[str]      # one decoded completion per record
 
+(An entry may instead be a :class:`RecordFailure` for a record the model side cannot take, e.g.
+an image whose aspect ratio the processor rejects; it is listed in errors.jsonl and counted.)
+
 Each record is a loaded manifest record (:func:`tatar_jax.data.manifest.load_records`: ``image``
 path, ``task``, ``gt_100``, ``row_id``, ...) plus ``"pil_image"``, the decoded image (so the
 model side does not read the file again). ``scripts/eval.py`` builds it from a checkpoint and
@@ -46,7 +49,15 @@ from tatar_jax.data import image as image_mod
 from tatar_jax.data import manifest as manifest_mod
 from tatar_jax.evaluation import metrics as metrics_mod
 
-PredictFn = Callable[[Sequence[Mapping[str, Any]]], Sequence[str]]
+
+@dataclasses.dataclass(frozen=True)
+class RecordFailure:
+    """Returned by a predict function in place of a completion: this record cannot be scored."""
+
+    reason: str
+
+
+PredictFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["str | RecordFailure"]]
 CountTokens = Callable[[str], int]
 
 PREDICTIONS = "predictions.jsonl"
@@ -263,8 +274,9 @@ def dataset_metrics(
     """metrics.json of one dataset from its prediction rows (any order) and error rows.
 
     Denominators: ``n_records`` = selected manifest rows; ``n_scored`` = rows with a completion;
-    ``n_image_errors`` / ``n_bad_rows`` = listed in errors.jsonl; ``frac_unparsed`` = unparsed /
-    scored. Correlations use the ``n_pairs`` parsed rows.
+    ``n_image_errors`` / ``n_bad_rows`` / ``n_predict_errors`` = listed in errors.jsonl;
+    ``n_missing`` = the rest (0 after a complete run); ``frac_unparsed`` = unparsed / scored.
+    Correlations use the ``n_pairs`` parsed rows.
     """
     rows = sorted(rows, key=lambda r: r["row_id"])
     gt = np.array([r["gt_100"] for r in rows], np.float64)
@@ -283,6 +295,7 @@ def dataset_metrics(
         "n_scored": n_scored,
         "n_image_errors": sum(1 for e in errors if e.get("kind") == "image"),
         "n_bad_rows": sum(1 for e in errors if e.get("kind") == "bad_row"),
+        "n_predict_errors": sum(1 for e in errors if e.get("kind") == "predict"),
         "n_unparsed": n_unparsed,
         "frac_unparsed": n_unparsed / n_scored if n_scored else math.nan,
         "mean_think_tokens": float(np.mean(think_tok)) if think_tok else math.nan,
@@ -290,9 +303,50 @@ def dataset_metrics(
             float(np.mean([r["think_words"] for r in rows])) if rows else math.nan
         ),
     }
-    out["n_missing"] = out["n_records"] - n_scored - out["n_image_errors"]
+    out["n_missing"] = (
+        out["n_records"]
+        - n_scored
+        - out["n_image_errors"]
+        - out["n_bad_rows"]
+        - out["n_predict_errors"]
+    )
     out.update(metrics_mod.correlation_metrics(gt, pred, reference_compat=reference_compat))
     return metrics_mod.json_ready(out)
+
+
+def metrics_from_completions(
+    records: Sequence[Mapping[str, Any]],
+    completions: Sequence[str],
+    *,
+    reference_compat: bool = False,
+    count_tokens: CountTokens | None = None,
+    name: str = "",
+) -> dict[str, Any]:
+    """Metrics of completions already generated elsewhere (the trainer's periodic evaluation).
+
+    ``records`` need ``gt_100`` and ``task`` (one task per call); ``completions[i]`` answers
+    ``records[i]``. Same parsing and statistics as :func:`evaluate_dataset`, no files.
+    """
+    if len(records) != len(completions):
+        raise ValueError(f"{len(records)} records but {len(completions)} completions")
+    tasks = {r["task"] for r in records}
+    if len(tasks) > 1:
+        raise ValueError(f"one task per call, got {sorted(tasks)}")
+    task = tasks.pop() if tasks else "iqa"
+    rows = [
+        {
+            "row_id": i,
+            "gt_100": float(r["gt_100"]),
+            **score_completion(
+                c, task, reference_compat=reference_compat, count_tokens=count_tokens
+            ),
+        }
+        for i, (r, c) in enumerate(zip(records, completions, strict=True))
+    ]
+    spec = manifest_mod.DatasetSpec(name or "eval", task, manifest="")
+    out = dataset_metrics(spec, rows, num_records=len(rows), reference_compat=reference_compat)
+    out.pop("score_range")  # not known here: gt_100 is already on 0-100
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +439,19 @@ def _evaluate_dataset(
                     f"{len(good)} records"
                 )
             for rec, text in zip(good, completions, strict=True):
+                if isinstance(text, RecordFailure):
+                    err = {
+                        "kind": "predict",
+                        "row_id": rec["row_id"],
+                        "image": rec["image_name"],
+                        "path": rec["image"],
+                        "reason": text.reason,
+                    }
+                    errors.append(err)
+                    if ef is not None:
+                        ef.write(json.dumps(err, ensure_ascii=False) + "\n")
+                        ef.flush()
+                    continue
                 if not isinstance(text, str):
                     raise EvalError(
                         f"{spec.name}: predict_fn returned {type(text).__name__} for row "
