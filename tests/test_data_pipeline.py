@@ -142,7 +142,7 @@ def test_eval_schedule_two_hosts_cover_each_record_once():
 def test_grpo_batches_shapes_and_keys(sources):
     ds = pl.make_dataset(sources, _opts(stage="grpo", num_epochs=1, batch_size=4))
     batches = list(ds)
-    assert len(batches) == 3  # 12 records / 4
+    assert len(batches) == 3 == pl.num_batches(sources, _opts(num_epochs=1, batch_size=4))
     b = batches[0]
     assert b["input_ids"].shape == (4, 512) and b["input_ids"].dtype == np.int32
     assert b["position_ids"].shape == (3, 4, 512)
@@ -248,6 +248,9 @@ def test_options_validation():
         pl.PipelineOptions(mixing="zip")
     with pytest.raises(ValueError, match="no full global batch"):
         pl.Schedule([3], ["iqa"], _opts(batch_size=4))
+    with pytest.raises(ValueError, match="no full global batch"):
+        pl.Schedule([3], ["iqa"], _opts(batch_size=4, num_epochs=None))
+    assert pl.Schedule([9], ["iqa"], _opts(batch_size=4, num_epochs=None)).num_batches() == -1
 
 
 def test_synthetic_sft_end_to_end(tmp_path_factory):

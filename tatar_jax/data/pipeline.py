@@ -219,6 +219,11 @@ class Schedule(Sequence):
             # One pass; the last global batch is completed with filler slots (valid = False).
             self._len = (self._total + self._g - 1) // self._g * self._b
         elif opts.num_epochs is None:
+            if self._epoch_len(0) == 0:
+                raise ValueError(
+                    f"{self._total} records give no full global batch of {self._g} "
+                    f"({self._b} per host x {self._hosts} hosts)"
+                )
             self._len = sys.maxsize
         else:
             glob = sum(self._epoch_len(e) for e in range(opts.num_epochs))
@@ -308,7 +313,7 @@ class Schedule(Sequence):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, k: int) -> tuple[int, int, int, int]:
+    def __getitem__(self, k: int) -> tuple[int, int, int, int, int]:
         if not 0 <= k < self._len:
             raise IndexError(k)
         glob = (k // self._b) * self._g + self._host * self._b + k % self._b
@@ -325,7 +330,8 @@ class Schedule(Sequence):
         src = int(np.searchsorted(self._offsets, gidx, side="right") - 1)
         return (src, gidx - int(self._offsets[src]), epoch, glob, visit)
 
-    def global_batches(self) -> int:
+    def num_batches(self) -> int:
+        """Batches this host reads in the whole run (-1 when it repeats forever)."""
         return self._len // self._b if self._len != sys.maxsize else -1
 
 
@@ -567,10 +573,14 @@ def make_dataset(sources: Sequence[Source], opts: PipelineOptions) -> grain.Iter
     return _BatchDataset(it_ds, opts, pad_id, _fingerprint(sources, opts), skipped_rows)
 
 
-def steps_per_epoch(sources: Sequence[Source], opts: PipelineOptions) -> int:
-    """Host batches in the pipeline (``-1`` when it repeats forever)."""
+def num_batches(sources: Sequence[Source], opts: PipelineOptions) -> int:
+    """Batches of the whole run, the same on every host (``-1`` when it repeats forever).
+
+    With ``num_epochs=1`` this is the number of steps per epoch (``all_exhausted`` interleave
+    epochs differ slightly in length from epoch to epoch).
+    """
     sched = Schedule([len(s.records) for s in sources], [s.task for s in sources], opts)
-    return sched.global_batches()
+    return sched.num_batches()
 
 
 def options_from_config(data_cfg: Any, stage: str, batch_size: int, **overrides) -> PipelineOptions:
