@@ -372,3 +372,17 @@ def test_metrics_from_completions_matches_the_runner(tmp_path, specs):
         runner.metrics_from_completions(
             [{"gt_100": 1.0, "task": "iqa"}, {"gt_100": 2.0, "task": "iaa"}], ["", ""]
         )
+
+
+def test_separate_runs_share_one_summary_and_range_change_is_refused(tmp_path, specs):
+    out = tmp_path / "o"
+    a = runner.run_eval(specs[:1], FakePredictor(), out, _opts(plots=False))
+    b = runner.run_eval(specs[1:], FakePredictor(), out, _opts(plots=False))
+    every = json.loads((out / "metrics.json").read_text())
+    assert every == {**a, **b}
+    summary = (out / "summary.md").read_text()
+    assert "| KADID | IQA |" in summary and "| AVA | IAA |" in summary
+    with pytest.raises(runner.EvalError, match="gt_100"):
+        runner.run_eval(
+            [specs[0].replace(score_range=(0.0, 5.0))], FakePredictor(), out, _opts(plots=False)
+        )

@@ -208,13 +208,20 @@ def _check_stored(
                 f"{row.get('gt_raw')!r} but the manifest has {rec['image_name']!r} / "
                 f"{rec['score_raw']!r}; use a fresh out_dir for a different dataset"
             )
+        if not _same_float(row.get("gt_100"), rec["gt_100"]):
+            raise EvalError(
+                f"{path}: line {i + 1}: row_id {rid} was stored with gt_100 "
+                f"{row.get('gt_100')!r}, now {rec['gt_100']!r} (another score_range or label "
+                "mapping); use a fresh out_dir"
+            )
         done[rid] = dict(row)
     return done
 
 
-def _check_run_info(path: str, info: Mapping[str, Any]) -> None:
+def _check_run_info(path: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored run_info (or {}); EvalError if a setting that changes predictions differs."""
     if not os.path.exists(path):
-        return
+        return {}
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
     for key in RESUME_KEYS:
@@ -223,6 +230,7 @@ def _check_run_info(path: str, info: Mapping[str, Any]) -> None:
                 f"{path}: this out_dir was written with {key}={old[key]!r}, now {info[key]!r}; "
                 "stored predictions would be mixed with new ones - use a fresh out_dir"
             )
+    return old
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -516,7 +524,11 @@ def run_eval(
     title: str = "tatar-jax",
 ) -> dict[str, dict[str, Any]]:
     """Evaluates every dataset into ``out_dir/<name>/``; writes ``out_dir/metrics.json``,
-    ``summary.md`` (paper layout) and the think-length histograms. Returns metrics by name."""
+    ``summary.md`` (paper layout) and the think-length histograms. Returns metrics by name.
+
+    Datasets evaluated into the same ``out_dir`` by earlier runs (with the same settings) stay in
+    ``metrics.json`` and ``summary.md``, so the eight benchmarks can run as separate jobs.
+    """
     from tatar_jax.evaluation import report
 
     out_dir = os.fspath(out_dir)
@@ -538,7 +550,10 @@ def run_eval(
         },
     }
     info_path = os.path.join(out_dir, RUN_INFO)
-    _check_run_info(info_path, info)
+    old = _check_run_info(info_path, info)
+    # Datasets evaluated into this out_dir by earlier runs stay in the summary.
+    earlier = {k: v for k, v in old.get("datasets", {}).items() if k not in info["datasets"]}
+    info["datasets"] = {**earlier, **info["datasets"]}
     if options.is_writer:
         os.makedirs(out_dir, exist_ok=True)
         _write_json(info_path, info)
@@ -550,11 +565,19 @@ def run_eval(
         )
         by_task.setdefault(s.task, []).extend(rows)
     if options.is_writer:
-        _write_json(os.path.join(out_dir, METRICS), results)
+        every = {}
+        for name in info["datasets"]:
+            path = os.path.join(out_dir, name, METRICS)
+            if name in results:
+                every[name] = results[name]
+            elif os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    every[name] = json.load(f)
+        _write_json(os.path.join(out_dir, METRICS), every)
         with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
             f.write(
                 report.summary_markdown(
-                    results, title=title, reference_compat=options.reference_compat
+                    every, title=title, reference_compat=options.reference_compat
                 )
             )
         if options.plots:
