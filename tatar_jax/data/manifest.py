@@ -416,7 +416,8 @@ def load_records(
 # Validation (scripts/check_data.py)
 
 
-def _check_image_file(path: str) -> str | None:
+def check_image_file(path: str) -> str | None:
+    """None if the image decodes fully, else the reason (missing, unreadable, truncated)."""
     from tatar_jax.data import image as image_mod  # PIL only when images are checked
 
     try:
@@ -424,6 +425,16 @@ def _check_image_file(path: str) -> str | None:
     except image_mod.ImageLoadError as err:
         return err.reason
     return None
+
+
+def check_image_files(paths: Sequence[str], num_threads: int = 8) -> list[str | None]:
+    """:func:`check_image_file` over ``paths`` with a thread pool (PIL decodes without the GIL)."""
+    if num_threads > 1 and len(paths) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(check_image_file, paths))
+    return [check_image_file(p) for p in paths]
 
 
 def validate(
@@ -450,13 +461,7 @@ def validate(
     if check_images:
         good = [i for i in range(len(rows)) if i not in problems]
         paths = [_resolve(spec.resolved_image_root, rows[i][spec.image_field]) for i in good]
-        if num_threads > 1 and len(paths) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(num_threads) as pool:  # PIL decodes without the GIL
-                reasons = list(pool.map(_check_image_file, paths))
-        else:
-            reasons = [_check_image_file(p) for p in paths]
+        reasons = check_image_files(paths, num_threads)
         for i, reason in zip(good, reasons, strict=True):
             if reason is not None:
                 out[i] = BadRow(spec.manifest, i, reason, rows[i][spec.image_field], "image")

@@ -123,6 +123,7 @@ def build(
     reference_compat: bool = False,
     check_images: bool = True,
     seed: int = 42,
+    num_threads: int = 8,
 ) -> str:
     """Pack ``spec``'s records (sampling and 0-100 mapping applied) with their image bytes.
 
@@ -138,18 +139,15 @@ def build(
     records = loaded.records
     skipped = list(loaded.skipped)
     if check_images:
-        from tatar_jax.data import image as image_mod
-
+        reasons = manifest_lib.check_image_files([r["image"] for r in records], num_threads)
         keep = []
-        for rec in records:
-            try:
-                image_mod.load_image(rec["image"])
-            except image_mod.ImageLoadError as err:
+        for rec, reason in zip(records, reasons, strict=True):
+            if reason is not None:
                 bad = manifest_lib.BadRow(
-                    spec.manifest, rec["row_id"], err.reason, rec["image"], "image"
+                    spec.manifest, rec["row_id"], reason, rec["image"], "image"
                 )
                 if on_error == "error":
-                    raise manifest_lib.ManifestError(f"dataset {spec.name!r}: {bad}") from err
+                    raise manifest_lib.ManifestError(f"dataset {spec.name!r}: {bad}")
                 skipped.append(bad)
                 continue
             keep.append(rec)
