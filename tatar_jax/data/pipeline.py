@@ -430,7 +430,7 @@ class LoadExample:
             reason = f"{type(err).__name__}: {err}"
             if self._opts.bad_record == "error":
                 raise BadRecordError(f"{where}: {reason}") from err
-            return {"_bad": True, "where": where, "reason": reason, "slot": glob}
+            return {"_bad": True, "where": where, "reason": reason, "slot": glob, "filler": filler}
         e["epoch"] = np.int32(epoch)
         e["valid"] = not filler
         return e
@@ -474,8 +474,9 @@ class _BatchIterator(grain.DatasetIterator):
             except StopIteration:
                 break
             if x.get("_bad"):
-                self._num_skipped += 1
-                skipped.append({k: x[k] for k in ("where", "reason", "slot")})
+                if not x["filler"]:  # a failed eval filler is just one padding row less
+                    self._num_skipped += 1
+                    skipped.append({k: x[k] for k in ("where", "reason", "slot")})
                 continue
             items.append(x)
         eval_stage = self._opts.stage == "eval"
