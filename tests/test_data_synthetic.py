@@ -135,3 +135,11 @@ def test_make_synthetic_script(tmp_path, repo_root):
     assert out.returncode == 0, out.stderr
     assert "synthetic-iqa-train: 369 records, task=iqa, range=(1, 5)" in out.stdout
     assert "synthetic-iaa-test: 72 records, task=iaa, range=(0, 10)" in out.stdout
+
+
+def test_refuses_to_replace_other_folders(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a synthetic dataset build"):
+        synthetic.ensure_synthetic(tmp_path / "mine", image_size=SIZE)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -326,7 +326,8 @@ def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str
     """Build the synthetic set under ``root`` unless an identical build is there; its specs.
 
     Deterministic (same files for the same parameters and scikit-image version) and idempotent:
-    a complete build with the same ``meta.json`` is reused, anything else in ``root`` is rebuilt.
+    a complete build with the same ``meta.json`` is reused, an older build is replaced, and a
+    non-empty folder that is not a build raises FileExistsError (nothing is deleted).
     The build goes to a temporary folder renamed into place, so concurrent callers (several
     processes or hosts on a shared disk) never see a half-written set.
     """
@@ -341,6 +342,9 @@ def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str
                 return specs(root)
     except (OSError, ValueError):
         pass
+    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(meta_path):
+        # Never delete a folder that is not a synthetic build (a mistyped --root).
+        raise FileExistsError(f"{root} exists and is not a synthetic dataset build (no meta.json)")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
