@@ -103,20 +103,15 @@ def load_model(model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "") -> t
 def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
     """A greedy ``predict_fn`` for ``cfg`` (``configs/eval.py``: ``model``, ``mesh``, ``eval``).
 
-    Per call: each record's decoded ``pil_image`` is preprocessed (Qwen2.5-VL budget
-    ``eval.min_pixels`` / ``eval.max_pixels``), rendered into the task prompt
-    (``eval.prompt_variant``), collated with left padding into a static batch of
-    ``eval.batch_size`` rows (short batches are filled with flagged copies), and decoded greedily
-    for up to ``eval.max_new_tokens`` tokens, stopping at ``<|im_end|>`` / end-of-text.
+    Initialises multi-host JAX when configured, builds the mesh, loads the weights
+    (:func:`load_model`) and the tokenizer (``model.hf_dir``'s, else the offline Qwen rebuild),
+    then wires them with ``tatar_jax.generate.generate`` through :func:`make_predict_fn`.
+    Raises :class:`ModelUnavailableError` if the rollout engine or the model package is missing.
     """
     generate = _require("tatar_jax.generate", "issue 5 (the rollout engine)")
-    import jax
-    from jax.experimental import multihost_utils
-
     from tatar_jax import sharding
-    from tatar_jax.data import examples, image, tokenizer
+    from tatar_jax.data import tokenizer
 
-    ev = cfg.eval
     sharding.maybe_initialize_distributed(
         cfg.mesh.distributed,
         coordinator_address=cfg.mesh.coordinator_address,
@@ -127,8 +122,55 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
     rules = sharding.REPLICATED_RULES if cfg.mesh.rules == "replicated" else sharding.DEFAULT_RULES
     model, name = load_model(cfg.model, mesh, rules, checkpoint)
     tok = tokenizer.load_tokenizer(cfg.model.hf_dir or None)
-    merge = model.config.vision.spatial_merge_size
-    rope_cfg = examples.RopeConfig.from_tokenizer(tok, merge)
+    predict_fn = make_predict_fn(
+        model,
+        tok,
+        cfg.eval,
+        mesh=mesh,
+        rules=rules,
+        generate_fn=generate.generate,
+        seed=cfg.seed,
+        merge_size=model.config.vision.spatial_merge_size,
+    )
+    ev = cfg.eval
+    info = {
+        "model": name,
+        "max_new_tokens": int(ev.max_new_tokens),
+        "max_pixels": int(ev.max_pixels),
+        "prompt_variant": ev.prompt_variant,
+    }
+    return Predictor(predict_fn, lambda s: len(tok.encode(s)), name, info)
+
+
+def make_predict_fn(
+    model: Any,
+    tok: Any,
+    ev: Any,
+    *,
+    mesh: Any,
+    rules: Any,
+    generate_fn: Callable[..., Any],
+    seed: int = 42,
+    merge_size: int = 2,
+) -> Callable[[Sequence[Mapping[str, Any]]], list[str | RecordFailure]]:
+    """Records -> greedy completions with ``generate_fn`` (``tatar_jax.generate.generate``).
+
+    Per call: each record's decoded ``pil_image`` is preprocessed (Qwen2.5-VL budget
+    ``ev.min_pixels`` / ``ev.max_pixels``; a rejected image becomes a :class:`RecordFailure`),
+    rendered into the task prompt (``ev.prompt_variant``), collated with left padding into a
+    static batch of ``ev.batch_size`` rows (short batches are filled with flagged copies), placed
+    on ``mesh`` (token arrays sharded over the batch axes, ``batch_size`` must divide by their
+    size; pixels replicated) and decoded greedily for up to ``ev.max_new_tokens`` tokens,
+    stopping at ``<|im_end|>`` / end-of-text. Completions are the masked tokens decoded with
+    special tokens stripped.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    from tatar_jax import sharding
+    from tatar_jax.data import examples, image
+
+    rope_cfg = examples.RopeConfig.from_tokenizer(tok, merge_size)
 
     def on_mesh(x: np.ndarray, batch_major: bool) -> jax.Array:
         spec = (
@@ -161,7 +203,7 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
                     row_id=int(r.get("row_id", -1)),
                     variant=ev.prompt_variant,
                     rope_cfg=rope_cfg,
-                    merge_size=merge,
+                    merge_size=merge_size,
                 )
             )
         if not exs:
@@ -176,7 +218,7 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
         )
         n_patch = int(batch["patch_mask"].sum())
         with sharding.use_rules(mesh, rules):
-            out = generate.generate(
+            out = generate_fn(
                 model,
                 on_mesh(batch["input_ids"], True),
                 on_mesh(batch["attention_mask"], True),
@@ -186,7 +228,7 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
                 num_samples=1,
                 temperature=0.0,
                 stop_token_ids=tuple(tok.eos_ids),
-                rng=jax.random.key(cfg.seed),
+                rng=jax.random.key(seed),
             )
         tokens = np.asarray(multihost_utils.process_allgather(out.tokens, tiled=True))
         mask = np.asarray(multihost_utils.process_allgather(out.mask, tiled=True))
@@ -196,10 +238,4 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
         )
         return [failures[k] if k in failures else next(texts) for k in range(len(records))]
 
-    info = {
-        "model": name,
-        "max_new_tokens": int(ev.max_new_tokens),
-        "max_pixels": int(ev.max_pixels),
-        "prompt_variant": ev.prompt_variant,
-    }
-    return Predictor(predict_fn, lambda s: len(tok.encode(s)), name, info)
+    return predict_fn
