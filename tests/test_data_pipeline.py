@@ -239,6 +239,28 @@ def test_bad_record_skip_is_counted_never_substituted(sources, tmp_path):
     skipped = [s for b in batches for s in b["meta"]["skipped"]]
     assert len(skipped) == 1 and "row 99" in skipped[0]["where"]
     assert batches[-1]["valid"].tolist() == [True, False]
+    assert [b["meta"]["num_skipped"] for b in batches] == [0, 1]
+
+
+def test_skip_keeps_hosts_in_step_and_sft_rows_untrained(sources, tmp_path):
+    broken = tmp_path / "broken2.png"
+    broken.write_bytes(b"junk")
+    recs = list(sources[0].records)
+    recs[2] = dict(recs[2], image=str(broken))
+    src = [pl.Source("toy_iqa", "iqa", recs), sources[1]]
+    counts, skipped = [], 0
+    for h in range(2):
+        opts = _opts(stage="sft", batch_size=2, bad_record="skip", process_index=h,
+                     process_count=2, num_epochs=1)  # fmt: skip
+        batches = list(pl.make_dataset(src, opts))
+        counts.append(len(batches))
+        skipped += batches[-1]["meta"]["num_skipped"]
+        for b in batches:
+            assert b["valid"].shape == (2,)
+            assert np.all(b["label_mask"][~b["valid"]] == 0)
+            assert np.all(b["labels"][~b["valid"]] == -100)
+    assert counts[0] == counts[1] == 3  # 12 records / (2 per host x 2 hosts)
+    assert skipped == 1
 
 
 def test_options_validation():

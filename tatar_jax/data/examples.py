@@ -403,7 +403,9 @@ def collate(
     """Pad examples into one batch (numpy), shapes taken from buckets.
 
     ``batch_size`` > len(examples) appends dummy rows (copies of the last example) flagged
-    ``valid = False`` so the final evaluation batch keeps the static batch shape.
+    ``valid = False`` so the final evaluation batch keeps the static batch shape; examples may
+    carry ``valid = False`` themselves (skipped records, eval fillers). Invalid rows get no
+    SFT labels.
 
     Batch keys (``B`` rows, ``L`` = token bucket, ``Q`` = patch bucket, ``I`` = B images):
 
@@ -471,6 +473,7 @@ def collate(
         },
     }
     if sft:
+        label_mask *= np.asarray(valid, np.int32)[:, None]  # padding rows train nothing
         batch["label_mask"] = label_mask
         batch["labels"] = np.where(label_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
         batch["meta"]["think_dropped"] = [bool(e["think_dropped"]) for e in exs]

@@ -25,9 +25,11 @@ Mixing (spec §6.1, §7.1):
   flagged ``valid = False``.
 
 Bad records (fixes B5): ``bad_record="error"`` raises :class:`BadRecordError` naming the
-dataset, manifest row and file and what is wrong; ``"skip"`` drops the record, never substitutes
-another, and counts it: ``batch["meta"]["num_skipped"]`` (running total) and
-``batch["meta"]["skipped"]`` (the records skipped while filling this batch).
+dataset, manifest file and row, the image and what is wrong; ``"skip"`` leaves the record's row
+in its batch as padding (``valid = False``, no SFT labels), never substitutes another record,
+and counts it: ``batch["meta"]["num_skipped"]`` (running total) and ``batch["meta"]["skipped"]``
+(the records of this batch). Every host therefore reads the same slots per batch and the same
+number of batches. Trainers must mask rows with ``valid = False`` (GRPO: no rollout reward/loss).
 
 State: ``it.get_state()`` / ``it.set_state(state)`` (JSON-serialisable dicts; grain's
 ``DatasetIterator`` checkpoint protocol, so orbax's grain handler saves it) restore the exact
@@ -466,22 +468,31 @@ class _BatchIterator(grain.DatasetIterator):
         self._num_batches = 0
 
     def __next__(self) -> dict[str, Any]:
-        items: list[dict] = []
+        # Exactly batch_size slots per batch on every host, whatever fails: a skipped record
+        # leaves an invalid row (never another record), so hosts stay in step and resume exact.
+        rows: list[dict | None] = []
         skipped: list[dict] = []
-        while len(items) < self._opts.batch_size:
+        while len(rows) < self._opts.batch_size:
             try:
                 x = next(self._parent)
             except StopIteration:
                 break
             if x.get("_bad"):
-                if not x["filler"]:  # a failed eval filler is just one padding row less
+                if not x["filler"]:  # a failed eval filler is padding either way
                     self._num_skipped += 1
                     skipped.append({k: x[k] for k in ("where", "reason", "slot")})
-                continue
-            items.append(x)
-        eval_stage = self._opts.stage == "eval"
-        if not items or (len(items) < self._opts.batch_size and not eval_stage):
+                rows.append(None)
+            else:
+                rows.append(x)
+        if not rows:
             raise StopIteration
+        good = [r for r in rows if r is not None]
+        if not good:
+            raise BadRecordError(
+                f"every record of batch {self._num_batches} failed: "
+                + "; ".join(f"{s['where']}: {s['reason']}" for s in skipped[:4])
+            )
+        items = [r if r is not None else dict(good[0], valid=False) for r in rows]
         batch = ex.collate(
             items,
             pad_id=self._pad_id,
@@ -490,9 +501,9 @@ class _BatchIterator(grain.DatasetIterator):
             padding_side=self._opts.side,
             batch_size=self._opts.batch_size,
         )
+        epochs = [e["epoch"] for e in items]
         batch["epoch"] = np.array(
-            [e["epoch"] for e in items] + [items[-1]["epoch"]] * (len(batch["valid"]) - len(items)),
-            np.int32,
+            epochs + epochs[-1:] * (len(batch["valid"]) - len(items)), np.int32
         )
         self._num_batches += 1
         batch["meta"]["num_skipped"] = self._num_skipped
