@@ -12,7 +12,9 @@ from tatar_jax.models.qwen2_5_vl.checkpoint import (
     CheckpointError,
     hf_rules,
     load_hf_checkpoint,
+    load_orbax,
     save_hf_checkpoint,
+    save_orbax,
 )
 from tatar_jax.models.qwen2_5_vl.config import (
     PRESETS,
@@ -47,9 +49,11 @@ __all__ = [
     "hf_rules",
     "load_config_json",
     "load_hf_checkpoint",
+    "load_orbax",
     "mrope_cos_sin",
     "preset",
     "save_hf_checkpoint",
+    "save_orbax",
     "text_position_ids",
     "tiny",
     "vision_bucket",

@@ -44,7 +44,9 @@ __all__ = [
     "SafetensorsReader",
     "hf_rules",
     "load_hf_checkpoint",
+    "load_orbax",
     "save_hf_checkpoint",
+    "save_orbax",
     "write_safetensors",
 ]
 
@@ -494,3 +496,63 @@ def _parse_size(s: int | str) -> int:
         if t.endswith(u):
             return int(float(t[: -len(u)]) * units[u])
     return int(t)
+
+
+# --- orbax ---------------------------------------------------------------------------------------
+
+ORBAX_PARAMS = "params"
+
+
+def save_orbax(model: Qwen2_5_VLForConditionalGeneration, out_dir: str | os.PathLike[str]) -> str:
+    """Writes the parameters with orbax (``out_dir/params``) and ``out_dir/config.json``.
+
+    The tree is ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (our parameter paths).
+    """
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, ORBAX_PARAMS)
+    if os.path.exists(target):
+        raise FileExistsError(f"{target} already exists; choose an empty output directory")
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, tree)
+        ckptr.wait_until_finished()
+    model.config.to_json_file(os.path.join(out_dir, "config.json"))
+    return target
+
+
+def load_orbax(
+    orbax_dir: str | os.PathLike[str],
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    *,
+    shardings: Callable[[tuple[str, ...], Any], Any] | None = None,
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Inverse of :func:`save_orbax`; parameters are cast to ``param_dtype`` (default ``dtype``)."""
+    import orbax.checkpoint as ocp
+
+    orbax_dir = os.path.abspath(os.fspath(orbax_dir))
+    param_dtype = dtype if param_dtype is None else param_dtype
+    config = load_config_json(orbax_dir)
+    abstract = nnx.eval_shape(
+        lambda: Qwen2_5_VLForConditionalGeneration(
+            config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)
+        )
+    )
+    variables = _flat_vars(abstract)
+    state = nnx.state(abstract, nnx.Param)
+    template = nnx.to_pure_dict(state)
+
+    def target(path, leaf):
+        keys = tuple(str(getattr(p, "key", p)) for p in path)
+        sharding = None if shardings is None else shardings(keys, variables[keys])
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    template = jax.tree_util.tree_map_with_path(target, template)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(orbax_dir, ORBAX_PARAMS), template)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(abstract, state)
+    return abstract

@@ -148,6 +148,12 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         vision_layout_: VisionLayout | None,
     ) -> tuple[jax.Array, jax.Array, jax.Array | None, VisionLayout | None]:
         """Fills in host-computed positions / layout when not given (eager convenience)."""
+        needs_host = position_ids is None or (pixel_values is not None and vision_layout_ is None)
+        if needs_host and self._traced(input_ids, attention_mask, pixel_values):
+            raise ValueError(
+                "under jax transforms pass position_ids (and vision_layout with pixel_values): "
+                "they are computed on the host from concrete arrays"
+            )
         if attention_mask is None:
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
         if pixel_values is not None and vision_layout_ is None:
@@ -185,6 +191,27 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             vision_layout_,
         )
 
+    def _hidden(
+        self,
+        input_ids: jax.Array,
+        mask: jax.Array,
+        pos: jax.Array,
+        pv: jax.Array | None,
+        layout: VisionLayout | None,
+        cache: KVCache | None,
+        cache_attention_mask: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        embeds = self.input_embeddings(input_ids, pv, layout)
+        t = self.config.text
+        cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
+        kv_mask = mask if cache is None else cache_attention_mask
+        return self.language_model(embeds, cos, sin, kv_mask, cache)
+
+    def _traced(self, *arrays: Any) -> bool:
+        params = (self.language_model.norm.scale.get_raw_value(),)
+        leaves = jax.tree.leaves((arrays, params))
+        return any(isinstance(x, jax.core.Tracer) for x in leaves)
+
     def hidden_states(
         self,
         input_ids: jax.Array,
@@ -201,18 +228,24 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
         With ``cache`` (see :meth:`init_cache`), the tokens are written at ``cache.index``;
         ``position_ids`` (3, B, L) must then be given and ``cache_attention_mask`` (B, T) marks the
-        valid cache slots including the new tokens.
+        valid cache slots including the new tokens. Called outside a jax transform, the forward
+        runs through a cached ``nnx.jit`` (one compilation per input shape).
         """
-        mask, pos, pv, layout = self._prepare(
-            input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout
-        )
-        embeds = self.input_embeddings(jnp.asarray(input_ids), pv, layout)
-        t = self.config.text
-        cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
-        kv_mask = mask if cache is None else cache_attention_mask
-        if cache is not None and kv_mask is None:
+        if cache is not None and cache_attention_mask is None:
             raise ValueError("with a cache, pass cache_attention_mask (B, cache_length)")
-        return self.language_model(embeds, cos, sin, kv_mask, cache)
+        if pixel_values is not None and position_ids is None and image_grid_thw is None:
+            raise ValueError("pixel_values needs image_grid_thw, or position_ids + vision_layout")
+        args = (
+            jnp.asarray(input_ids),
+            *self._prepare(
+                input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision_layout
+            ),
+            cache,
+            cache_attention_mask,
+        )
+        if self._traced(*args):
+            return self._hidden(*args)
+        return _jit_hidden(self, *args)
 
     def __call__(
         self,
@@ -234,7 +267,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             position_ids=position_ids,
             vision_layout=vision_layout,
         )
-        return self.logits_from_hidden(h)
+        if self._traced(h):
+            return self.logits_from_hidden(h)
+        return _jit_logits(self, h)
 
     # --- decoding -------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
@@ -269,3 +304,13 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             cache_attention_mask=cache_attention_mask,
         )
         return self.logits_from_hidden(h), cache
+
+
+@nnx.jit
+def _jit_hidden(model, input_ids, mask, pos, pv, layout, cache, cache_attention_mask):
+    return model._hidden(input_ids, mask, pos, pv, layout, cache, cache_attention_mask)
+
+
+@nnx.jit
+def _jit_logits(model, hidden):
+    return model.logits_from_hidden(hidden)
