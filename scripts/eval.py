@@ -11,6 +11,9 @@
     python scripts/eval.py --hf_dir=... --manifest=/data/my/labels.jsonl --task=iqa \\
         --score_range=1,5 --image_root=/data/my/images --out_dir=/tmp/eval/my
 
+    # one table over several finished runs (no model needed)
+    python scripts/eval.py --compare=/tmp/eval/sft,/tmp/eval/grpo
+
 Re-running the same command resumes (rows already in predictions.jsonl are not generated again).
 ``--reference_compat`` reproduces the authors' evaluation (bugs B1, B2, B12) for comparison only.
 Every other setting: ``--config.eval.<field>`` / ``--config.model.<field>`` (configs/eval.py).
@@ -61,6 +64,12 @@ flags.DEFINE_bool("reference_compat", None, "reproduce the reference evaluation 
 flags.DEFINE_string("prompt_variant", None, "reference_eval (default) | train")
 flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8,fsdp=1,tensor=1 (-1 = inferred)")
 flags.DEFINE_string("dcn_shape", "", "multi-slice / multi-node factor, e.g. data=4")
+flags.DEFINE_list(
+    "compare",
+    [],
+    "only print one paper-layout table over finished evaluation "
+    "folders (out_dirs of earlier runs); no model is loaded",
+)
 
 _SHORT = (
     "hf_dir", "datasets", "benchmark_root", "image_root", "manifest", "task", "score_range",
@@ -74,6 +83,11 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
     try:
+        if FLAGS.compare:
+            from tatar_jax.evaluation import report
+
+            print(report.compare_markdown(FLAGS.compare))
+            return 0
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in _SHORT})
         cli.run_eval_from_config(cfg, checkpoint=FLAGS.checkpoint, image_roots=FLAGS.image_roots)
     except ModelUnavailableError as err:

@@ -195,3 +195,41 @@ def test_score_script_reports_missing_image():
         timeout=120,
     )
     assert proc.returncode == 2 and "/nonexistent/x.png does not exist" in proc.stderr
+
+
+def test_compare_table_over_runs(tmp_path):
+    img = tmp_path / "0.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    rows = [{"image": "0.png", "gt_score": 1.0}]
+    for i in range(1, 6):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "gt_score": 1.0 + 0.5 * i})
+    (tmp_path / "KADID.json").write_text(json.dumps(rows))
+    for run in ("a", "b"):
+        cfg = _eval_config("tiny")
+        cfg.eval.benchmark_root = str(tmp_path)
+        cli.apply_overrides(
+            cfg,
+            {
+                "manifest": str(tmp_path / "KADID.json"),
+                "task": "iqa",
+                "score_range": "1,5",
+                "out_dir": str(tmp_path / run),
+            },
+        )
+        cfg.eval.name = "KADID"
+        cli.run_eval_from_config(cfg, predictor_factory=_fake_factory)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "eval.py"),
+            f"--compare={tmp_path / 'a'},{tmp_path / 'b'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| fake")]
+    assert len(lines) == 2 and "fake (b)" in lines[1]
+    assert "1.000 / 1.000" in lines[0]

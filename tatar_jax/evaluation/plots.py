@@ -22,8 +22,14 @@ def _pyplot():
     return plt
 
 
-def scatter(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> str:
-    """Predicted vs ground-truth (0-100) of the parsed rows, with the y = x line."""
+def scatter(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    title: str = "",
+    metrics: Mapping[str, Any] | None = None,
+) -> str:
+    """Predicted vs ground-truth (0-100) of the parsed rows, with the y = x line; SRCC / PLCC
+    from ``metrics`` (a metrics.json dict) in the title when given."""
     plt = _pyplot()
     ok = [r for r in rows if r.get("prediction") is not None]
     gt = np.array([r["gt_100"] for r in ok], np.float64)
@@ -36,7 +42,12 @@ def scatter(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: s
     ax.set_xlabel("ground truth (0-100)")
     ax.set_ylabel("prediction (0-100)")
     n_un = len(rows) - len(ok)
-    ax.set_title(f"{title}  (n = {len(ok)}, unparsed = {n_un})")
+    head = f"{title}  (n = {len(ok)}, unparsed = {n_un})"
+    if metrics is not None:
+        s, p = metrics.get("srcc"), metrics.get("plcc")
+        fmt = lambda v: "—" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+        head += f"\nSRCC {fmt(s)}   PLCC {fmt(p)}"
+    ax.set_title(head)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)

@@ -9,7 +9,9 @@ unparsed fraction, logistic PLCC, KRCC and mean think length.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,8 +93,8 @@ def paper_table(
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     for n in dict.fromkeys(notes):
-        text += f"\n\\* {n}."
-    return text + ("\n" if notes else "")
+        text += f"\n\\* {n}.\n"
+    return text
 
 
 def details_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -108,6 +110,10 @@ def details_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         fit = m.get("logistic_fit")
         if fit not in (None, "ok", "not run"):
             note = (note + "; " if note else "") + f"logistic fit fell back to plain PLCC: {fit}"
+        if m.get("n_predict_errors"):
+            note = (note + "; " if note else "") + f"{m['n_predict_errors']} not processable"
+        if m.get("n_missing"):
+            note = (note + "; " if note else "") + f"{m['n_missing']} not yet scored"
         if m.get("n_bad_rows"):
             note = (note + "; " if note else "") + f"{m['n_bad_rows']} bad manifest rows"
         lines.append(
@@ -142,3 +148,40 @@ def summary_markdown(
         + "\n## Per dataset\n\n"
         + details_table(results)
     )
+
+
+def load_results(out_dir: str | os.PathLike) -> tuple[str, dict[str, dict[str, Any]], bool]:
+    """(model name, metrics by dataset, reference_compat) of an evaluation folder."""
+    out_dir = os.fspath(out_dir)
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (not an evaluation folder?)")
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    name, compat = os.path.basename(os.path.normpath(out_dir)), False
+    info_path = os.path.join(out_dir, "run_info.json")
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        name = info.get("model") or name
+        compat = bool(info.get("reference_compat", False))
+    return name, results, compat
+
+
+def compare_markdown(out_dirs: Sequence[str | os.PathLike]) -> str:
+    """One paper-layout table with a row per evaluation folder (e.g. several checkpoints).
+
+    Folders are labelled by their model name (``run_info.json``), made unique with the folder
+    name when two share one. Mixing reference-compatible and fixed runs is refused.
+    """
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    modes = set()
+    for d in out_dirs:
+        name, results, compat = load_results(d)
+        if name in rows:
+            name = f"{name} ({os.path.basename(os.path.normpath(os.fspath(d)))})"
+        rows[name] = results
+        modes.add(compat)
+    if len(modes) > 1:
+        raise ValueError("cannot compare reference-compatible and fixed evaluations in one table")
+    return paper_table(rows, reference_compat=modes.pop() if modes else False)

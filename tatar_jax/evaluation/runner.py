@@ -506,7 +506,9 @@ def _evaluate_dataset(
         if options.plots:
             from tatar_jax.evaluation import plots
 
-            plots.scatter(rows, os.path.join(out_dir, "scatter.png"), title=spec.name)
+            plots.scatter(
+                rows, os.path.join(out_dir, "scatter.png"), title=spec.name, metrics=result
+            )
     return result, rows
 
 
