@@ -312,3 +312,23 @@ def test_tfds_source_reads_like_the_manifest(tmp_path_factory):
     a = [_flat(b) for b in pl.make_dataset([from_tfds], opts)]
     b = [_flat(b) for b in pl.make_dataset([from_manifest], opts)]
     assert a == b and len(a) == 2
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_options_from_the_stage_configs(repo_root, stage):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"_cfg_{stage}", repo_root / "configs" / f"{stage}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("reference")
+    opts = pl.options_from_config(cfg.data, stage, 16, process_index=0, process_count=1)
+    assert opts.mixing == ("interleave" if stage == "sft" else "concat")
+    assert opts.p_iqa == cfg.data.p_iqa and opts.seed == cfg.data.seed
+    assert opts.seq_buckets == tuple(cfg.data.seq_buckets)
+    assert opts.side == ("right" if stage == "sft" else "left")
+    assert dict(opts.p_drop_think) == dict(cfg.data.p_drop_think)
+    ev = pl.options_from_config(cfg.data, "eval", 4, process_index=0, process_count=1)
+    assert (ev.shuffle, ev.num_epochs, ev.side) == (False, 1, "left")
