@@ -125,3 +125,83 @@ def test_step_reports_lr_and_skips_nan():
     s3, m3 = step(bad, batch)
     assert int(m3["update_skipped"]) == 1
     np.testing.assert_array_equal(s3.params["emb"], bad.params["emb"])
+
+
+# --- the real tiny Qwen2.5-VL vs transformers ---------------------------------------------------
+
+
+def test_vl_model_loss_and_grads_match_transformers(tmp_path):
+    """Span loss on the tiny VL model (images, left padding) == transformers' loss with -100
+    labels; lm_head and embedding gradients equal torch's. Also: the frozen-vision mask on the
+    real parameter tree, and metrics.param_counts on it."""
+    tm = pytest.importorskip("tiny_models")
+    qvl = pytest.importorskip("tatar_jax.models.qwen2_5_vl")
+    from flax import nnx
+
+    from tatar_jax import metrics
+
+    hf = tm.tiny_hf_model(seed=0)
+    model = qvl.load_hf_checkpoint(tm.save_hf_dir(hf, tmp_path / "tiny"), dtype=jnp.float32)
+    batch = tm.make_batch([[5, (1, 8, 8), 12], [3, (1, 4, 8), 7]], seed=1)
+    ids = batch["input_ids"]
+    loss_mask = np.zeros_like(ids)
+    loss_mask[0, -9:] = 1  # assistant span incl. the closing token
+    loss_mask[1, -4:] = 1
+
+    labels = np.where(loss_mask > 0, ids, -100)
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    hf.zero_grad()
+    out = hf(**inputs, labels=torch.from_numpy(labels))
+    out.loss.backward()
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    # Host-side inputs of a jitted forward (what the data pipeline provides): mRoPE positions,
+    # the vision layout and the patch rows padded to its budget.
+    cfg = model.config
+    grid = batch["image_grid_thw"]
+    pos, _ = qvl.get_rope_index(ids, grid, batch["attention_mask"], cfg)
+    layout = qvl.vision_layout(grid, cfg.vision)
+    pv = batch["pixel_values"]
+    pv = np.pad(pv, ((0, layout.patch_index.shape[0] - pv.shape[0]), (0, 0)))
+
+    def apply_fn(p, b):
+        m = nnx.merge(graphdef, p, rest)
+        h, _ = m.hidden_states(
+            b["input_ids"],
+            jnp.asarray(batch["attention_mask"]),
+            jnp.asarray(pv),
+            position_ids=jnp.asarray(pos),
+            vision_layout=layout,
+        )
+        w, head_layout = m.lm_head_weight()
+        assert head_layout == "dv"
+        return h, w
+
+    jb = {"input_ids": jnp.asarray(ids), "loss_mask": jnp.asarray(loss_mask)}
+    (loss, aux), grads = jax.jit(
+        jax.value_and_grad(
+            lambda p: sft.sft_loss_fn(p, jb, apply_fn=apply_fn, chunk_size=7), has_aux=True
+        )
+    )(params)
+    assert abs(float(loss) - out.loss.item()) <= 1e-5, (float(loss), out.loss.item())
+    assert float(aux["loss_tokens"]) == 13  # masked tokens that have a predecessor: 9 + 4
+    g_head = np.asarray(grads["lm_head"]["kernel"][...])
+    np.testing.assert_allclose(g_head, hf.lm_head.weight.grad.numpy().T, atol=1e-5)
+    g_emb = np.asarray(grads["language_model"]["embed_tokens"]["embedding"][...])
+    t_emb = hf.model.language_model.embed_tokens.weight.grad.numpy()
+    np.testing.assert_allclose(g_emb, t_emb, atol=1e-5)
+
+    print(
+        f"SFT loss |d|={abs(float(loss) - out.loss.item()):.2e} "
+        f"lm_head grad max|d|={np.abs(g_head - hf.lm_head.weight.grad.numpy().T).max():.2e} "
+        f"embed grad max|d|={np.abs(g_emb - t_emb).max():.2e}"
+    )
+    mask = optim.trainable_mask(params, freeze_vision=True)
+    pure = nnx.to_pure_dict(params)
+    flat_mask = jax.tree.leaves(mask)
+    sizes = [x.size for x in jax.tree.leaves(pure)]
+    n_vis = sum(x.size for x in jax.tree.leaves(pure["visual"]))
+    assert sum(s for s, t in zip(sizes, flat_mask, strict=True) if not t) == n_vis > 0
+    pc = metrics.param_counts(cfg.text, cfg.vision)
+    assert pc["vision"] == n_vis and pc["total"] == sum(sizes)
