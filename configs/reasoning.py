@@ -71,6 +71,7 @@ def iqa_config() -> ml_collections.ConfigDict:
     c.min_words = 0  # ... but the minimum is not enforced (reference); > 0 rejects shorter ones
     c.reject_score_in_think = True  # the score written inside the think -> reject
     c.reject_changed_score = True  # the teacher's <answer> differs from the given score -> reject
+    c.think_block = "first"  # which complete <think> block is the rationale: "first" | "last"
     return c
 
 
@@ -93,6 +94,9 @@ def iaa_config() -> ml_collections.ConfigDict:
     c.min_words = 0
     c.reject_score_in_think = True
     c.reject_changed_score = True
+    # "first" (spec). R1 distills print their own <think> monologue first unless the server
+    # splits it off (vLLM --reasoning-parser deepseek_r1); then "last" picks the narrative.
+    c.think_block = "first"
     return c
 
 

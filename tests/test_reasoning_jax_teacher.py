@@ -85,6 +85,7 @@ def test_jax_teacher_plumbing(tmp_path, qwen_tok):
     assert text.endswith("USER TEXT<|im_end|>\n<|im_start|>assistant\n")
     assert mask.shape == ids.shape and mask.all()
     assert (kw["max_new_tokens"], kw["temperature"], kw["top_p"]) == (140, 0.3, 0.8)
+    assert kw["stop_token_ids"] == (qwen_tok.im_end_id, qwen_tok.pad_id)
     # text-only request: no pixels
     teacher.complete(ChatRequest("S", "U", None, SamplingParams(max_tokens=64)))
     assert "pixel_values" not in gen.calls[1][2]
@@ -133,6 +134,7 @@ class ByteTokenizer:
         return "".join(chr(32 + (i - 3) % 95) for i in ids if 3 <= i < 248)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("tatar_jax.generate") is None,
     reason="the rollout engine (tatar_jax/generate.py, issue 5) has not landed",
@@ -144,7 +146,7 @@ def test_tiny_random_model_as_teacher_end_to_end(tmp_path):
     from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration(tiny(), rngs=nnx.Rngs(0))
-    manifest = _dataset(tmp_path, 2)
+    manifest = _dataset(tmp_path, 1)
     cfg = _config().get_config("iqa")
     cfg.input, cfg.score_range, cfg.out_dir = manifest, (0.0, 100.0), str(tmp_path / "out")
     cfg.progress, cfg.judge.enabled, cfg.client.concurrency = False, False, 1
@@ -152,11 +154,11 @@ def test_tiny_random_model_as_teacher_end_to_end(tmp_path):
     cfg.iqa.reject_score_in_think = False  # random text may contain any digits
     teacher = JaxTeacher(model, ByteTokenizer(), name="tiny-random", seed=0)
     summary = build.run(cfg, build.load_rows(cfg)[0], teacher, None)
-    assert summary.total == 2 and summary.failed == {} and summary.pending == 0
+    assert summary.total == 1 and summary.failed == {} and summary.pending == 0
     out = tmp_path / "out"
     kept = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
-    assert sorted(r["source_row"] for r in kept + rejected) == [0, 1]
+    assert [r["source_row"] for r in kept + rejected] == [0]
     for r in kept:
         think = r["think"]
         assert r["target"] == f"<think>\n{think}\n</think>\n<answer>{r['gt_score']}</answer>"

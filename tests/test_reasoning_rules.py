@@ -97,6 +97,13 @@ def test_iaa_keeps_whole_narrative_strips_nested_tags():
     assert out.target.endswith("</think>\n<answer>6.2</answer>")
 
 
+def test_think_block_first_or_last():
+    reply = "<think>internal monologue</think>\n<think>The narrative.</think><answer>5</answer>"
+    assert pp.postprocess(reply, 5, pp.IAA_OPTIONS).think == "internal monologue"
+    last = pp.PostprocessOptions(think_block="last")
+    assert pp.postprocess(reply, 5, last).think == "The narrative."
+
+
 def test_format_score():
     assert pp.format_score(3.52) == "3.52"
     assert pp.format_score(70.0) == "70.0"

@@ -213,6 +213,7 @@ def task_settings(cfg: Any) -> TaskSettings:
             min_words=int(t.min_words),
             reject_score_in_think=bool(t.reject_score_in_think),
             reject_changed_score=bool(t.reject_changed_score),
+            think_block=str(t.think_block),
         ),
         rules=rules,
         attribute_order=tuple(cfg.iaa.attribute_order),

@@ -80,10 +80,14 @@ def strip_tool_calls(text: str) -> str:
     return _TOOL_TAG_RE.sub(" ", _TOOL_BLOCK_RE.sub(" ", text))
 
 
-def extract_reasoning(reply: str) -> str:
-    """Steps 1-2: the first complete think block, else the reply minus answers and tags."""
-    m = _THINK_BLOCK_RE.search(reply)
-    text = m.group(1) if m else reply
+def extract_reasoning(reply: str, which: str = "first") -> str:
+    """Steps 1-2: the first (or ``which="last"``) complete think block, else the reply minus
+    answers and tags. ("last" suits reasoning models that print their own ``<think>`` monologue
+    before the requested block, when the server does not split it off.)"""
+    if which not in ("first", "last"):
+        raise ValueError(f"which must be 'first' or 'last', got {which!r}")
+    blocks = _THINK_BLOCK_RE.findall(reply)
+    text = (blocks[0] if which == "first" else blocks[-1]) if blocks else reply
     text = _ANSWER_BLOCK_RE.sub(" ", text)
     text = _DANGLING_ANSWER_RE.sub(" ", text)
     text = _ANSWER_CLOSE_RE.sub(" ", text)
@@ -152,6 +156,7 @@ class PostprocessOptions:
     reject_score_in_think: bool = True
     reject_changed_score: bool = True  # teacher's own <answer> differs from the given score
     score_tolerance: float = 1e-6
+    think_block: str = "first"  # which complete <think> block to use: "first" (spec) | "last"
 
 
 IQA_OPTIONS = PostprocessOptions(max_sentences=2, max_words=50)
@@ -174,7 +179,7 @@ def postprocess(reply: str, score: float | int | str, opts: PostprocessOptions) 
         raise TypeError(f"reply must be a string, got {type(reply).__name__}")
     answer_text = format_score(score)
     score_value = float(answer_text)
-    think = collapse_ws(strip_tags(extract_reasoning(reply)))
+    think = collapse_ws(strip_tags(extract_reasoning(reply, opts.think_block)))
     think = first_words(first_sentences(think, opts.max_sentences), opts.max_words)
     if not think:
         return Processed(None, think, "empty_think", "no reasoning text left after cleaning")

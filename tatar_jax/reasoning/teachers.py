@@ -370,12 +370,16 @@ class JaxTeacher:
         if pixel_values is not None:
             kwargs["pixel_values"] = np.asarray(pixel_values)
             kwargs["image_grid_thw"] = np.asarray([grid], dtype=np.int32)
+        eos = tuple(int(t) for t in getattr(self.tokenizer, "eos_ids", ()) or ())
+        if eos:  # stop at the tokenizer's end of turn (not only the config's eos id)
+            kwargs["stop_token_ids"] = eos
         with self._lock:  # one generation at a time; the seed advances per call
             import jax
 
             kwargs["rng"] = jax.random.PRNGKey(self.seed + self._calls)
             self._calls += 1
-            out = self._gen()(self.model, ids, np.ones_like(ids), **kwargs)
+            gen = self._gen()
+            out = gen(self.model, ids, np.ones_like(ids), **_accepted(gen, kwargs))
         tokens = out
         if isinstance(out, Mapping):
             tokens = out.get("tokens", out.get("sequences"))
@@ -391,6 +395,20 @@ class JaxTeacher:
                 break
         reply = self.tokenizer.decode(row, skip_special_tokens=True)
         return apply_stop(reply, request.sampling.stop)
+
+
+def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``fn`` accepts (optional extras are dropped, never the core ones)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    optional = ("stop_token_ids", "rng", "top_p")
+    return {k: v for k, v in kwargs.items() if k in params or k not in optional}
 
 
 def apply_stop(text: str, stop: Sequence[str]) -> str:
