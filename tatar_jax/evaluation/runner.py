@@ -494,6 +494,14 @@ def _evaluate_dataset(
                 f.close()
 
     rows = [done[r["row_id"]] for r in records if r["row_id"] in done]
+    if errors and options.is_writer:
+        first = errors[0]
+        print(
+            f"warning: {spec.name}: {len(errors)} of {len(records) + len(loaded.skipped)} "
+            f"records not scored (first: row {first['row_id']} {first['image']!r}: "
+            f"{first['reason']}); all listed in {err_path}",
+            file=sys.stderr,
+        )
     result = dataset_metrics(
         spec,
         rows,
