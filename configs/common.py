@@ -63,10 +63,13 @@ def model_config() -> ml_collections.ConfigDict:
     c.preset = "tiny"  # embedded model size when no weights are given
     c.dtype = "bfloat16"  # compute dtype of activations / matmuls
     c.param_dtype = "float32"  # master parameters and optimizer state
-    c.remat = True  # gradient checkpointing per decoder / vision block (reference: on)
-    c.scan_layers = True
+    # Rematerialisation (gradient checkpointing; the reference trains with it on). remat=False
+    # disables both; the policies are the model's (None | "full" | "dots_saveable" | ...).
+    c.remat = True
+    c.remat_policy = "full"
+    c.vision_remat_policy = "full"
+    c.init_std = 0.02  # random init of the embedded model (checkpoints overwrite it)
     c.freeze_vision = False  # True: the vision tower (incl. merger) gets no updates, no opt. state
-    c.attention = "xla"  # attention kernel: "xla" | "cudnn" | "splash" where the model supports it
     c.logprob_chunk_size = 1024  # tokens per chunk of the lm_head log-softmax (tatar_jax.logprobs)
     return c
 
