@@ -136,6 +136,7 @@ def legacy_config_dict(config: Qwen2_5_VLConfig) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": t.bos_token_id,
         "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
         "image_token_id": config.image_token_id,
         "video_token_id": config.video_token_id,
         "vision_start_token_id": config.vision_start_token_id,
