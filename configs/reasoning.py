@@ -52,6 +52,9 @@ def endpoint_config(api_key_env: str) -> ml_collections.ConfigDict:
     c.base_url = ""  # e.g. http://localhost:8000/v1 (vLLM's OpenAI-compatible server)
     c.model = ""  # the served model name
     c.api_key_env = api_key_env  # NAME of the environment variable holding the key ("" = none)
+    # JSON object merged into every request body, e.g. '{"top_k": 20}' or
+    # '{"chat_template_kwargs": {"enable_thinking": false}}' for vLLM.
+    c.extra_body = "{}"
     return c
 
 

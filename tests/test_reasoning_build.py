@@ -204,8 +204,13 @@ def test_order_is_input_order_under_out_of_order_completion(tmp_path):
 
     with StubServer(teacher) as srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None, concurrency=6)
+        cfg.teacher.extra_body = '{"top_k": 20}'
         rows = build.load_rows(cfg)[0]
         build.run(cfg, rows, build.make_teacher(cfg), None)
+        assert {r["body"]["top_k"] for r in srv.requests} == {20}
+        cfg.teacher.extra_body = "[1]"
+        with pytest.raises(ValueError, match="must be a JSON object"):
+            build.make_teacher(cfg)
     out = pathlib.Path(cfg.out_dir)
     completion_order = [e["row"] for e in read_jsonl(out / "journal.jsonl")]
     assert completion_order != sorted(completion_order)  # they really finished out of order

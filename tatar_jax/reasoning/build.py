@@ -409,6 +409,7 @@ def fingerprint(
         "num_rows": len(rows),
         "score_scale": cfg.score_scale,
         "teacher": teacher.name if teacher else None,
+        "teacher_extra_body": cfg.teacher.extra_body,
         "judge": judge.name if judge else None,
         "task_block": cfg[cfg.task].to_dict(),
         "rules": cfg.rules.to_dict(),
@@ -635,6 +636,16 @@ def _api_key(env_name: str, who: str) -> str | None:
     return key or None
 
 
+def _extra_body(text: str, who: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{who}.extra_body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{who}.extra_body must be a JSON object, got {text!r}")
+    return body
+
+
 def _retry_policy(cfg: Any):
     from tatar_jax.reasoning.teachers import RetryPolicy
 
@@ -662,6 +673,7 @@ def make_teacher(cfg: Any) -> Teacher | None:
             _api_key(cfg.teacher.api_key_env, "teacher"),
             timeout_s=float(cfg.client.timeout_s),
             retry=_retry_policy(cfg),
+            extra_body=_extra_body(cfg.teacher.extra_body, "teacher"),
         )
     if kind == "jax":
         from tatar_jax.reasoning.teachers import load_jax_teacher
@@ -686,6 +698,7 @@ def make_judge(cfg: Any) -> Teacher | None:
         _api_key(cfg.judge.api_key_env, "judge"),
         timeout_s=float(cfg.client.timeout_s),
         retry=_retry_policy(cfg),
+        extra_body=_extra_body(cfg.judge.extra_body, "judge"),
     )
 
 
