@@ -53,8 +53,10 @@ def group_advantages(
     if group_size < 1 or n % group_size:
         raise ValueError(f"{n} rewards do not split into groups of {group_size}")
     g = r.reshape(n // group_size, group_size)
-    mean = g.mean(axis=1, keepdims=True)
-    centred = g - mean
+    # Shifted by each group's first reward before averaging: a constant group then centres to
+    # exactly 0 (a rounded mean would leave r - mean = 1 ulp, blown up by 1/(0 + eps)).
+    shifted = g - g[:, :1]
+    centred = shifted - shifted.mean(axis=1, keepdims=True)
     if mode == "dr_grpo":
         adv = centred
     elif mode == "rloo":
@@ -67,15 +69,17 @@ def group_advantages(
         adv = centred / (jnp.sqrt(var) + eps) if dof > 0 else jnp.zeros_like(centred)
     else:
         dof = n - ddof
-        var = jnp.square(r - r.mean()).sum() / max(dof, 1)
+        shifted = r - r[0]
+        var = jnp.square(shifted - shifted.mean()).sum() / max(dof, 1)
         adv = centred / (jnp.sqrt(var) + eps) if dof > 0 else jnp.zeros_like(centred)
     return adv.reshape(n)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """sum(x * mask) / max(sum(mask), 1): 0, never NaN, when the mask is empty."""
-    mask = jnp.asarray(mask, jnp.float32)
-    x = jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x)
+    x = x.astype(jnp.result_type(x.dtype, jnp.float32))
+    mask = jnp.asarray(mask).astype(x.dtype)
     return jnp.sum(jnp.where(mask > 0, x, 0.0) * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -91,7 +95,7 @@ def grpo_loss(
     beta: float = 0.001,
     aggregation: str = "seq_mean_token_mean",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The GRPO objective of spec §7.3, float32.
+    """The GRPO objective of spec §7.3, in float32 (float64 if given float64 under x64).
 
     Args: ``logps``, ``old_logps``, ``ref_logps``: (N, T) per-token log-probs of the sampled
     completion tokens under the policy, the rollout policy and the frozen reference;
@@ -115,11 +119,12 @@ def grpo_loss(
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     eps_low = float(epsilon)
     eps_high = eps_low if epsilon_high is None else float(epsilon_high)
-    f32 = jnp.float32
-    logps = jnp.asarray(logps, f32)
-    old = jnp.asarray(old_logps, f32)
-    mask = jnp.asarray(completion_mask).astype(f32)
-    adv = jnp.asarray(advantages, f32)[:, None]
+    # float32 at least (bf16 log-probs are promoted); float64 only for float64 inputs under x64.
+    dt = jnp.result_type(jnp.asarray(logps).dtype, jnp.asarray(old_logps).dtype, jnp.float32)
+    logps = jnp.asarray(logps, dt)
+    old = jnp.asarray(old_logps, dt)
+    mask = jnp.asarray(completion_mask).astype(dt)
+    adv = jnp.asarray(advantages, dt)[:, None]
 
     log_ratio = logps - old
     # Padded positions may hold garbage log-probs; keep them out of exp and out of the gradient.
@@ -129,7 +134,7 @@ def grpo_loss(
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
     use_kl = ref_logps is not None and not (isinstance(beta, (int, float)) and beta == 0)
     if use_kl:
-        delta = jnp.where(mask > 0, jnp.asarray(ref_logps, f32) - logps, 0.0)
+        delta = jnp.where(mask > 0, jnp.asarray(ref_logps, dt) - logps, 0.0)
         kl = jnp.exp(delta) - delta - 1.0
         per_token = per_token + beta * kl
     else:
@@ -151,14 +156,14 @@ def grpo_loss(
     high = (ratio > 1.0 + eps_high) & (adv > 0)
     metrics = {
         "kl": masked_mean(kl, mask),
-        "clip_frac_low": masked_mean(low.astype(f32), mask),
-        "clip_frac_high": masked_mean(high.astype(f32), mask),
-        "clip_frac": masked_mean((low | high).astype(f32), mask),
+        "clip_frac_low": masked_mean(low.astype(dt), mask),
+        "clip_frac_high": masked_mean(high.astype(dt), mask),
+        "clip_frac": masked_mean((low | high).astype(dt), mask),
         "ratio_mean": masked_mean(ratio, mask),
         "ratio_min": jnp.where(any_on, jnp.min(jnp.where(on, ratio, jnp.inf)), 0.0),
         "ratio_max": jnp.where(any_on, jnp.max(jnp.where(on, ratio, -jnp.inf)), 0.0),
     }
-    return loss.astype(f32), {k: jax.lax.stop_gradient(v).astype(f32) for k, v in metrics.items()}
+    return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
 
 
 def per_task_metrics(
