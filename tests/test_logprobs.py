@@ -109,3 +109,28 @@ def test_no_full_logits_in_jaxpr():
     text = str(jax.make_jaxpr(f)(h, w))
     assert f"{n},{v}" not in text.replace(" ", "")
     assert f"{chunk},{v}" in text.replace(" ", "")
+
+
+def test_sharded_batch_and_vocab_match_single_device():
+    """Batch over data x fsdp, lm_head vocab over tensor (8 virtual CPU devices): same values and
+    gradients as unsharded."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 virtual CPU devices)")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from tatar_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    h, w, t = _data((8, 6), d=16, v=64, seed=4)
+
+    def f(h, w):
+        lp, ent = token_logprobs(h, w, t, chunk_size=16, return_entropy=True)
+        return jnp.sum(lp * jnp.cos(jnp.arange(6.0))) + jnp.sum(ent), (lp, ent)
+
+    ref = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w)
+    hs = jax.device_put(h, NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hs, ws)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6)
