@@ -463,6 +463,20 @@ def test_dataset_declaration_bad_rows_and_skip_reporting(tmp_path):
     assert "outside the declared range" in rejected[1]["detail"]
     kept = read_jsonl(tmp_path / "out" / "sft.jsonl")
     assert [(r["image"], r["gt_100"]) for r in kept] == [("a.png", 30.0), ("d.png", 75.0)]
+    # the output is a manifest the SFT data path reads (same image root and declared range)
+    from tatar_jax.data import examples
+    from tatar_jax.data.manifest import DatasetSpec, load_records
+
+    sft_spec = DatasetSpec(
+        "toy-sft", "iaa", str(tmp_path / "out" / "sft.jsonl"), str(tmp_path), (0.0, 10.0),
+        target_field="target",
+    )  # fmt: skip
+    recs = load_records(sft_spec).records
+    want = [(str(tmp_path / "a.png"), 30.0), (str(tmp_path / "d.png"), 75.0)]
+    assert [(r["image"], r["gt_100"]) for r in recs] == want
+    assert examples.rewrite_answer(recs[0]["target"], recs[0]["gt_100"]) == (
+        "<think>\nWarm palette, calm mood.\n</think>\n<answer>30.00</answer>"
+    )
 
     # a built-in declaration supplies range and label field; its task must match
     cfg.input, cfg.score_range = "", None
