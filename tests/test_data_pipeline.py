@@ -183,7 +183,7 @@ def _flat(batch):
     )
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_resume_mid_epoch_equals_uninterrupted(sources, workers):
     opts = _opts(stage="grpo", num_epochs=2, batch_size=2, worker_count=workers)
     it = iter(pl.make_dataset(sources, opts))

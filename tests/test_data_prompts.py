@@ -68,7 +68,9 @@ def _conversations():
     return out
 
 
-@pytest.mark.parametrize("template", [QWEN2_VL_TEMPLATE, CUSTOM_TEMPLATE])
+@pytest.mark.parametrize(
+    "template", [QWEN2_VL_TEMPLATE, CUSTOM_TEMPLATE], ids=["qwen2_vl", "custom"]
+)
 def test_render_equals_apply_chat_template(hf_tokenizer, template):
     for msgs, gen in _conversations():
         ref = hf_tokenizer.apply_chat_template(
