@@ -146,6 +146,8 @@ def test_iqa_end_to_end_bookkeeping_and_retry_failed(tmp_path):
                          '"decision": "keep"}')  # fmt: skip
         if row == 6:
             return Reply("I cannot produce JSON today.")
+        if row == 0 and fail_row3.is_set():
+            return Status(502, "judge down")
         return Reply(f"```json\n{KEEP}\n```")
 
     with StubServer(teacher) as t_srv, StubServer(judge) as j_srv:
@@ -154,7 +156,30 @@ def test_iqa_end_to_end_bookkeeping_and_retry_failed(tmp_path):
         summary = build.run(cfg, rows, build.make_teacher(cfg), build.make_judge(cfg))
         out = pathlib.Path(cfg.out_dir)
         kept = read_jsonl(out / "sft.jsonl")
-        assert [r["source_row"] for r in kept] == [0, 2, 9]
+        assert [r["source_row"] for r in kept] == [2, 9]
+        failed = read_jsonl(out / "failed.jsonl")
+        assert [(r["source_row"], r["stage"], r["reason"]) for r in failed] == [
+            (0, "judge", "judge_error"),
+            (3, "teacher", "teacher_error"),
+        ]
+        assert "HTTP 500" in failed[1]["detail"] and "HTTP 502" in failed[0]["detail"]
+        assert summary.kept == 2 and summary.failed == {"teacher_error": 1, "judge_error": 1}
+        assert summary.rejected["judge_reject"] == 1 and summary.pending == 0
+        on_disk = json.loads((out / "summary.json").read_text())
+        assert on_disk["num_rejected"] == 6 and on_disk["kept"] == 2
+        # row 7's image is missing: the teacher was never asked about it
+        assert 7 not in {iqa_row(r["body"]) for r in t_srv.requests}
+
+        # re-run: only the failed rows are requested again and now succeed; row 0's teacher
+        # reply (its judge call had failed) is reused, not asked for again
+        fail_row3.clear()
+        n_before = len(t_srv.requests)
+        summary = build.run(cfg, rows, build.make_teacher(cfg), build.make_judge(cfg))
+        assert [iqa_row(r["body"]) for r in t_srv.requests[n_before:]] == [3]
+        assert summary.processed_this_run == 2 and summary.skipped_from_journal == 8
+        kept = read_jsonl(out / "sft.jsonl")
+        assert [r["source_row"] for r in kept] == [0, 2, 3, 9]
+        assert read_jsonl(out / "failed.jsonl") == []
         r0 = kept[0]
         assert r0["target"] == (
             "<think>\nRow A shows mild blur at the end of the frame. Noise is low and colours are "
@@ -173,25 +198,6 @@ def test_iqa_end_to_end_bookkeeping_and_retry_failed(tmp_path):
             7: "image_missing",
             8: "contamination",
         }
-        failed = read_jsonl(out / "failed.jsonl")
-        assert [(r["source_row"], r["reason"]) for r in failed] == [(3, "teacher_error")]
-        assert "HTTP 500" in failed[0]["detail"]
-        assert summary.kept == 3 and summary.failed == {"teacher_error": 1}
-        assert summary.rejected["judge_reject"] == 1 and summary.pending == 0
-        on_disk = json.loads((out / "summary.json").read_text())
-        assert on_disk["num_rejected"] == 6 and on_disk["kept"] == 3
-        # row 7's image is missing: the teacher was never asked about it
-        assert 7 not in {iqa_row(r["body"]) for r in t_srv.requests}
-
-        # re-run: only the failed row is requested again; it now succeeds
-        fail_row3.clear()
-        n_before = len(t_srv.requests)
-        summary = build.run(cfg, rows, build.make_teacher(cfg), build.make_judge(cfg))
-        assert [iqa_row(r["body"]) for r in t_srv.requests[n_before:]] == [3]
-        assert summary.processed_this_run == 1 and summary.skipped_from_journal == 9
-        kept = read_jsonl(out / "sft.jsonl")
-        assert [r["source_row"] for r in kept] == [0, 2, 3, 9]
-        assert read_jsonl(out / "failed.jsonl") == []
 
 
 def test_order_is_input_order_under_out_of_order_completion(tmp_path):

@@ -311,8 +311,13 @@ def process_row(
     teacher: Teacher | None,
     judge: Teacher | None,
     coverage: judge_mod.KeywordCoverage,
+    cached_reply: str | None = None,
 ) -> dict[str, Any]:
-    """One row end to end -> a journal entry. Raises only :class:`FatalTeacherError`."""
+    """One row end to end -> a journal entry. Raises only :class:`FatalTeacherError`.
+
+    ``cached_reply``: the teacher's reply from an earlier run whose judge call failed; it is
+    reused instead of asking the teacher again.
+    """
     rec = _base_record(row, s.task)
 
     def done(status: str, stage: str, reason: str = "", detail: str = "") -> dict[str, Any]:
@@ -339,7 +344,9 @@ def process_row(
             think = judge_mod.split_target(target)[0]
         else:
             try:
-                reply = teacher.complete(teacher_request(row, s))
+                reply = cached_reply
+                if reply is None:
+                    reply = teacher.complete(teacher_request(row, s))
             except FatalTeacherError:
                 raise
             except TeacherError as e:
@@ -572,7 +579,11 @@ def run(
                 r = next(it, None)
                 if r is None:
                     return
-                pending.add(pool.submit(process_row, r, s, teacher, judge, coverage))
+                prior = journal.entries.get(r.row)
+                cached = None
+                if prior and prior["status"] == "failed" and prior["stage"] == "judge":
+                    cached = prior["record"].get("teacher_reply")
+                pending.add(pool.submit(process_row, r, s, teacher, judge, coverage, cached))
 
         refill()
         while pending:
@@ -617,7 +628,7 @@ def run(
         requests=requests,
     )
     _write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), summary.to_dict())
-    log.info("summary for %s:\n%s", out_dir, summary.text())
+    log.debug("summary for %s:\n%s", out_dir, summary.text())
     if fatal is not None:
         raise fatal
     return summary
