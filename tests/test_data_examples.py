@@ -16,7 +16,7 @@ from tatar_jax.data import tokenizer as tk
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.test_data_prompts import QWEN2_VL_TEMPLATE  # noqa: E402
+from test_data_prompts import QWEN2_VL_TEMPLATE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
