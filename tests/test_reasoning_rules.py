@@ -180,6 +180,8 @@ def test_iaa_role_words_anywhere_and_nested_tags(image):
     )
     rej, checks = J.hard_rules(_t(good, "7.5"), "iaa", 7.5, image, ALL_ATTRS)
     assert rej is None and checks["has_causal_link"]
+    eco = good + " The ecosystem: lush."  # "system:" only as a whole word
+    assert J.hard_rules(_t(eco, "7.5"), "iaa", 7.5, image, ALL_ATTRS)[0] is None
     bad = good + " As the assistant: I think so."
     assert J.hard_rules(_t(bad, "7.5"), "iaa", 7.5, image, ALL_ATTRS)[0].reason == "contamination"
     nested = good + " <em>wow</em>"

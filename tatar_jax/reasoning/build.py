@@ -64,8 +64,8 @@ RUN_FILE = "run.json"
 OUTPUT_FIELDS_DOC = """\
 Fields of each line of sft.jsonl (and of the "record" of rejected.jsonl / journal.jsonl):
   image          the image path as written in the input manifest
-  gt_score       the ground truth as the input gives it (its own scale; map to 0-100 by the
-                 dataset's declared range when training)
+  gt_score       the ground truth as the input gives it (its own scale)
+  gt_100         the same on 0-100 by the dataset's declared range
   task           "iqa" | "iaa"
   target         the SFT target: "<think>\\n...\\n</think>\\n<answer>SCORE</answer>"
                  (the SFT data path reads this field and rewrites the answer to the 0-100 gt)
@@ -73,7 +73,8 @@ Fields of each line of sft.jsonl (and of the "record" of rejected.jsonl / journa
   reversal_thinking (IQA) / cot_reasoning (IAA)   = target, the reference's field names
   aesthetic_attributes (IAA)                       the attribute texts used
   teacher_reply  the raw teacher reply (before post-processing)
-  teacher        teacher name (model);  judge: judge name, judge_verdict: its parsed JSON
+  teacher        teacher name (model)
+  judge, judge_reply, judge_verdict   judge name, raw reply, parsed JSON (when a judge ran)
   local_checks   IAA coverage details (aspects touched, causal hint, word count)
   source_row     0-based row of the input manifest
   plus every other field of the input record, unchanged.
