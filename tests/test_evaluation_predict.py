@@ -9,6 +9,8 @@ rebuild) encodes the prompts and decodes the canned answers.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import types
 
 import jax
@@ -49,7 +51,6 @@ class StandInGenerate:
                 attention_mask=np.asarray(attention_mask),
                 pixel_values=np.asarray(pixel_values),
                 grid=np.asarray(image_grid_thw),
-                ids_sharding=input_ids.sharding,
                 **kw,
             )
         )
@@ -102,7 +103,7 @@ def test_predict_fn_wiring_with_stand_in_generate(qwen_tok):
     assert set(call["stop_token_ids"]) == set(qwen_tok.eos_ids)
     ids, am = call["input_ids"], call["attention_mask"]
     assert ids.shape[0] == 4 and am[:, -1].all()  # static batch, left padded
-    assert len(call["ids_sharding"].device_set) == 2  # data-parallel over the mesh
+    assert call["pad_token_id"] == qwen_tok.pad_id
     # The pixels are the HF-equal preprocessing of the two good images, in row order.
     want = [image_mod.preprocess_image(r["pil_image"], 3136, 200_000) for r in recs[:2]]
     n0, n1 = (w[0].shape[0] for w in want)
@@ -122,3 +123,62 @@ def test_predict_fn_wiring_with_stand_in_generate(qwen_tok):
     assert fn([recs[2]]) == [out[2]] and len(gen.calls) == 1
     with pytest.raises(ValueError, match="batch_size"):
         fn([_rec(k, (30, 30)) for k in range(5)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("tatar_jax.generate") is None,
+    reason="the rollout engine (tatar_jax/generate.py, issue 5) has not landed",
+)
+def test_tiny_random_model_end_to_end_and_resume(tmp_path, qwen_tok):
+    """A tiny random Qwen2.5-VL with the real tokenizer's ids, real greedy generation, the runner:
+    all outputs are written and a resumed run gives identical metrics without generating."""
+    from flax import nnx
+
+    from tatar_jax import generate
+    from tatar_jax.data import manifest
+    from tatar_jax.models.qwen2_5_vl.config import tiny
+    from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+
+    tok = qwen_tok
+    base = tiny(tie_word_embeddings=True)
+    cfg = dataclasses.replace(
+        base,
+        text=dataclasses.replace(base.text, vocab_size=len(tok)),
+        image_token_id=tok.image_pad_id,
+        video_token_id=tok.video_pad_id,
+        vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id,
+        bos_token_id=None,
+        eos_token_id=tok.im_end_id,
+        pad_token_id=tok.pad_id,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    calls = []
+
+    def gen(*a, **k):
+        calls.append(a[1].shape)
+        return generate.generate(*a, **k)
+
+    ev = _ev(batch_size=2, max_new_tokens=6, max_pixels=40_000)
+    fn = make_predict_fn(model, tok, ev, mesh=mesh, rules=sharding.DEFAULT_RULES, generate_fn=gen)
+    rows = []
+    for i in range(3):
+        _rec(i, (84, 56))["pil_image"].save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "gt_score": 1.0 + i})
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    spec = manifest.DatasetSpec("syn", "iqa", str(tmp_path / "m.json"), score_range=(1.0, 5.0))
+    opts = runner.EvalOptions(batch_size=2, progress=False)
+    count = lambda s: len(tok.encode(s))  # noqa: E731
+    first = runner.run_eval([spec], fn, tmp_path / "out", opts, count_tokens=count)
+    assert len(calls) == 2 and calls[0][0] == 2  # 3 rows in static batches of 2
+    for f in ("syn/predictions.jsonl", "syn/metrics.json", "syn/scatter.png", "summary.md"):
+        assert (tmp_path / "out" / f).is_file(), f
+    stored = runner.read_jsonl(str(tmp_path / "out" / "syn" / "predictions.jsonl"))
+    assert [r["row_id"] for r in stored] == [0, 1, 2]
+    assert all(isinstance(r["completion"], str) and r["completion"] for r in stored)
+    m = first["syn"]
+    assert m["n_scored"] == 3 and m["n_unparsed"] + m["n_pairs"] == 3
+    again = runner.run_eval([spec], fn, tmp_path / "out", opts, count_tokens=count)
+    assert again == first and len(calls) == 2  # nothing regenerated

@@ -5,10 +5,9 @@ This is the only part of :mod:`tatar_jax.evaluation` that touches the model. It 
 issue 5). When either is missing, :func:`build_predict_fn` raises :class:`ModelUnavailableError`
 saying which; there is no fallback that invents predictions.
 
-Multi-host: every process calls the predict function with the same global batch of records;
-inputs are placed on the mesh with ``jax.make_array_from_callback`` (each process supplies its
-addressable shards of the identical host arrays) and the generated tokens are all-gathered, so
-every process returns the same completions and the runner stays in lockstep.
+Multi-host: every process calls the predict function with the same global batch of records and
+passes the same host arrays to the rollout engine; tokens that come back sharded are
+all-gathered, so every process returns the same completions and the runner stays in lockstep.
 """
 
 from __future__ import annotations
@@ -158,11 +157,11 @@ def make_predict_fn(
     Per call: each record's decoded ``pil_image`` is preprocessed (Qwen2.5-VL budget
     ``ev.min_pixels`` / ``ev.max_pixels``; a rejected image becomes a :class:`RecordFailure`),
     rendered into the task prompt (``ev.prompt_variant``), collated with left padding into a
-    static batch of ``ev.batch_size`` rows (short batches are filled with flagged copies), placed
-    on ``mesh`` (token arrays sharded over the batch axes, ``batch_size`` must divide by their
-    size; pixels replicated) and decoded greedily for up to ``ev.max_new_tokens`` tokens,
-    stopping at ``<|im_end|>`` / end-of-text. Completions are the masked tokens decoded with
-    special tokens stripped.
+    static batch of ``ev.batch_size`` rows (short batches are filled with flagged copies) and
+    decoded greedily by ``generate_fn`` for up to ``ev.max_new_tokens`` tokens, stopping at
+    ``<|im_end|>`` / end-of-text, under ``mesh``'s logical-axis ``rules``. Inputs are host numpy
+    arrays (the same on every process; the engine pads them to its buckets). Completions are the
+    masked tokens decoded with special tokens stripped.
     """
     import jax
     from jax.experimental import multihost_utils
@@ -172,13 +171,10 @@ def make_predict_fn(
 
     rope_cfg = examples.RopeConfig.from_tokenizer(tok, merge_size)
 
-    def on_mesh(x: np.ndarray, batch_major: bool) -> jax.Array:
-        spec = (
-            sharding.batch_sharding(mesh, x.ndim, rules)
-            if batch_major
-            else sharding.replicated(mesh)
-        )
-        return jax.make_array_from_callback(x.shape, spec, lambda idx: x[idx])
+    def to_host(x: Any) -> np.ndarray:
+        if getattr(x, "is_fully_addressable", True):
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def predict_fn(records: Sequence[Mapping[str, Any]]) -> list[str | RecordFailure]:
         if len(records) > ev.batch_size:
@@ -217,21 +213,22 @@ def make_predict_fn(
             batch_size=ev.batch_size,
         )
         n_patch = int(batch["patch_mask"].sum())
+        # Host arrays, identical on every process: the rollout engine buckets and places them.
         with sharding.use_rules(mesh, rules):
             out = generate_fn(
                 model,
-                on_mesh(batch["input_ids"], True),
-                on_mesh(batch["attention_mask"], True),
-                pixel_values=on_mesh(batch["pixel_values"][:n_patch], False),
-                image_grid_thw=on_mesh(batch["image_grid_thw"], False),
+                batch["input_ids"],
+                batch["attention_mask"],
+                pixel_values=batch["pixel_values"][:n_patch],
+                image_grid_thw=batch["image_grid_thw"],
                 max_new_tokens=ev.max_new_tokens,
                 num_samples=1,
                 temperature=0.0,
                 stop_token_ids=tuple(tok.eos_ids),
+                pad_token_id=tok.pad_id,
                 rng=jax.random.key(seed),
             )
-        tokens = np.asarray(multihost_utils.process_allgather(out.tokens, tiled=True))
-        mask = np.asarray(multihost_utils.process_allgather(out.mask, tiled=True))
+        tokens, mask = to_host(out.tokens), to_host(out.mask)
         texts = iter(
             tok.decode(tokens[k][mask[k]].tolist(), skip_special_tokens=True)
             for k in range(len(exs))
