@@ -590,12 +590,16 @@ def run(
         while pending:
             finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
+                if fut.cancelled():
+                    continue
                 try:
                     entry = fut.result()
                 except FatalTeacherError as e:
                     if fatal is None:
                         fatal = e
                         stop.set()
+                        for other in pending:  # rows not started yet; running ones finish
+                            other.cancel()
                     continue
                 journal.append(entry)
                 processed += 1
