@@ -23,7 +23,7 @@ from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.models.qwen2_5_vl.checkpoint import SafetensorsReader
 
 TOL = 1e-4
-BATCH_ROWS = [[2, (1, 4, 8), 3], [1, (1, 8, 4), 4]]
+BATCH_ROWS = [[2, (1, 4, 8), 3], [1, (1, 8, 12), 5], [4]]  # shapes as in the parity tests
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def batch():
-    return tm.make_batch(BATCH_ROWS, seed=11)
+    return tm.make_batch(BATCH_ROWS, seed=11, length=40)
 
 
 @pytest.fixture(scope="module")

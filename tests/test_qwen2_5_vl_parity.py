@@ -19,6 +19,7 @@ from flax import nnx
 from tatar_jax.models import qwen2_5_vl as qvl
 
 TOL = 1e-4
+LEN = 40  # every batch is left-padded to this length: equal shapes share compilations
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_logits_match_transformers(pair, name):
     hf, model = pair
-    batch = tm.make_batch(CASES[name], seed=7)
+    batch = tm.make_batch(CASES[name], seed=7, length=LEN)
     kw = {} if "image_grid_thw" in batch else {"position_ids": _text_positions_hf(hf, batch)}
     ref = tm.hf_logits(hf, batch, **kw)
     ours = _ours(model, batch)
@@ -87,7 +88,7 @@ def test_logits_match_transformers(pair, name):
 def test_tied_embeddings_match_transformers(tied_pair):
     hf, model = tied_pair
     assert model.lm_head is None and model.lm_head_weight()[1] == "vd"
-    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=2)
+    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=2, length=LEN)
     diff = _max_diff(tm.hf_logits(hf, batch), _ours(model, batch), batch)
     print(f"[parity] tied embeddings: max|Δ logits| = {diff:.2e}")
     assert diff <= TOL
@@ -96,7 +97,7 @@ def test_tied_embeddings_match_transformers(tied_pair):
 def test_stages_match_transformers(pair):
     """Per stage: vision features, merged input embeddings, final hidden states."""
     hf, model = pair
-    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=3)
+    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=3, length=LEN)
     pv, grid = torch.from_numpy(batch["pixel_values"]), torch.from_numpy(batch["image_grid_thw"])
     with torch.no_grad():
         ref_feats = torch.cat(hf.model.get_image_features(pv, grid).pooler_output).numpy()
@@ -114,7 +115,7 @@ def test_stages_match_transformers(pair):
 
 def test_text_decoder_hidden_states_match_transformers(pair):
     hf, model = pair
-    batch = tm.make_batch(CASES["text_only_left_padded"], seed=4)
+    batch = tm.make_batch(CASES["text_only_left_padded"], seed=4, length=LEN)
     with torch.no_grad():
         ref = hf.model.language_model(
             input_ids=torch.from_numpy(batch["input_ids"]),
@@ -130,7 +131,7 @@ def test_text_decoder_hidden_states_match_transformers(pair):
 def test_jit_with_precomputed_positions_and_layout(pair):
     """The training/rollout path: positions and vision layout from the host, forward under jit."""
     _, model = pair
-    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=5)
+    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=5, length=LEN)
     cfg = model.config
     pos, _ = qvl.get_rope_index(
         batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], cfg
@@ -152,10 +153,12 @@ def test_jit_with_precomputed_positions_and_layout(pair):
 def test_kv_cache_prefill_then_decode_equals_full_forward(pair):
     _, model = pair
     cfg = model.config
-    batch = tm.make_batch([[2, (1, 4, 8), 3], [5]], seed=6)
-    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
     steps = 3
-    new = np.random.default_rng(0).integers(3, 240, size=(2, steps))
+    rows = CASES["two_images_different_grids_left_padded"]
+    batch = tm.make_batch(rows, seed=6, length=LEN - steps)
+    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    b = ids.shape[0]
+    new = np.random.default_rng(0).integers(3, 240, size=(b, steps))
     full_ids = np.concatenate([ids, new], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)
     full = np.asarray(model(full_ids, full_mask, batch["pixel_values"], grid))
@@ -165,8 +168,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(pair):
     layout = qvl.vision_layout(grid, cfg.vision)
     pv = np.zeros((layout.patch_index.shape[0], batch["pixel_values"].shape[1]), np.float32)
     pv[: len(batch["pixel_values"])] = batch["pixel_values"]
-    cache = model.init_cache(2, max_len)
-    cache_mask = np.zeros((2, max_len), np.int32)
+    cache = model.init_cache(b, max_len)
+    cache_mask = np.zeros((b, max_len), np.int32)
     cache_mask[:, :prompt_len] = mask
     logits, cache = model.forward_with_cache(ids, pos, cache, cache_mask, pv, layout)
     d = [_max_diff(full[:, :prompt_len], np.asarray(logits), batch)]
@@ -187,7 +190,7 @@ def test_bf16_forward_close_to_fp32(tmp_path):
     m16 = qvl.load_hf_checkpoint(path, dtype=jnp.bfloat16)
     leaves = jax.tree.leaves(nnx.state(m16, nnx.Param))
     assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
-    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=8)
+    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=8, length=LEN)
     l32, l16 = _ours(m32, batch), _ours(m16, batch)
     assert l16.dtype == jnp.bfloat16
     valid = batch["attention_mask"].astype(bool)

@@ -198,7 +198,10 @@ def image_tokens(thw: tuple[int, int, int], merge: int = 2) -> int:
 
 
 def make_batch(
-    rows: list[list[Any]], seed: int = 0, patch_dim: int = 3 * 2 * 14 * 14
+    rows: list[list[Any]],
+    seed: int = 0,
+    patch_dim: int = 3 * 2 * 14 * 14,
+    length: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Left-padded batch from row specs.
 
@@ -206,6 +209,7 @@ def make_batch(
     (an image: vision_start, t*h*w/4 image tokens, vision_end). Returns numpy ``input_ids`` (B, L)
     int64, ``attention_mask`` (B, L) int64, ``mm_token_type_ids`` (B, L), and when any image is
     present ``pixel_values`` (N, patch_dim) float32 and ``image_grid_thw`` (num_images, 3) int64.
+    ``length`` left-pads every row to that length (equal shapes share compilations).
     """
     rng = np.random.default_rng(seed)
     seqs, grids = [], []
@@ -218,7 +222,10 @@ def make_batch(
                 grids.append(tuple(item))
                 seq += [VISION_START_ID] + [IMAGE_TOKEN_ID] * image_tokens(item) + [VISION_END_ID]
         seqs.append(seq)
-    length = max(len(s) for s in seqs)
+    longest = max(len(s) for s in seqs)
+    if length is not None and length < longest:
+        raise ValueError(f"length={length} < longest row ({longest} tokens)")
+    length = length or longest
     ids = np.full((len(seqs), length), PAD_ID, np.int64)
     mask = np.zeros((len(seqs), length), np.int64)
     for i, s in enumerate(seqs):
