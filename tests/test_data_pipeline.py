@@ -268,6 +268,8 @@ def test_options_validation():
         pl.PipelineOptions(bad_record="replace")
     with pytest.raises(ValueError, match="mixing"):
         pl.PipelineOptions(mixing="zip")
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pl.PipelineOptions(patch_buckets=(1024, 1026))
     with pytest.raises(ValueError, match="no full global batch"):
         pl.Schedule([3], ["iqa"], _opts(batch_size=4))
     with pytest.raises(ValueError, match="no full global batch"):

@@ -172,6 +172,9 @@ class PipelineOptions:
             raise ValueError(f"p_iqa must be in [0, 1], got {self.p_iqa}")
         if self.batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if self.patch_buckets and any(int(b) % 4 for b in self.patch_buckets):
+            # The vision tower merges 2x2 patches: padded patch counts must divide by 4.
+            raise ValueError(f"patch_buckets must be multiples of 4, got {self.patch_buckets}")
 
     @property
     def side(self) -> str:
