@@ -229,3 +229,61 @@ def test_restore_or_init_and_load_params(tmp_path):
         checkpointing.load_params(tmp_path / "run", target, step=9)
     with pytest.raises(FileNotFoundError):
         checkpointing.load_params(tmp_path / "nothing", target)
+
+
+def test_sharded_restore_keeps_shardings(tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 virtual CPU devices)")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from tatar_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    shard = NamedSharding(mesh, P("fsdp", "tensor"))
+    state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), shard), "s": jnp.int32(3)}
+    ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, with_data=False)
+    ckpt.save(1, state)
+    ckpt.wait()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored, _ = ckpt.restore(1, abstract)
+    ckpt.close()
+    assert restored["w"].sharding == shard
+    np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_nnx_model_train_state_round_trip(tmp_path):
+    """The real tiny Qwen2.5-VL parameter State (frozen vision) in a TrainState."""
+    qvl = pytest.importorskip("tatar_jax.models.qwen2_5_vl")
+    from flax import nnx
+
+    # The real parameter State structure without a (slow, eager) random init: random values.
+    abstract = nnx.eval_shape(
+        lambda: qvl.Qwen2_5_VLForConditionalGeneration(qvl.tiny(), rngs=nnx.Rngs(0))
+    )
+    _, params_abs = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params_abs)
+    mask = optim.trainable_mask(params, freeze_vision=True)
+    tx = optim.make_optimizer(1e-3, trainable=mask)
+
+    def init():
+        return optim.TrainState.create(params, tx, jax.random.key(0))
+
+    state = jax.jit(init)()
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))
+    ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, with_data=False)
+    ckpt.save(1, state)
+    ckpt.close()
+    ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, with_data=False)
+    restored, step = ckpt.restore_or_init(init)
+    ckpt.close()
+    assert step == 1
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    loaded, _ = checkpointing.load_params(tmp_path, jax.eval_shape(lambda: params))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
