@@ -167,3 +167,47 @@ def token_logprobs(
     if return_entropy:
         return logp, ent.reshape(lead)
     return logp
+
+
+def next_token_logprobs(
+    hidden: jax.Array,
+    weight: jax.Array,
+    input_ids: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    weight_layout: str = "dv",
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """log p(input_ids[:, t] | input_ids[:, :t]) aligned with ``input_ids`` (causal-LM shift).
+
+    Args:
+      hidden: (B, L, D) hidden states of the forward over ``input_ids``.
+      input_ids: (B, L) int.
+      mask: optional (B, L) 0/1 of the positions to score (e.g. the completion tokens of a
+        GRPO rollout, up to and including EOS); unscored positions and position 0 give 0.
+    Returns:
+      (B, L) float32 (and the entropy of the distribution that predicted each position).
+      For GRPO slice the completion part: ``out[:, prompt_len:]`` with a static prompt length.
+    """
+    tgt = jnp.concatenate([input_ids[:, 1:], jnp.full_like(input_ids[:, :1], -1)], axis=1)
+    if mask is not None:
+        m = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+        tgt = jnp.where(m > 0, tgt, -1)
+    out = token_logprobs(
+        hidden,
+        weight,
+        tgt,
+        chunk_size=chunk_size,
+        weight_layout=weight_layout,
+        temperature=temperature,
+        return_entropy=return_entropy,
+    )
+
+    def shift(x):  # value predicted at position t-1 belongs to token t
+        return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+    if return_entropy:
+        return shift(out[0]), shift(out[1])
+    return shift(out)
