@@ -202,3 +202,65 @@ def test_bf16_forward_close_to_fp32(tmp_path):
     )
     assert np.isfinite(l16.astype(np.float32)).all()
     assert diff <= 0.05 * scale + 0.05
+
+
+def test_greedy_decode_matches_transformers_generate(pair):
+    """Prefill + cached single-token decode (positions from the rope delta) picks the same
+    greedy tokens as transformers' ``generate`` on a left-padded batch with images."""
+    hf, model = pair
+    steps = 4
+    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=9, length=LEN)
+    with torch.no_grad():
+        out = hf.generate(
+            **{k: torch.from_numpy(v) for k, v in batch.items()},
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=tm.PAD_ID,
+            eos_token_id=None,
+        )
+    ref = out[:, LEN:].numpy()
+    cfg = model.config
+    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    pos, delta = qvl.get_rope_index(ids, grid, mask, cfg)
+    layout = qvl.vision_layout(grid, cfg.vision)
+    pv = np.zeros((layout.patch_index.shape[0], batch["pixel_values"].shape[1]), np.float32)
+    pv[: len(batch["pixel_values"])] = batch["pixel_values"]
+    b = ids.shape[0]
+    cache = model.init_cache(b, LEN + steps)
+    cache_mask = np.zeros((b, LEN + steps), np.int32)
+    cache_mask[:, :LEN] = mask
+    logits, cache = model.forward_with_cache(ids, pos, cache, cache_mask, pv, layout)
+    tokens = [np.asarray(logits[:, -1]).argmax(-1)]
+    step = nnx.jit(lambda m, t, p, c, cm: m.forward_with_cache(t, p, c, cm))
+    for s in range(steps - 1):
+        cache_mask[:, LEN + s] = 1
+        p = qvl.decode_position_ids(jnp.asarray(mask.sum(-1) + s), delta)
+        logits, cache = step(model, tokens[-1][:, None], p, cache, cache_mask)
+        tokens.append(np.asarray(logits[:, 0]).argmax(-1))
+    np.testing.assert_array_equal(np.stack(tokens, axis=1), ref)
+
+
+def test_remat_policies_keep_gradients(pair):
+    _, model = pair
+    batch = tm.make_batch(CASES["text_only_left_padded"], seed=10, length=16)
+    ids = jnp.asarray(batch["input_ids"])
+    mask = jnp.asarray(batch["attention_mask"])
+    pos = jnp.asarray(qvl.text_position_ids(batch["attention_mask"]))
+
+    def grads(policy):
+        graphdef, state = nnx.split(model)
+        m = nnx.merge(graphdef, state)
+        m.language_model.remat = policy
+
+        def loss(m):
+            h, _ = m.hidden_states(ids, mask, position_ids=pos)
+            return jnp.sum(m.logits_from_hidden(h) ** 2)
+
+        return nnx.jit(nnx.grad(loss))(m)
+
+    ref = jax.tree.leaves(grads(None))
+    for policy in ("dots_saveable",):
+        for a, b in zip(ref, jax.tree.leaves(grads(policy)), strict=True):
+            scale = float(np.abs(np.asarray(a)).max())
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)

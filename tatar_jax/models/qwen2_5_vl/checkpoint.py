@@ -528,13 +528,20 @@ def load_orbax(
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
     *,
+    mesh: Any = None,
+    rules: Any = None,
     shardings: Callable[[tuple[str, ...], Any], Any] | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """Inverse of :func:`save_orbax`; parameters are cast to ``param_dtype`` (default ``dtype``)."""
+    """Inverse of :func:`save_orbax`; parameters are cast to ``param_dtype`` (default ``dtype``).
+
+    ``mesh``/``rules``/``shardings`` place the parameters as in :func:`load_hf_checkpoint`.
+    """
     import orbax.checkpoint as ocp
 
     orbax_dir = os.path.abspath(os.fspath(orbax_dir))
     param_dtype = dtype if param_dtype is None else param_dtype
+    if shardings is None and mesh is not None:
+        shardings = _shardings_from_mesh(mesh, rules)
     config = load_config_json(orbax_dir)
     abstract = nnx.eval_shape(
         lambda: Qwen2_5_VLForConditionalGeneration(

@@ -47,10 +47,13 @@ __all__ = ["KVCache", "RMSNorm", "TextModel", "REMAT_POLICIES"]
 # Finite "minus infinity": fully masked rows (left padding) get a uniform softmax, never NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
+# The vision tower's names ("dots", "dots_no_batch") are accepted too, so one name serves both.
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing inside a layer
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 _ACTIVATIONS = {
