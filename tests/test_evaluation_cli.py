@@ -84,6 +84,12 @@ def test_builtin_declarations_with_per_dataset_image_roots(shared_dir):
         specs.parse_mapping("KonIQ-10K")
     with pytest.raises(ValueError, match="unknown dataset"):
         specs.parse_mapping("Nope=/x")
+    cfg.eval.image_root = "/img/one"
+    with pytest.raises(ValueError, match="ambiguous"):
+        specs.specs_from_config(cfg.eval)
+    cfg.eval.datasets = "pipal"
+    (only,) = specs.specs_from_config(cfg.eval)
+    assert only.name == "PIPAL" and only.image_root == "/img/one"
     cfg.eval.benchmark_root = ""
     with pytest.raises(ValueError, match="benchmark_root"):
         specs.specs_from_config(cfg.eval)

@@ -36,8 +36,8 @@ def specs_from_config(cfg: Any, image_roots: Mapping[str, str] | None = None) ->
 
     A non-empty ``cfg.manifest`` declares one custom dataset (needs ``task`` and
     ``score_range``); otherwise ``cfg.datasets`` (comma-separated built-in names) under
-    ``cfg.benchmark_root``, each with its image folder from ``image_roots`` (overrides) or
-    ``cfg.image_roots``.
+    ``cfg.benchmark_root``, each with its image folder from ``image_roots`` (overrides),
+    ``cfg.image_root`` (only with a single dataset) or ``cfg.image_roots``.
     """
     if cfg.manifest:
         if cfg.task not in ("iqa", "iaa"):
@@ -67,6 +67,13 @@ def specs_from_config(cfg: Any, image_roots: Mapping[str, str] | None = None) ->
             "IQA/<name>/<name>.json and IAA/<name>/<name>.json)"
         )
     roots = {datasets.canonical_name(k): v for k, v in dict(cfg.image_roots).items() if v}
+    if cfg.image_root:  # one folder only makes sense for one dataset
+        if len(names) != 1:
+            raise ValueError(
+                "--image_root with several datasets is ambiguous; give one folder per dataset "
+                "with --image_roots=KonIQ-10K=/path,SPAQ=/path"
+            )
+        roots[datasets.canonical_name(names[0])] = cfg.image_root
     roots.update(image_roots or {})
     specs = datasets.benchmarks(cfg.benchmark_root, names, roots)
     return list(specs.values())
