@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -220,6 +221,7 @@ class Schedule(Sequence):
             raise ValueError("no records to read")
         self._epochs: dict[int, np.ndarray] = {}  # epoch -> (N, 2) [global index, visit]
         self._epoch_len_cache: list[int] = []
+        self._lock = threading.Lock()  # grain reads slots from several threads
         if opts.stage == "eval":
             # One pass; the last global batch is completed with filler slots (valid = False).
             self._len = (self._total + self._g - 1) // self._g * self._b
@@ -300,17 +302,31 @@ class Schedule(Sequence):
                     if done:
                         return np.asarray(out, np.int64).reshape(-1, 2)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _epoch(self, epoch: int) -> np.ndarray:
-        order = self._epochs.get(epoch)
-        if order is None:
-            if len(self._epochs) > 4:  # bounded memory on infinite runs
-                self._epochs.pop(min(self._epochs))
-            order = self._epochs[epoch] = self._build_epoch(epoch)
-        return order
+        with self._lock:
+            order = self._epochs.get(epoch)
+            if order is None:
+                if len(self._epochs) > 4:  # bounded memory on infinite runs
+                    self._epochs.pop(min(self._epochs))
+                order = self._epochs[epoch] = self._build_epoch(epoch)
+            return order
 
     def _epoch_len(self, epoch: int) -> int:
         while len(self._epoch_len_cache) <= epoch:
-            self._epoch_len_cache.append(len(self._epoch(len(self._epoch_len_cache))))
+            nxt = len(self._epoch_len_cache)
+            n = len(self._epoch(nxt))
+            with self._lock:
+                if len(self._epoch_len_cache) == nxt:  # another thread may have added it
+                    self._epoch_len_cache.append(n)
         return self._epoch_len_cache[epoch]
 
     # -- Sequence protocol ------------------------------------------------------------------------
