@@ -1,0 +1,517 @@
+"""Rollout engine: KV-cache generation for Qwen2.5-VL, G samples per prompt from one prefill.
+
+```python
+from tatar_jax import generate
+out = generate.generate(model, input_ids, attention_mask, pixel_values=pv, image_grid_thw=thw,
+                        max_new_tokens=256, num_samples=8, temperature=1.0, top_k=50,
+                        stop_token_ids=(151645, 151643), rng=jax.random.key(0))
+out.tokens  # (B*G, max_new_tokens) int32, the G samples of prompt b are rows b*G .. b*G+G-1
+out.mask    # (B*G, max_new_tokens) bool, up to and including the first stop token
+out.logps   # (B*G, max_new_tokens) float32, log-prob of each token (see ``logprobs`` below)
+```
+
+How a call runs (all device work under ``jax.jit``, static shapes):
+
+1. host: mRoPE positions and rope deltas (:func:`rope.get_rope_index`), the prompt left-padded to a
+   length bucket, the vision layout for a patch-count bucket (:mod:`vision_layout`).
+2. ``prefill`` (one program per (batch, prompt bucket, patch bucket)): the vision tower runs once
+   per image, the prompt is written once per prompt into a static cache of ``bucket +
+   max_new_tokens`` slots, the last position's logits give the first token; the cache is then
+   repeated ``num_samples`` times along the batch (samples of a prompt contiguous, as
+   ``num_return_sequences`` in transformers).
+3. ``decode`` (one program per (rows, cache length)): ``lax.while_loop`` over single-token steps,
+   the cache donated, leaving early once every row has emitted a stop token. Generated token
+   ``s`` of a row sits at mRoPE position ``num_prompt_tokens + s + rope_delta`` on all three axes,
+   exactly as transformers' ``generate`` continues it.
+
+Sampling (transformers' order): logits / temperature → top-k → top-p → categorical draw with an
+independent key per row and step; ``temperature == 0`` is greedy (argmax). Finished rows keep
+running (static shapes) but their tokens are ``pad_token_id``, their mask False, their logps 0.
+
+``logprobs`` — what ``out.logps`` holds for the chosen token:
+
+- ``"tempered"`` (default): ``log_softmax(logits / T)`` (``T = 1`` when greedy), *without* the
+  top-k/top-p truncation. This is exactly what the GRPO loss computes for π_θ
+  (:func:`tatar_jax.logprobs.token_logprobs` with ``temperature=T``), so with μ = 1 the rollout's
+  values are π_old and the ratio is 1 up to numerics; with T = 1 (the reference, B11 aside) they
+  are the unmodified model's log-probs.
+- ``"raw"``: ``log_softmax(logits)`` whatever the temperature.
+- ``"policy"``: the log-prob under the distribution actually sampled from (after temperature,
+  top-k and top-p renormalisation); greedy rows get 0.
+
+:class:`Sampler` keeps the compiled programs and takes new weights without recompiling (the
+parameters are an argument of the jitted functions, not constants).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tatar_jax.models.qwen2_5_vl import rope
+from tatar_jax.models.qwen2_5_vl.language import KVCache
+from tatar_jax.models.qwen2_5_vl.vision_layout import VisionBucket, vision_bucket, vision_layout
+
+__all__ = [
+    "GenerateOutput",
+    "LOGPROB_MODES",
+    "SamplingParams",
+    "Sampler",
+    "generate",
+    "next_bucket",
+    "sample_tokens",
+    "warp_logits",
+]
+
+LOGPROB_MODES = ("tempered", "raw", "policy")
+IM_END_ID = 151645  # <|im_end|> of the Qwen2.5-VL tokenizer
+ENDOFTEXT_ID = 151643  # <|endoftext|>
+
+
+class GenerateOutput(NamedTuple):
+    """tokens (N, S) int32, mask (N, S) bool, logps (N, S) float32; N = B * num_samples."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    logps: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Everything that fixes the compiled decode program (hashable).
+
+    temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters; ``stop_token_ids``
+    end a row (the stop token itself is kept and masked in); ``pad_token_id`` fills the rest.
+    """
+
+    max_new_tokens: int = 256
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = (IM_END_ID, ENDOFTEXT_ID)
+    pad_token_id: int = 0
+    logprobs: str = "tempered"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs not in LOGPROB_MODES:
+            raise ValueError(f"logprobs must be one of {LOGPROB_MODES}, got {self.logprobs!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (pure, jittable)
+
+
+def warp_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """(..., V) logits → float32 scores with filtered tokens at -inf, as transformers'
+    ``TemperatureLogitsWarper`` → ``TopKLogitsWarper`` → ``TopPLogitsWarper`` (ties at the top-k
+    threshold are kept; top-p keeps the smallest set of most likely tokens whose mass reaches
+    ``top_p``, at least one). ``temperature`` must be > 0 here."""
+    z = logits.astype(jnp.float32) / jnp.float32(temperature)
+    vocab = z.shape[-1]
+    k = min(int(top_k), vocab) if top_k else 0
+    if k:
+        top_vals = jax.lax.top_k(z, k)[0]  # (..., k) descending
+        z = jnp.where(z < top_vals[..., -1:], -jnp.inf, z)
+    if top_p < 1.0:
+        # Only the k survivors can matter, so sort those when top-k is on (cheap for V = 152k).
+        srt = top_vals if k else jnp.flip(jnp.sort(z, axis=-1), axis=-1)
+        probs = jax.nn.softmax(srt, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = before < jnp.float32(top_p)
+        keep = keep.at[..., 0].set(True)
+        # Threshold = smallest kept score; equal scores are kept (HF's sort order is arbitrary
+        # there, so only exact ties could differ).
+        thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z < thresh, -jnp.inf, z)
+    return z
+
+
+def sample_tokens(
+    logits: jax.Array, keys: jax.Array, params: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
+    """logits (N, V), keys (N,) typed PRNG keys → tokens (N,) int32 and their logps (N,) float32
+    (``params.logprobs`` decides which log-prob, see the module docstring)."""
+    logits = logits.astype(jnp.float32)
+    greedy = params.temperature == 0.0
+    if greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        scores = logits
+    else:
+        scores = warp_logits(logits, params.temperature, params.top_k, params.top_p)
+        tok = jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+    if params.logprobs == "raw" or (greedy and params.logprobs == "tempered"):
+        base = logits
+    elif params.logprobs == "tempered":
+        base = logits / jnp.float32(params.temperature)
+    else:  # policy
+        base = scores
+    lp = jnp.take_along_axis(jax.nn.log_softmax(base, axis=-1), tok[:, None], axis=-1)[:, 0]
+    if greedy and params.logprobs == "policy":
+        lp = jnp.zeros_like(lp)
+    return tok, lp
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets (host)
+
+
+def next_bucket(n: int, buckets: Sequence[int] | None, multiple: int) -> int:
+    """Smallest entry of ``buckets`` >= n, or n rounded up to a multiple of ``multiple``."""
+    if buckets:
+        for b in sorted(buckets):
+            if b >= n:
+                return int(b)
+        raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
+    return -(-int(n) // multiple) * multiple
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _patch_bucket(grid: np.ndarray, vcfg: Any, patch_buckets: Sequence[int] | None) -> VisionBucket:
+    """Patch budget from ``patch_buckets`` (else the next power of two), windows/segments as
+    :func:`vision_bucket` rounds them, the segment length rounded up to a power-of-two number of
+    windows so images of similar size share a program."""
+    unit = vcfg.spatial_merge_size**2
+    n = int(np.prod(grid, axis=-1).sum())
+    p = next_bucket(n, patch_buckets, unit) if patch_buckets else max(_pow2(n), unit)
+    if p % unit:
+        raise ValueError(f"patch bucket {p} is not a multiple of spatial_merge_size**2={unit}")
+    b = vision_bucket(grid, vcfg, p)
+    units = -(-b.segment_len // _window_len(vcfg))
+    seg_len = min(_pow2(units) * _window_len(vcfg), max(p, b.segment_len))
+    return VisionBucket(p, b.num_windows, b.num_segments, seg_len)
+
+
+def _window_len(vcfg: Any) -> int:
+    from tatar_jax.models.qwen2_5_vl.vision_layout import window_len
+
+    return window_len(vcfg)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+class _Carry(NamedTuple):
+    cache: KVCache
+    cache_mask: jax.Array  # (N, T) valid prompt slots and every generation slot
+    tokens: jax.Array  # (N, S) int32
+    logps: jax.Array  # (N, S) float32
+    mask: jax.Array  # (N, S) bool
+    last: jax.Array  # (N,) int32, the token fed at the next step
+    done: jax.Array  # (N,) bool, a stop token has been emitted
+    num_valid: jax.Array  # (N,) int32, real prompt tokens
+    deltas: jax.Array  # (N,) int32 rope deltas
+    keys: jax.Array  # (N,) typed keys, one stream per row
+    step: jax.Array  # () int32, next output column
+
+
+def _as_key(rng: Any) -> jax.Array:
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    return jax.random.wrap_key_data(rng.astype(jnp.uint32))  # legacy PRNGKey (2,) uint32
+
+
+class Sampler:
+    """Compiled prefill/decode programs for one model architecture and one :class:`SamplingParams`.
+
+    ``Sampler(model, params)`` splits the model into a graph definition (static) and its state
+    (an argument of the jitted functions): :meth:`update` swaps in new weights — an ``nnx.Module``
+    of the same architecture or an ``nnx.State`` — without recompiling.
+
+    Args:
+      model: a :class:`Qwen2_5_VLForConditionalGeneration`.
+      params: sampling configuration (fixed per sampler: it shapes the compiled programs).
+      prompt_buckets: allowed padded prompt lengths; None rounds up to ``prompt_multiple``.
+      patch_buckets: allowed patch budgets; None rounds up to the next power of two.
+      cache_dtype: KV cache dtype (default: the model's activation dtype).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        params: SamplingParams = SamplingParams(),
+        *,
+        prompt_buckets: Sequence[int] | None = None,
+        prompt_multiple: int = 64,
+        patch_buckets: Sequence[int] | None = None,
+        cache_dtype: Any = None,
+    ) -> None:
+        self.config = model.config
+        self.params = params
+        self.prompt_buckets = tuple(prompt_buckets) if prompt_buckets else None
+        self.prompt_multiple = int(prompt_multiple)
+        self.patch_buckets = tuple(patch_buckets) if patch_buckets else None
+        self.cache_dtype = cache_dtype or model.dtype
+        self.graphdef, self.state = nnx.split(model)
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+
+    def update(self, model_or_state: Any) -> None:
+        """New weights (same architecture): an ``nnx.Module`` or the ``nnx.State`` of one."""
+        if isinstance(model_or_state, nnx.Module):
+            graphdef, state = nnx.split(model_or_state)
+            if graphdef != self.graphdef:
+                raise ValueError("update() got a model of a different structure than the sampler's")
+            self.state = state
+        else:
+            self.state = model_or_state
+
+    # --- jitted bodies ------------------------------------------------------------------------
+    def _prefill_fn(self, state, ids, mask, pos, deltas, pixel_values, layout, key) -> _Carry:
+        self.trace_counts["prefill"] += 1
+        p = self.params
+        model = nnx.merge(self.graphdef, state)
+        b, length = ids.shape
+        total = length + p.max_new_tokens
+        cache_mask = jnp.concatenate([mask, jnp.ones((b, p.max_new_tokens), mask.dtype)], axis=1)
+        cache = model.init_cache(b, total, self.cache_dtype)
+        # Only the last position's logits are needed: never build (B, L, V).
+        h, cache = model.hidden_states(
+            ids,
+            None,
+            pixel_values,
+            position_ids=pos,
+            vision_layout=layout,
+            cache=cache,
+            cache_attention_mask=cache_mask,
+        )
+        logits = model.logits_from_hidden(h[:, -1]).astype(jnp.float32)
+        g = p.num_samples
+        rep = (lambda x: jnp.repeat(x, g, axis=0)) if g > 1 else (lambda x: x)
+        cache = KVCache(
+            jnp.repeat(cache.k, g, axis=1) if g > 1 else cache.k,
+            jnp.repeat(cache.v, g, axis=1) if g > 1 else cache.v,
+            cache.index,
+        )
+        n = b * g
+        keys = jax.random.split(key, n)
+        tok, lp = sample_tokens(
+            rep(logits), jax.vmap(jax.random.fold_in)(keys, jnp.zeros(n, int)), p
+        )
+        stop = jnp.asarray(p.stop_token_ids or (-1,), jnp.int32)
+        done = jnp.isin(tok, stop)
+        s = p.max_new_tokens
+        return _Carry(
+            cache=cache,
+            cache_mask=rep(cache_mask),
+            tokens=jnp.full((n, s), p.pad_token_id, jnp.int32).at[:, 0].set(tok),
+            logps=jnp.zeros((n, s), jnp.float32).at[:, 0].set(lp),
+            mask=jnp.zeros((n, s), bool).at[:, 0].set(True),
+            last=tok,
+            done=done,
+            num_valid=rep(mask.sum(-1).astype(jnp.int32)),
+            deltas=rep(deltas.reshape(-1).astype(jnp.int32)),
+            keys=keys,
+            step=jnp.ones((), jnp.int32),
+        )
+
+    def _decode_fn(self, state, carry: _Carry) -> tuple[GenerateOutput, KVCache]:
+        self.trace_counts["decode"] += 1
+        p = self.params
+        model = nnx.merge(self.graphdef, state)
+        stop = jnp.asarray(p.stop_token_ids or (-1,), jnp.int32)
+
+        def cond(c: _Carry) -> jax.Array:
+            return (c.step < p.max_new_tokens) & ~jnp.all(c.done)
+
+        def body(c: _Carry) -> _Carry:
+            # The token fed now is output column step-1: it sits num_valid + step - 1 tokens in.
+            pos = rope.decode_position_ids(c.num_valid + c.step - 1, c.deltas)
+            h, cache = model.hidden_states(
+                c.last[:, None],
+                None,
+                position_ids=pos,
+                cache=c.cache,
+                cache_attention_mask=c.cache_mask,
+            )
+            logits = model.logits_from_hidden(h[:, 0]).astype(jnp.float32)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(c.keys, c.step)
+            tok, lp = sample_tokens(logits, keys, p)
+            live = ~c.done
+            col = c.step
+            return c._replace(
+                cache=cache,
+                tokens=c.tokens.at[:, col].set(jnp.where(live, tok, p.pad_token_id)),
+                logps=c.logps.at[:, col].set(jnp.where(live, lp, 0.0)),
+                mask=c.mask.at[:, col].set(live),
+                last=tok,
+                done=c.done | jnp.isin(tok, stop),
+                step=c.step + 1,
+            )
+
+        c = jax.lax.while_loop(cond, body, carry)
+        # The cache is returned (and dropped by the caller) so that it can alias the donated
+        # input: the loop then updates the donated buffers in place instead of copying them.
+        return GenerateOutput(c.tokens, c.mask, c.logps), c.cache
+
+    # --- host side ----------------------------------------------------------------------------
+    def prepare(
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+    ) -> tuple[Any, ...]:
+        """Host arrays for ``prefill``: ids/mask (B, Lb), positions (3, B, Lb), deltas (B, 1),
+        pixel values (P, patch_dim) and the layout (or None, None)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if (mask[:, -1] == 0).any():
+            raise ValueError(
+                "prompts must be left-padded (attention_mask[:, -1] must be 1 for every row); rows "
+                f"{np.nonzero(mask[:, -1] == 0)[0].tolist()} end in padding"
+            )
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pass pixel_values and image_grid_thw together")
+        cfg = self.config
+        if image_grid_thw is None:
+            if (ids[mask != 0] == cfg.image_token_id).any():
+                raise ValueError("input_ids hold image tokens but no pixel_values were given")
+            pos = rope.text_position_ids(mask)
+            deltas = np.zeros((ids.shape[0], 1), np.int32)
+        else:
+            pos, deltas = rope.get_rope_index(ids, image_grid_thw, mask, cfg)
+        b, length = ids.shape
+        lb = next_bucket(length, self.prompt_buckets, self.prompt_multiple)
+        pad = lb - length
+        ids = np.pad(
+            ids.astype(np.int32), ((0, 0), (pad, 0)), constant_values=self.params.pad_token_id
+        )
+        mask = np.pad(mask.astype(np.int32), ((0, 0), (pad, 0)))
+        pos = np.pad(pos, ((0, 0), (0, 0), (pad, 0)))
+        pv = layout = None
+        if image_grid_thw is not None:
+            grid = np.asarray(image_grid_thw).astype(np.int64)
+            pv_np = np.asarray(pixel_values)
+            n = int(np.prod(grid, axis=-1).sum())
+            if pv_np.ndim != 2 or pv_np.shape[0] != n:
+                raise ValueError(
+                    f"pixel_values has shape {pv_np.shape}; image_grid_thw needs ({n}, patch_dim)"
+                )
+            n_tok = int((ids == cfg.image_token_id).sum())
+            if n_tok != n // cfg.vision.spatial_merge_size**2:
+                raise ValueError(
+                    f"input_ids hold {n_tok} image tokens but image_grid_thw gives "
+                    f"{n // cfg.vision.spatial_merge_size**2} image features"
+                )
+            bucket = _patch_bucket(grid, cfg.vision, self.patch_buckets)
+            layout = vision_layout(grid, cfg.vision, bucket)
+            pv = np.zeros((bucket.num_patches, pv_np.shape[1]), pv_np.dtype)
+            pv[:n] = pv_np
+        return ids, mask, pos, deltas, pv, layout
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+        *,
+        rng: Any = None,
+        state: Any = None,
+    ) -> GenerateOutput:
+        """Generates for a left-padded batch; see the module docstring for the outputs."""
+        ids, mask, pos, deltas, pv, layout = self.prepare(
+            input_ids, attention_mask, pixel_values, image_grid_thw
+        )
+        key = _as_key(jax.random.key(0) if rng is None else rng)
+        st = self.state if state is None else state
+        carry = self._prefill(st, ids, mask, pos, deltas, pv, layout, key)
+        out, _ = self._decode(st, carry)
+        return out
+
+    __call__ = generate
+
+
+_SAMPLERS: dict[tuple[Any, ...], Sampler] = {}
+_MAX_CACHED_SAMPLERS = 8
+
+
+def generate(
+    model: nnx.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    pixel_values: Any = None,
+    image_grid_thw: Any = None,
+    *,
+    max_new_tokens: int = 256,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    logprobs: str = "tempered",
+    rng: Any = None,
+    prompt_buckets: Sequence[int] | None = None,
+    patch_buckets: Sequence[int] | None = None,
+) -> GenerateOutput:
+    """One-call generation; reuses a cached :class:`Sampler` per (architecture, settings), so
+    repeated calls compile only for new bucket shapes.
+
+    input_ids / attention_mask (B, L) left-padded; pixel_values (num_patches, patch_dim) and
+    image_grid_thw (num_images, 3) as the HF processor gives them. ``stop_token_ids`` None means
+    the model config's ``eos_token_id``; ``pad_token_id`` None the config's pad id (else 0).
+    ``rng``: a typed key (``jax.random.key``) or legacy ``PRNGKey`` data; None = key(0).
+    """
+    cfg = model.config
+    if stop_token_ids is None:
+        eos = cfg.eos_token_id
+        stop_token_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    params = SamplingParams(
+        max_new_tokens=int(max_new_tokens),
+        num_samples=int(num_samples),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        stop_token_ids=tuple(stop_token_ids),
+        pad_token_id=int(pad_token_id),
+        logprobs=logprobs,
+    )
+    graphdef, state = nnx.split(model)
+    key = (
+        graphdef,
+        params,
+        tuple(prompt_buckets) if prompt_buckets else None,
+        tuple(patch_buckets) if patch_buckets else None,
+    )
+    sampler = _SAMPLERS.get(key)
+    if sampler is None:
+        if len(_SAMPLERS) >= _MAX_CACHED_SAMPLERS:
+            _SAMPLERS.pop(next(iter(_SAMPLERS)))
+        sampler = Sampler(model, params, prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
+        _SAMPLERS[key] = sampler
+    return sampler.generate(
+        input_ids, attention_mask, pixel_values, image_grid_thw, rng=rng, state=state
+    )

@@ -1,0 +1,349 @@
+"""Rollout engine (tatar_jax.generate) against transformers and scipy.
+
+- greedy tokens equal transformers' ``generate(do_sample=False)`` (text, one image, a left-padded
+  batch of two images of different sizes; 24 new tokens) on a tiny random fp32 model;
+- returned log-probs equal a full forward pass's log-softmax at the chosen tokens;
+- sampled next-token frequencies match softmax(logits / T) (scipy chi-square), at the first step
+  and at the second (the marginal over the first token), with top-k / top-p filters equal to
+  transformers' warpers;
+- stop tokens, padding after them, G samples per prompt, compile counts, weight swaps.
+Measured numbers are printed with ``-s``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models as tm
+import torch
+from flax import nnx
+from scipy import stats
+from transformers.generation import logits_process as hf_lp
+
+from tatar_jax import generate
+from tatar_jax.models import qwen2_5_vl as qvl
+
+NEW = 24
+STOP = (tm.TEXT_KW["eos_token_id"],)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = tm.tiny_hf_model(seed=0)
+    path = tm.save_hf_dir(hf, tmp_path_factory.mktemp("hf") / "tiny")
+    return hf, qvl.load_hf_checkpoint(path, dtype=jnp.float32)
+
+
+def _hf_greedy(hf, batch, new):
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    if "image_grid_thw" not in inputs:
+        inputs.pop("mm_token_type_ids")
+    with torch.no_grad():
+        out = hf.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=new,
+            eos_token_id=list(STOP),
+            pad_token_id=tm.PAD_ID,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    seq = out.sequences[:, batch["input_ids"].shape[1] :].numpy()
+    scores = torch.stack(out.scores, 1).numpy()  # (B, steps, V)
+    top2 = np.sort(scores, -1)[..., -2:]
+    margin = float((top2[..., 1] - top2[..., 0]).min())
+    seq = np.pad(seq, ((0, 0), (0, new - seq.shape[1])), constant_values=tm.PAD_ID)
+    return seq, margin
+
+
+def _full_logits(model, batch, tokens, mask):
+    """Logits of the prompt + generated tokens in one forward (B*G rows repeated per sample)."""
+    g = tokens.shape[0] // batch["input_ids"].shape[0]
+    ids = np.concatenate([np.repeat(batch["input_ids"], g, 0), tokens], 1)
+    am = np.concatenate([np.repeat(batch["attention_mask"], g, 0), mask.astype(np.int64)], 1)
+    pv, thw = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if thw is not None and g > 1:
+        # repeat each prompt's images g times, prompt-major (the rows are prompt-major)
+        sizes = np.prod(thw, -1)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        per_row, k = [], 0
+        for row in batch["input_ids"]:
+            n_img = int((row == tm.VISION_START_ID).sum())
+            per_row.append(list(range(k, k + n_img)))
+            k += n_img
+        order = [i for imgs in per_row for _ in range(g) for i in imgs]
+        pv = np.concatenate([pv[starts[i] : starts[i + 1]] for i in order])
+        thw = thw[order]
+    logits = np.asarray(model(ids, am, pv, thw), np.float64)
+    plen = batch["input_ids"].shape[1]
+    return logits[:, plen - 1 : -1]  # logits that predicted each generated token
+
+
+GREEDY_CASES = {
+    "text_only": [[9]],
+    "one_image": [[3, (1, 8, 8), 4]],
+    "two_images_left_padded": [[2, (1, 4, 8), 3], [1, (1, 8, 12), 5]],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GREEDY_CASES))
+def test_greedy_equals_transformers_generate(pair, name):
+    hf, model = pair
+    batch = tm.make_batch(GREEDY_CASES[name], seed=11)
+    ref, margin = _hf_greedy(hf, batch, NEW)
+    g = 2 if name == "two_images_left_padded" else 1  # also: G copies of one prefilled cache
+    out = generate.generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+        max_new_tokens=NEW,
+        num_samples=g,
+        temperature=0.0,
+        stop_token_ids=STOP,
+    )
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    assert tokens.shape == (len(ref) * g, NEW) and tokens.dtype == np.int32
+    print(f"[generate] greedy {name}: min top-2 logit margin along the HF path {margin:.3f}")
+    np.testing.assert_array_equal(tokens, np.repeat(ref, g, 0))
+    assert len(np.unique(ref)) > 3  # not a degenerate repetition of one token
+    # log-probs of the greedy tokens == full forward's log-softmax at them
+    lp = _full_logits(model, batch, tokens, mask)
+    want = np.take_along_axis(jax.nn.log_softmax(lp, -1), tokens[..., None], -1)[..., 0]
+    d = float(np.abs(np.where(mask, want - np.asarray(out.logps), 0)).max())
+    print(f"[generate] greedy {name}: max|Δ logp| vs full forward {d:.2e}")
+    assert d <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["tempered", "policy"])
+def test_sampled_logps_equal_full_forward(pair, mode):
+    _, model = pair
+    batch = tm.make_batch(GREEDY_CASES["two_images_left_padded"], seed=3)
+    temp, top_k, top_p = 0.8, 40, 0.9
+    out = generate.generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        max_new_tokens=20,
+        num_samples=3,
+        temperature=temp,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=STOP,
+        logprobs=mode,
+        rng=jax.random.key(5),
+    )
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    lp = torch.from_numpy(_full_logits(model, batch, tokens, mask).astype(np.float32))
+    scores = lp / temp
+    if mode == "policy":  # transformers' own warpers define the sampled distribution
+        b, s, v = scores.shape
+        flat = scores.reshape(-1, v)
+        flat = hf_lp.TopKLogitsWarper(top_k)(None, flat)
+        flat = hf_lp.TopPLogitsWarper(top_p)(None, flat)
+        scores = flat.reshape(b, s, v)
+    want = torch.log_softmax(scores, -1).gather(-1, torch.from_numpy(tokens).long()[..., None])
+    want = want[..., 0].numpy()
+    d = float(np.abs(np.where(mask, want - np.asarray(out.logps), 0)).max())
+    print(f"[generate] sampled logps ({mode}) max|Δ| vs full forward {d:.2e}")
+    assert np.isfinite(want[mask]).all()  # every sampled token survived the filters
+    assert d <= 1e-4
+    # samples of one prompt differ (independent keys per sample)
+    assert len({tuple(r) for r in tokens[:3].tolist()}) == 3
+
+
+@pytest.mark.parametrize(
+    "temp,top_k,top_p", [(0.7, 0, 0.9), (1.0, 10, 1.0), (1.3, 20, 0.8), (0.5, 3, 0.3)]
+)
+def test_warp_logits_equal_transformers_warpers(temp, top_k, top_p):
+    rng = np.random.default_rng(0)
+    logits = (3 * rng.standard_normal((6, 300))).astype(np.float32)
+    logits[0, :5] = logits[0, 5]  # ties at a threshold are kept by both
+    ours = np.asarray(generate.warp_logits(jnp.asarray(logits), temp, top_k, top_p))
+    x = torch.from_numpy(logits)
+    x = hf_lp.TemperatureLogitsWarper(temp)(None, x)
+    if top_k:
+        x = hf_lp.TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1:
+        x = hf_lp.TopPLogitsWarper(top_p)(None, x)
+    ref = x.numpy()
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+    np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+    assert (~np.isinf(ours)).sum(-1).min() >= 1
+
+
+def _chi2(counts, probs, min_expected=5.0):
+    """Chi-square goodness of fit; cells with small expected counts pooled into one."""
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= min_expected
+    obs = np.append(counts[big], counts[~big].sum())
+    e = np.append(exp[big], exp[~big].sum())
+    if e[-1] == 0:
+        assert obs[-1] == 0, "a token with probability 0 was sampled"
+        obs, e = obs[:-1], e[:-1]
+    return stats.chisquare(obs, e * obs.sum() / e.sum())
+
+
+def test_sampling_distribution_chi_square(pair):
+    """T = 0.7 (honoured, unlike the reference's B11): first-token frequencies vs softmax(z/T),
+    second-token frequencies vs sum_t1 p(t1) p(t2 | t1), 4000 samples of one prompt."""
+    _, model = pair
+    batch = tm.make_batch([[7]], seed=21)
+    temp, n = 0.7, 4000
+    out = generate.generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=2,
+        num_samples=n,
+        temperature=temp,
+        stop_token_ids=(),
+        rng=jax.random.key(123),
+    )
+    tokens = np.asarray(out.tokens)
+    v = model.config.text.vocab_size
+    z0 = np.asarray(model(batch["input_ids"], batch["attention_mask"]), np.float64)[0, -1]
+    p0 = np.asarray(jax.nn.softmax(z0 / temp))
+    r0 = _chi2(np.bincount(tokens[:, 0], minlength=v), p0)
+    ids = np.concatenate([np.repeat(batch["input_ids"], v, 0), np.arange(v)[:, None]], 1)
+    z1 = np.asarray(model(ids, np.ones_like(ids)), np.float64)[:, -1]
+    p1 = (p0[:, None] * np.asarray(jax.nn.softmax(z1 / temp, -1))).sum(0)
+    r1 = _chi2(np.bincount(tokens[:, 1], minlength=v), p1)
+    # the same test rejects the untempered distribution (the test has power)
+    wrong = _chi2(np.bincount(tokens[:, 0], minlength=v), np.asarray(jax.nn.softmax(z0)))
+    print(
+        f"[generate] chi-square p: step 0 {r0.pvalue:.3f}, step 1 {r1.pvalue:.3f}; "
+        f"vs T=1 {wrong.pvalue:.1e}"
+    )
+    assert r0.pvalue > 1e-3 and r1.pvalue > 1e-3
+    assert wrong.pvalue < 1e-6
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6)])
+def test_top_k_top_p_sampling_chi_square(pair, top_k, top_p):
+    _, model = pair
+    batch = tm.make_batch([[7]], seed=21)
+    n = 3000
+    out = generate.generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        max_new_tokens=1,
+        num_samples=n,
+        temperature=1.0,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=(),
+        rng=jax.random.key(7),
+    )
+    z = torch.from_numpy(
+        np.asarray(model(batch["input_ids"], batch["attention_mask"]), np.float32)[:, -1]
+    )
+    z = hf_lp.TopKLogitsWarper(top_k)(None, z) if top_k else hf_lp.TopPLogitsWarper(top_p)(None, z)
+    p = torch.softmax(z.double(), -1)[0].numpy()
+    counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=p.size)
+    assert counts[p == 0].sum() == 0  # nothing outside the kept set
+    kept = int((p > 0).sum())
+    res = _chi2(counts, p)
+    print(
+        f"[generate] top_k={top_k} top_p={top_p}: {kept} tokens kept, chi-square p {res.pvalue:.3f}"
+    )
+    assert 1 < kept < p.size and res.pvalue > 1e-3
+
+
+def test_stop_tokens_mask_and_padding(pair):
+    _, model = pair
+    batch = tm.make_batch([[6], [2, (1, 4, 4), 2]], seed=4)
+    kw = dict(
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        max_new_tokens=12,
+        temperature=0.0,
+        pad_token_id=-1,
+    )
+    free = generate.generate(
+        model, batch["input_ids"], batch["attention_mask"], stop_token_ids=(), **kw
+    )
+    free_t = np.asarray(free.tokens)
+    assert np.asarray(free.mask).all()
+    # row 0's first token (from column 2 on) that it has not emitted before becomes the stop id
+    col = next(j for j in range(2, 12) if free_t[0, j] not in free_t[0, :j])
+    stop = int(free_t[0, col])
+    out = generate.generate(
+        model, batch["input_ids"], batch["attention_mask"], stop_token_ids=(stop, 10**6), **kw
+    )
+    tokens, mask, logps = (np.asarray(x) for x in out)
+    for r in range(2):
+        hits = np.nonzero(free_t[r] == stop)[0]
+        end = int(hits[0]) + 1 if hits.size else 12
+        np.testing.assert_array_equal(mask[r], np.arange(12) < end)
+        np.testing.assert_array_equal(tokens[r, :end], free_t[r, :end])
+        assert (tokens[r, end:] == -1).all() and (logps[r, end:] == 0).all()
+        np.testing.assert_allclose(logps[r, :end], np.asarray(free.logps)[r, :end], atol=1e-6)
+    assert mask[0].sum() == col + 1 and tokens[0, col] == stop
+
+
+def test_compilations_bounded_and_weight_swap(pair):
+    """Varied prompts and image sizes inside a bucket reuse the programs; new weights too."""
+    hf, model = pair
+    sampler = generate.Sampler(
+        model,
+        generate.SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=STOP),
+        prompt_multiple=64,
+    )
+    rows = [
+        [[2, (1, 4, 8), 3], [1, (1, 4, 4), 5]],
+        [[5, (1, 8, 4), 1], [3, (1, 4, 6), 9]],
+        [[1, (1, 2, 8), 2], [7, (1, 6, 4), 2]],
+        [[9], [4]],
+        [[20], [13]],
+    ]
+    outs = []
+    for k, spec in enumerate(rows):
+        b = tm.make_batch(spec, seed=k)
+        outs.append(
+            sampler(
+                b["input_ids"], b["attention_mask"], b.get("pixel_values"), b.get("image_grid_thw")
+            )
+        )
+    counts = dict(sampler.trace_counts)
+    print(f"[generate] traces over {len(rows)} varied batches: {counts}")
+    # one prefill program with images (one patch bucket), one text-only, one decode program
+    assert counts == {"prefill": 2, "decode": 1}
+    # swap in other weights: no new trace, results equal a fresh engine on the new model
+    other = qvl.Qwen2_5_VLForConditionalGeneration(model.config, rngs=nnx.Rngs(3), init_std=0.08)
+    sampler.update(other)
+    b = tm.make_batch(rows[0], seed=0)
+    args = (b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    swapped = sampler(*args)
+    assert dict(sampler.trace_counts) == counts
+    fresh = generate.Sampler(other, sampler.params)(*args)
+    np.testing.assert_array_equal(np.asarray(swapped.tokens), np.asarray(fresh.tokens))
+    assert not np.array_equal(np.asarray(swapped.tokens), np.asarray(outs[0].tokens))
+
+
+def test_rng_determinism_and_bad_input(pair):
+    _, model = pair
+    b = tm.make_batch([[8], [3]], seed=2)
+    kw = dict(max_new_tokens=5, num_samples=2, temperature=1.0, stop_token_ids=())
+    a1 = generate.generate(model, b["input_ids"], b["attention_mask"], rng=jax.random.key(1), **kw)
+    a2 = generate.generate(
+        model, b["input_ids"], b["attention_mask"], rng=jax.random.PRNGKey(1), **kw
+    )
+    a3 = generate.generate(model, b["input_ids"], b["attention_mask"], rng=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(np.asarray(a1.tokens), np.asarray(a2.tokens))
+    assert not np.array_equal(np.asarray(a1.tokens), np.asarray(a3.tokens))
+    right_padded = np.roll(b["input_ids"], 1, axis=1), np.roll(b["attention_mask"], 1, axis=1)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate.generate(model, *right_padded, **kw)
+    with pytest.raises(ValueError, match="temperature"):
+        generate.generate(model, b["input_ids"], b["attention_mask"], temperature=-1.0)
+    img = tm.make_batch([[2, (1, 4, 4), 2]], seed=0)
+    with pytest.raises(ValueError, match="image tokens"):
+        generate.generate(model, img["input_ids"], img["attention_mask"])
