@@ -55,6 +55,8 @@ def test_config_presets_and_overrides():
     assert cfg.eval.datasets == "KADID,AVA" and cfg.eval.score_range == (1.0, 5.0)
     assert cfg.eval.limit == 7 and cfg.model.hf_dir == "/ckpt" and cfg.eval.batch_size == 16
     assert cfg.mesh.shape.data == 4 and cfg.mesh.shape.fsdp == 2
+    with pytest.raises(ValueError, match="not both"):
+        cli.apply_overrides(_eval_config(), {"datasets": "AVA", "manifest": "/x.json"})
     with pytest.raises(ValueError, match="LO < HI"):
         cli.parse_range("5,1")
     with pytest.raises(ValueError, match="not data"):

@@ -46,6 +46,8 @@ def parse_axes(text: str, what: str) -> dict[str, int]:
 def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     """Sets the short flags that were given (not None) on ``cfg`` (``configs/eval.py``)."""
     ev = cfg.eval
+    if flags.get("manifest") and flags.get("datasets"):
+        raise ValueError("give either --datasets (built-in) or --manifest (a custom set), not both")
     direct = (
         "datasets",
         "benchmark_root",
