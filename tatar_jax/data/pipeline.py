@@ -381,8 +381,10 @@ class LoadExample:
         if self._tok is None:
             from tatar_jax.data.tokenizer import load_tokenizer
 
-            self._tok = load_tokenizer(self._opts.tokenizer_dir)
-            self._template = self._tok.chat_template if self._opts.use_chat_template else None
+            tok = load_tokenizer(self._opts.tokenizer_dir)
+            # Template first: another map thread may see _tok set and read _template at once.
+            self._template = tok.chat_template if self._opts.use_chat_template else None
+            self._tok = tok
         return self._tok
 
     def _image(self, rec: Mapping[str, Any], where: str):
