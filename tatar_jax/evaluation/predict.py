@@ -135,6 +135,7 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
     info = {
         "model": name,
         "max_new_tokens": int(ev.max_new_tokens),
+        "min_pixels": int(ev.min_pixels),
         "max_pixels": int(ev.max_pixels),
         "prompt_variant": ev.prompt_variant,
     }

@@ -65,7 +65,14 @@ ERRORS = "errors.jsonl"
 METRICS = "metrics.json"
 RUN_INFO = "run_info.json"
 # Settings that change what a stored prediction means; a resumed run must agree on them.
-RESUME_KEYS = ("reference_compat", "model", "max_new_tokens", "max_pixels", "prompt_variant")
+RESUME_KEYS = (
+    "reference_compat",
+    "model",
+    "max_new_tokens",
+    "min_pixels",
+    "max_pixels",
+    "prompt_variant",
+)
 
 
 class EvalError(RuntimeError):
