@@ -5,13 +5,15 @@
 Reads the embedded synthetic set (``tatar_jax.data.synthetic``; built on first use under
 ``--root``), runs the GRPO pipeline (image decode + resize/patchify, prompt tokens, mRoPE, bucketed
 collation) for ``--batches`` batches after one warm-up batch, with ``--workers`` worker processes
-and with 0 (in-process threads), and prints examples/s of each and their ratio. Numbers depend on
-the host's free cores: the peer is the same pipeline without worker processes, in the same run.
+and with 0 (in-process threads), alternating ``--repeats`` times, and prints examples/s of each
+run, the medians and their ratio. Numbers depend on the host's free cores: the peer is the same
+pipeline without worker processes, in the same run.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 
@@ -24,6 +26,7 @@ _ROOT = flags.DEFINE_string("root", "", "synthetic data folder (default: a temp 
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", 1572864, "image budget (spec §3)")
 _THREADS = flags.DEFINE_integer("read_threads", 2, "map threads per process")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "long side of the synthetic images")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "alternating runs of each setting; medians shown")
 
 
 def _sources(root: str):
@@ -77,11 +80,17 @@ def main(argv):
         f"host CPUs: {os.cpu_count()}, batch {_BATCH.value}, {_BATCHES.value} timed batches, "
         f"images {_IMAGE_SIZE.value}px long side"
     )
-    ours, n1, _ = _run(sources, _WORKERS.value)
-    peer, n0, _ = _run(sources, 0)
-    print(f"GRPO pipeline, {_WORKERS.value} workers: {ours:8.1f} examples/s ({n1} examples)")
-    print(f"GRPO pipeline, 0 workers:  {peer:8.1f} examples/s ({n0} examples)")
-    print(f"ratio ({_WORKERS.value} workers / 0 workers): {ours / peer:.2f}x")
+    ours, peer = [], []
+    for r in range(_REPEATS.value):  # alternate, so load drift hits both settings alike
+        order = [(_WORKERS.value, ours), (0, peer)]
+        for workers, out in order if r % 2 == 0 else order[::-1]:
+            rate, n, _ = _run(sources, workers)
+            out.append(rate)
+            print(f"  run {r}: {workers} workers {rate:8.1f} examples/s ({n} examples)")
+    ours_m, peer_m = statistics.median(ours), statistics.median(peer)
+    print(f"GRPO pipeline, {_WORKERS.value} workers: {ours_m:8.1f} examples/s (median)")
+    print(f"GRPO pipeline, 0 workers: {peer_m:8.1f} examples/s (median)")
+    print(f"ratio ({_WORKERS.value} workers / 0 workers): {ours_m / peer_m:.2f}x")
 
 
 if __name__ == "__main__":
