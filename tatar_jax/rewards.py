@@ -351,10 +351,14 @@ def gaussian_score_reward(
 
 
 def _bce_logits_clipped(target: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-    """BCE(target, clip(sigmoid(x), eps, 1 - eps)), exactly, in log-sigmoid form."""
+    """BCE(target, clip(sigmoid(x), eps, 1 - eps)), exactly, in log-sigmoid form.
+
+    With xc the clipped logit: ln q' = log_sigmoid(xc) and ln(1 - q') = log_sigmoid(xc) - xc,
+    so BCE = (1 - target) xc - log_sigmoid(xc): one softplus per pair, finite for any x.
+    """
     lo = math.log(eps) - math.log1p(-eps)  # logit(eps); logit(1 - eps) = -lo
     xc = jnp.clip(x, lo, -lo)
-    return -(target * jax.nn.log_sigmoid(xc) + (1.0 - target) * jax.nn.log_sigmoid(-xc))
+    return (1.0 - target) * xc - jax.nn.log_sigmoid(xc)
 
 
 def _call_ids(n: int, local_size: int | None) -> jax.Array | None:
@@ -363,6 +367,22 @@ def _call_ids(n: int, local_size: int | None) -> jax.Array | None:
     if local_size < 1:
         raise ValueError(f"local_size must be >= 1, got {local_size}")
     return jnp.arange(n) // local_size
+
+
+def _soft_rank_block(p, gamma, member, tau, m, eps):
+    """Soft rank over the last axis (one reward call per leading index). Shapes (..., n)."""
+    n = p.shape[-1]
+    pair = member[..., :, None] & member[..., None, :] & ~jnp.eye(n, dtype=bool)
+    dg = gamma[..., :, None] - gamma[..., None, :]
+    bce = _bce_logits_clipped(
+        jax.nn.sigmoid(dg / tau), (p[..., :, None] - p[..., None, :]) / tau, eps
+    )
+    w = jnp.where(pair, jnp.exp(-jnp.abs(dg) / m), 0.0)
+    wsum = w.sum(axis=-1)
+    loss = (w * bce).sum(axis=-1) / jnp.where(wsum > 0, wsum, 1.0)
+    r = jnp.clip(1.0 - loss / math.log(1.0 / eps), 0.0, 1.0)
+    # A member without a partner: fewer than two members in its call.
+    return jnp.where(member & (pair.sum(axis=-1) > 0), r, 0.0)
 
 
 def soft_rank_reward(
@@ -384,7 +404,8 @@ def soft_rank_reward(
     L_c = sum_{d in I, d != c} w_cd BCE(sigmoid((gamma_c - gamma_d)/tau),
     clip(sigmoid((p_c - p_d)/tau), eps, 1 - eps)) / sum_{d != c} w_cd with
     w_cd = exp(-|gamma_c - gamma_d| / m); r_c = clip(1 - L_c / ln(1/eps), 0, 1). Fewer than two
-    members in I (per call) → all 0; IQA and unparsed → 0. (N,) → (N,), O(N^2) work.
+    members in I (per call) → all 0; IQA and unparsed → 0. (N,) → (N,); work O(N^2) globally,
+    O(N x local_size) device-local.
     """
     parsed = jnp.asarray(parsed, bool)
     is_iaa = jnp.asarray(is_iaa, bool)
@@ -393,19 +414,13 @@ def soft_rank_reward(
     p = _clean_pred(pred, parsed, dtype) / 100.0
     gamma = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
     member = parsed & is_iaa
-    pair = member[:, None] & member[None, :] & ~jnp.eye(n, dtype=bool)
-    calls = _call_ids(n, local_size)
-    if calls is not None:
-        pair = pair & (calls[:, None] == calls[None, :])
-    dg = gamma[:, None] - gamma[None, :]
-    target = jax.nn.sigmoid(dg / tau)
-    bce = _bce_logits_clipped(target, (p[:, None] - p[None, :]) / tau, eps)
-    w = jnp.where(pair, jnp.exp(-jnp.abs(dg) / m), 0.0)
-    wsum = w.sum(axis=1)
-    loss = (w * bce).sum(axis=1) / jnp.where(wsum > 0, wsum, 1.0)
-    r = jnp.clip(1.0 - loss / math.log(1.0 / eps), 0.0, 1.0)
-    # A member with no partner: |I| < 2 in its call.
-    return jnp.where(member & (pair.sum(axis=1) > 0), r, 0.0).astype(dtype)
+    if local_size is None:
+        return _soft_rank_block(p, gamma, member, tau, m, eps).astype(dtype)
+    _call_ids(n, local_size)  # validates
+    pad = -n % local_size
+    blocks = [jnp.pad(x, (0, pad)).reshape(-1, local_size) for x in (p, gamma, member)]
+    r = _soft_rank_block(*blocks, tau, m, eps).reshape(-1)[:n]
+    return r.astype(dtype)
 
 
 def thurstone_rank_reward(
@@ -447,26 +462,30 @@ def thurstone_rank_reward(
     size = seg(jnp.ones_like(valid))
     safe_count = jnp.where(count > 0, count, 1.0)
     mu = seg(p * valid) / safe_count
-    var = seg(jnp.square(p - mu[group_ids]) * valid) / safe_count
+    var = seg(jnp.square(p - mu[group_ids]) * valid) / safe_count  # two-pass: never < 0
     gamma = seg(gamma_c) / jnp.where(size > 0, size, 1.0)
     group_iaa = jax.ops.segment_max(is_iaa.astype(jnp.int32), group_ids, num_segments=ng) > 0
     in_s = group_iaa & (count > 0)  # (G,)
-    partner = in_s[None, :] & (jnp.arange(ng)[None, :] != group_ids[:, None])  # (N, G)
+    # Everything that depends only on the pair of groups is computed on (G, G) and gathered.
+    partner_gg = in_s[None, :] & ~jnp.eye(ng, dtype=bool)
     calls = _call_ids(n, local_size)
     if calls is not None:
         group_call = jax.ops.segment_max(calls, group_ids, num_segments=ng)
-        partner = partner & (group_call[None, :] == calls[:, None])
-    gi = gamma[group_ids]
-    dg = gi[:, None] - gamma[None, :]
-    target = jax.nn.sigmoid(dg / tau)
-    denom = jnp.sqrt(var[group_ids][:, None] + var[None, :] + eps)
-    bce = _bce_logits_clipped(target, (p[:, None] - mu[None, :]) / denom, eps)
-    w = jnp.where(partner, jnp.exp(-jnp.abs(dg) / m), 0.0)
-    wsum = w.sum(axis=1)
-    loss = (w * bce).sum(axis=1) / jnp.where(wsum > 0, wsum, 1.0)
+        partner_gg = partner_gg & (group_call[:, None] == group_call[None, :])
+    dg = gamma[:, None] - gamma[None, :]
+    target_gg = jax.nn.sigmoid(dg / tau)
+    w_gg = jnp.where(partner_gg, jnp.exp(-jnp.abs(dg) / m), 0.0)
+    inv_denom_gg = 1.0 / jnp.sqrt(var[:, None] + var[None, :] + eps)
+    wsum_gg = w_gg.sum(axis=1)
+    # Per completion (N, G): only the logit, its clip and one softplus.
+    x = (p[:, None] - mu[None, :]) * inv_denom_gg[group_ids]
+    bce = _bce_logits_clipped(target_gg[group_ids], x, eps)
+    wsum = wsum_gg[group_ids]
+    loss = (w_gg[group_ids] * bce).sum(axis=1) / jnp.where(wsum > 0, wsum, 1.0)
     r = jnp.clip(1.0 - loss / math.log(1.0 / eps), 0.0, 1.0)
+    has_partner = partner_gg.any(axis=1)[group_ids]
     member = parsed & is_iaa & in_s[group_ids]
-    return jnp.where(member & (partner.sum(axis=1) > 0), r, 0.0).astype(dtype)
+    return jnp.where(member & has_partner, r, 0.0).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
