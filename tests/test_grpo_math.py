@@ -172,6 +172,7 @@ def loss_inputs(seed, n=6, t=7, spread=0.5):
     return logp, old, ref, adv, mask
 
 
+LOSS = jax.jit(grpo.grpo_loss, static_argnames=("epsilon", "epsilon_high", "beta", "aggregation"))
 CASES = [
     dict(),
     dict(epsilon_high=0.28),
@@ -193,13 +194,18 @@ def test_loss_and_metrics_match_loop(agg, case):
             logp, old, ref_arg, adv, mask, kw.get("epsilon", 0.2), kw.get("epsilon_high"),
             kw.get("beta", 0.001), agg,
         )  # fmt: skip
-        loss, metrics = grpo.grpo_loss(logp, old, ref_arg, adv, mask, aggregation=agg, **kw)
-        assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
-        err = abs(float(loss) - want)
-        assert err <= 1e-5 * max(1.0, abs(want)), (agg, case, seed, float(loss), want)
-        _note("loss/f32", err)
-        for k, v in want_m.items():
-            assert abs(float(metrics[k]) - v) <= 1e-5 * max(1.0, abs(v)), (k, float(metrics[k]), v)
+        for x64, tol in ((False, 1e-5), (True, 1e-6)):
+            with jax.enable_x64(x64):
+                loss, metrics = LOSS(logp, old, ref_arg, adv, mask, aggregation=agg, **kw)
+            dt = jnp.float64 if x64 else jnp.float32
+            assert loss.dtype == dt and all(v.dtype == dt for v in metrics.values())
+            err = abs(float(loss) - want)
+            assert err <= tol * max(1.0, abs(want)), (agg, case, seed, x64, float(loss), want)
+            _note(f"loss/{'f64' if x64 else 'f32'}", err)
+            for k, v in want_m.items():
+                e = abs(float(metrics[k]) - v)
+                assert e <= tol * max(1.0, abs(v)), (k, x64, float(metrics[k]), v)
+                _note(f"loss_metrics/{'f64' if x64 else 'f32'}", e)
         assert want_m["clip_frac"] > 0  # the clipping branches are exercised
 
 

@@ -459,6 +459,17 @@ def test_presets_constants():
         _rewards_config("nope")
 
 
+def test_grpo_config_embeds_rewards_presets(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_test_grpo_cfg", repo_root / "configs/grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.get_config("reference").rewards.preset == "reference"
+    assert module.get_config("tiny").rewards.preset == "tatar"
+    assert module.get_config("reference").rewards.scope == "device_local"
+
+
 @pytest.mark.parametrize("preset", ["reference", "tatar"])
 def test_total_reward_is_per_task_weighted_sum(preset):
     cfg = _rewards_config(preset)
