@@ -12,6 +12,8 @@ Reusable by every test that needs an HF reference:
   (``model.layers.*`` / ``visual.*``) or the transformers-5 in-memory layout
   (``model.language_model.*`` / ``model.visual.*``), nested or flat (legacy hub) config.json,
   optionally sharded.
+- :func:`tiny_hf_dir` — both in one call: ``hf, path = tiny_hf_dir(tmp_path / "m")``, then
+  ``qvl.load_hf_checkpoint(path)`` gives the equal JAX model.
 - :func:`make_batch` — left-padded ``input_ids`` / ``attention_mask`` with image placeholder runs,
   ``pixel_values`` and ``image_grid_thw`` exactly as the HF processor lays them out, plus
   ``mm_token_type_ids`` for the HF forward.
@@ -190,6 +192,14 @@ def save_hf_dir(
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(legacy_config_dict(model.config), f, indent=2)
     return path
+
+
+def tiny_hf_dir(
+    path: str | os.PathLike[str], seed: int = 0, tie_word_embeddings: bool = False, **save_kw: Any
+) -> tuple[Qwen2_5_VLForConditionalGeneration, str]:
+    """A seeded tiny HF model and the directory it was saved to (``save_hf_dir`` options)."""
+    model = tiny_hf_model(tiny_hf_config(tie_word_embeddings=tie_word_embeddings), seed=seed)
+    return model, save_hf_dir(model, path, **save_kw)
 
 
 def image_tokens(thw: tuple[int, int, int], merge: int = 2) -> int:
