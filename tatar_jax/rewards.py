@@ -454,6 +454,10 @@ def thurstone_rank_reward(
     dtype = _float_dtype(pred, gt)
     n = parsed.shape[0]
     ng = n if num_groups is None else int(num_groups)
+    if not isinstance(group_ids, jax.core.Tracer) and n:
+        lo, hi = int(group_ids.min()), int(group_ids.max())
+        if lo < 0 or hi >= ng:  # segment ops would silently drop these completions
+            raise ValueError(f"group_ids must lie in [0, {ng}), got min {lo}, max {hi}")
     p = _clean_pred(pred, parsed, dtype) / 100.0
     gamma_c = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
     valid = parsed.astype(dtype)

@@ -250,6 +250,14 @@ def test_rank_rewards_degenerate_cases():
     assert np.all(_run(FNS["thurstone"][0], b, False) > 0)
 
 
+def test_thurstone_rejects_out_of_range_group_ids():
+    b = make_batch("random", 0)
+    with pytest.raises(ValueError, match="group_ids"):
+        rewards.thurstone_rank_reward(
+            b["pred"], b["gt"], b["parsed"], b["gid"], b["is_iaa"], num_groups=2
+        )
+
+
 def test_threshold_and_format():
     b = make_batch("random", 5)
     with jax.enable_x64(True):
