@@ -106,6 +106,15 @@ def dataset_source(
     return c
 
 
+def user_sources() -> ml_collections.ConfigDict:
+    """Two empty declarations a user fills from the command line (flags cannot add new keys):
+    ``--config.data.sources.user_iqa.manifest=/x.jsonl --config.data.train="('user_iqa',)"``."""
+    c = ml_collections.ConfigDict()
+    c.user_iqa = dataset_source("iqa")
+    c.user_iaa = dataset_source("iaa")
+    return c
+
+
 def data_config() -> ml_collections.ConfigDict:
     """Datasets by name, preprocessing and batching (spec §2, §6.1, §7.1).
 
@@ -116,7 +125,7 @@ def data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.root = ""  # folder of the built-in manifests (tatar_jax.data.datasets)
     c.train = ("synthetic",)
-    c.sources = ml_collections.ConfigDict()  # name -> dataset_source(...)
+    c.sources = user_sources()  # name -> dataset_source(...)
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.image_size = 128
     c.tokenizer_dir = ""  # "" = the model's hf_dir, else the offline Qwen2.5-VL tokenizer
@@ -247,7 +256,7 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
 
 def reference_grpo_sources() -> ml_collections.ConfigDict:
     """GRPO training sets (spec §7.1): DeQA KonIQ train (gt_score_norm) + ArtiMuse train."""
-    c = ml_collections.ConfigDict()
+    c = user_sources()
     c.koniq_train = dataset_source(
         "iqa", builtin="koniq-train", score_range=(1.0, 5.0), label_field="gt_score_norm"
     )
@@ -260,7 +269,7 @@ def reference_sft_sources() -> ml_collections.ConfigDict:
 
     IQA labels are DeQA's raw ``gt_score`` on 1-5 (25 * (gt - 1)); IAA ``gt_score`` on 0-10.
     """
-    c = ml_collections.ConfigDict()
+    c = user_sources()
     c.iqa_sft = dataset_source(
         "iqa", score_range=(1.0, 5.0), label_field="gt_score", target_field="reversal_thinking"
     )

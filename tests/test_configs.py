@@ -32,7 +32,8 @@ def test_presets_load(repo_root, stage, preset):
     assert c.data.min_pixels == 3136 and c.data.max_pixels == 1572864
     assert c.optimizer.b1 == 0.9 and c.optimizer.b2 == 0.999 and c.optimizer.eps == 1e-8
     assert c.optimizer.max_grad_norm == 1.0 and c.optimizer.weight_decay == 0.0
-    assert c.model.param_dtype == "float32" and c.model.dtype == "bfloat16"
+    assert c.model.param_dtype == "float32"
+    assert c.model.dtype == ("bfloat16" if preset == ":reference" else "float32")
     if preset != ":reference":
         # The embedded default and tests need no weights and no data files.
         assert not c.model.hf_dir and not c.model.init_checkpoint and c.model.preset
@@ -72,6 +73,7 @@ def test_overrides(repo_root):
             "--config.data.train=('koniq_train',)",
             "--config.data.sources.koniq_train.manifest=/data/koniq.jsonl",
             "--config.model.freeze_vision=true",
+            "--config.data.sources.user_iaa.manifest=/data/mine.jsonl",
         ],
     )
     assert c.optimizer.learning_rate == 5e-7
@@ -80,6 +82,7 @@ def test_overrides(repo_root):
     assert c.data.train == ("koniq_train",)
     assert c.data.sources.koniq_train.manifest == "/data/koniq.jsonl"
     assert c.model.freeze_vision is True
+    assert c.data.sources.user_iaa.manifest == "/data/mine.jsonl"
 
 
 def test_unknown_field_and_preset_are_errors(repo_root):
