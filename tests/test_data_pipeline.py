@@ -334,3 +334,19 @@ def test_options_from_the_stage_configs(repo_root, stage):
     assert dict(opts.p_drop_think) == dict(cfg.data.p_drop_think)
     ev = pl.options_from_config(cfg.data, "eval", 4, process_index=0, process_count=1)
     assert (ev.shuffle, ev.num_epochs, ev.side) == (False, 1, "left")
+
+
+def test_state_round_trips_through_the_orbax_checkpointer(sources, tmp_path):
+    jnp = pytest.importorskip("jax.numpy")
+    checkpointing = pytest.importorskip("tatar_jax.checkpointing")
+    opts = _opts(stage="grpo", num_epochs=3, batch_size=2)
+    it = iter(pl.make_dataset(sources, opts))
+    for _ in range(4):
+        next(it)
+    ck = checkpointing.Checkpointer(tmp_path / "run", every_steps=1, async_save=False)
+    ck.save(4, {"x": jnp.zeros(2)}, data_iter=it)
+    want = [_flat(next(it)) for _ in range(5)]
+    it2 = iter(pl.make_dataset(sources, opts))
+    ck.restore(4, {"x": jnp.zeros(2)}, data_iter=it2)
+    assert [_flat(next(it2)) for _ in range(5)] == want
+    ck.close()
