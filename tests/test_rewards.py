@@ -513,3 +513,23 @@ def test_total_reward_rejects_bad_scope():
         rewards.total_reward(
             b["pred"], b["gt"], b["parsed"], b["words"], b["is_iaa"], b["gid"], config=cfg
         )
+
+
+def test_total_reward_on_sharded_global_batch():
+    """The per-completion arrays sharded over the devices (as after a gather onto a data-parallel
+    mesh): the jitted rewards still rank across the whole batch and equal the unsharded result."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.array(jax.devices())
+    if len(devices) < 2:
+        pytest.skip("needs several (virtual) devices")
+    cfg = _rewards_config("tatar")
+    b = make_batch("random", 21, prompts=len(devices), g=4)
+    args = [b["pred"].astype(np.float32), b["gt"].astype(np.float32), b["parsed"], b["words"],
+            b["is_iaa"], b["gid"]]  # fmt: skip
+    fn = jax.jit(functools.partial(rewards.total_reward, config=cfg, num_groups=len(devices)))
+    want, _ = fn(*args)
+    sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    got, parts = fn(*[jax.device_put(a, sharding) for a in args])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert np.any(np.asarray(parts["thurstone"]) > 0)
