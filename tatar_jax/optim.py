@@ -180,8 +180,12 @@ class TrainState:
     def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
         if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng = jax.random.key_data(rng)
-        zero = jnp.zeros((), jnp.int32)
-        return cls(zero, params, tx.init(params), rng, zero, zero)
+
+        # Separate buffers per counter, so a jitted step may donate the whole state.
+        def zero():
+            return jnp.zeros((), jnp.int32)
+
+        return cls(zero(), params, tx.init(params), rng, zero(), zero())
 
     def key(self) -> jax.Array:
         return jax.random.wrap_key_data(self.rng)
