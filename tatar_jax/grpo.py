@@ -173,12 +173,14 @@ def per_task_metrics(
     completion_lengths: jax.Array | None = None,
     total: jax.Array | None = None,
     valid: jax.Array | None = None,
+    extra: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """Means per task (IQA / IAA) of each reward component, the total, completion length, parsed.
 
-    All inputs (N,); ``valid`` (N,) masks padding completions out. Keys:
-    ``reward/<name>/<task>``, ``reward/total/<task>``, ``completion_length/<task>``,
-    ``parsed_frac/<task>``, ``count/<task>``. A task absent from the batch gives 0 means (never
+    All inputs (N,); ``valid`` (N,) masks padding completions out; ``extra`` holds any other
+    per-completion quantity to average per task (e.g. ``{"think_len": ..., "num_words": ...}``).
+    Keys: ``reward/<name>/<task>``, ``reward/total/<task>``, ``completion_length/<task>``,
+    ``parsed_frac/<task>``, ``count/<task>``, ``<extra name>/<task>``. A task absent from the batch gives 0 means (never
     NaN) and ``count`` 0, so a logger can tell "absent" from "zero". Jittable.
     """
     is_iaa = jnp.asarray(is_iaa, bool)
@@ -193,4 +195,6 @@ def per_task_metrics(
             out[f"reward/total/{task}"] = masked_mean(total, sel)
         if completion_lengths is not None:
             out[f"completion_length/{task}"] = masked_mean(completion_lengths, sel)
+        for name, x in (extra or {}).items():
+            out[f"{name}/{task}"] = masked_mean(x, sel)
     return out

@@ -323,6 +323,9 @@ def test_per_task_metrics():
     np.testing.assert_allclose(float(m["reward/total/iaa"]), 1.4, rtol=1e-6)
     np.testing.assert_allclose(float(m["completion_length/iqa"]), 15.0)
     np.testing.assert_allclose(float(m["completion_length/iaa"]), 200.0)
+    m = grpo.per_task_metrics(comps, is_iaa, parsed, extra={"think_len": lengths / 2})
+    np.testing.assert_allclose(float(m["think_len/iaa"]), 100.0)
+    np.testing.assert_allclose(float(m["think_len/iqa"]), 10.0)
     # An absent task: zeros and count 0, never NaN.
     m = grpo.per_task_metrics(comps, np.zeros(6, bool), parsed, lengths)
     assert float(m["count/iaa"]) == 0
