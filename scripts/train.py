@@ -1,0 +1,41 @@
+"""Train TATAR: Stage-1 SFT or Stage-2 GRPO (spec §6, §7).
+
+    python scripts/train.py --config=configs/grpo.py --workdir=/tmp/tatar_run     # embedded default
+    python scripts/train.py --config=configs/sft.py --workdir=/runs/sft \\
+        --config.model.hf_dir=/ckpt/Qwen2.5-VL-7B-Instruct
+    python scripts/train.py --config=configs/grpo.py:reference --workdir=/runs/grpo \\
+        --config.model.init_checkpoint=/runs/sft --config.optimizer.learning_rate=1e-6
+
+Restarting with the same ``--workdir`` resumes from its latest checkpoint. A run writes nothing
+outside ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/grpo.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, data)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The offline tokenizer cache goes into the run directory unless the user set one.
+    os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
+    from tatar_jax import trainer
+
+    trainer.run(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,189 @@
+"""The jitted GRPO update (spec §7.3): policy forward on prompt + completion -> chunked token
+log-probs -> ``grpo.grpo_loss`` -> gradients -> optimizer update; and the log-prob function used
+for the reference model (and for pi_old when mu > 1).
+
+Inputs (``rollout.Rollout.inputs``; N = prompts x G rows, L = Lp + T, T = max new tokens):
+
+- ``rows``: ``input_ids``, ``attention_mask``, ``feat_index`` (N, L), ``position_ids`` (N, 3, L),
+  ``completion_mask`` (N, T) float (tokens up to and including the stop token; 0 for invalid
+  prompts), ``advantages`` (N,), optionally ``old_logps`` (N, T) (mu > 1; with mu = 1 pi_old is the
+  detached policy, rho = 1) and ``ref_logps`` (N, T) (beta > 0).
+- ``shared``: ``pixel_values`` + ``layout`` of the step's B images (the vision tower runs once
+  per image per micro-batch, never once per completion).
+
+Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
+``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
+Log-probs, ratios, KL and the loss are float32 whatever the compute dtype.
+
+Micro-batches (``num_micro``: row slices, summed by ``optim.accumulate_gradients``): each
+micro-batch contributes its *share* of the step loss, so the step's loss and gradient equal the
+whole-batch ones: ``seq_mean_token_mean`` / ``fixed_length`` shares are ``loss_mb / num_micro``
+(equal row counts), ``token_mean`` shares are ``token_sum_mb / tokens_step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tatar_jax import grpo, optim
+from tatar_jax.logprobs import token_logprobs
+from tatar_jax.sft_step import lm_head, policy_hidden
+
+PyTree = Any
+_MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
+
+
+def completion_logps(
+    model: nnx.Module,
+    rows: Mapping[str, jax.Array],
+    shared: Mapping[str, Any],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0)."""
+    h = policy_hidden(
+        model,
+        rows["input_ids"],
+        rows["attention_mask"],
+        rows["position_ids"],
+        rows["feat_index"],
+        shared["pixel_values"],
+        shared["layout"],
+    )
+    t = rows["completion_mask"].shape[1]
+    length = h.shape[1]
+    hc = h[:, length - t - 1 : length - 1]  # position i predicts token i + 1
+    tgt = jnp.where(rows["completion_mask"] > 0, rows["input_ids"][:, length - t :], -1)
+    w, layout = lm_head(model)
+    return token_logprobs(
+        hc, w, tgt, chunk_size=chunk_size, weight_layout=layout, temperature=temperature
+    )
+
+
+def make_logps_fn(
+    graphdef: nnx.GraphDef, *, temperature: float = 1.0, chunk_size: int = 1024, num_micro: int = 1
+) -> Callable[[PyTree, Mapping[str, Any]], jax.Array]:
+    """Pure ``fn(params, inputs) -> (N, T)`` log-probs (reference model / pi_old); jit it.
+
+    Rows are processed ``num_micro`` slices at a time (``lax.map``) to bound activation memory.
+    """
+
+    def fn(params: PyTree, inputs: Mapping[str, Any]) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        keys = ("input_ids", "attention_mask", "position_ids", "feat_index", "completion_mask")
+        rows = {k: inputs["rows"][k] for k in keys}
+        shared = inputs["shared"]
+        if num_micro <= 1:
+            return completion_logps(
+                model, rows, shared, temperature=temperature, chunk_size=chunk_size
+            )
+        n = rows["input_ids"].shape[0]
+        micro = jax.tree.map(lambda x: x.reshape((num_micro, n // num_micro) + x.shape[1:]), rows)
+        out = jax.lax.map(
+            lambda mb: completion_logps(
+                model, mb, shared, temperature=temperature, chunk_size=chunk_size
+            ),
+            micro,
+        )
+        return out.reshape((n,) + out.shape[2:])
+
+    return fn
+
+
+def grpo_grads(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    inputs: Mapping[str, Any],
+    *,
+    num_micro: int = 1,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.001,
+    aggregation: str = "seq_mean_token_mean",
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
+    """(loss, float32 grads, aux sums) of the step's GRPO loss, summed over ``num_micro`` row
+    micro-batches (each contributes its share; see the module docstring)."""
+    agg = grpo._AGG_ALIASES.get(aggregation, aggregation)
+    rows, shared = inputs["rows"], inputs["shared"]
+    tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
+
+    def loss_fn(p, mb):
+        model = nnx.merge(graphdef, p)
+        logps = completion_logps(model, mb, shared, temperature=temperature, chunk_size=chunk_size)
+        old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
+        ref = mb.get("ref_logps") if beta else None
+        loss, m = grpo.grpo_loss(
+            logps,
+            old,
+            ref,
+            mb["advantages"],
+            mb["completion_mask"],
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            beta=beta,
+            aggregation=agg,
+        )
+        tokens_mb = jnp.sum(mb["completion_mask"])
+        if agg == "token_mean":
+            share = loss * jnp.maximum(tokens_mb, 1.0) / tokens_step
+        else:
+            share = loss / num_micro
+        weight = tokens_mb / tokens_step  # token-weighted means over micro-batches
+        aux = {k: m[k] * weight for k in _MEAN_METRICS}
+        aux["completion_tokens"] = tokens_mb
+        return share, aux
+
+    return optim.accumulate_gradients(loss_fn, params, dict(rows), num_micro)
+
+
+def make_grpo_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    num_micro: int = 1,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.001,
+    aggregation: str = "seq_mean_token_mean",
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    trainable: PyTree | None = None,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[optim.TrainState, Mapping[str, Any]], tuple[optim.TrainState, dict]]:
+    """Pure ``step(state, inputs) -> (state, metrics)``: one optimizer update on a rollout.
+
+    Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
+    over micro-batches), ``completion_tokens``, ``grad_norm``, ``update_skipped``,
+    ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
+    """
+
+    def step(state: optim.TrainState, inputs: Mapping[str, Any]):
+        loss, grads, aux = grpo_grads(
+            graphdef,
+            state.params,
+            inputs,
+            num_micro=num_micro,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            beta=beta,
+            aggregation=aggregation,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+        new_state, info = optim.apply_gradients(state, grads, tx, loss=loss, trainable=trainable)
+        metrics = {"loss": loss, **aux, **info}
+        if schedule is not None:
+            applied = state.step - state.nonfinite_total
+            metrics["lr"] = jnp.asarray(schedule(applied), jnp.float32)
+        return new_state, metrics
+
+    return step

@@ -1,0 +1,179 @@
+"""GRPO rollout on the host side: prompts -> G completions -> decode + parse -> rewards over the
+global batch -> group advantages -> the inputs of the jitted update (``grpo_step``).
+
+Tunix-style separation: the sampler (``tatar_jax.generate.Sampler``, compiled once, new weights
+swapped in each step), the rewards (``tatar_jax.rewards``, pure functions of a few per-completion
+scalars) and the learner (``grpo_step``) only meet through plain arrays here.
+
+Rows of a step are prompt-major: completion ``g`` of prompt ``b`` is row ``b * G + g``. Prompts
+flagged ``valid = False`` by the pipeline (skipped records, padding) are still generated for
+(static shapes) but get completion mask 0 and advantage 0: no loss, no reward statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from tatar_jax import generate, grpo, metrics, rewards
+from tatar_jax.data import prompts
+from tatar_jax.sft_step import running_feat_index, shared_vision
+
+IAA_ID = prompts.TASK_IDS["iaa"]
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's rollout. ``inputs`` feeds ``grpo_step`` (numpy); the rest is for logging."""
+
+    inputs: dict[str, Any]
+    texts: list[str]
+    rewards: np.ndarray  # (N,) total reward
+    advantages: np.ndarray  # (N,)
+    metrics: dict[str, float]
+
+
+def _expand_prompts(
+    batch: Mapping[str, Any], tokens: np.ndarray, cmask: np.ndarray, g: int, image_token_id: int
+) -> dict[str, np.ndarray]:
+    """Prompt (B, Lp) + completions (B*G, T) -> the update's row arrays (B*G, Lp + T)."""
+    ids_p = np.asarray(batch["input_ids"], np.int32)
+    mask_p = np.asarray(batch["attention_mask"], np.int32)
+    pos_p = np.swapaxes(np.asarray(batch["position_ids"], np.int32), 0, 1)  # (B, 3, Lp)
+    feat_p = running_feat_index(ids_p, image_token_id)  # indices into the B images' features
+    n_valid = mask_p.sum(axis=1)
+    deltas = np.asarray(batch["rope_deltas"], np.int32).reshape(-1)
+    t = tokens.shape[1]
+    rep = lambda x: np.repeat(x, g, axis=0)  # noqa: E731
+    # Generated token s sits at position n_valid + s + rope_delta on all three mRoPE axes.
+    pos_c = (n_valid + deltas)[:, None] + np.arange(t)[None, :]
+    pos_c = np.broadcast_to(pos_c[:, None, :], (pos_c.shape[0], 3, t))
+    return {
+        "input_ids": np.concatenate([rep(ids_p), tokens.astype(np.int32)], axis=1),
+        "attention_mask": np.concatenate([rep(mask_p), cmask.astype(np.int32)], axis=1),
+        "position_ids": np.concatenate([rep(pos_p), rep(pos_c)], axis=2).astype(np.int32),
+        "feat_index": np.concatenate([rep(feat_p), np.zeros((len(tokens), t), np.int32)], axis=1),
+    }
+
+
+class RolloutEngine:
+    """Generates, scores and packs one GRPO step.
+
+    Args:
+      model: the policy module (its graph is compiled once; weights come per call).
+      tokenizer: ``tatar_jax.data.tokenizer.Tokenizer`` (decoding, stop ids).
+      grpo_cfg: the ``grpo`` block of configs/grpo.py. rewards_cfg: a configs/rewards.py block.
+      prompt_buckets: the pipeline's sequence buckets (prompts are already padded to one).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        grpo_cfg: Any,
+        rewards_cfg: Any,
+        *,
+        prompt_buckets: tuple[int, ...] | None = None,
+    ) -> None:
+        self.tok = tokenizer
+        self.g = int(grpo_cfg.num_generations)
+        self.cfg = grpo_cfg
+        self.rewards_cfg = rewards_cfg
+        self.image_token_id = model.config.image_token_id
+        self.vision_cfg = model.config.vision
+        params = generate.SamplingParams(
+            max_new_tokens=int(grpo_cfg.max_new_tokens),
+            num_samples=self.g,
+            temperature=float(grpo_cfg.temperature),
+            top_k=int(grpo_cfg.top_k),
+            top_p=float(grpo_cfg.top_p),
+            stop_token_ids=tuple(tokenizer.eos_ids),
+            pad_token_id=int(tokenizer.pad_id),
+            logprobs="tempered",
+        )
+        self.sampler = generate.Sampler(model, params, prompt_buckets=prompt_buckets)
+
+    def generate(self, state: Any, batch: Mapping[str, Any], rng: jax.Array):
+        n_patch = int(np.asarray(batch["patch_mask"]).sum())
+        out = self.sampler.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            np.asarray(batch["pixel_values"])[:n_patch],
+            batch["image_grid_thw"],
+            rng=rng,
+            state=state,
+        )
+        return np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.logps)
+
+    def score(
+        self, batch: Mapping[str, Any], tokens: np.ndarray, cmask: np.ndarray, logps: np.ndarray
+    ) -> Rollout:
+        g = self.g
+        b = len(batch["valid"])
+        texts = [
+            self.tok.decode(tokens[k][cmask[k]].tolist(), skip_special_tokens=True)
+            for k in range(len(tokens))
+        ]
+        feats = rewards.completion_features(texts, parser=self.rewards_cfg.get("parser", "strict"))
+        valid = np.repeat(np.asarray(batch["valid"], bool), g)
+        is_iaa = np.repeat(np.asarray(batch["task_id"]) == IAA_ID, g)
+        gt = np.repeat(np.asarray(batch["gt_100"], np.float32), g)
+        gt = np.where(valid, gt, 50.0).astype(np.float32)  # invalid rows: any finite value
+        groups = np.repeat(np.arange(b, dtype=np.int32), g)
+        total, parts = rewards.total_reward(
+            feats.prediction,
+            gt,
+            feats.parsed & valid,
+            feats.num_words,
+            is_iaa,
+            groups,
+            config=self.rewards_cfg,
+            num_groups=b,
+        )
+        total = np.asarray(total, np.float32)
+        adv = np.asarray(
+            grpo.group_advantages(
+                total,
+                g,
+                self.cfg.advantage,
+                self.cfg.advantage_eps,
+                ddof=int(self.cfg.advantage_std_ddof),
+            ),
+            np.float32,
+        )
+        adv = np.where(valid, adv, 0.0).astype(np.float32)
+        comp_mask = (cmask & valid[:, None]).astype(np.float32)
+        if self.cfg.get("mask_truncated_completions", False):
+            stopped = np.isin(tokens, self.tok.eos_ids) & cmask
+            comp_mask *= stopped.any(axis=1, keepdims=True)
+        rows = _expand_prompts(batch, tokens, cmask, g, self.image_token_id)
+        rows.update(completion_mask=comp_mask, advantages=adv, rollout_logps=logps)
+        inputs = {"rows": rows, "shared": shared_vision(batch, self.vision_cfg)}
+
+        sel = valid
+        tasks = np.where(is_iaa, "iaa", "iqa")
+        weights = {
+            t: {k: float(self.rewards_cfg.weights[t].get(k, 0.0)) for k in parts}
+            for t in prompts.TASKS
+        }
+        m: dict[str, float] = {}
+        if sel.any():
+            m = metrics.grpo_reward_metrics(
+                {k: np.asarray(v)[sel] for k, v in parts.items()},
+                tasks[sel],
+                group_size=g,
+                completion_lengths=cmask.sum(axis=1)[sel],
+                parsed=feats.parsed[sel],
+                weights=weights,
+            )
+            m["think_len/all"] = float(feats.think_len[sel].mean())
+        m["valid_prompts"] = float(np.asarray(batch["valid"]).sum())
+        return Rollout(inputs, texts, total, adv, m)
+
+    def __call__(self, state: Any, batch: Mapping[str, Any], rng: jax.Array) -> Rollout:
+        tokens, cmask, logps = self.generate(state, batch, rng)
+        return self.score(batch, tokens, cmask, logps)

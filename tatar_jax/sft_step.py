@@ -1,0 +1,216 @@
+"""The policy forward used by both training steps, host -> device batches, and the jitted SFT step.
+
+Both stages call the model the same way (:func:`policy_hidden`): the vision tower runs once per
+*image* of the step, and each row gathers its image features through a per-token index
+(``feat_index``, built on the host). That is what lets
+
+- GRPO score the G completions of a prompt without running the vision tower G times, and
+- gradient accumulation slice micro-batches by rows inside one jitted step (the rows' image
+  features are a gather from the shared feature array, not a contiguous range of it).
+
+Inputs of one step (numpy on the host, :func:`step_inputs`):
+
+- ``rows``: per-row arrays, leading dim N (sharded over the batch axes): ``input_ids`` (N, L),
+  ``attention_mask`` (N, L), ``position_ids`` (N, 3, L) (row-major so rows can be sliced),
+  ``feat_index`` (N, L) int32 (row of the image-feature array each image token takes; 0 elsewhere)
+  and the stage's labels.
+- ``shared``: ``pixel_values`` (Q, patch_dim) padded to a patch bucket and its
+  :class:`VisionLayout` (a fixed bucket per Q, so one compilation per (L, Q)), replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tatar_jax import optim, sft
+from tatar_jax.models.qwen2_5_vl import rope
+from tatar_jax.models.qwen2_5_vl.vision_layout import fixed_bucket, vision_layout
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+def policy_hidden(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    position_ids: jax.Array,
+    feat_index: jax.Array,
+    pixel_values: jax.Array | None,
+    layout: Any,
+) -> jax.Array:
+    """Final-normed hidden states (N, L, D) in the compute dtype.
+
+    input_ids / attention_mask / feat_index (N, L); position_ids (N, 3, L); pixel_values (Q, C)
+    with its layout (or None for text-only rows). Equal to ``model.hidden_states`` when
+    ``feat_index`` is the running count of image tokens (tests/test_train_step.py).
+    """
+    lm = model.language_model
+    embeds = lm.embed(input_ids)
+    if pixel_values is not None:
+        feats = model.image_features(pixel_values, layout)  # (M, D), vision once per image
+        is_img = (input_ids == model.config.image_token_id)[..., None]
+        embeds = jnp.where(is_img, feats[feat_index].astype(embeds.dtype), embeds)
+    t = model.config.text
+    pos = jnp.swapaxes(position_ids, 0, 1)  # (3, N, L)
+    cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
+    h, _ = lm(embeds, cos, sin, attention_mask, None)
+    return h
+
+
+def lm_head(model: nnx.Module) -> tuple[jax.Array, str]:
+    """(weight, layout) of the lm_head in the compute dtype (see ``tatar_jax.logprobs``)."""
+    w, layout = model.lm_head_weight()
+    return w.astype(model.dtype), layout
+
+
+# --------------------------------------------------------------------------------------------
+# Host -> step inputs
+
+
+def running_feat_index(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """(N, L) index of the image feature each image token takes (HF row-major order)."""
+    is_img = input_ids == image_token_id
+    idx = np.cumsum(is_img.reshape(-1)) - 1
+    return np.where(is_img, np.maximum(idx, 0).reshape(is_img.shape), 0).astype(np.int32)
+
+
+def shared_vision(batch: Mapping[str, Any], vision_cfg: Any) -> dict[str, Any]:
+    """Patches padded to the batch's patch bucket Q and a fixed layout for Q (one compile per Q)."""
+    pv = np.asarray(batch["pixel_values"], np.float32)
+    grid = np.asarray(batch["image_grid_thw"])
+    bucket = fixed_bucket(vision_cfg, pv.shape[0], max_frames=max(int(grid.shape[0]), 1))
+    return {"pixel_values": pv, "layout": vision_layout(grid, vision_cfg, bucket)}
+
+
+def target_positions(label_mask: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) positions ``i >= 1`` of each row's targets (``label_mask[i] = 1``) and their
+    validity; K = the longest row's count rounded up to ``multiple`` (a few compiled shapes).
+
+    Only these positions go through the 152k-vocabulary lm_head: an assistant span is a fraction
+    of a row that also holds the system prompt and the image tokens.
+    """
+    m = np.asarray(label_mask).astype(bool).copy()
+    m[:, 0] = False  # position 0 has no predecessor
+    counts = m.sum(axis=1)
+    k = max(int(-(-max(int(counts.max()), 1) // multiple) * multiple), multiple)
+    pos = np.ones((m.shape[0], k), np.int32)
+    valid = np.zeros((m.shape[0], k), np.int32)
+    for r in range(m.shape[0]):
+        idx = np.nonzero(m[r])[0]
+        pos[r, : len(idx)] = idx
+        valid[r, : len(idx)] = 1
+    return pos, valid
+
+
+def sft_inputs(batch: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
+    """SFT step inputs from a pipeline batch (``stage="sft"``, right-padded)."""
+    ids = np.asarray(batch["input_ids"], np.int32)
+    pos, valid = target_positions(batch["label_mask"])
+    rows = {
+        "input_ids": ids,
+        "attention_mask": np.asarray(batch["attention_mask"], np.int32),
+        "position_ids": np.ascontiguousarray(np.swapaxes(batch["position_ids"], 0, 1)),
+        "feat_index": running_feat_index(ids, model_cfg.image_token_id),
+        "target_pos": pos,
+        "target_valid": valid,
+    }
+    return {"rows": rows, "shared": shared_vision(batch, model_cfg.vision)}
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulation over row micro-batches
+
+
+def accumulate(
+    loss_fn: Callable[[PyTree, Mapping[str, jax.Array]], tuple[jax.Array, PyTree]],
+    params: PyTree,
+    rows: Mapping[str, jax.Array],
+    num_micro: int,
+) -> tuple[jax.Array, PyTree, PyTree]:
+    """Summed (loss, grads, aux) over ``num_micro`` equal row slices (``optim`` semantics)."""
+    return optim.accumulate_gradients(loss_fn, params, dict(rows), max(1, int(num_micro)))
+
+
+def make_sft_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int = 1,
+    trainable: PyTree | None = None,
+    normalization: str = "token_mean",
+    chunk_size: int = 1024,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[optim.TrainState, Mapping[str, Any]], tuple[optim.TrainState, dict]]:
+    """Pure ``step(state, inputs) -> (state, metrics)``; jit it (``inputs``: :func:`sft_inputs`).
+
+    The loss is the span cross-entropy of :func:`tatar_jax.sft.sft_loss_fn`, normalised by the
+    whole step's target tokens, summed over ``grad_accum_steps`` row micro-batches, then one
+    (non-finite-guarded) optimizer update.
+    """
+
+    def step(state: optim.TrainState, inputs: Mapping[str, Any]):
+        rows, shared = inputs["rows"], inputs["shared"]
+        n_tok = jnp.sum(rows["target_valid"].astype(jnp.float32))
+        n_seq = jnp.sum(jnp.any(rows["target_valid"] > 0, axis=1).astype(jnp.float32))
+
+        def loss_fn(p, mb):
+            model = nnx.merge(graphdef, p)
+            h = policy_hidden(
+                model,
+                mb["input_ids"],
+                mb["attention_mask"],
+                mb["position_ids"],
+                mb["feat_index"],
+                shared["pixel_values"],
+                shared["layout"],
+            )
+            # Gather the predecessors of the K target positions, then lay them out so that
+            # sft_loss_fn's shift (position j predicts token j + 1) pairs them up again.
+            tp = mb["target_pos"]
+            hg = jnp.take_along_axis(h, (tp - 1)[..., None], axis=1)  # (n, K, D)
+            ids_g = jnp.take_along_axis(mb["input_ids"], tp, axis=1)
+            n = hg.shape[0]
+            hidden = jnp.concatenate([hg, jnp.zeros((n, 1, hg.shape[-1]), hg.dtype)], axis=1)
+            zero = jnp.zeros((n, 1), jnp.int32)
+            packed = {
+                "input_ids": jnp.concatenate([zero, ids_g], axis=1),
+                "loss_mask": jnp.concatenate([zero, mb["target_valid"]], axis=1),
+            }
+            w, layout = lm_head(model)
+            return sft.sft_loss_fn(
+                p,
+                packed,
+                apply_fn=lambda _p, _b: (hidden, w),
+                num_tokens=n_tok,
+                num_sequences=n_seq,
+                normalization=normalization,
+                chunk_size=chunk_size,
+                weight_layout=layout,
+            )
+
+        loss, grads, aux = accumulate(loss_fn, state.params, rows, grad_accum_steps)
+        new_state, info = optim.apply_gradients(state, grads, tx, loss=loss, trainable=trainable)
+        metrics = {
+            "loss": loss,
+            "loss_tokens": aux["loss_tokens"],
+            "sequences": aux["sequences"],
+            "token_accuracy": aux["confident_correct"] / jnp.maximum(aux["loss_tokens"], 1.0),
+            **info,
+        }
+        if schedule is not None:
+            applied = state.step - state.nonfinite_total
+            metrics["lr"] = jnp.asarray(schedule(applied), jnp.float32)
+        return new_state, metrics
+
+    return step

@@ -1,0 +1,231 @@
+"""The jitted training steps against separately computed references (tiny random model, CPU).
+
+GRPO reference: one sequence at a time, the *unpadded* prompt + completion through the model's
+own forward (HF-equivalent mRoPE positions from ``get_rope_index`` on the concatenated sequence,
+the vision tower on that row's image alone), a full ``log_softmax`` over the vocabulary, and the
+spec §7.3 per-token formula written out; mean over tokens, then over sequences.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tatar_jax import grpo_step, optim, rollout, sft, sft_step, sharding
+from tatar_jax.models import qwen2_5_vl as qvl
+
+import tiny_models as tm  # noqa: E402  (tests/ is on sys.path under pytest)
+
+G = 4
+T = 6
+
+
+def _model(seed=0):
+    return qvl.Qwen2_5_VLForConditionalGeneration(
+        qvl.tiny(), dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.08, rngs=nnx.Rngs(seed)
+    )
+
+
+def _prompt_batch(cfg):
+    """Two left-padded prompts with images of different sizes, as the pipeline lays them out."""
+    b = tm.make_batch([[3, (1, 4, 4), 5], [2, (1, 4, 8), 3]], seed=3)
+    ids = b["input_ids"].astype(np.int32)
+    mask = b["attention_mask"].astype(np.int32)
+    grid = b["image_grid_thw"].astype(np.int32)
+    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
+    pv = b["pixel_values"].astype(np.float32)
+    q = 64  # patch bucket
+    pv_pad = np.zeros((q, pv.shape[1]), np.float32)
+    pv_pad[: len(pv)] = pv
+    patch_mask = np.zeros(q, np.int32)
+    patch_mask[: len(pv)] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.asarray(pos, np.int32),
+        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
+        "pixel_values": pv_pad,
+        "patch_mask": patch_mask,
+        "image_grid_thw": grid,
+        "valid": np.array([True, True]),
+        "task_id": np.array([0, 1], np.int32),
+        "gt_100": np.array([40.0, 70.0], np.float32),
+    }, pv
+
+
+def _grpo_inputs(cfg, seed=0):
+    batch, pv_real = _prompt_batch(cfg)
+    rng = np.random.default_rng(seed)
+    n = 2 * G
+    tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(n, T)).astype(np.int32)
+    lengths = rng.integers(1, T + 1, size=n)
+    lengths[0] = T
+    cmask = np.arange(T)[None, :] < lengths[:, None]
+    tokens = np.where(cmask, tokens, 0)
+    rows = rollout._expand_prompts(batch, tokens, cmask, G, cfg.image_token_id)
+    rows["completion_mask"] = cmask.astype(np.float32)
+    rows["advantages"] = rng.normal(size=n).astype(np.float32)
+    inputs = {"rows": rows, "shared": sft_step.shared_vision(batch, cfg.vision)}
+    return batch, pv_real, tokens, cmask, inputs
+
+
+def _reference_loss(graphdef, params, batch, pv_real, tokens, cmask, adv, old, ref, eps, beta):
+    cfg = nnx.merge(graphdef, params).config
+    grids = batch["image_grid_thw"]
+    starts = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
+    per_seq = []
+    for r in range(len(tokens)):
+        b = r // G
+        prompt = batch["input_ids"][b][batch["attention_mask"][b] == 1]
+        comp = tokens[r][cmask[r]]
+        seq = np.concatenate([prompt, comp])[None]
+        grid = grids[b : b + 1]
+        pos, _ = qvl.get_rope_index(seq, grid, np.ones_like(seq), cfg)
+        layout = qvl.vision_layout(grid, cfg.vision)
+        pv = pv_real[starts[b] : starts[b + 1]]
+        pv = np.pad(pv, ((0, layout.patch_index.shape[0] - len(pv)), (0, 0)))
+        model = nnx.merge(graphdef, params)
+        h, _ = model.hidden_states(
+            jnp.asarray(seq), None, jnp.asarray(pv), position_ids=jnp.asarray(pos),
+            vision_layout=layout,
+        )  # fmt: skip
+        logits = model.logits_from_hidden(h)[0].astype(jnp.float32)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        k = len(comp)
+        lp = logp_all[len(prompt) - 1 : len(prompt) - 1 + k][jnp.arange(k), comp]
+        o = jax.lax.stop_gradient(lp) if old is None else jnp.asarray(old[r, :k])
+        ratio = jnp.exp(lp - o)
+        a = adv[r]
+        term = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - eps, 1 + eps) * a)
+        if beta:
+            d = jnp.asarray(ref[r, :k]) - lp
+            term = term + beta * (jnp.exp(d) - d - 1)
+        per_seq.append(jnp.mean(term))
+    return jnp.mean(jnp.stack(per_seq))
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+def test_grpo_loss_and_grads_match_per_sequence_reference(with_old):
+    model = _model()
+    cfg = model.config
+    graphdef, params = nnx.split(model)
+    batch, pv_real, tokens, cmask, inputs = _grpo_inputs(cfg)
+    rng = np.random.default_rng(1)
+    beta, eps = 0.04, 0.2
+    ref = rng.normal(-5.0, 0.5, size=(2 * G, T)).astype(np.float32)
+    inputs["rows"]["ref_logps"] = ref
+    old = None
+    if with_old:
+        # pi_old away from pi_theta so that ratios leave [0.8, 1.2] and clipping is active.
+        lp = jax.jit(grpo_step.make_logps_fn(graphdef, chunk_size=5))(params, inputs)
+        old = np.asarray(lp) + rng.normal(0, 0.3, size=lp.shape).astype(np.float32)
+        inputs["rows"]["old_logps"] = old
+    adv = inputs["rows"]["advantages"]
+
+    fn = jax.jit(
+        lambda p, x: grpo_step.grpo_grads(
+            graphdef, p, x, num_micro=2, beta=beta, epsilon=eps, chunk_size=7
+        )
+    )
+    loss, grads, aux = fn(params, jax.tree.map(jnp.asarray, inputs))
+    ref_fn = lambda p: _reference_loss(  # noqa: E731
+        graphdef, p, batch, pv_real, tokens, cmask, adv, old, ref, eps, beta
+    )
+    ref_loss, ref_grads = jax.value_and_grad(ref_fn)(params)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5, (float(loss), float(ref_loss))
+    if with_old:
+        assert float(aux["clip_frac"]) > 0  # the clipped branch was exercised
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, ref_grads)
+    scale = jax.tree.map(lambda b: float(jnp.max(jnp.abs(b))), ref_grads)
+    worst = max(d / max(s, 1e-6) for d, s in zip(jax.tree.leaves(diffs), jax.tree.leaves(scale)))
+    print(
+        f"GRPO loss |d|={abs(float(loss) - float(ref_loss)):.2e}, worst rel grad diff {worst:.2e}"
+    )
+    assert worst < 1e-4
+    # The vision tower gets a gradient through the gathered features.
+    vis = [float(jnp.abs(x).max()) for x in jax.tree.leaves(grads["visual"])]
+    assert max(vis) > 0
+
+
+def test_grpo_step_skips_nonfinite_update():
+    model = _model()
+    graphdef, params = nnx.split(model)
+    _, _, _, _, inputs = _grpo_inputs(model.config)
+    inputs["rows"]["advantages"][3] = np.nan
+    tx = optax.adamw(1e-2)
+    state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
+    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.0))
+    new, m = step(state, jax.tree.map(jnp.asarray, inputs))
+    assert int(m["update_skipped"]) == 1 and int(new.nonfinite_count) == 1
+    assert int(new.step) == 1 and int(new.nonfinite_total) == 1
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new.params, state.params)
+    assert all(jax.tree.leaves(same))
+    assert optim.should_stop(new, 1) and not optim.should_stop(new, 2)
+
+
+def test_sft_step_loss_matches_full_hidden_reference():
+    """Gathering only the target positions gives the span loss of the full forward."""
+    model = _model()
+    cfg = model.config
+    graphdef, params = nnx.split(model)
+    batch, _ = _prompt_batch(cfg)
+    ids = batch["input_ids"]
+    label_mask = np.zeros_like(ids)
+    label_mask[0, -4:] = 1
+    label_mask[1, -2:] = 1
+    batch["label_mask"] = label_mask
+    inputs = sft_step.sft_inputs(batch, cfg)
+    tx = optax.sgd(0.0)
+    state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
+    step = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=2, chunk_size=3))
+    _, m = step(state, jax.tree.map(jnp.asarray, inputs))
+
+    layout = qvl.vision_layout(batch["image_grid_thw"], cfg.vision)
+    n = int(batch["patch_mask"].sum())
+    pv = np.pad(batch["pixel_values"][:n], ((0, layout.patch_index.shape[0] - n), (0, 0)))
+    h, _ = model.hidden_states(
+        jnp.asarray(ids), jnp.asarray(batch["attention_mask"]), jnp.asarray(pv),
+        position_ids=jnp.asarray(batch["position_ids"]), vision_layout=layout,
+    )  # fmt: skip
+    w, lay = model.lm_head_weight()
+    nll, mask = sft.span_nll(h, w, jnp.asarray(ids), jnp.asarray(label_mask), weight_layout=lay)
+    want = float(jnp.sum(nll) / jnp.sum(mask))
+    assert abs(float(m["loss"]) - want) < 1e-5, (float(m["loss"]), want)
+    assert float(m["loss_tokens"]) == 6
+
+
+def test_grpo_step_on_8_devices_equals_single_device():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    model = _model()
+    graphdef, params = nnx.split(model)
+    _, _, _, _, inputs = _grpo_inputs(model.config)
+    tx = optax.adamw(1e-2)
+    make = lambda: jax.tree.map(  # noqa: E731
+        jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0))
+    )
+    step = grpo_step.make_grpo_step(graphdef, tx, beta=0.0, chunk_size=8)
+
+    one, m1 = jax.jit(step)(make(), jax.tree.map(jnp.asarray, inputs))
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    rules = sharding.DEFAULT_RULES
+    state = make()
+    p_shard = sharding.state_shardings(state.params, mesh, rules)
+    state = state.replace(params=jax.device_put(state.params, p_shard))
+    rows = {
+        k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim, rules))
+        for k, v in inputs["rows"].items()
+    }
+    shared = jax.device_put(inputs["shared"], sharding.replicated(mesh))
+    with sharding.use_rules(mesh, rules):
+        many, m8 = jax.jit(step)(state, {"rows": rows, "shared": shared})
+    assert len(rows["input_ids"].sharding.device_set) == 8
+    np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), many.params, one.params)
+    assert max(jax.tree.leaves(diff)) < 1e-5
