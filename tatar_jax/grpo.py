@@ -180,8 +180,9 @@ def per_task_metrics(
     All inputs (N,); ``valid`` (N,) masks padding completions out; ``extra`` holds any other
     per-completion quantity to average per task (e.g. ``{"think_len": ..., "num_words": ...}``).
     Keys: ``reward/<name>/<task>``, ``reward/total/<task>``, ``completion_length/<task>``,
-    ``parsed_frac/<task>``, ``count/<task>``, ``<extra name>/<task>``. A task absent from the batch gives 0 means (never
-    NaN) and ``count`` 0, so a logger can tell "absent" from "zero". Jittable.
+    ``parsed_frac/<task>``, ``count/<task>``, ``<extra name>/<task>``. A task absent from the
+    batch gives 0 means (never NaN) and ``count`` 0, so a logger can tell "absent" from "zero".
+    Jittable.
     """
     is_iaa = jnp.asarray(is_iaa, bool)
     base = jnp.ones(is_iaa.shape, bool) if valid is None else jnp.asarray(valid, bool)
