@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -121,11 +122,22 @@ class SamplingParams:
 # Sampling (pure, jittable)
 
 
+def _top_p_sorted(srt: jax.Array, top_p: float) -> jax.Array:
+    """srt (..., K) scores sorted descending → the same with tokens outside the nucleus at -inf
+    (kept: the most likely tokens until their mass reaches ``top_p``, at least one)."""
+    probs = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep = (before < jnp.float32(top_p)).at[..., 0].set(True)
+    return jnp.where(keep, srt, -jnp.inf)
+
+
 def warp_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """(..., V) logits → float32 scores with filtered tokens at -inf, as transformers'
     ``TemperatureLogitsWarper`` → ``TopKLogitsWarper`` → ``TopPLogitsWarper`` (ties at the top-k
     threshold are kept; top-p keeps the smallest set of most likely tokens whose mass reaches
-    ``top_p``, at least one). ``temperature`` must be > 0 here."""
+    ``top_p``, at least one). ``temperature`` must be > 0 here. (The decode loop samples top-k
+    from the k candidates directly, see :func:`sample_tokens`; this full-vocabulary form is the
+    reference semantics and the top-p-only path.)"""
     z = logits.astype(jnp.float32) / jnp.float32(temperature)
     vocab = z.shape[-1]
     k = min(int(top_k), vocab) if top_k else 0
@@ -133,15 +145,11 @@ def warp_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float)
         top_vals = jax.lax.top_k(z, k)[0]  # (..., k) descending
         z = jnp.where(z < top_vals[..., -1:], -jnp.inf, z)
     if top_p < 1.0:
-        # Only the k survivors can matter, so sort those when top-k is on (cheap for V = 152k).
         srt = top_vals if k else jnp.flip(jnp.sort(z, axis=-1), axis=-1)
-        probs = jax.nn.softmax(srt, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep = before < jnp.float32(top_p)
-        keep = keep.at[..., 0].set(True)
         # Threshold = smallest kept score; equal scores are kept (HF's sort order is arbitrary
         # there, so only exact ties could differ).
-        thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+        kept = _top_p_sorted(srt, top_p)
+        thresh = jnp.min(jnp.where(jnp.isfinite(kept), srt, jnp.inf), axis=-1, keepdims=True)
         z = jnp.where(z < thresh, -jnp.inf, z)
     return z
 
@@ -150,24 +158,39 @@ def sample_tokens(
     logits: jax.Array, keys: jax.Array, params: SamplingParams
 ) -> tuple[jax.Array, jax.Array]:
     """logits (N, V), keys (N,) typed PRNG keys → tokens (N,) int32 and their logps (N,) float32
-    (``params.logprobs`` decides which log-prob, see the module docstring)."""
+    (``params.logprobs`` decides which log-prob, see the module docstring).
+
+    With top-k the draw is among the ``k`` candidates of ``lax.top_k`` (top-p applied to them):
+    the same distribution as :func:`warp_logits` except that tokens tied *exactly* with the k-th
+    score beyond the first k are not candidates, and ~50x cheaper on CPU than masking the full
+    vocabulary (XLA then sorts all V scores).
+    """
     logits = logits.astype(jnp.float32)
     greedy = params.temperature == 0.0
+    k = min(params.top_k, logits.shape[-1])
+    policy_lp = None
     if greedy:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        scores = logits
+    elif k:
+        vals, idx = jax.lax.top_k(logits / jnp.float32(params.temperature), k)
+        if params.top_p < 1.0:
+            vals = _top_p_sorted(vals, params.top_p)
+        choice = jax.vmap(jax.random.categorical)(keys, vals)
+        tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        lsm = jax.nn.log_softmax(vals, axis=-1)
+        policy_lp = jnp.take_along_axis(lsm, choice[:, None], axis=-1)[:, 0]
     else:
-        scores = warp_logits(logits, params.temperature, params.top_k, params.top_p)
+        scores = warp_logits(logits, params.temperature, 0, params.top_p)
         tok = jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
-    if params.logprobs == "raw" or (greedy and params.logprobs == "tempered"):
+        lsm = jax.nn.log_softmax(scores, axis=-1)
+        policy_lp = jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0]
+    if params.logprobs == "policy":
+        return tok, (jnp.zeros(tok.shape, jnp.float32) if greedy else policy_lp)
+    if params.logprobs == "raw" or greedy:
         base = logits
-    elif params.logprobs == "tempered":
+    else:  # tempered
         base = logits / jnp.float32(params.temperature)
-    else:  # policy
-        base = scores
     lp = jnp.take_along_axis(jax.nn.log_softmax(base, axis=-1), tok[:, None], axis=-1)[:, 0]
-    if greedy and params.logprobs == "policy":
-        lp = jnp.zeros_like(lp)
     return tok, lp
 
 
@@ -446,7 +469,11 @@ class Sampler:
         key = _as_key(jax.random.key(0) if rng is None else rng)
         st = self.state if state is None else state
         carry = self._prefill(st, ids, mask, pos, deltas, pv, layout, key)
-        out, _ = self._decode(st, carry)
+        with warnings.catch_warnings():
+            # Only the cache and the output buffers can alias; the small per-row vectors of the
+            # donated carry cannot, which jax reports at every compilation.
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            out, _ = self._decode(st, carry)
         return out
 
     __call__ = generate

@@ -118,8 +118,8 @@ def test_greedy_equals_transformers_generate(pair, name):
     assert d <= 1e-4
 
 
-@pytest.mark.parametrize("mode", ["tempered", "policy"])
-def test_sampled_logps_equal_full_forward(pair, mode):
+def test_sampled_logps_equal_full_forward(pair):
+    """Default ``logprobs="tempered"``: log_softmax(logits / T) of the full forward pass."""
     _, model = pair
     batch = tm.make_batch(GREEDY_CASES["two_images_left_padded"], seed=3)
     temp, top_k, top_p = 0.8, 40, 0.9
@@ -129,32 +129,53 @@ def test_sampled_logps_equal_full_forward(pair, mode):
         batch["attention_mask"],
         pixel_values=batch["pixel_values"],
         image_grid_thw=batch["image_grid_thw"],
-        max_new_tokens=20,
-        num_samples=3,
+        max_new_tokens=NEW,
+        num_samples=2,
         temperature=temp,
         top_k=top_k,
         top_p=top_p,
         stop_token_ids=STOP,
-        logprobs=mode,
         rng=jax.random.key(5),
     )
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-    lp = torch.from_numpy(_full_logits(model, batch, tokens, mask).astype(np.float32))
-    scores = lp / temp
-    if mode == "policy":  # transformers' own warpers define the sampled distribution
-        b, s, v = scores.shape
-        flat = scores.reshape(-1, v)
-        flat = hf_lp.TopKLogitsWarper(top_k)(None, flat)
-        flat = hf_lp.TopPLogitsWarper(top_p)(None, flat)
-        scores = flat.reshape(b, s, v)
-    want = torch.log_softmax(scores, -1).gather(-1, torch.from_numpy(tokens).long()[..., None])
-    want = want[..., 0].numpy()
+    lp = _full_logits(model, batch, tokens, mask)
+    want = np.take_along_axis(jax.nn.log_softmax(lp / temp, -1), tokens[..., None], -1)[..., 0]
     d = float(np.abs(np.where(mask, want - np.asarray(out.logps), 0)).max())
-    print(f"[generate] sampled logps ({mode}) max|Δ| vs full forward {d:.2e}")
-    assert np.isfinite(want[mask]).all()  # every sampled token survived the filters
+    print(f"[generate] sampled logps (tempered) max|Δ| vs full forward {d:.2e}")
     assert d <= 1e-4
-    # samples of one prompt differ (independent keys per sample)
-    assert len({tuple(r) for r in tokens[:3].tolist()}) == 3
+    # every sampled token survived transformers' top-k / top-p filters at its step
+    x = torch.from_numpy((lp / temp).astype(np.float32)).reshape(-1, lp.shape[-1])
+    x = hf_lp.TopPLogitsWarper(top_p)(None, hf_lp.TopKLogitsWarper(top_k)(None, x))
+    kept = np.take_along_axis(x.numpy().reshape(lp.shape), tokens[..., None], -1)[..., 0]
+    assert np.isfinite(kept[mask]).all()
+    # the two samples of a prompt differ (independent keys per sample)
+    assert not np.array_equal(tokens[0], tokens[1]) and not np.array_equal(tokens[2], tokens[3])
+
+
+def test_policy_and_raw_logps_equal_transformers_warpers():
+    """``logprobs="policy"``: log-prob under the filtered, renormalised distribution (HF
+    warpers); ``"raw"``: the untempered model; greedy "tempered" uses T = 1."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(3 * rng.standard_normal((64, 200)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 64)
+    x = torch.from_numpy(np.asarray(logits))
+    for mode in ("policy", "raw", "tempered"):
+        params = generate.SamplingParams(temperature=1.3, top_k=30, top_p=0.8, logprobs=mode)
+        tok, lp = generate.sample_tokens(logits, keys, params)
+        if mode == "policy":
+            ref = hf_lp.TemperatureLogitsWarper(1.3)(None, x)
+            ref = hf_lp.TopPLogitsWarper(0.8)(None, hf_lp.TopKLogitsWarper(30)(None, ref))
+        else:
+            ref = x / (1.3 if mode == "tempered" else 1.0)
+        want = torch.log_softmax(ref, -1).gather(
+            -1, torch.from_numpy(np.asarray(tok)).long()[:, None]
+        )
+        np.testing.assert_allclose(np.asarray(lp), want[:, 0].numpy(), atol=1e-5)
+    tok, lp = generate.sample_tokens(logits, keys, generate.SamplingParams(temperature=0.0))
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(logits).argmax(-1))
+    np.testing.assert_allclose(
+        np.asarray(lp), np.asarray(jax.nn.log_softmax(logits)).max(-1), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -225,35 +246,27 @@ def test_sampling_distribution_chi_square(pair):
     assert wrong.pvalue < 1e-6
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6)])
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (20, 0.5)])
 def test_top_k_top_p_sampling_chi_square(pair, top_k, top_p):
+    """sample_tokens (the engine's sampler) on the tiny model's next-token logits: nothing
+    outside transformers' kept set, frequencies = the renormalised kept distribution."""
     _, model = pair
     batch = tm.make_batch([[7]], seed=21)
     n = 3000
-    out = generate.generate(
-        model,
-        batch["input_ids"],
-        batch["attention_mask"],
-        max_new_tokens=1,
-        num_samples=n,
-        temperature=1.0,
-        top_k=top_k,
-        top_p=top_p,
-        stop_token_ids=(),
-        rng=jax.random.key(7),
-    )
-    z = torch.from_numpy(
-        np.asarray(model(batch["input_ids"], batch["attention_mask"]), np.float32)[:, -1]
-    )
-    z = hf_lp.TopKLogitsWarper(top_k)(None, z) if top_k else hf_lp.TopPLogitsWarper(top_p)(None, z)
-    p = torch.softmax(z.double(), -1)[0].numpy()
-    counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=p.size)
+    z = np.asarray(model(batch["input_ids"], batch["attention_mask"]), np.float32)[:, -1]
+    params = generate.SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    keys = jax.random.split(jax.random.key(7), n)
+    draw = jax.jit(lambda z, k: generate.sample_tokens(z, k, params)[0])
+    tokens = np.asarray(draw(jnp.broadcast_to(jnp.asarray(z), (n, z.shape[-1])), keys))
+    x = torch.from_numpy(z)
+    x = hf_lp.TopKLogitsWarper(top_k)(None, x) if top_k else x
+    x = hf_lp.TopPLogitsWarper(top_p)(None, x) if top_p < 1 else x
+    p = torch.softmax(x.double(), -1)[0].numpy()
+    counts = np.bincount(tokens, minlength=p.size)
     assert counts[p == 0].sum() == 0  # nothing outside the kept set
     kept = int((p > 0).sum())
     res = _chi2(counts, p)
-    print(
-        f"[generate] top_k={top_k} top_p={top_p}: {kept} tokens kept, chi-square p {res.pvalue:.3f}"
-    )
+    print(f"[generate] top_k={top_k} top_p={top_p}: {kept} kept, chi-square p {res.pvalue:.3f}")
     assert 1 < kept < p.size and res.pvalue > 1e-3
 
 
@@ -323,9 +336,12 @@ def test_compilations_bounded_and_weight_swap(pair):
     args = (b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
     swapped = sampler(*args)
     assert dict(sampler.trace_counts) == counts
-    fresh = generate.Sampler(other, sampler.params)(*args)
-    np.testing.assert_array_equal(np.asarray(swapped.tokens), np.asarray(fresh.tokens))
-    assert not np.array_equal(np.asarray(swapped.tokens), np.asarray(outs[0].tokens))
+    tokens = np.asarray(swapped.tokens)
+    assert not np.array_equal(tokens, np.asarray(outs[0].tokens))
+    # greedy under the new weights: every token is the argmax of `other`'s full forward pass
+    mask = np.asarray(swapped.mask)
+    lp = _full_logits(other, b, tokens, mask)
+    np.testing.assert_array_equal(tokens[mask], lp.argmax(-1)[mask])
 
 
 def test_rng_determinism_and_bad_input(pair):
@@ -339,7 +355,7 @@ def test_rng_determinism_and_bad_input(pair):
     a3 = generate.generate(model, b["input_ids"], b["attention_mask"], rng=jax.random.key(2), **kw)
     np.testing.assert_array_equal(np.asarray(a1.tokens), np.asarray(a2.tokens))
     assert not np.array_equal(np.asarray(a1.tokens), np.asarray(a3.tokens))
-    right_padded = np.roll(b["input_ids"], 1, axis=1), np.roll(b["attention_mask"], 1, axis=1)
+    right_padded = b["input_ids"][:, ::-1], b["attention_mask"][:, ::-1]
     with pytest.raises(ValueError, match="left-padded"):
         generate.generate(model, *right_padded, **kw)
     with pytest.raises(ValueError, match="temperature"):
