@@ -233,14 +233,29 @@ class Checkpointer:
     ) -> tuple[PyTree, int | None]:
         """The latest checkpoint if there is one, else ``init_fn()``.
 
-        ``abstract_state``: the state's ShapeDtypeStructs with shardings (default:
-        ``jax.eval_shape(init_fn)``), so restoring never runs the (possibly costly) init.
+        ``abstract_state``: the state's ShapeDtypeStructs with shardings; pass it on sharded
+        runs to restore without running the init. Default: on one device
+        ``jax.eval_shape(init_fn)`` (nothing computed); on several devices the shardings of a
+        concrete ``init_fn()`` (``eval_shape`` does not report shardings), which briefly holds
+        two copies of the state.
         Returns (state, restored step or None).
         """
         step = self.latest_step()
         if step is None:
             return init_fn(), None
-        target = abstract_state if abstract_state is not None else jax.eval_shape(init_fn)
+        if abstract_state is not None:
+            target = abstract_state
+        elif jax.device_count() > 1:
+            target = jax.tree.map(
+                lambda x: (
+                    jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                    if isinstance(x, jax.Array)
+                    else x
+                ),
+                init_fn(),
+            )
+        else:
+            target = jax.eval_shape(init_fn)
         state, _ = self.restore(step, target, data_iter=data_iter)
         logging.info("resumed from %s/%d", self.directory, step)
         return state, step

@@ -213,9 +213,12 @@ def test_restore_or_init_and_load_params(tmp_path):
     ckpt.save(4, state)
     ckpt.close()
     ckpt = checkpointing.Checkpointer(tmp_path / "run", every_steps=1, with_data=False)
-    s1, step = ckpt.restore_or_init(init)
+    # With an abstract state restoring never runs the init.
+    s1, step = ckpt.restore_or_init(init, abstract_state=jax.eval_shape(init))
+    assert step == 4 and len(init_calls) == 1
+    s2, _ = ckpt.restore_or_init(init)  # default (runs init for shardings on > 1 device)
     ckpt.close()
-    assert step == 4 and len(init_calls) == 1  # restoring does not run init
+    np.testing.assert_array_equal(s2.params["lm"]["w"], state.params["lm"]["w"])
     np.testing.assert_array_equal(s1.params["visual"]["w"], state.params["visual"]["w"])
     np.testing.assert_array_equal(
         s1.opt_state[1][0].mu["lm"]["w"], state.opt_state[1][0].mu["lm"]["w"]
@@ -249,9 +252,13 @@ def test_sharded_restore_keeps_shardings(tmp_path):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
     restored, _ = ckpt.restore(1, abstract)
-    ckpt.close()
     assert restored["w"].sharding == shard
     np.testing.assert_array_equal(restored["w"], state["w"])
+    # Without an abstract state, restore_or_init takes the shardings of the init.
+    resumed, step = ckpt.restore_or_init(lambda: jax.tree.map(jnp.zeros_like, state))
+    ckpt.close()
+    assert step == 1 and resumed["w"].sharding == shard
+    np.testing.assert_array_equal(resumed["w"], state["w"])
 
 
 def test_nnx_model_train_state_round_trip(tmp_path):
