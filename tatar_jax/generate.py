@@ -291,6 +291,9 @@ class Sampler:
         self.cache_dtype = cache_dtype or model.dtype
         self.graphdef, self.state = nnx.split(model)
         self.trace_counts: collections.Counter[str] = collections.Counter()
+        # output columns filled by the last call (device scalar): < max_new_tokens when every
+        # row stopped early and the loop left.
+        self.last_num_steps: jax.Array | None = None
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
 
@@ -353,7 +356,7 @@ class Sampler:
             step=jnp.ones((), jnp.int32),
         )
 
-    def _decode_fn(self, state, carry: _Carry) -> tuple[GenerateOutput, KVCache]:
+    def _decode_fn(self, state, carry: _Carry) -> tuple[GenerateOutput, KVCache, jax.Array]:
         self.trace_counts["decode"] += 1
         p = self.params
         model = nnx.merge(self.graphdef, state)
@@ -390,7 +393,7 @@ class Sampler:
         c = jax.lax.while_loop(cond, body, carry)
         # The cache is returned (and dropped by the caller) so that it can alias the donated
         # input: the loop then updates the donated buffers in place instead of copying them.
-        return GenerateOutput(c.tokens, c.mask, c.logps), c.cache
+        return GenerateOutput(c.tokens, c.mask, c.logps), c.cache, c.step
 
     # --- host side ----------------------------------------------------------------------------
     def prepare(
@@ -473,7 +476,7 @@ class Sampler:
             # Only the cache and the output buffers can alias; the small per-row vectors of the
             # donated carry cannot, which jax reports at every compilation.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            out, _ = self._decode(st, carry)
+            out, _, self.last_num_steps = self._decode(st, carry)
         return out
 
     __call__ = generate
@@ -538,6 +541,7 @@ def generate(
         if len(_SAMPLERS) >= _MAX_CACHED_SAMPLERS:
             _SAMPLERS.pop(next(iter(_SAMPLERS)))
         sampler = Sampler(model, params, prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
+        sampler.state = None  # weights are passed per call; do not pin this model in memory
         _SAMPLERS[key] = sampler
     return sampler.generate(
         input_ids, attention_mask, pixel_values, image_grid_thw, rng=rng, state=state
