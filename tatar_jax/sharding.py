@@ -64,6 +64,49 @@ DEFAULT_RULES: LogicalRules = (
 REPLICATED_RULES: LogicalRules = (("batch", ("data", "fsdp", "tensor")),)
 
 
+def _override(base: LogicalRules, **changes: Any) -> LogicalRules:
+    return tuple((name, changes.get(name, target)) for name, target in base)
+
+
+# FSDP over every non-data device: the `tensor` axis shards parameters and the batch as well
+# (no tensor-parallel collectives inside a layer). Same mesh, a different table.
+FSDP_RULES: LogicalRules = _override(
+    DEFAULT_RULES,
+    batch=("data", "fsdp", "tensor"),
+    vocab=None,
+    embed=("fsdp", "tensor"),
+    mlp=None,
+    q_heads=None,
+    kv_heads=None,
+    heads=None,
+    vision_embed=("fsdp", "tensor"),
+    vision_mlp=None,
+    vision_heads=None,
+    vision_qkv=None,
+    vision_merge=("fsdp", "tensor"),
+)
+
+# Data x tensor parallelism (Megatron style): parameters sharded over `tensor` only, replicated
+# over `data`/`fsdp`, which both split the batch.
+TENSOR_RULES: LogicalRules = _override(
+    DEFAULT_RULES, embed=None, vision_embed=None, vision_merge=None
+)
+
+RULE_SETS: dict[str, LogicalRules] = {
+    "default": DEFAULT_RULES,
+    "fsdp": FSDP_RULES,
+    "tensor": TENSOR_RULES,
+    "replicated": REPLICATED_RULES,
+}
+
+
+def get_rules(name: str) -> LogicalRules:
+    """The rules table called ``name`` in :data:`RULE_SETS` (config ``mesh.rules``)."""
+    if name not in RULE_SETS:
+        raise ValueError(f"unknown sharding rules {name!r}; choose one of {sorted(RULE_SETS)}")
+    return RULE_SETS[name]
+
+
 def make_mesh(
     shape: Mapping[str, int],
     *,
@@ -226,11 +269,53 @@ def state_shardings(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES)
 
     def one(v: Any) -> Any:
         if isinstance(v, nnx.Variable):
-            spec = logical_to_pspec(_logical_names(v), rules, mesh=mesh, shape=v.value.shape)
+            value = v.get_raw_value() if hasattr(v, "get_raw_value") else v.value
+            if not hasattr(value, "shape"):  # e.g. optax.MaskedNode of a frozen leaf: no arrays
+                return v
+            spec = logical_to_pspec(_logical_names(v), rules, mesh=mesh, shape=value.shape)
             return v.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves carrying ``shardings`` (same structure): the abstract
+    arguments of ``jit(...).lower`` or an orbax restore target — no memory allocated."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def unknown_logical_names(state: Any, rules: LogicalRules = DEFAULT_RULES) -> dict[str, str]:
+    """{variable path: logical name} for every name of ``state`` that ``rules`` does not list.
+
+    A name missing from the table silently means "replicated"; tables meant to cover a model
+    (``DEFAULT_RULES`` and the other :data:`RULE_SETS`) are checked with this in the tests.
+    """
+    from flax import nnx
+
+    table = dict(rules)
+    out: dict[str, str] = {}
+    leaves = jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    for path, v in leaves:
+        if not isinstance(v, nnx.Variable):
+            continue
+        for name in _logical_names(v) or ():
+            if name is not None and name not in table:
+                out[jax.tree_util.keystr(path)] = name
+    return out
+
+
+def shard_module(module: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """Moves every variable of an ``nnx.Module`` onto ``mesh`` by its logical names (in place)."""
+    from flax import nnx
+
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return module
 
 
 # --- activation constraints ----------------------------------------------------------------------
@@ -269,3 +354,17 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def named_sharding(
+    mesh: Mesh,
+    names: Sequence[str | None],
+    rules: LogicalRules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> NamedSharding:
+    """``NamedSharding`` of an array whose dimensions carry logical ``names``."""
+    return NamedSharding(mesh, logical_to_pspec(names, rules, mesh=mesh, shape=shape))
+
+
+# Logical names of the decoder's KV cache (language.KVCache k / v).
+KV_CACHE_NAMES: tuple[str, ...] = ("layers", "batch", "cache_length", "kv_heads", "head_dim")

@@ -1,0 +1,120 @@
+r"""AOT memory plan: per-device bytes of the GRPO update and rollout programs, no weights needed.
+
+Lowers and compiles the trainer's programs (``tatar_jax.memory_plan``) with abstract shapes only
+on a virtual mesh of host CPU devices, and prints per-device arguments / outputs / temporaries /
+total from the compiled memory analysis, against the HBM of v5e (16 GiB), v5p (95 GiB),
+H100 (80 GiB) and H200 (141 GiB).
+
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --json          # one JSON per program
+    python scripts/plan_memory.py --model=32b --mesh=fsdp=16,tensor=2 --num_micro=4
+    python scripts/plan_memory.py --model=7b,32b --mesh=fsdp=8 --mesh=fsdp=4,tensor=2
+
+``--model`` and ``--mesh`` accept several values: every combination is planned. The virtual
+device count is the largest mesh (``--xla_force_host_platform_device_count``, set before jax is
+imported). Compiling a 7B step takes a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_list("model", ["7b"], "Presets to plan: 3b, 7b, 32b, 72b (or tiny).")
+_MESH = flags.DEFINE_multi_string(
+    "mesh", ["fsdp=8"], "Mesh shape(s) as axis=size,... over data/fsdp/tensor (repeatable)."
+)
+_RULES = flags.DEFINE_enum(
+    "rules", "default", ["default", "fsdp", "tensor", "replicated"], "Logical-axis rules table."
+)
+_PROMPTS = flags.DEFINE_integer("prompts", 16, "Prompts (images) per step.")
+_G = flags.DEFINE_integer("num_generations", 8, "Completions per prompt (G).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 2048, "Padded prompt length (tokens).")
+_COMPLETION_LEN = flags.DEFINE_integer("completion_len", 256, "Completion length (tokens).")
+_IMAGE_TOKENS = flags.DEFINE_integer(
+    "image_tokens", 1024, "Merged image tokens per prompt (4x as many vision patches)."
+)
+_REMAT = flags.DEFINE_string("remat", "full", "Decoder remat policy ('' / none = off).")
+_VISION_REMAT = flags.DEFINE_string("vision_remat", "full", "Vision remat policy ('' = off).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "float32", ["bfloat16", "float32"], "Parameter / optimizer-state dtype."
+)
+_REF_DTYPE = flags.DEFINE_string(
+    "ref_param_dtype", "", "Reference-model parameter dtype ('' = --param_dtype)."
+)
+_NUM_MICRO = flags.DEFINE_integer("num_micro", 1, "Micro-batches per update (accumulated).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Tokens per lm_head log-softmax chunk.")
+_BETA = flags.DEFINE_float("beta", 0.001, "KL coefficient; 0 drops the reference model.")
+_FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "No updates / moments for vision.")
+_PROGRAMS = flags.DEFINE_list(
+    "programs", ["update", "ref_logps", "prefill", "decode"], "Programs to compile."
+)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per planned program.")
+
+
+def _mesh_size(text: str) -> int:
+    """Device count of ``axis=size,...`` (parsed here: jax must not be imported yet)."""
+    sizes = [p.split("=", 1)[1] for p in text.replace("x", ",").split(",") if "=" in p]
+    return math.prod(max(int(s), 1) for s in sizes) if sizes else 1
+
+
+def _set_device_count(argv: list[str]) -> None:
+    """--xla_force_host_platform_device_count for the largest requested mesh, before jax loads."""
+    flags.FLAGS(argv, known_only=True)
+    n = max(_mesh_size(m) for m in _MESH.value)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    xla = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in xla:
+        os.environ["XLA_FLAGS"] = f"{xla} --xla_force_host_platform_device_count={n}".strip()
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    from tatar_jax import memory_plan as mp
+
+    none = ("", "none", "None")
+    for model in _MODEL.value:
+        for mesh_text in _MESH.value:
+            mesh = mp.parse_mesh(mesh_text)
+            size = math.prod(s for _, s in mesh)
+            if size > jax.device_count():
+                raise app.UsageError(f"mesh {mesh_text} needs {size} devices")
+            spec = mp.PlanSpec(
+                model=model,
+                mesh=mesh,
+                rules=_RULES.value,
+                prompts=_PROMPTS.value,
+                num_generations=_G.value,
+                prompt_len=_PROMPT_LEN.value,
+                completion_len=_COMPLETION_LEN.value,
+                image_tokens=_IMAGE_TOKENS.value,
+                remat=None if _REMAT.value in none else _REMAT.value,
+                vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
+                dtype=_DTYPE.value,
+                param_dtype=_PARAM_DTYPE.value,
+                ref_param_dtype=_REF_DTYPE.value,
+                num_micro=_NUM_MICRO.value,
+                chunk_size=_CHUNK.value,
+                beta=_BETA.value,
+                freeze_vision=_FREEZE_VISION.value,
+                programs=tuple(_PROGRAMS.value),
+            )
+            results = mp.plan(spec, devices=jax.devices()[:size])
+            if _JSON.value:
+                for r in results:
+                    print(json.dumps(r), flush=True)
+            else:
+                print(mp.format_table(results), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _set_device_count(sys.argv)
+    app.run(main)

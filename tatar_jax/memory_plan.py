@@ -1,0 +1,429 @@
+"""Ahead-of-time memory plan of a GRPO step: lower + compile with abstract shapes only.
+
+Nothing is allocated: the model is built with ``nnx.eval_shape``, the train state with
+``jax.eval_shape`` and every argument is a ``jax.ShapeDtypeStruct`` carrying its sharding
+(:mod:`tatar_jax.sharding` rules). Each program is compiled for the given mesh (on a machine
+without accelerators: virtual host-platform CPU devices, see ``scripts/plan_memory.py``) and
+``compiled.memory_analysis()`` gives the per-device bytes of its arguments, outputs, temporaries.
+
+Programs (the ones the trainer runs, not re-implementations):
+
+- ``update``: ``grpo_step.make_grpo_step`` — policy forward + backward with chunked log-probs,
+  ``grpo.grpo_loss``, AdamW (``optim``); the train state is donated (as in the trainer).
+- ``ref_logps``: ``grpo_step.make_logps_fn`` on the frozen reference parameters.
+- ``prefill`` / ``decode``: the rollout engine's programs (``generate.Sampler``): prompt prefill
+  into the KV cache (vision tower included) and the ``while_loop`` of single-token decode steps.
+
+Besides a program's own arguments, other buffers stay resident while it runs (the optimizer
+state during rollout, the reference parameters during the update); ``resident_other`` adds them,
+so ``peak = total + resident_other`` is what must fit in a device's memory.
+
+CPU compilation differs from TPU/GPU in fusion and layout decisions (and CPU XLA may upcast bf16
+dots to f32), so the figures are an estimate of the real devices' footprint, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tatar_jax import optim, sharding
+
+__all__ = ["HBM_GIB", "PROGRAMS", "PlanSpec", "plan", "parse_mesh", "format_table"]
+
+GIB = 1024**3
+# Memory per device (GiB) of the accelerators the plan compares against.
+HBM_GIB: dict[str, float] = {"v5e": 16.0, "v5p": 95.0, "H100": 80.0, "H200": 141.0}
+PROGRAMS = ("update", "ref_logps", "prefill", "decode")
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpec:
+    """One configuration to plan (defaults: the issue's 7B example on 8 devices).
+
+    Rows of the update are ``prompts * num_generations``; each prompt holds one image of
+    ``image_tokens`` merged tokens (``4 * image_tokens`` patches) inside its ``prompt_len``
+    tokens; completions are ``completion_len`` tokens.
+    """
+
+    model: str = "7b"  # preset name of qwen2_5_vl.config (3b / 7b / 32b / 72b / tiny)
+    mesh: tuple[tuple[str, int], ...] = (("fsdp", 8),)
+    rules: str = "default"
+    prompts: int = 16
+    num_generations: int = 8
+    prompt_len: int = 2048
+    completion_len: int = 256
+    image_tokens: int = 1024
+    remat: str | None = "full"
+    vision_remat: str | None = "full"
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    ref_param_dtype: str = ""  # "" = param_dtype (the trainer keeps the initial params)
+    num_micro: int = 1
+    chunk_size: int = 1024
+    beta: float = 0.001
+    freeze_vision: bool = False
+    programs: tuple[str, ...] = PROGRAMS
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.num_generations
+
+
+def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
+    """``"fsdp=4,tensor=2"`` → (("fsdp", 4), ("tensor", 2)); "x" also separates axes."""
+    out = []
+    for part in text.replace("x", ",").replace("×", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"mesh entry {part!r} is not axis=size (e.g. fsdp=8)")
+        name, size = part.split("=", 1)
+        out.append((name.strip(), int(size)))
+    if not out:
+        raise ValueError(f"empty mesh {text!r}")
+    return tuple(out)
+
+
+def _image_grid(image_tokens: int, merge: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one image with ``image_tokens`` merged tokens, near square."""
+    a = int(math.isqrt(image_tokens))
+    while image_tokens % a:
+        a -= 1
+    return 1, a * merge, (image_tokens // a) * merge
+
+
+def _nbytes(tree: Any) -> int:
+    """Global bytes of the array leaves of ``tree`` (abstract or concrete)."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of the (sharded) leaves of ``tree`` (the largest device)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        s = getattr(x, "sharding", None)
+        shape = s.shard_shape(x.shape) if s is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    args = int(m.argument_size_in_bytes)
+    outs = int(m.output_size_in_bytes)
+    alias = int(m.alias_size_in_bytes)
+    temps = int(m.temp_size_in_bytes)
+    return {
+        "arguments": args,
+        "outputs": outs,
+        "aliased": alias,
+        "temporaries": temps,
+        "total": args + outs - alias + temps,
+    }
+
+
+class _Builder:
+    """Abstract model, state and inputs of one :class:`PlanSpec` on one mesh."""
+
+    def __init__(self, spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> None:
+        from tatar_jax.models import qwen2_5_vl as qvl
+
+        self.spec = spec
+        self.mesh = sharding.make_mesh(dict(spec.mesh), devices=devices)
+        self.rules = sharding.get_rules(spec.rules)
+        self.config = qvl.tiny() if spec.model == "tiny" else qvl.preset(spec.model)
+        dtype, pdtype = _DTYPES[spec.dtype], _DTYPES[spec.param_dtype]
+        self.dtype = dtype
+        cfg = self.config
+        self.model = nnx.eval_shape(
+            lambda: qvl.Qwen2_5_VLForConditionalGeneration(
+                cfg,
+                dtype=dtype,
+                param_dtype=pdtype,
+                remat=spec.remat,
+                vision_remat=spec.vision_remat,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        self.graphdef, self.params = nnx.split(self.model)
+        self.param_shardings = sharding.state_shardings(self.params, self.mesh, self.rules)
+
+    # --- shardings ------------------------------------------------------------------------------
+    def put(self, tree: Any, shardings: Any) -> Any:
+        return sharding.abstract_with_shardings(tree, shardings)
+
+    def batch(self, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
+        s = sharding.batch_sharding(self.mesh, len(shape), self.rules)
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=s)
+
+    def repl(self, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding.replicated(self.mesh))
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def vision(self, num_images: int) -> tuple[Any, Any]:
+        """Abstract (pixel_values, layout) of ``num_images`` images (replicated)."""
+        from tatar_jax.models.qwen2_5_vl import vision as vmod
+
+        v = self.config.vision
+        t, h, w = _image_grid(self.spec.image_tokens, v.spatial_merge_size)
+        grid = np.asarray([[t, h, w]] * num_images, np.int64)
+        # The exact bucket of these images (what the rollout engine uses). A run-wide
+        # ``fixed_bucket`` without ``max_patches_per_frame`` pads every full-attention segment to
+        # the whole patch budget: num_images times the attention memory of this one.
+        bucket = vmod.vision_bucket(grid, v)
+        layout = vmod.vision_layout(grid, v, bucket)
+        pv = self.repl((bucket.num_patches, vmod.patch_dim(v)), jnp.float32)
+        layout = jax.tree.map(lambda a: self.repl(np.shape(a), np.asarray(a).dtype), layout)
+        return pv, layout
+
+    def grpo_inputs(self) -> dict[str, Any]:
+        s = self.spec
+        n, t = s.rows, s.completion_len
+        length = s.prompt_len + t
+        rows = {
+            "input_ids": self.batch((n, length), jnp.int32),
+            "attention_mask": self.batch((n, length), jnp.int32),
+            "feat_index": self.batch((n, length), jnp.int32),
+            "position_ids": self.batch((n, 3, length), jnp.int32),
+            "completion_mask": self.batch((n, t), jnp.float32),
+            "advantages": self.batch((n,), jnp.float32),
+        }
+        if s.beta:
+            rows["ref_logps"] = self.batch((n, t), jnp.float32)
+        pv, layout = self.vision(s.prompts)
+        return {"rows": rows, "shared": {"pixel_values": pv, "layout": layout}}
+
+
+def _compile(fn: Any, *args: Any, mesh: Any, rules: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    with sharding.use_rules(mesh, rules), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
+    from tatar_jax import grpo_step
+
+    s = b.spec
+    trainable = optim.trainable_mask(b.params, freeze_vision=True) if s.freeze_vision else None
+    tx = optim.make_optimizer(1e-6, trainable=trainable)
+    state = jax.eval_shape(lambda p: optim.TrainState.create(p, tx, jax.random.key(0)), b.params)
+    state_sh = sharding.state_shardings(state, b.mesh, b.rules)
+    state = b.put(state, state_sh)
+    inputs = b.grpo_inputs()
+    step = grpo_step.make_grpo_step(
+        b.graphdef,
+        tx,
+        num_micro=s.num_micro,
+        beta=s.beta,
+        chunk_size=s.chunk_size,
+        trainable=trainable,
+    )
+    fn = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=(0,))
+    compiled, secs = _compile(fn, state, inputs, mesh=b.mesh, rules=b.rules)
+    sizes = {
+        "params": _per_device_bytes(state.params),
+        "opt_state": _per_device_bytes(state.opt_state),
+    }
+    return _memory(compiled), secs, sizes
+
+
+def _ref_params(b: _Builder) -> Any:
+    s = b.spec
+    dt = _DTYPES[s.ref_param_dtype or s.param_dtype]
+    ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), b.params)
+    return b.put(ref, b.param_shardings)
+
+
+def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
+    from tatar_jax import grpo_step
+
+    s = b.spec
+    fn = jax.jit(
+        grpo_step.make_logps_fn(b.graphdef, chunk_size=s.chunk_size, num_micro=s.num_micro)
+    )
+    inputs = b.grpo_inputs()
+    inputs["rows"].pop("ref_logps", None)
+    compiled, secs = _compile(fn, _ref_params(b), inputs, mesh=b.mesh, rules=b.rules)
+    return _memory(compiled), secs
+
+
+def _sampler(b: _Builder) -> Any:
+    from tatar_jax import generate
+
+    s = b.spec
+    params = generate.SamplingParams(
+        max_new_tokens=s.completion_len, num_samples=s.num_generations, temperature=1.0
+    )
+    return generate.Sampler(b.model, params)
+
+
+def _prefill_args(b: _Builder) -> tuple[Any, ...]:
+    s = b.spec
+    p, lp = s.prompts, s.prompt_len
+    params = b.put(b.params, b.param_shardings)
+    pv, layout = b.vision(p)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(b.mesh))
+    return (
+        params,
+        b.batch((p, lp), jnp.int32),
+        b.batch((p, lp), jnp.int32),
+        jax.ShapeDtypeStruct(
+            (3, p, lp),
+            jnp.int32,
+            sharding=sharding.named_sharding(b.mesh, (None, "batch", None), b.rules),
+        ),
+        b.batch((p, 1), jnp.int32),
+        pv,
+        layout,
+        key,
+    )
+
+
+def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float]:
+    sampler = _sampler(b)
+    compiled, secs = _compile(sampler._prefill, *_prefill_args(b), mesh=b.mesh, rules=b.rules)
+    return _memory(compiled), secs
+
+
+def _plan_decode(b: _Builder) -> tuple[dict[str, int], float]:
+    from tatar_jax.models.qwen2_5_vl.language import KVCache
+
+    sampler = _sampler(b)
+    args = _prefill_args(b)
+    with sharding.use_rules(b.mesh, b.rules):
+        carry = jax.eval_shape(sampler._prefill_fn, *args)
+
+    def place(x: Any) -> Any:
+        if not hasattr(x, "shape"):
+            return x
+        if len(x.shape) == 0:
+            return b.repl(x.shape, x.dtype)
+        return b.batch(x.shape, x.dtype)
+
+    cache = carry.cache
+    kv = sharding.named_sharding(b.mesh, sharding.KV_CACHE_NAMES, b.rules, cache.k.shape)
+    placed_cache = KVCache(
+        jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=kv),
+        jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype, sharding=kv),
+        b.repl(cache.index.shape, cache.index.dtype),
+    )
+    carry = jax.tree.map(place, carry._replace(cache=None))._replace(cache=placed_cache)
+    compiled, secs = _compile(sampler._decode, args[0], carry, mesh=b.mesh, rules=b.rules)
+    return _memory(compiled), secs
+
+
+def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[dict[str, Any]]:
+    """Compiles ``spec.programs`` for ``spec``; one result dict per program.
+
+    Each dict: the configuration, ``program``, ``per_device_bytes`` (arguments, outputs,
+    aliased, temporaries, total = arguments + outputs - aliased + temporaries), ``resident_other``
+    (per-device bytes of buffers alive during the program but not its arguments), ``peak_bytes``
+    (= total + resident_other), ``fits`` per accelerator of :data:`HBM_GIB`, ``compile_seconds``.
+    """
+    unknown = set(spec.programs) - set(PROGRAMS)
+    if unknown:
+        raise ValueError(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
+    b = _Builder(spec, devices)
+    missing = sharding.unknown_logical_names(b.params, b.rules)
+    if missing and spec.rules != "replicated":
+        raise ValueError(f"logical names missing from the {spec.rules!r} rules: {missing}")
+    # Resident buffers: the train state (params + AdamW moments) lives through the whole step,
+    # the reference parameters too when beta > 0.
+    tx = optim.make_optimizer(1e-6)
+    opt_abs = jax.eval_shape(tx.init, b.params)
+    opt_bytes = _per_device_bytes(
+        b.put(opt_abs, sharding.state_shardings(opt_abs, b.mesh, b.rules))
+    )
+    params_bytes = _per_device_bytes(b.put(b.params, b.param_shardings))
+    ref_bytes = _per_device_bytes(_ref_params(b)) if spec.beta else 0
+    other = {
+        "update": ref_bytes,  # the state is the update's (donated) argument
+        "ref_logps": params_bytes + opt_bytes,
+        "prefill": opt_bytes + ref_bytes,  # the policy params are the sampler's argument
+        "decode": opt_bytes + ref_bytes,
+    }
+    base = {
+        "model": spec.model,
+        "mesh": dict(b.mesh.shape),
+        "rules": spec.rules,
+        "devices": int(b.mesh.size),
+        "prompts": spec.prompts,
+        "num_generations": spec.num_generations,
+        "rows": spec.rows,
+        "prompt_len": spec.prompt_len,
+        "completion_len": spec.completion_len,
+        "image_tokens": spec.image_tokens,
+        "remat": spec.remat,
+        "vision_remat": spec.vision_remat,
+        "dtype": spec.dtype,
+        "param_dtype": spec.param_dtype,
+        "ref_param_dtype": spec.ref_param_dtype or spec.param_dtype,
+        "num_micro": spec.num_micro,
+        "beta": spec.beta,
+        "freeze_vision": spec.freeze_vision,
+        "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(b.params))),
+        "params_bytes_per_device": params_bytes,
+        "opt_state_bytes_per_device": opt_bytes,
+        "ref_params_bytes_per_device": ref_bytes,
+    }
+    results = []
+    for program in spec.programs:
+        if program == "ref_logps" and not spec.beta:
+            continue
+        if program == "update":
+            mem, secs, _ = _plan_update(b)
+        elif program == "ref_logps":
+            mem, secs = _plan_ref_logps(b)
+        elif program == "prefill":
+            mem, secs = _plan_prefill(b)
+        else:
+            mem, secs = _plan_decode(b)
+        peak = mem["total"] + other[program]
+        results.append(
+            {
+                **base,
+                "program": program,
+                "per_device_bytes": mem,
+                "resident_other": other[program],
+                "peak_bytes": peak,
+                "peak_gib": round(peak / GIB, 2),
+                "fits": {hw: bool(peak <= gib * GIB) for hw, gib in HBM_GIB.items()},
+                "compile_seconds": round(secs, 1),
+            }
+        )
+    return results
+
+
+def format_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Human-readable table (GiB per device) of :func:`plan` results."""
+    hws = list(HBM_GIB)
+    head = (
+        f"{'model':>5} {'mesh':<22} {'program':<9} {'args':>7} {'outs':>7} {'temps':>7} "
+        f"{'total':>7} {'+resid':>7} {'peak':>7}  " + " ".join(f"{h:>5}" for h in hws)
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m = r["per_device_bytes"]
+        mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
+        fits = " ".join(f"{'yes' if r['fits'][h] else 'no':>5}" for h in hws)
+        lines.append(
+            f"{r['model']:>5} {mesh:<22} {r['program']:<9} "
+            f"{m['arguments'] / GIB:7.2f} {m['outputs'] / GIB:7.2f} {m['temporaries'] / GIB:7.2f} "
+            f"{m['total'] / GIB:7.2f} {r['resident_other'] / GIB:7.2f} {r['peak_gib']:7.2f}  "
+            + fits
+        )
+    return "\n".join(lines)
