@@ -231,6 +231,7 @@ def eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.every_steps = 0  # 0 = only at the end
     c.at_end = True
+    c.at_start = False  # also evaluate the initial weights (step 0; "before" numbers)
     c.datasets = ("synthetic_test",)  # names of data.sources entries or "synthetic_test"
     c.max_examples = -1
     c.batch_size = 16

@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage = "grpo"
     c.preset = preset
     c.grpo = grpo_block()
+    # Embedded default only (no hf_dir / init_checkpoint): SFT warm-up steps (configs/sft.py with
+    # this run's model and data) in <workdir>/sft before GRPO starts from it; 0 = none.
+    c.sft_warmup_steps = 0
     c.rewards = common.rewards_config("faithful" if preset == "reference" else "fixed")
     # GRPO data: the two training lists concatenated and shuffled (spec §7.1), each prompt
     # repeated G times inside the step (never re-loaded per copy: fixes B5).
@@ -99,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "default":
         c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
         # Embedded tiny random model (after an SFT warm-up) on the synthetic set, CPU minutes.
+        c.sft_warmup_steps = 60
+        c.eval.at_start = True
         c.optimizer.learning_rate = 1e-4
         c.grpo.prompts_per_step = 4
         c.grpo.num_generations = 4

@@ -79,8 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.warmup_steps = 5
         c.sft.global_batch_size = 8
         c.total_steps = 60
-        c.data.max_seq_len = 256
-        c.data.seq_buckets = (128, 256)
+        # Prompt + image + the longest synthetic IAA rationale is ~290 tokens at 128 px.
+        c.data.max_seq_len = 384
+        c.data.seq_buckets = (256, 384)
         c.checkpoint.every_steps = 20
         c.logging.every_steps = 5
     else:  # tiny: a few steps for tests
@@ -90,8 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.grad_accum_steps = 2
         c.total_steps = 4
         c.data.synthetic.image_size = 56
-        c.data.max_seq_len = 256
-        c.data.seq_buckets = (256,)
+        c.data.max_seq_len = 384  # IAA rationales reach ~260 tokens at 56 px
+        c.data.seq_buckets = (384,)
         c.checkpoint.every_steps = 2
         c.checkpoint.async_save = False
         c.logging.every_steps = 1

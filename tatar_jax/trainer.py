@@ -550,18 +550,9 @@ def warmup_config(cfg: ml_collections.ConfigDict, steps: int) -> ml_collections.
     sft_cfg.eval.max_new_tokens = cfg.eval.max_new_tokens
     sft_cfg.eval.batch_size = cfg.eval.batch_size
     sft_cfg.eval.at_end = True
-    with sft_cfg.unlocked() if hasattr(sft_cfg, "unlocked") else _null():
-        sft_cfg.eval.at_start = bool(_get(cfg.eval, "at_start", False))
+    sft_cfg.eval.at_start = bool(_get(cfg.eval, "at_start", False))
     sft_cfg.logging.progress = cfg.logging.progress
     return sft_cfg
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _load_sibling_config(name: str, preset: str) -> ml_collections.ConfigDict:
