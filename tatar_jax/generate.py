@@ -25,7 +25,9 @@ How a call runs (all device work under ``jax.jit``, static shapes):
    exactly as transformers' ``generate`` continues it.
 
 Sampling (transformers' order): logits / temperature → top-k → top-p → categorical draw with an
-independent key per row and step; ``temperature == 0`` is greedy (argmax). Finished rows keep
+independent key per row and step (``fold_in(split(rng, B*G)[row], step)``); ``temperature == 0``
+is greedy (argmax). With top-k the draw is among the ``lax.top_k`` candidates (see
+:func:`sample_tokens`). Finished rows keep
 running (static shapes) but their tokens are ``pad_token_id``, their mask False, their logps 0.
 
 ``logprobs`` — what ``out.logps`` holds for the chosen token:
