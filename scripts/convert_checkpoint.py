@@ -6,6 +6,8 @@
     # orbax -> HF directory that transformers' from_pretrained loads
     python scripts/convert_checkpoint.py --orbax_dir=/ckpt/qwen7b_orbax --hf_out=/ckpt/qwen7b_hf \
         [--dtype=bfloat16] [--max_shard_size=5GB]
+    # a training run (scripts/train.py --workdir) -> HF directory of its policy parameters
+    python scripts/convert_checkpoint.py --workdir=/runs/grpo [--step=N] --hf_out=/ckpt/grpo_hf
 
 The orbax directory holds ``params/`` (the parameter tree, our layer-stacked names) and
 ``config.json`` (HF nested layout). Tokenizer / processor files are not model weights: copy them
@@ -32,6 +34,10 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "Input HF directory (config.json +
 _ORBAX_OUT = flags.DEFINE_string("orbax_out", None, "Output orbax directory (HF -> orbax).")
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Input orbax directory (orbax -> HF).")
 _HF_OUT = flags.DEFINE_string("hf_out", None, "Output HF directory (orbax -> HF).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training run directory (scripts/train.py --workdir) -> HF (--hf_out)."
+)
+_STEP = flags.DEFINE_integer("step", -1, "Training checkpoint step with --workdir (-1 = latest).")
 _DTYPE = flags.DEFINE_enum(
     "dtype", "keep", ["keep", "float32", "bfloat16"], "Parameter dtype written (keep = as read)."
 )
@@ -52,9 +58,35 @@ def _read_dtype(path: pathlib.Path) -> object:
     return _DTYPES[name]
 
 
+def _workdir_to_hf(workdir: pathlib.Path, out: pathlib.Path, dtype_name: str) -> None:
+    """The ``params`` of a training checkpoint (architecture from the run's config.json)."""
+    from flax import nnx
+
+    from tatar_jax import checkpointing
+
+    if not (workdir / "config.json").is_file():
+        raise app.UsageError(f"{workdir} has no config.json (not a scripts/train.py run directory)")
+    config = qvl.load_config_json(workdir / "config.json")
+    model = nnx.eval_shape(
+        lambda: qvl.Qwen2_5_VLForConditionalGeneration(
+            config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+        )
+    )
+    params, step = checkpointing.load_params(workdir, nnx.state(model, nnx.Param), step=_STEP.value)
+    nnx.update(model, params)
+    dtype = None if dtype_name == "keep" else _DTYPES[dtype_name]
+    qvl.save_hf_checkpoint(model, out, max_shard_size=_SHARD.value, dtype=dtype)
+    print(f"wrote {out} from {workdir} step {step}")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value:
+        if not _HF_OUT.value or _HF_DIR.value or _ORBAX_DIR.value or _ORBAX_OUT.value:
+            raise app.UsageError("--workdir needs --hf_out (and no other input/output)")
+        _workdir_to_hf(pathlib.Path(_WORKDIR.value), pathlib.Path(_HF_OUT.value), _DTYPE.value)
+        return 0
     hf_to_orbax = bool(_HF_DIR.value or _ORBAX_OUT.value)
     orbax_to_hf = bool(_ORBAX_DIR.value or _HF_OUT.value)
     if hf_to_orbax == orbax_to_hf:

@@ -13,14 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_models as tm
 from flax import nnx
 
 from tatar_jax import grpo_step, optim, rollout, sft, sft_step, sharding
 from tatar_jax.models import qwen2_5_vl as qvl
 
-import tiny_models as tm  # noqa: E402  (tests/ is on sys.path under pytest)
-
-G = 4
+G = 2  # completions per prompt in the reference tests (8 rows for the mesh test)
 T = 6
 
 
@@ -57,16 +56,16 @@ def _prompt_batch(cfg):
     }, pv
 
 
-def _grpo_inputs(cfg, seed=0):
+def _grpo_inputs(cfg, seed=0, g=G):
     batch, pv_real = _prompt_batch(cfg)
     rng = np.random.default_rng(seed)
-    n = 2 * G
+    n = 2 * g
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(n, T)).astype(np.int32)
     lengths = rng.integers(1, T + 1, size=n)
     lengths[0] = T
     cmask = np.arange(T)[None, :] < lengths[:, None]
     tokens = np.where(cmask, tokens, 0)
-    rows = rollout._expand_prompts(batch, tokens, cmask, G, cfg.image_token_id)
+    rows = rollout._expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
     rows["completion_mask"] = cmask.astype(np.float32)
     rows["advantages"] = rng.normal(size=n).astype(np.float32)
     inputs = {"rows": rows, "shared": sft_step.shared_vision(batch, cfg.vision)}
@@ -135,16 +134,16 @@ def test_grpo_loss_and_grads_match_per_sequence_reference(with_old):
     ref_fn = lambda p: _reference_loss(  # noqa: E731
         graphdef, p, batch, pv_real, tokens, cmask, adv, old, ref, eps, beta
     )
-    ref_loss, ref_grads = jax.value_and_grad(ref_fn)(params)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref_fn))(params)
     assert abs(float(loss) - float(ref_loss)) < 1e-5, (float(loss), float(ref_loss))
     if with_old:
         assert float(aux["clip_frac"]) > 0  # the clipped branch was exercised
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, ref_grads)
     scale = jax.tree.map(lambda b: float(jnp.max(jnp.abs(b))), ref_grads)
-    worst = max(d / max(s, 1e-6) for d, s in zip(jax.tree.leaves(diffs), jax.tree.leaves(scale)))
-    print(
-        f"GRPO loss |d|={abs(float(loss) - float(ref_loss)):.2e}, worst rel grad diff {worst:.2e}"
-    )
+    pairs = zip(jax.tree.leaves(diffs), jax.tree.leaves(scale), strict=True)
+    worst = max(d / max(s, 1e-6) for d, s in pairs)
+    d_loss = abs(float(loss) - float(ref_loss))
+    print(f"GRPO loss |d|={d_loss:.2e}, worst rel grad diff {worst:.2e}")
     assert worst < 1e-4
     # The vision tower gets a gradient through the gathered features.
     vis = [float(jnp.abs(x).max()) for x in jax.tree.leaves(grads["visual"])]
@@ -203,8 +202,10 @@ def test_grpo_step_on_8_devices_equals_single_device():
         pytest.skip("needs 8 (virtual) devices")
     model = _model()
     graphdef, params = nnx.split(model)
-    _, _, _, _, inputs = _grpo_inputs(model.config)
-    tx = optax.adamw(1e-2)
+    _, _, _, _, inputs = _grpo_inputs(model.config, g=4)
+    # Plain SGD: the parameter change is the gradient itself (Adam's g / |g| would amplify
+    # float-summation-order differences of near-zero gradients).
+    tx = optax.sgd(0.1)
     make = lambda: jax.tree.map(  # noqa: E731
         jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0))
     )
@@ -228,4 +229,4 @@ def test_grpo_step_on_8_devices_equals_single_device():
     np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), many.params, one.params)
-    assert max(jax.tree.leaves(diff)) < 1e-5
+    assert max(jax.tree.leaves(diff)) < 1e-6
