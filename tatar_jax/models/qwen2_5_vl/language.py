@@ -28,7 +28,9 @@ norm.scale                              (norm,)                      –
 
 (``q_heads``/``kv_heads``/``heads`` dimensions are ``num_heads * head_dim`` long, head-major, as
 in HF.) Activations: ``(batch, length, embed)``; the KV cache ``(layers, batch, cache_length,
-kv_heads, head_dim)``.
+kv_heads, head_dim)``. Inside :func:`tatar_jax.sharding.use_rules` the residual stream, the
+attention heads and the MLP hidden layer are constrained to those names (identity otherwise), so
+the batch stays split over the data axes whatever the parameters' sharding.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from tatar_jax.models.qwen2_5_vl.rope import apply_rope
+from tatar_jax.sharding import constrain
 
 __all__ = ["KVCache", "RMSNorm", "TextModel", "REMAT_POLICIES"]
 
@@ -55,6 +58,12 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Logical names of the activations (tatar_jax.sharding.constrain; no-ops outside use_rules).
+_BLE = ("batch", "length", "embed")
+_BLM = ("batch", "length", "mlp")
+_Q_NAMES = ("batch", "length", "q_heads", "head_dim")
+_KV_NAMES = ("batch", "length", "kv_heads", "head_dim")
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -138,7 +147,8 @@ class MLP(nnx.Module):
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = constrain(self.act(self.gate_proj(x)) * self.up_proj(x), _BLM)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
@@ -187,9 +197,9 @@ def _layer_forward(
     attn = layer.self_attn
     b, length, _ = x.shape
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).reshape(b, length, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim)
+    q = constrain(attn.q_proj(h).reshape(b, length, attn.num_heads, attn.head_dim), _Q_NAMES)
+    k = constrain(attn.k_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), _KV_NAMES)
+    v = constrain(attn.v_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), _KV_NAMES)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is not None:
         ck, cv = cache_kv
@@ -197,10 +207,10 @@ def _layer_forward(
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, index, zero, zero))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, index, zero, zero))
         k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    o = attention(q, k, v, q_slots, kv_valid)
-    x = x + attn.o_proj(o.reshape(b, length, -1))
+    o = constrain(attention(q, k, v, q_slots, kv_valid), _Q_NAMES)
+    x = constrain(x + attn.o_proj(o.reshape(b, length, -1)), _BLE)
     x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return x, cache_kv
+    return constrain(x, _BLE), cache_kv
 
 
 class TextModel(nnx.Module):
@@ -250,7 +260,7 @@ class TextModel(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """(B, L) int → (B, L, D) in the activation dtype."""
-        return self.embed_tokens(input_ids).astype(self.dtype)
+        return constrain(self.embed_tokens(input_ids).astype(self.dtype), _BLE)
 
     def __call__(
         self,
@@ -268,7 +278,7 @@ class TextModel(nnx.Module):
         """
         length = inputs_embeds.shape[1]
         kv_valid = jnp.asarray(attention_mask).astype(bool)
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain(inputs_embeds.astype(self.dtype), _BLE)
         graphdef, state = nnx.split(self.layers)
         if cache is None:
             q_slots = jnp.arange(length, dtype=jnp.int32)
