@@ -311,25 +311,38 @@ def _materialize(
     stacked: bool,
     sharding: Any,
 ) -> jax.Array:
-    """One parameter from its HF tensor(s); with ``sharding`` each device reads its part only."""
+    """One parameter from its HF tensor(s); with ``sharding`` each device reads its part only.
+
+    ``reader[name]`` is a view of the memory-mapped file and the transforms are views too
+    (transpose / reshape), so slicing before ``astype`` copies exactly one shard: host memory
+    holds a shard at a time, never a whole (stacked) parameter.
+    """
     target = np.dtype(var.dtype)
 
-    def load(rows: Any = None) -> np.ndarray:
-        picked = layer_names if rows is None else [layer_names[i] for i in rows]
-        arrs = [np.asarray(vision_mod.hf_to_param(transform, reader[n])) for n in picked]
-        arrs = [a.astype(target) for a in arrs]
-        return np.stack(arrs) if stacked else arrs[0]
+    def load(index: tuple[slice, ...] | None = None) -> np.ndarray:
+        if stacked:
+            rows = (
+                range(len(layer_names))
+                if index is None
+                else range(*index[0].indices(len(layer_names)))
+            )
+            rest = () if index is None else tuple(index[1:])
+            out = np.empty((len(rows), *_sliced_shape(var.shape[1:], rest)), target)
+            for k, i in enumerate(rows):
+                view = vision_mod.hf_to_param(transform, reader[layer_names[i]])
+                out[k] = view[rest]
+            return out
+        view = vision_mod.hf_to_param(transform, reader[layer_names[0]])
+        return np.asarray(view[() if index is None else tuple(index)], dtype=target)
 
     if sharding is None:
         return jnp.asarray(load())
+    return jax.make_array_from_callback(tuple(var.shape), sharding, load)
 
-    def cb(index: tuple[slice, ...]) -> np.ndarray:
-        if stacked:
-            rows = range(*index[0].indices(len(layer_names)))
-            return load(rows)[(slice(None), *index[1:])]
-        return load()[index]
 
-    return jax.make_array_from_callback(tuple(var.shape), sharding, cb)
+def _sliced_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
 
 
 def _transformed_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
