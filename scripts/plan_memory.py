@@ -65,8 +65,10 @@ def _mesh_size(text: str) -> int:
 
 def _set_device_count(argv: list[str]) -> None:
     """--xla_force_host_platform_device_count for the largest requested mesh, before jax loads."""
-    flags.FLAGS(argv, known_only=True)
-    n = max(_mesh_size(m) for m in _MESH.value)
+    # argv is scanned by hand: parsing FLAGS here would make app.run append --mesh values twice.
+    meshes = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--mesh=")]
+    meshes += [v for a, v in zip(argv[1:], argv[2:], strict=False) if a == "--mesh"]
+    n = max(_mesh_size(m) for m in meshes or _MESH.default)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     xla = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in xla:
