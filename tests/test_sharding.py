@@ -1,5 +1,7 @@
 """Mesh construction and logical-axis rules (8 virtual CPU devices, see conftest)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -357,3 +359,27 @@ def test_optimizer_state_follows_parameters_with_frozen_leaves():
     assert not any("visual" in k and ".mu" in k for k in by_path)
     placed = sharding.abstract_with_shardings(state, sh)
     assert placed.params["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("remat", [None, "full", "dots_saveable"])
+def test_program_size_flat_in_depth(remat):
+    """Layers are scanned: the compiled-program text of a decoder's forward + backward does not
+    grow with the number of layers (compile time follows program size), for each remat policy."""
+    from tatar_jax.models.qwen2_5_vl.language import TextModel
+
+    def hlo_lines(layers):
+        cfg = dataclasses.replace(qvl.tiny().text, num_hidden_layers=layers)
+        abstract = nnx.eval_shape(lambda: TextModel(cfg, remat=remat, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(abstract)
+        x = jax.ShapeDtypeStruct((2, 8, cfg.hidden_size), jnp.float32)
+        cs = jax.ShapeDtypeStruct((2, 8, cfg.head_dim), jnp.float32)
+        mask = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+        def loss(p, x, cos, sin, m):
+            h, _ = nnx.merge(graphdef, p)(x, cos, sin, m)
+            return jnp.sum(h)
+
+        text = jax.jit(jax.grad(loss)).lower(params, x, cs, cs, mask).as_text()
+        return len(text.splitlines())
+
+    assert hlo_lines(2) == hlo_lines(12)
