@@ -14,9 +14,28 @@ or ``None`` (replicated). A dimension that a rule would shard over axes whose si
 it is replicated instead, and this is logged: tiny test models and odd head counts still run, and
 the AOT memory plan shows what that costs.
 
+Tables (:data:`RULE_SETS`, config ``mesh.rules``): ``default`` (FSDP over ``fsdp``, tensor
+parallelism over ``tensor``), ``fsdp`` (both axes shard parameters and batch: ZeRO-3 over every
+device), ``tensor`` (Megatron-style data x tensor parallelism, parameters replicated over
+``fsdp``/``data``) and ``replicated`` (pure data parallelism).
+
 Models are built with ``nnx.use_eager_sharding(False)``: variables carry their logical names as
-metadata only, and placement goes through ``state_shardings`` (one mechanism for init, loading and
-the jitted steps' in/out shardings).
+metadata only, and placement goes through ``state_shardings`` (one mechanism for init, loading,
+optimizer state — optax moments are ``nnx.Param`` copies carrying the same names — and the jitted
+steps' in/out shardings). Activations are constrained with :func:`constrain` inside the model;
+those constraints act only while :func:`use_rules` is active when the step is traced:
+
+    mesh = make_mesh({"fsdp": -1, "tensor": 2}, dcn_shape={"data": num_slices})
+    rules = get_rules("default")
+    state_sh = state_shardings(state, mesh, rules)
+    with use_rules(mesh, rules):
+        step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+        state, metrics = step(state, batch)
+
+Multi-host: call :func:`maybe_initialize_distributed` before anything touches devices (TPU pods:
+``enabled=True``; GPU clusters: coordinator address, process count and id), then build the mesh
+from all ``jax.devices()``; the DCN factor puts the slow inter-slice / inter-node links on the
+``data`` axis (or ``fsdp`` for multi-slice FSDP).
 """
 
 from __future__ import annotations
