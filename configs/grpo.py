@@ -103,12 +103,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
         # Embedded tiny random model (after an SFT warm-up) on the synthetic set, CPU minutes.
         c.sft_warmup_steps = 60
+        c.model.remat = False  # a tiny model: recomputation would only cost time
         c.eval.at_start = True
-        c.optimizer.learning_rate = 1e-4
+        c.optimizer.learning_rate = 2e-4
         c.grpo.prompts_per_step = 4
         c.grpo.num_generations = 4
         c.grpo.max_new_tokens = 96  # the synthetic IAA rationales are ~70 tokens
-        c.total_steps = 30
+        c.total_steps = 20
         c.eval.max_examples = 48  # evenly spaced over each synthetic test set (24 per task)
         c.eval.batch_size = 24
         c.eval.max_new_tokens = 96

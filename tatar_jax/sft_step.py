@@ -93,7 +93,7 @@ def shared_vision(batch: Mapping[str, Any], vision_cfg: Any) -> dict[str, Any]:
     return {"pixel_values": pv, "layout": vision_layout(grid, vision_cfg, bucket)}
 
 
-def target_positions(label_mask: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def target_positions(label_mask: np.ndarray, multiple: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) positions ``i >= 1`` of each row's targets (``label_mask[i] = 1``) and their
     validity; K = the longest row's count rounded up to ``multiple`` (a few compiled shapes).
 
