@@ -88,6 +88,7 @@ def _final_params(workdir):
     return step, tree
 
 
+@pytest.mark.slow
 def test_sft_sigterm_kill9_resume_is_bit_identical(tmp_path, env):
     ref = tmp_path / "ref"
     out = _run(ref, SFT_FLAGS, env)
@@ -140,6 +141,7 @@ def _flatten(tree, prefix=""):
     return out
 
 
+@pytest.mark.slow
 def test_grpo_run_metrics_nonfinite_skip_export_and_convert(tmp_path, env):
     wd = tmp_path / "grpo"
     flags = [
@@ -189,6 +191,7 @@ def test_grpo_run_metrics_nonfinite_skip_export_and_convert(tmp_path, env):
         assert np.array_equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_stop_after_consecutive_nonfinite(tmp_path, env):
     flags = [
         *SFT_FLAGS,
