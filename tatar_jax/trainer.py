@@ -51,7 +51,7 @@ PyTree = Any
 EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
 # Embedded SFT warm-up steps before GRPO when no weights are configured, per preset (the config
 # field ``sft_warmup_steps`` overrides; 0 disables).
-DEFAULT_WARMUP_STEPS = {"default": 60}
+DEFAULT_WARMUP_STEPS = {"default": 150}
 
 
 class TrainingStopped(RuntimeError):
@@ -509,7 +509,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
             if evaluator is not None and ev_every > 0 and step % ev_every == 0 and step < total:
                 eval_last = evaluator(state.params)
                 writer.write(step, eval_last, force=True)
-        if not stopped:
+        if not stopped and step > start:  # (a finished stage that is resumed does nothing)
             if bool(ck.save_at_end):
                 ckpt.save(step, state, data_iter=data_iter, force=True, meta={"stage": stage})
             if evaluator is not None and bool(cfg.eval.at_end):
