@@ -72,6 +72,8 @@ DEFAULT_RULES: LogicalRules = (
     ("qkv", None),
     ("norm", None),
     ("vision_patch", None),
+    ("vision_tokens", ("data", "fsdp")),  # patch rows of the vision tower's activations
+    ("vision_groups", ("data", "fsdp")),  # attention windows / frames
     ("vision_embed", "fsdp"),
     ("vision_mlp", "tensor"),
     ("vision_heads", "tensor"),
@@ -80,7 +82,11 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 # Pure data parallelism: everything replicated, batch over every axis.
-REPLICATED_RULES: LogicalRules = (("batch", ("data", "fsdp", "tensor")),)
+REPLICATED_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp", "tensor")),
+    ("vision_tokens", ("data", "fsdp", "tensor")),
+    ("vision_groups", ("data", "fsdp", "tensor")),
+)
 
 
 def _override(base: LogicalRules, **changes: Any) -> LogicalRules:
@@ -92,6 +98,8 @@ def _override(base: LogicalRules, **changes: Any) -> LogicalRules:
 FSDP_RULES: LogicalRules = _override(
     DEFAULT_RULES,
     batch=("data", "fsdp", "tensor"),
+    vision_tokens=("data", "fsdp", "tensor"),
+    vision_groups=("data", "fsdp", "tensor"),
     vocab=None,
     embed=("fsdp", "tensor"),
     mlp=None,

@@ -54,6 +54,7 @@ from tatar_jax.models.qwen2_5_vl.vision_layout import (
     vision_layout,
     window_len,
 )
+from tatar_jax.sharding import constrain
 
 __all__ = [
     "VisionBucket",
@@ -84,6 +85,10 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
+
+# Logical names of the activations (tatar_jax.sharding.constrain; no-ops outside use_rules).
+_TOKEN_NAMES = ("vision_tokens", "vision_embed")
+_GROUP_NAMES = ("vision_groups", None, "vision_heads", None)
 
 _REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing, recompute the whole block
@@ -255,7 +260,8 @@ def grouped_attention(
     are live, in the forward and in the backward pass (frames of thousands of patches).
     """
     g, length = rows.shape
-    qg, kg, vg = q[rows], k[rows], v[rows]  # (G, L, H, hd)
+    # Groups (windows / frames) are independent: split them over the batch devices.
+    qg, kg, vg = (constrain(a[rows], _GROUP_NAMES) for a in (q, k, v))  # (G, L, H, hd)
     if q_chunk is None or length <= q_chunk:
         out = _attend(qg, kg, vg, valid)
     else:
@@ -379,7 +385,10 @@ class VisionTransformer(nnx.Module):
         def body(x: jax.Array, inputs: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
             state, is_full = inputs
             blk = nnx.merge(graphdef, state)
-            return _block_forward(blk, x, is_full, cos, sin, layout, self.attn_q_chunk), None
+            x = _block_forward(
+                blk, constrain(x, _TOKEN_NAMES), is_full, cos, sin, layout, self.attn_q_chunk
+            )
+            return constrain(x, _TOKEN_NAMES), None
 
         if self.remat is not None:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
