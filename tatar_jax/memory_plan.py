@@ -165,7 +165,9 @@ class _Builder:
         return sharding.abstract_with_shardings(tree, shardings)
 
     def batch(self, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
-        s = sharding.batch_sharding(self.mesh, len(shape), self.rules)
+        # (a batch dimension that the batch axes do not divide is replicated, and logged)
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        s = sharding.named_sharding(self.mesh, names, self.rules, shape)
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=s)
 
     def repl(self, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -284,7 +286,7 @@ def _prefill_args(b: _Builder) -> tuple[Any, ...]:
         jax.ShapeDtypeStruct(
             (3, p, lp),
             jnp.int32,
-            sharding=sharding.named_sharding(b.mesh, (None, "batch", None), b.rules),
+            sharding=sharding.named_sharding(b.mesh, (None, "batch", None), b.rules, (3, p, lp)),
         ),
         b.batch((p, 1), jnp.int32),
         pv,
