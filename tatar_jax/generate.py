@@ -43,11 +43,23 @@ running (static shapes) but their tokens are ``pad_token_id``, their mask False,
 
 :class:`Sampler` keeps the compiled programs and takes new weights without recompiling (the
 parameters are an argument of the jitted functions, not constants).
+
+Data parallelism (``mesh=``): with a :class:`jax.sharding.Mesh` (``tatar_jax.sharding.make_mesh``)
+and a rules table, the prompt rows, the KV cache (``sharding.KV_CACHE_NAMES``) and every per-row
+output are split over the batch axes (``"batch"`` rule, e.g. ``("data", "fsdp")``), the weights
+are placed per ``sharding.state_shardings`` (arrays already on the mesh are used as they are),
+pixel values / vision layout / key are replicated, and the model's activation constraints are on
+(``sharding.use_rules``). A batch that the batch shards do not divide is padded with one-token
+text rows (dropped from the outputs), so any batch size works; the G copies of a prompt's cache
+stay contiguous and on the shard of their prompt. Results equal the unsharded ones: the per-row
+keys ``split(rng, B*G)[row]`` do not depend on the batch size or the sharding (partitionable
+threefry), so greedy and sampled tokens are the same.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -59,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tatar_jax import sharding as sharding_mod
 from tatar_jax.models.qwen2_5_vl import rope
 from tatar_jax.models.qwen2_5_vl.language import KVCache
 from tatar_jax.models.qwen2_5_vl.vision_layout import VisionBucket, vision_bucket, vision_layout
@@ -273,6 +286,9 @@ class Sampler:
       prompt_buckets: allowed padded prompt lengths; None rounds up to ``prompt_multiple``.
       patch_buckets: allowed patch budgets; None rounds up to the next power of two.
       cache_dtype: KV cache dtype (default: the model's activation dtype).
+      mesh: shard the batch (and KV cache) over this mesh's batch axes and place the weights on
+        it (see the module docstring); None = jit's default placement (one device).
+      rules: logical-axis rules table for ``mesh`` (default ``sharding.DEFAULT_RULES``).
     """
 
     def __init__(
@@ -284,8 +300,12 @@ class Sampler:
         prompt_multiple: int = 64,
         patch_buckets: Sequence[int] | None = None,
         cache_dtype: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding_mod.LogicalRules | None = None,
     ) -> None:
         self.config = model.config
+        self.mesh = mesh
+        self.rules = (rules or sharding_mod.DEFAULT_RULES) if mesh is not None else rules
         self.params = params
         self.prompt_buckets = tuple(prompt_buckets) if prompt_buckets else None
         self.prompt_multiple = int(prompt_multiple)
@@ -296,8 +316,80 @@ class Sampler:
         # output columns filled by the last call (device scalar): < max_new_tokens when every
         # row stopped early and the loop left.
         self.last_num_steps: jax.Array | None = None
-        self._prefill = jax.jit(self._prefill_fn)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        if mesh is None:
+            self._prefill = jax.jit(self._prefill_fn)
+            self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        else:
+            # (weights are placed on first use, so that generate() never copies them twice)
+            self._state_shardings = sharding_mod.state_shardings(self.state, mesh, self.rules)
+            rep = sharding_mod.replicated(mesh)
+            carry_sh = self._carry_shardings()
+            rows = self._rows_sharding
+            out_sh = GenerateOutput(rows(2), rows(2), rows(2))
+            # ids, mask (B, L); positions (3, B, L); deltas (B, 1); pixels / layout / key replicated
+            in_sh = (None, rows(2), rows(2), self._pos_sharding(), rows(2), rep, rep, rep)
+            self._prefill = jax.jit(self._prefill_fn, in_shardings=in_sh, out_shardings=carry_sh)
+            self._decode = jax.jit(
+                self._decode_fn,
+                in_shardings=(None, carry_sh),
+                out_shardings=(out_sh, carry_sh.cache, rep),
+                donate_argnums=(1,),
+            )
+
+    # --- placement (mesh only) ----------------------------------------------------------------
+    @property
+    def num_batch_shards(self) -> int:
+        """Devices the batch is split over (1 without a mesh)."""
+        if self.mesh is None:
+            return 1
+        spec = sharding_mod.logical_to_pspec(("batch",), self.rules, mesh=self.mesh)[0]
+        return sharding_mod._mesh_axes_size(self.mesh, spec)
+
+    def _rows_sharding(self, ndim: int) -> jax.sharding.NamedSharding:
+        return sharding_mod.batch_sharding(self.mesh, ndim, self.rules)
+
+    def _pos_sharding(self) -> jax.sharding.NamedSharding:
+        spec = sharding_mod.logical_to_pspec(("batch",), self.rules, mesh=self.mesh)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, spec[0]))
+
+    def _carry_shardings(self) -> _Carry:
+        t = self.config.text
+        # Only the divisibility of kv_heads matters here (batch is padded to the shard count,
+        # cache_length is never split by the built-in tables): a representative shape.
+        shape = (t.num_hidden_layers, self.num_batch_shards, 1, t.num_key_value_heads, t.head_dim)
+        kv = sharding_mod.named_sharding(
+            self.mesh, sharding_mod.KV_CACHE_NAMES, self.rules, shape=shape
+        )
+        rep = sharding_mod.replicated(self.mesh)
+        rows = self._rows_sharding
+        return _Carry(
+            cache=KVCache(kv, kv, rep),
+            cache_mask=rows(2),
+            tokens=rows(2),
+            logps=rows(2),
+            mask=rows(2),
+            last=rows(1),
+            done=rows(1),
+            num_valid=rows(1),
+            deltas=rows(1),
+            keys=rows(1),
+            step=rep,
+        )
+
+    def place_state(self, state: Any) -> Any:
+        """``state`` on the sampler's mesh: arrays already sharded over the mesh's devices are
+        kept as given (e.g. the trainer's FSDP state), anything else is placed per
+        ``sharding.state_shardings``. Without a mesh: unchanged."""
+        if self.mesh is None or state is None:
+            return state
+        devices = set(self.mesh.devices.flat)
+
+        def on_mesh(x: Any) -> bool:
+            return isinstance(x, jax.Array) and set(x.sharding.device_set) == devices
+
+        if all(on_mesh(x) for x in jax.tree.leaves(state)):
+            return state
+        return jax.device_put(state, self._state_shardings)
 
     def update(self, model_or_state: Any) -> None:
         """New weights (same architecture): an ``nnx.Module`` or the ``nnx.State`` of one."""
@@ -305,9 +397,9 @@ class Sampler:
             graphdef, state = nnx.split(model_or_state)
             if graphdef != self.graphdef:
                 raise ValueError("update() got a model of a different structure than the sampler's")
-            self.state = state
+            self.state = self.place_state(state)
         else:
-            self.state = model_or_state
+            self.state = self.place_state(model_or_state)
 
     # --- jitted bodies ------------------------------------------------------------------------
     def _prefill_fn(self, state, ids, mask, pos, deltas, pixel_values, layout, key) -> _Carry:
@@ -467,21 +559,52 @@ class Sampler:
         rng: Any = None,
         state: Any = None,
     ) -> GenerateOutput:
-        """Generates for a left-padded batch; see the module docstring for the outputs."""
+        """Generates for a left-padded batch; see the module docstring for the outputs.
+
+        With a mesh, a batch that is not a multiple of :attr:`num_batch_shards` is padded with
+        one-token text rows that are dropped from the outputs (their keys come after the real
+        rows', so the real rows' samples do not change)."""
+        b = np.shape(input_ids)[0]
+        pad_rows = -b % self.num_batch_shards
+        if pad_rows:
+            input_ids, attention_mask = _pad_rows(
+                input_ids, attention_mask, pad_rows, self.params.pad_token_id
+            )
         ids, mask, pos, deltas, pv, layout = self.prepare(
             input_ids, attention_mask, pixel_values, image_grid_thw
         )
         key = _as_key(jax.random.key(0) if rng is None else rng)
-        st = self.state if state is None else state
-        carry = self._prefill(st, ids, mask, pos, deltas, pv, layout, key)
-        with warnings.catch_warnings():
-            # Only the cache and the output buffers can alias; the small per-row vectors of the
-            # donated carry cannot, which jax reports at every compilation.
-            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            out, _, self.last_num_steps = self._decode(st, carry)
+        if state is None:
+            self.state = self.place_state(self.state)
+            st = self.state
+        else:
+            st = self.place_state(state)
+        with contextlib.ExitStack() as stack:
+            if self.mesh is not None:
+                # The model's activation constraints act at trace time under these rules.
+                stack.enter_context(sharding_mod.use_rules(self.mesh, self.rules))
+            carry = self._prefill(st, ids, mask, pos, deltas, pv, layout, key)
+            with warnings.catch_warnings():
+                # Only the cache and the output buffers can alias; the small per-row vectors of
+                # the donated carry cannot, which jax reports at every compilation.
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                out, _, self.last_num_steps = self._decode(st, carry)
+        if pad_rows:
+            n = b * self.params.num_samples
+            out = GenerateOutput(*(x[:n] for x in out))
         return out
 
     __call__ = generate
+
+
+def _pad_rows(ids: Any, mask: Any, n: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Appends ``n`` rows holding one valid pad token (left-padded, no image tokens)."""
+    ids = np.asarray(ids)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask)
+    extra_ids = np.full((n, ids.shape[1]), pad_id, ids.dtype)
+    extra_mask = np.zeros((n, ids.shape[1]), mask.dtype)
+    extra_mask[:, -1] = 1
+    return np.concatenate([ids, extra_ids]), np.concatenate([mask, extra_mask])
 
 
 _SAMPLERS: dict[tuple[Any, ...], Sampler] = {}
@@ -506,6 +629,8 @@ def generate(
     rng: Any = None,
     prompt_buckets: Sequence[int] | None = None,
     patch_buckets: Sequence[int] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding_mod.LogicalRules | None = None,
 ) -> GenerateOutput:
     """One-call generation; reuses a cached :class:`Sampler` per (architecture, settings), so
     repeated calls compile only for new bucket shapes.
@@ -514,6 +639,8 @@ def generate(
     image_grid_thw (num_images, 3) as the HF processor gives them. ``stop_token_ids`` None means
     the model config's ``eos_token_id``; ``pad_token_id`` None the config's pad id (else 0).
     ``rng``: a typed key (``jax.random.key``) or legacy ``PRNGKey`` data; None = key(0).
+    ``mesh`` / ``rules``: data-parallel over the mesh's batch axes (see :class:`Sampler`); the
+    model's weights are placed on the mesh for the call unless they are already on it.
     """
     cfg = model.config
     if stop_token_ids is None:
@@ -537,12 +664,21 @@ def generate(
         params,
         tuple(prompt_buckets) if prompt_buckets else None,
         tuple(patch_buckets) if patch_buckets else None,
+        mesh,
+        tuple(rules) if rules is not None else None,
     )
     sampler = _SAMPLERS.get(key)
     if sampler is None:
         if len(_SAMPLERS) >= _MAX_CACHED_SAMPLERS:
             _SAMPLERS.pop(next(iter(_SAMPLERS)))
-        sampler = Sampler(model, params, prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
+        sampler = Sampler(
+            model,
+            params,
+            prompt_buckets=prompt_buckets,
+            patch_buckets=patch_buckets,
+            mesh=mesh,
+            rules=rules,
+        )
         sampler.state = None  # weights are passed per call; do not pin this model in memory
         _SAMPLERS[key] = sampler
     return sampler.generate(
