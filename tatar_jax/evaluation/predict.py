@@ -5,9 +5,12 @@ This is the only part of :mod:`tatar_jax.evaluation` that touches the model. It 
 issue 5). When either is missing, :func:`build_predict_fn` raises :class:`ModelUnavailableError`
 saying which; there is no fallback that invents predictions.
 
-Multi-host: every process calls the predict function with the same global batch of records and
-passes the same host arrays to the rollout engine; tokens that come back sharded are
-all-gathered, so every process returns the same completions and the runner stays in lockstep.
+Data parallelism: the rollout engine gets the mesh, so a batch of ``eval.batch_size`` prompts is
+split over the mesh's batch axes (the KV cache with it) and the weights are sharded per the
+rules. Multi-host (``jax.process_count() > 1``): the runner gives every process its own rows
+(:func:`tatar_jax.evaluation.runner.evaluate_shard`); each process builds its mesh from its
+*local* devices (``mesh.shape``; the DCN factor is not used), so hosts never wait for each other
+inside the model and ``eval.batch_size`` is the batch of one process.
 """
 
 from __future__ import annotations
@@ -117,8 +120,14 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
         num_processes=cfg.mesh.num_processes,
         process_id=cfg.mesh.process_id,
     )
-    mesh = sharding.make_mesh(dict(cfg.mesh.shape), dcn_shape=dict(cfg.mesh.dcn_shape))
-    rules = sharding.REPLICATED_RULES if cfg.mesh.rules == "replicated" else sharding.DEFAULT_RULES
+    import jax
+
+    if jax.process_count() > 1:
+        # Each process evaluates its own rows (runner.evaluate_shard) on its own devices.
+        mesh = sharding.make_mesh(dict(cfg.mesh.shape), devices=jax.local_devices())
+    else:
+        mesh = sharding.make_mesh(dict(cfg.mesh.shape), dcn_shape=dict(cfg.mesh.dcn_shape))
+    rules = sharding.get_rules(cfg.mesh.rules)
     model, name = load_model(cfg.model, mesh, rules, checkpoint)
     tok = tokenizer.load_tokenizer(cfg.model.hf_dir or None)
     predict_fn = make_predict_fn(
@@ -160,14 +169,14 @@ def make_predict_fn(
     rendered into the task prompt (``ev.prompt_variant``), collated with left padding into a
     static batch of ``ev.batch_size`` rows (short batches are filled with flagged copies) and
     decoded greedily by ``generate_fn`` for up to ``ev.max_new_tokens`` tokens, stopping at
-    ``<|im_end|>`` / end-of-text, under ``mesh``'s logical-axis ``rules``. Inputs are host numpy
-    arrays (the same on every process; the engine pads them to its buckets). Completions are the
+    ``<|im_end|>`` / end-of-text, data-parallel over ``mesh`` with the logical-axis ``rules``
+    (``generate_fn(..., mesh=mesh, rules=rules)``; ``mesh=None``: one device). Inputs are host
+    numpy arrays (the engine pads them to its buckets and places them). Completions are the
     masked tokens decoded with special tokens stripped.
     """
     import jax
     from jax.experimental import multihost_utils
 
-    from tatar_jax import sharding
     from tatar_jax.data import examples, image
 
     rope_cfg = examples.RopeConfig.from_tokenizer(tok, merge_size)
@@ -214,21 +223,22 @@ def make_predict_fn(
             batch_size=ev.batch_size,
         )
         n_patch = int(batch["patch_mask"].sum())
-        # Host arrays, identical on every process: the rollout engine buckets and places them.
-        with sharding.use_rules(mesh, rules):
-            out = generate_fn(
-                model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                pixel_values=batch["pixel_values"][:n_patch],
-                image_grid_thw=batch["image_grid_thw"],
-                max_new_tokens=ev.max_new_tokens,
-                num_samples=1,
-                temperature=0.0,
-                stop_token_ids=tuple(tok.eos_ids),
-                pad_token_id=tok.pad_id,
-                rng=jax.random.key(seed),
-            )
+        # Host arrays: the rollout engine buckets them and shards them over the mesh.
+        out = generate_fn(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            pixel_values=batch["pixel_values"][:n_patch],
+            image_grid_thw=batch["image_grid_thw"],
+            max_new_tokens=ev.max_new_tokens,
+            num_samples=1,
+            temperature=0.0,
+            stop_token_ids=tuple(tok.eos_ids),
+            pad_token_id=tok.pad_id,
+            rng=jax.random.key(seed),
+            mesh=mesh,
+            rules=rules,
+        )
         tokens, mask = to_host(out.tokens), to_host(out.mask)
         texts = iter(
             tok.decode(tokens[k][mask[k]].tolist(), skip_special_tokens=True)

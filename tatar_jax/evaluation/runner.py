@@ -34,9 +34,11 @@ exactly the metrics of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,6 +96,10 @@ class EvalOptions:
     is_writer: this process writes files (process 0 of a multi-host run).
     plots: write PNG plots (matplotlib).
     run_info: settings stored in run_info.json and checked on resume (model, decoding, ...).
+    process_index / process_count: this process and the number of processes sharing the rows
+      (None: ``jax.process_index()`` / ``jax.process_count()``, 0 / 1 without jax). With more
+      than one process every process scores its own rows into ``predictions.<index>.jsonl``
+      and process 0 (``is_writer``) merges them (see :func:`evaluate_shard`).
     """
 
     batch_size: int = 16
@@ -105,12 +111,28 @@ class EvalOptions:
     is_writer: bool = True
     plots: bool = True
     run_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    process_index: int | None = None
+    process_count: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.bad_rows not in manifest_mod.ON_ERROR:
             raise ValueError(f"bad_rows must be one of {manifest_mod.ON_ERROR}")
+        if (self.process_index is None) != (self.process_count is None):
+            raise ValueError("give process_index and process_count together")
+        if self.process_count is not None and not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+
+    def processes(self) -> tuple[int, int]:
+        """(process index, process count) of this run."""
+        if self.process_count is not None:
+            return int(self.process_index), int(self.process_count)
+        if "jax" in sys.modules:
+            import jax
+
+            return jax.process_index(), jax.process_count()
+        return 0, 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,27 +413,16 @@ def evaluate_dataset(
     return _evaluate_dataset(spec, predict_fn, out_dir, options, count_tokens)[0]
 
 
-def _evaluate_dataset(
-    spec: manifest_mod.DatasetSpec,
-    predict_fn: PredictFn,
-    out_dir: str | os.PathLike,
-    options: EvalOptions,
-    count_tokens: CountTokens | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    out_dir = os.fspath(out_dir)
+def _load_selection(
+    spec: manifest_mod.DatasetSpec, options: EvalOptions
+) -> tuple[Any, list[dict[str, Any]], dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """(loaded manifest, selected records, records by row_id, bad-row error entries)."""
     loaded = manifest_mod.load_records(
         spec, on_error=options.bad_rows, reference_compat=options.reference_compat
     )
     records = loaded.records[: options.limit] if options.limit >= 0 else loaded.records
     by_id = {r["row_id"]: r for r in records}
-    pred_path = os.path.join(out_dir, PREDICTIONS)
-    err_path = os.path.join(out_dir, ERRORS)
-    if options.is_writer:
-        os.makedirs(out_dir, exist_ok=True)
-    done = _check_stored(pred_path, read_jsonl(pred_path, repair=options.is_writer), by_id)
-    todo = [r for r in records if r["row_id"] not in done]
-
-    errors: list[dict[str, Any]] = [
+    bad = [
         {
             "kind": "bad_row",
             "row_id": b.row,
@@ -421,102 +432,126 @@ def _evaluate_dataset(
         }
         for b in loaded.skipped
     ]
-    pf = ef = None
-    if options.is_writer:
-        pf = open(pred_path, "a", encoding="utf-8")
-        ef = open(err_path, "w", encoding="utf-8")
-        for e in errors:
-            ef.write(json.dumps(e, ensure_ascii=False) + "\n")
-        ef.flush()
-    bar = _progress(len(records), len(records) - len(todo), spec.name, options.progress)
-    try:
-        for batch in _batches_with_images(todo, options.batch_size, options.image_threads):
-            good = []
-            for rec, im, reason in batch:
-                if reason is None:
-                    good.append({**rec, "pil_image": im})
-                    continue
+    return loaded, records, by_id, bad
+
+
+def _write_line(f: Any, obj: Mapping[str, Any]) -> None:
+    if f is not None:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def _score_batches(
+    name: str,
+    todo: Sequence[Mapping[str, Any]],
+    predict_fn: PredictFn,
+    options: EvalOptions,
+    count_tokens: CountTokens | None,
+    done: dict[int, dict[str, Any]],
+    errors: list[dict[str, Any]],
+    pf: Any,
+    ef: Any,
+    bar: Any,
+    num_batches: int | None = None,
+) -> None:
+    """Scores ``todo`` batch by batch: rows into ``done`` / ``pf``, failures into ``errors`` /
+    ``ef``. ``num_batches`` (multi-process): exactly that many ``predict_fn`` calls, the last
+    ones with empty batches, so that every process makes the same calls."""
+    batches = _batches_with_images(todo, options.batch_size, options.image_threads)
+    if num_batches is not None:
+        batches = itertools.chain(batches, itertools.repeat([], num_batches))
+        batches = itertools.islice(batches, num_batches)
+    for batch in batches:
+        good = []
+        for rec, im, reason in batch:
+            if reason is None:
+                good.append({**rec, "pil_image": im})
+                continue
+            err = {
+                "kind": "image",
+                "row_id": rec["row_id"],
+                "image": rec["image_name"],
+                "path": rec["image"],
+                "reason": reason,
+            }
+            errors.append(err)
+            _write_line(ef, err)
+        if ef is not None:
+            ef.flush()
+        completions = list(predict_fn(good)) if good or num_batches is not None else []
+        if len(completions) != len(good):
+            raise EvalError(
+                f"{name}: predict_fn returned {len(completions)} completions for "
+                f"{len(good)} records"
+            )
+        for rec, text in zip(good, completions, strict=True):
+            if isinstance(text, RecordFailure):
                 err = {
-                    "kind": "image",
+                    "kind": "predict",
                     "row_id": rec["row_id"],
                     "image": rec["image_name"],
                     "path": rec["image"],
-                    "reason": reason,
+                    "reason": text.reason,
                 }
                 errors.append(err)
+                _write_line(ef, err)
                 if ef is not None:
-                    ef.write(json.dumps(err, ensure_ascii=False) + "\n")
                     ef.flush()
-            completions = list(predict_fn(good)) if good else []
-            if len(completions) != len(good):
+                continue
+            if not isinstance(text, str):
                 raise EvalError(
-                    f"{spec.name}: predict_fn returned {len(completions)} completions for "
-                    f"{len(good)} records"
+                    f"{name}: predict_fn returned {type(text).__name__} for row "
+                    f"{rec['row_id']} ({rec['image_name']}); expected the decoded text"
                 )
-            for rec, text in zip(good, completions, strict=True):
-                if isinstance(text, RecordFailure):
-                    err = {
-                        "kind": "predict",
-                        "row_id": rec["row_id"],
-                        "image": rec["image_name"],
-                        "path": rec["image"],
-                        "reason": text.reason,
-                    }
-                    errors.append(err)
-                    if ef is not None:
-                        ef.write(json.dumps(err, ensure_ascii=False) + "\n")
-                        ef.flush()
-                    continue
-                if not isinstance(text, str):
-                    raise EvalError(
-                        f"{spec.name}: predict_fn returned {type(text).__name__} for row "
-                        f"{rec['row_id']} ({rec['image_name']}); expected the decoded text"
-                    )
-                row = {
-                    "row_id": rec["row_id"],
-                    "image": rec["image_name"],
-                    "gt_raw": rec["score_raw"],
-                    "gt_100": rec["gt_100"],
-                    "task": rec["task"],
-                    "completion": text,
-                    **score_completion(
-                        text,
-                        rec["task"],
-                        reference_compat=options.reference_compat,
-                        count_tokens=count_tokens,
-                    ),
-                }
-                done[row["row_id"]] = row
-                if pf is not None:
-                    pf.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if pf is not None:
-                pf.flush()
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
+            row = {
+                "row_id": rec["row_id"],
+                "image": rec["image_name"],
+                "gt_raw": rec["score_raw"],
+                "gt_100": rec["gt_100"],
+                "task": rec["task"],
+                "completion": text,
+                **score_completion(
+                    text,
+                    rec["task"],
+                    reference_compat=options.reference_compat,
+                    count_tokens=count_tokens,
+                ),
+            }
+            done[row["row_id"]] = row
+            _write_line(pf, row)
+        if pf is not None:
+            pf.flush()
         if bar is not None:
-            bar.close()
-        for f in (pf, ef):
-            if f is not None:
-                f.close()
+            bar.update(len(batch))
 
+
+def _finish_dataset(
+    spec: manifest_mod.DatasetSpec,
+    out_dir: str,
+    options: EvalOptions,
+    records: Sequence[Mapping[str, Any]],
+    num_skipped: int,
+    done: Mapping[int, dict[str, Any]],
+    errors: Sequence[Mapping[str, Any]],
+    write: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics (written with plots when ``write``) and the scored rows in record order."""
     rows = [done[r["row_id"]] for r in records if r["row_id"] in done]
-    if errors and options.is_writer:
+    if errors and write:
         first = errors[0]
         print(
-            f"warning: {spec.name}: {len(errors)} of {len(records) + len(loaded.skipped)} "
+            f"warning: {spec.name}: {len(errors)} of {len(records) + num_skipped} "
             f"records not scored (first: row {first['row_id']} {first['image']!r}: "
-            f"{first['reason']}); all listed in {err_path}",
+            f"{first['reason']}); all listed in {os.path.join(out_dir, ERRORS)}",
             file=sys.stderr,
         )
     result = dataset_metrics(
         spec,
         rows,
-        num_records=len(records) + len(loaded.skipped),
+        num_records=len(records) + num_skipped,
         errors=errors,
         reference_compat=options.reference_compat,
     )
-    if options.is_writer:
+    if write:
         _write_json(os.path.join(out_dir, METRICS), result)
         if options.plots:
             from tatar_jax.evaluation import plots
@@ -525,6 +560,231 @@ def _evaluate_dataset(
                 rows, os.path.join(out_dir, "scatter.png"), title=spec.name, metrics=result
             )
     return result, rows
+
+
+def _evaluate_dataset(
+    spec: manifest_mod.DatasetSpec,
+    predict_fn: PredictFn,
+    out_dir: str | os.PathLike,
+    options: EvalOptions,
+    count_tokens: CountTokens | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    out_dir = os.fspath(out_dir)
+    if options.processes()[1] > 1:
+        return _evaluate_dataset_multiprocess(spec, predict_fn, out_dir, options, count_tokens)
+    loaded, records, by_id, errors = _load_selection(spec, options)
+    pred_path = os.path.join(out_dir, PREDICTIONS)
+    err_path = os.path.join(out_dir, ERRORS)
+    if options.is_writer:
+        os.makedirs(out_dir, exist_ok=True)
+    done = _check_stored(pred_path, read_jsonl(pred_path, repair=options.is_writer), by_id)
+    todo = [r for r in records if r["row_id"] not in done]
+    pf = ef = None
+    if options.is_writer:
+        pf = open(pred_path, "a", encoding="utf-8")
+        ef = open(err_path, "w", encoding="utf-8")
+        for e in errors:
+            _write_line(ef, e)
+        ef.flush()
+    bar = _progress(len(records), len(records) - len(todo), spec.name, options.progress)
+    try:
+        _score_batches(
+            spec.name, todo, predict_fn, options, count_tokens, done, errors, pf, ef, bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        for f in (pf, ef):
+            if f is not None:
+                f.close()
+    return _finish_dataset(
+        spec, out_dir, options, records, len(loaded.skipped), done, errors, options.is_writer
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (multi-host data parallelism)
+
+
+def shard_path(out_dir: str, base: str, process_index: int) -> str:
+    """``predictions.jsonl`` -> ``predictions.<process_index>.jsonl`` (same folder)."""
+    stem, ext = os.path.splitext(base)
+    return os.path.join(out_dir, f"{stem}.{process_index}{ext}")
+
+
+def _shard_files(out_dir: str, base: str) -> list[str]:
+    """Existing ``<stem>.<k>.jsonl`` files of ``base``, by k."""
+    stem, ext = os.path.splitext(base)
+    pat = re.compile(re.escape(stem) + r"\.(\d+)" + re.escape(ext) + "$")
+    found = []
+    if os.path.isdir(out_dir):
+        for f in os.listdir(out_dir):
+            m = pat.match(f)
+            if m:
+                found.append((int(m.group(1)), os.path.join(out_dir, f)))
+    return [p for _, p in sorted(found)]
+
+
+def shard_rows(
+    records: Sequence[Mapping[str, Any]],
+    done: Mapping[int, Any],
+    process_count: int,
+    batch_size: int,
+) -> tuple[list[list[Mapping[str, Any]]], int]:
+    """Pending rows of each process and the number of batches every process runs.
+
+    The record at position ``i`` of ``records`` belongs to process ``i % process_count``
+    (deterministic, disjoint, balanced, and independent of how far the other processes got);
+    its pending rows are the ones not in ``done``. Every process runs ``num_batches`` = the
+    largest ``ceil(pending / batch_size)`` batches (the shorter ones end with empty batches), so
+    that predict functions running collective programs stay in lockstep.
+    """
+    parts: list[list[Mapping[str, Any]]] = [[] for _ in range(process_count)]
+    for i, r in enumerate(records):
+        if r["row_id"] not in done:
+            parts[i % process_count].append(r)
+    num_batches = max(-(-len(p) // batch_size) for p in parts)
+    return parts, num_batches
+
+
+def _barrier(name: str) -> None:
+    """All processes reach this point (a no-op in one real process, e.g. simulated shards)."""
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)
+
+
+def _read_done(
+    out_dir: str, by_id: Mapping[int, Mapping[str, Any]], repair: str | None = None
+) -> dict[int, dict[str, Any]]:
+    """Stored rows of the merged file and of every shard file (first occurrence wins: a row can
+    be in both when a merge was interrupted before the shards were removed)."""
+    done: dict[int, dict[str, Any]] = {}
+    for path in [os.path.join(out_dir, PREDICTIONS), *_shard_files(out_dir, PREDICTIONS)]:
+        for rid, row in _check_stored(path, read_jsonl(path, repair=path == repair), by_id).items():
+            done.setdefault(rid, row)
+    return done
+
+
+def evaluate_shard(
+    spec: manifest_mod.DatasetSpec,
+    predict_fn: PredictFn,
+    out_dir: str | os.PathLike,
+    options: EvalOptions,
+    *,
+    count_tokens: CountTokens | None = None,
+) -> int:
+    """This process's part of a multi-process evaluation of ``spec``; returns its row count.
+
+    Every process reads what is stored (``predictions.jsonl`` and all
+    ``predictions.<k>.jsonl``), waits for the others (barrier: nobody appends before everyone
+    read), then scores its rows (:func:`shard_rows`) into ``predictions.<index>.jsonl``
+    (appended batch by batch, resumable) and its failures into ``errors.<index>.jsonl``. The
+    folder must be shared by all processes. :func:`merge_shards` combines the files.
+    """
+    out_dir = os.fspath(out_dir)
+    p, count = options.processes()
+    loaded, records, by_id, _ = _load_selection(spec, options)
+    os.makedirs(out_dir, exist_ok=True)
+    pred_path = shard_path(out_dir, PREDICTIONS, p)
+    done = _read_done(out_dir, by_id, repair=pred_path)
+    parts, num_batches = shard_rows(records, done, count, options.batch_size)
+    _barrier(f"tatar_eval:{spec.name}:read")
+    mine = parts[p]
+    errors: list[dict[str, Any]] = []
+    bar = _progress(len(mine), 0, f"{spec.name} [{p}/{count}]", options.progress)
+    with (
+        open(pred_path, "a", encoding="utf-8") as pf,
+        open(shard_path(out_dir, ERRORS, p), "w", encoding="utf-8") as ef,
+    ):
+        try:
+            _score_batches(
+                spec.name,
+                mine,
+                predict_fn,
+                options,
+                count_tokens,
+                {},
+                errors,
+                pf,
+                ef,
+                bar,
+                num_batches=num_batches,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    return len(mine)
+
+
+def merge_shards(
+    spec: manifest_mod.DatasetSpec,
+    out_dir: str | os.PathLike,
+    options: EvalOptions,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Process 0 after every :func:`evaluate_shard`: writes ``predictions.jsonl`` (every stored
+    row, in manifest order: the file a one-process run writes), ``errors.jsonl`` (bad rows, then
+    the shards' failures in manifest order), ``metrics.json`` and the plot, then removes the
+    shard files. Returns (metrics, rows)."""
+    out_dir = os.fspath(out_dir)
+    loaded, records, by_id, errors = _load_selection(spec, options)
+    done = _read_done(out_dir, by_id, repair=os.path.join(out_dir, PREDICTIONS))
+    # rows stored for records outside this selection (a smaller --limit) are kept
+    path = os.path.join(out_dir, PREDICTIONS)
+    others = [r for r in read_jsonl(path) if r.get("row_id") not in by_id]
+    rows = others + [done[r["row_id"]] for r in records if r["row_id"] in done]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            _write_line(f, row)
+    os.replace(tmp, path)
+    order = {r["row_id"]: i for i, r in enumerate(records)}
+    failed: dict[tuple[str, int], dict[str, Any]] = {}
+    err_shards = _shard_files(out_dir, ERRORS)
+    for p in err_shards:
+        for e in read_jsonl(p):
+            if e.get("row_id") in order and e["row_id"] not in done:
+                failed.setdefault((e.get("kind"), e["row_id"]), e)
+    errors += sorted(failed.values(), key=lambda e: order[e["row_id"]])
+    err_path = os.path.join(out_dir, ERRORS)
+    with open(f"{err_path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
+        for e in errors:
+            _write_line(f, e)
+    os.replace(f"{err_path}.tmp{os.getpid()}", err_path)
+    for p in _shard_files(out_dir, PREDICTIONS) + err_shards:
+        os.remove(p)
+    return _finish_dataset(
+        spec, out_dir, options, records, len(loaded.skipped), done, errors, write=True
+    )
+
+
+def _evaluate_dataset_multiprocess(
+    spec: manifest_mod.DatasetSpec,
+    predict_fn: PredictFn,
+    out_dir: str,
+    options: EvalOptions,
+    count_tokens: CountTokens | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    evaluate_shard(spec, predict_fn, out_dir, options, count_tokens=count_tokens)
+    _barrier(f"tatar_eval:{spec.name}:scored")
+    if options.is_writer:
+        result = merge_shards(spec, out_dir, options)
+    _barrier(f"tatar_eval:{spec.name}:merged")
+    if options.is_writer:
+        return result
+    # the others read the merged files: every process returns the same metrics
+    loaded, records, by_id, _ = _load_selection(spec, options)
+    done = _check_stored(
+        os.path.join(out_dir, PREDICTIONS), read_jsonl(os.path.join(out_dir, PREDICTIONS)), by_id
+    )
+    errors = read_jsonl(os.path.join(out_dir, ERRORS))
+    return _finish_dataset(
+        spec, out_dir, options, records, len(loaded.skipped), done, errors, write=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
