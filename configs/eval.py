@@ -56,7 +56,9 @@ def eval_block() -> ml_collections.ConfigDict:
     c.score_range = config_dict.placeholder(tuple)  # (lo, hi) of the labels, mapped to 0-100
     c.image_root = ""  # image folder of the custom manifest ("" = the manifest's folder)
     c.label_field = "gt_score"
-    c.batch_size = 16  # global batch of prompts per generate call (reference: 4 per GPU)
+    # Prompts per generate call of one process, split over the mesh's batch axes (padded to a
+    # multiple of them); with several processes each scores its own rows (reference: 4 per GPU).
+    c.batch_size = 16
     c.max_new_tokens = 256  # spec §9
     c.min_pixels = 3_136  # spec §3
     c.max_pixels = 1_572_864  # spec §3

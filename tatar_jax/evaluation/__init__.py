@@ -19,10 +19,13 @@ from tatar_jax.evaluation.runner import (
     RecordFailure,
     dataset_metrics,
     evaluate_dataset,
+    evaluate_shard,
+    merge_shards,
     metrics_from_completions,
     read_jsonl,
     run_eval,
     score_completion,
+    shard_rows,
 )
 
 __all__ = [
@@ -33,13 +36,16 @@ __all__ = [
     "correlation_metrics",
     "dataset_metrics",
     "evaluate_dataset",
+    "evaluate_shard",
     "fit_logistic4",
     "logistic4",
+    "merge_shards",
     "metrics_from_completions",
     "pearson",
     "read_jsonl",
     "run_eval",
     "score_completion",
+    "shard_rows",
     "spearman",
     "spearman_reference",
 ]

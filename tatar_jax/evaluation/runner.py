@@ -10,9 +10,16 @@ an image whose aspect ratio the processor rejects; it is listed in errors.jsonl 
 Each record is a loaded manifest record (:func:`tatar_jax.data.manifest.load_records`: ``image``
 path, ``task``, ``gt_100``, ``row_id``, ...) plus ``"pil_image"``, the decoded image (so the
 model side does not read the file again). ``scripts/eval.py`` builds it from a checkpoint and
-greedy generation; tests pass a plain function. On a multi-host run every process calls the
-runner with the same arguments (the predict function shards the batch over all devices) and
-only ``options.is_writer`` writes files.
+greedy generation; tests pass a plain function.
+
+Multi-host (``jax.process_count() > 1``, or ``EvalOptions.process_index/process_count``): every
+process calls the runner with the same arguments; the rows still to score are dealt out by
+manifest position (row ``i`` to process ``i % count``), each process scores its own into
+``predictions.<index>.jsonl`` / ``errors.<index>.jsonl`` (resumable per process) running the same
+number of batches as the others (the short ones end with empty batches), and after a barrier
+process 0 merges the shards into ``predictions.jsonl`` (manifest order), ``errors.jsonl`` and
+``metrics.json`` and removes them (:func:`evaluate_shard`, :func:`merge_shards`). ``out_dir``
+must be a folder every process sees. With one process nothing changes: no shard files.
 
 Per dataset, in ``out_dir/<dataset>/``:
 
