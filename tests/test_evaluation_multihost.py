@@ -104,6 +104,73 @@ def test_run_eval_one_process_override_unchanged(tmp_path, spec):
         _opts(2, 2)
 
 
+_PROCESS = """
+import json, os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, out, spec = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+from test_evaluation_multihost import FailingFake
+from tatar_jax.data import manifest
+from tatar_jax.evaluation import runner
+fake = FailingFake()
+opts = runner.EvalOptions(batch_size=4, progress=False, plots=False, is_writer=pid == 0)
+res = runner.run_eval([manifest.DatasetSpec(**spec)], fake, out, opts)
+seen = fake.rows_seen("KADID")
+print(json.dumps({"metrics": res["KADID"], "rows": seen, "calls": len(fake.calls)}))
+"""
+
+
+def test_two_real_jax_processes(tmp_path, spec):
+    """Two JAX processes (jax.distributed on localhost, CPU): real barriers, process 0 merges,
+    both return the metrics of a one-process run and the files equal its files."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    single = tmp_path / "single"
+    want = runner.run_eval([spec], FailingFake(), single, _opts())["KADID"]
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}
+    desc = {"name": spec.name, "task": spec.task, "manifest": spec.manifest}
+    desc["score_range"] = list(spec.score_range)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _PROCESS,
+                str(p),
+                port,
+                str(tmp_path / "multi"),
+                json.dumps(desc),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for p in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["metrics"] for r in results] == [want, want]
+    assert [r["calls"] for r in results] == [3, 3]
+    assert set(results[0]["rows"]).isdisjoint(results[1]["rows"])
+    assert _read(tmp_path / "m" / "KADID") == _read(single / "KADID")
+    assert not [f for f in os.listdir(tmp_path / "m" / "KADID") if f.count(".") > 1]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("tatar_jax.generate") is None, reason="no rollout engine"
 )
