@@ -102,19 +102,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "default":
         c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
         # Embedded tiny random model (after an SFT warm-up) on the synthetic set, CPU minutes.
-        c.sft_warmup_steps = 60
+        c.sft_warmup_steps = 150
         c.model.remat = False  # a tiny model: recomputation would only cost time
         c.eval.at_start = True
         c.optimizer.learning_rate = 2e-4
         c.grpo.prompts_per_step = 4
         c.grpo.num_generations = 4
         c.grpo.max_new_tokens = 96  # the synthetic IAA rationales are ~70 tokens
-        c.total_steps = 20
+        c.total_steps = 16
         c.eval.max_examples = 48  # evenly spaced over each synthetic test set (24 per task)
         c.eval.batch_size = 24
         c.eval.max_new_tokens = 96
         c.data.max_seq_len = 256
-        c.data.seq_buckets = (128, 256)
+        c.data.seq_buckets = (256,)  # one compiled update / sampler program
+        c.data.patch_buckets = (512,)  # 4 images of <= 10 x 10 patches
         c.checkpoint.every_steps = 10
         c.logging.every_steps = 2
     else:  # tiny: a few steps for tests

@@ -232,9 +232,11 @@ class Evaluator:
             for s in _sources(cfg, names, workdir, split="test"):
                 recs = _subsample(s.records, per // 2 if per > 0 else -1)
                 self.sources.append(pipeline.Source(s.name, s.task, recs))
+        # Training patch buckets are sized for the training batch; the sampler buckets eval's own.
         self.opts = pipeline.options_from_config(
-            cfg.data, "eval", int(ev.batch_size), tokenizer_dir=_tokenizer_dir(cfg), num_epochs=1
-        )
+            cfg.data, "eval", int(ev.batch_size), tokenizer_dir=_tokenizer_dir(cfg), num_epochs=1,
+            patch_buckets=None,
+        )  # fmt: skip
         params = generate.SamplingParams(
             max_new_tokens=int(ev.max_new_tokens),
             temperature=0.0,
