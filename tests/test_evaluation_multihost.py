@@ -166,8 +166,8 @@ def test_two_real_jax_processes(tmp_path, spec):
     assert [r["metrics"] for r in results] == [want, want]
     assert [r["calls"] for r in results] == [3, 3]
     assert set(results[0]["rows"]).isdisjoint(results[1]["rows"])
-    assert _read(tmp_path / "m" / "KADID") == _read(single / "KADID")
-    assert not [f for f in os.listdir(tmp_path / "m" / "KADID") if f.count(".") > 1]
+    assert _read(tmp_path / "multi" / "KADID") == _read(single / "KADID")
+    assert not [f for f in os.listdir(tmp_path / "multi" / "KADID") if f.count(".") > 1]
 
 
 @pytest.mark.slow
