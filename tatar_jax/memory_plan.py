@@ -264,66 +264,53 @@ def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
 
 
 def _sampler(b: _Builder) -> Any:
+    """The rollout engine on the plan's mesh (its own in/out shardings: batch and KV cache over
+    the batch axes, weights per the rules)."""
     from tatar_jax import generate
 
     s = b.spec
     params = generate.SamplingParams(
         max_new_tokens=s.completion_len, num_samples=s.num_generations, temperature=1.0
     )
-    return generate.Sampler(b.model, params)
+    return generate.Sampler(b.model, params, mesh=b.mesh, rules=b.rules)
 
 
-def _prefill_args(b: _Builder) -> tuple[Any, ...]:
+def _prefill_args(b: _Builder, sampler: Any) -> tuple[Any, ...]:
+    """Abstract prefill arguments; the prompts are padded to a multiple of the batch shards as
+    the engine does on the host. Only the weights carry shardings: the engine's jits declare
+    those of the other arguments."""
     s = b.spec
-    p, lp = s.prompts, s.prompt_len
+    shards = sampler.num_batch_shards
+    p, lp = -(-s.prompts // shards) * shards, s.prompt_len
     params = b.put(b.params, b.param_shardings)
-    pv, layout = b.vision(p)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(b.mesh))
+    pv, layout = b.vision(s.prompts)
+    plain = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    i32 = jnp.int32
     return (
         params,
-        b.batch((p, lp), jnp.int32),
-        b.batch((p, lp), jnp.int32),
-        jax.ShapeDtypeStruct(
-            (3, p, lp),
-            jnp.int32,
-            sharding=sharding.named_sharding(b.mesh, (None, "batch", None), b.rules, (3, p, lp)),
-        ),
-        b.batch((p, 1), jnp.int32),
-        pv,
-        layout,
-        key,
+        jax.ShapeDtypeStruct((p, lp), i32),
+        jax.ShapeDtypeStruct((p, lp), i32),
+        jax.ShapeDtypeStruct((3, p, lp), i32),
+        jax.ShapeDtypeStruct((p, 1), i32),
+        plain(pv),
+        jax.tree.map(plain, layout),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
     )
 
 
 def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float]:
     sampler = _sampler(b)
-    compiled, secs = _compile(sampler._prefill, *_prefill_args(b), mesh=b.mesh, rules=b.rules)
+    args = _prefill_args(b, sampler)
+    compiled, secs = _compile(sampler._prefill, *args, mesh=b.mesh, rules=b.rules)
     return _memory(compiled), secs
 
 
 def _plan_decode(b: _Builder) -> tuple[dict[str, int], float]:
-    from tatar_jax.models.qwen2_5_vl.language import KVCache
-
     sampler = _sampler(b)
-    args = _prefill_args(b)
+    args = _prefill_args(b, sampler)
     with sharding.use_rules(b.mesh, b.rules):
         carry = jax.eval_shape(sampler._prefill_fn, *args)
-
-    def place(x: Any) -> Any:
-        if not hasattr(x, "shape"):
-            return x
-        if len(x.shape) == 0:
-            return b.repl(x.shape, x.dtype)
-        return b.batch(x.shape, x.dtype)
-
-    cache = carry.cache
-    kv = sharding.named_sharding(b.mesh, sharding.KV_CACHE_NAMES, b.rules, cache.k.shape)
-    placed_cache = KVCache(
-        jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=kv),
-        jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype, sharding=kv),
-        b.repl(cache.index.shape, cache.index.dtype),
-    )
-    carry = jax.tree.map(place, carry._replace(cache=None))._replace(cache=placed_cache)
+    carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry)
     compiled, secs = _compile(sampler._decode, args[0], carry, mesh=b.mesh, rules=b.rules)
     return _memory(compiled), secs
 
