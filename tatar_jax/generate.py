@@ -53,7 +53,10 @@ pixel values / vision layout / key are replicated, and the model's activation co
 text rows (dropped from the outputs), so any batch size works; the G copies of a prompt's cache
 stay contiguous and on the shard of their prompt. Results equal the unsharded ones: the per-row
 keys ``split(rng, B*G)[row]`` do not depend on the batch size or the sharding (partitionable
-threefry), so greedy and sampled tokens are the same.
+threefry), so greedy and sampled tokens are the same. A mesh spanning several processes takes the
+same whole batch on every process (outputs are global arrays; gather them with
+``multihost_utils.process_allgather``); evaluation instead gives every process its own rows and a
+mesh of its local devices (:mod:`tatar_jax.evaluation.runner`).
 """
 
 from __future__ import annotations
@@ -376,6 +379,29 @@ class Sampler:
             step=rep,
         )
 
+    def _global_inputs(self, ids, mask, pos, deltas, pv, layout, key) -> tuple[Any, ...]:
+        """Host arrays -> global arrays on a mesh spanning several processes. Every process
+        passes the same whole batch (same prompts, same buckets); each keeps its shards."""
+        rows, rep = self._rows_sharding, sharding_mod.replicated(self.mesh)
+
+        def glob(x: Any, sh: jax.sharding.Sharding) -> Any:
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+        pv = None if pv is None else glob(pv, rep)
+        layout = None if layout is None else jax.tree.map(lambda a: glob(a, rep), layout)
+        return (
+            glob(ids, rows(2)),
+            glob(mask, rows(2)),
+            glob(pos, self._pos_sharding()),
+            glob(deltas, rows(2)),
+            pv,
+            layout,
+            jax.random.wrap_key_data(
+                glob(jax.random.key_data(key), rep), impl=jax.random.key_impl(key)
+            ),
+        )
+
     def place_state(self, state: Any) -> Any:
         """``state`` on the sampler's mesh: arrays already sharded over the mesh's devices are
         kept as given (e.g. the trainer's FSDP state), anything else is placed per
@@ -583,6 +609,10 @@ class Sampler:
             if self.mesh is not None:
                 # The model's activation constraints act at trace time under these rules.
                 stack.enter_context(sharding_mod.use_rules(self.mesh, self.rules))
+                if not sharding_mod.replicated(self.mesh).is_fully_addressable:
+                    ids, mask, pos, deltas, pv, layout, key = self._global_inputs(
+                        ids, mask, pos, deltas, pv, layout, key
+                    )
             carry = self._prefill(st, ids, mask, pos, deltas, pv, layout, key)
             with warnings.catch_warnings():
                 # Only the cache and the output buffers can alias; the small per-row vectors of
