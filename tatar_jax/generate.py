@@ -345,8 +345,9 @@ class Sampler:
         """Devices the batch is split over (1 without a mesh)."""
         if self.mesh is None:
             return 1
-        spec = sharding_mod.logical_to_pspec(("batch",), self.rules, mesh=self.mesh)[0]
-        return sharding_mod._mesh_axes_size(self.mesh, spec)
+        axes = sharding_mod.logical_to_pspec(("batch",), self.rules, mesh=self.mesh)[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return math.prod(self.mesh.shape[a] for a in axes)
 
     def _rows_sharding(self, ndim: int) -> jax.sharding.NamedSharding:
         return sharding_mod.batch_sharding(self.mesh, ndim, self.rules)
