@@ -68,6 +68,7 @@ class RolloutEngine:
       tokenizer: ``tatar_jax.data.tokenizer.Tokenizer`` (decoding, stop ids).
       grpo_cfg: the ``grpo`` block of configs/grpo.py. rewards_cfg: a configs/rewards.py block.
       prompt_buckets: the pipeline's sequence buckets (prompts are already padded to one).
+      mesh / rules: shard the sampler's batch over the mesh (None: one device).
     """
 
     def __init__(
@@ -78,6 +79,8 @@ class RolloutEngine:
         rewards_cfg: Any,
         *,
         prompt_buckets: tuple[int, ...] | None = None,
+        mesh: Any = None,
+        rules: Any = None,
     ) -> None:
         self.tok = tokenizer
         self.g = int(grpo_cfg.num_generations)
@@ -95,7 +98,9 @@ class RolloutEngine:
             pad_token_id=int(tokenizer.pad_id),
             logprobs="tempered",
         )
-        self.sampler = generate.Sampler(model, params, prompt_buckets=prompt_buckets)
+        self.sampler = generate.Sampler(
+            model, params, prompt_buckets=prompt_buckets, mesh=mesh, rules=rules
+        )
 
     def generate(self, state: Any, batch: Mapping[str, Any], rng: jax.Array):
         n_patch = int(np.asarray(batch["patch_mask"]).sum())

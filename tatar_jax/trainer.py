@@ -398,8 +398,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     else:
         g = cfg.grpo
         engine = rollout.RolloutEngine(
-            model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets)
-        )
+            model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets),
+            mesh=mesh if mesh.size > 1 else None, rules=rules,
+        )  # fmt: skip
         n_rows = per_host * nproc * int(g.num_generations)
         micro = _num_micro(cfg, n_rows)
         step_fn = jax.jit(
