@@ -26,6 +26,7 @@ Everything a run writes is under ``workdir``: ``checkpoints/``, ``metrics.jsonl`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -335,7 +336,13 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     t_start = time.time()
 
     mesh = sharding.make_mesh(dict(cfg.mesh.shape), dcn_shape=dict(cfg.mesh.dcn_shape))
-    rules = sharding.REPLICATED_RULES if cfg.mesh.rules == "replicated" else sharding.DEFAULT_RULES
+    rules = sharding.get_rules(cfg.mesh.rules)
+
+    # Activation constraints (``sharding.constrain``) apply only while the steps are traced inside
+    # ``use_rules``; on one device they would be no-ops anyway.
+    def rules_ctx() -> Any:
+        return sharding.use_rules(mesh, rules) if mesh.size > 1 else contextlib.nullcontext()
+
     tok = tokenizer_mod.load_tokenizer(_tokenizer_dir(cfg))
     model, model_config = build_model(
         cfg.model, tok, seed=int(cfg.seed), mesh=mesh if mesh.size > 1 else None, rules=rules
@@ -461,7 +468,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                 inputs["shared"]["pixel_values"] = inputs["shared"]["pixel_values"].copy()
                 inputs["shared"]["pixel_values"][0, 0] = np.nan
             dev = _put(inputs, mesh, rules)
-            with timer("update"):
+            with timer("update"), rules_ctx():
                 if stage == "grpo":
                     if float(cfg.grpo.beta) != 0.0:
                         dev["rows"]["ref_logps"] = logps_fn(ref_params, dev)
@@ -571,6 +578,12 @@ def _load_sibling_config(name: str, preset: str) -> ml_collections.ConfigDict:
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, StageResult]:
     """Runs the configured stage (with the embedded SFT warm-up first when it applies)."""
     wd = pathlib.Path(workdir).absolute()
+    sharding.maybe_initialize_distributed(
+        bool(_get(cfg.mesh, "distributed", False)) or None,
+        coordinator_address=_get(cfg.mesh, "coordinator_address", None) or None,
+        num_processes=_get(cfg.mesh, "num_processes", None) or None,
+        process_id=_get(cfg.mesh, "process_id", None),
+    )
     results: dict[str, StageResult] = {}
     embedded = not cfg.model.hf_dir and not cfg.model.init_checkpoint
     default_warm = DEFAULT_WARMUP_STEPS.get(_get(cfg, "preset", "default"), 0) if embedded else 0
