@@ -168,18 +168,34 @@ def make_sft_step(
         loss, grads, aux = optim.accumulate_gradients(
             loss_fn, state.params, batch, grad_accum_steps
         )
-        new_state, info = optim.apply_gradients(state, grads, tx, loss=loss, trainable=trainable)
-        metrics = {
-            "loss": loss,
-            "loss_tokens": aux["loss_tokens"],
-            "sequences": aux["sequences"],
-            "token_accuracy": aux["confident_correct"] / jnp.maximum(aux["loss_tokens"], 1.0),
-            **info,
-        }
-        if schedule is not None:
-            # The optimizer's update count equals the number of applied (non-skipped) updates.
-            applied = state.step - state.nonfinite_total
-            metrics["lr"] = jnp.asarray(schedule(applied), jnp.float32)
-        return new_state, metrics
+        return apply_sft_update(
+            state, loss, grads, aux, tx=tx, trainable=trainable, schedule=schedule
+        )
 
     return step
+
+
+def apply_sft_update(
+    state: optim.TrainState,
+    loss: jax.Array,
+    grads: PyTree,
+    aux: Mapping[str, jax.Array],
+    *,
+    tx: optax.GradientTransformation,
+    trainable: PyTree | None,
+    schedule: optax.Schedule | None,
+) -> tuple[optim.TrainState, dict]:
+    """The optimizer update and metrics shared by every SFT step (``aux`` from ``sft_loss_fn``)."""
+    new_state, info = optim.apply_gradients(state, grads, tx, loss=loss, trainable=trainable)
+    metrics = {
+        "loss": loss,
+        "loss_tokens": aux["loss_tokens"],
+        "sequences": aux["sequences"],
+        "token_accuracy": aux["confident_correct"] / jnp.maximum(aux["loss_tokens"], 1.0),
+        **info,
+    }
+    if schedule is not None:
+        # The optimizer's update count equals the number of applied (non-skipped) updates.
+        applied = state.step - state.nonfinite_total
+        metrics["lr"] = jnp.asarray(schedule(applied), jnp.float32)
+    return new_state, metrics

@@ -200,17 +200,8 @@ def make_sft_step(
             )
 
         loss, grads, aux = accumulate(loss_fn, state.params, rows, grad_accum_steps)
-        new_state, info = optim.apply_gradients(state, grads, tx, loss=loss, trainable=trainable)
-        metrics = {
-            "loss": loss,
-            "loss_tokens": aux["loss_tokens"],
-            "sequences": aux["sequences"],
-            "token_accuracy": aux["confident_correct"] / jnp.maximum(aux["loss_tokens"], 1.0),
-            **info,
-        }
-        if schedule is not None:
-            applied = state.step - state.nonfinite_total
-            metrics["lr"] = jnp.asarray(schedule(applied), jnp.float32)
-        return new_state, metrics
+        return sft.apply_sft_update(
+            state, loss, grads, aux, tx=tx, trainable=trainable, schedule=schedule
+        )
 
     return step
