@@ -158,6 +158,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # -1 = inferred
     c.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     c.rules = "default"  # tatar_jax.sharding.RULE_SETS: default | fsdp | tensor | replicated
+    c.num_devices = 0  # 0: every device; n: the first n (one process; e.g. a 1-device baseline)
     c.distributed = config_dict.placeholder(bool)  # None: auto (only with coordinator given)
     c.coordinator_address = config_dict.placeholder(str)
     c.num_processes = config_dict.placeholder(int)

@@ -8,6 +8,12 @@ scalars) and the learner (``grpo_step``) only meet through plain arrays here.
 Rows of a step are prompt-major: completion ``g`` of prompt ``b`` is row ``b * G + g``. Prompts
 flagged ``valid = False`` by the pipeline (skipped records, padding) are still generated for
 (static shapes) but get completion mask 0 and advantage 0: no loss, no reward statistics.
+
+Several processes (hosts): the trainer passes every host the step's *global* batch
+(``tatar_jax.multihost.global_batch``) and the sampler's outputs are gathered, so every host
+decodes and scores all completions and computes the same rewards, advantages and metrics (the
+IAA Thurstone reward and the soft rank are functions of the whole batch: spec §8.4-8.5, B6);
+each host then transfers only its own shards of the update rows (``sharding.put_global``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tatar_jax import generate, grpo, metrics, rewards
+from tatar_jax import generate, grpo, metrics, rewards, sharding
 from tatar_jax.data import prompts
 from tatar_jax.sft_step import running_feat_index, shared_vision
 
@@ -112,7 +118,9 @@ class RolloutEngine:
             rng=rng,
             state=state,
         )
-        return np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.logps)
+        # On a mesh spanning several processes the outputs are global arrays: gathered, so that
+        # every host decodes and scores the whole step batch (rewards are batch functions).
+        return tuple(sharding.to_host(x) for x in (out.tokens, out.mask, out.logps))
 
     def score(
         self, batch: Mapping[str, Any], tokens: np.ndarray, cmask: np.ndarray, logps: np.ndarray

@@ -395,3 +395,61 @@ def named_sharding(
 
 # Logical names of the decoder's KV cache (language.KVCache k / v).
 KV_CACHE_NAMES: tuple[str, ...] = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+# --- host <-> global arrays (several processes) --------------------------------------------------
+
+
+def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Host array -> ``jax.Array`` with ``sharding``; on a mesh spanning several processes every
+    process passes the same whole array and transfers only its addressable shards
+    (``make_array_from_callback``: no cross-host traffic, no equality check)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def put_tree_global(tree: Any, shardings: Any) -> Any:
+    """:func:`put_global` over a pytree (``shardings``: one sharding or a matching tree)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: put_global(x, shardings), tree)
+    return jax.tree.map(put_global, tree, shardings)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """Numpy value of a (possibly global) array. An array with shards on other processes is
+    all-gathered (``process_allgather``: a collective, every process must call it); a fully
+    replicated one is read from a local copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+    """Whether ``mesh`` has devices of other processes (host arrays need :func:`put_global`)."""
+    return mesh is not None and not NamedSharding(mesh, PartitionSpec()).is_fully_addressable
+
+
+def replicate_stray_leaves(tree: Any, mesh: Mesh) -> Any:
+    """Leaves that are not arrays over ``mesh``'s devices (e.g. a train state's counters, created
+    on the local default device) replicated over ``mesh`` (from this process's value: every
+    process must hold the same); leaves already on the mesh are kept."""
+    devices = set(mesh.devices.flat)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and set(x.sharding.device_set) == devices:
+            return x
+        if not hasattr(x, "shape"):
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put_global(np.asarray(jax.random.key_data(x)), rep)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return put_global(np.asarray(x), rep)
+
+    return jax.tree.map(one, tree)

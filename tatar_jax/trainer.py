@@ -43,7 +43,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from tatar_jax import checkpointing, grpo_step, metrics, optim, rollout, sft_step, sharding
+from tatar_jax import (
+    checkpointing,
+    grpo_step,
+    metrics,
+    multihost,
+    optim,
+    rollout,
+    sft_step,
+    sharding,
+)
 from tatar_jax.data import pipeline, prompts, synthetic
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
@@ -221,7 +230,19 @@ def _subsample(records: Sequence[Any], n: int) -> list[Any]:
 class Evaluator:
     """Greedy decoding of the configured held-out sets; SRCC/PLCC per dataset."""
 
-    def __init__(self, cfg: Any, model: nnx.Module, tok: Any, workdir: pathlib.Path):
+    def __init__(
+        self,
+        cfg: Any,
+        model: nnx.Module,
+        tok: Any,
+        workdir: pathlib.Path,
+        *,
+        mesh: Any = None,
+        rules: Any = None,
+    ):
+        """``mesh``: only for a mesh spanning several processes (the weights are global arrays):
+        every process then reads every held-out row and decodes the same whole batches over
+        the mesh (the sampler's multi-process mode); otherwise the sampler runs unsharded."""
         from tatar_jax import generate
 
         self.cfg, self.tok = cfg, tok
@@ -237,6 +258,7 @@ class Evaluator:
         self.opts = pipeline.options_from_config(
             cfg.data, "eval", int(ev.batch_size), tokenizer_dir=_tokenizer_dir(cfg), num_epochs=1,
             patch_buckets=None,
+            **({"process_index": 0, "process_count": 1} if mesh is not None else {}),
         )  # fmt: skip
         params = generate.SamplingParams(
             max_new_tokens=int(ev.max_new_tokens),
@@ -244,7 +266,9 @@ class Evaluator:
             stop_token_ids=tuple(tok.eos_ids),
             pad_token_id=int(tok.pad_id),
         )
-        self.sampler = generate.Sampler(model, params, prompt_buckets=tuple(cfg.data.seq_buckets))
+        self.sampler = generate.Sampler(
+            model, params, prompt_buckets=tuple(cfg.data.seq_buckets), mesh=mesh, rules=rules
+        )
 
     def __call__(self, params: PyTree) -> dict[str, float]:
         from tatar_jax.evaluation import metrics_from_completions
@@ -258,7 +282,7 @@ class Evaluator:
                     batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:n_patch],
                     batch["image_grid_thw"], state=params,
                 )  # fmt: skip
-                toks, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+                toks, mask = sharding.to_host(gen.tokens), sharding.to_host(gen.mask)
                 for k in np.nonzero(batch["valid"])[0]:
                     recs.append({"gt_100": float(batch["gt_100"][k]), "task": src.task})
                     comps.append(self.tok.decode(toks[k][mask[k]].tolist()))
@@ -277,14 +301,16 @@ class Evaluator:
 
 
 def _put(tree: PyTree, mesh: Any, rules: Any) -> PyTree:
-    """Host inputs -> device: ``rows`` sharded over the batch axes, ``shared`` replicated."""
+    """Host inputs (the global batch) -> device: ``rows`` sharded over the batch axes,
+    ``shared`` replicated. On a mesh spanning several processes each process transfers only
+    its own shards of the (identical) global host arrays."""
     if mesh is None or mesh.size == 1:
         return jax.tree.map(jnp.asarray, tree)
     rows = {
-        k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v), rules))
+        k: sharding.put_global(v, sharding.batch_sharding(mesh, np.ndim(v), rules))
         for k, v in tree["rows"].items()
     }
-    shared = jax.device_put(tree["shared"], sharding.replicated(mesh))
+    shared = sharding.put_tree_global(tree["shared"], sharding.replicated(mesh))
     return {"rows": rows, "shared": shared}
 
 
@@ -335,7 +361,13 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     (wd / "run_config.json").write_text(cfg.to_json_best_effort(indent=1))
     t_start = time.time()
 
-    mesh = sharding.make_mesh(dict(cfg.mesh.shape), dcn_shape=dict(cfg.mesh.dcn_shape))
+    n_dev = int(_get(cfg.mesh, "num_devices", 0))  # 0: all; n: the first n (one-process runs)
+    mesh = sharding.make_mesh(
+        dict(cfg.mesh.shape),
+        dcn_shape=dict(cfg.mesh.dcn_shape),
+        devices=jax.devices()[:n_dev] if n_dev > 0 else None,
+    )
+    multi = sharding.spans_processes(mesh)
     rules = sharding.get_rules(cfg.mesh.rules)
 
     # Activation constraints (``sharding.constrain``) apply only while the steps are traced inside
@@ -387,6 +419,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         ),
         data_iter=data_iter,
     )
+    if multi:  # the state's counters / key live on the local default device until placed
+        state = sharding.replicate_stray_leaves(state, mesh)
     start = 0 if restored is None else int(restored)
     if restored is not None:
         print(f"[tatar-jax] resumed {stage} from {ckpt.directory}/{restored}", flush=True)
@@ -430,7 +464,11 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
         jsonl=bool(lg.jsonl), console=True,
     )  # fmt: skip
-    evaluator = Evaluator(cfg, model, tok, wd) if list(cfg.eval.datasets) else None
+    evaluator = (
+        Evaluator(cfg, model, tok, wd, mesh=mesh if multi else None, rules=rules)
+        if list(cfg.eval.datasets)
+        else None
+    )
     eval_first: dict[str, float] = {}
     eval_last: dict[str, float] = {}
     if evaluator is not None and _get(cfg.eval, "at_start", False) and start == 0:
@@ -452,6 +490,11 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         while step < total:
             with timer("data"):
                 batch = next(data_iter)
+                if nproc > 1:  # every host's rows: rewards and update over the global batch
+                    batch = multihost.global_batch(
+                        batch, pad_id=int(tok.pad_id), padding_side=opts.side,
+                        patch_buckets=opts.patch_buckets,
+                    )  # fmt: skip
             if stage == "sft":
                 inputs = sft_step.sft_inputs(batch, model_config)
                 m_host: dict[str, float] = {}
@@ -476,7 +519,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                         dev["rows"]["old_logps"] = logps_fn(state.params, dev)
                 for _ in range(mu):
                     state, m = step_fn(state, dev)
-                m = jax.device_get(m)
+                m = jax.tree.map(sharding.to_host, m)
             step += 1
             times = timer.metrics()
             rows = inputs["rows"]
@@ -492,7 +535,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                     / max(np.asarray(rows["completion_mask"]).sum(), 1.0)
                 )
                 out["reward_mean"] = float(ro.rewards[valid].mean()) if valid.any() else 0.0
-            out["nonfinite_total"] = float(np.asarray(state.nonfinite_total))
+            out["nonfinite_total"] = float(sharding.to_host(state.nonfinite_total))
             if flops_tok is None:
                 seq = rows["input_ids"].shape[1]
                 n_img = int(np.asarray(batch["patch_mask"]).sum())
