@@ -45,6 +45,7 @@ from flax import nnx
 
 from tatar_jax import (
     checkpointing,
+    config_files,
     grpo_step,
     metrics,
     multihost,
@@ -591,7 +592,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
 
 def warmup_config(cfg: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
     """The SFT warm-up of the embedded default: configs/sft.py with the GRPO run's model/data."""
-    sft_cfg = _load_sibling_config("sft", cfg.get("preset", "default"))
+    sft_cfg = config_files.get_config("sft", cfg.get("preset", "default"))
     sft_cfg.seed = cfg.seed
     sft_cfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
     sft_cfg.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())
@@ -606,16 +607,6 @@ def warmup_config(cfg: ml_collections.ConfigDict, steps: int) -> ml_collections.
     sft_cfg.eval.at_start = bool(_get(cfg.eval, "at_start", False))
     sft_cfg.logging.progress = cfg.logging.progress
     return sft_cfg
-
-
-def _load_sibling_config(name: str, preset: str) -> ml_collections.ConfigDict:
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_tatar_trainer_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, StageResult]:
