@@ -223,6 +223,8 @@ def maybe_initialize_distributed(
     explicit = coordinator_address is not None or num_processes is not None
     if enabled is None and not explicit:
         return
+    if jax.distributed.is_initialized():  # e.g. a second stage run in the same process
+        return
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

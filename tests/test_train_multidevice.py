@@ -186,6 +186,29 @@ def tiny_config(**mesh):
     return cfg
 
 
+def tiny_sft_config(**mesh):
+    """configs/sft.py:tiny for 2 steps, evaluated at the end on 4 held-out images (greedy)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sft_cfg_md", ROOT / "configs" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("tiny")
+    cfg.total_steps = 2
+    cfg.model.remat = False
+    cfg.optimizer.schedule = "constant"
+    cfg.optimizer.eps = 1e-3  # near-linear update: see the module docstring
+    cfg.checkpoint.every_steps = 100
+    cfg.logging.tensorboard = False
+    cfg.eval.datasets = ("synthetic_test",)
+    cfg.eval.max_examples = 4
+    cfg.eval.batch_size = 4
+    cfg.eval.max_new_tokens = 6
+    for k, v in mesh.items():
+        cfg.mesh.shape[k] = v
+    return cfg
+
+
 def final_params(workdir, cfg) -> dict[str, np.ndarray]:
     """{path: value} of the last checkpoint's parameters (host numpy)."""
     from flax import nnx
@@ -209,6 +232,14 @@ def max_diff(a: dict, b: dict) -> float:
 def _records(workdir):
     lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if x.strip() and "loss" in json.loads(x)]
+
+
+def _eval_records(workdir) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.update({k: v for k, v in r.items() if k.startswith("eval/")})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +318,10 @@ if nproc > 1:
     cfg.mesh.num_processes = nproc
     cfg.mesh.process_id = int(sys.argv[1])
 from tatar_jax import trainer
-trainer.run(cfg, sys.argv[5])
+trainer.run(cfg, sys.argv[5] + "/grpo")
+sft = t.tiny_sft_config(fsdp=-1)
+sft.mesh = cfg.mesh
+trainer.run(sft, sys.argv[5] + "/sft")
 assert jax.process_count() == nproc and jax.device_count() == 4, jax.devices()
 """
 
@@ -327,16 +361,26 @@ def test_grpo_two_processes_equal_one_process(tmp_path):
         outs.append(out)
         assert p.returncode == 0, out[-5000:]
     cfg = tiny_config(num_devices=1)
-    want, got = final_params(one, cfg), final_params(two, cfg)
-    d = max_diff(got, want)
-    moved = max_diff(want, final_params_init(cfg))
-    print(f"[train multiprocess] 2 processes x 2 devices vs 1 x 4, 2 GRPO steps: "
-          f"max|Δ params| {d:.2e} (update size {moved:.2e})")  # fmt: skip
-    assert moved > 1e-4
-    assert d < 1e-6
-    rec_one, rec_two = _records(one), _records(two)
+    init = final_params_init(cfg)
+    for stage in ("grpo", "sft"):
+        want, got = final_params(f"{one}/{stage}", cfg), final_params(f"{two}/{stage}", cfg)
+        d = max_diff(got, want)
+        moved = max_diff(want, init)
+        print(f"[train multiprocess] {stage}: 2 processes x 2 devices vs 1 x 4, 2 steps: "
+              f"max|Δ params| {d:.2e} (update size {moved:.2e})")  # fmt: skip
+        assert moved > 1e-4
+        assert d < 1e-6
+    rec_one, rec_two = _records(f"{one}/grpo"), _records(f"{two}/grpo")
     assert [r["step"] for r in rec_two] == [1, 2]
     for r, w in zip(rec_two, rec_one, strict=True):
         assert r["valid_prompts"] == w["valid_prompts"] == 4  # the global batch
         for k in ("reward_mean", "reward_total/all", "completion_len/all", "loss"):
             assert r[k] == pytest.approx(w[k], abs=1e-5), k
+    sft_one, sft_two = _records(f"{one}/sft"), _records(f"{two}/sft")
+    for r, w in zip(sft_two, sft_one, strict=True):
+        assert r["loss"] == pytest.approx(w["loss"], abs=1e-5)
+    ev_one, ev_two = _eval_records(f"{one}/sft"), _eval_records(f"{two}/sft")
+    assert ev_two and ev_two.keys() == ev_one.keys()
+    assert ev_two["eval/synthetic-iqa-test/n"] == 2  # every held-out row once, not per process
+    for k, v in ev_one.items():
+        assert v == pytest.approx(ev_two[k], abs=1e-6, nan_ok=True), k
