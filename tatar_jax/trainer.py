@@ -388,10 +388,11 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
 
     # Data.
     nproc = jax.process_count()
-    if stage == "sft":
-        per_host = int(cfg.sft.global_batch_size) // nproc
-    else:
-        per_host = int(cfg.grpo.prompts_per_step) // nproc
+    name = "sft.global_batch_size" if stage == "sft" else "grpo.prompts_per_step"
+    per_step = int(cfg.sft.global_batch_size if stage == "sft" else cfg.grpo.prompts_per_step)
+    if per_step % nproc:
+        raise ValueError(f"config.{name} = {per_step} is not divisible by {nproc} processes")
+    per_host = per_step // nproc  # each process reads its rows; steps use the global batch
     sources = _sources(cfg, list(cfg.data.train), wd, "train")
     infinite = int(cfg.total_steps) > 0
     opts = pipeline.options_from_config(
