@@ -12,11 +12,13 @@ outside ``--workdir``.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -26,8 +28,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint) from the console;
+    its warnings and errors, and all of our own lines, still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     del argv
+    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     # The offline tokenizer cache goes into the run directory unless the user set one.

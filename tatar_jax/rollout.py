@@ -62,7 +62,9 @@ def _expand_prompts(
         "input_ids": np.concatenate([rep(ids_p), tokens.astype(np.int32)], axis=1),
         "attention_mask": np.concatenate([rep(mask_p), cmask.astype(np.int32)], axis=1),
         "position_ids": np.concatenate([rep(pos_p), rep(pos_c)], axis=2).astype(np.int32),
-        "feat_index": np.concatenate([rep(feat_p), np.zeros((len(tokens), t), np.int32)], axis=1),
+        "feat_index": np.concatenate(
+            [rep(feat_p), np.full((len(tokens), t), -1, np.int32)], axis=1
+        ),
     }
 
 

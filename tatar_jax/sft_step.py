@@ -12,7 +12,7 @@ Inputs of one step (numpy on the host, :func:`step_inputs`):
 
 - ``rows``: per-row arrays, leading dim N (sharded over the batch axes): ``input_ids`` (N, L),
   ``attention_mask`` (N, L), ``position_ids`` (N, 3, L) (row-major so rows can be sliced),
-  ``feat_index`` (N, L) int32 (row of the image-feature array each image token takes; 0 elsewhere)
+  ``feat_index`` (N, L) int32 (row of the image-feature array each image token takes; -1 elsewhere)
   and the stage's labels.
 - ``shared``: ``pixel_values`` (Q, patch_dim) padded to a patch bucket and its
   :class:`VisionLayout` (a fixed bucket per Q, so one compilation per (L, Q)), replicated.
@@ -59,8 +59,12 @@ def policy_hidden(
     embeds = lm.embed(input_ids)
     if pixel_values is not None:
         feats = model.image_features(pixel_values, layout)  # (M, D), vision once per image
-        is_img = (input_ids == model.config.image_token_id)[..., None]
-        embeds = jnp.where(is_img, feats[feat_index].astype(embeds.dtype), embeds)
+        # Only the prompt's image placeholders take features (feat_index >= 0). A completion
+        # that *samples* the image-token id is text to the sampler (as in HF generate), so it
+        # must be text here too, or the update would score a different sequence than was sampled.
+        is_img = ((input_ids == model.config.image_token_id) & (feat_index >= 0))[..., None]
+        feat = feats[jnp.maximum(feat_index, 0)].astype(embeds.dtype)
+        embeds = jnp.where(is_img, feat, embeds)
     t = model.config.text
     pos = jnp.swapaxes(position_ids, 0, 1)  # (3, N, L)
     cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
@@ -79,10 +83,11 @@ def lm_head(model: nnx.Module) -> tuple[jax.Array, str]:
 
 
 def running_feat_index(input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
-    """(N, L) index of the image feature each image token takes (HF row-major order)."""
+    """(N, L) index of the image feature each image token takes (HF row-major order), -1 on
+    every other token."""
     is_img = input_ids == image_token_id
     idx = np.cumsum(is_img.reshape(-1)) - 1
-    return np.where(is_img, np.maximum(idx, 0).reshape(is_img.shape), 0).astype(np.int32)
+    return np.where(is_img, idx.reshape(is_img.shape), -1).astype(np.int32)
 
 
 def shared_vision(batch: Mapping[str, Any], vision_cfg: Any) -> dict[str, Any]:
