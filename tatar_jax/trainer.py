@@ -421,7 +421,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         ),
         data_iter=data_iter,
     )
-    if multi:  # the state's counters / key live on the local default device until placed
+    if mesh.size > 1:
+        # The state's counters / key live on one device (fresh: the default device; restored:
+        # orbax commits them to device 0, which jit refuses next to the mesh's parameters).
         state = sharding.replicate_stray_leaves(state, mesh)
     start = 0 if restored is None else int(restored)
     if restored is not None:
@@ -550,6 +552,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                 out["mfu"] = mfu
             last = out
             writer.write(step, out, force=step == total)
+            if stage == "grpo" and jax.process_index() == 0:
+                _log_samples(wd, step, batch, ro, int(_get(lg, "samples", 0)), lg.every_steps)
             progress.update(1, loss=out.get("loss", math.nan))
             if optim.should_stop(state, int(cfg.optimizer.max_consecutive_nonfinite)):
                 stopped = f"{int(state.nonfinite_count)} non-finite updates in a row"
@@ -585,6 +589,30 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         flush=True,
     )
     return StageResult(str(wd), step, last, eval_first, eval_last, stopped)
+
+
+def _log_samples(
+    wd: pathlib.Path, step: int, batch: Mapping[str, Any], ro: Any, n: int, every: int
+) -> None:
+    """Appends ``n`` completions of the step (first prompts first) to ``samples.jsonl``: what
+    the policy writes, its parse and reward, next to the label; every ``every`` steps."""
+    if n <= 0 or step % max(int(every), 1):
+        return
+    g = len(ro.texts) // max(len(batch["valid"]), 1)
+    tasks = np.asarray(batch["task_id"])
+    with open(wd / "samples.jsonl", "a") as f:
+        for k in range(min(n, len(ro.texts))):
+            b = k // g
+            rec = {
+                "step": step,
+                "prompt": b,
+                "task": "iaa" if int(tasks[b]) == rollout.IAA_ID else "iqa",
+                "gt_100": float(np.asarray(batch["gt_100"])[b]),
+                "reward": float(ro.rewards[k]),
+                "advantage": float(ro.advantages[k]),
+                "completion": ro.texts[k],
+            }
+            f.write(json.dumps(rec) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
