@@ -225,6 +225,7 @@ def logging_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.jsonl = True
     c.progress = True  # tqdm bar with ETA on the console
+    c.samples = 4  # GRPO: completions per logged step appended to <workdir>/samples.jsonl
     return c
 
 

@@ -12,7 +12,11 @@ Inputs (``rollout.Rollout.inputs``; N = prompts x G rows, L = Lp + T, T = max ne
   per image per micro-batch, never once per completion).
 
 Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
-``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
+``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole. With
+``shared["pack_slots"]`` (a (K,) placeholder whose *shape* is the static K; :func:`pack_slots`),
+only the completion tokens that count (mask 1) go through it, packed into K slots: completions
+stop well before ``max_new_tokens`` (a short IQA rationale in a 256-token budget), and the
+lm_head over the 152k vocabulary is most of a small model's update.
 Log-probs, ratios, KL and the loss are float32 whatever the compute dtype.
 
 Micro-batches (``num_micro``: row slices, summed by ``optim.accumulate_gradients``): each
@@ -28,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -37,6 +42,41 @@ from tatar_jax.sft_step import lm_head, policy_hidden
 
 PyTree = Any
 _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
+
+
+def pack_slots(
+    completion_mask: np.ndarray, num_micro: int = 1, num_buckets: int = 4
+) -> np.ndarray | None:
+    """The (K,) placeholder that turns packing on for a step; None when it would not help.
+
+    K = the most mask tokens of any of the ``num_micro`` row micro-batches, rounded up to one of
+    ``num_buckets`` evenly spaced sizes of a micro-batch's ``rows x T`` (so at most
+    ``num_buckets`` compiled shapes of the update). ``num_buckets <= 0`` disables packing.
+    """
+    if num_buckets <= 0:
+        return None
+    m = np.asarray(completion_mask) > 0
+    n, t = m.shape
+    per = m.reshape(max(int(num_micro), 1), -1).sum(axis=1).max()
+    full = (n // max(int(num_micro), 1)) * t
+    step = -(-full // int(num_buckets))
+    k = min(full, max(step, -(-int(per) // step) * step))
+    return None if k >= full else np.zeros((k,), np.int8)
+
+
+def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):
+    """(n, T) log-probs computing only the mask tokens, packed into ``k`` slots (k >= count)."""
+    n, t, d = hc.shape
+    flat = mask.reshape(-1) > 0
+    idx = jnp.nonzero(flat, size=k, fill_value=0)[0]
+    valid = jnp.arange(k) < jnp.sum(flat)
+    h_k = hc.reshape(n * t, d)[idx]
+    t_k = jnp.where(valid, tgt.reshape(-1)[idx], -1)
+    lp = token_logprobs(
+        h_k, w, t_k, chunk_size=chunk_size, weight_layout=layout, temperature=temperature
+    )
+    out = jnp.zeros((n * t,), jnp.float32).at[idx].add(jnp.where(valid, lp, 0.0))
+    return out.reshape(n, t)
 
 
 def completion_logps(
@@ -62,6 +102,11 @@ def completion_logps(
     hc = h[:, length - t - 1 : length - 1]  # position i predicts token i + 1
     tgt = jnp.where(rows["completion_mask"] > 0, rows["input_ids"][:, length - t :], -1)
     w, layout = lm_head(model)
+    if "pack_slots" in shared:
+        k = shared["pack_slots"].shape[0]
+        return _packed_logps(
+            hc, tgt, rows["completion_mask"], w, k, layout, chunk_size, temperature
+        )
     return token_logprobs(
         hc, w, tgt, chunk_size=chunk_size, weight_layout=layout, temperature=temperature
     )
