@@ -280,6 +280,11 @@ def test_grpo_run_on_mesh_equals_one_device(tmp_path, one_device_run, mesh):
             assert r[k] == pytest.approx(w[k], abs=1e-6), k
         assert r["loss"] == pytest.approx(w["loss"], abs=1e-5)
     assert any(abs(r["loss"]) > 0 for r in rec)
+    if mesh == {"fsdp": 8}:  # resuming on the mesh (orbax restores counters to one device)
+        cfg.total_steps = 3
+        res = trainer.run(cfg, tmp_path)["grpo"]
+        assert res.step == 3 and np.isfinite(res.metrics["loss"])
+        assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
 
 
 _INIT_CACHE: dict = {}
