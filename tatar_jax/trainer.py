@@ -178,6 +178,19 @@ def build_model(
 # Data
 
 
+def _ensure_synthetic(root: pathlib.Path, image_size: int) -> dict[str, Any]:
+    """The embedded data set; with several processes sharing the workdir process 0 builds it
+    and the others wait (two concurrent builds replace each other's folder while it is read)."""
+    if jax.process_count() == 1:
+        return synthetic.ensure_synthetic(root, image_size=image_size)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        synthetic.ensure_synthetic(root, image_size=image_size)
+    multihost_utils.sync_global_devices(f"tatar_synthetic_{root}")
+    return synthetic.ensure_synthetic(root, image_size=image_size)
+
+
 def _specs(cfg: Any, names: Sequence[str], workdir: pathlib.Path, split: str) -> list[Any]:
     from tatar_jax.data import datasets, manifest
 
@@ -185,7 +198,7 @@ def _specs(cfg: Any, names: Sequence[str], workdir: pathlib.Path, split: str) ->
     for name in names:
         if name in ("synthetic", "synthetic_test"):
             size = int(_get(cfg.data.synthetic, "image_size", 128))
-            specs = synthetic.ensure_synthetic(workdir / "synthetic", image_size=size)
+            specs = _ensure_synthetic(workdir / "synthetic", size)
             sp = "test" if name == "synthetic_test" else split
             out += [specs[f"synthetic-{t}-{sp}"] for t in prompts.TASKS]
             continue
