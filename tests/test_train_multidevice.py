@@ -360,11 +360,11 @@ def test_grpo_two_processes_equal_one_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     procs = _launch(2, 2, two, env)
     procs += _launch(1, 4, one, env)
-    outs = []
-    for p in procs:
-        out, _ = p.communicate(timeout=900)
-        outs.append(out)
-        assert p.returncode == 0, out[-5000:]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        # (a process that dies takes the others down at jax's shutdown barrier: show its error)
+        cut = out.find("Traceback")
+        assert p.returncode == 0, out[-5000:] if cut < 0 else out[cut : cut + 5000]
     cfg = tiny_config(num_devices=1)
     init = final_params_init(cfg)
     for stage in ("grpo", "sft"):
