@@ -523,6 +523,11 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                     ro = engine.score(batch, toks, cmask, lps)
                 inputs = ro.inputs
                 rollout_logps = inputs["rows"].pop("rollout_logps")
+                slots = grpo_step.pack_slots(
+                    inputs["rows"]["completion_mask"], micro, int(_get(g, "pack_buckets", 0))
+                )
+                if slots is not None:  # only counted completion tokens through the lm_head
+                    inputs["shared"]["pack_slots"] = slots
                 m_host = dict(ro.metrics)
             if step + 1 in inject:  # test hook: a NaN pixel makes the loss non-finite
                 inputs["shared"]["pixel_values"] = inputs["shared"]["pixel_values"].copy()
