@@ -130,6 +130,38 @@ def _console(line: str) -> None:
     tqdm.write(line)  # keeps an active progress bar intact
 
 
+class WindowMean:
+    """Per-key means of the step metrics since the last logged step.
+
+    GRPO rewards of one step are a handful of prompts: the logged value is the mean over the
+    logging window (as TRL logs), not whichever step happened to land on the logging step. A key
+    absent from some steps (e.g. IAA rewards in a step without IAA prompts) is averaged over the
+    steps that have it. ``LAST`` keys are states, not rates: their latest value is kept.
+    """
+
+    LAST = ("lr", "nonfinite_count", "nonfinite_total")
+
+    def __init__(self) -> None:
+        self._sum: dict[str, float] = {}
+        self._n: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        for k, v in metrics.items():
+            x = _to_float(v)
+            if k in self.LAST:
+                self._last[k] = x
+                continue
+            self._sum[k] = self._sum.get(k, 0.0) + x
+            self._n[k] = self._n.get(k, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: self._sum[k] / self._n[k] for k in self._sum}
+        out.update(self._last)
+        self.__init__()
+        return out
+
+
 class Progress:
     """tqdm bar over optimizer steps with rate and ETA; ``initial`` = resumed step."""
 

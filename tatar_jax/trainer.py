@@ -495,6 +495,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     timer = metrics.StepTimer()
     progress = metrics.Progress(total, initial=start, enabled=bool(lg.progress), desc=stage)
     flops_tok = None
+    window = metrics.WindowMean()  # logged values: means over the logging window
     last: dict[str, float] = {}
     stopped = ""
     step = start
@@ -569,7 +570,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
             if mfu is not None:
                 out["mfu"] = mfu
             last = out
-            writer.write(step, out, force=step == total)
+            window.add(out)
+            if step == total or step % max(int(lg.every_steps), 1) == 0:
+                writer.write(step, window.pop(), force=True)
             if stage == "grpo" and jax.process_index() == 0:
                 _log_samples(wd, step, batch, ro, int(_get(lg, "samples", 0)), lg.every_steps)
             progress.update(1, loss=out.get("loss", math.nan))

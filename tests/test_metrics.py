@@ -222,3 +222,14 @@ def test_step_timer_and_progress():
     bar = metrics.Progress(10, initial=3, enabled=False)
     bar.update(1, loss=np.float32(0.1))
     bar.close()
+
+
+def test_window_mean_averages_each_key_over_the_steps_that_have_it():
+    from tatar_jax.metrics import WindowMean
+
+    w = WindowMean()
+    w.add({"reward_total/iaa": 1.0, "reward_total/iqa": 0.5, "lr": 3e-4, "loss": 2.0})
+    w.add({"reward_total/iqa": 1.5, "lr": 2e-4, "loss": np.float32(4.0)})
+    out = w.pop()
+    assert out == {"reward_total/iaa": 1.0, "reward_total/iqa": 1.0, "loss": 3.0, "lr": 2e-4}
+    assert w.pop() == {}
