@@ -111,10 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.logprob_chunk_size = 128
         # Embedded tiny random model (after an SFT warm-up) on the synthetic set, CPU minutes. The
         # short warm-up leaves most sampled answers malformed: GRPO's rewards teach the rest.
-        c.sft_warmup_steps = 100
+        c.sft_warmup_steps = 60
         c.model.remat = False  # a tiny model: recomputation would only cost time
         c.eval.at_start = True
-        c.optimizer.learning_rate = 5e-4
+        c.optimizer.learning_rate = 1e-3
         c.grpo.prompts_per_step = 8
         c.grpo.num_generations = 4
         c.grpo.max_new_tokens = 96  # the synthetic IAA rationales are ~70 tokens
