@@ -143,3 +143,24 @@ def test_refuses_to_replace_other_folders(tmp_path):
     with pytest.raises(FileExistsError, match="not a synthetic dataset build"):
         synthetic.ensure_synthetic(tmp_path / "mine", image_size=SIZE)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_build_finished_meanwhile_by_another_process_is_kept(built, tmp_path, monkeypatch):
+    """Two processes build at once: the one that finishes second must not move the first one's
+    (identical) build away while the first may already be reading it."""
+    import shutil
+
+    src, _ = built
+    root = tmp_path / "set"
+    real_build = synthetic._build
+
+    def racing_build(out, image_size):
+        counts = real_build(out, image_size)
+        shutil.copytree(src, root)  # the other process's rename lands while we were building
+        (root / "marker").write_text("theirs")
+        return counts
+
+    monkeypatch.setattr(synthetic, "_build", racing_build)
+    synthetic.ensure_synthetic(root, image_size=SIZE)
+    assert (root / "marker").read_text() == "theirs"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".synthetic-", "set.old"))]

@@ -322,6 +322,14 @@ def _meta(image_size: int) -> dict:
     return {"version": VERSION, "image_size": image_size, "skimage": skimage.__version__}
 
 
+def _is_build(meta_path: str, want: dict) -> bool:
+    try:
+        with open(meta_path) as f:
+            return json.load(f).get("params") == want
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str, DatasetSpec]:
     """Build the synthetic set under ``root`` unless an identical build is there; its specs.
 
@@ -336,12 +344,8 @@ def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     want = _meta(image_size)
     meta_path = os.path.join(root, "meta.json")
-    try:
-        with open(meta_path) as f:
-            if json.load(f).get("params") == want:
-                return specs(root)
-    except (OSError, ValueError):
-        pass
+    if _is_build(meta_path, want):
+        return specs(root)
     if os.path.isdir(root) and os.listdir(root) and not os.path.exists(meta_path):
         # Never delete a folder that is not a synthetic build (a mistyped --root).
         raise FileExistsError(f"{root} exists and is not a synthetic dataset build (no meta.json)")
@@ -352,6 +356,10 @@ def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str
         counts = _build(tmp, image_size)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"params": want, "counts": counts, "synthetic": True}, f, indent=1)
+        if _is_build(meta_path, want):
+            # Another process finished an identical build meanwhile: it may be reading it, so it
+            # must not be moved away under it; ours is dropped.
+            return specs(root)
         if os.path.exists(root):
             old = f"{root}.old-{os.getpid()}"
             os.replace(root, old)
