@@ -21,7 +21,6 @@ Parsing (host side in both) is timed once separately for information.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import pathlib
 import statistics
@@ -42,10 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _rewards_config(preset: str):
-    spec = importlib.util.spec_from_file_location("_bench_rewards_cfg", ROOT / "configs/rewards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    from tatar_jax import config_files
+
+    return config_files.get_config("rewards", preset)
 
 
 # --- the peer: per-completion Python, the reference's way ---------------------------------

@@ -317,15 +317,10 @@ def test_tfds_source_reads_like_the_manifest(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
-def test_options_from_the_stage_configs(repo_root, stage):
-    import importlib.util
+def test_options_from_the_stage_configs(stage):
+    from tatar_jax import config_files
 
-    spec = importlib.util.spec_from_file_location(
-        f"_cfg_{stage}", repo_root / "configs" / f"{stage}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("reference")
+    cfg = config_files.get_config(stage, "reference")
     opts = pl.options_from_config(cfg.data, stage, 16, process_index=0, process_count=1)
     assert opts.mixing == ("interleave" if stage == "sft" else "concat")
     assert opts.p_iqa == cfg.data.p_iqa and opts.seed == cfg.data.seed

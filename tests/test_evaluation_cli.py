@@ -17,16 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tatar_jax import config_files
 from tatar_jax.evaluation import cli, predict, specs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _eval_config(arg=None):
-    spec = importlib.util.spec_from_file_location("_eval_cfg_test", REPO / "configs" / "eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return config_files.get_config("eval", arg)
 
 
 def _fake_factory(cfg, *, checkpoint=""):

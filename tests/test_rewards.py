@@ -433,14 +433,9 @@ def test_thurstone_invariant_to_group_permutation(b, rnd):
 
 
 def _rewards_config(arg):
-    import importlib.util
-    import pathlib
+    from tatar_jax import config_files
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "rewards.py"
-    spec = importlib.util.spec_from_file_location("_test_rewards_cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_files.get_config("rewards", arg)
 
 
 def test_presets_constants():
@@ -467,12 +462,10 @@ def test_presets_constants():
         _rewards_config("nope")
 
 
-def test_grpo_config_embeds_rewards_presets(repo_root):
-    import importlib.util
+def test_grpo_config_embeds_rewards_presets():
+    from tatar_jax import config_files
 
-    spec = importlib.util.spec_from_file_location("_test_grpo_cfg", repo_root / "configs/grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_files.load("grpo")
     assert module.get_config("reference").rewards.preset == "reference"
     assert module.get_config("tiny").rewards.preset == "tatar"
     assert module.get_config("reference").rewards.scope == "device_local"

@@ -18,19 +18,24 @@ from flax import nnx
 from tatar_jax import generate, grpo_step, rollout, sft_step
 
 
+def _setup(seed, g, t, temperature, stop_token_ids):
+    """Tiny model, the two-prompt image batch of test_train_step, and a sampler over it."""
+    model = tts._model(seed=seed)
+    batch, pv_real = tts._prompt_batch(model.config)
+    params = generate.SamplingParams(
+        max_new_tokens=t, num_samples=g, temperature=temperature,
+        stop_token_ids=stop_token_ids, pad_token_id=0, logprobs="tempered",
+    )  # fmt: skip
+    width = np.shape(batch["input_ids"])[1]
+    return model, batch, pv_real, generate.Sampler(model, params, prompt_buckets=(width,))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logps_equal_update_logps(temperature):
-    model = tts._model(seed=1)
-    cfg = model.config
-    batch, pv_real = tts._prompt_batch(cfg)
     g, t = 3, 8
-    ids = np.asarray(batch["input_ids"])
     # Stop on a token id that is likely to be sampled, so some completions end early.
-    params = generate.SamplingParams(
-        max_new_tokens=t, num_samples=g, temperature=temperature, stop_token_ids=(7, 11),
-        pad_token_id=0, logprobs="tempered",
-    )  # fmt: skip
-    sampler = generate.Sampler(model, params, prompt_buckets=(ids.shape[1],))
+    model, batch, pv_real, sampler = _setup(1, g, t, temperature, stop_token_ids=(7, 11))
+    cfg, ids = model.config, np.asarray(batch["input_ids"])
     out = sampler.generate(
         ids, batch["attention_mask"], pv_real, batch["image_grid_thw"], rng=jax.random.key(5)
     )
@@ -63,15 +68,9 @@ def test_grpo_loop_learns_a_bandit():
 
     from tatar_jax import grpo, optim
 
-    model = tts._model(seed=2)
-    cfg = model.config
-    batch, pv_real = tts._prompt_batch(cfg)
     g, t = 8, 3
-    ids = np.asarray(batch["input_ids"])
-    params = generate.SamplingParams(
-        max_new_tokens=t, num_samples=g, temperature=1.0, stop_token_ids=(), pad_token_id=0
-    )
-    sampler = generate.Sampler(model, params, prompt_buckets=(ids.shape[1],))
+    model, batch, pv_real, sampler = _setup(2, g, t, 1.0, stop_token_ids=())
+    cfg, ids = model.config, np.asarray(batch["input_ids"])
     graphdef, p0 = nnx.split(model)
     tx = optax.adam(3e-2)
     step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.0, chunk_size=64))

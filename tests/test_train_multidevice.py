@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tatar_jax import multihost
+from tatar_jax import config_files, multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -160,12 +160,7 @@ def _parse_any(text: str) -> float:
 
 def tiny_config(**mesh):
     """configs/grpo.py:tiny for 2 short steps with rewards that move the parameters."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_grpo_cfg_md", ROOT / "configs" / "grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = config_files.get_config("grpo", "tiny")
     cfg.total_steps = 2
     cfg.eval.datasets = ()
     cfg.model.remat = False
@@ -188,12 +183,7 @@ def tiny_config(**mesh):
 
 def tiny_sft_config(**mesh):
     """configs/sft.py:tiny for 2 steps, evaluated at the end on 4 held-out images (greedy)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_sft_cfg_md", ROOT / "configs" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = config_files.get_config("sft", "tiny")
     cfg.total_steps = 2
     cfg.model.remat = False
     cfg.optimizer.schedule = "constant"
