@@ -42,6 +42,11 @@ def sft_block() -> ml_collections.ConfigDict:
     c.include_im_end = True
     c.loss_normalization = "token_mean"  # "token_mean" | "sequence_mean"
     c.global_batch_size = 128  # sequences per optimizer step (spec §6.3)
+    # Only the target tokens go through the 152k-vocabulary lm_head, packed over the rows of a
+    # micro-batch into one of `pack_buckets` static sizes; 0 = per-row slots. token_mean only
+    # (the trainer does not pack for sequence_mean).
+    # Flattening rows gathers hidden states across devices: off for the multi-device reference.
+    c.pack_buckets = 4
     return c
 
 
@@ -65,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.seq_buckets = (1024, 2048, 4096)
         c.data.num_epochs = 2
         c.sft.global_batch_size = 128
+        c.sft.pack_buckets = 0
         c.optimizer.grad_accum_steps = 2
         c.checkpoint.every_steps = 40
         c.checkpoint.keep = 5

@@ -12,11 +12,11 @@ Inputs (``rollout.Rollout.inputs``; N = prompts x G rows, L = Lp + T, T = max ne
   per image per micro-batch, never once per completion).
 
 Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
-``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole. With
-``shared["pack_slots"]`` (a (K,) placeholder whose *shape* is the static K; :func:`pack_slots`),
-only the completion tokens that count (mask 1) go through it, packed into K slots: completions
-stop well before ``max_new_tokens`` (a short IQA rationale in a 256-token budget), and the
-lm_head over the 152k vocabulary is most of a small model's update.
+``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
+With ``shared["pack_slots"]`` (a (K,) placeholder whose *shape* is the static K;
+``sft_step.pack_slots``), only the completion tokens that count (mask 1) go through it, packed
+into K slots: completions stop well before ``max_new_tokens`` (a short IQA rationale in a
+256-token budget), and the lm_head over the 152k vocabulary is most of a small model's update.
 Log-probs, ratios, KL and the loss are float32 whatever the compute dtype.
 
 Micro-batches (``num_micro``: row slices, summed by ``optim.accumulate_gradients``): each
@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -42,26 +41,6 @@ from tatar_jax.sft_step import lm_head, policy_hidden
 
 PyTree = Any
 _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
-
-
-def pack_slots(
-    completion_mask: np.ndarray, num_micro: int = 1, num_buckets: int = 4
-) -> np.ndarray | None:
-    """The (K,) placeholder that turns packing on for a step; None when it would not help.
-
-    K = the most mask tokens of any of the ``num_micro`` row micro-batches, rounded up to one of
-    ``num_buckets`` evenly spaced sizes of a micro-batch's ``rows x T`` (so at most
-    ``num_buckets`` compiled shapes of the update). ``num_buckets <= 0`` disables packing.
-    """
-    if num_buckets <= 0:
-        return None
-    m = np.asarray(completion_mask) > 0
-    n, t = m.shape
-    per = m.reshape(max(int(num_micro), 1), -1).sum(axis=1).max()
-    full = (n // max(int(num_micro), 1)) * t
-    step = -(-full // int(num_buckets))
-    k = min(full, max(step, -(-int(per) // step) * step))
-    return None if k >= full else np.zeros((k,), np.int8)
 
 
 def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):

@@ -118,8 +118,15 @@ def target_positions(label_mask: np.ndarray, multiple: int = 128) -> tuple[np.nd
     return pos, valid
 
 
-def sft_inputs(batch: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
-    """SFT step inputs from a pipeline batch (``stage="sft"``, right-padded)."""
+def sft_inputs(
+    batch: Mapping[str, Any], model_cfg: Any, *, num_micro: int = 1, pack_buckets: int = 0
+) -> dict[str, Any]:
+    """SFT step inputs from a pipeline batch (``stage="sft"``, right-padded).
+
+    ``pack_buckets > 0`` packs the step's targets (over the rows of each of ``num_micro``
+    micro-batches) into one of that many static sizes (:func:`pack_slots`): rows of a short IQA
+    rationale then do not pay for the K slots a long IAA one needs.
+    """
     ids = np.asarray(batch["input_ids"], np.int32)
     pos, valid = target_positions(batch["label_mask"])
     rows = {
@@ -130,7 +137,33 @@ def sft_inputs(batch: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
         "target_pos": pos,
         "target_valid": valid,
     }
-    return {"rows": rows, "shared": shared_vision(batch, model_cfg.vision)}
+    shared = shared_vision(batch, model_cfg.vision)
+    slots = pack_slots(valid, num_micro, pack_buckets)
+    if slots is not None:
+        shared["pack_slots"] = slots
+    return {"rows": rows, "shared": shared}
+
+
+def pack_slots(
+    completion_mask: np.ndarray, num_micro: int = 1, num_buckets: int = 4
+) -> np.ndarray | None:
+    """The (K,) placeholder that turns packing on for a step; None when it would not help.
+
+    ``completion_mask`` (N, T): the tokens that go through the lm_head (GRPO: counted completion
+    tokens; SFT: ``target_valid``). K = the most mask tokens of any of the ``num_micro`` row
+    micro-batches, rounded up to one of ``num_buckets`` evenly spaced sizes of a micro-batch's
+    ``rows x T`` (so at most ``num_buckets`` compiled shapes of the update).
+    ``num_buckets <= 0`` disables packing.
+    """
+    if num_buckets <= 0:
+        return None
+    m = np.asarray(completion_mask) > 0
+    n, t = m.shape
+    per = m.reshape(max(int(num_micro), 1), -1).sum(axis=1).max()
+    full = (n // max(int(num_micro), 1)) * t
+    step = -(-full // int(num_buckets))
+    k = min(full, max(step, -(-int(per) // step) * step))
+    return None if k >= full else np.zeros((k,), np.int8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,15 +218,27 @@ def make_sft_step(
             tp = mb["target_pos"]
             hg = jnp.take_along_axis(h, (tp - 1)[..., None], axis=1)  # (n, K, D)
             ids_g = jnp.take_along_axis(mb["input_ids"], tp, axis=1)
+            valid = mb["target_valid"]
+            n_rows = jnp.sum(jnp.any(valid > 0, axis=1).astype(jnp.float32))
+            if "pack_slots" in shared:
+                # One row of the micro-batch's P valid targets (token_mean only: the loss is a
+                # sum over tokens, so where a token sits does not change it).
+                p_slots = shared["pack_slots"].shape[0]
+                flat = valid.reshape(-1) > 0
+                idx = jnp.nonzero(flat, size=p_slots, fill_value=0)[0]
+                keep = (jnp.arange(p_slots) < jnp.sum(flat)).astype(valid.dtype)
+                hg = hg.reshape(-1, hg.shape[-1])[idx][None]
+                ids_g = ids_g.reshape(-1)[idx][None]
+                valid = keep[None]
             n = hg.shape[0]
             hidden = jnp.concatenate([hg, jnp.zeros((n, 1, hg.shape[-1]), hg.dtype)], axis=1)
             zero = jnp.zeros((n, 1), jnp.int32)
             packed = {
                 "input_ids": jnp.concatenate([zero, ids_g], axis=1),
-                "loss_mask": jnp.concatenate([zero, mb["target_valid"]], axis=1),
+                "loss_mask": jnp.concatenate([zero, valid], axis=1),
             }
             w, layout = lm_head(model)
-            return sft.sft_loss_fn(
+            loss, aux = sft.sft_loss_fn(
                 p,
                 packed,
                 apply_fn=lambda _p, _b: (hidden, w),
@@ -203,7 +248,10 @@ def make_sft_step(
                 chunk_size=chunk_size,
                 weight_layout=layout,
             )
+            return loss, {**aux, "sequences": n_rows}
 
+        if "pack_slots" in shared and normalization != "token_mean":
+            raise ValueError("SFT target packing needs normalization='token_mean'")
         loss, grads, aux = accumulate(loss_fn, state.params, rows, grad_accum_steps)
         return sft.apply_sft_update(
             state, loss, grads, aux, tx=tx, trainable=trainable, schedule=schedule

@@ -514,7 +514,11 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                         patch_buckets=opts.patch_buckets,
                     )  # fmt: skip
             if stage == "sft":
-                inputs = sft_step.sft_inputs(batch, model_config)
+                inputs = sft_step.sft_inputs(
+                    batch, model_config, num_micro=int(cfg.optimizer.grad_accum_steps),
+                    pack_buckets=int(_get(cfg.sft, "pack_buckets", 0))
+                    if cfg.sft.loss_normalization == "token_mean" else 0,
+                )  # fmt: skip
                 m_host: dict[str, float] = {}
             else:
                 with timer("rollout"):
@@ -524,7 +528,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                     ro = engine.score(batch, toks, cmask, lps)
                 inputs = ro.inputs
                 rollout_logps = inputs["rows"].pop("rollout_logps")
-                slots = grpo_step.pack_slots(
+                slots = sft_step.pack_slots(
                     inputs["rows"]["completion_mask"], micro, int(_get(g, "pack_buckets", 0))
                 )
                 if slots is not None:  # only counted completion tokens through the lm_head

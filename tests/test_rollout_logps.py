@@ -119,7 +119,7 @@ def test_packed_completion_logps_equal_unpacked(num_micro):
     model = tts._model(seed=3)
     cfg = model.config
     _, _, _, cmask, inputs = tts._grpo_inputs(cfg, seed=4, g=4)
-    slots = grpo_step.pack_slots(cmask, num_micro, num_buckets=12)
+    slots = sft_step.pack_slots(cmask, num_micro, num_buckets=12)
     assert slots is not None and slots.shape[0] < cmask.size // num_micro
     assert slots.shape[0] >= cmask.reshape(num_micro, -1).sum(1).max()
     packed = {"rows": inputs["rows"], "shared": {**inputs["shared"], "pack_slots": slots}}
@@ -145,8 +145,8 @@ def test_packed_completion_logps_equal_unpacked(num_micro):
 def test_pack_slots_buckets():
     m = np.zeros((8, 10), np.float32)
     m[:, :3] = 1  # 24 of 80 tokens
-    assert grpo_step.pack_slots(m, 1, 4).shape == (40,)  # buckets of 20: 24 -> 40
-    assert grpo_step.pack_slots(m, 2, 4).shape == (20,)  # 12 per micro-batch of 40 -> 20
-    assert grpo_step.pack_slots(m, 1, 0) is None
+    assert sft_step.pack_slots(m, 1, 4).shape == (40,)  # buckets of 20: 24 -> 40
+    assert sft_step.pack_slots(m, 2, 4).shape == (20,)  # 12 per micro-batch of 40 -> 20
+    assert sft_step.pack_slots(m, 1, 0) is None
     m[:, :] = 1
-    assert grpo_step.pack_slots(m, 1, 4) is None  # nothing to save
+    assert sft_step.pack_slots(m, 1, 4) is None  # nothing to save

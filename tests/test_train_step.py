@@ -197,6 +197,47 @@ def test_sft_step_loss_matches_full_hidden_reference():
     assert float(m["loss_tokens"]) == 6
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sft_step_packed_targets_equal_per_row_targets(accum):
+    """Packing the targets of a micro-batch's rows into one short row changes neither the loss,
+    the metrics nor the update."""
+    model = _model()
+    cfg = model.config
+    graphdef, params = nnx.split(model)
+    batch, _ = _prompt_batch(cfg)
+    label_mask = np.zeros_like(batch["input_ids"])
+    label_mask[0, -5:] = 1
+    label_mask[1, -3:] = 1
+    batch["label_mask"] = label_mask
+    plain = sft_step.sft_inputs(batch, cfg, num_micro=accum)
+    packed = sft_step.sft_inputs(batch, cfg, num_micro=accum, pack_buckets=4)
+    assert "pack_slots" not in plain["shared"]
+    assert packed["shared"]["pack_slots"].shape == ((32,) if accum == 2 else (64,))
+    tx = optax.sgd(0.5)
+    step = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=accum, chunk_size=5))
+    out = {}
+    for name, inputs in (("plain", plain), ("packed", packed)):
+        state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
+        out[name] = step(state, jax.tree.map(jnp.asarray, inputs))
+    (s0, m0), (s1, m1) = out["plain"], out["packed"]
+    for k in ("loss", "loss_tokens", "sequences", "token_accuracy", "grad_norm"):
+        assert abs(float(m0[k]) - float(m1[k])) <= 1e-6 * max(1.0, abs(float(m0[k]))), k
+    assert float(m1["sequences"]) == 2 and float(m1["loss_tokens"]) == 8
+    moved = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(s0.params),
+            jax.tree.leaves(jax.tree.map(jnp.asarray, params)),
+            strict=True,
+        )
+    )
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params), strict=True)
+    )
+    assert moved > 1e-3 and diff <= 1e-6, (moved, diff)
+
+
 def test_grpo_step_on_8_devices_equals_single_device():
     if jax.device_count() < 8:
         pytest.skip("needs 8 (virtual) devices")
