@@ -83,12 +83,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # tiny model needs a far larger learning rate than a pretrained 7B to move.
         c.optimizer.learning_rate = 1e-2
         c.optimizer.warmup_steps = 10
-        c.sft.global_batch_size = 4
-        c.total_steps = 60
+        c.sft.global_batch_size = 8
+        c.total_steps = 150
         # Prompt + image + the longest synthetic IAA rationale is ~290 tokens at 128 px.
         c.data.max_seq_len = 384
         c.data.seq_buckets = (384,)  # one compiled step
-        c.data.patch_buckets = (512,)  # 4 images of <= 10 x 10 patches: one compiled step
+        c.data.patch_buckets = (1024,)  # 8 images of <= 10 x 10 patches: one compiled step
+        c.eval.max_new_tokens = 96  # the synthetic IAA rationales are ~70 tokens
         c.model.remat = False  # a tiny model: recomputation would only cost time
         c.checkpoint.every_steps = 20
         c.logging.every_steps = 5

@@ -683,6 +683,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         cfg = ml_collections.ConfigDict(cfg.to_dict())
         cfg.model.init_checkpoint = str(wd / "sft")
         cfg.model.init_step = -1
+        if results["sft"].eval_last:
+            cfg.eval.at_start = False  # the warm-up's final evaluation already scored these weights
     results[cfg.stage] = train_stage(cfg, wd)
     _summary(results, wd)
     return results

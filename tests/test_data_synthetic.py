@@ -73,18 +73,22 @@ def test_records_split_and_labels(built):
             else (set(synthetic.REFERENCES) - set(synthetic.TEST_REFERENCES))
         )
         assert refs[name] == want_refs
-        assert len(recs) == len(want_refs) * (n_iqa if spec.task == "iqa" else n_iaa)
+        views = synthetic.VIEWS[spec.task][split]
+        assert len(recs) == len(want_refs) * views * (n_iqa if spec.task == "iqa" else n_iaa)
+        assert {(r["reference"], r["view"]) for r in recs} == {
+            (ref, v) for ref in want_refs for v in range(views)
+        }
         for r in recs:
             assert r["synthetic"] is True and r["dataset"] == name and r["split"] == split
             if spec.task == "iqa":
                 w = synthetic.IQA_DISTORTIONS[r["distortion"]][0] if r["level"] else 0.0
                 want = 5 - 4 * w * r["level"] / 5
             else:
-                base, colour = synthetic.REFERENCES[r["reference"]]
+                colour = synthetic.REFERENCES[r["reference"]]
                 want = (
-                    base
+                    synthetic.IAA_BASE
                     - 0.12 * r["tilt"]
-                    - 2.0 * abs(math.log(r["saturation"] / 1.15)) * colour
+                    - 2.0 * abs(math.log(r["saturation"])) * colour
                     - 2.5 * (1 - r["zoom"])
                 )
                 want = min(10.0, max(0.0, want))
@@ -97,20 +101,29 @@ def test_records_split_and_labels(built):
 def test_distortion_strength_grows_with_level(built):
     root, specs = built
     recs = manifest.load_records(specs["synthetic-iqa-test"]).records
-    by = {(r["reference"], r["distortion"], r["level"]): r for r in recs}
-    for ref in synthetic.TEST_REFERENCES:
-        clean = np.asarray(image.load_image(by[(ref, "pristine", 0)]["image"]), np.float64)
+    by = {(r["reference"], r["view"], r["distortion"], r["level"]): r for r in recs}
+    views = {}
+    for ref, v in {(r["reference"], r["view"]) for r in recs}:
+        clean = np.asarray(image.load_image(by[(ref, v, "pristine", 0)]["image"]), np.float64)
         assert max(clean.shape[:2]) == SIZE
+        views[(ref, v)] = clean
         for dist in synthetic.IQA_DISTORTIONS:
             err = [
                 np.abs(
-                    np.asarray(image.load_image(by[(ref, dist, lv)]["image"]), np.float64) - clean
+                    np.asarray(image.load_image(by[(ref, v, dist, lv)]["image"]), np.float64)
+                    - clean
                 ).mean()
                 for lv in synthetic.LEVELS
             ]
-            assert err[0] > 0 and bool(np.all(np.diff(err) > 0)), (ref, dist, err)
-            scores = [by[(ref, dist, lv)]["score_raw"] for lv in synthetic.LEVELS]
+            assert err[0] > 0 and bool(np.all(np.diff(err) > 0)), (ref, v, dist, err)
+            scores = [by[(ref, v, dist, lv)]["score_raw"] for lv in synthetic.LEVELS]
             assert stats.spearmanr(err, scores).statistic == pytest.approx(-1.0)
+    # Views are different scenes of the photo (crops), not copies of it.
+    for ref in synthetic.TEST_REFERENCES:
+        whole = views[(ref, 0)]
+        for v in range(1, synthetic.VIEWS["iqa"]["test"]):
+            other = views[(ref, v)]
+            assert other.shape != whole.shape or np.abs(other - whole).mean() > 5.0, (ref, v)
 
 
 def test_iaa_images_decode(built):
@@ -133,8 +146,8 @@ def test_make_synthetic_script(tmp_path, repo_root):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "synthetic-iqa-train: 369 records, task=iqa, range=(1, 5)" in out.stdout
-    assert "synthetic-iaa-test: 72 records, task=iaa, range=(0, 10)" in out.stdout
+    assert "synthetic-iqa-train: 864 records, task=iqa, range=(1, 5)" in out.stdout
+    assert "synthetic-iaa-test: 108 records, task=iaa, range=(0, 10)" in out.stdout
 
 
 def test_refuses_to_replace_other_folders(tmp_path):
