@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.dtype = "float32"
         c.optimizer.learning_rate = 1e-3
         c.sft.global_batch_size = 4
+        c.sft.pack_buckets = 0  # per-row slots: one compiled step per test subprocess
         c.optimizer.grad_accum_steps = 2
         c.total_steps = 4
         c.data.synthetic.image_size = 56
