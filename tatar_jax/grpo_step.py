@@ -37,7 +37,7 @@ from flax import nnx
 
 from tatar_jax import grpo, optim
 from tatar_jax.logprobs import token_logprobs
-from tatar_jax.sft_step import lm_head, policy_hidden
+from tatar_jax.sft_step import lm_head, pack_index, policy_hidden
 
 PyTree = Any
 _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
@@ -46,9 +46,7 @@ _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_me
 def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):
     """(n, T) log-probs computing only the mask tokens, packed into ``k`` slots (k >= count)."""
     n, t, d = hc.shape
-    flat = mask.reshape(-1) > 0
-    idx = jnp.nonzero(flat, size=k, fill_value=0)[0]
-    valid = jnp.arange(k) < jnp.sum(flat)
+    idx, valid = pack_index(mask, k)
     h_k = hc.reshape(n * t, d)[idx]
     t_k = jnp.where(valid, tgt.reshape(-1)[idx], -1)
     lp = token_logprobs(

@@ -166,6 +166,14 @@ def pack_slots(
     return None if k >= full else np.zeros((k,), np.int8)
 
 
+def pack_index(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(k,) row-major flat indices of ``mask``'s nonzero entries (padded with 0) and (k,) bool
+    validity of each slot; k >= the count (:func:`pack_slots`), static inside jit."""
+    flat = mask.reshape(-1) > 0
+    idx = jnp.nonzero(flat, size=k, fill_value=0)[0]
+    return idx, jnp.arange(k) < jnp.sum(flat)
+
+
 # --------------------------------------------------------------------------------------------
 # Accumulation over row micro-batches
 
@@ -223,13 +231,10 @@ def make_sft_step(
             if "pack_slots" in shared:
                 # One row of the micro-batch's P valid targets (token_mean only: the loss is a
                 # sum over tokens, so where a token sits does not change it).
-                p_slots = shared["pack_slots"].shape[0]
-                flat = valid.reshape(-1) > 0
-                idx = jnp.nonzero(flat, size=p_slots, fill_value=0)[0]
-                keep = (jnp.arange(p_slots) < jnp.sum(flat)).astype(valid.dtype)
+                idx, keep = pack_index(valid, shared["pack_slots"].shape[0])
                 hg = hg.reshape(-1, hg.shape[-1])[idx][None]
                 ids_g = ids_g.reshape(-1)[idx][None]
-                valid = keep[None]
+                valid = keep.astype(valid.dtype)[None]
             n = hg.shape[0]
             hidden = jnp.concatenate([hg, jnp.zeros((n, 1, hg.shape[-1]), hg.dtype)], axis=1)
             zero = jnp.zeros((n, 1), jnp.int32)
