@@ -50,6 +50,7 @@ the known edit and ending in the 0-100 gt (``%.2f``), used as the SFT target.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -217,54 +218,60 @@ def _iaa_rationale(ref: str, tilt: float, sat: float, zoom: float) -> str:
     return "<think>\n" + " ".join(parts) + "\n</think>\n" + answer
 
 
+def _iqa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) -> list[dict]:
+    """The pristine view and each distortion at each level, written under ``out``."""
+    recs = []
+    for dist, level in [(None, 0)] + [(d, lv) for d in IQA_DISTORTIONS for lv in LEVELS]:
+        im = base if level == 0 else IQA_DISTORTIONS[dist][1](level, (ref, v, dist, level))(base)
+        rel = f"images/iqa/{ref}_v{v}_{dist or 'pristine'}_{level}.png"
+        im.save(os.path.join(out, rel), "PNG", compress_level=1)
+        recs.append(
+            {
+                "image": rel,
+                "gt_score": iqa_score(dist, level),
+                "distortion": dist or "pristine",
+                "level": level,
+                "rationale": _iqa_rationale(dist, level),
+                **common,
+            }
+        )
+    return recs
+
+
+def _iaa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) -> list[dict]:
+    """Every tilt x saturation x zoom edit of the view, written under ``out``."""
+    recs = []
+    for tilt, sat, zoom in itertools.product(IAA_TILTS, IAA_SATURATIONS, IAA_ZOOMS):
+        rel = f"images/iaa/{ref}_v{v}_t{tilt}_s{sat:g}_z{zoom:g}.jpg"
+        _iaa_edit(base, tilt, sat, zoom).save(os.path.join(out, rel), "JPEG", quality=95)
+        recs.append(
+            {
+                "image": rel,
+                "gt_score": iaa_score(ref, tilt, sat, zoom),
+                "tilt": tilt,
+                "saturation": sat,
+                "zoom": zoom,
+                "rationale": _iaa_rationale(ref, tilt, sat, zoom),
+                **common,
+            }
+        )
+    return recs
+
+
 def _build(out: str, image_size: int) -> dict[str, int]:
     rows: dict[str, list[dict]] = {
         f"{t}_{s}": [] for t in ("iqa", "iaa") for s in ("train", "test")
     }
     os.makedirs(os.path.join(out, "images", "iqa"))
     os.makedirs(os.path.join(out, "images", "iaa"))
-    grid = [(None, 0)] + [(d, lv) for d in IQA_DISTORTIONS for lv in LEVELS]
     for ref in REFERENCES:
         split = "test" if ref in TEST_REFERENCES else "train"
         n_views = max(VIEWS["iqa"][split], VIEWS["iaa"][split])
         for v, base in enumerate(_views(ref, n_views, image_size)):
             common = {"synthetic": True, "reference": ref, "view": v, "split": split}
-            if v < VIEWS["iqa"][split]:
-                for dist, level in grid:
-                    im = base
-                    if level:
-                        im = IQA_DISTORTIONS[dist][1](level, (ref, v, dist, level))(base)
-                    rel = f"images/iqa/{ref}_v{v}_{dist or 'pristine'}_{level}.png"
-                    im.save(os.path.join(out, rel), "PNG", compress_level=1)
-                    rows[f"iqa_{split}"].append(
-                        {
-                            "image": rel,
-                            "gt_score": iqa_score(dist, level),
-                            "distortion": dist or "pristine",
-                            "level": level,
-                            "rationale": _iqa_rationale(dist, level),
-                            **common,
-                        }
-                    )
-            if v >= VIEWS["iaa"][split]:
-                continue
-            for tilt in IAA_TILTS:
-                for sat in IAA_SATURATIONS:
-                    for zoom in IAA_ZOOMS:
-                        rel = f"images/iaa/{ref}_v{v}_t{tilt}_s{sat:g}_z{zoom:g}.jpg"
-                        edited = _iaa_edit(base, tilt, sat, zoom)
-                        edited.save(os.path.join(out, rel), "JPEG", quality=95)
-                        rows[f"iaa_{split}"].append(
-                            {
-                                "image": rel,
-                                "gt_score": iaa_score(ref, tilt, sat, zoom),
-                                "tilt": tilt,
-                                "saturation": sat,
-                                "zoom": zoom,
-                                "rationale": _iaa_rationale(ref, tilt, sat, zoom),
-                                **common,
-                            }
-                        )
+            for task, records in (("iqa", _iqa_records), ("iaa", _iaa_records)):
+                if v < VIEWS[task][split]:
+                    rows[f"{task}_{split}"] += records(out, ref, v, base, common)
     for name, rs in rows.items():
         write_manifest(os.path.join(out, f"{name}.jsonl"), rs)
     return {name: len(rs) for name, rs in rows.items()}
