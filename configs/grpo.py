@@ -111,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.logprob_chunk_size = 128
         # Embedded tiny random model on the synthetic set, CPU minutes: an SFT warm-up teaches the
         # format and a first ranking, GRPO's rewards refine it.
-        c.sft_warmup_steps = 150
+        c.sft_warmup_steps = 200
         c.model.remat = False  # a tiny model: recomputation would only cost time
         c.eval.at_start = True
         c.optimizer.learning_rate = 5e-4

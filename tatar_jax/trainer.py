@@ -62,7 +62,7 @@ PyTree = Any
 EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
 # Embedded SFT warm-up steps before GRPO when no weights are configured, per preset (the config
 # field ``sft_warmup_steps`` overrides; 0 disables).
-DEFAULT_WARMUP_STEPS = {"default": 150}
+DEFAULT_WARMUP_STEPS = {"default": 200}
 
 
 class TrainingStopped(RuntimeError):
