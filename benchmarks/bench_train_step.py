@@ -128,8 +128,8 @@ def jax_step(hf_dir, a, batch):
     import optax
     from flax import nnx
 
-    from tatar_jax import grpo_step, optim, rollout, sft_step
     from tatar_jax.models import qwen2_5_vl as qvl
+    from tatar_jax.train import grpo_step, optim, rollout, sft_step
 
     ids, mask, tokens, cmask, pv, grids, adv, ref = batch
     model = qvl.load_hf_checkpoint(hf_dir, jnp.float32)

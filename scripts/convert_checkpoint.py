@@ -62,7 +62,7 @@ def _workdir_to_hf(workdir: pathlib.Path, out: pathlib.Path, dtype_name: str) ->
     """The ``params`` of a training checkpoint (architecture from the run's config.json)."""
     from flax import nnx
 
-    from tatar_jax import checkpointing
+    from tatar_jax.train import checkpointing
 
     if not (workdir / "config.json").is_file():
         raise app.UsageError(f"{workdir} has no config.json (not a scripts/train.py run directory)")

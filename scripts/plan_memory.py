@@ -1,9 +1,9 @@
 r"""AOT memory plan: per-device bytes of the GRPO update and rollout programs, no weights needed.
 
-Lowers and compiles the trainer's programs (``tatar_jax.memory_plan``) with abstract shapes only
-on a virtual mesh of host CPU devices, and prints per-device arguments / outputs / temporaries /
-total from the compiled memory analysis, against the HBM of v5e (16 GiB), v5p (95 GiB),
-H100 (80 GiB) and H200 (141 GiB).
+Lowers and compiles the trainer's programs (``tatar_jax.train.memory_plan``) with abstract
+shapes only on a virtual mesh of host CPU devices, and prints per-device arguments / outputs /
+temporaries / total from the compiled memory analysis, against the HBM of v5e (16 GiB), v5p
+(95 GiB), H100 (80 GiB) and H200 (141 GiB).
 
     python scripts/plan_memory.py --model=7b --mesh=fsdp=8
     python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --json          # one JSON per program
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    from tatar_jax import memory_plan as mp
+    from tatar_jax.train import memory_plan as mp
 
     none = ("", "none", "None")
     for model in _MODEL.value:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -20,6 +21,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# tests/helpers (tiny models, the stub OpenAI server) import as top-level modules.
+sys.path.insert(0, str(REPO_ROOT / "tests" / "helpers"))
 
 
 def _shared_dir() -> pathlib.Path:

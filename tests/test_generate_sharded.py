@@ -175,7 +175,10 @@ def test_mesh_over_two_processes_equals_single_device(model):
         sock.bind(("localhost", 0))
         port = str(sock.getsockname()[1])
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([here, os.path.join(here, "helpers"), os.path.dirname(here)]),
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _PROCESS, str(p), port, arrays],

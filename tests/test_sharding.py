@@ -119,8 +119,9 @@ def test_initialize_distributed_noop_single_host():
 
 import tiny_models as tm  # noqa: E402
 
-from tatar_jax import logprobs, optim  # noqa: E402
+from tatar_jax import logprobs  # noqa: E402
 from tatar_jax.models import qwen2_5_vl as qvl  # noqa: E402
+from tatar_jax.train import optim  # noqa: E402
 
 MESHES = {
     "1x1": {},

@@ -67,13 +67,14 @@ def load_model(model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "") -> t
     """The model from ``checkpoint`` (orbax), ``model_cfg.hf_dir`` or the embedded preset.
 
     ``checkpoint`` may be an exported orbax model directory (``config.json`` + params, written
-    by ``save_orbax``) or a training run (workdir / step directory, :mod:`tatar_jax.checkpointing`;
-    its architecture comes from ``hf_dir``'s ``config.json``, else ``model_cfg.preset``).
+    by ``save_orbax``) or a training run (workdir / step directory,
+    :mod:`tatar_jax.train.checkpointing`; its architecture comes from ``hf_dir``'s
+    ``config.json``, else ``model_cfg.preset``).
     Returns (model, name).
     """
     from flax import nnx
 
-    from tatar_jax import checkpointing
+    from tatar_jax.train import checkpointing
 
     qvl = _require("tatar_jax.models.qwen2_5_vl", "issue 2 (the model port)")
     dtype = _dtype(model_cfg.dtype)

@@ -29,9 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tatar_jax import optim, sft
 from tatar_jax.models.qwen2_5_vl import rope
 from tatar_jax.models.qwen2_5_vl.vision_layout import fixed_bucket, vision_layout
+from tatar_jax.train import optim
+from tatar_jax.train import sft_loss as sft
 
 PyTree = Any
 
@@ -200,9 +201,9 @@ def make_sft_step(
 ) -> Callable[[optim.TrainState, Mapping[str, Any]], tuple[optim.TrainState, dict]]:
     """Pure ``step(state, inputs) -> (state, metrics)``; jit it (``inputs``: :func:`sft_inputs`).
 
-    The loss is the span cross-entropy of :func:`tatar_jax.sft.sft_loss_fn`, normalised by the
-    whole step's target tokens, summed over ``grad_accum_steps`` row micro-batches, then one
-    (non-finite-guarded) optimizer update.
+    The loss is the span cross-entropy of :func:`tatar_jax.train.sft_loss.sft_loss_fn`,
+    normalised by the whole step's target tokens, summed over ``grad_accum_steps`` row
+    micro-batches, then one (non-finite-guarded) optimizer update.
     """
 
     def step(state: optim.TrainState, inputs: Mapping[str, Any]):

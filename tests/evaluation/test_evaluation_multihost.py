@@ -137,7 +137,16 @@ def test_two_real_jax_processes(tmp_path, spec):
         sock.bind(("localhost", 0))
         port = str(sock.getsockname()[1])
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [
+                here,
+                os.path.join(os.path.dirname(here), "helpers"),
+                os.path.dirname(os.path.dirname(here)),
+            ]
+        ),
+    }
     desc = {"name": spec.name, "task": spec.task, "manifest": spec.manifest}
     desc["score_range"] = list(spec.score_range)
     procs = [

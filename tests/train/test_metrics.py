@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from tatar_jax import metrics
+from tatar_jax.train import metrics
 
 T, PATCHES = 40, 64  # sequence tokens; one 8x8-patch image = 16 image tokens
 
@@ -225,7 +225,7 @@ def test_step_timer_and_progress():
 
 
 def test_window_mean_averages_each_key_over_the_steps_that_have_it():
-    from tatar_jax.metrics import WindowMean
+    from tatar_jax.train.metrics import WindowMean
 
     w = WindowMean()
     w.add({"reward_total/iaa": 1.0, "reward_total/iqa": 0.5, "lr": 3e-4, "loss": 2.0})

@@ -1,4 +1,4 @@
-"""AOT memory plan (tatar_jax.memory_plan, scripts/plan_memory.py) on a tiny config."""
+"""AOT memory plan (tatar_jax.train.memory_plan, scripts/plan_memory.py) on a tiny config."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tatar_jax import memory_plan as mp
+from tatar_jax.train import memory_plan as mp
 
 TINY = dict(
     model="tiny",

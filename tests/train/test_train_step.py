@@ -16,8 +16,10 @@ import pytest
 import tiny_models as tm
 from flax import nnx
 
-from tatar_jax import grpo_step, optim, rollout, sft, sft_step, sharding
+from tatar_jax import sharding
 from tatar_jax.models import qwen2_5_vl as qvl
+from tatar_jax.train import grpo_step, optim, rollout, sft_step
+from tatar_jax.train import sft_loss as sft
 
 G = 2  # completions per prompt in the reference tests (8 rows for the mesh test)
 T = 6

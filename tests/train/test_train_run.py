@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SFT_FLAGS = [
     "--config=configs/sft.py:tiny",
     "--config.total_steps=4",

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tatar_jax import optim, sharding
+from tatar_jax import sharding
+from tatar_jax.train import optim
 
 __all__ = ["HBM_GIB", "PROGRAMS", "PlanSpec", "plan", "parse_mesh", "format_table"]
 
@@ -217,7 +218,7 @@ def _compile(fn: Any, *args: Any, mesh: Any, rules: Any) -> tuple[Any, float]:
 
 
 def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
-    from tatar_jax import grpo_step
+    from tatar_jax.train import grpo_step
 
     s = b.spec
     trainable = optim.trainable_mask(b.params, freeze_vision=True) if s.freeze_vision else None
@@ -251,7 +252,7 @@ def _ref_params(b: _Builder) -> Any:
 
 
 def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
-    from tatar_jax import grpo_step
+    from tatar_jax.train import grpo_step
 
     s = b.spec
     fn = jax.jit(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tatar_jax import checkpointing, optim
+from tatar_jax.train import checkpointing, optim
 
 TOTAL_STEPS = 30
 
@@ -29,7 +29,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 import grain
 sys.path.insert(0, os.environ["REPO_ROOT"])
-from tatar_jax import checkpointing, optim
+from tatar_jax.train import checkpointing, optim
 
 workdir, total, sleep = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import pytest
 from tatar_jax.reasoning import build
 from tatar_jax.reasoning.teachers import ChatRequest, JaxTeacher, SamplingParams
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config():

@@ -20,7 +20,7 @@ from PIL import Image
 from tatar_jax import config_files
 from tatar_jax.evaluation import cli, predict, specs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _eval_config(arg=None):

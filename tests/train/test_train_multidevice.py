@@ -32,7 +32,7 @@ import pytest
 
 from tatar_jax import config_files, multihost
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,8 +203,9 @@ def final_params(workdir, cfg) -> dict[str, np.ndarray]:
     """{path: value} of the last checkpoint's parameters (host numpy)."""
     from flax import nnx
 
-    from tatar_jax import checkpointing, trainer
     from tatar_jax.data import tokenizer
+    from tatar_jax.train import checkpointing
+    from tatar_jax.train import run as trainer
 
     tok = tokenizer.load_tokenizer(None)
     model, _ = trainer.build_model(cfg.model, tok, seed=int(cfg.seed))
@@ -234,7 +235,7 @@ def _eval_records(workdir) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory):
-    from tatar_jax import trainer
+    from tatar_jax.train import run as trainer
 
     wd = tmp_path_factory.mktemp("one_device")
     cfg = tiny_config(num_devices=1, fsdp=1)
@@ -249,7 +250,7 @@ def one_device_run(tmp_path_factory):
 def test_grpo_run_on_mesh_equals_one_device(tmp_path, one_device_run, mesh):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (virtual) devices")
-    from tatar_jax import trainer
+    from tatar_jax.train import run as trainer
 
     want, want_rec, cfg1 = one_device_run
     cfg = tiny_config(**mesh)
@@ -285,8 +286,8 @@ def final_params_init(cfg) -> dict[str, np.ndarray]:
     if "p" not in _INIT_CACHE:
         from flax import nnx
 
-        from tatar_jax import trainer
         from tatar_jax.data import tokenizer
+        from tatar_jax.train import run as trainer
 
         model, _ = trainer.build_model(cfg.model, tokenizer.load_tokenizer(None), seed=cfg.seed)
         flat = jax.tree_util.tree_leaves_with_path(nnx.state(model))
@@ -312,7 +313,7 @@ if nproc > 1:
     cfg.mesh.coordinator_address = "localhost:" + sys.argv[2]
     cfg.mesh.num_processes = nproc
     cfg.mesh.process_id = int(sys.argv[1])
-from tatar_jax import trainer
+from tatar_jax.train import run as trainer
 trainer.run(cfg, sys.argv[5] + "/grpo")
 sft = t.tiny_sft_config(fsdp=-1)
 sft.mesh = cfg.mesh
@@ -345,7 +346,10 @@ def test_grpo_two_processes_equal_one_process(tmp_path):
     devices with the same 4-prompt global batch: same parameters after 2 GRPO steps, same
     (global-batch) reward metrics on both processes."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, str(ROOT)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([here, str(ROOT / "tests" / "helpers"), str(ROOT)]),
+    }
     env.pop("XLA_FLAGS", None)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     procs = _launch(2, 2, two, env)

@@ -13,7 +13,7 @@ Design choices
   gradient to save and resume stays exact; the optimizer's step count is the trainer's step count.
   ``loss_fn`` must return quantities already divided by the *whole step's* normaliser (e.g. the
   total number of assistant tokens of all micro-batches), so the step's loss and gradient are the
-  plain sums over micro-batches (see ``tatar_jax.sft``).
+  plain sums over micro-batches (see ``tatar_jax.train.sft_loss``).
 - **Frozen parameters** (the vision tower with ``model.freeze_vision``) go through
   ``optax.set_to_zero`` inside ``optax.multi_transform``: zero updates and no AdamW moments; the
   global gradient norm (clipping and the logged norm) covers trainable parameters only.

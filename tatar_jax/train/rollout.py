@@ -25,9 +25,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from tatar_jax import generate, grpo, metrics, rewards, sharding
+from tatar_jax import generate, grpo, rewards, sharding
 from tatar_jax.data import prompts
-from tatar_jax.sft_step import running_feat_index, shared_vision
+from tatar_jax.train import metrics
+from tatar_jax.train.sft_step import running_feat_index, shared_vision
 
 IAA_ID = prompts.TASK_IDS["iaa"]
 

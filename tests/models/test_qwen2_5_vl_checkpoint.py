@@ -180,7 +180,7 @@ def test_load_onto_a_mesh(tmp_path, hf, batch, ref_logits):
 
 def test_convert_script_both_directions(tmp_path, hf, batch, ref_logits):
     src = tm.save_hf_dir(hf, tmp_path / "hf")
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_checkpoint.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "convert_checkpoint.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     orbax_dir, hf_out = tmp_path / "orbax", tmp_path / "hf_out"
     for args in (

@@ -27,7 +27,7 @@ from stub_openai_server import (
 from tatar_jax.reasoning import build, records
 from tatar_jax.reasoning import prompts as P
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 KEY = "sk-stub-SECRET-kill9-abcdef"
 JKEY = "sk-stub-JUDGE-SECRET-987"
 

@@ -333,7 +333,7 @@ def test_options_from_the_stage_configs(stage):
 
 def test_state_round_trips_through_the_orbax_checkpointer(sources, tmp_path):
     jnp = pytest.importorskip("jax.numpy")
-    checkpointing = pytest.importorskip("tatar_jax.checkpointing")
+    checkpointing = pytest.importorskip("tatar_jax.train.checkpointing")
     opts = _opts(stage="grpo", num_epochs=3, batch_size=2)
     it = iter(pl.make_dataset(sources, opts))
     for _ in range(4):

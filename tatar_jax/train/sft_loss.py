@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tatar_jax import optim
 from tatar_jax.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
+from tatar_jax.train import optim
 
 PyTree = Any
 # (params, batch) -> (hidden (B, L, D) before the lm_head, lm_head weight (D, V) or (V, D))

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tatar_jax import grpo, optim
+from tatar_jax import grpo
 from tatar_jax.logprobs import token_logprobs
-from tatar_jax.sft_step import lm_head, pack_index, policy_hidden
+from tatar_jax.train import optim
+from tatar_jax.train.sft_step import lm_head, pack_index, policy_hidden
 
 PyTree = Any
 _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")

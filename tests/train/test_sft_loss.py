@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tatar_jax import optim, sft
+from tatar_jax.train import optim
+from tatar_jax.train import sft_loss as sft
 
 V, D = 37, 8
 
@@ -138,7 +139,7 @@ def test_vl_model_loss_and_grads_match_transformers(tmp_path):
     qvl = pytest.importorskip("tatar_jax.models.qwen2_5_vl")
     from flax import nnx
 
-    from tatar_jax import metrics
+    from tatar_jax.train import metrics
 
     hf = tm.tiny_hf_model(seed=0)
     model = qvl.load_hf_checkpoint(tm.save_hf_dir(hf, tmp_path / "tiny"), dtype=jnp.float32)

@@ -1,6 +1,6 @@
 """The training loop of both stages: only wiring (spec §6, §7).
 
-    from tatar_jax import trainer
+    from tatar_jax.train import run as trainer
     trainer.run(config, workdir)     # config: configs/sft.py or configs/grpo.py get_config()
 
 One loop, the stage chosen by ``config.stage``:
@@ -43,20 +43,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from tatar_jax import (
-    checkpointing,
-    config_files,
-    grpo_step,
-    metrics,
-    multihost,
-    optim,
-    rollout,
-    sft_step,
-    sharding,
-)
+from tatar_jax import config_files, multihost, sharding
 from tatar_jax.data import pipeline, prompts, synthetic
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
+from tatar_jax.train import checkpointing, grpo_step, metrics, optim, rollout, sft_step
 
 PyTree = Any
 EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from tatar_jax import optim
+from tatar_jax.train import optim
 
 
 def _params():

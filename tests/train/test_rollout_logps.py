@@ -15,7 +15,8 @@ import pytest
 import test_train_step as tts
 from flax import nnx
 
-from tatar_jax import generate, grpo_step, rollout, sft_step
+from tatar_jax import generate
+from tatar_jax.train import grpo_step, rollout, sft_step
 
 
 def _setup(seed, g, t, temperature, stop_token_ids):
@@ -66,7 +67,8 @@ def test_grpo_loop_learns_a_bandit():
     row-order or alignment error anywhere in the loop makes this fail."""
     import optax
 
-    from tatar_jax import grpo, optim
+    from tatar_jax import grpo
+    from tatar_jax.train import optim
 
     g, t = 8, 3
     model, batch, pv_real, sampler = _setup(2, g, t, 1.0, stop_token_ids=())
@@ -114,7 +116,7 @@ def test_packed_completion_logps_equal_unpacked(num_micro):
     same log-probs, loss and gradients as scoring every position."""
     import optax
 
-    from tatar_jax import optim
+    from tatar_jax.train import optim
 
     model = tts._model(seed=3)
     cfg = model.config
