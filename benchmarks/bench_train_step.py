@@ -10,7 +10,7 @@ float32 on CPU. One run, both sides in the same process; prints tokens/s and the
         --completion=64 --steps=3]
 
 torch runs the vision tower on every completion row (that is what an HF model does with G copies
-of a prompt); ours runs it once per image and gathers the features (``sft_step.policy_hidden``).
+of a prompt); ours runs it once per image and gathers the features (``inputs.hidden_states``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def jax_step(hf_dir, a, batch):
     from flax import nnx
 
     from tatar_jax.models import qwen2_5_vl as qvl
-    from tatar_jax.train import grpo_step, optim, rollout, sft_step
+    from tatar_jax.train import grpo_step, optim
+    from tatar_jax.train import inputs as step_inputs
 
     ids, mask, tokens, cmask, pv, grids, adv, ref = batch
     model = qvl.load_hf_checkpoint(hf_dir, jnp.float32)
@@ -140,10 +141,10 @@ def jax_step(hf_dir, a, batch):
         "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1), "pixel_values": pv,
         "image_grid_thw": grids,
     }  # fmt: skip
-    rows = rollout._expand_prompts(pbatch, tokens, cmask, a.group, cfg.image_token_id)
+    rows = step_inputs.expand_prompts(pbatch, tokens, cmask, a.group, cfg.image_token_id)
     rows.update(completion_mask=cmask.astype(np.float32), advantages=adv, ref_logps=ref)
     inputs = jax.tree.map(
-        jnp.asarray, {"rows": rows, "shared": sft_step.shared_vision(pbatch, cfg.vision)}
+        jnp.asarray, {"rows": rows, "shared": step_inputs.shared_vision(pbatch, cfg.vision)}
     )
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.0))

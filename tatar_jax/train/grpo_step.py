@@ -2,7 +2,8 @@
 log-probs -> ``grpo.grpo_loss`` -> gradients -> optimizer update; and the log-prob function used
 for the reference model (and for pi_old when mu > 1).
 
-Inputs (``rollout.Rollout.inputs``; N = prompts x G rows, L = Lp + T, T = max new tokens):
+Inputs (``inputs.StepInputs`` from ``rollout.Rollout.inputs``; N = prompts x G rows,
+L = Lp + T, T = max new tokens):
 
 - ``rows``: ``input_ids``, ``attention_mask``, ``feat_index`` (N, L), ``position_ids`` (N, 3, L),
   ``completion_mask`` (N, T) float (tokens up to and including the stop token; 0 for invalid
@@ -14,7 +15,7 @@ Inputs (``rollout.Rollout.inputs``; N = prompts x G rows, L = Lp + T, T = max ne
 Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
 ``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
 With ``shared["pack_slots"]`` (a (K,) placeholder whose *shape* is the static K;
-``sft_step.pack_slots``), only the completion tokens that count (mask 1) go through it, packed
+``inputs.pack_slots``), only the completion tokens that count (mask 1) go through it, packed
 into K slots: completions stop well before ``max_new_tokens`` (a short IQA rationale in a
 256-token budget), and the lm_head over the 152k vocabulary is most of a small model's update.
 Log-probs, ratios, KL and the loss are float32 whatever the compute dtype.
@@ -37,8 +38,8 @@ from flax import nnx
 
 from tatar_jax import grpo
 from tatar_jax.logprobs import token_logprobs
+from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import optim
-from tatar_jax.train.sft_step import lm_head, pack_index, policy_hidden
 
 PyTree = Any
 _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
@@ -47,7 +48,7 @@ _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_me
 def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):
     """(n, T) log-probs computing only the mask tokens, packed into ``k`` slots (k >= count)."""
     n, t, d = hc.shape
-    idx, valid = pack_index(mask, k)
+    idx, valid = step_inputs.pack_index(mask, k)
     h_k = hc.reshape(n * t, d)[idx]
     t_k = jnp.where(valid, tgt.reshape(-1)[idx], -1)
     lp = token_logprobs(
@@ -66,20 +67,12 @@ def completion_logps(
     chunk_size: int = 1024,
 ) -> jax.Array:
     """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0)."""
-    h = policy_hidden(
-        model,
-        rows["input_ids"],
-        rows["attention_mask"],
-        rows["position_ids"],
-        rows["feat_index"],
-        shared["pixel_values"],
-        shared["layout"],
-    )
+    h = step_inputs.hidden_states(model, rows, shared)
     t = rows["completion_mask"].shape[1]
     length = h.shape[1]
     hc = h[:, length - t - 1 : length - 1]  # position i predicts token i + 1
     tgt = jnp.where(rows["completion_mask"] > 0, rows["input_ids"][:, length - t :], -1)
-    w, layout = lm_head(model)
+    w, layout = step_inputs.lm_head(model)
     if "pack_slots" in shared:
         k = shared["pack_slots"].shape[0]
         return _packed_logps(
@@ -135,7 +128,6 @@ def grpo_grads(
 ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
     """(loss, float32 grads, aux sums) of the step's GRPO loss, summed over ``num_micro`` row
     micro-batches (each contributes its share; see the module docstring)."""
-    agg = grpo._AGG_ALIASES.get(aggregation, aggregation)
     rows, shared = inputs["rows"], inputs["shared"]
     tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
 
@@ -153,10 +145,10 @@ def grpo_grads(
             epsilon=epsilon,
             epsilon_high=epsilon_high,
             beta=beta,
-            aggregation=agg,
+            aggregation=aggregation,
         )
         tokens_mb = jnp.sum(mb["completion_mask"])
-        if agg == "token_mean":
+        if aggregation == "token_mean":
             share = loss * jnp.maximum(tokens_mb, 1.0) / tokens_step
         else:
             share = loss / num_micro
@@ -202,11 +194,9 @@ def make_grpo_step(
             temperature=temperature,
             chunk_size=chunk_size,
         )
-        new_state, info = optim.apply_gradients(state, grads, tx, loss=loss, trainable=trainable)
-        metrics = {"loss": loss, **aux, **info}
-        if schedule is not None:
-            applied = state.step - state.nonfinite_total
-            metrics["lr"] = jnp.asarray(schedule(applied), jnp.float32)
-        return new_state, metrics
+        new_state, info = optim.apply_gradients(
+            state, grads, tx, loss=loss, trainable=trainable, schedule=schedule
+        )
+        return new_state, {"loss": loss, **aux, **info}
 
     return step

@@ -13,7 +13,7 @@ Design choices
   gradient to save and resume stays exact; the optimizer's step count is the trainer's step count.
   ``loss_fn`` must return quantities already divided by the *whole step's* normaliser (e.g. the
   total number of assistant tokens of all micro-batches), so the step's loss and gradient are the
-  plain sums over micro-batches (see ``tatar_jax.train.sft_loss``).
+  plain sums over micro-batches (see ``tatar_jax.train.sft_step``).
 - **Frozen parameters** (the vision tower with ``model.freeze_vision``) go through
   ``optax.set_to_zero`` inside ``optax.multi_transform``: zero updates and no AdamW moments; the
   global gradient norm (clipping and the logged norm) covers trainable parameters only.
@@ -254,11 +254,13 @@ def apply_gradients(
     *,
     loss: jax.Array | None = None,
     trainable: PyTree | None = None,
+    schedule: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update, skipped entirely when the loss or a trainable gradient is non-finite.
 
     Returns the new state and {grad_norm (pre-clip, trainable leaves), update_skipped (0/1),
-    nonfinite_count}. Frozen leaves' gradients are ignored (they may even be NaN).
+    nonfinite_count, and ``lr`` (this update's learning rate) when ``schedule`` is given}.
+    Frozen leaves' gradients are ignored (they may even be NaN).
     """
     if trainable is not None:
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
@@ -287,6 +289,10 @@ def apply_gradients(
         "update_skipped": (~finite).astype(jnp.int32),
         "nonfinite_count": count,
     }
+    if schedule is not None:
+        # The optimizer's update count equals the number of applied (non-skipped) updates.
+        applied = state.step - state.nonfinite_total
+        info["lr"] = jnp.asarray(schedule(applied), jnp.float32)
     return new_state, info
 
 

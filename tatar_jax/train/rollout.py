@@ -27,8 +27,8 @@ import numpy as np
 
 from tatar_jax import generate, grpo, rewards, sharding
 from tatar_jax.data import prompts
+from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import metrics
-from tatar_jax.train.sft_step import running_feat_index, shared_vision
 
 IAA_ID = prompts.TASK_IDS["iaa"]
 
@@ -42,31 +42,6 @@ class Rollout:
     rewards: np.ndarray  # (N,) total reward
     advantages: np.ndarray  # (N,)
     metrics: dict[str, float]
-
-
-def _expand_prompts(
-    batch: Mapping[str, Any], tokens: np.ndarray, cmask: np.ndarray, g: int, image_token_id: int
-) -> dict[str, np.ndarray]:
-    """Prompt (B, Lp) + completions (B*G, T) -> the update's row arrays (B*G, Lp + T)."""
-    ids_p = np.asarray(batch["input_ids"], np.int32)
-    mask_p = np.asarray(batch["attention_mask"], np.int32)
-    pos_p = np.swapaxes(np.asarray(batch["position_ids"], np.int32), 0, 1)  # (B, 3, Lp)
-    feat_p = running_feat_index(ids_p, image_token_id)  # indices into the B images' features
-    n_valid = mask_p.sum(axis=1)
-    deltas = np.asarray(batch["rope_deltas"], np.int32).reshape(-1)
-    t = tokens.shape[1]
-    rep = lambda x: np.repeat(x, g, axis=0)  # noqa: E731
-    # Generated token s sits at position n_valid + s + rope_delta on all three mRoPE axes.
-    pos_c = (n_valid + deltas)[:, None] + np.arange(t)[None, :]
-    pos_c = np.broadcast_to(pos_c[:, None, :], (pos_c.shape[0], 3, t))
-    return {
-        "input_ids": np.concatenate([rep(ids_p), tokens.astype(np.int32)], axis=1),
-        "attention_mask": np.concatenate([rep(mask_p), cmask.astype(np.int32)], axis=1),
-        "position_ids": np.concatenate([rep(pos_p), rep(pos_c)], axis=2).astype(np.int32),
-        "feat_index": np.concatenate(
-            [rep(feat_p), np.full((len(tokens), t), -1, np.int32)], axis=1
-        ),
-    }
 
 
 class RolloutEngine:
@@ -166,9 +141,9 @@ class RolloutEngine:
         if self.cfg.get("mask_truncated_completions", False):
             stopped = np.isin(tokens, self.tok.eos_ids) & cmask
             comp_mask *= stopped.any(axis=1, keepdims=True)
-        rows = _expand_prompts(batch, tokens, cmask, g, self.image_token_id)
+        rows = step_inputs.expand_prompts(batch, tokens, cmask, g, self.image_token_id)
         rows.update(completion_mask=comp_mask, advantages=adv, rollout_logps=logps)
-        inputs = {"rows": rows, "shared": shared_vision(batch, self.vision_cfg)}
+        inputs = {"rows": rows, "shared": step_inputs.shared_vision(batch, self.vision_cfg)}
 
         sel = valid
         tasks = np.where(is_iaa, "iaa", "iqa")

@@ -48,6 +48,7 @@ from tatar_jax.data import pipeline, prompts, synthetic
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import checkpointing, grpo_step, metrics, optim, rollout, sft_step
+from tatar_jax.train import inputs as step_inputs
 
 PyTree = Any
 EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
@@ -505,7 +506,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                         patch_buckets=opts.patch_buckets,
                     )  # fmt: skip
             if stage == "sft":
-                inputs = sft_step.sft_inputs(
+                inputs = step_inputs.sft_inputs(
                     batch, model_config, num_micro=int(cfg.optimizer.grad_accum_steps),
                     pack_buckets=int(_get(cfg.sft, "pack_buckets", 0))
                     if cfg.sft.loss_normalization == "token_mean" else 0,
@@ -519,7 +520,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
                     ro = engine.score(batch, toks, cmask, lps)
                 inputs = ro.inputs
                 rollout_logps = inputs["rows"].pop("rollout_logps")
-                slots = sft_step.pack_slots(
+                slots = step_inputs.pack_slots(
                     inputs["rows"]["completion_mask"], micro, int(_get(g, "pack_buckets", 0))
                 )
                 if slots is not None:  # only counted completion tokens through the lm_head

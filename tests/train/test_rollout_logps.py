@@ -1,5 +1,5 @@
 """The sampler and the learner see the same policy: log-probs of sampled completions, as the
-sampler reports them, equal the GRPO update's log-probs of the same rows (``_expand_prompts``).
+sampler reports them, equal the GRPO update's log-probs of the same rows (``expand_prompts``).
 
 If positions, image-feature indices, padding or row order differed between the rollout and the
 update, the policy gradient would be taken at the wrong contexts and GRPO would silently fail to
@@ -16,7 +16,8 @@ import test_train_step as tts
 from flax import nnx
 
 from tatar_jax import generate
-from tatar_jax.train import grpo_step, rollout, sft_step
+from tatar_jax.train import grpo_step
+from tatar_jax.train import inputs as step_inputs
 
 
 def _setup(seed, g, t, temperature, stop_token_ids):
@@ -44,9 +45,9 @@ def test_sampler_logps_equal_update_logps(temperature):
     assert tokens.shape == (2 * g, t)
     assert cmask.any(axis=1).all()
 
-    rows = rollout._expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
+    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
     rows["completion_mask"] = cmask.astype(np.float32)
-    shared = sft_step.shared_vision(batch, cfg.vision)
+    shared = step_inputs.shared_vision(batch, cfg.vision)
     graphdef, state = nnx.split(model)
     fn = jax.jit(grpo_step.make_logps_fn(graphdef, temperature=temperature, chunk_size=5))
     upd = np.asarray(fn(state, {"rows": rows, "shared": shared}))
@@ -77,7 +78,7 @@ def test_grpo_loop_learns_a_bandit():
     tx = optax.adam(3e-2)
     step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.0, chunk_size=64))
     logps_fn = jax.jit(grpo_step.make_logps_fn(graphdef, chunk_size=64))
-    shared = sft_step.shared_vision(batch, cfg.vision)
+    shared = step_inputs.shared_vision(batch, cfg.vision)
     state = optim.TrainState.create(p0, tx, jax.random.key(0))
 
     def p_even(params):
@@ -87,7 +88,7 @@ def test_grpo_loop_learns_a_bandit():
         toks[:, 0] = np.tile(np.arange(vocab), 2)
         cm = np.zeros((vocab * 2, t), bool)
         cm[:, 0] = True
-        rows = rollout._expand_prompts(batch, toks, cm, vocab, cfg.image_token_id)
+        rows = step_inputs.expand_prompts(batch, toks, cm, vocab, cfg.image_token_id)
         rows["completion_mask"] = cm.astype(np.float32)
         lp = np.asarray(logps_fn(params, {"rows": rows, "shared": shared}))[:, 0]
         return float(np.exp(lp)[toks[:, 0] % 2 == 0].sum() / 2)
@@ -101,7 +102,7 @@ def test_grpo_loop_learns_a_bandit():
         tokens, cmask = np.asarray(out.tokens), np.asarray(out.mask)
         reward = (tokens[:, 0] % 2 == 0).astype(np.float32)
         adv = np.asarray(grpo.group_advantages(reward, g, "grpo", 1e-4), np.float32)
-        rows = rollout._expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
+        rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
         rows.update(completion_mask=cmask.astype(np.float32), advantages=adv)
         state, m = step(state, {"rows": rows, "shared": shared})
         assert np.isfinite(float(m["loss"]))
@@ -121,7 +122,7 @@ def test_packed_completion_logps_equal_unpacked(num_micro):
     model = tts._model(seed=3)
     cfg = model.config
     _, _, _, cmask, inputs = tts._grpo_inputs(cfg, seed=4, g=4)
-    slots = sft_step.pack_slots(cmask, num_micro, num_buckets=12)
+    slots = step_inputs.pack_slots(cmask, num_micro, num_buckets=12)
     assert slots is not None and slots.shape[0] < cmask.size // num_micro
     assert slots.shape[0] >= cmask.reshape(num_micro, -1).sum(1).max()
     packed = {"rows": inputs["rows"], "shared": {**inputs["shared"], "pack_slots": slots}}
@@ -147,8 +148,8 @@ def test_packed_completion_logps_equal_unpacked(num_micro):
 def test_pack_slots_buckets():
     m = np.zeros((8, 10), np.float32)
     m[:, :3] = 1  # 24 of 80 tokens
-    assert sft_step.pack_slots(m, 1, 4).shape == (40,)  # buckets of 20: 24 -> 40
-    assert sft_step.pack_slots(m, 2, 4).shape == (20,)  # 12 per micro-batch of 40 -> 20
-    assert sft_step.pack_slots(m, 1, 0) is None
+    assert step_inputs.pack_slots(m, 1, 4).shape == (40,)  # buckets of 20: 24 -> 40
+    assert step_inputs.pack_slots(m, 2, 4).shape == (20,)  # 12 per micro-batch of 40 -> 20
+    assert step_inputs.pack_slots(m, 1, 0) is None
     m[:, :] = 1
-    assert sft_step.pack_slots(m, 1, 4) is None  # nothing to save
+    assert step_inputs.pack_slots(m, 1, 4) is None  # nothing to save

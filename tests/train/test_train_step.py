@@ -18,8 +18,8 @@ from flax import nnx
 
 from tatar_jax import sharding
 from tatar_jax.models import qwen2_5_vl as qvl
-from tatar_jax.train import grpo_step, optim, rollout, sft_step
-from tatar_jax.train import sft_loss as sft
+from tatar_jax.train import grpo_step, optim, sft_step
+from tatar_jax.train import inputs as step_inputs
 
 G = 2  # completions per prompt in the reference tests (8 rows for the mesh test)
 T = 6
@@ -67,10 +67,10 @@ def _grpo_inputs(cfg, seed=0, g=G):
     lengths[0] = T
     cmask = np.arange(T)[None, :] < lengths[:, None]
     tokens = np.where(cmask, tokens, 0)
-    rows = rollout._expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
+    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
     rows["completion_mask"] = cmask.astype(np.float32)
     rows["advantages"] = rng.normal(size=n).astype(np.float32)
-    inputs = {"rows": rows, "shared": sft_step.shared_vision(batch, cfg.vision)}
+    inputs = {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
     return batch, pv_real, tokens, cmask, inputs
 
 
@@ -179,7 +179,7 @@ def test_sft_step_loss_matches_full_hidden_reference():
     label_mask[0, -4:] = 1
     label_mask[1, -2:] = 1
     batch["label_mask"] = label_mask
-    inputs = sft_step.sft_inputs(batch, cfg)
+    inputs = step_inputs.sft_inputs(batch, cfg)
     tx = optax.sgd(0.0)
     state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
     step = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=2, chunk_size=3))
@@ -193,10 +193,76 @@ def test_sft_step_loss_matches_full_hidden_reference():
         position_ids=jnp.asarray(batch["position_ids"]), vision_layout=layout,
     )  # fmt: skip
     w, lay = model.lm_head_weight()
-    nll, mask = sft.span_nll(h, w, jnp.asarray(ids), jnp.asarray(label_mask), weight_layout=lay)
+    nll, mask = sft_step.span_nll(
+        h, w, jnp.asarray(ids), jnp.asarray(label_mask), weight_layout=lay
+    )
     want = float(jnp.sum(nll) / jnp.sum(mask))
     assert abs(float(m["loss"]) - want) < 1e-5, (float(m["loss"]), want)
     assert float(m["loss_tokens"]) == 6
+
+
+def _sft_setup(counts=(1, 6)):
+    """Tiny model, its split and SFT inputs of the two-prompt batch with ``counts`` targets."""
+    model = _model()
+    cfg = model.config
+    graphdef, params = nnx.split(model)
+    batch, _ = _prompt_batch(cfg)
+    label_mask = np.zeros_like(batch["input_ids"])
+    for r, c in enumerate(counts):
+        label_mask[r, -c - 1 : -1] = 1
+    batch["label_mask"] = label_mask
+    return model, graphdef, params, batch
+
+
+def test_sft_accumulation_is_token_mean_not_mean_of_means():
+    """Two micro-batches of very unequal target counts (1 and 6 tokens) give the full-batch
+    token mean, its gradient and update, not the mean of the per-micro-batch means."""
+    model, graphdef, params, batch = _sft_setup()
+    inputs = jax.tree.map(jnp.asarray, step_inputs.sft_inputs(batch, model.config))
+    tx = optax.sgd(0.5)  # linear in the gradient: equal gradients give equal updates
+    s0 = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
+    full = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=1, chunk_size=5))
+    acc = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=2, chunk_size=5))
+    s1, m1 = full(jax.tree.map(jnp.copy, s0), inputs)
+    s2, m2 = acc(jax.tree.map(jnp.copy, s0), inputs)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    halves = []
+    for r in range(2):
+        one = {k: (v[r : r + 1] if k in ("input_ids", "attention_mask", "label_mask") else v)
+               for k, v in batch.items()}  # fmt: skip
+        one["position_ids"] = batch["position_ids"][:, r : r + 1]
+        one_in = step_inputs.sft_inputs(one, model.config)
+        one_in["rows"]["feat_index"] = np.asarray(inputs["rows"]["feat_index"])[r : r + 1]
+        _, m = full(jax.tree.map(jnp.copy, s0), jax.tree.map(jnp.asarray, one_in))
+        halves.append(float(m["loss"]))
+    assert abs(np.mean(halves) - float(m1["loss"])) > 1e-3  # the two definitions really differ
+    assert float(m1["loss_tokens"]) == 7
+
+
+def test_sft_step_reports_lr_and_skips_nan():
+    model, graphdef, params, batch = _sft_setup()
+    inputs = jax.tree.map(jnp.asarray, step_inputs.sft_inputs(batch, model.config))
+    sched = optim.make_schedule(1e-2, 10)
+    tx = optim.make_optimizer(sched)
+    step = jax.jit(sft_step.make_sft_step(graphdef, tx, schedule=sched, chunk_size=5))
+    s = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
+    s, m = step(s, inputs)
+    np.testing.assert_allclose(m["lr"], 1e-2)
+    s, m = step(s, inputs)
+    np.testing.assert_allclose(m["lr"], 1e-2 * 0.9, rtol=1e-6)
+    emb = s.params["language_model"]["embed_tokens"]["embedding"]
+    bad_params = jax.tree.map(lambda x: x, s.params)
+    bad_params["language_model"]["embed_tokens"]["embedding"] = emb.replace(
+        emb[...].at[0, 0].set(jnp.nan)
+    )
+    bad = s.replace(params=bad_params)
+    kept = np.asarray(bad.params["language_model"]["norm"]["scale"][...])
+    s3, m3 = step(bad, inputs)
+    assert int(m3["update_skipped"]) == 1
+    np.testing.assert_array_equal(s3.params["language_model"]["norm"]["scale"][...], kept)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -211,8 +277,8 @@ def test_sft_step_packed_targets_equal_per_row_targets(accum):
     label_mask[0, -5:] = 1
     label_mask[1, -3:] = 1
     batch["label_mask"] = label_mask
-    plain = sft_step.sft_inputs(batch, cfg, num_micro=accum)
-    packed = sft_step.sft_inputs(batch, cfg, num_micro=accum, pack_buckets=4)
+    plain = step_inputs.sft_inputs(batch, cfg, num_micro=accum)
+    packed = step_inputs.sft_inputs(batch, cfg, num_micro=accum, pack_buckets=4)
     assert "pack_slots" not in plain["shared"]
     assert packed["shared"]["pack_slots"].shape == ((32,) if accum == 2 else (64,))
     tx = optax.sgd(0.5)

@@ -42,17 +42,28 @@ __all__ = ["Qwen2_5_VLForConditionalGeneration", "merge_image_features"]
 
 
 def merge_image_features(
-    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int
+    embeds: jax.Array,
+    input_ids: jax.Array,
+    features: jax.Array,
+    image_token_id: int,
+    feat_index: jax.Array | None = None,
 ) -> jax.Array:
     """embeds (B, L, D); features (M, D) in HF order → embeds with image tokens replaced.
 
-    The n-th image token of the flattened batch takes ``features[n]`` (indices past M clamp; the
-    caller guarantees counts match).
+    ``feat_index`` None (HF ``masked_scatter``): the n-th image token of the flattened batch takes
+    ``features[n]`` (indices past M clamp; the caller guarantees counts match).
+    ``feat_index`` (B, L) int: the feature row each token takes, -1 where none. Training and the
+    sampler build it on the host so that rows can be sliced into micro-batches or repeated per
+    sample (the index is a gather into the step's shared features), and so that a completion
+    that *samples* the image-token id stays text, as in HF ``generate``.
     """
     is_img = input_ids == image_token_id
-    flat = is_img.reshape(-1)
-    idx = jnp.cumsum(flat.astype(jnp.int32)) - 1
-    idx = jnp.clip(idx, 0, features.shape[0] - 1).reshape(is_img.shape)
+    if feat_index is None:
+        idx = jnp.cumsum(is_img.reshape(-1).astype(jnp.int32)) - 1
+        idx = jnp.clip(idx, 0, features.shape[0] - 1).reshape(is_img.shape)
+    else:
+        is_img = is_img & (feat_index >= 0)
+        idx = jnp.maximum(feat_index, 0)
     gathered = features[idx].astype(embeds.dtype)
     return jnp.where(is_img[..., None], gathered, embeds)
 
@@ -130,13 +141,17 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         input_ids: jax.Array,
         pixel_values: jax.Array | None = None,
         layout: VisionLayout | None = None,
+        feat_index: jax.Array | None = None,
     ) -> jax.Array:
-        """(B, L) ids → (B, L, D), image features merged at the image-pad tokens."""
+        """(B, L) ids → (B, L, D), image features merged at the image-pad tokens
+        (``feat_index``: see :func:`merge_image_features`)."""
         embeds = self.language_model.embed(input_ids)
         if pixel_values is None:
             return embeds
         feats = self.image_features(pixel_values, layout)
-        return merge_image_features(embeds, input_ids, feats, self.config.image_token_id)
+        return merge_image_features(
+            embeds, input_ids, feats, self.config.image_token_id, feat_index
+        )
 
     def _prepare(
         self,
@@ -200,8 +215,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         layout: VisionLayout | None,
         cache: KVCache | None,
         cache_attention_mask: jax.Array | None,
+        feat_index: jax.Array | None,
     ) -> tuple[jax.Array, KVCache | None]:
-        embeds = self.input_embeddings(input_ids, pv, layout)
+        embeds = self.input_embeddings(input_ids, pv, layout, feat_index)
         t = self.config.text
         cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
         kv_mask = mask if cache is None else cache_attention_mask
@@ -223,8 +239,13 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         vision_layout: VisionLayout | None = None,
         cache: KVCache | None = None,
         cache_attention_mask: jax.Array | None = None,
+        feat_index: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states (B, L, D) (before the lm_head) and the updated cache.
+
+        The one forward of the model: inference, the sampler (prefill and decode), the SFT and
+        GRPO updates and the reference log-probs all call it. ``feat_index`` (B, L): the image
+        feature row of each token (see :func:`merge_image_features`); None = HF order.
 
         With ``cache`` (see :meth:`init_cache`), the tokens are written at ``cache.index``;
         ``position_ids`` (3, B, L) must then be given and ``cache_attention_mask`` (B, T) marks the
@@ -242,6 +263,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             ),
             cache,
             cache_attention_mask,
+            None if feat_index is None else jnp.asarray(feat_index),
         )
         if self._traced(*args):
             return self._hidden(*args)
@@ -307,8 +329,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
 
 @nnx.jit
-def _jit_hidden(model, input_ids, mask, pos, pv, layout, cache, cache_attention_mask):
-    return model._hidden(input_ids, mask, pos, pv, layout, cache, cache_attention_mask)
+def _jit_hidden(model, input_ids, mask, pos, pv, layout, cache, cache_attention_mask, feat_index):
+    return model._hidden(input_ids, mask, pos, pv, layout, cache, cache_attention_mask, feat_index)
 
 
 @nnx.jit
