@@ -43,7 +43,7 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     # The offline tokenizer cache goes into the run directory unless the user set one.
     os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
-    from tatar_jax.train import run as trainer
+    from tatar_jax.train import trainer
 
     trainer.run(_CONFIG.value, workdir)
 

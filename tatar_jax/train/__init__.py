@@ -10,7 +10,7 @@ from typing import Any
 
 
 def run(config: Any, workdir: Any) -> Any:
-    """Runs the configured stage (see :func:`tatar_jax.train.run.run`)."""
-    from tatar_jax.train import run as run_module  # lazy: the steps pull in the model
+    """Runs the configured stage (see :func:`tatar_jax.train.trainer.run`)."""
+    from tatar_jax.train import trainer  # lazy: the steps pull in the model
 
-    return run_module.run(config, workdir)
+    return trainer.run(config, workdir)

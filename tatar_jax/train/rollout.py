@@ -42,6 +42,7 @@ class Rollout:
     rewards: np.ndarray  # (N,) total reward
     advantages: np.ndarray  # (N,)
     metrics: dict[str, float]
+    rollout_logps: np.ndarray  # (N, T) the sampler's log-probs of its tokens
 
 
 class RolloutEngine:
@@ -109,7 +110,7 @@ class RolloutEngine:
             self.tok.decode(tokens[k][cmask[k]].tolist(), skip_special_tokens=True)
             for k in range(len(tokens))
         ]
-        feats = rewards.completion_features(texts, parser=self.rewards_cfg.get("parser", "strict"))
+        feats = rewards.completion_features(texts, parser=self.rewards_cfg.parser)
         valid = np.repeat(np.asarray(batch["valid"], bool), g)
         is_iaa = np.repeat(np.asarray(batch["task_id"]) == IAA_ID, g)
         gt = np.repeat(np.asarray(batch["gt_100"], np.float32), g)
@@ -138,11 +139,11 @@ class RolloutEngine:
         )
         adv = np.where(valid, adv, 0.0).astype(np.float32)
         comp_mask = (cmask & valid[:, None]).astype(np.float32)
-        if self.cfg.get("mask_truncated_completions", False):
+        if self.cfg.mask_truncated_completions:
             stopped = np.isin(tokens, self.tok.eos_ids) & cmask
             comp_mask *= stopped.any(axis=1, keepdims=True)
         rows = step_inputs.expand_prompts(batch, tokens, cmask, g, self.image_token_id)
-        rows.update(completion_mask=comp_mask, advantages=adv, rollout_logps=logps)
+        rows.update(completion_mask=comp_mask, advantages=adv)
         inputs = {"rows": rows, "shared": step_inputs.shared_vision(batch, self.vision_cfg)}
 
         sel = valid
@@ -163,7 +164,7 @@ class RolloutEngine:
             )
             m["think_len/all"] = float(feats.think_len[sel].mean())
         m["valid_prompts"] = float(np.asarray(batch["valid"]).sum())
-        return Rollout(inputs, texts, total, adv, m)
+        return Rollout(inputs, texts, total, adv, m, np.asarray(logps))
 
     def __call__(self, state: Any, batch: Mapping[str, Any], rng: jax.Array) -> Rollout:
         tokens, cmask, logps = self.generate(state, batch, rng)

@@ -204,8 +204,7 @@ def final_params(workdir, cfg) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from tatar_jax.data import tokenizer
-    from tatar_jax.train import checkpointing
-    from tatar_jax.train import run as trainer
+    from tatar_jax.train import checkpointing, trainer
 
     tok = tokenizer.load_tokenizer(None)
     model, _ = trainer.build_model(cfg.model, tok, seed=int(cfg.seed))
@@ -235,7 +234,7 @@ def _eval_records(workdir) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory):
-    from tatar_jax.train import run as trainer
+    from tatar_jax.train import trainer
 
     wd = tmp_path_factory.mktemp("one_device")
     cfg = tiny_config(num_devices=1, fsdp=1)
@@ -250,7 +249,7 @@ def one_device_run(tmp_path_factory):
 def test_grpo_run_on_mesh_equals_one_device(tmp_path, one_device_run, mesh):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (virtual) devices")
-    from tatar_jax.train import run as trainer
+    from tatar_jax.train import trainer
 
     want, want_rec, cfg1 = one_device_run
     cfg = tiny_config(**mesh)
@@ -287,7 +286,7 @@ def final_params_init(cfg) -> dict[str, np.ndarray]:
         from flax import nnx
 
         from tatar_jax.data import tokenizer
-        from tatar_jax.train import run as trainer
+        from tatar_jax.train import trainer
 
         model, _ = trainer.build_model(cfg.model, tokenizer.load_tokenizer(None), seed=cfg.seed)
         flat = jax.tree_util.tree_leaves_with_path(nnx.state(model))
@@ -313,7 +312,7 @@ if nproc > 1:
     cfg.mesh.coordinator_address = "localhost:" + sys.argv[2]
     cfg.mesh.num_processes = nproc
     cfg.mesh.process_id = int(sys.argv[1])
-from tatar_jax.train import run as trainer
+from tatar_jax.train import trainer
 trainer.run(cfg, sys.argv[5] + "/grpo")
 sft = t.tiny_sft_config(fsdp=-1)
 sft.mesh = cfg.mesh

@@ -1,0 +1,434 @@
+"""A training run: the SFT warm-up of the embedded default, then the configured stage.
+
+    from tatar_jax import train
+    train.run(config, workdir)     # config: configs/sft.py or configs/grpo.py get_config()
+
+:func:`train_stage` builds one stage's parts from its config — mesh, tokenizer, policy
+(HF directory, a previous stage's checkpoint, or the embedded tiny model with the real Qwen2.5
+vocabulary), the grain pipeline (checkpointable), optimizer, orbax checkpointer (restart with
+the same workdir resumes exactly; SIGTERM saves), metrics writer (console / JSONL /
+TensorBoard), held-out evaluator — and hands them to :func:`tatar_jax.train.loop.train_loop`
+with a :mod:`tatar_jax.train.stages` object. After the loop: the final checkpoint, evaluation
+and HF export.
+
+Embedded default: a GRPO config with no weights configured runs an SFT warm-up stage first (in
+``<workdir>/sft``; the embedded random model has never seen the answer format) and starts GRPO
+from its last checkpoint; the GRPO run itself lives in ``<workdir>``.
+
+Everything a run writes is under ``workdir``: ``checkpoints/``, ``metrics.jsonl``,
+``tensorboard/``, ``config.json`` (model architecture), ``run_config.json`` (this config),
+``synthetic/`` (the embedded data set, when used), ``hf/`` (export), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from tatar_jax import config_files, multihost, sharding
+from tatar_jax.data import pipeline
+from tatar_jax.data import tokenizer as tokenizer_mod
+from tatar_jax.models import qwen2_5_vl as qvl
+from tatar_jax.train import checkpointing, loop, metrics, optim, sources, stages
+from tatar_jax.train import inputs as step_inputs
+from tatar_jax.train.evaluator import Evaluator
+
+PyTree = Any
+EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
+# Embedded SFT warm-up steps before GRPO when no weights are configured, per preset (the config
+# field ``sft_warmup_steps`` overrides; 0 disables).
+DEFAULT_WARMUP_STEPS = {"default": 200}
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    try:
+        v = cfg[name]
+    except (KeyError, AttributeError, TypeError):
+        return default
+    return default if v is None else v
+
+
+# --------------------------------------------------------------------------------------------
+# Model (moves to tatar_jax.loading)
+
+
+def _dtype(name: str) -> Any:
+    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def embedded_config(tok: Any, preset: str = "tiny") -> qvl.Qwen2_5_VLConfig:
+    """The embedded random model: ``qvl.preset(preset)`` sizes with the real Qwen2.5 vocabulary
+    and special-token ids of ``tok`` (so the real tokenizer, prompts and parser work), tied
+    embeddings (the 152k x D table dominates the parameter count of a tiny model)."""
+    base = qvl.preset(preset or "tiny")
+    text = dataclasses.replace(
+        base.text, vocab_size=max(EMBEDDED_VOCAB, len(tok)), tie_word_embeddings=True
+    )
+    return dataclasses.replace(
+        base,
+        text=text,
+        image_token_id=tok.image_pad_id,
+        video_token_id=tok.video_pad_id,
+        vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id,
+        bos_token_id=tok.pad_id,
+        eos_token_id=tok.im_end_id,
+        pad_token_id=tok.pad_id,
+    )
+
+
+def _arch_config(model_cfg: Any, tok: Any) -> qvl.Qwen2_5_VLConfig:
+    """Architecture of the model source (HF dir > a previous run's config.json > embedded)."""
+    if model_cfg.hf_dir:
+        return qvl.load_config_json(model_cfg.hf_dir)
+    init = model_cfg.init_checkpoint
+    if init:
+        for p in (pathlib.Path(init), *pathlib.Path(init).parents[:3]):
+            if (p / "config.json").is_file():
+                return qvl.load_config_json(str(p))
+        raise FileNotFoundError(f"{init}: no config.json in the run directory (architecture)")
+    return embedded_config(tok, model_cfg.preset or "tiny")
+
+
+def _remat(model_cfg: Any) -> tuple[str | None, str | None]:
+    """(decoder, vision) remat policies; ``remat=False`` disables both."""
+    on = _get(model_cfg, "remat", True)
+    if isinstance(on, str):  # older layout: the policy itself
+        return on or None, _get(model_cfg, "vision_remat", None) or None
+    if not on:
+        return None, None
+    return (
+        _get(model_cfg, "remat_policy", "full") or None,
+        _get(model_cfg, "vision_remat_policy", "full") or None,
+    )
+
+
+def build_model(
+    model_cfg: Any, tok: Any, *, seed: int, mesh: Any = None, rules: Any = None
+) -> tuple[nnx.Module, qvl.Qwen2_5_VLConfig]:
+    """The policy (concrete, parameters placed on ``mesh``) from the configured source."""
+    dtype, pdtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
+    remat, vremat = _remat(model_cfg)
+    config = _arch_config(model_cfg, tok)
+    if model_cfg.hf_dir and not model_cfg.init_checkpoint:
+        model = qvl.load_hf_checkpoint(
+            model_cfg.hf_dir, dtype, pdtype, mesh=mesh, rules=rules, remat=remat,
+            vision_remat=vremat,
+        )  # fmt: skip
+        return model, config
+
+    def make():
+        return qvl.Qwen2_5_VLForConditionalGeneration(
+            config, dtype=dtype, param_dtype=pdtype, remat=remat, vision_remat=vremat,
+            init_std=float(model_cfg.init_std), rngs=nnx.Rngs(seed),
+        )  # fmt: skip
+
+    if model_cfg.init_checkpoint:
+        model = nnx.eval_shape(make)
+        target = nnx.state(model, nnx.Param)
+        if mesh is not None:
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                target,
+                sharding.state_shardings(target, mesh, rules),
+            )
+        params, step = checkpointing.load_params(
+            model_cfg.init_checkpoint, target, step=int(model_cfg.init_step)
+        )
+        nnx.update(model, params)
+        logging.info("policy initialised from %s step %d", model_cfg.init_checkpoint, step)
+        return model, config
+    model = make()
+    if mesh is not None:
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+    return model, config
+
+
+# --------------------------------------------------------------------------------------------
+# One stage
+
+
+@dataclasses.dataclass
+class StageResult:
+    workdir: str
+    step: int
+    metrics: dict[str, float]
+    eval_first: dict[str, float]
+    eval_last: dict[str, float]
+    stopped: str = ""
+
+
+@dataclasses.dataclass
+class _Placement:
+    """The stage's mesh and logical rules; ``mesh`` is None when it has one device."""
+
+    mesh: Any
+    rules: Any
+    multi: bool  # the mesh spans several processes
+
+    def rules_ctx(self) -> contextlib.AbstractContextManager:
+        # Activation constraints apply only while the steps are traced inside ``use_rules``.
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return sharding.use_rules(self.mesh, self.rules)
+
+
+def _placement(cfg: Any) -> _Placement:
+    n_dev = int(cfg.mesh.num_devices)  # 0: all; n: the first n (one-process runs)
+    mesh = sharding.make_mesh(
+        dict(cfg.mesh.shape),
+        dcn_shape=dict(cfg.mesh.dcn_shape),
+        devices=jax.devices()[:n_dev] if n_dev > 0 else None,
+    )
+    rules = sharding.get_rules(cfg.mesh.rules)
+    return _Placement(mesh if mesh.size > 1 else None, rules, sharding.spans_processes(mesh))
+
+
+def _data(cfg: Any, wd: pathlib.Path, tok: Any) -> tuple[Any, Any, int, int]:
+    """(data iterator, pipeline options, total steps, rows per step over all processes)."""
+    nproc = jax.process_count()
+    sft = cfg.stage == "sft"
+    name = "sft.global_batch_size" if sft else "grpo.prompts_per_step"
+    per_step = int(cfg.sft.global_batch_size if sft else cfg.grpo.prompts_per_step)
+    if per_step % nproc:
+        raise ValueError(f"config.{name} = {per_step} is not divisible by {nproc} processes")
+    srcs = sources.sources(cfg, list(cfg.data.train), wd, "train")
+    infinite = int(cfg.total_steps) > 0
+    opts = pipeline.options_from_config(
+        cfg.data, cfg.stage, per_step // nproc, tokenizer_dir=sources.tokenizer_dir(cfg),
+        num_epochs=None if infinite else int(cfg.data.num_epochs),
+    )  # fmt: skip
+    total = int(cfg.total_steps) if infinite else pipeline.num_batches(srcs, opts)
+    return iter(pipeline.make_dataset(srcs, opts)), opts, total, per_step
+
+
+def _next_batch_fn(data_iter: Any, opts: Any, tok: Any) -> Any:
+    def next_batch() -> dict[str, Any]:
+        batch = next(data_iter)
+        if jax.process_count() > 1:  # every host's rows: rewards and update over the global batch
+            batch = multihost.global_batch(
+                batch, pad_id=int(tok.pad_id), padding_side=opts.side,
+                patch_buckets=opts.patch_buckets,
+            )  # fmt: skip
+        return batch
+
+    return next_batch
+
+
+def _flops_fn(model_config: Any, train_vision: bool) -> Any:
+    def flops_per_token(inputs: Any, batch: Mapping[str, Any]) -> float:
+        seq = inputs["rows"]["input_ids"].shape[1]
+        patches = int(np.asarray(batch["patch_mask"]).sum()) // max(len(batch["valid"]), 1)
+        try:
+            return metrics.flops_per_token(
+                dataclasses.asdict(model_config.text), dataclasses.asdict(model_config.vision),
+                seq, patches_per_seq=patches, train_vision=train_vision,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - MFU is an estimate; never stop training for it
+            logging.warning("no FLOP count (%s): MFU not reported", err)
+            return 0.0
+
+    return flops_per_token
+
+
+def _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place):
+    graphdef = nnx.graphdef(model)
+    if cfg.stage == "sft":
+        return stages.SftStage(
+            cfg, model.config, graphdef, tx, trainable=trainable, schedule=schedule
+        )
+    return stages.GrpoStage(
+        cfg, model, tok, graphdef, tx, trainable=trainable, schedule=schedule,
+        ref_params=params, num_rows=per_step * int(cfg.grpo.num_generations), workdir=wd,
+        mesh=place.mesh, rules=place.rules,
+    )  # fmt: skip
+
+
+def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> StageResult:
+    """Runs (or resumes) one stage in ``workdir``; returns where it ended."""
+    wd = pathlib.Path(workdir).absolute()
+    wd.mkdir(parents=True, exist_ok=True)
+    if cfg.stage not in ("sft", "grpo"):
+        raise ValueError(f"config.stage must be 'sft' or 'grpo', got {cfg.stage!r}")
+    (wd / "run_config.json").write_text(cfg.to_json_best_effort(indent=1))
+    t_start = time.time()
+    place = _placement(cfg)
+    tok = tokenizer_mod.load_tokenizer(sources.tokenizer_dir(cfg))
+    model, model_config = build_model(
+        cfg.model, tok, seed=int(cfg.seed), mesh=place.mesh, rules=place.rules
+    )
+    model_config.to_json_file(str(wd / "config.json"))
+    # The train state owns a copy (its buffers are donated to the step); ``params`` stays as the
+    # frozen reference model of GRPO and the initial weights.
+    params = nnx.state(model)
+    data_iter, opts, total, per_step = _data(cfg, wd, tok)
+    mu = int(cfg.grpo.num_iterations) if cfg.stage == "grpo" else 1
+    trainable = optim.trainable_mask(
+        params, freeze_vision=bool(cfg.model.freeze_vision), freeze=tuple(cfg.optimizer.freeze)
+    )
+    tx, schedule = optim.optimizer_from_config(cfg.optimizer, total * mu, trainable)
+    ck = cfg.checkpoint
+    ckpt = checkpointing.Checkpointer(
+        wd, every_steps=int(ck.every_steps), keep=int(ck.keep), async_save=bool(ck.async_save),
+        with_data=True, handle_sigterm=True,
+    )  # fmt: skip
+    state, restored = ckpt.restore_or_init(
+        # Every leaf its own buffer: the step donates the state (TrainState.create shares one
+        # zero scalar between its counters).
+        lambda: jax.tree.map(
+            jnp.copy, optim.TrainState.create(params, tx, jax.random.key(int(cfg.seed)))
+        ),
+        data_iter=data_iter,
+    )
+    if place.mesh is not None:
+        # The state's counters / key live on one device (fresh: the default device; restored:
+        # orbax commits them to device 0, which jit refuses next to the mesh's parameters).
+        state = sharding.replicate_stray_leaves(state, place.mesh)
+    start = 0 if restored is None else int(restored)
+    if restored is not None:
+        print(f"[tatar-jax] resumed {cfg.stage} from {ckpt.directory}/{restored}", flush=True)
+    stage = _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place)
+    lg = cfg.logging
+    writer = metrics.MetricsWriter(
+        wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
+        jsonl=bool(lg.jsonl), console=True,
+    )  # fmt: skip
+    evaluator = None
+    if list(cfg.eval.datasets):
+        mesh = place.mesh if place.multi else None
+        evaluator = Evaluator(cfg, model, tok, wd, mesh=mesh, rules=place.rules)
+    env = loop.LoopEnv(
+        data_iter=data_iter, next_batch=_next_batch_fn(data_iter, opts, tok),
+        put=lambda x: step_inputs.put_inputs(x, place.mesh, place.rules), checkpointer=ckpt,
+        writer=writer, evaluator=evaluator, total=total, log_every=int(lg.every_steps),
+        eval_every=int(cfg.eval.every_steps),
+        max_consecutive_nonfinite=int(cfg.optimizer.max_consecutive_nonfinite),
+        flops_per_token=_flops_fn(model_config, not bool(cfg.model.freeze_vision)),
+        rules=place.rules_ctx, inject_nonfinite_steps=frozenset(cfg.inject_nonfinite_steps),
+        progress=bool(lg.progress),
+    )  # fmt: skip
+    eval_first: dict[str, float] = {}
+    try:
+        if evaluator is not None and bool(cfg.eval.at_start) and start == 0:
+            eval_first = evaluator(state.params)
+            writer.write(0, eval_first, force=True)
+        print(
+            f"[tatar-jax] {cfg.stage}: steps {start}->{total}, checkpoints in {ckpt.directory}, "
+            f"metrics in {wd / 'metrics.jsonl'} and {wd / 'tensorboard'}",
+            flush=True,
+        )
+        res = loop.train_loop(stage, state, env, start)
+        if not res.stopped and res.step > start:  # (a finished stage that is resumed does nothing)
+            res.eval_last = _finish(cfg, res, env, model, wd) or res.eval_last
+    finally:
+        ckpt.close()
+        writer.close()
+    done = f"stopped ({res.stopped})" if res.stopped else "done"
+    print(
+        f"[tatar-jax] {cfg.stage} {done} at step {res.step} in {time.time() - t_start:.0f}s; "
+        f"checkpoints: {ckpt.directory}; metrics: {wd / 'metrics.jsonl'}, "
+        f"TensorBoard: {wd / 'tensorboard'}",
+        flush=True,
+    )
+    return StageResult(str(wd), res.step, res.last, eval_first, res.eval_last, res.stopped)
+
+
+def _finish(
+    cfg: Any, res: loop.LoopResult, env: loop.LoopEnv, model: nnx.Module, wd: pathlib.Path
+) -> dict[str, float]:
+    """End of a stage that ran: final checkpoint, final evaluation, HF export."""
+    if bool(cfg.checkpoint.save_at_end):
+        meta = {"stage": cfg.stage}
+        env.checkpointer.save(res.step, res.state, data_iter=env.data_iter, force=True, meta=meta)
+    eval_last: dict[str, float] = {}
+    if env.evaluator is not None and bool(cfg.eval.at_end):
+        eval_last = env.evaluator(res.state.params)
+        env.writer.write(res.step, eval_last, force=True)
+    if bool(cfg.checkpoint.export_hf):
+        nnx.update(model, res.state.params)
+        qvl.save_hf_checkpoint(model, wd / "hf")
+        print(f"[tatar-jax] exported HF weights to {wd / 'hf'}", flush=True)
+    return eval_last
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def warmup_config(cfg: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+    """The SFT warm-up of the embedded default: configs/sft.py with the GRPO run's model/data."""
+    sft_cfg = config_files.get_config("sft", cfg.get("preset", "default"))
+    sft_cfg.seed = cfg.seed
+    sft_cfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    sft_cfg.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())
+    sft_cfg.data.synthetic.image_size = cfg.data.synthetic.image_size
+    sft_cfg.data.tokenizer_dir = cfg.data.tokenizer_dir
+    sft_cfg.total_steps = int(steps)
+    sft_cfg.eval.datasets = tuple(cfg.eval.datasets)
+    sft_cfg.eval.max_examples = cfg.eval.max_examples
+    sft_cfg.eval.max_new_tokens = cfg.eval.max_new_tokens
+    sft_cfg.eval.batch_size = cfg.eval.batch_size
+    sft_cfg.eval.at_end = True
+    sft_cfg.eval.at_start = bool(_get(cfg.eval, "at_start", False))
+    sft_cfg.logging.progress = cfg.logging.progress
+    return sft_cfg
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, StageResult]:
+    """Runs the configured stage (with the embedded SFT warm-up first when it applies)."""
+    wd = pathlib.Path(workdir).absolute()
+    sharding.maybe_initialize_distributed(
+        bool(_get(cfg.mesh, "distributed", False)) or None,
+        coordinator_address=_get(cfg.mesh, "coordinator_address", None) or None,
+        num_processes=_get(cfg.mesh, "num_processes", None) or None,
+        process_id=_get(cfg.mesh, "process_id", None),
+    )
+    results: dict[str, StageResult] = {}
+    embedded = not cfg.model.hf_dir and not cfg.model.init_checkpoint
+    default_warm = DEFAULT_WARMUP_STEPS.get(_get(cfg, "preset", "default"), 0) if embedded else 0
+    warm = int(_get(cfg, "sft_warmup_steps", default_warm))
+    if cfg.stage == "grpo" and embedded and warm > 0:
+        results["sft"] = train_stage(warmup_config(cfg, warm), wd / "sft")
+        if results["sft"].stopped:
+            return results
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.model.init_checkpoint = str(wd / "sft")
+        cfg.model.init_step = -1
+        if results["sft"].eval_last:
+            cfg.eval.at_start = False  # the warm-up's final evaluation already scored these weights
+    results[cfg.stage] = train_stage(cfg, wd)
+    _summary(results, wd)
+    return results
+
+
+def _summary(results: Mapping[str, StageResult], wd: pathlib.Path) -> None:
+    rows = {}
+    for name, r in results.items():
+        rows[name] = {
+            "workdir": r.workdir,
+            "step": r.step,
+            "stopped": r.stopped,
+            "eval_first": r.eval_first,
+            "eval_last": r.eval_last,
+            "last_metrics": {k: v for k, v in r.metrics.items() if not k.startswith("time/")},
+        }
+    (wd / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
+    print(f"[tatar-jax] summary: {wd / 'summary.json'}", flush=True)
