@@ -134,22 +134,3 @@ def test_sharded_batch_and_vocab_match_single_device():
     got = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hs, ws)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6)
-
-
-def test_next_token_logprobs_alignment():
-    from tatar_jax.logprobs import next_token_logprobs
-
-    h, w, ids = _data((2, 9), seed=5)
-    mask = jnp.zeros((2, 9), jnp.int32).at[:, 5:].set(1)  # "completion" = positions 5..8
-    lp, ent = next_token_logprobs(h, w, ids, mask=mask, chunk_size=4, return_entropy=True)
-    z = jax.nn.log_softmax(h @ w, axis=-1)
-    for b in range(2):
-        for t in range(9):
-            want = float(z[b, t - 1, ids[b, t]]) if t >= 5 else 0.0
-            assert abs(float(lp[b, t]) - want) < 1e-5, (b, t)
-            want_e = float(-(jnp.exp(z[b, t - 1]) * z[b, t - 1]).sum()) if t >= 5 else 0.0
-            assert abs(float(ent[b, t]) - want_e) < 1e-5, (b, t)
-    full = next_token_logprobs(h, w, ids)
-    assert float(full[0, 0]) == 0.0 and float(full[0, 1]) == pytest.approx(
-        float(z[0, 0, ids[0, 1]])
-    )

@@ -164,39 +164,24 @@ def make_grpo_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     *,
-    num_micro: int = 1,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.001,
-    aggregation: str = "seq_mean_token_mean",
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
     trainable: PyTree | None = None,
     schedule: optax.Schedule | None = None,
+    **loss: Any,
 ) -> Callable[[optim.TrainState, Mapping[str, Any]], tuple[optim.TrainState, dict]]:
     """Pure ``step(state, inputs) -> (state, metrics)``: one optimizer update on a rollout.
 
+    ``loss``: the keyword arguments of :func:`grpo_grads` (num_micro, epsilon, epsilon_high,
+    beta, aggregation, temperature, chunk_size).
     Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
     over micro-batches), ``completion_tokens``, ``grad_norm``, ``update_skipped``,
     ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
     """
 
     def step(state: optim.TrainState, inputs: Mapping[str, Any]):
-        loss, grads, aux = grpo_grads(
-            graphdef,
-            state.params,
-            inputs,
-            num_micro=num_micro,
-            epsilon=epsilon,
-            epsilon_high=epsilon_high,
-            beta=beta,
-            aggregation=aggregation,
-            temperature=temperature,
-            chunk_size=chunk_size,
-        )
+        loss_value, grads, aux = grpo_grads(graphdef, state.params, inputs, **loss)
         new_state, info = optim.apply_gradients(
-            state, grads, tx, loss=loss, trainable=trainable, schedule=schedule
+            state, grads, tx, loss=loss_value, trainable=trainable, schedule=schedule
         )
-        return new_state, {"loss": loss, **aux, **info}
+        return new_state, {"loss": loss_value, **aux, **info}
 
     return step

@@ -275,19 +275,14 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         attention_mask: jax.Array | None = None,
         pixel_values: jax.Array | None = None,
         image_grid_thw: Any = None,
-        *,
-        position_ids: jax.Array | None = None,
-        vision_layout: VisionLayout | None = None,
+        **forward: Any,
     ) -> jax.Array:
         """Logits (B, L, V) in the activation dtype. Shapes as in transformers: input_ids (B, L),
-        attention_mask (B, L), pixel_values (N, patch_dim), image_grid_thw (num_images, 3)."""
+        attention_mask (B, L), pixel_values (N, patch_dim), image_grid_thw (num_images, 3);
+        ``forward``: the keyword arguments of :meth:`hidden_states` (``position_ids``,
+        ``vision_layout``, ``feat_index``) for jitted callers."""
         h, _ = self.hidden_states(
-            input_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            position_ids=position_ids,
-            vision_layout=vision_layout,
+            input_ids, attention_mask, pixel_values, image_grid_thw, **forward
         )
         if self._traced(h):
             return self.logits_from_hidden(h)
