@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _rewards_config(preset: str):
-    from tatar_jax import config_files
+    from configs import rewards as rewards_configs
 
-    return config_files.get_config("rewards", preset)
+    return rewards_configs.get_config(preset)
 
 
 # --- the peer: per-completion Python, the reference's way ---------------------------------

@@ -16,11 +16,6 @@ Sizes of unknown type use ``config_dict.placeholder`` so a flag can still set th
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-import types
-
 import ml_collections
 from ml_collections import config_dict
 
@@ -28,25 +23,6 @@ SEED = 42  # spec §6.3 / §7.4 (seed and data_seed)
 MIN_PIXELS = 3_136  # spec §6.3 (4 x 28 x 28)
 MAX_PIXELS = 1_572_864  # spec §6.3 (2,006 x 28 x 28)
 TASKS = ("iqa", "iaa")
-
-
-def load_sibling(name: str) -> types.ModuleType:
-    """Imports ``configs/<name>.py`` by path.
-
-    ``config_flags`` loads a config file by path and ``scripts/`` is ``sys.path[0]`` when a script
-    runs, so ``import configs.common`` would not resolve; loading siblings by path always does.
-    """
-    key = f"_tatar_configs_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load config module {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -163,30 +139,6 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.coordinator_address = config_dict.placeholder(str)
     c.num_processes = config_dict.placeholder(int)
     c.process_id = config_dict.placeholder(int)
-    return c
-
-
-def rewards_config(preset: str = "faithful") -> ml_collections.ConfigDict:
-    """Reward preset + per-task weights (spec §7.3, §8, §14).
-
-    ``configs/rewards.py`` (the rewards issue) owns the presets; when it is present its block is
-    used. Otherwise this block carries the same names: the faithful reference (accuracy + rank +
-    format, unweighted sum, T = 8.75).
-    """
-    path = pathlib.Path(__file__).with_name("rewards.py")
-    if path.exists():
-        module = load_sibling("rewards")
-        if hasattr(module, "get_config"):
-            return module.get_config(preset)
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    c.functions = ("accuracy", "rank", "format")
-    c.weights = ml_collections.ConfigDict(
-        {t: ml_collections.ConfigDict({"accuracy": 1.0, "rank": 1.0, "format": 1.0}) for t in TASKS}
-    )
-    c.threshold = 8.75  # spec §7.4 score_reward_threshold (0-100 scale)
-    # "global" batch (fixes B6) | "device_local" (one prompt per reward call, as the reference)
-    c.scope = "device_local" if preset == "faithful" else "global"
     return c
 
 

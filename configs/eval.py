@@ -19,22 +19,13 @@ from __future__ import annotations
 import pathlib
 import sys
 
+if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import ml_collections
 from ml_collections import config_dict
 
-
-def _common():
-    import importlib.util
-
-    key = "_tatar_configs_common"
-    if key not in sys.modules:
-        path = pathlib.Path(__file__).with_name("common.py")
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
+from configs import common  # noqa: E402
 
 PRESETS = ("default", "reference", "tiny")
 BENCHMARKS = ("KonIQ-10K", "SPAQ", "KADID", "PIPAL", "ArtiMuse-10K", "AVA", "TAD66K", "FLICKR-AES")
@@ -74,7 +65,6 @@ def eval_block() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    common = _common()
     preset = common.parse_preset(arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.preset = preset

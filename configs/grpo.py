@@ -16,22 +16,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
+if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import ml_collections
 from ml_collections import config_dict
 
-
-def _common():
-    import importlib.util
-
-    key = "_tatar_configs_common"
-    if key not in sys.modules:
-        path = pathlib.Path(__file__).with_name("common.py")
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
+from configs import common, sft
+from configs import rewards as rewards_configs
 
 PRESETS = ("default", "tiny", "reference")
 
@@ -61,28 +53,22 @@ def grpo_block() -> ml_collections.ConfigDict:
     # completion, then mean over completions (reference) | "token_mean" (DAPO) | "fixed_length"
     # (Dr. GRPO).
     c.loss_aggregation = "seq_mean_token_mean"
-    c.kl_estimator = "k3"
     # Rollout (spec §7.2). Temperature 1.0 is what the reference actually used (B11).
     c.temperature = 1.0
     c.top_k = 50  # HF GenerationConfig default; 0 = off
     c.top_p = 1.0
     c.max_new_tokens = 256
-    c.max_prompt_len = 0  # 0 = no truncation (truncating would cut image tokens, B10)
     c.mask_truncated_completions = False
     return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    common = _common()
     preset = common.parse_preset(arg, PRESETS)
     c = common.base_config(learning_rate=1e-6)  # authors' GRPOConfig (spec §7.4)
     c.stage = "grpo"
     c.preset = preset
     c.grpo = grpo_block()
-    # Embedded default only (no hf_dir / init_checkpoint): SFT warm-up steps (configs/sft.py with
-    # this run's model and data) in <workdir>/sft before GRPO starts from it; 0 = none.
-    c.sft_warmup_steps = 0
-    c.rewards = common.rewards_config("faithful" if preset == "reference" else "fixed")
+    c.rewards = rewards_configs.get_config("reference" if preset == "reference" else "tatar")
     # GRPO data: the two training lists concatenated and shuffled (spec §7.1), each prompt
     # repeated G times inside the step (never re-loaded per copy: fixes B5).
     c.data.mixing = "concat"
@@ -111,7 +97,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.logprob_chunk_size = 128
         # Embedded tiny random model on the synthetic set, CPU minutes: an SFT warm-up teaches the
         # format and a first ranking, GRPO's rewards refine it.
-        c.sft_warmup_steps = 200
         c.model.remat = False  # a tiny model: recomputation would only cost time
         c.eval.at_start = True
         c.optimizer.learning_rate = 5e-4
@@ -143,4 +128,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.logging.progress = False
         c.eval.max_examples = 8
         c.eval.max_new_tokens = 32
+    c.warmup = warmup_block(c, steps=200 if preset == "default" else 0)
     return c
+
+
+def warmup_block(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+    """The SFT warm-up of the embedded default: ``configs/sft.py`` of the same preset run for
+    ``steps`` steps in ``<workdir>/sft`` before GRPO starts from its last checkpoint. It runs
+    only when the model is embedded (no ``model.hf_dir`` / ``model.init_checkpoint``): a random
+    model has never seen the answer format. 0 steps = none.
+
+    The warm-up trains the GRPO run's model with its mesh, seed, image size, tokenizer and
+    held-out evaluation: those fields are shared (sub-blocks by reference, scalars by field
+    reference), so a command-line override of the GRPO field reaches the warm-up too.
+    ``--config.warmup.<field>`` sets any other SFT field of the warm-up.
+    """
+    w = sft.get_config(c.preset)
+    w.total_steps = steps
+    w.seed = c.get_ref("seed")
+    w.model = c.model
+    w.mesh = c.mesh
+    w.data.synthetic = c.data.synthetic
+    w.data.tokenizer_dir = c.data.get_ref("tokenizer_dir")
+    for name in ("datasets", "max_examples", "max_new_tokens", "batch_size", "at_start"):
+        setattr(w.eval, name, c.eval.get_ref(name))
+    w.eval.at_end = True
+    w.logging.progress = c.logging.get_ref("progress")
+    return w

@@ -20,16 +20,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
+if __package__ != "configs":  # loaded by path (absl config_flags): make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import ml_collections
 from ml_collections import config_dict
 
-try:
-    import tatar_jax  # noqa: F401
-except ImportError:  # loaded by path from a script without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from tatar_jax.reasoning import judge as J  # noqa: E402
-from tatar_jax.reasoning import prompts as P  # noqa: E402
+from tatar_jax.reasoning import judge as J
+from tatar_jax.reasoning import prompts as P
 
 PRESETS = ("iqa", "iaa")
 END_OF_TEXT = "<|endoftext|>"  # Qwen's end-of-text; DeepSeek-R1 distills end with their own EOS

@@ -8,12 +8,12 @@
 
 Presets (``get_config(arg)``):
 
-* ``reference`` (alias ``faithful``): what the authors' launch script optimises (spec §7.3,
+* ``reference``: what the authors' launch script optimises (spec §7.3,
   §8.6): format + Gaussian "accuracy" + sample-level soft "rank", unweighted sum for both tasks,
   T = 8.75. The reference computes rewards on one device's micro-batch (one prompt x 8), so its
   soft rank only sees one image (bug B6); ``scope = "device_local"`` with ``local_size = 8``
   reproduces that. Set ``scope = "global"`` to rank across the whole batch instead.
-* ``tatar`` (alias ``fixed``, and the ``default``): what the paper describes: IQA = format +
+* ``tatar`` (the default): what the paper describes: IQA = format +
   Gaussian score shaping; IAA = format + Thurstone completion ranking over the gathered global
   batch (``iaa_gaussian_weight`` optional, 0 by default).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-PRESETS = ("default", "reference", "faithful", "tatar", "fixed")
+PRESETS = ("tatar", "reference")
 FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
 
 
@@ -33,10 +33,9 @@ def _weights(**nonzero: float) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = (arg or "default").strip() or "default"
+    preset = (arg or "tatar").strip() or "tatar"
     if preset not in PRESETS:
         raise ValueError(f"unknown rewards preset {preset!r}; choose one of {PRESETS}")
-    preset = {"faithful": "reference", "fixed": "tatar", "default": "tatar"}.get(preset, preset)
 
     c = ml_collections.ConfigDict()
     c.preset = preset

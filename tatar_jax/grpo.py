@@ -1,27 +1,20 @@
-"""GRPO math: group advantages, the clipped-surrogate + k3-KL loss, per-task metrics (spec §7.3).
+"""GRPO math: group advantages and the clipped-surrogate + k3-KL loss (spec §7.3).
 
 Pure ``jnp`` functions with static shapes; the trainer's update step (rollout, log-probs,
 optimizer) lives elsewhere and calls these. Layout: the ``N = prompts x G`` completions of a step
 are ordered so that the G completions of one prompt are contiguous (rows ``g*G .. g*G+G-1``).
-
-Names accepted by ``configs/grpo.py`` are aliases here: advantage ``"group"`` = ``"grpo"``,
-``"group_no_std"`` = ``"dr_grpo"``, ``"batch"`` = ``"batch_std"``; loss aggregation
-``"sequence_mean"`` = ``"seq_mean_token_mean"``.
+Reward statistics per task are ``tatar_jax.train.metrics.grpo_reward_metrics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["group_advantages", "grpo_loss", "masked_mean", "per_task_metrics"]
+__all__ = ["group_advantages", "grpo_loss", "masked_mean"]
 
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch_std")
-_ADV_ALIASES = {"group": "grpo", "group_no_std": "dr_grpo", "batch": "batch_std"}
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "fixed_length")
-_AGG_ALIASES = {"sequence_mean": "seq_mean_token_mean"}
 
 
 def group_advantages(
@@ -44,7 +37,6 @@ def group_advantages(
 
     Returns (N,) in the rewards' float dtype (at least float32).
     """
-    mode = _ADV_ALIASES.get(mode, mode)
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; choose one of {ADVANTAGE_MODES}")
     r = jnp.asarray(rewards)
@@ -114,7 +106,6 @@ def grpo_loss(
     skipped), ``clip_frac_low`` (rho < 1 - eps with A < 0), ``clip_frac_high`` (rho > 1 + eps_high
     with A > 0), ``clip_frac``, ``ratio_mean``, ``ratio_min``, ``ratio_max``.
     """
-    aggregation = _AGG_ALIASES.get(aggregation, aggregation)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     eps_low = float(epsilon)
@@ -164,38 +155,3 @@ def grpo_loss(
         "ratio_max": jnp.where(any_on, jnp.max(jnp.where(on, ratio, -jnp.inf)), 0.0),
     }
     return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
-
-
-def per_task_metrics(
-    components: Mapping[str, jax.Array],
-    is_iaa: jax.Array,
-    parsed: jax.Array,
-    completion_lengths: jax.Array | None = None,
-    total: jax.Array | None = None,
-    valid: jax.Array | None = None,
-    extra: Mapping[str, jax.Array] | None = None,
-) -> dict[str, jax.Array]:
-    """Means per task (IQA / IAA) of each reward component, the total, completion length, parsed.
-
-    All inputs (N,); ``valid`` (N,) masks padding completions out; ``extra`` holds any other
-    per-completion quantity to average per task (e.g. ``{"think_len": ..., "num_words": ...}``).
-    Keys: ``reward/<name>/<task>``, ``reward/total/<task>``, ``completion_length/<task>``,
-    ``parsed_frac/<task>``, ``count/<task>``, ``<extra name>/<task>``. A task absent from the
-    batch gives 0 means (never NaN) and ``count`` 0, so a logger can tell "absent" from "zero".
-    Jittable.
-    """
-    is_iaa = jnp.asarray(is_iaa, bool)
-    base = jnp.ones(is_iaa.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    out: dict[str, jax.Array] = {}
-    for task, sel in (("iqa", base & ~is_iaa), ("iaa", base & is_iaa)):
-        out[f"count/{task}"] = sel.sum().astype(jnp.float32)
-        out[f"parsed_frac/{task}"] = masked_mean(jnp.asarray(parsed, jnp.float32), sel)
-        for name, r in components.items():
-            out[f"reward/{name}/{task}"] = masked_mean(r, sel)
-        if total is not None:
-            out[f"reward/total/{task}"] = masked_mean(total, sel)
-        if completion_lengths is not None:
-            out[f"completion_length/{task}"] = masked_mean(completion_lengths, sel)
-        for name, x in (extra or {}).items():
-            out[f"{name}/{task}"] = masked_mean(x, sel)
-    return out

@@ -1,12 +1,14 @@
-"""Answer parsing and the TATAR rewards as array programs (spec §4, §7.3, §8).
+"""The TATAR rewards as array programs, and their inputs from decoded completions (spec §4, §7.3,
+§8).
 
 Two halves:
 
 * **Host side** (plain Python / numpy, never jitted): :func:`parse_answer` (the strict training
-  parser of spec §4), :func:`parse_answer_lenient` + :func:`reference_rescale_prediction` (the
-  reference *evaluation* parser and its value-based rescaling, bug B2, for reference-compatible
-  evaluation only), and :func:`completion_features`, which turns a list of decoded completions
-  into the small per-completion arrays the rewards need. None of them raises on any string.
+  parser of spec §4) and :func:`parse_answer_lenient` (the reference *evaluation* parser), both
+  defined in :mod:`tatar_jax.answer_format` and exported here; :func:`reference_rescale_prediction`
+  (the reference evaluation's value-based rescaling, bug B2, for reference-compatible evaluation
+  only); and :func:`completion_features`, which turns a list of decoded completions into the small
+  per-completion arrays the rewards need. None of them raises on any string.
 * **Device side** (pure ``jnp``, jittable, static shapes): :func:`format_reward`,
   :func:`threshold_reward`, :func:`gaussian_score_reward`, :func:`soft_rank_reward`,
   :func:`thurstone_rank_reward` and :func:`total_reward` (the per-task weighted sum of a
@@ -41,15 +43,16 @@ Numerics: every logistic and every BCE is evaluated in log-sigmoid form. Clippin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tatar_jax import answer_format
+from tatar_jax.answer_format import parse_answer, parse_answer_lenient
 
 __all__ = [
     "CompletionFeatures",
@@ -67,106 +70,8 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# Parsing (host side)
+# Completion features (host side)
 # --------------------------------------------------------------------------------------------
-
-_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
-# Spec §4 step 3: optional sign, digits, optional .digits, optional exponent e±digits.
-_STRICT_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_LEADING_FENCE = re.compile(r"^```(?:text)?", re.IGNORECASE)
-_TRAILING_FENCE = re.compile(r"```$")
-_LENIENT_FENCE_OPEN = re.compile(r"^```(?:json)?", re.IGNORECASE)
-_LENIENT_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
-
-
-def _first_answer_block(text: str) -> str | None:
-    """Content of the first ``<answer>(.*?)</answer>`` (case-insensitive, dot-all).
-
-    Equivalent to ``re.search(r"<answer>(.*?)</answer>", text, re.I | re.S)`` but linear time: if
-    the first opening tag has no closing tag after it, no later opening tag has one either.
-    """
-    m = _ANSWER_OPEN.search(text)
-    if m is None:
-        return None
-    c = _ANSWER_CLOSE.search(text, m.end())
-    if c is None:
-        return None
-    return text[m.end() : c.start()]
-
-
-def _to_float(token: str) -> float | None:
-    try:
-        return float(token)
-    except (ValueError, OverflowError):  # non-ASCII digits float() does not know
-        return None
-
-
-def parse_answer(text: str) -> float | None:
-    """Strict training/reward parser (spec §4). Returns the number or ``None``.
-
-    First ``<answer>…</answer>`` block; surrounding whitespace and a leading (```` ``` ```` or
-    ```` ```text ````) / trailing code fence stripped; exactly one number token
-    ``[+-]?\\d+(\\.\\d+)?([eE][+-]?\\d+)?`` and nothing but whitespace besides it. ``"73.42
-    points"``, ``"score: 73"``, ``".5"``, ``"73."``, ``"70-80"`` → ``None``; ``"+73"``, ``"-5"``,
-    ``"7.3e1"`` → a float. The value is not clipped here (rewards clip to [0, 100]); a huge
-    exponent gives ``inf``, never NaN. Never raises for a ``str``.
-    """
-    if not isinstance(text, str):
-        return None
-    block = _first_answer_block(text)
-    if block is None:
-        return None
-    s = block.strip()
-    s = _LEADING_FENCE.sub("", s, count=1)
-    s = _TRAILING_FENCE.sub("", s, count=1)
-    tokens = _STRICT_NUMBER.findall(s)
-    if len(tokens) != 1:
-        return None
-    rest = s.replace(tokens[0], "", 1)
-    if rest.strip():
-        return None
-    return _to_float(tokens[0])
-
-
-def parse_answer_lenient(text: str) -> float | None:
-    """The reference *evaluation* parser (spec §4), for reference-compatible evaluation only.
-
-    Last ``<answer>…</answer>`` block; code fences (optionally ```` ```json ````) stripped; a JSON
-    object's ``rating`` if the content is one; else the first number-like substring anywhere in
-    the block ("about 73 points" → 73). No rescaling here: apply
-    :func:`reference_rescale_prediction` explicitly to reproduce bug B2. Never raises.
-    """
-    if not isinstance(text, str):
-        return None
-    blocks = re.findall(r"<answer>(.*?)</answer>", text, re.IGNORECASE | re.DOTALL)
-    if not blocks:
-        return None
-    s = blocks[-1].strip()
-    s = _LENIENT_FENCE_OPEN.sub("", s, count=1)
-    s = _TRAILING_FENCE.sub("", s, count=1).strip()
-    try:
-        obj = json.loads(s)
-    except (ValueError, RecursionError):
-        obj = None
-    if isinstance(obj, dict) and "rating" in obj:
-        rating = obj["rating"]
-        if isinstance(rating, bool):
-            rating = None
-        elif isinstance(rating, (int, float)):
-            value = float(rating)
-            return value if math.isfinite(value) else None
-        elif isinstance(rating, str):
-            m = _LENIENT_NUMBER.search(rating)
-            value = _to_float(m.group(0)) if m else None
-            return value if value is not None and math.isfinite(value) else None
-    m = _LENIENT_NUMBER.search(s)
-    if m is None:
-        return None
-    value = _to_float(m.group(0))
-    return value if value is not None and math.isfinite(value) else None
 
 
 def reference_rescale_prediction(value: float | None, task: str) -> float | None:
@@ -186,17 +91,6 @@ def reference_rescale_prediction(value: float | None, task: str) -> float | None
     if task == "iaa" and 1.0 < value <= 10.0:
         return 10.0 * value
     return min(max(value, 0.0), 100.0)
-
-
-def _think_text(text: str) -> str:
-    """Text of the first ``<think>`` block: up to ``</think>``, else up to ``<answer>`` / end."""
-    m = _THINK_OPEN.search(text)
-    if m is None:
-        return ""
-    c = _THINK_CLOSE.search(text, m.end())
-    if c is None:
-        c = _ANSWER_OPEN.search(text, m.end())
-    return text[m.end() : c.start()] if c is not None else text[m.end() :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,14 +130,7 @@ def completion_features(
     needed for any of them. ``parser`` is ``"strict"`` (spec §4, the default), ``"lenient"`` or a
     callable. Non-``str`` entries count as unparsed, empty completions. Never raises on text.
     """
-    if parser == "strict":
-        parse = parse_answer
-    elif parser == "lenient":
-        parse = parse_answer_lenient
-    elif callable(parser):
-        parse = parser
-    else:
-        raise ValueError(f"parser must be 'strict', 'lenient' or a callable, got {parser!r}")
+    parse = answer_format.get_parser(parser)
     n = len(texts)
     if think_token_counts is not None and len(think_token_counts) != n:
         raise ValueError(
@@ -262,11 +149,11 @@ def completion_features(
             parsed[i] = True
             prediction[i] = min(max(value, 0.0), 100.0)
         num_words[i] = len(text.split())
-        has_think[i] = _THINK_OPEN.search(text) is not None
+        has_think[i] = answer_format.has_think(text)
         if think_token_counts is not None:
             think_len[i] = int(think_token_counts[i])
         elif has_think[i]:
-            think = _think_text(text)
+            think = answer_format.think_text(text)
             think_len[i] = int(count_tokens(think)) if count_tokens else len(think.split())
     return CompletionFeatures(prediction, parsed, num_words, think_len, has_think)
 
@@ -501,10 +388,11 @@ REWARD_FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
 _CONFIG_BLOCK = {"threshold": "threshold_reward"}
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def _field(cfg: Any, key: str, where: str = "rewards config") -> Any:
+    """``cfg[key]`` of a ConfigDict or mapping; a missing field is an error naming it."""
+    if key not in cfg:
+        raise KeyError(f"{where} has no field {key!r}")
+    return cfg[key]
 
 
 def total_reward(
@@ -528,23 +416,23 @@ def total_reward(
     ``(total (N,), {name: unweighted reward (N,)})``. Jit it with the config closed over:
     ``jax.jit(functools.partial(total_reward, config=cfg))``.
     """
-    weights = _get(config, "weights")
+    weights = _field(config, "weights")
     is_iaa_b = jnp.asarray(is_iaa, bool)
     dtype = _float_dtype(pred, gt)
-    scope = _get(config, "scope", "global")
+    scope = _field(config, "scope")
     if scope not in ("global", "device_local"):
         raise ValueError(f"rewards scope must be 'global' or 'device_local', got {scope!r}")
-    local = _get(config, "local_size") if scope == "device_local" else None
+    local = _field(config, "local_size") if scope == "device_local" else None
     total = jnp.zeros(is_iaa_b.shape, dtype)
     parts: dict[str, jax.Array] = {}
+    w_task = {t: _field(weights, t, "rewards weights") for t in ("iqa", "iaa")}
     for name in REWARD_FUNCTIONS:
-        w_iqa = float(_get(_get(weights, "iqa"), name, 0.0) or 0.0)
-        w_iaa = float(_get(_get(weights, "iaa"), name, 0.0) or 0.0)
+        w_iqa = float(_field(w_task["iqa"], name, "rewards weights.iqa"))
+        w_iaa = float(_field(w_task["iaa"], name, "rewards weights.iaa"))
         if w_iqa == 0.0 and w_iaa == 0.0:
             continue
-        sub = _get(config, _CONFIG_BLOCK.get(name, name), {}) or {}
-        kw = dict(sub.items()) if hasattr(sub, "items") else {}
-        scale = float(kw.pop("scale", 1.0))
+        kw = dict(_field(config, _CONFIG_BLOCK.get(name, name)).items())
+        scale = float(kw.pop("scale"))
         if name == "format":
             r = format_reward(parsed).astype(dtype)
         elif name == "accuracy":

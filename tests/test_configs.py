@@ -85,6 +85,41 @@ def test_overrides(repo_root):
     assert c.data.sources.user_iaa.manifest == "/data/mine.jsonl"
 
 
+def test_grpo_warmup_block_follows_the_grpo_fields(repo_root):
+    """The embedded default's SFT warm-up is a config block: 200 steps of configs/sft.py's
+    default preset with the GRPO run's model, seed, image size and evaluation, including
+    command-line overrides of those GRPO fields."""
+    c = _parse(
+        repo_root,
+        [
+            f"--config={repo_root}/configs/grpo.py",
+            "--config.seed=3",
+            "--config.model.preset=small",
+            "--config.eval.max_new_tokens=7",
+            "--config.data.synthetic.image_size=64",
+            "--config.warmup.optimizer.learning_rate=0.05",
+        ],
+    )
+    w = c.warmup
+    assert w.stage == "sft" and w.total_steps == 200 and w.sft.global_batch_size == 8
+    assert (w.seed, w.model.preset, w.eval.max_new_tokens) == (3, "small", 7)
+    assert w.data.synthetic.image_size == 64 and w.eval.at_end and w.eval.at_start
+    assert w.optimizer.learning_rate == 0.05 and c.optimizer.learning_rate == 5e-4
+    assert w.model.dtype == "float32" and w.model.logprob_chunk_size == 128
+    for preset in (":tiny", ":reference"):
+        assert (
+            _parse(repo_root, [f"--config={repo_root}/configs/grpo.py{preset}"]).warmup.total_steps
+            == 0
+        )
+
+
+def test_configs_package_imports_without_jax():
+    """Config files are light: importing the package's stage configs loads no JAX."""
+    code = "import sys; from configs import grpo, sft, eval; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_unknown_field_and_preset_are_errors(repo_root):
     with pytest.raises((flags.Error, KeyError, AttributeError), match="lr"):
         _parse(repo_root, [f"--config={repo_root}/configs/sft.py", "--config.optimizer.lr=1"])

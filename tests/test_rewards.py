@@ -433,9 +433,9 @@ def test_thurstone_invariant_to_group_permutation(b, rnd):
 
 
 def _rewards_config(arg):
-    from tatar_jax import config_files
+    from configs import rewards as rewards_configs
 
-    return config_files.get_config("rewards", arg)
+    return rewards_configs.get_config(arg)
 
 
 def test_presets_constants():
@@ -456,16 +456,13 @@ def test_presets_constants():
     tat.iaa_gaussian_weight = 0.25
     tat.threshold = 10.0
     assert tat.weights.iaa.accuracy == 0.25 and tat.accuracy.threshold == 10.0
-    assert _rewards_config("faithful").preset == "reference"
     assert _rewards_config(None).preset == "tatar"
     with pytest.raises(ValueError, match="unknown rewards preset"):
         _rewards_config("nope")
 
 
 def test_grpo_config_embeds_rewards_presets():
-    from tatar_jax import config_files
-
-    module = config_files.load("grpo")
+    from configs import grpo as module
     assert module.get_config("reference").rewards.preset == "reference"
     assert module.get_config("tiny").rewards.preset == "tatar"
     assert module.get_config("reference").rewards.scope == "device_local"

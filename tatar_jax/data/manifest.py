@@ -124,19 +124,30 @@ class Loaded:
         return len(self.skipped)
 
 
+_SPEC_FIELDS = frozenset(
+    {"builtin", "task", "manifest", "score_range", "image_root", "sampling", "label_field",
+     "image_field", "target_field", "max_records"}
+)  # fmt: skip
+
+
 def spec_from_config(name: str, cfg: Any) -> DatasetSpec:
     """DatasetSpec from a config block (``ml_collections.ConfigDict`` or a dict).
 
     Fields: ``task``, ``manifest``, ``score_range`` (required: the declared native range),
     optional ``image_root``, ``sampling``, ``label_field``, ``image_field``, ``target_field``,
-    ``max_records`` (> 0 and no sampling: ``first:max_records``).
+    ``max_records`` (> 0 and no sampling: ``first:max_records``), and ``builtin`` (read by the
+    trainer; empty here). Any other field is an error (a misspelt optional field would otherwise
+    fall back to its default silently).
     """
+    unknown = sorted(set(cfg.keys()) - _SPEC_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"dataset {name!r}: unknown config field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(_SPEC_FIELDS))}"
+        )
 
     def get(key, default=None):
-        try:
-            v = cfg[key]
-        except (KeyError, AttributeError):
-            return default
+        v = cfg[key] if key in cfg else None
         return default if v is None else v
 
     for key in ("task", "manifest", "score_range"):

@@ -619,31 +619,30 @@ def num_batches(sources: Sequence[Source], opts: PipelineOptions) -> int:
 def options_from_config(data_cfg: Any, stage: str, batch_size: int, **overrides) -> PipelineOptions:
     """``PipelineOptions`` from a ``configs/common.py:data_config`` block (+ keyword overrides)."""
 
-    def get(name, default):
-        try:
-            v = data_cfg[name]
-        except (KeyError, AttributeError, TypeError):
-            return default
-        return default if v is None else v
+    def get(name: str) -> Any:
+        # Strict: a renamed or missing field is an error, never a silent default.
+        if name not in data_cfg:
+            raise KeyError(f"data config has no field {name!r}")
+        return data_cfg[name]
 
     kw = dict(
         stage=stage,
         batch_size=batch_size,
-        seq_buckets=tuple(get("seq_buckets", (256, 512, 1024, 2048))),
-        patch_buckets=(tuple(get("patch_buckets", ())) or None),
-        mixing=get("mixing", "concat"),
-        p_iqa=float(get("p_iqa", 0.5)),
-        stopping=get("stopping", "all_exhausted"),
-        num_epochs=get("num_epochs", 1),
-        shuffle=bool(get("shuffle", True)),
-        seed=int(get("seed", 42)),
-        worker_count=int(get("worker_count", 0)),
-        worker_buffer_size=int(get("prefetch", 2)),
-        bad_record=get("bad_record", "error"),
-        min_pixels=int(get("min_pixels", 3136)),
-        max_pixels=int(get("max_pixels", 1572864)),
-        prompt_variant=get("prompt_variant", "train"),
-        p_drop_think=dict(get("p_drop_think", {"iqa": 0.0, "iaa": 0.0})),
+        seq_buckets=tuple(get("seq_buckets")),
+        patch_buckets=(tuple(get("patch_buckets")) or None),
+        mixing=get("mixing"),
+        p_iqa=float(get("p_iqa")),
+        stopping=get("stopping"),
+        num_epochs=get("num_epochs"),
+        shuffle=bool(get("shuffle")),
+        seed=int(get("seed")),
+        worker_count=int(get("worker_count")),
+        worker_buffer_size=int(get("prefetch")),
+        bad_record=get("bad_record"),
+        min_pixels=int(get("min_pixels")),
+        max_pixels=int(get("max_pixels")),
+        prompt_variant=get("prompt_variant"),
+        p_drop_think=dict(get("p_drop_think")),
     )
     if stage == "eval":
         kw.update(num_epochs=1, shuffle=False, mixing="concat")

@@ -11,9 +11,10 @@ TensorBoard), held-out evaluator — and hands them to :func:`tatar_jax.train.lo
 with a :mod:`tatar_jax.train.stages` object. After the loop: the final checkpoint, evaluation
 and HF export.
 
-Embedded default: a GRPO config with no weights configured runs an SFT warm-up stage first (in
-``<workdir>/sft``; the embedded random model has never seen the answer format) and starts GRPO
-from its last checkpoint; the GRPO run itself lives in ``<workdir>``.
+Embedded default: a GRPO config with no weights configured runs its SFT warm-up stage
+(``config.warmup``, built in configs/grpo.py) first in ``<workdir>/sft`` (the embedded random
+model has never seen the answer format) and starts GRPO from its last checkpoint; the GRPO run
+itself lives in ``<workdir>``.
 
 Everything a run writes is under ``workdir``: ``checkpoints/``, ``metrics.jsonl``,
 ``tensorboard/``, ``config.json`` (model architecture), ``run_config.json`` (this config),
@@ -38,7 +39,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from tatar_jax import config_files, multihost, sharding
+from tatar_jax import multihost, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
@@ -48,9 +49,6 @@ from tatar_jax.train.evaluator import Evaluator
 
 PyTree = Any
 EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
-# Embedded SFT warm-up steps before GRPO when no weights are configured, per preset (the config
-# field ``sft_warmup_steps`` overrides; 0 disables).
-DEFAULT_WARMUP_STEPS = {"default": 200}
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -373,40 +371,20 @@ def _finish(
 # Entry point
 
 
-def warmup_config(cfg: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
-    """The SFT warm-up of the embedded default: configs/sft.py with the GRPO run's model/data."""
-    sft_cfg = config_files.get_config("sft", cfg.get("preset", "default"))
-    sft_cfg.seed = cfg.seed
-    sft_cfg.model = ml_collections.ConfigDict(cfg.model.to_dict())
-    sft_cfg.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())
-    sft_cfg.data.synthetic.image_size = cfg.data.synthetic.image_size
-    sft_cfg.data.tokenizer_dir = cfg.data.tokenizer_dir
-    sft_cfg.total_steps = int(steps)
-    sft_cfg.eval.datasets = tuple(cfg.eval.datasets)
-    sft_cfg.eval.max_examples = cfg.eval.max_examples
-    sft_cfg.eval.max_new_tokens = cfg.eval.max_new_tokens
-    sft_cfg.eval.batch_size = cfg.eval.batch_size
-    sft_cfg.eval.at_end = True
-    sft_cfg.eval.at_start = bool(_get(cfg.eval, "at_start", False))
-    sft_cfg.logging.progress = cfg.logging.progress
-    return sft_cfg
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, StageResult]:
     """Runs the configured stage (with the embedded SFT warm-up first when it applies)."""
     wd = pathlib.Path(workdir).absolute()
+    m = cfg.mesh
     sharding.maybe_initialize_distributed(
-        bool(_get(cfg.mesh, "distributed", False)) or None,
-        coordinator_address=_get(cfg.mesh, "coordinator_address", None) or None,
-        num_processes=_get(cfg.mesh, "num_processes", None) or None,
-        process_id=_get(cfg.mesh, "process_id", None),
+        m.distributed or None,
+        coordinator_address=m.coordinator_address or None,
+        num_processes=m.num_processes or None,
+        process_id=m.process_id,
     )
     results: dict[str, StageResult] = {}
     embedded = not cfg.model.hf_dir and not cfg.model.init_checkpoint
-    default_warm = DEFAULT_WARMUP_STEPS.get(_get(cfg, "preset", "default"), 0) if embedded else 0
-    warm = int(_get(cfg, "sft_warmup_steps", default_warm))
-    if cfg.stage == "grpo" and embedded and warm > 0:
-        results["sft"] = train_stage(warmup_config(cfg, warm), wd / "sft")
+    if cfg.stage == "grpo" and embedded and int(cfg.warmup.total_steps) > 0:
+        results["sft"] = train_stage(cfg.warmup, wd / "sft")
         if results["sft"].stopped:
             return results
         cfg = ml_collections.ConfigDict(cfg.to_dict())

@@ -302,7 +302,6 @@ def test_spec_from_config():
             "task": "iqa",
             "manifest": "/d/m.jsonl",
             "image_root": "/d/img",
-            "weight": 1.0,
             "max_records": 100,
             "score_range": (1, 5),
             "label_field": "gt_score_norm",
@@ -323,3 +322,5 @@ def test_spec_from_config():
     assert (spec.sampling, spec.target_field, spec.image_root) == ("random:5%", "cot_reasoning", "")
     with pytest.raises(ValueError, match="score_range.*declared native range"):
         manifest.spec_from_config("x", {"task": "iqa", "manifest": "m.json"})
+    with pytest.raises(ValueError, match="unknown config field.*'label_feild'"):
+        manifest.spec_from_config("x", {**d, "label_feild": "mos"})

@@ -318,9 +318,9 @@ def test_tfds_source_reads_like_the_manifest(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_options_from_the_stage_configs(stage):
-    from tatar_jax import config_files
+    import importlib
 
-    cfg = config_files.get_config(stage, "reference")
+    cfg = importlib.import_module(f"configs.{stage}").get_config("reference")
     opts = pl.options_from_config(cfg.data, stage, 16, process_index=0, process_count=1)
     assert opts.mixing == ("interleave" if stage == "sft" else "concat")
     assert opts.p_iqa == cfg.data.p_iqa and opts.seed == cfg.data.seed

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tatar_jax import config_files
 from tatar_jax.evaluation import cli, predict, specs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _eval_config(arg=None):
-    return config_files.get_config("eval", arg)
+    from configs import eval as eval_configs
+
+    return eval_configs.get_config(arg)
 
 
 def _fake_factory(cfg, *, checkpoint=""):

@@ -203,6 +203,10 @@ def test_grpo_reward_metrics():
     assert m["zero_std_groups/all"] == 0.5
     assert m["completion_len/iqa"] == 25 and m["parsed_frac/iqa"] == 0.75
     assert m["parsed_frac/all"] == pytest.approx(7 / 8)
+    # One task only: its statistics and "all", finite, nothing for the absent task.
+    one = metrics.grpo_reward_metrics({"accuracy": acc[:4]}, tasks[:4], group_size=4)
+    assert "reward/accuracy/iaa" not in one and all(np.isfinite(list(one.values())))
+    assert one["reward/accuracy/all"] == one["reward/accuracy/iqa"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="mixes tasks"):
         metrics.grpo_reward_metrics({"a": acc}, ["iqa", "iaa"] * 4, group_size=4)
     with pytest.raises(ValueError, match="multiple"):

@@ -30,7 +30,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tatar_jax import config_files, multihost
+from configs import grpo as grpo_configs
+from configs import sft as sft_configs
+from tatar_jax import multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -160,7 +162,7 @@ def _parse_any(text: str) -> float:
 
 def tiny_config(**mesh):
     """configs/grpo.py:tiny for 2 short steps with rewards that move the parameters."""
-    cfg = config_files.get_config("grpo", "tiny")
+    cfg = grpo_configs.get_config("tiny")
     cfg.total_steps = 2
     cfg.eval.datasets = ()
     cfg.model.remat = False
@@ -183,7 +185,7 @@ def tiny_config(**mesh):
 
 def tiny_sft_config(**mesh):
     """configs/sft.py:tiny for 2 steps, evaluated at the end on 4 held-out images (greedy)."""
-    cfg = config_files.get_config("sft", "tiny")
+    cfg = sft_configs.get_config("tiny")
     cfg.total_steps = 2
     cfg.model.remat = False
     cfg.optimizer.schedule = "constant"
