@@ -272,6 +272,19 @@ def _soft_rank_block(p, gamma, member, tau, m, eps):
     return jnp.where(member & (pair.sum(axis=-1) > 0), r, 0.0)
 
 
+def _unit_scale_inputs(
+    pred: jax.Array, gt: jax.Array, parsed: jax.Array, is_iaa: jax.Array
+) -> tuple[jax.Array, jax.Array, jnp.dtype, jax.Array, jax.Array]:
+    """The rank rewards' inputs: (parsed, is_iaa) as bool, the float dtype, and p = clean
+    prediction / 100 and gamma = clip(gt) / 100 on the 0-1 scale. All arrays (N,)."""
+    parsed = jnp.asarray(parsed, bool)
+    is_iaa = jnp.asarray(is_iaa, bool)
+    dtype = _float_dtype(pred, gt)
+    p = _clean_pred(pred, parsed, dtype) / 100.0
+    gamma = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
+    return parsed, is_iaa, dtype, p, gamma
+
+
 def soft_rank_reward(
     pred: jax.Array,
     gt: jax.Array,
@@ -294,12 +307,8 @@ def soft_rank_reward(
     members in I (per call) → all 0; IQA and unparsed → 0. (N,) → (N,); work O(N^2) globally,
     O(N x local_size) device-local.
     """
-    parsed = jnp.asarray(parsed, bool)
-    is_iaa = jnp.asarray(is_iaa, bool)
-    dtype = _float_dtype(pred, gt)
+    parsed, is_iaa, dtype, p, gamma = _unit_scale_inputs(pred, gt, parsed, is_iaa)
     n = parsed.shape[0]
-    p = _clean_pred(pred, parsed, dtype) / 100.0
-    gamma = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
     member = parsed & is_iaa
     if local_size is None:
         return _soft_rank_block(p, gamma, member, tau, m, eps).astype(dtype)
@@ -335,18 +344,14 @@ def thurstone_rank_reward(
     (N, N). ``local_size`` restricts S to each consecutive chunk of completions (device-local
     reference semantics, B6; chunks must not split a group). (N,) → (N,).
     """
-    parsed = jnp.asarray(parsed, bool)
-    is_iaa = jnp.asarray(is_iaa, bool)
+    parsed, is_iaa, dtype, p, gamma_c = _unit_scale_inputs(pred, gt, parsed, is_iaa)
     group_ids = jnp.asarray(group_ids, jnp.int32)
-    dtype = _float_dtype(pred, gt)
     n = parsed.shape[0]
     ng = n if num_groups is None else int(num_groups)
     if not isinstance(group_ids, jax.core.Tracer) and n:
         lo, hi = int(group_ids.min()), int(group_ids.max())
         if lo < 0 or hi >= ng:  # segment ops would silently drop these completions
             raise ValueError(f"group_ids must lie in [0, {ng}), got min {lo}, max {hi}")
-    p = _clean_pred(pred, parsed, dtype) / 100.0
-    gamma_c = jnp.clip(jnp.asarray(gt, dtype), 0.0, 100.0) / 100.0
     valid = parsed.astype(dtype)
     seg = lambda x: jax.ops.segment_sum(x, group_ids, num_segments=ng)
     count = seg(valid)
@@ -384,15 +389,48 @@ def thurstone_rank_reward(
 # --------------------------------------------------------------------------------------------
 
 REWARD_FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
-# Config block holding each function's constants (top-level "threshold" is the shared T).
-_CONFIG_BLOCK = {"threshold": "threshold_reward"}
+# Config block of each function (the top-level "threshold" is the shared T, so the threshold
+# reward's block has another name) and the constants the block passes to the function; every
+# block also holds the function's "scale".
+_CONFIG_BLOCK = {
+    "format": "format",
+    "accuracy": "accuracy",
+    "threshold": "threshold_reward",
+    "rank": "rank",
+    "thurstone": "thurstone",
+}
+_CONSTANTS = {
+    "format": (),
+    "accuracy": (
+        "threshold", "target", "alpha_iqa", "alpha_iaa", "iqa_max_words", "iaa_min_words",
+        "iqa_scale", "iaa_scale",
+    ),
+    "threshold": ("threshold",),
+    "rank": ("tau", "m", "eps"),
+    "thurstone": ("tau", "m", "eps"),
+}  # fmt: skip
 
 
-def _field(cfg: Any, key: str, where: str = "rewards config") -> Any:
-    """``cfg[key]`` of a ConfigDict or mapping; a missing field is an error naming it."""
-    if key not in cfg:
-        raise KeyError(f"{where} has no field {key!r}")
-    return cfg[key]
+def _field(config: Any, *path: str) -> Any:
+    """``config[path[0]][path[1]]…`` of a ConfigDict or nested mapping; a missing field is an
+    error that names its dotted path."""
+    node = config
+    for i, key in enumerate(path):
+        if key not in node:
+            raise KeyError(f"rewards config has no field {'.'.join(path[: i + 1])!r}")
+        node = node[key]
+    return node
+
+
+def _function_constants(config: Any, name: str) -> tuple[float, dict[str, Any]]:
+    """(scale, constants) of reward function ``name`` from its block; a missing or an unknown
+    field is an error."""
+    block = _CONFIG_BLOCK[name]
+    unknown = sorted(set(_field(config, block).keys()) - {"scale", *_CONSTANTS[name]})
+    if unknown:
+        raise ValueError(f"rewards config block {block!r} has unknown fields {unknown}")
+    scale = float(_field(config, block, "scale"))
+    return scale, {k: _field(config, block, k) for k in _CONSTANTS[name]}
 
 
 def total_reward(
@@ -412,11 +450,11 @@ def total_reward(
     / ``weights.iaa`` map each name of :data:`REWARD_FUNCTIONS` to its weight (this is where the
     "asymmetric" in TATAR lives), one sub-block per function holds its constants, and ``scope`` /
     ``local_size`` choose the global batch or the reference's device-local calls for the rank
-    rewards. A function whose weight is 0 for both tasks is not computed. Returns
-    ``(total (N,), {name: unweighted reward (N,)})``. Jit it with the config closed over:
-    ``jax.jit(functools.partial(total_reward, config=cfg))``.
+    rewards. Every field is read strictly: a missing one is a ``KeyError`` naming its dotted path,
+    an unknown one in a function's block a ``ValueError``. A function whose weight is 0 for both
+    tasks is not computed. Returns ``(total (N,), {name: unweighted reward (N,)})``. Jit it with
+    the config closed over: ``jax.jit(functools.partial(total_reward, config=cfg))``.
     """
-    weights = _field(config, "weights")
     is_iaa_b = jnp.asarray(is_iaa, bool)
     dtype = _float_dtype(pred, gt)
     scope = _field(config, "scope")
@@ -425,14 +463,12 @@ def total_reward(
     local = _field(config, "local_size") if scope == "device_local" else None
     total = jnp.zeros(is_iaa_b.shape, dtype)
     parts: dict[str, jax.Array] = {}
-    w_task = {t: _field(weights, t, "rewards weights") for t in ("iqa", "iaa")}
     for name in REWARD_FUNCTIONS:
-        w_iqa = float(_field(w_task["iqa"], name, "rewards weights.iqa"))
-        w_iaa = float(_field(w_task["iaa"], name, "rewards weights.iaa"))
+        w_iqa = float(_field(config, "weights", "iqa", name))
+        w_iaa = float(_field(config, "weights", "iaa", name))
         if w_iqa == 0.0 and w_iaa == 0.0:
             continue
-        kw = dict(_field(config, _CONFIG_BLOCK.get(name, name)).items())
-        scale = float(kw.pop("scale"))
+        scale, kw = _function_constants(config, name)
         if name == "format":
             r = format_reward(parsed).astype(dtype)
         elif name == "accuracy":
