@@ -463,6 +463,7 @@ def test_presets_constants():
 
 def test_grpo_config_embeds_rewards_presets():
     from configs import grpo as module
+
     assert module.get_config("reference").rewards.preset == "reference"
     assert module.get_config("tiny").rewards.preset == "tatar"
     assert module.get_config("reference").rewards.scope == "device_local"
@@ -500,6 +501,38 @@ def test_total_reward_rejects_bad_scope():
     cfg.scope = "per_device"
     b = make_batch("random", 0)
     with pytest.raises(ValueError, match="scope"):
+        rewards.total_reward(
+            b["pred"], b["gt"], b["parsed"], b["words"], b["is_iaa"], b["gid"], config=cfg
+        )
+
+
+@pytest.mark.parametrize(
+    "path,error,match",
+    [
+        (("weights", "iaa", "thurstone"), KeyError, "weights.iaa.thurstone"),
+        (("thurstone", "eps"), KeyError, "thurstone.eps"),
+        (("accuracy", "scale"), KeyError, "accuracy.scale"),
+        (("scope",), KeyError, "scope"),
+    ],
+)
+def test_total_reward_missing_field_is_an_error(path, error, match):
+    cfg = _rewards_config("tatar").to_dict()
+    parent = cfg
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    b = make_batch("random", 0)
+    with pytest.raises(error, match=match):
+        rewards.total_reward(
+            b["pred"], b["gt"], b["parsed"], b["words"], b["is_iaa"], b["gid"], config=cfg
+        )
+
+
+def test_total_reward_unknown_block_field_is_an_error():
+    cfg = _rewards_config("tatar").to_dict()
+    cfg["thurstone"]["temperature"] = 0.1
+    b = make_batch("random", 0)
+    with pytest.raises(ValueError, match="temperature"):
         rewards.total_reward(
             b["pred"], b["gt"], b["parsed"], b["words"], b["is_iaa"], b["gid"], config=cfg
         )
