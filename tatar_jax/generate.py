@@ -627,6 +627,29 @@ class Sampler:
 
     __call__ = generate
 
+    def lower(
+        self, state: Any, ids: Any, mask: Any, pos: Any, deltas: Any, pv: Any, layout: Any, key: Any
+    ) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+        """The (prefill, decode) programs lowered for these inputs (concrete or
+        ``jax.ShapeDtypeStruct``; the arguments of ``prefill`` as :meth:`prepare` gives them),
+        exactly as :meth:`generate` runs them: AOT memory plans and HLO dumps. Call it under
+        ``sharding.use_rules`` on a mesh."""
+        prefill = self._prefill.lower(state, ids, mask, pos, deltas, pv, layout, key)
+        carry = jax.eval_shape(self._prefill_fn, state, ids, mask, pos, deltas, pv, layout, key)
+        carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry)
+        return prefill, self._decode.lower(state, carry)
+
+
+def decode_completions(tokenizer: Any, out: GenerateOutput) -> list[str]:
+    """Each row's generated text: the masked tokens (up to and including the stop token) decoded
+    with special tokens skipped. Global arrays of a mesh spanning several processes are gathered
+    first, so every process gets every row."""
+    tokens, mask = sharding_mod.to_host(out.tokens), sharding_mod.to_host(out.mask)
+    return [
+        tokenizer.decode(tokens[k][mask[k].astype(bool)].tolist(), skip_special_tokens=True)
+        for k in range(len(tokens))
+    ]
+
 
 def _pad_rows(ids: Any, mask: Any, n: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Appends ``n`` rows holding one valid pad token (left-padded, no image tokens)."""

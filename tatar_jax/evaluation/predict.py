@@ -1,9 +1,9 @@
 """The model side of evaluation: a greedy-decoding ``predict_fn`` from a checkpoint.
 
-This is the only part of :mod:`tatar_jax.evaluation` that touches the model. It needs
-``tatar_jax.models.qwen2_5_vl`` (weights) and ``tatar_jax.generate`` (the rollout engine,
-issue 5). When either is missing, :func:`build_predict_fn` raises :class:`ModelUnavailableError`
-saying which; there is no fallback that invents predictions.
+This is the only part of :mod:`tatar_jax.evaluation` that touches the model: weights come from
+:func:`tatar_jax.loading.load_policy` (an HF directory, an orbax export, a training run), greedy
+completions from :func:`tatar_jax.generate.generate`. Without weights :func:`build_predict_fn`
+raises :class:`ModelUnavailableError`; nothing invents predictions.
 
 Data parallelism: the rollout engine gets the mesh, so a batch of ``eval.batch_size`` prompts is
 split over the mesh's batch axes (the KV cache with it) and the weights are sharded per the
@@ -16,19 +16,15 @@ inside the model and ``eval.batch_size`` is the batch of one process.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import numpy as np
 
 from tatar_jax.evaluation.runner import RecordFailure
 
 
 class ModelUnavailableError(RuntimeError):
-    """A module the model side needs is not available in this checkout."""
+    """No weights were given (a random model would score nothing meaningful)."""
 
 
 @dataclasses.dataclass
@@ -47,60 +43,19 @@ class Predictor:
     info: dict[str, Any]
 
 
-def _require(module: str, issue: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ModelUnavailableError(
-            f"{module} is not available ({err}); it is built by {issue}. Evaluation with a model "
-            "needs it - nothing else is substituted."
-        ) from err
-
-
-def _dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[name]
-
-
 def load_model(model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "") -> tuple[Any, str]:
-    """The model from ``checkpoint`` (orbax), ``model_cfg.hf_dir`` or the embedded preset.
+    """(model, name) from ``checkpoint`` (an orbax export or a training run, see
+    :mod:`tatar_jax.loading`) or ``model_cfg.hf_dir``, in ``model_cfg.dtype``."""
+    from tatar_jax import loading
 
-    ``checkpoint`` may be an exported orbax model directory (``config.json`` + params, written
-    by ``save_orbax``) or a training run (workdir / step directory,
-    :mod:`tatar_jax.train.checkpointing`; its architecture comes from ``hf_dir``'s
-    ``config.json``, else ``model_cfg.preset``).
-    Returns (model, name).
-    """
-    from flax import nnx
-
-    from tatar_jax.train import checkpointing
-
-    qvl = _require("tatar_jax.models.qwen2_5_vl", "issue 2 (the model port)")
-    dtype = _dtype(model_cfg.dtype)
-    if checkpoint and os.path.exists(os.path.join(checkpoint, "config.json")):
-        shard = qvl.checkpoint._shardings_from_mesh(mesh, rules)
-        return qvl.load_orbax(checkpoint, dtype, shardings=shard), os.path.basename(
-            os.path.normpath(checkpoint)
-        )
-    if model_cfg.hf_dir and not checkpoint:
-        model = qvl.load_hf_checkpoint(model_cfg.hf_dir, dtype, mesh=mesh, rules=rules)
-        return model, os.path.basename(os.path.normpath(model_cfg.hf_dir))
-    config = qvl.load_config_json(model_cfg.hf_dir) if model_cfg.hf_dir else None
-    config = config or qvl.preset(model_cfg.preset)
-    model = nnx.eval_shape(
-        lambda: qvl.Qwen2_5_VLForConditionalGeneration(
-            config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)
-        )
-    )
-    if not checkpoint:
+    if not checkpoint and not model_cfg.hf_dir:
         raise ModelUnavailableError(
-            "no weights: give --checkpoint (orbax) or --hf_dir (a Hugging Face directory)"
+            "no weights: give --checkpoint (an orbax export or a training run) or --hf_dir "
+            "(a Hugging Face directory)"
         )
-    state = nnx.state(model, nnx.Param)
-    params, step = checkpointing.load_params(checkpoint, state)
-    nnx.update(model, params)
-    return model, f"{os.path.basename(os.path.normpath(checkpoint))}@{step}"
+    source = loading.PolicySource(hf_dir=model_cfg.hf_dir, checkpoint=checkpoint)
+    policy = loading.load_policy(source, dtype=model_cfg.dtype, mesh=mesh, rules=rules)
+    return policy.model, policy.name
 
 
 def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
@@ -109,10 +64,9 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
     Initialises multi-host JAX when configured, builds the mesh, loads the weights
     (:func:`load_model`) and the tokenizer (``model.hf_dir``'s, else the offline Qwen rebuild),
     then wires them with ``tatar_jax.generate.generate`` through :func:`make_predict_fn`.
-    Raises :class:`ModelUnavailableError` if the rollout engine or the model package is missing.
+    Raises :class:`ModelUnavailableError` without weights.
     """
-    generate = _require("tatar_jax.generate", "issue 5 (the rollout engine)")
-    from tatar_jax import sharding
+    from tatar_jax import generate, sharding
     from tatar_jax.data import tokenizer
 
     sharding.maybe_initialize_distributed(
@@ -176,16 +130,11 @@ def make_predict_fn(
     masked tokens decoded with special tokens stripped.
     """
     import jax
-    from jax.experimental import multihost_utils
 
+    from tatar_jax import generate
     from tatar_jax.data import examples, image
 
     rope_cfg = examples.RopeConfig.from_tokenizer(tok, merge_size)
-
-    def to_host(x: Any) -> np.ndarray:
-        if getattr(x, "is_fully_addressable", True):
-            return np.asarray(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def predict_fn(records: Sequence[Mapping[str, Any]]) -> list[str | RecordFailure]:
         if len(records) > ev.batch_size:
@@ -240,11 +189,7 @@ def make_predict_fn(
             mesh=mesh,
             rules=rules,
         )
-        tokens, mask = to_host(out.tokens), to_host(out.mask)
-        texts = iter(
-            tok.decode(tokens[k][mask[k]].tolist(), skip_special_tokens=True)
-            for k in range(len(exs))
-        )
+        texts = iter(generate.decode_completions(tok, out)[: len(exs)])
         return [failures[k] if k in failures else next(texts) for k in range(len(records))]
 
     return predict_fn

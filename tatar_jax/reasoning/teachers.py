@@ -21,7 +21,6 @@ import dataclasses
 import http.client
 import json
 import mimetypes
-import os
 import random
 import threading
 import time
@@ -293,13 +292,11 @@ class JaxTeacher:
 
     The request is rendered with the Qwen2.5-VL chat template (system, user = image + text,
     generation prompt), the image is preprocessed like the data path does, and the completion is
-    decoded with special tokens stripped. Stop strings are applied to the decoded text. One row at
-    a time (run the builder with ``concurrency = 1``); batching rows is future work.
+    decoded with special tokens stripped (``generate.decode_completions``). Stop strings are
+    applied to the decoded text. One row at a time (run the builder with ``concurrency = 1``).
 
-    ``generate_fn`` defaults to ``tatar_jax.generate.generate`` with the signature
-    ``generate(model, input_ids, attention_mask, pixel_values=..., image_grid_thw=...,
-    max_new_tokens=..., temperature=..., top_p=..., rng=..., eos_ids=...)`` returning generated
-    token ids ``[B, T]`` (or a mapping / object with ``tokens``).
+    ``generate_fn``: ``tatar_jax.generate.generate`` unless a test passes a stand-in with its
+    signature, returning a ``GenerateOutput``.
     """
 
     def __init__(
@@ -313,7 +310,6 @@ class JaxTeacher:
         max_pixels: int = 1572864,
         chat_template: str | None = None,
         generate_fn: Callable[..., Any] | None = None,
-        preprocess_fn: Callable[..., Any] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -323,92 +319,55 @@ class JaxTeacher:
         self.max_pixels = max_pixels
         self.chat_template = chat_template
         self._generate = generate_fn
-        self._preprocess = preprocess_fn
         self._calls = 0
         self._lock = threading.Lock()
 
-    def _gen(self) -> Callable[..., Any]:
-        if self._generate is None:
-            from tatar_jax import generate as gen_mod  # lazy: pulls in JAX and the model
-
-            self._generate = gen_mod.generate
-        return self._generate
-
-    def _pixels(self, path: str):
-        if self._preprocess is None:
-            from tatar_jax.data import image as image_mod  # lazy
-
-            def _pp(p: str):
-                return image_mod.preprocess_image(
-                    image_mod.load_image(p), min_pixels=self.min_pixels, max_pixels=self.max_pixels
-                )
-
-            self._preprocess = _pp
-        return self._preprocess(path)
-
-    def complete(self, request: ChatRequest) -> str:
+    def _prompt(self, request: ChatRequest) -> tuple[Any, dict[str, Any]]:
+        """(input_ids (1, L), the image's generate keywords) of a request."""
         import numpy as np
 
+        from tatar_jax.data import image as image_mod
         from tatar_jax.data import prompts as chat
 
         user: list[dict[str, Any]] = []
-        pixel_values = grid = None
+        image_kw: dict[str, Any] = {}
         if request.image is not None:
             user.append({"type": "image"})
-            pixel_values, grid = self._pixels(request.image)
+            pv, grid = image_mod.preprocess_image(
+                image_mod.load_image(request.image), self.min_pixels, self.max_pixels
+            )
+            image_kw = {
+                "pixel_values": np.asarray(pv),
+                "image_grid_thw": np.asarray([grid], dtype=np.int32),
+            }
         user.append({"type": "text", "text": request.user})
         msgs = [{"role": "system", "content": request.system}, {"role": "user", "content": user}]
         text = chat.render_chat(msgs, self.chat_template, add_generation_prompt=True)
-        if grid is not None:
+        if image_kw:
             text = chat.expand_image_pads(text, [chat.num_image_tokens(grid)])
-        ids = np.asarray([self.tokenizer.encode(text)], dtype=np.int32)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=int(request.sampling.max_tokens),
-            temperature=float(request.sampling.temperature),
-            top_p=float(request.sampling.top_p),
-        )
-        if pixel_values is not None:
-            kwargs["pixel_values"] = np.asarray(pixel_values)
-            kwargs["image_grid_thw"] = np.asarray([grid], dtype=np.int32)
-        eos = tuple(int(t) for t in getattr(self.tokenizer, "eos_ids", ()) or ())
-        if eos:  # stop at the tokenizer's end of turn (not only the config's eos id)
-            kwargs["stop_token_ids"] = eos
+        return np.asarray([self.tokenizer.encode(text)], dtype=np.int32), image_kw
+
+    def complete(self, request: ChatRequest) -> str:
+        import jax
+        import numpy as np
+
+        from tatar_jax import generate
+
+        ids, image_kw = self._prompt(request)
+        gen = self._generate or generate.generate
         with self._lock:  # one generation at a time; the seed advances per call
-            import jax
-
-            kwargs["rng"] = jax.random.PRNGKey(self.seed + self._calls)
+            rng = jax.random.key(self.seed + self._calls)
             self._calls += 1
-            gen = self._gen()
-            out = gen(self.model, ids, np.ones_like(ids), **_accepted(gen, kwargs))
-        tokens = out
-        if isinstance(out, Mapping):
-            tokens = out.get("tokens", out.get("sequences"))
-        elif hasattr(out, "tokens"):
-            tokens = out.tokens
-        row = [int(t) for t in np.asarray(tokens)[0].tolist()]
-        if len(row) > int(request.sampling.max_tokens):  # the prompt came back too: drop it
-            row = row[ids.shape[1] :]
-        eos = set(getattr(self.tokenizer, "eos_ids", ()))
-        for i, t in enumerate(row):
-            if t in eos:
-                row = row[:i]
-                break
-        reply = self.tokenizer.decode(row, skip_special_tokens=True)
+            out = gen(
+                self.model, ids, np.ones_like(ids), **image_kw,
+                max_new_tokens=int(request.sampling.max_tokens),
+                temperature=float(request.sampling.temperature),
+                top_p=float(request.sampling.top_p),
+                # stop at the tokenizer's end of turn (not only the config's eos id)
+                stop_token_ids=tuple(int(t) for t in self.tokenizer.eos_ids), rng=rng,
+            )  # fmt: skip
+        reply = generate.decode_completions(self.tokenizer, out)[0]
         return apply_stop(reply, request.sampling.stop)
-
-
-def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments ``fn`` accepts (optional extras are dropped, never the core ones)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    optional = ("stop_token_ids", "rng", "top_p")
-    return {k: v for k, v in kwargs.items() if k in params or k not in optional}
 
 
 def apply_stop(text: str, stop: Sequence[str]) -> str:
@@ -423,18 +382,13 @@ def apply_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def load_jax_teacher(checkpoint: str, seed: int = 0, dtype: str = "bfloat16") -> JaxTeacher:
-    """Our model from a Hugging Face Qwen2.5-VL directory (safetensors) + its tokenizer.
-
-    Needs the rollout engine (``tatar_jax.generate``) at the first ``complete`` call.
-    """
+    """Our model from a Hugging Face Qwen2.5-VL directory (safetensors) + its tokenizer."""
     if not checkpoint:
         raise ValueError("teacher.kind = 'jax' needs teacher.checkpoint (a Qwen2.5-VL directory)")
-    import jax.numpy as jnp
-
+    from tatar_jax import loading
     from tatar_jax.data.tokenizer import load_tokenizer
-    from tatar_jax.models.qwen2_5_vl.checkpoint import load_hf_checkpoint
 
-    model = load_hf_checkpoint(checkpoint, dtype=getattr(jnp, dtype))
+    policy = loading.load_policy(loading.PolicySource(hf_dir=checkpoint), dtype=dtype)
     tok = load_tokenizer(checkpoint)
-    name = f"jax:{os.path.basename(os.path.normpath(checkpoint))}"
-    return JaxTeacher(model, tok, name=name, seed=seed, chat_template=tok.chat_template)
+    name = f"jax:{policy.name}"
+    return JaxTeacher(policy.model, tok, name=name, seed=seed, chat_template=tok.chat_template)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from tatar_jax import generate, sharding
+from tatar_jax import generate
 from tatar_jax.data import pipeline
 from tatar_jax.train import sources
 
@@ -79,8 +79,7 @@ class Evaluator:
                     batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:n_patch],
                     batch["image_grid_thw"], state=params,
                 )  # fmt: skip
-                toks, mask = sharding.to_host(gen.tokens), sharding.to_host(gen.mask)
-                texts = [self.tok.decode(toks[k][mask[k]].tolist()) for k in range(len(toks))]
+                texts = generate.decode_completions(self.tok, gen)
                 for k in np.nonzero(batch["valid"])[0]:
                     recs.append({"gt_100": float(batch["gt_100"][k]), "task": src.task})
                     comps.append(texts[k])

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tatar_jax import sharding
+from tatar_jax import loading, sharding
 from tatar_jax.train import optim
 
 __all__ = ["HBM_GIB", "PROGRAMS", "PlanSpec", "plan", "parse_mesh", "format_table"]
@@ -45,7 +45,6 @@ GIB = 1024**3
 # Memory per device (GiB) of the accelerators the plan compares against.
 HBM_GIB: dict[str, float] = {"v5e": 16.0, "v5p": 95.0, "H100": 80.0, "H200": 141.0}
 PROGRAMS = ("update", "ref_logps", "prefill", "decode")
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,19 +144,11 @@ class _Builder:
         self.mesh = sharding.make_mesh(dict(spec.mesh), devices=devices)
         self.rules = sharding.get_rules(spec.rules)
         self.config = qvl.tiny() if spec.model == "tiny" else qvl.preset(spec.model)
-        dtype, pdtype = _DTYPES[spec.dtype], _DTYPES[spec.param_dtype]
-        self.dtype = dtype
-        cfg = self.config
-        self.model = nnx.eval_shape(
-            lambda: qvl.Qwen2_5_VLForConditionalGeneration(
-                cfg,
-                dtype=dtype,
-                param_dtype=pdtype,
-                remat=spec.remat,
-                vision_remat=spec.vision_remat,
-                rngs=nnx.Rngs(0),
-            )
-        )
+        self.dtype = loading.to_dtype(spec.dtype)
+        self.model = loading.build_model(
+            self.config, dtype=self.dtype, param_dtype=loading.to_dtype(spec.param_dtype),
+            remat=spec.remat, vision_remat=spec.vision_remat, abstract=True,
+        )  # fmt: skip
         self.graphdef, self.params = nnx.split(self.model)
         self.param_shardings = sharding.state_shardings(self.params, self.mesh, self.rules)
 
@@ -209,11 +200,12 @@ class _Builder:
         return {"rows": rows, "shared": {"pixel_values": pv, "layout": layout}}
 
 
-def _compile(fn: Any, *args: Any, mesh: Any, rules: Any) -> tuple[Any, float]:
+def _compile(lower: Any, *, mesh: Any, rules: Any) -> tuple[Any, float]:
+    """Compiles ``lower()`` (a ``jax.stages.Lowered``) under the plan's rules; (compiled, s)."""
     t0 = time.perf_counter()
     with sharding.use_rules(mesh, rules), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        compiled = fn.lower(*args).compile()
+        compiled = lower().compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -236,7 +228,7 @@ def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
         trainable=trainable,
     )
     fn = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=(0,))
-    compiled, secs = _compile(fn, state, inputs, mesh=b.mesh, rules=b.rules)
+    compiled, secs = _compile(lambda: fn.lower(state, inputs), mesh=b.mesh, rules=b.rules)
     sizes = {
         "params": _per_device_bytes(state.params),
         "opt_state": _per_device_bytes(state.opt_state),
@@ -246,7 +238,7 @@ def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
 
 def _ref_params(b: _Builder) -> Any:
     s = b.spec
-    dt = _DTYPES[s.ref_param_dtype or s.param_dtype]
+    dt = loading.to_dtype(s.ref_param_dtype or s.param_dtype)
     ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), b.params)
     return b.put(ref, b.param_shardings)
 
@@ -260,7 +252,8 @@ def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
     )
     inputs = b.grpo_inputs()
     inputs["rows"].pop("ref_logps", None)
-    compiled, secs = _compile(fn, _ref_params(b), inputs, mesh=b.mesh, rules=b.rules)
+    ref = _ref_params(b)
+    compiled, secs = _compile(lambda: fn.lower(ref, inputs), mesh=b.mesh, rules=b.rules)
     return _memory(compiled), secs
 
 
@@ -299,21 +292,20 @@ def _prefill_args(b: _Builder, sampler: Any) -> tuple[Any, ...]:
     )
 
 
-def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float]:
+def _plan_rollout(b: _Builder, program: int) -> tuple[dict[str, int], float]:
+    """Program 0 = prefill, 1 = decode, lowered by the sampler exactly as it runs them."""
     sampler = _sampler(b)
     args = _prefill_args(b, sampler)
-    compiled, secs = _compile(sampler._prefill, *args, mesh=b.mesh, rules=b.rules)
+    compiled, secs = _compile(lambda: sampler.lower(*args)[program], mesh=b.mesh, rules=b.rules)
     return _memory(compiled), secs
+
+
+def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float]:
+    return _plan_rollout(b, 0)
 
 
 def _plan_decode(b: _Builder) -> tuple[dict[str, int], float]:
-    sampler = _sampler(b)
-    args = _prefill_args(b, sampler)
-    with sharding.use_rules(b.mesh, b.rules):
-        carry = jax.eval_shape(sampler._prefill_fn, *args)
-    carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry)
-    compiled, secs = _compile(sampler._decode, args[0], carry, mesh=b.mesh, rules=b.rules)
-    return _memory(compiled), secs
+    return _plan_rollout(b, 1)
 
 
 def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[dict[str, Any]]:

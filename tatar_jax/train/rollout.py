@@ -106,10 +106,7 @@ class RolloutEngine:
     ) -> Rollout:
         g = self.g
         b = len(batch["valid"])
-        texts = [
-            self.tok.decode(tokens[k][cmask[k]].tolist(), skip_special_tokens=True)
-            for k in range(len(tokens))
-        ]
+        texts = generate.decode_completions(self.tok, generate.GenerateOutput(tokens, cmask, logps))
         feats = rewards.completion_features(texts, parser=self.rewards_cfg.parser)
         valid = np.repeat(np.asarray(batch["valid"], bool), g)
         is_iaa = np.repeat(np.asarray(batch["task_id"]) == IAA_ID, g)

@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from tatar_jax import multihost, sharding
+from tatar_jax import loading, multihost, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
@@ -48,116 +48,35 @@ from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train.evaluator import Evaluator
 
 PyTree = Any
-EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    try:
-        v = cfg[name]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if v is None else v
+def policy_source(model_cfg: Any) -> loading.PolicySource:
+    """The ``model`` block's weights: ``init_checkpoint`` (a previous stage), ``hf_dir``, or the
+    embedded ``preset``."""
+    return loading.PolicySource(
+        hf_dir=model_cfg.hf_dir, checkpoint=model_cfg.init_checkpoint,
+        step=int(model_cfg.init_step), preset=model_cfg.preset or "tiny",
+    )  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------
-# Model (moves to tatar_jax.loading)
-
-
-def _dtype(name: str) -> Any:
-    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[name]
-
-
-# --------------------------------------------------------------------------------------------
-# Model
-
-
-def embedded_config(tok: Any, preset: str = "tiny") -> qvl.Qwen2_5_VLConfig:
-    """The embedded random model: ``qvl.preset(preset)`` sizes with the real Qwen2.5 vocabulary
-    and special-token ids of ``tok`` (so the real tokenizer, prompts and parser work), tied
-    embeddings (the 152k x D table dominates the parameter count of a tiny model)."""
-    base = qvl.preset(preset or "tiny")
-    text = dataclasses.replace(
-        base.text, vocab_size=max(EMBEDDED_VOCAB, len(tok)), tie_word_embeddings=True
-    )
-    return dataclasses.replace(
-        base,
-        text=text,
-        image_token_id=tok.image_pad_id,
-        video_token_id=tok.video_pad_id,
-        vision_start_token_id=tok.vision_start_id,
-        vision_end_token_id=tok.vision_end_id,
-        bos_token_id=tok.pad_id,
-        eos_token_id=tok.im_end_id,
-        pad_token_id=tok.pad_id,
-    )
-
-
-def _arch_config(model_cfg: Any, tok: Any) -> qvl.Qwen2_5_VLConfig:
-    """Architecture of the model source (HF dir > a previous run's config.json > embedded)."""
-    if model_cfg.hf_dir:
-        return qvl.load_config_json(model_cfg.hf_dir)
-    init = model_cfg.init_checkpoint
-    if init:
-        for p in (pathlib.Path(init), *pathlib.Path(init).parents[:3]):
-            if (p / "config.json").is_file():
-                return qvl.load_config_json(str(p))
-        raise FileNotFoundError(f"{init}: no config.json in the run directory (architecture)")
-    return embedded_config(tok, model_cfg.preset or "tiny")
-
-
-def _remat(model_cfg: Any) -> tuple[str | None, str | None]:
-    """(decoder, vision) remat policies; ``remat=False`` disables both."""
-    on = _get(model_cfg, "remat", True)
-    if isinstance(on, str):  # older layout: the policy itself
-        return on or None, _get(model_cfg, "vision_remat", None) or None
-    if not on:
+def remat_policies(model_cfg: Any) -> tuple[str | None, str | None]:
+    """(decoder, vision) remat policies of the ``model`` block; ``remat=False`` disables both."""
+    if not model_cfg.remat:
         return None, None
-    return (
-        _get(model_cfg, "remat_policy", "full") or None,
-        _get(model_cfg, "vision_remat_policy", "full") or None,
-    )
+    return model_cfg.remat_policy or None, model_cfg.vision_remat_policy or None
 
 
-def build_model(
-    model_cfg: Any, tok: Any, *, seed: int, mesh: Any = None, rules: Any = None
-) -> tuple[nnx.Module, qvl.Qwen2_5_VLConfig]:
-    """The policy (concrete, parameters placed on ``mesh``) from the configured source."""
-    dtype, pdtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
-    remat, vremat = _remat(model_cfg)
-    config = _arch_config(model_cfg, tok)
-    if model_cfg.hf_dir and not model_cfg.init_checkpoint:
-        model = qvl.load_hf_checkpoint(
-            model_cfg.hf_dir, dtype, pdtype, mesh=mesh, rules=rules, remat=remat,
-            vision_remat=vremat,
-        )  # fmt: skip
-        return model, config
-
-    def make():
-        return qvl.Qwen2_5_VLForConditionalGeneration(
-            config, dtype=dtype, param_dtype=pdtype, remat=remat, vision_remat=vremat,
-            init_std=float(model_cfg.init_std), rngs=nnx.Rngs(seed),
-        )  # fmt: skip
-
-    if model_cfg.init_checkpoint:
-        model = nnx.eval_shape(make)
-        target = nnx.state(model, nnx.Param)
-        if mesh is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                target,
-                sharding.state_shardings(target, mesh, rules),
-            )
-        params, step = checkpointing.load_params(
-            model_cfg.init_checkpoint, target, step=int(model_cfg.init_step)
-        )
-        nnx.update(model, params)
-        logging.info("policy initialised from %s step %d", model_cfg.init_checkpoint, step)
-        return model, config
-    model = make()
-    if mesh is not None:
-        state = nnx.state(model)
-        nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
-    return model, config
+def load_policy(cfg: Any, tok: Any, mesh: Any = None, rules: Any = None) -> loading.Policy:
+    """The policy a stage trains, from its config."""
+    remat, vremat = remat_policies(cfg.model)
+    policy = loading.load_policy(
+        policy_source(cfg.model), tokenizer=tok, dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype, remat=remat, vision_remat=vremat,
+        init_std=float(cfg.model.init_std), seed=int(cfg.seed), mesh=mesh, rules=rules,
+    )  # fmt: skip
+    if policy.step is not None:
+        logging.info("policy initialised from %s", policy.name)
+    return policy
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,9 +189,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     t_start = time.time()
     place = _placement(cfg)
     tok = tokenizer_mod.load_tokenizer(sources.tokenizer_dir(cfg))
-    model, model_config = build_model(
-        cfg.model, tok, seed=int(cfg.seed), mesh=place.mesh, rules=place.rules
-    )
+    policy = load_policy(cfg, tok, place.mesh, place.rules)
+    model, model_config = policy.model, policy.config
     model_config.to_json_file(str(wd / "config.json"))
     # The train state owns a copy (its buffers are donated to the step); ``params`` stays as the
     # frozen reference model of GRPO and the initial weights.

@@ -58,9 +58,16 @@ class RecordingGenerate:
         self.tok, self.reply, self.calls = tok, reply, []
 
     def __call__(self, model, input_ids, attention_mask, **kw):
+        from tatar_jax import generate
+
         self.calls.append((input_ids, attention_mask, kw))
         out = self.tok.encode(self.reply + "<|im_end|>ignored after end of turn")
-        return {"tokens": np.asarray([out[: kw["max_new_tokens"]]], dtype=np.int32)}
+        tokens = np.asarray([out[: kw["max_new_tokens"]]], dtype=np.int32)
+        # generate's mask: up to and including the first stop token
+        stop = np.isin(tokens[0], kw["stop_token_ids"])
+        end = int(np.argmax(stop)) + 1 if stop.any() else tokens.shape[1]
+        mask = np.arange(tokens.shape[1])[None] < end
+        return generate.GenerateOutput(tokens, mask, np.zeros(tokens.shape, np.float32))
 
 
 def test_jax_teacher_plumbing(tmp_path, qwen_tok):

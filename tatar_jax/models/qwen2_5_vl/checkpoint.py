@@ -41,6 +41,7 @@ from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
 __all__ = [
     "CheckpointError",
+    "shardings_from_mesh",
     "SafetensorsReader",
     "hf_rules",
     "load_hf_checkpoint",
@@ -202,7 +203,9 @@ def _flat_vars(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
     return out
 
 
-def _shardings_from_mesh(mesh: Any, rules: Any) -> Callable[[tuple[str, ...], Any], Any]:
+def shardings_from_mesh(mesh: Any, rules: Any) -> Callable[[tuple[str, ...], Any], Any]:
+    """``fn(path, variable) -> NamedSharding`` placing each parameter by its logical axis names
+    (the ``shardings`` argument of the loaders)."""
     from jax.sharding import NamedSharding
 
     from tatar_jax import sharding as sh
@@ -247,7 +250,7 @@ def load_hf_checkpoint(
     layout = _detect_layout(names)
     rules_ = hf_rules(config, layout)
     if shardings is None and mesh is not None:
-        shardings = _shardings_from_mesh(mesh, rules)
+        shardings = shardings_from_mesh(mesh, rules)
 
     abstract = nnx.eval_shape(
         lambda: Qwen2_5_VLForConditionalGeneration(
@@ -554,7 +557,7 @@ def load_orbax(
     orbax_dir = os.path.abspath(os.fspath(orbax_dir))
     param_dtype = dtype if param_dtype is None else param_dtype
     if shardings is None and mesh is not None:
-        shardings = _shardings_from_mesh(mesh, rules)
+        shardings = shardings_from_mesh(mesh, rules)
     config = load_config_json(orbax_dir)
     abstract = nnx.eval_shape(
         lambda: Qwen2_5_VLForConditionalGeneration(

@@ -1,0 +1,185 @@
+"""Where a policy's weights come from: the one loader for training, evaluation, scoring, teachers
+and memory plans.
+
+    from tatar_jax import loading
+    policy = loading.load_policy(loading.PolicySource(hf_dir="/ckpt/Qwen2.5-VL-7B-Instruct"),
+                                 dtype="bfloat16", mesh=mesh, rules=rules)
+    policy.model, policy.config, policy.name, policy.step
+
+Sources (:class:`PolicySource`), first match wins:
+
+- ``checkpoint`` = an orbax export (a folder with ``config.json`` and ``params/``, written by
+  ``qvl.save_orbax`` / ``scripts/convert_checkpoint.py``);
+- ``checkpoint`` = a training run (a ``scripts/train.py`` workdir, its ``checkpoints/`` folder or
+  one step folder; ``step`` -1 = the latest): the architecture is the ``config.json`` found in
+  that folder or up to three levels above it (every run writes one), else ``hf_dir``'s, else the
+  embedded one;
+- ``hf_dir`` = a Hugging Face Qwen2.5-VL folder (safetensors + ``config.json``);
+- neither: the embedded random model (``preset`` sizes with the real Qwen2.5 vocabulary and
+  special-token ids of ``tokenizer``), initialised from ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tatar_jax import sharding
+from tatar_jax.models import qwen2_5_vl as qvl
+
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
+
+
+def to_dtype(name: str) -> Any:
+    """The jnp dtype named ``name`` (one of :data:`DTYPES`)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySource:
+    """Where the weights come from (see the module docstring)."""
+
+    hf_dir: str = ""
+    checkpoint: str = ""
+    step: int = -1  # training checkpoints: -1 = the latest step
+    preset: str = "tiny"  # the embedded model's size when neither is given
+
+
+@dataclasses.dataclass
+class Policy:
+    """A loaded policy: the model, its architecture, a short name for reports, the training
+    step it came from (None for HF / orbax exports / the embedded model)."""
+
+    model: nnx.Module
+    config: qvl.Qwen2_5_VLConfig
+    name: str
+    step: int | None = None
+
+
+def embedded_config(tok: Any, preset: str = "tiny") -> qvl.Qwen2_5_VLConfig:
+    """The embedded random model: ``qvl.preset(preset)`` sizes with the real Qwen2.5 vocabulary
+    and special-token ids of ``tok`` (so the real tokenizer, prompts and parser work), tied
+    embeddings (the 152k x D table dominates the parameter count of a tiny model)."""
+    base = qvl.preset(preset or "tiny")
+    text = dataclasses.replace(
+        base.text, vocab_size=max(EMBEDDED_VOCAB, len(tok)), tie_word_embeddings=True
+    )
+    return dataclasses.replace(
+        base,
+        text=text,
+        image_token_id=tok.image_pad_id,
+        video_token_id=tok.video_pad_id,
+        vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id,
+        bos_token_id=tok.pad_id,
+        eos_token_id=tok.im_end_id,
+        pad_token_id=tok.pad_id,
+    )
+
+
+def is_orbax_export(path: str | os.PathLike) -> bool:
+    """A folder written by ``qvl.save_orbax``: ``config.json`` + ``params/``."""
+    p = pathlib.Path(path)
+    return (p / "config.json").is_file() and (p / qvl.checkpoint.ORBAX_PARAMS).exists()
+
+
+def architecture(source: PolicySource, tokenizer: Any = None) -> qvl.Qwen2_5_VLConfig:
+    """The architecture of ``source`` without loading weights."""
+    if source.checkpoint:
+        start = pathlib.Path(source.checkpoint)
+        for p in (start, *start.parents[:3]):
+            if (p / "config.json").is_file():
+                return qvl.load_config_json(str(p))
+    if source.hf_dir:
+        return qvl.load_config_json(source.hf_dir)
+    if source.checkpoint and tokenizer is None:
+        raise FileNotFoundError(
+            f"{source.checkpoint}: no config.json in the run directory or above it "
+            "(the architecture); give the HF directory it was trained from"
+        )
+    if tokenizer is None:
+        raise ValueError("the embedded model needs the tokenizer (its vocabulary and ids)")
+    return embedded_config(tokenizer, source.preset)
+
+
+def build_model(
+    config: qvl.Qwen2_5_VLConfig,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    remat: str | None = None,
+    vision_remat: str | None = None,
+    init_std: float = 0.02,
+    seed: int = 0,
+    abstract: bool = False,
+) -> nnx.Module:
+    """A randomly initialised model of ``config`` (``abstract``: shapes only, nothing computed)."""
+
+    def make() -> nnx.Module:
+        return qvl.Qwen2_5_VLForConditionalGeneration(
+            config, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype,
+            remat=remat, vision_remat=vision_remat, init_std=float(init_std),
+            rngs=nnx.Rngs(seed),
+        )  # fmt: skip
+
+    return nnx.eval_shape(make) if abstract else make()
+
+
+def _basename(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def load_policy(
+    source: PolicySource,
+    *,
+    tokenizer: Any = None,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    remat: str | None = None,
+    vision_remat: str | None = None,
+    init_std: float = 0.02,
+    seed: int = 0,
+    mesh: Any = None,
+    rules: Any = None,
+) -> Policy:
+    """The policy of ``source``, parameters placed on ``mesh`` by the logical ``rules`` (None:
+    the default device). ``dtype``: activations; ``param_dtype``: parameters (default ``dtype``).
+    """
+    from tatar_jax.train import checkpointing  # lazy: orbax
+
+    dt = to_dtype(dtype)
+    pdt = dt if param_dtype is None else to_dtype(param_dtype)
+    if source.checkpoint and is_orbax_export(source.checkpoint):
+        model = qvl.load_orbax(source.checkpoint, dt, pdt, mesh=mesh, rules=rules)
+        return Policy(model, model.config, _basename(source.checkpoint))
+    if source.hf_dir and not source.checkpoint:
+        model = qvl.load_hf_checkpoint(
+            source.hf_dir, dt, pdt, mesh=mesh, rules=rules, remat=remat, vision_remat=vision_remat
+        )
+        return Policy(model, model.config, _basename(source.hf_dir))
+    config = architecture(source, tokenizer)
+    kw = dict(dtype=dt, param_dtype=pdt, remat=remat, vision_remat=vision_remat, seed=seed)
+    if not source.checkpoint:
+        model = build_model(config, init_std=init_std, **kw)
+        if mesh is not None:
+            state = nnx.state(model)
+            nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+        return Policy(model, config, f"embedded:{source.preset or 'tiny'}")
+    model = build_model(config, abstract=True, **kw)
+    target = nnx.state(model, nnx.Param)
+    if mesh is not None:
+        target = sharding.abstract_with_shardings(
+            target, sharding.state_shardings(target, mesh, rules)
+        )
+    params, step = checkpointing.load_params(source.checkpoint, target, step=int(source.step))
+    nnx.update(model, params)
+    return Policy(model, config, f"{_basename(source.checkpoint)}@{step}", step)
