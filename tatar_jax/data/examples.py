@@ -29,21 +29,18 @@ never depend on padding (fixes B3) and always include end-of-turn (fixes B4).
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from tatar_jax import answer_format
 from tatar_jax.data import prompts
 from tatar_jax.data.tokenizer import Tokenizer
 
 PATCH_DIM = 1176  # 3 channels x 2 (temporal) x 14 x 14
 IGNORE_INDEX = -100
-
-_ANSWER_RE = re.compile(r"<answer>.*?</answer>", re.DOTALL | re.IGNORECASE)
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 RopeIndexFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -156,15 +153,7 @@ def rope_positions(
 
 def rewrite_answer(target: str, gt_100: float) -> str:
     """Every ``<answer>…</answer>`` set to ``gt_100`` with two decimals; appended if none."""
-    ans = f"<answer>{gt_100:.2f}</answer>"
-    if _ANSWER_RE.search(target):
-        return _ANSWER_RE.sub(lambda _: ans, target)
-    return f"{target}\n{ans}"
-
-
-def empty_think(target: str) -> str:
-    """The target with each ``<think>…</think>`` replaced by the empty thought (spec D1)."""
-    return _THINK_RE.sub(lambda _: prompts.EMPTY_THINK, target)
+    return answer_format.replace_answers(target, answer_format.score_text(gt_100))
 
 
 def drop_think_draw(
@@ -347,7 +336,7 @@ def make_sft_example(
     p = float((p_drop_think or {}).get(task, 0.0))
     dropped = drop_think_draw(seed, epoch, row_id, task, p, dataset=dataset, visit=visit)
     if dropped:
-        text = empty_think(text)
+        text = answer_format.empty_think(text)
     ids, mask = assistant_span(tok, task, text, variant, chat_template, where)
     ids_x, at = _expand_ids(ids, tok.image_pad_id, n_img, where)
     mask_x = np.concatenate([mask[:at], np.zeros(n_img, np.int32), mask[at + 1 :]])

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tatar_jax import answer_format
+
 TASKS: tuple[str, str] = ("iqa", "iaa")
 TASK_IDS: dict[str, int] = {"iqa": 0, "iaa": 1}
 
@@ -31,30 +33,38 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-EMPTY_THINK = "<think>\n\n</think>"
-
+# The templates name the tags through answer_format (_TAG_FIELDS) so that the words the model
+# reads and the format it is parsed with cannot drift apart.
 _SYSTEM = (
     "A conversation between User and Assistant. The User gives an image and a rating task; the "
     "Assistant rates the image. The Assistant may first reason about the image inside "
-    "<think> </think> tags; this reasoning is optional and may be {length}. The final answer must "
-    "be inside <answer> </answer> tags and contain only a single floating-point number, with no "
-    "other text. If <think> is used, it must come before <answer>."
+    "{think_open} {think_close} tags; this reasoning is optional and may be {length}. The final "
+    "answer must be inside {answer_open} {answer_close} tags and contain only a single "
+    "floating-point number, with no other text. If {think_open} is used, it must come before "
+    "{answer_open}."
 )
 _IQA = (
     "TASK: Image Quality Assessment (IQA).\n"
     "Rate the overall technical quality of this image as a floating-point number between 0 and "
     "100, rounded to two decimal places, where 0 means very poor quality and 100 means excellent "
-    "quality. {brief} Put only the number inside <answer> </answer>, for example "
-    "<answer>73.42</answer>."
+    "quality. {brief} Put only the number inside {answer_open} {answer_close}, for example "
+    "{example}."
 )
 _IAA = (
     "TASK: Image Aesthetic Assessment (IAA).\n"
     "Rate the overall aesthetic quality of this image as a floating-point number between 0 and "
     "100, rounded to two decimal places, where 0 means very poor aesthetics and 100 means "
     "excellent aesthetics. Consider composition, lighting, color harmony, subject presentation, "
-    "balance, style and emotional impact. Put only the number inside <answer> </answer>, for "
-    "example <answer>73.42</answer>."
+    "balance, style and emotional impact. Put only the number inside {answer_open} "
+    "{answer_close}, for example {example}."
 )
+_TAG_FIELDS = {
+    "think_open": answer_format.THINK_OPEN,
+    "think_close": answer_format.THINK_CLOSE,
+    "answer_open": answer_format.ANSWER_OPEN,
+    "answer_close": answer_format.ANSWER_CLOSE,
+    "example": answer_format.render_answer("73.42"),
+}
 _VARIANTS: dict[str, dict[str, str]] = {
     "train": {
         "length": "brief or detailed",
@@ -88,9 +98,9 @@ def get_prompts(variant: str = "train") -> PromptSet:
         raise ValueError(f"unknown prompt variant {variant!r}; expected one of {PROMPT_VARIANTS}")
     v = _VARIANTS[variant]
     return PromptSet(
-        system=_SYSTEM.format(length=v["length"]),
-        iqa=_IQA.format(brief=v["brief"]),
-        iaa=_IAA,
+        system=_SYSTEM.format(length=v["length"], **_TAG_FIELDS),
+        iqa=_IQA.format(brief=v["brief"], **_TAG_FIELDS),
+        iaa=_IAA.format(**_TAG_FIELDS),
     )
 
 

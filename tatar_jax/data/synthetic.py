@@ -62,6 +62,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from tatar_jax import answer_format
 from tatar_jax.data.manifest import DatasetSpec, to_score_100, write_manifest
 
 VERSION = 2
@@ -180,8 +181,9 @@ def _iaa_edit(im: Image.Image, tilt: float, sat: float, zoom: float) -> Image.Im
     return im
 
 
-def _answer(score: float, task: str) -> str:
-    return f"<answer>{to_score_100(score, TASK_RANGES[task]):.2f}</answer>"
+def _score_text(score: float, task: str) -> str:
+    """The score on 0-100, as the answer is written (two decimals)."""
+    return answer_format.score_text(to_score_100(score, TASK_RANGES[task]))
 
 
 def _iqa_rationale(distortion: str | None, level: int) -> str:
@@ -190,7 +192,7 @@ def _iqa_rationale(distortion: str | None, level: int) -> str:
     else:
         words = IQA_DISTORTIONS[distortion][2]
         thought = f"There is {SEVERITY_WORDS[level]} degradation: {words}."
-    return f"<think>\n{thought}\n</think>\n" + _answer(iqa_score(distortion, level), "iqa")
+    return answer_format.render(thought, _score_text(iqa_score(distortion, level), "iqa"))
 
 
 def _iaa_rationale(ref: str, tilt: float, sat: float, zoom: float) -> str:
@@ -214,8 +216,9 @@ def _iaa_rationale(ref: str, tilt: float, sat: float, zoom: float) -> str:
         if zoom == 1.0
         else "A tight crop cuts away context and softens detail."
     )
-    answer = _answer(iaa_score(ref, tilt, sat, zoom), "iaa")
-    return "<think>\n" + " ".join(parts) + "\n</think>\n" + answer
+    return answer_format.render(
+        " ".join(parts), _score_text(iaa_score(ref, tilt, sat, zoom), "iaa")
+    )
 
 
 def _iqa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) -> list[dict]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tatar_jax import answer_format
 from tatar_jax.evaluation import runner, specs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -154,13 +154,6 @@ def collect_images(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def think_text(completion: str) -> str:
-    """The reasoning shown to a person: the first ``<think>`` block (to ``</think>``, else to
-    ``<answer>`` or the end), stripped; "" without one."""
-    m = re.search(r"<think>(.*?)(?:</think>|<answer>|$)", completion, re.I | re.S)
-    return m.group(1).strip() if m else ""
-
-
 def score_images(
     paths: Sequence[str],
     tasks: Sequence[str],
@@ -172,7 +165,8 @@ def score_images(
     """Scores every image for every task; one result dict per (image, task), input order.
 
     Result: ``image, task, score`` (0-100 or None when the answer does not parse), ``reasoning``
-    (the think text), ``completion``, ``think_tokens``, ``error`` (why an image was not scored).
+    (:func:`tatar_jax.answer_format.think_text`, stripped), ``completion``, ``think_tokens``,
+    ``error`` (why an image was not scored).
     """
     from tatar_jax.data import image as image_mod
 
@@ -204,7 +198,7 @@ def score_images(
             scored = runner.score_completion(text, job["task"], count_tokens=count_tokens)
             job["_result"].update(
                 score=scored["prediction"],
-                reasoning=think_text(text),
+                reasoning=answer_format.think_text(text).strip(),
                 completion=text,
                 think_tokens=scored["think_tokens"],
             )

@@ -48,6 +48,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tatar_jax import answer_format
+from tatar_jax.answer_format import split_target
 from tatar_jax.reasoning import postprocess as pp
 
 # Spec §5.3 keyword lists (IAA coverage), keyed by the attribute they stand for. "overall" is
@@ -102,8 +104,6 @@ _ROLE_TAG_RE = re.compile(r"</?(?:system|assistant)\s*>", re.IGNORECASE)
 _BEGIN_END_RE = re.compile(r"(?<![A-Za-z0-9])(?:BEGIN|END)(?![a-z0-9])")
 _ROLE_PREFIX_LINE_RE = re.compile(r"^\s*(?:system|assistant|developer)\s*:", re.IGNORECASE | re.M)
 _ROLE_WORD_RE = re.compile(r"\b(?:system|assistant|developer):", re.IGNORECASE)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _TAG_RE = re.compile(r"</?[A-Za-z_|][^<>]*>")
 
 
@@ -185,12 +185,6 @@ class RuleOptions:
     causal_connectives: Sequence[str] = DEFAULT_CAUSAL_CONNECTIVES
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """(think, answer) contents of a well-formed target (call after the tag-count rule)."""
-    t, a = _THINK_RE.search(target), _ANSWER_RE.search(target)
-    return (t.group(1).strip() if t else ""), (a.group(1).strip() if a else "")
-
-
 def _contamination(target: str, task: str) -> Rejection | None:
     checks: list[tuple[str, re.Pattern[str] | str]] = [
         ("tool_call", _TOOL_MARK_RE),
@@ -206,11 +200,6 @@ def _contamination(target: str, task: str) -> Rejection | None:
         if hit:
             return Rejection("contamination", name)
     return None
-
-
-def _number(text: str) -> float | None:
-    m = pp.NUMBER_RE.match(text)
-    return float(m.group(1)) if m else None
 
 
 def hard_rules(
@@ -235,11 +224,11 @@ def hard_rules(
         return rej, checks
     if task == "iqa" and _ROLE_PREFIX_LINE_RE.search(target):
         return Rejection("role_prefix"), checks
-    counts = {t: target.count(t) for t in ("<think>", "</think>", "<answer>", "</answer>")}
+    counts = {t: target.count(t) for t in answer_format.TAGS}
     if any(c != 1 for c in counts.values()):
         return Rejection("tag_count", json.dumps(counts)), checks
     think, answer = split_target(target)
-    value = _number(answer)
+    value = answer_format.parse_number(answer)
     if value is None:
         return Rejection("answer_not_number", repr(answer[:40])), checks
     if task == "iaa" and (_TAG_RE.search(think) or _TAG_RE.search(answer)):

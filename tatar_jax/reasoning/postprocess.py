@@ -1,9 +1,10 @@
 """Teacher reply -> SFT target text (spec §5.1, §5.2). Pure string functions, no I/O.
 
-The target is always ``<think>\\n{reasoning}\\n</think>\\n<answer>{score}</answer>`` with the
-score written exactly as the record gives it (:func:`format_score`). The SFT data path rewrites the
-answer to the 0-100 ground truth anyway (spec §6.1); the given score is kept here so that the
-judge sees what the teacher was asked to explain.
+The target is always ``<think>\\n{reasoning}\\n</think>\\n<answer>{score}</answer>``
+(:func:`tatar_jax.answer_format.render`) with the score written exactly as the record gives it
+(:func:`format_score`). The SFT data path rewrites the answer to the 0-100 ground truth anyway
+(spec §6.1); the given score is kept here so that the judge sees what the teacher was asked to
+explain.
 
 IQA (fast track, spec §5.1), in order:
   1. the first complete ``<think>…</think>`` block; without one, the whole reply;
@@ -28,18 +29,21 @@ import dataclasses
 import math
 import re
 
-# Strict number token (spec §4): optional sign, digits, optional .digits, optional exponent.
-_NUMBER = r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"
-NUMBER_RE = re.compile(rf"^\s*({_NUMBER})\s*$")
+from tatar_jax import answer_format
+from tatar_jax.answer_format import ANSWER_TAG, THINK_TAG
+
 _NUM_TOKEN_RE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w]|\.\d)")
 
-_THINK_BLOCK_RE = re.compile(r"<think\s*>(.*?)</think\s*>", re.DOTALL | re.IGNORECASE)
-_THINK_TAG_RE = re.compile(r"</?think\s*>", re.IGNORECASE)
-_ANSWER_BLOCK_RE = re.compile(r"<answer\s*>.*?</answer\s*>", re.DOTALL | re.IGNORECASE)
-_DANGLING_ANSWER_RE = re.compile(r"<answer\b.*\Z", re.DOTALL | re.IGNORECASE)
-_ANSWER_CLOSE_RE = re.compile(r"</answer\s*>", re.IGNORECASE)
+# Teacher replies: the format's tags in any case, with blanks allowed before the ">".
+_THINK_BLOCK_RE = re.compile(rf"<{THINK_TAG}\s*>(.*?)</{THINK_TAG}\s*>", re.DOTALL | re.IGNORECASE)
+_THINK_TAG_RE = re.compile(rf"</?{THINK_TAG}\s*>", re.IGNORECASE)
+_ANSWER_BLOCK_RE = re.compile(rf"<{ANSWER_TAG}\s*>.*?</{ANSWER_TAG}\s*>", re.DOTALL | re.IGNORECASE)
+_DANGLING_ANSWER_RE = re.compile(rf"<{ANSWER_TAG}\b.*\Z", re.DOTALL | re.IGNORECASE)
+_ANSWER_CLOSE_RE = re.compile(rf"</{ANSWER_TAG}\s*>", re.IGNORECASE)
 # The content of the last <answer> block; a block cut by the stop string runs to the end.
-_LAST_ANSWER_RE = re.compile(r"<answer\s*>(.*?)(?:</answer\s*>|\Z)", re.DOTALL | re.IGNORECASE)
+_LAST_ANSWER_RE = re.compile(
+    rf"<{ANSWER_TAG}\s*>(.*?)(?:</{ANSWER_TAG}\s*>|\Z)", re.DOTALL | re.IGNORECASE
+)
 # Tool / function-call blocks and stray tags, in the XML style (<tool_call>…</tool_call>) and the
 # special-token style (<|tool_call|>, <|tool▁calls▁begin|> …) that chat models leak.
 _TOOL_BLOCK_RE = re.compile(
@@ -69,11 +73,6 @@ def format_score(score: float | int | str) -> str:
             raise ValueError(f"score must be finite, got {score}")
         return repr(score)
     return str(score).strip()
-
-
-def make_target(think: str, answer: str) -> str:
-    """The exact SFT target form."""
-    return f"<think>\n{think}\n</think>\n<answer>{answer}</answer>"
 
 
 def strip_tool_calls(text: str) -> str:
@@ -196,4 +195,4 @@ def postprocess(reply: str, score: float | int | str, opts: PostprocessOptions) 
             return Processed(
                 None, think, "teacher_changed_score", f"{given[:40]!r} != {answer_text}"
             )
-    return Processed(make_target(think, answer_text), think)
+    return Processed(answer_format.render(think, answer_text), think)

@@ -196,12 +196,6 @@ def test_rewrite_answer():
     assert two == "<answer>100.00</answer> <answer>100.00</answer>"
 
 
-def test_empty_think():
-    assert ex.empty_think("<think>\nlong\nthought\n</think>\n<answer>1</answer>") == (
-        "<think>\n\n</think>\n<answer>1</answer>"
-    )
-
-
 def test_thought_dropout_rate_within_binomial_bound():
     n = 4000
     for p in (0.1, 0.5, 0.9):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tatar_jax import answer_format
 from tatar_jax.reasoning import judge as J
 from tatar_jax.reasoning import postprocess as pp
 from tatar_jax.reasoning import prompts as P
@@ -124,7 +125,7 @@ def image(tmp_path):
 
 
 def _t(think: str, answer: str = "50") -> str:
-    return pp.make_target(think, answer)
+    return answer_format.render(think, answer)
 
 
 def test_b9_begin_end_marker_only_uppercase_tokens(image):
