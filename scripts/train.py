@@ -43,9 +43,9 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     # The offline tokenizer cache goes into the run directory unless the user set one.
     os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
-    from tatar_jax.train import trainer
+    from tatar_jax import train
 
-    trainer.run(_CONFIG.value, workdir)
+    train.run(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def final_params(workdir, cfg) -> dict[str, np.ndarray]:
     from tatar_jax.train import checkpointing, trainer
 
     tok = tokenizer.load_tokenizer(None)
-    model, _ = trainer.build_model(cfg.model, tok, seed=int(cfg.seed))
+    model = trainer.load_policy(cfg, tok).model
     _, target = nnx.split(model)
     params, _ = checkpointing.load_params(workdir, target)
     flat = jax.tree_util.tree_leaves_with_path(params)
@@ -290,7 +290,7 @@ def final_params_init(cfg) -> dict[str, np.ndarray]:
         from tatar_jax.data import tokenizer
         from tatar_jax.train import trainer
 
-        model, _ = trainer.build_model(cfg.model, tokenizer.load_tokenizer(None), seed=cfg.seed)
+        model = trainer.load_policy(cfg, tokenizer.load_tokenizer(None)).model
         flat = jax.tree_util.tree_leaves_with_path(nnx.state(model))
         _INIT_CACHE["p"] = {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
     return _INIT_CACHE["p"]
