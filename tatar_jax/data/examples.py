@@ -223,6 +223,29 @@ def _meta(task: str, gt_100: float, dataset: str, image_path: str, row_id: int) 
     }
 
 
+def _model_inputs(
+    ids: np.ndarray,
+    pv: np.ndarray,
+    thw: np.ndarray,
+    tok: Tokenizer,
+    merge_size: int,
+    rope_cfg: Any,
+    rope_index_fn: RopeIndexFn | None,
+) -> dict[str, Any]:
+    """The model-input keys of an example: ``input_ids`` (L,) with the image expanded, its 3D
+    ``position_ids`` (3, L) and ``rope_delta`` (), ``pixel_values`` (P, 1176), ``grid_thw`` (3,).
+    """
+    rope_cfg = rope_cfg or RopeConfig.from_tokenizer(tok, merge_size)
+    pos, delta = rope_positions(ids, thw, rope_cfg, rope_index_fn)
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "rope_delta": np.int32(delta),
+        "pixel_values": pv,
+        "grid_thw": thw,
+    }
+
+
 def make_prompt_example(
     tok: Tokenizer,
     pixel_values: np.ndarray,
@@ -249,15 +272,7 @@ def make_prompt_example(
         prompts.build_messages(task, variant), chat_template, add_generation_prompt=True
     )
     ids, _ = _expand_ids(tok.encode_cached(text), tok.image_pad_id, n_img, where)
-    rope_cfg = rope_cfg or RopeConfig.from_tokenizer(tok, merge_size)
-    pos, delta = rope_positions(ids, thw, rope_cfg, rope_index_fn)
-    ex = {
-        "input_ids": ids,
-        "position_ids": pos,
-        "rope_delta": np.int32(delta),
-        "pixel_values": pv,
-        "grid_thw": thw,
-    }
+    ex = _model_inputs(ids, pv, thw, tok, merge_size, rope_cfg, rope_index_fn)
     if math.isnan(gt_100):
         ex.update(_meta(task, 0.0, dataset, image_path, row_id))
         ex["gt_100"] = np.float32(np.nan)
@@ -340,17 +355,9 @@ def make_sft_example(
     ids, mask = assistant_span(tok, task, text, variant, chat_template, where)
     ids_x, at = _expand_ids(ids, tok.image_pad_id, n_img, where)
     mask_x = np.concatenate([mask[:at], np.zeros(n_img, np.int32), mask[at + 1 :]])
-    rope_cfg = rope_cfg or RopeConfig.from_tokenizer(tok, merge_size)
-    pos, delta = rope_positions(ids_x, thw, rope_cfg, rope_index_fn)
-    ex = {
-        "input_ids": ids_x,
-        "position_ids": pos,
-        "rope_delta": np.int32(delta),
-        "pixel_values": pv,
-        "grid_thw": thw,
-        "label_mask": mask_x,
-        "think_dropped": np.bool_(dropped),
-    }
+    ex = _model_inputs(ids_x, pv, thw, tok, merge_size, rope_cfg, rope_index_fn)
+    ex["label_mask"] = mask_x
+    ex["think_dropped"] = np.bool_(dropped)
     ex.update(meta)
     return ex
 
