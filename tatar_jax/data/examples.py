@@ -55,56 +55,9 @@ class ExampleError(ValueError):
 
 def _default_rope_index_fn() -> RopeIndexFn:
     # Imported lazily: the data path only needs this one host-side helper from the model package.
-    try:
-        from tatar_jax.models.qwen2_5_vl.rope import get_rope_index
-    except ImportError:  # model package not installed/built yet: same rule, images only
-        return rope_index_images
+    from tatar_jax.models.qwen2_5_vl.rope import get_rope_index
+
     return get_rope_index
-
-
-def rope_index_images(
-    input_ids: np.ndarray, image_grid_thw: np.ndarray, attention_mask: np.ndarray, cfg: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' Qwen2.5-VL ``get_rope_index`` for image-only rows, in numpy.
-
-    Fallback for when ``tatar_jax.models.qwen2_5_vl.rope`` is absent. Text tokens advance by 1
-    on all three axes; an image block of ``(t, h/m, w/m)`` tokens starting at ``p`` gets
-    ``(p + t_i, p + h_i, p + w_i)`` and the text after it resumes at ``p + max(h, w)/m``
-    (images: t = 1). Padding (mask 0) gets 0; delta = max + 1 - real length.
-
-    Shapes: input_ids (B, L), image_grid_thw (I, 3), attention_mask (B, L) ->
-    positions (3, B, L) int64, deltas (B, 1) int64.
-    """
-    ids = np.asarray(input_ids)
-    mask = np.asarray(attention_mask).astype(bool)
-    grids = iter(np.asarray(image_grid_thw).reshape(-1, 3))
-    m = int(cfg.spatial_merge_size)
-    pos = np.zeros((3,) + ids.shape, np.int64)
-    deltas = np.zeros((ids.shape[0], 1), np.int64)
-    for b in range(ids.shape[0]):
-        row = ids[b][mask[b]]
-        is_img = row == cfg.image_token_id
-        out = np.zeros((3, len(row)), np.int64)
-        i, cur = 0, 0
-        while i < len(row):
-            j = i
-            while j < len(row) and is_img[j] == is_img[i]:
-                j += 1
-            if not is_img[i]:
-                out[:, i:j] = cur + np.arange(j - i)
-                cur += j - i
-            else:
-                t, h, w = (int(x) for x in next(grids))
-                gh, gw = h // m, w // m
-                if t * gh * gw != j - i:
-                    raise ValueError(f"row {b}: {j - i} image tokens for grid {(t, h, w)}")
-                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-                out[:, i:j] = cur + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
-                cur += max(gh, gw)
-            i = j
-        pos[:, b, mask[b]] = out
-        deltas[b, 0] = (out.max() + 1 - len(row)) if len(row) else 0
-    return pos, deltas
 
 
 class RopeConfig:

@@ -146,7 +146,7 @@ class RolloutEngine:
         sel = valid
         tasks = np.where(is_iaa, "iaa", "iqa")
         weights = {
-            t: {k: float(self.rewards_cfg.weights[t].get(k, 0.0)) for k in parts}
+            t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts}
             for t in prompts.TASKS
         }
         m: dict[str, float] = {}

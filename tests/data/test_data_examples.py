@@ -63,13 +63,10 @@ def _torch_rope_index(input_ids, grid_thw, attention_mask, cfg):
 
 
 def _rope_fn():
-    """A2's numpy get_rope_index when it has landed; transformers' otherwise."""
-    try:
-        from tatar_jax.models.qwen2_5_vl.rope import get_rope_index
+    """Our numpy get_rope_index (the one the data path uses)."""
+    from tatar_jax.models.qwen2_5_vl.rope import get_rope_index
 
-        return get_rope_index
-    except ImportError:
-        return _torch_rope_index
+    return get_rope_index
 
 
 def _image(rng, h, w):
@@ -279,12 +276,12 @@ def test_buckets_and_batch_padding(tok, hf_image_processor):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_numpy_fallback_rope_index_equals_transformers(tok, hf_image_processor, side):
+def test_numpy_rope_index_equals_transformers(tok, hf_image_processor, side):
     exs = _examples(tok, hf_image_processor, False, _torch_rope_index)
     batch = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512,), padding_side=side)
     cfg = ex.RopeConfig.from_tokenizer(tok)
     args = (batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], cfg)
     ref_pos, ref_delta = _torch_rope_index(*args)
-    pos, delta = ex.rope_index_images(*args)
+    pos, delta = _rope_fn()(*args)
     np.testing.assert_array_equal(pos, ref_pos)
     np.testing.assert_array_equal(delta, ref_delta)
