@@ -237,6 +237,35 @@ def reference_sft_sources() -> ml_collections.ConfigDict:
     return c
 
 
+def reference_run(c: ml_collections.ConfigDict) -> None:
+    """What both stages' ``reference`` presets share (spec §6.3, §7.4): bf16 on 8 devices,
+    4,096-token buckets (2,006 visual tokens max + text; never truncated), two accumulation
+    micro-steps, every step logged, keep 5 checkpoints, no periodic evaluation."""
+    c.model.preset = ""
+    c.data.max_seq_len = 4096
+    c.data.seq_buckets = (1024, 2048, 4096)
+    c.optimizer.grad_accum_steps = 2
+    c.checkpoint.keep = 5
+    c.logging.every_steps = 1
+    c.eval.every_steps = 0
+    c.eval.datasets = ()
+
+
+def tiny_run(c: ml_collections.ConfigDict, *, max_seq_len: int) -> None:
+    """What both stages' ``tiny`` presets (tests: a few steps of the embedded model on small
+    synthetic images) share."""
+    c.model.dtype = "float32"
+    c.data.synthetic.image_size = 56
+    c.data.max_seq_len = max_seq_len
+    c.data.seq_buckets = (max_seq_len,)
+    c.checkpoint.every_steps = 2
+    c.checkpoint.async_save = False
+    c.logging.every_steps = 1
+    c.logging.progress = False
+    c.eval.max_examples = 8
+    c.eval.max_new_tokens = 32
+
+
 def parse_preset(arg: str | None, allowed: tuple[str, ...]) -> str:
     preset = (arg or "default").strip() or "default"
     if preset not in allowed:

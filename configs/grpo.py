@@ -75,22 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.stopping = "first_exhausted"  # incomplete final chunk of prompts dropped
 
     if preset == "reference":
+        common.reference_run(c)  # 128 completions = 2 micro-steps of 64 (8 dev x 8)
         c.model.init_checkpoint = ""  # required: the SFT workdir
         c.model.init_step = 120  # spec §6.3: GRPO starts from SFT checkpoint-120
-        c.model.preset = ""
         c.data.sources = common.reference_grpo_sources()
         c.data.train = ("koniq_train", "artimuse_train")
-        c.data.max_seq_len = 4096
-        c.data.seq_buckets = (1024, 2048, 4096)
         c.data.num_epochs = 3
-        c.optimizer.grad_accum_steps = 2  # 128 completions = 2 micro-steps of 64 (8 dev x 8)
         c.grpo.mini_batch_size = 64
         c.grpo.pack_buckets = 0
         c.checkpoint.every_steps = 100
-        c.checkpoint.keep = 5
-        c.logging.every_steps = 1
-        c.eval.every_steps = 0
-        c.eval.datasets = ()
     elif preset == "default":
         c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
         # On a CPU the lm_head log-softmax is fastest in small chunks (cache-sized logits).
@@ -113,21 +106,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 10
         c.logging.every_steps = 2
     else:  # tiny: a few steps for tests
-        c.model.dtype = "float32"
+        common.tiny_run(c, max_seq_len=256)
         c.optimizer.learning_rate = 1e-4
         c.grpo.prompts_per_step = 2
         c.grpo.num_generations = 4
         c.grpo.max_new_tokens = 16
         c.total_steps = 3
-        c.data.synthetic.image_size = 56
-        c.data.max_seq_len = 256
-        c.data.seq_buckets = (256,)
-        c.checkpoint.every_steps = 2
-        c.checkpoint.async_save = False
-        c.logging.every_steps = 1
-        c.logging.progress = False
-        c.eval.max_examples = 8
-        c.eval.max_new_tokens = 32
     c.warmup = warmup_block(c, steps=200 if preset == "default" else 0)
     return c
 

@@ -52,21 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.stopping = "all_exhausted"
 
     if preset == "reference":
+        common.reference_run(c)
         c.model.hf_dir = ""  # required: a Qwen2.5-VL-7B-Instruct directory
-        c.model.preset = ""
         c.data.sources = common.reference_sft_sources()
         c.data.train = ("iqa_sft", "iaa_sft")
-        c.data.max_seq_len = 4096  # reference: no truncation; 2,006 visual tokens max + text
-        c.data.seq_buckets = (1024, 2048, 4096)
         c.data.num_epochs = 2
         c.sft.global_batch_size = 128
         c.sft.pack_buckets = 0
-        c.optimizer.grad_accum_steps = 2
         c.checkpoint.every_steps = 40
-        c.checkpoint.keep = 5
-        c.logging.every_steps = 1
-        c.eval.every_steps = 0
-        c.eval.datasets = ()
     elif preset == "default":
         c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
         # Embedded tiny random model on the synthetic set: finishes in minutes on a CPU. A random
@@ -87,19 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 20
         c.logging.every_steps = 5
     else:  # tiny: a few steps for tests
-        c.model.dtype = "float32"
+        common.tiny_run(c, max_seq_len=384)  # IAA rationales reach ~260 tokens at 56 px
         c.optimizer.learning_rate = 1e-3
         c.sft.global_batch_size = 4
         c.sft.pack_buckets = 0  # per-row slots: one compiled step per test subprocess
         c.optimizer.grad_accum_steps = 2
         c.total_steps = 4
-        c.data.synthetic.image_size = 56
-        c.data.max_seq_len = 384  # IAA rationales reach ~260 tokens at 56 px
-        c.data.seq_buckets = (384,)
-        c.checkpoint.every_steps = 2
-        c.checkpoint.async_save = False
-        c.logging.every_steps = 1
-        c.logging.progress = False
-        c.eval.max_examples = 8
-        c.eval.max_new_tokens = 32
     return c
