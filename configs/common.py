@@ -266,8 +266,9 @@ def tiny_run(c: ml_collections.ConfigDict, *, max_seq_len: int) -> None:
     c.eval.max_new_tokens = 32
 
 
-def parse_preset(arg: str | None, allowed: tuple[str, ...]) -> str:
-    preset = (arg or "default").strip() or "default"
+def parse_preset(arg: str | None, allowed: tuple[str, ...], what: str = "preset") -> str:
+    """The ``:arg`` of ``--config=file.py:arg``; none = the first of ``allowed``."""
+    preset = (arg or allowed[0]).strip() or allowed[0]
     if preset not in allowed:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {allowed}")
+        raise ValueError(f"unknown {what} {preset!r}; choose one of {allowed}")
     return preset

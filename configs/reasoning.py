@@ -26,6 +26,7 @@ if __package__ != "configs":  # loaded by path (absl config_flags): make the rep
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
 from tatar_jax.reasoning import judge as J
 from tatar_jax.reasoning import prompts as P
 
@@ -135,9 +136,7 @@ def judge_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    task = (arg or "iqa").strip() or "iqa"
-    if task not in PRESETS:
-        raise ValueError(f"unknown preset {task!r}; choose one of {PRESETS}")
+    task = common.parse_preset(arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.task = task
     # The dataset (tatar_jax.data.manifest / datasets): either a built-in declaration ...

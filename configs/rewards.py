@@ -22,7 +22,15 @@ Every constant of spec §8 is a field with the reference's value.
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
+if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import ml_collections
+
+from configs import common
 
 PRESETS = ("tatar", "reference")
 FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
@@ -33,9 +41,7 @@ def _weights(**nonzero: float) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = (arg or "tatar").strip() or "tatar"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown rewards preset {preset!r}; choose one of {PRESETS}")
+    preset = common.parse_preset(arg, PRESETS, "rewards preset")
 
     c = ml_collections.ConfigDict()
     c.preset = preset
