@@ -1,0 +1,88 @@
+"""The one loader: every source kind gives the weights that were stored, named and placed."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models as tm
+from flax import nnx
+
+from tatar_jax import loading
+from tatar_jax.models import qwen2_5_vl as qvl
+from tatar_jax.train import checkpointing, optim
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def _assert_same(a, b) -> None:
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_dtype_table():
+    assert loading.to_dtype("bfloat16") == jnp.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp32'; choose one of float32, bfloat16"):
+        loading.to_dtype("fp32")
+
+
+def test_embedded_model_uses_the_tokenizer_vocabulary_and_seed():
+    from tatar_jax.data import tokenizer
+
+    tok = tokenizer.load_tokenizer(None)
+    src = loading.PolicySource(preset="tiny")
+    a = loading.load_policy(src, tokenizer=tok, seed=3)
+    b = loading.load_policy(src, tokenizer=tok, seed=3)
+    assert a.name == "embedded:tiny" and a.step is None
+    assert a.config.text.vocab_size == loading.EMBEDDED_VOCAB and a.config.text.tie_word_embeddings
+    assert (a.config.image_token_id, a.config.eos_token_id) == (tok.image_pad_id, tok.im_end_id)
+    _assert_same(a.model, b.model)
+    c = loading.load_policy(src, tokenizer=tok, seed=4)
+    pa, pc = _params(a.model), _params(c.model)
+    assert any(not np.array_equal(pa[k], pc[k]) for k in pa)  # the seed is used
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        loading.load_policy(src)
+
+
+def test_hf_dir_orbax_export_and_training_run(tmp_path):
+    hf = tm.tiny_hf_model(seed=0)
+    hf_dir = tm.save_hf_dir(hf, tmp_path / "hf_tiny")
+    ref = qvl.load_hf_checkpoint(hf_dir, jnp.float32)
+
+    got = loading.load_policy(loading.PolicySource(hf_dir=hf_dir))
+    assert got.name == "hf_tiny" and got.step is None
+    _assert_same(got.model, ref)
+
+    qvl.save_orbax(ref, tmp_path / "export")
+    assert loading.is_orbax_export(tmp_path / "export")
+    exp = loading.load_policy(loading.PolicySource(checkpoint=str(tmp_path / "export")))
+    assert exp.name == "export"
+    _assert_same(exp.model, ref)
+
+    # A training run: config.json in the workdir, params in checkpoints/<step>/.
+    wd = tmp_path / "run"
+    wd.mkdir()
+    ref.config.to_json_file(str(wd / "config.json"))
+    tx = optim.make_optimizer(1e-3)
+    ckpt = checkpointing.Checkpointer(wd, every_steps=1, async_save=False, with_data=False)
+    state = optim.TrainState.create(nnx.state(ref), tx, jax.random.key(0))
+    ckpt.save(7, state)
+    ckpt.close()
+    assert not loading.is_orbax_export(wd)
+    for path in (wd, wd / "checkpoints", wd / "checkpoints" / "7"):
+        run = loading.load_policy(loading.PolicySource(checkpoint=str(path)))
+        assert run.step == 7 and run.name.endswith("@7")
+        _assert_same(run.model, ref)
+    bf = loading.load_policy(loading.PolicySource(checkpoint=str(wd)), dtype="bfloat16")
+    assert {v.dtype for v in _params(bf.model).values()} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_training_run_without_architecture_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json in the run directory"):
+        loading.load_policy(loading.PolicySource(checkpoint=str(tmp_path / "nothing")))
