@@ -33,11 +33,8 @@ JKEY = "sk-stub-JUDGE-SECRET-987"
 
 
 def _config():
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import reasoning as reasoning_config  # configs/reasoning.py
-    finally:
-        sys.path.pop(0)
+    from configs import reasoning as reasoning_config
+
     return reasoning_config
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 
@@ -12,11 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def cfg_mod():
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import reasoning
-    finally:
-        sys.path.pop(0)
+    from configs import reasoning
+
     return reasoning
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -24,11 +23,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config():
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import reasoning as reasoning_config
-    finally:
-        sys.path.pop(0)
+    from configs import reasoning as reasoning_config
+
     return reasoning_config
 
 
