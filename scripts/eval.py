@@ -27,27 +27,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from tatar_jax.evaluation import cli  # noqa: E402
-from tatar_jax.evaluation.predict import ModelUnavailableError  # noqa: E402
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "configs/eval.py[:default|reference|tiny]", lock_config=False
-)
-flags.DEFINE_string(
-    "checkpoint",
-    "",
-    "orbax checkpoint: a training workdir / step dir, or an "
-    "exported model dir (config.json + params)",
-)
-flags.DEFINE_string(
-    "hf_dir",
-    None,
-    "Hugging Face Qwen2.5-VL directory (weights, or only the "
-    "architecture + tokenizer with --checkpoint)",
-)
+_CONFIG = cli.define_model_flags("configs/eval.py[:default|reference|tiny]")
 flags.DEFINE_string("datasets", None, "comma-separated built-in names (default: all eight)")
 flags.DEFINE_string("benchmark_root", None, "folder with IQA/<name>/<name>.json, IAA/...")
 flags.DEFINE_string("image_roots", "", "per-dataset image folders: KonIQ-10K=/x,SPAQ=/y")
@@ -55,14 +38,10 @@ flags.DEFINE_string("image_root", None, "image folder of --manifest")
 flags.DEFINE_string("manifest", None, "a custom label file (JSON list or JSONL)")
 flags.DEFINE_string("task", None, "task of --manifest: iqa | iaa")
 flags.DEFINE_string("score_range", None, "declared native range of --manifest labels: LO,HI")
-flags.DEFINE_integer("batch_size", None, "prompts per generate call (global)")
-flags.DEFINE_integer("max_new_tokens", None, "generation budget (default 256)")
-flags.DEFINE_integer("max_pixels", None, "image pixel budget (default 1572864)")
 flags.DEFINE_integer("limit", None, "first N records per dataset")
 flags.DEFINE_string("out_dir", None, "output folder (resumable)")
 flags.DEFINE_bool("reference_compat", None, "reproduce the reference evaluation (B1, B2, B12)")
 flags.DEFINE_string("prompt_variant", None, "reference_eval (default) | train")
-flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8,fsdp=1,tensor=1 (-1 = inferred)")
 flags.DEFINE_string("dcn_shape", "", "multi-slice / multi-node factor, e.g. data=4")
 flags.DEFINE_list(
     "compare",
@@ -82,7 +61,8 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
-    try:
+
+    def body() -> int:
         if FLAGS.compare:
             from tatar_jax.evaluation import report
 
@@ -90,13 +70,9 @@ def main(argv: list[str]) -> int:
             return 0
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in _SHORT})
         cli.run_eval_from_config(cfg, checkpoint=FLAGS.checkpoint, image_roots=FLAGS.image_roots)
-    except ModelUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return cli.exit_code(body)
 
 
 if __name__ == "__main__":

@@ -16,31 +16,22 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from tatar_jax.evaluation import cli  # noqa: E402
-from tatar_jax.evaluation.predict import ModelUnavailableError, build_predict_fn  # noqa: E402
+from tatar_jax.evaluation.predict import build_predict_fn  # noqa: E402
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "configs/eval.py[:default|tiny]", lock_config=False
-)
+_CONFIG = cli.define_model_flags("configs/eval.py[:default|tiny]")
 flags.DEFINE_multi_string("image", [], "image files or folders (repeat, or list after one flag)")
 flags.DEFINE_enum("task", "both", ["iqa", "iaa", "both"], "what to score")
 flags.DEFINE_bool("json", False, "one JSON object per (image, task) on stdout")
-flags.DEFINE_string("checkpoint", "", "orbax checkpoint (training workdir or exported model)")
-flags.DEFINE_string("hf_dir", None, "Hugging Face Qwen2.5-VL directory")
-flags.DEFINE_integer("batch_size", None, "prompts per generate call")
-flags.DEFINE_integer("max_new_tokens", None, "generation budget (default 256)")
-flags.DEFINE_integer("max_pixels", None, "image pixel budget")
-flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8")
 
 
 def main(argv: list[str]) -> int:
     FLAGS = flags.FLAGS
     # `--image a.jpg b.png`: absl keeps the values after the first as positional arguments.
     paths = list(FLAGS.image) + list(argv[1:])
-    try:
+
+    def body() -> int:
         if not paths:
             raise ValueError("give at least one --image (a file or a folder)")
         images = cli.collect_images(paths)
@@ -55,14 +46,10 @@ def main(argv: list[str]) -> int:
             batch_size=cfg.eval.batch_size,
             count_tokens=predictor.count_tokens,
         )
-    except ModelUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(cli.format_results(results, FLAGS.json))
-    return 1 if any(r.get("error") for r in results) else 0
+        print(cli.format_results(results, FLAGS.json))
+        return 1 if any(r.get("error") for r in results) else 0
+
+    return cli.exit_code(body)
 
 
 if __name__ == "__main__":

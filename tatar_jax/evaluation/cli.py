@@ -18,6 +18,43 @@ from tatar_jax.evaluation import runner, specs
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
+def define_model_flags(config_help: str) -> Any:
+    """The flags ``scripts/eval.py`` and ``scripts/score.py`` share: ``--config`` (configs/eval.py)
+    and where the weights come from / how they run. Returns the config flag holder."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    default = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "eval.py")
+    holder = config_flags.DEFINE_config_file(
+        "config", os.path.normpath(default), config_help, lock_config=False
+    )
+    flags.DEFINE_string(
+        "checkpoint", "", "orbax checkpoint: a training workdir / step dir, or an exported model "
+        "dir (config.json + params)",
+    )  # fmt: skip
+    flags.DEFINE_string("hf_dir", None, "Hugging Face Qwen2.5-VL directory")
+    flags.DEFINE_integer("batch_size", None, "prompts per generate call (global)")
+    flags.DEFINE_integer("max_new_tokens", None, "generation budget (default 256)")
+    flags.DEFINE_integer("max_pixels", None, "image pixel budget (default 1572864)")
+    flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8,fsdp=1,tensor=1 (-1 = inferred)")
+    return holder
+
+
+def exit_code(body: Callable[[], int]) -> int:
+    """``body()``, with the scripts' documented exit statuses: 3 without weights, 2 for bad
+    input (a one-line ``error: ...`` on stderr)."""
+    from tatar_jax.evaluation.predict import ModelUnavailableError
+
+    try:
+        return body()
+    except ModelUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def parse_range(text: str) -> tuple[float, float]:
     """``"1,5"`` -> ``(1.0, 5.0)``; ValueError unless two finite numbers with lo < hi."""
     parts = [p.strip() for p in str(text).split(",")]
