@@ -57,6 +57,15 @@ _PROGRAMS = flags.DEFINE_list(
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per planned program.")
 
 
+# PlanSpec field -> the flag that sets it as given (the others are converted in main).
+_SPEC_FLAGS = {
+    "rules": _RULES, "prompts": _PROMPTS, "num_generations": _G, "prompt_len": _PROMPT_LEN,
+    "completion_len": _COMPLETION_LEN, "image_tokens": _IMAGE_TOKENS, "dtype": _DTYPE,
+    "param_dtype": _PARAM_DTYPE, "ref_param_dtype": _REF_DTYPE, "num_micro": _NUM_MICRO,
+    "chunk_size": _CHUNK, "beta": _BETA, "freeze_vision": _FREEZE_VISION,
+}  # fmt: skip
+
+
 def _mesh_size(text: str) -> int:
     """Device count of ``axis=size,...`` (parsed here: jax must not be imported yet)."""
     sizes = [p.split("=", 1)[1] for p in text.replace("x", ",").split(",") if "=" in p]
@@ -89,25 +98,11 @@ def main(argv: list[str]) -> None:
             if size > jax.device_count():
                 raise app.UsageError(f"mesh {mesh_text} needs {size} devices")
             spec = mp.PlanSpec(
-                model=model,
-                mesh=mesh,
-                rules=_RULES.value,
-                prompts=_PROMPTS.value,
-                num_generations=_G.value,
-                prompt_len=_PROMPT_LEN.value,
-                completion_len=_COMPLETION_LEN.value,
-                image_tokens=_IMAGE_TOKENS.value,
+                model=model, mesh=mesh, programs=tuple(_PROGRAMS.value),
                 remat=None if _REMAT.value in none else _REMAT.value,
                 vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
-                dtype=_DTYPE.value,
-                param_dtype=_PARAM_DTYPE.value,
-                ref_param_dtype=_REF_DTYPE.value,
-                num_micro=_NUM_MICRO.value,
-                chunk_size=_CHUNK.value,
-                beta=_BETA.value,
-                freeze_vision=_FREEZE_VISION.value,
-                programs=tuple(_PROGRAMS.value),
-            )
+                **{field: flag.value for field, flag in _SPEC_FLAGS.items()},
+            )  # fmt: skip
             results = mp.plan(spec, devices=jax.devices()[:size])
             if _JSON.value:
                 for r in results:
