@@ -186,33 +186,21 @@ def test_two_real_jax_processes(tmp_path, spec):
 def test_real_predict_path_with_8_device_mesh_equals_one_device(tmp_path):
     """The real predict function (tiny random model, real tokenizer, greedy generate): the batch
     over an 8-device mesh gives the same completions as one device."""
-    import dataclasses
     import types
 
     import jax
     import numpy as np
+    import tiny_models
     from flax import nnx
     from PIL import Image
 
     from tatar_jax import generate, sharding
     from tatar_jax.data.tokenizer import load_tokenizer
     from tatar_jax.evaluation.predict import make_predict_fn
-    from tatar_jax.models.qwen2_5_vl.config import tiny
     from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
     tok = load_tokenizer(None)
-    base = tiny(tie_word_embeddings=True)
-    cfg = dataclasses.replace(
-        base,
-        text=dataclasses.replace(base.text, vocab_size=len(tok)),
-        image_token_id=tok.image_pad_id,
-        video_token_id=tok.video_pad_id,
-        vision_start_token_id=tok.vision_start_id,
-        vision_end_token_id=tok.vision_end_id,
-        bos_token_id=None,
-        eos_token_id=tok.im_end_id,
-        pad_token_id=tok.pad_id,
-    )
+    cfg = tiny_models.tiny_config_for(tok)
     model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0), init_std=0.08)
     ev = types.SimpleNamespace(
         batch_size=4,

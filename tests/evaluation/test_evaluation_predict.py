@@ -1,6 +1,6 @@
 """The model-side predict function's wiring (preprocessing, prompt, collation, mesh, decoding).
 
-``tatar_jax.generate`` (issue 5) is replaced by ``StandInGenerate``, a recording test double that
+``tatar_jax.generate.generate`` is replaced by ``StandInGenerate``, a recording test double that
 checks the arrays it is given against the data path (HF-equal preprocessing, the evaluation prompt,
 left padding) and returns canned token ids with a stop mask. The real Qwen tokenizer (offline
 rebuild) encodes the prompts and decodes the canned answers.
@@ -9,7 +9,6 @@ rebuild) encodes the prompts and decodes the canned answers.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import types
 
@@ -126,33 +125,18 @@ def test_predict_fn_wiring_with_stand_in_generate(qwen_tok):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("tatar_jax.generate") is None,
-    reason="the rollout engine (tatar_jax/generate.py, issue 5) has not landed",
-)
 def test_tiny_random_model_end_to_end_and_resume(tmp_path, qwen_tok):
     """A tiny random Qwen2.5-VL with the real tokenizer's ids, real greedy generation, the runner:
     all outputs are written and a resumed run gives identical metrics without generating."""
+    import tiny_models
     from flax import nnx
 
     from tatar_jax import generate
     from tatar_jax.data import manifest
-    from tatar_jax.models.qwen2_5_vl.config import tiny
     from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
     tok = qwen_tok
-    base = tiny(tie_word_embeddings=True)
-    cfg = dataclasses.replace(
-        base,
-        text=dataclasses.replace(base.text, vocab_size=len(tok)),
-        image_token_id=tok.image_pad_id,
-        video_token_id=tok.video_pad_id,
-        vision_start_token_id=tok.vision_start_id,
-        vision_end_token_id=tok.vision_end_id,
-        bos_token_id=None,
-        eos_token_id=tok.im_end_id,
-        pad_token_id=tok.pad_id,
-    )
+    cfg = tiny_models.tiny_config_for(tok)
     model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     calls = []

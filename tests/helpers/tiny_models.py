@@ -261,3 +261,23 @@ def hf_logits(model: Qwen2_5_VLForConditionalGeneration, batch: dict[str, np.nda
         inputs.pop("mm_token_type_ids")
     with torch.no_grad():
         return model(**inputs, **kw).logits.float().numpy()
+
+
+def tiny_config_for(tok: Any) -> Any:
+    """Our tiny config (tied embeddings) with the real tokenizer's vocabulary and special ids."""
+    import dataclasses
+
+    from tatar_jax.models.qwen2_5_vl.config import tiny
+
+    base = tiny(tie_word_embeddings=True)
+    return dataclasses.replace(
+        base,
+        text=dataclasses.replace(base.text, vocab_size=len(tok)),
+        image_token_id=tok.image_pad_id,
+        video_token_id=tok.video_pad_id,
+        vision_start_token_id=tok.vision_start_id,
+        vision_end_token_id=tok.vision_end_id,
+        bos_token_id=None,
+        eos_token_id=tok.im_end_id,
+        pad_token_id=tok.pad_id,
+    )

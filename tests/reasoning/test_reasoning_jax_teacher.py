@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -138,10 +137,6 @@ class ByteTokenizer:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("tatar_jax.generate") is None,
-    reason="the rollout engine (tatar_jax/generate.py, issue 5) has not landed",
-)
 def test_tiny_random_model_as_teacher_end_to_end(tmp_path):
     from flax import nnx
 
