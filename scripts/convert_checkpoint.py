@@ -28,7 +28,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from tatar_jax import loading  # noqa: E402
 from tatar_jax.models import qwen2_5_vl as qvl  # noqa: E402
+
+_WRITTEN = ("float32", "bfloat16")  # --dtype choices; "keep" reads any other dtype as float32
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Input HF directory (config.json + safetensors).")
 _ORBAX_OUT = flags.DEFINE_string("orbax_out", None, "Output orbax directory (HF -> orbax).")
@@ -39,44 +42,29 @@ _WORKDIR = flags.DEFINE_string(
 )
 _STEP = flags.DEFINE_integer("step", -1, "Training checkpoint step with --workdir (-1 = latest).")
 _DTYPE = flags.DEFINE_enum(
-    "dtype", "keep", ["keep", "float32", "bfloat16"], "Parameter dtype written (keep = as read)."
+    "dtype", "keep", ["keep", *_WRITTEN], "Parameter dtype written (keep = as read)."
 )
 _SHARD = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard (orbax -> HF).")
 _EXTRA = flags.DEFINE_multi_string(
     "copy_extra", [], "Extra files copied from the input directory (e.g. tokenizer.json)."
 )
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def _read_dtype(path: pathlib.Path) -> object:
     """The dtype recorded in the input's config.json when --dtype=keep."""
     cfg = json.loads((path / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    if name not in _DTYPES:
-        name = "float32"
-    return _DTYPES[name]
+    return loading.to_dtype(name if name in _WRITTEN else "float32")
 
 
 def _workdir_to_hf(workdir: pathlib.Path, out: pathlib.Path, dtype_name: str) -> None:
     """The ``params`` of a training checkpoint (architecture from the run's config.json)."""
-    from flax import nnx
-
-    from tatar_jax.train import checkpointing
-
     if not (workdir / "config.json").is_file():
         raise app.UsageError(f"{workdir} has no config.json (not a scripts/train.py run directory)")
-    config = qvl.load_config_json(workdir / "config.json")
-    model = nnx.eval_shape(
-        lambda: qvl.Qwen2_5_VLForConditionalGeneration(
-            config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
-        )
-    )
-    params, step = checkpointing.load_params(workdir, nnx.state(model, nnx.Param), step=_STEP.value)
-    nnx.update(model, params)
-    dtype = None if dtype_name == "keep" else _DTYPES[dtype_name]
-    qvl.save_hf_checkpoint(model, out, max_shard_size=_SHARD.value, dtype=dtype)
-    print(f"wrote {out} from {workdir} step {step}")
+    policy = loading.load_policy(loading.PolicySource(checkpoint=str(workdir), step=_STEP.value))
+    dtype = None if dtype_name == "keep" else loading.to_dtype(dtype_name)
+    qvl.save_hf_checkpoint(policy.model, out, max_shard_size=_SHARD.value, dtype=dtype)
+    print(f"wrote {out} from {workdir} step {policy.step}")
 
 
 def main(argv: list[str]) -> int:
@@ -97,7 +85,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("both an input and an output directory are required")
     if not (src / "config.json").is_file():
         raise app.UsageError(f"{src} has no config.json")
-    dtype = _DTYPES[_DTYPE.value] if _DTYPE.value != "keep" else _read_dtype(src)
+    dtype = loading.to_dtype(_DTYPE.value) if _DTYPE.value != "keep" else _read_dtype(src)
     start = time.time()
     if hf_to_orbax:
         model = qvl.load_hf_checkpoint(src, dtype=dtype)

@@ -363,3 +363,44 @@ def test_rng_determinism_and_bad_input(pair):
     img = tm.make_batch([[2, (1, 4, 4), 2]], seed=0)
     with pytest.raises(ValueError, match="image tokens"):
         generate.generate(model, img["input_ids"], img["attention_mask"])
+
+
+def test_sampler_lower_gives_the_programs_generate_runs(pair):
+    """Sampler.lower's (prefill, decode), compiled and run by hand, give generate's output."""
+    _, model = pair
+    sampler = generate.Sampler(
+        model, generate.SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=STOP)
+    )
+    b = tm.make_batch([[2, (1, 4, 8), 3], [1, (1, 4, 4), 5]], seed=0)
+    args = (b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    ref = sampler(*args)
+    inputs, key = sampler.prepare(*args), jax.random.key(0)
+    prefill, decode = sampler.lower(sampler.state, *inputs, key)
+    carry = prefill.compile()(sampler.state, *inputs, key)
+    out, _, _ = decode.compile()(sampler.state, carry)
+    for got, want in zip(out, ref, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_completions_masked_tokens_without_specials():
+    """Each row: the masked tokens (through the stop token), special tokens skipped; a global
+    array sharded over devices decodes the same."""
+    from tatar_jax.data import tokenizer
+
+    tok = tokenizer.load_tokenizer(None)
+    rows = [tok.encode("a sharp photo"), tok.encode("<answer>7</answer>")]
+    after = tok.encode(" never shown")
+    width = max(map(len, rows)) + 1 + len(after)
+    tokens = np.full((2, width), tok.pad_id, np.int32)
+    mask = np.zeros((2, width), bool)
+    for k, ids in enumerate(rows):
+        full = [*ids, tok.im_end_id, *after]
+        tokens[k, : len(full)] = full
+        mask[k, : len(ids) + 1] = True
+    out = generate.GenerateOutput(tokens, mask, np.zeros(tokens.shape, np.float32))
+    want = ["a sharp photo", "<answer>7</answer>"]
+    assert generate.decode_completions(tok, out) == want
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("batch",))
+    rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    sharded = generate.GenerateOutput(*(jax.device_put(x, rows_sh) for x in out))
+    assert generate.decode_completions(tok, sharded) == want

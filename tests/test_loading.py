@@ -86,3 +86,42 @@ def test_hf_dir_orbax_export_and_training_run(tmp_path):
 def test_training_run_without_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json in the run directory"):
         loading.load_policy(loading.PolicySource(checkpoint=str(tmp_path / "nothing")))
+
+
+def test_placed_on_a_mesh_by_the_rules(tmp_path):
+    """Embedded and training-run weights land on the mesh per the logical rules, unchanged."""
+    from tatar_jax import sharding
+    from tatar_jax.data import tokenizer
+
+    tok = tokenizer.load_tokenizer(None)
+    mesh = sharding.make_mesh({"fsdp": 2}, devices=jax.devices()[:2])
+    rules = sharding.DEFAULT_RULES
+    src = loading.PolicySource(preset="tiny")
+    plain = loading.load_policy(src, tokenizer=tok, seed=1)
+
+    wd = tmp_path / "run"
+    wd.mkdir()
+    plain.config.to_json_file(str(wd / "config.json"))
+    ckpt = checkpointing.Checkpointer(wd, every_steps=1, async_save=False, with_data=False)
+    state = optim.TrainState.create(
+        nnx.state(plain.model), optim.make_optimizer(1e-3), jax.random.key(0)
+    )
+    ckpt.save(2, state)
+    ckpt.close()
+
+    for source in (src, loading.PolicySource(checkpoint=str(wd))):
+        placed = loading.load_policy(source, tokenizer=tok, seed=1, mesh=mesh, rules=rules)
+        _assert_same(plain.model, placed.model)
+        params = nnx.state(placed.model, nnx.Param)
+        want = sharding.state_shardings(params, mesh, rules)
+        got = jax.tree.map(lambda x: x.sharding, params)
+        assert jax.tree.leaves(got) == jax.tree.leaves(want)
+        assert any(not s.is_fully_replicated for s in jax.tree.leaves(got))  # really sharded
+
+
+def test_abstract_model_computes_nothing():
+    config = qvl.preset("7b")
+    model = loading.build_model(config, dtype=jnp.bfloat16, abstract=True)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
