@@ -18,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tatar_jax.evaluation.runner import RecordFailure
+
+if TYPE_CHECKING:
+    from tatar_jax.generate import GenerateOutput
 
 
 class ModelUnavailableError(RuntimeError):
@@ -113,7 +116,7 @@ def make_predict_fn(
     *,
     mesh: Any,
     rules: Any,
-    generate_fn: Callable[..., Any],
+    generate_fn: Callable[..., GenerateOutput],
     seed: int = 42,
     merge_size: int = 2,
 ) -> Callable[[Sequence[Mapping[str, Any]]], list[str | RecordFailure]]:

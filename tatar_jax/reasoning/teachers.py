@@ -27,7 +27,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from tatar_jax.generate import GenerateOutput
 
 
 class TeacherError(RuntimeError):
@@ -295,8 +298,8 @@ class JaxTeacher:
     decoded with special tokens stripped (``generate.decode_completions``). Stop strings are
     applied to the decoded text. One row at a time (run the builder with ``concurrency = 1``).
 
-    ``generate_fn``: ``tatar_jax.generate.generate`` unless a test passes a stand-in with its
-    signature, returning a ``GenerateOutput``.
+    ``generate_fn``: None = ``tatar_jax.generate.generate``; tests pass a stand-in with its
+    signature (no model needed).
     """
 
     def __init__(
@@ -309,7 +312,7 @@ class JaxTeacher:
         min_pixels: int = 3136,
         max_pixels: int = 1572864,
         chat_template: str | None = None,
-        generate_fn: Callable[..., Any] | None = None,
+        generate_fn: Callable[..., GenerateOutput] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
