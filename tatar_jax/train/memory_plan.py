@@ -143,7 +143,7 @@ class _Builder:
         self.spec = spec
         self.mesh = sharding.make_mesh(dict(spec.mesh), devices=devices)
         self.rules = sharding.get_rules(spec.rules)
-        self.config = qvl.tiny() if spec.model == "tiny" else qvl.preset(spec.model)
+        self.config = qvl.preset(spec.model)
         self.dtype = loading.to_dtype(spec.dtype)
         self.model = loading.build_model(
             self.config, dtype=self.dtype, param_dtype=loading.to_dtype(spec.param_dtype),
