@@ -126,50 +126,41 @@ class Loaded:
 
 _SPEC_FIELDS = frozenset(
     {"builtin", "task", "manifest", "score_range", "image_root", "sampling", "label_field",
-     "image_field", "target_field", "max_records"}
+     "image_field", "target_field"}
 )  # fmt: skip
 
 
 def spec_from_config(name: str, cfg: Any) -> DatasetSpec:
-    """DatasetSpec from a config block (``ml_collections.ConfigDict`` or a dict).
+    """DatasetSpec from a ``configs/common.py:dataset_source`` block (a ConfigDict or a dict).
 
-    Fields: ``task``, ``manifest``, ``score_range`` (required: the declared native range),
-    optional ``image_root``, ``sampling``, ``label_field``, ``image_field``, ``target_field``,
-    ``max_records`` (> 0 and no sampling: ``first:max_records``), and ``builtin`` (read by the
-    trainer; empty here). Any other field is an error (a misspelt optional field would otherwise
-    fall back to its default silently).
+    Every field of that block is required and no other is allowed (a renamed field is an error,
+    never a silent default): ``task``, ``manifest``, ``score_range`` (the declared native range;
+    all three non-empty), ``image_root``, ``sampling``, ``label_field``, ``image_field``,
+    ``target_field`` ("" = none) and ``builtin`` (read by the trainer; empty here).
     """
+    missing = sorted(_SPEC_FIELDS - set(cfg.keys()))
     unknown = sorted(set(cfg.keys()) - _SPEC_FIELDS)
-    if unknown:
+    if missing or unknown:
         raise ValueError(
-            f"dataset {name!r}: unknown config field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(_SPEC_FIELDS))}"
+            f"dataset {name!r}: missing config field(s) {missing}, unknown field(s) {unknown}; "
+            f"a dataset block has exactly: {', '.join(sorted(_SPEC_FIELDS))}"
         )
-
-    def get(key, default=None):
-        v = cfg[key] if key in cfg else None
-        return default if v is None else v
-
     for key in ("task", "manifest", "score_range"):
-        if get(key) in (None, "", ()):
+        if cfg[key] in (None, "", ()):
             raise ValueError(
                 f"dataset {name!r}: config needs {key!r}"
                 + (" (the declared native range, e.g. (1, 5))" if key == "score_range" else "")
             )
-    sampling = get("sampling", "all") or "all"
-    max_records = int(get("max_records", -1))
-    if max_records > 0 and sampling == "all":
-        sampling = f"first:{max_records}"
     return DatasetSpec(
         name=name,
-        task=get("task"),
-        manifest=str(get("manifest")),
-        image_root=str(get("image_root", "")),
-        score_range=tuple(float(v) for v in get("score_range")),
-        sampling=sampling,
-        label_field=get("label_field", "gt_score"),
-        image_field=get("image_field", "image"),
-        target_field=get("target_field") or None,
+        task=cfg["task"],
+        manifest=str(cfg["manifest"]),
+        image_root=str(cfg["image_root"]),
+        score_range=tuple(float(v) for v in cfg["score_range"]),
+        sampling=cfg["sampling"],
+        label_field=cfg["label_field"],
+        image_field=cfg["image_field"],
+        target_field=cfg["target_field"] or None,
     )
 
 

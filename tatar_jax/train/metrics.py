@@ -275,15 +275,21 @@ def grpo_reward_metrics(
 # --- FLOPs, parameters, MFU --------------------------------------------------------------------
 
 
-def _get(cfg: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        if isinstance(cfg, Mapping) and name in cfg:
+def _get(cfg: Any, name: str) -> Any:
+    """Field ``name`` of a model config (a Mapping or an object); a missing field is an error."""
+    if isinstance(cfg, Mapping):
+        if name in cfg:
             return cfg[name]
-        if not isinstance(cfg, Mapping) and hasattr(cfg, name):
-            return getattr(cfg, name)
-    if default is not None:
-        return default
-    raise KeyError(f"config has none of {names}")
+    elif hasattr(cfg, name):
+        return getattr(cfg, name)
+    raise KeyError(f"model config has no field {name!r}")
+
+
+def _head_dim(c: Any, d: int, h: int) -> int:
+    # Optional by HF's own rule: Qwen2 text configs carry no head_dim (attention uses
+    # hidden_size // heads); ours is a property, which dataclasses.asdict leaves out.
+    value = c.get("head_dim") if isinstance(c, Mapping) else getattr(c, "head_dim", None)
+    return int(value or d // h)
 
 
 def _text_dims(c: Any) -> dict[str, int]:
@@ -292,12 +298,11 @@ def _text_dims(c: Any) -> dict[str, int]:
     return {
         "d": d,
         "h": h,
-        "kv": int(_get(c, "num_key_value_heads", default=h)),
-        "hd": int(_get(c, "head_dim", default=d // h) or d // h),
+        "kv": int(_get(c, "num_key_value_heads")),
+        "hd": _head_dim(c, d, h),
         "i": int(_get(c, "intermediate_size")),
         "l": int(_get(c, "num_hidden_layers")),
         "v": int(_get(c, "vocab_size")),
-        "tie": bool(_get(c, "tie_word_embeddings", default=False)),
     }
 
 
@@ -312,11 +317,11 @@ def _vision_dims(c: Any) -> dict[str, Any]:
         "h": int(_get(c, "num_heads")),
         "p": first(_get(c, "patch_size")),
         "tp": first(_get(c, "temporal_patch_size")),
-        "c": int(_get(c, "in_channels", default=3)),
+        "c": int(_get(c, "in_channels")),
         "m": int(_get(c, "spatial_merge_size")),
         "out": int(_get(c, "out_hidden_size")),
-        "win": int(_get(c, "window_size", default=0) or 0),
-        "full": tuple(_get(c, "fullatt_block_indexes", default=()) or ()),
+        "win": int(_get(c, "window_size")),
+        "full": tuple(_get(c, "fullatt_block_indexes")),
     }
 
 
@@ -332,8 +337,8 @@ def param_counts(
     vision, total, text_matmul / vision_matmul (weights used in per-token matmuls, for FLOPs).
     """
     t = _text_dims(text_cfg)
-    if tie_word_embeddings is not None:
-        t["tie"] = bool(tie_word_embeddings)
+    if tie_word_embeddings is None:
+        tie_word_embeddings = _get(text_cfg, "tie_word_embeddings")
     d, hd = t["d"], t["hd"]
     q, kv = t["h"] * hd, t["kv"] * hd
     attn = d * q + q + 2 * (d * kv + kv) + q * d  # q/k/v with bias, o without
@@ -341,7 +346,7 @@ def param_counts(
     layer = attn + mlp + 2 * d  # + 2 RMSNorms
     layers = t["l"] * layer
     embedding = t["v"] * d
-    lm_head = 0 if t["tie"] else d * t["v"]
+    lm_head = 0 if tie_word_embeddings else d * t["v"]
     text = embedding + layers + d + lm_head  # + final norm
     text_matmul = t["l"] * (d * q + 2 * d * kv + q * d + mlp) + d * t["v"]
     out = {
@@ -389,7 +394,8 @@ def flops_per_token(
       causal_discount: count T/2 attended positions instead of T.
     """
     t = _text_dims(text_cfg)
-    n = param_counts(text_cfg, vision_cfg)
+    # The lm_head matmul runs whether or not its weights are tied: FLOPs do not depend on tying.
+    n = param_counts(text_cfg, vision_cfg, tie_word_embeddings=False)
     ctx = seq_len / 2 if causal_discount else seq_len
     fwd_text = 2 * n["text_matmul"] + 4 * t["l"] * t["h"] * t["hd"] * ctx
     mult = 3 if training else 1

@@ -297,22 +297,23 @@ def test_training_set_declarations(shared_dir):
 def test_spec_from_config():
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(
-        {
-            "task": "iqa",
-            "manifest": "/d/m.jsonl",
-            "image_root": "/d/img",
-            "max_records": 100,
-            "score_range": (1, 5),
-            "label_field": "gt_score_norm",
-        }
+    from configs import common
+
+    cfg = common.dataset_source(
+        "iqa",
+        manifest="/d/m.jsonl",
+        image_root="/d/img",
+        sampling="first:100",
+        score_range=(1, 5),
+        label_field="gt_score_norm",
     )
+    assert isinstance(cfg, ml_collections.ConfigDict)
     spec = manifest.spec_from_config("koniq", cfg)
     assert spec == manifest.DatasetSpec(
         "koniq", "iqa", "/d/m.jsonl", "/d/img", (1.0, 5.0), "first:100", "gt_score_norm"
     )
     d = {
-        "task": "iaa",
+        **common.dataset_source("iaa").to_dict(),
         "manifest": "m.json",
         "score_range": [0, 10],
         "sampling": "random:5%",
@@ -321,6 +322,10 @@ def test_spec_from_config():
     spec = manifest.spec_from_config("x", d)
     assert (spec.sampling, spec.target_field, spec.image_root) == ("random:5%", "cot_reasoning", "")
     with pytest.raises(ValueError, match="score_range.*declared native range"):
-        manifest.spec_from_config("x", {"task": "iqa", "manifest": "m.json"})
-    with pytest.raises(ValueError, match="unknown config field.*'label_feild'"):
+        manifest.spec_from_config("x", {**d, "score_range": ()})
+    with pytest.raises(ValueError, match="unknown field.*'label_feild'"):
         manifest.spec_from_config("x", {**d, "label_feild": "mos"})
+    # A renamed field is an error naming the missing one, never its default.
+    renamed = {k: v for k, v in d.items() if k != "label_field"} | {"label_feild": "mos"}
+    with pytest.raises(ValueError, match="missing config field.*'label_field'"):
+        manifest.spec_from_config("x", renamed)

@@ -133,6 +133,17 @@ def test_flops_hand_count_and_options():
     )
 
 
+def test_missing_model_config_field_is_an_error_naming_it():
+    text = dict(
+        vocab_size=10, hidden_size=4, intermediate_size=6, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    with pytest.raises(KeyError, match="num_key_value_heads"):
+        metrics.flops_per_token(text, None, 8)
+    with pytest.raises(KeyError, match="tie_word_embeddings"):
+        metrics.param_counts({**text, "num_key_value_heads": 1})
+
+
 def test_frozen_vision_counts_forward_only(hf):
     cfg, _ = hf
     args = (cfg.text_config, cfg.vision_config, T)
