@@ -108,8 +108,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.prompt_variant = "train"
     c.min_pixels = MIN_PIXELS
     c.max_pixels = MAX_PIXELS
-    c.max_seq_len = 2048  # longest bucket; longer examples are an error, never truncated
-    c.seq_buckets = (256, 512, 1024, 2048)  # static padded lengths (one compile per bucket)
+    # Static padded lengths (one compile per bucket); an example longer than the last is an
+    # error, never truncated.
+    c.seq_buckets = (256, 512, 1024, 2048)
     c.patch_buckets = ()  # () = the pipeline's default vision-patch buckets
     # Mixing of the tasks (spec §6.1): random interleave with P(IQA) = p_iqa, "all_exhausted".
     c.mixing = "interleave"  # "interleave" | "concat" (GRPO reference: concatenated, shuffled)
@@ -134,7 +135,6 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # -1 = inferred
     c.dcn_shape = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     c.rules = "default"  # tatar_jax.sharding.RULE_SETS: default | fsdp | tensor | replicated
-    c.num_devices = 0  # 0: every device; n: the first n (one process; e.g. a 1-device baseline)
     c.distributed = config_dict.placeholder(bool)  # None: auto (only with coordinator given)
     c.coordinator_address = config_dict.placeholder(str)
     c.num_processes = config_dict.placeholder(int)
@@ -201,6 +201,8 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
     c.model = model_config()
     c.data = data_config()
     c.mesh = mesh_config()
+    # Training only: 0 = every device; n = the first n (one process; e.g. a 1-device baseline).
+    c.mesh.num_devices = 0
     c.optimizer = optimizer_config(learning_rate)
     c.checkpoint = checkpoint_config()
     c.logging = logging_config()
@@ -242,7 +244,6 @@ def reference_run(c: ml_collections.ConfigDict) -> None:
     4,096-token buckets (2,006 visual tokens max + text; never truncated), two accumulation
     micro-steps, every step logged, keep 5 checkpoints, no periodic evaluation."""
     c.model.preset = ""
-    c.data.max_seq_len = 4096
     c.data.seq_buckets = (1024, 2048, 4096)
     c.optimizer.grad_accum_steps = 2
     c.checkpoint.keep = 5
@@ -251,13 +252,22 @@ def reference_run(c: ml_collections.ConfigDict) -> None:
     c.eval.datasets = ()
 
 
-def tiny_run(c: ml_collections.ConfigDict, *, max_seq_len: int) -> None:
+def default_run(c: ml_collections.ConfigDict, *, seq_len: int) -> None:
+    """What both stages' ``default`` presets (the embedded tiny random model on the synthetic
+    set, CPU minutes) share: one compiled sequence length ``seq_len`` and one patch bucket."""
+    c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
+    c.model.remat = False  # a tiny model: recomputation would only cost time
+    c.data.seq_buckets = (seq_len,)
+    c.data.patch_buckets = (1024,)  # 8 images of <= 10 x 10 patches: one compiled step
+    c.eval.max_new_tokens = 96  # the synthetic IAA rationales are ~70 tokens
+
+
+def tiny_run(c: ml_collections.ConfigDict, *, seq_len: int) -> None:
     """What both stages' ``tiny`` presets (tests: a few steps of the embedded model on small
-    synthetic images) share."""
+    synthetic images, one compiled sequence length ``seq_len``) share."""
     c.model.dtype = "float32"
     c.data.synthetic.image_size = 56
-    c.data.max_seq_len = max_seq_len
-    c.data.seq_buckets = (max_seq_len,)
+    c.data.seq_buckets = (seq_len,)
     c.checkpoint.every_steps = 2
     c.checkpoint.async_save = False
     c.logging.every_steps = 1

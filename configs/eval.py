@@ -11,7 +11,7 @@ Every field can also be set as ``--config.<field>=...``; the short flags of ``sc
 Presets (``:arg``): ``default`` (fixed protocol: labels by declared range, strict parsing, SRCC
 with average ranks, evaluation prompt wording), ``reference`` (adds ``reference_compat``: the
 reference's value-based labels B1, lenient parsing + rescaling B2 and ordinal SRCC B12, for
-comparison only) and ``tiny`` (tests: embedded tiny model, few tokens).
+comparison only) and ``tiny`` (tests: float32, few tokens).
 """
 
 from __future__ import annotations
@@ -64,20 +64,25 @@ def eval_block() -> ml_collections.ConfigDict:
     return c
 
 
+def model_block() -> ml_collections.ConfigDict:
+    """The weights to evaluate (``model.hf_dir``, else ``--checkpoint``) and the compute dtype:
+    the two fields of ``common.model_config`` that evaluation reads."""
+    m = common.model_config()
+    return ml_collections.ConfigDict({"hf_dir": m.hf_dir, "dtype": m.dtype})
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = common.parse_preset(arg, PRESETS)
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = common.SEED
-    c.model = common.model_config()
-    c.model.remat = False  # no gradients in evaluation
+    c.model = model_block()
     c.mesh = common.mesh_config()
     c.eval = eval_block()
     if preset == "reference":
         c.eval.reference_compat = True
         c.eval.batch_size = 4  # spec §9 (per GPU in the reference)
     elif preset == "tiny":
-        c.model.preset = "tiny"
         c.model.dtype = "float32"
         c.eval.max_new_tokens = 8
         c.eval.batch_size = 2

@@ -85,12 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grpo.pack_buckets = 0
         c.checkpoint.every_steps = 100
     elif preset == "default":
-        c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
-        # On a CPU the lm_head log-softmax is fastest in small chunks (cache-sized logits).
-        c.model.logprob_chunk_size = 128
         # Embedded tiny random model on the synthetic set, CPU minutes: an SFT warm-up teaches the
         # format and a first ranking, GRPO's rewards refine it.
-        c.model.remat = False  # a tiny model: recomputation would only cost time
+        common.default_run(c, seq_len=256)
+        # On a CPU the lm_head log-softmax is fastest in small chunks (cache-sized logits).
+        c.model.logprob_chunk_size = 128
         c.eval.at_start = True
         c.optimizer.learning_rate = 5e-4
         c.grpo.prompts_per_step = 8
@@ -99,14 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = 20
         c.eval.max_examples = -1  # the whole synthetic test split (144 IQA + 108 IAA images)
         c.eval.batch_size = 36
-        c.eval.max_new_tokens = 96
-        c.data.max_seq_len = 256
-        c.data.seq_buckets = (256,)  # one compiled update / sampler program
-        c.data.patch_buckets = (1024,)  # 8 images of <= 10 x 10 patches
         c.checkpoint.every_steps = 10
         c.logging.every_steps = 2
     else:  # tiny: a few steps for tests
-        common.tiny_run(c, max_seq_len=256)
+        common.tiny_run(c, seq_len=256)
         c.optimizer.learning_rate = 1e-4
         c.grpo.prompts_per_step = 2
         c.grpo.num_generations = 4

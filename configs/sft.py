@@ -27,10 +27,9 @@ PRESETS = ("default", "tiny", "reference")
 
 def sft_block() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Loss: assistant-only cross-entropy from explicit span labels (fixes B3), with the closing
-    # <|im_end|> as a target (fixes B4). Normalisation = total assistant tokens of the optimizer
-    # step (HF token mean), summed over accumulation micro-batches, not a mean of means.
-    c.include_im_end = True
+    # Loss: assistant-only cross-entropy from explicit span labels (fixes B3; the closing
+    # <|im_end|> is always a target, fixes B4). Normalisation = total assistant tokens of the
+    # optimizer step (HF token mean), summed over accumulation micro-batches, not a mean of means.
     c.loss_normalization = "token_mean"  # "token_mean" | "sequence_mean"
     c.global_batch_size = 128  # sequences per optimizer step (spec §6.3)
     # Only the target tokens go through the 152k-vocabulary lm_head, packed over the rows of a
@@ -61,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sft.pack_buckets = 0
         c.checkpoint.every_steps = 40
     elif preset == "default":
-        c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
-        # Embedded tiny random model on the synthetic set: finishes in minutes on a CPU. A random
-        # tiny model needs a far larger learning rate than a pretrained 7B to move.
+        # Prompt + image + the longest synthetic IAA rationale is ~290 tokens at 128 px.
+        common.default_run(c, seq_len=384)
+        # A random tiny model needs a far larger learning rate than a pretrained 7B to move.
         c.optimizer.learning_rate = 1e-2
         c.optimizer.warmup_steps = 10
         c.sft.global_batch_size = 8
@@ -71,16 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Ranking underexposure needs more IQA rows than 150 steps at 0.5 give (the IQA answer
         # stayed constant; IQA only: held-out SRCC 0.21; 200 steps at 0.6: 0.51).
         c.data.p_iqa = 0.6
-        # Prompt + image + the longest synthetic IAA rationale is ~290 tokens at 128 px.
-        c.data.max_seq_len = 384
-        c.data.seq_buckets = (384,)  # one compiled step
-        c.data.patch_buckets = (1024,)  # 8 images of <= 10 x 10 patches: one compiled step
-        c.eval.max_new_tokens = 96  # the synthetic IAA rationales are ~70 tokens
-        c.model.remat = False  # a tiny model: recomputation would only cost time
         c.checkpoint.every_steps = 20
         c.logging.every_steps = 5
     else:  # tiny: a few steps for tests
-        common.tiny_run(c, max_seq_len=384)  # IAA rationales reach ~260 tokens at 56 px
+        common.tiny_run(c, seq_len=384)  # IAA rationales reach ~260 tokens at 56 px
         c.optimizer.learning_rate = 1e-3
         c.sft.global_batch_size = 4
         c.sft.pack_buckets = 0  # per-row slots: one compiled step per test subprocess

@@ -113,6 +113,34 @@ def test_grpo_warmup_block_follows_the_grpo_fields(repo_root):
         )
 
 
+@pytest.mark.parametrize("preset", ["default", "tiny", "reference"])
+def test_grpo_warmup_block_is_the_sft_preset_with_the_grpo_run_fields(preset):
+    """config.warmup = configs/sft.py's same preset, with the GRPO run's model, mesh, seed, image
+    size, tokenizer, held-out evaluation and progress bar, evaluated at its end."""
+    from configs import grpo, sft
+
+    g = grpo.get_config(preset)
+    want = sft.get_config(preset)
+    want.total_steps = 200 if preset == "default" else 0
+    want.seed = g.seed
+    want.model = g.model.to_dict()
+    want.mesh = g.mesh.to_dict()
+    want.data.synthetic.image_size = g.data.synthetic.image_size
+    want.data.tokenizer_dir = g.data.tokenizer_dir
+    for name in ("datasets", "max_examples", "max_new_tokens", "batch_size", "at_start"):
+        want.eval[name] = g.eval[name]
+    want.eval.at_end = True
+    want.logging.progress = g.logging.progress
+    assert g.warmup.to_dict() == want.to_dict()
+    assert "sft_warmup_steps" not in g
+    # Setting a shared GRPO field in Python reaches the warm-up too.
+    g.seed, g.data.tokenizer_dir, g.eval.batch_size, g.logging.progress = 3, "/tok", 5, False
+    w = g.warmup
+    assert (w.seed, w.data.tokenizer_dir, w.eval.batch_size, w.logging.progress) == (
+        3, "/tok", 5, False
+    )  # fmt: skip
+
+
 def test_configs_package_imports_without_jax():
     """Config files are light: importing the package's stage configs loads no JAX."""
     code = "import sys; from configs import grpo, sft, eval; print('jax' in sys.modules)"
@@ -181,7 +209,6 @@ def test_fields_fit_the_modules_that_read_them(repo_root, stage, preset):
         assert name == "synthetic" or name in c.data.sources, name
     if c.model.preset:
         model_config.preset(c.model.preset)
-    assert c.data.max_seq_len == max(c.data.seq_buckets)
     if stage == "sft":
         assert c.sft.global_batch_size % c.optimizer.grad_accum_steps == 0
     else:

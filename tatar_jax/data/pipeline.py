@@ -447,7 +447,7 @@ class LoadExample:
             if len(e["input_ids"]) > longest:
                 raise ex.ExampleError(
                     f"{len(e['input_ids'])} tokens exceed the largest sequence bucket {longest} "
-                    "(raise data.seq_buckets / max_seq_len or lower max_pixels)"
+                    "(raise data.seq_buckets or lower max_pixels)"
                 )
         except Exception as err:  # noqa: BLE001 - every failure is reported with its record
             reason = f"{type(err).__name__}: {err}"
