@@ -3,6 +3,9 @@
     python scripts/train.py --config=configs/grpo.py:reference --config.grpo.beta=0
     from configs import grpo; cfg = grpo.get_config("tiny")
 
-Files import their siblings as ``from configs import common``; loaded by path (absl
-``config_flags``) they first put the repository root on ``sys.path``. Nothing here imports JAX.
+Files import their siblings as ``from configs import common``: the repository root must be on
+``sys.path``, as the entry points under ``scripts/`` put it before absl's ``config_flags`` loads
+a file by path. Configs are light: the training and evaluation configs import neither JAX nor
+``tatar_jax``; ``reasoning.py`` takes its prompt texts from the pure-Python
+``tatar_jax.reasoning.prompts`` / ``judge``.
 """

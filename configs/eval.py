@@ -16,16 +16,10 @@ comparison only) and ``tiny`` (tests: float32, few tokens).
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common  # noqa: E402
+from configs import common
 
 PRESETS = ("default", "reference", "tiny")
 BENCHMARKS = ("KonIQ-10K", "SPAQ", "KADID", "PIPAL", "ArtiMuse-10K", "AVA", "TAD66K", "FLICKR-AES")

@@ -13,12 +13,6 @@ mu = 1, temperature 1.0, top-k 50, 256 new tokens, AdamW lr 1e-6 linear decay, c
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import ml_collections
 from ml_collections import config_dict
 

@@ -17,12 +17,6 @@ written anywhere.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-if __package__ != "configs":  # loaded by path (absl config_flags): make the repository importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import ml_collections
 from ml_collections import config_dict
 

@@ -22,12 +22,6 @@ Every constant of spec §8 is a field with the reference's value.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import ml_collections
 
 from configs import common

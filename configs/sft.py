@@ -12,15 +12,9 @@ AdamW lr 2e-5 linear decay, clip 1.0, bf16 + remat, save every 40 steps).
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-if __package__ != "configs":  # loaded by path (absl config_flags): make `configs` importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import ml_collections
 
-from configs import common  # noqa: E402
+from configs import common
 
 PRESETS = ("default", "tiny", "reference")
 

@@ -142,10 +142,15 @@ def test_grpo_warmup_block_is_the_sft_preset_with_the_grpo_run_fields(preset):
 
 
 def test_configs_package_imports_without_jax():
-    """Config files are light: importing the package's stage configs loads no JAX."""
-    code = "import sys; from configs import grpo, sft, eval; print('jax' in sys.modules)"
+    """Config files are light: the stage configs load neither JAX nor tatar_jax; the reasoning
+    config only tatar_jax's pure-Python prompt texts."""
+    code = (
+        "import sys; from configs import grpo, sft, eval, rewards;"
+        "print('jax' in sys.modules, 'tatar_jax' in sys.modules);"
+        "from configs import reasoning; print('jax' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "False", "False"]
 
 
 def test_unknown_field_and_preset_are_errors(repo_root):
@@ -156,9 +161,12 @@ def test_unknown_field_and_preset_are_errors(repo_root):
 
 
 def test_override_in_subprocess_from_other_cwd(repo_root, tmp_path):
-    """As a script run from elsewhere sees it (``scripts/`` first on sys.path)."""
+    """As a script run from elsewhere sees it (``scripts/*.py`` put the repository root on
+    sys.path; the config files import ``from configs import common``)."""
     script = tmp_path / "show.py"
     script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(repo_root)!r})  # as scripts/*.py do\n"
         "from absl import app\n"
         "from ml_collections import config_flags\n"
         "C = config_flags.DEFINE_config_file('config')\n"
