@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from tatar_jax.data import jsonl
+
 TASKS = ("iqa", "iaa")
 ON_ERROR = ("error", "skip")
 # Scores within this distance outside the declared range are accepted (float noise in label files).
@@ -278,18 +280,10 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not isinstance(r, dict):
                 raise ManifestError(f"{path}: row {i}: expected an object, got {type(r).__name__}")
         return rows
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            raise ManifestError(f"{path}: row {i}: empty line in JSONL manifest")
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{path}: row {i}: invalid JSON ({err.msg})") from err
-        if not isinstance(r, dict):
-            raise ManifestError(f"{path}: row {i}: expected an object, got {type(r).__name__}")
-        rows.append(r)
-    return rows
+    try:
+        return jsonl.parse_rows(path, text)
+    except jsonl.JsonlError as err:
+        raise ManifestError(str(err)) from err
 
 
 def parse_score(value: Any, score_range: Sequence[float] | None) -> float:
@@ -474,11 +468,7 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -
     """Write rows as JSONL (``.jsonl``) or a JSON list (anything else), atomically."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            json.dump(list(rows), f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    if path.endswith(".jsonl"):
+        jsonl.write_rows(path, rows)
+    else:
+        jsonl.write_atomic(path, lambda f: json.dump(list(rows), f, ensure_ascii=False, indent=1))
