@@ -329,6 +329,11 @@ def test_options_from_the_stage_configs(stage):
     assert dict(opts.p_drop_think) == dict(cfg.data.p_drop_think)
     ev = pl.options_from_config(cfg.data, "eval", 4, process_index=0, process_count=1)
     assert (ev.shuffle, ev.num_epochs, ev.side) == (False, 1, "left")
+    # A missing (e.g. renamed) field is an error naming it, never a silent default.
+    data = cfg.data.to_dict()
+    del data["p_iqa"]
+    with pytest.raises(KeyError, match="p_iqa"):
+        pl.options_from_config(data, stage, 16)
 
 
 def test_state_round_trips_through_the_orbax_checkpointer(sources, tmp_path):
