@@ -12,21 +12,22 @@ from tatar_jax.evaluation.metrics import (
     spearman,
     spearman_reference,
 )
+from tatar_jax.evaluation.outputs import EvalError, read_jsonl
 from tatar_jax.evaluation.runner import (
-    EvalError,
     EvalOptions,
     PredictFn,
     RecordFailure,
-    dataset_metrics,
     evaluate_dataset,
     evaluate_shard,
     merge_shards,
-    metrics_from_completions,
-    read_jsonl,
     run_eval,
-    score_completion,
-    shard_rows,
 )
+from tatar_jax.evaluation.scoring import (
+    dataset_metrics,
+    metrics_from_completions,
+    score_completion,
+)
+from tatar_jax.evaluation.shards import shard_rows
 
 __all__ = [
     "EvalError",

@@ -15,7 +15,7 @@ import os
 import pytest
 from test_evaluation_runner import FakePredictor, _dataset
 
-from tatar_jax.evaluation import runner
+from tatar_jax.evaluation import runner, shards
 
 FILES = ("predictions.jsonl", "errors.jsonl", "metrics.json")
 
@@ -88,7 +88,7 @@ def test_shard_rows_disjoint_balanced_lockstep():
     records = [{"row_id": 100 + i} for i in range(37)]
     done = {100 + i: None for i in (0, 2, 4, 6, 8, 10, 30)}
     for count in (1, 2, 3, 8):
-        parts, n = runner.shard_rows(records, done, count, 4)
+        parts, n = shards.shard_rows(records, done, count, 4)
         ids = [r["row_id"] for p in parts for r in p]
         assert sorted(ids) == sorted(r["row_id"] for r in records if r["row_id"] not in done)
         assert n == max(-(-len(p) // 4) for p in parts)

@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import stats
 
 from tatar_jax.data import datasets, manifest
-from tatar_jax.evaluation import report, runner
+from tatar_jax.evaluation import outputs, report, runner, scoring
 
 
 class FakePredictor:
@@ -100,7 +100,7 @@ def test_end_to_end_outputs_and_metrics(tmp_path, specs):
     # Independent recomputation from the manifest + the fake's rule.
     spec = specs[0]
     raw = [r["gt_score"] for r in json.loads(open(spec.manifest).read())]
-    rows = runner.read_jsonl(str(out / "KADID" / "predictions.jsonl"))
+    rows = outputs.read_jsonl(str(out / "KADID" / "predictions.jsonl"))
     assert sorted(r["row_id"] for r in rows) == [i for i in range(23) if i != 4]
     gt, pred = [], []
     for r in rows:
@@ -127,7 +127,7 @@ def test_end_to_end_outputs_and_metrics(tmp_path, specs):
     assert m["mean_think_words"] == pytest.approx(np.mean([r["think_words"] for r in rows]))
 
     # The missing image is listed with its reason and never sent to the predictor.
-    errs = runner.read_jsonl(str(out / "KADID" / "errors.jsonl"))
+    errs = outputs.read_jsonl(str(out / "KADID" / "errors.jsonl"))
     assert [(e["kind"], e["row_id"], e["image"]) for e in errs] == [("image", 4, "img_004.png")]
     assert "not found" in errs[0]["reason"]
     assert 4 not in fake.rows_seen("KADID")
@@ -146,7 +146,7 @@ def test_resume_after_truncation_and_kill_gives_identical_metrics(tmp_path, spec
         runner.run_eval(specs, FakePredictor(fail_after_calls=2), out, _opts(plots=False))
     pred_path = out / "KADID" / "predictions.jsonl"
     # two flushed batches of 4 survive (row 4 has no image)
-    assert [r["row_id"] for r in runner.read_jsonl(str(pred_path))] == [0, 1, 2, 3, 5, 6, 7]
+    assert [r["row_id"] for r in outputs.read_jsonl(str(pred_path))] == [0, 1, 2, 3, 5, 6, 7]
     again = FakePredictor()
     res = runner.run_eval(specs, again, out, _opts(plots=False))
     assert res == ref
@@ -162,7 +162,7 @@ def test_resume_after_truncation_and_kill_gives_identical_metrics(tmp_path, spec
     third = FakePredictor()
     res = runner.run_eval(specs, third, out, _opts(plots=False))
     assert res == ref
-    stored = [r["row_id"] for r in runner.read_jsonl(str(pred_path))]
+    stored = [r["row_id"] for r in outputs.read_jsonl(str(pred_path))]
     assert third.rows_seen("AVA") == []
     assert sorted(third.rows_seen("KADID")) == sorted(set(range(23)) - {4} - set(stored[:5]))
     assert len(stored) == len(set(stored)) == 22
@@ -181,25 +181,25 @@ def test_failed_image_retried_on_resume(tmp_path, specs):
     m = runner.run_eval(specs[:1], again, out, _opts(plots=False))["KADID"]
     assert again.rows_seen("KADID") == [4]
     assert m["n_image_errors"] == 0 and m["n_scored"] == 23
-    assert runner.read_jsonl(str(out / "KADID" / "errors.jsonl")) == []
+    assert outputs.read_jsonl(str(out / "KADID" / "errors.jsonl")) == []
 
 
 def test_resume_refuses_other_data_or_settings(tmp_path, specs):
     out = tmp_path / "out"
     runner.run_eval(specs[:1], FakePredictor(), out, _opts(plots=False))
-    with pytest.raises(runner.EvalError, match="reference_compat"):
+    with pytest.raises(outputs.EvalError, match="reference_compat"):
         runner.run_eval(specs[:1], FakePredictor(), out, _opts(reference_compat=True))
     rows = json.loads(open(specs[0].manifest).read())
     rows[2]["gt_score"] = 4.5 if rows[2]["gt_score"] != 4.5 else 4.4
     open(specs[0].manifest, "w").write(json.dumps(rows))
-    with pytest.raises(runner.EvalError, match="row_id 2"):
+    with pytest.raises(outputs.EvalError, match="row_id 2"):
         runner.run_eval(specs[:1], FakePredictor(), out, _opts(plots=False))
 
 
 def test_predict_fn_contract_is_checked(tmp_path, specs):
-    with pytest.raises(runner.EvalError, match="returned 1 completions for 4"):
+    with pytest.raises(outputs.EvalError, match="returned 1 completions for 4"):
         runner.run_eval(specs[:1], lambda recs: ["x"], tmp_path / "a", _opts(plots=False))
-    with pytest.raises(runner.EvalError, match="expected the decoded text"):
+    with pytest.raises(outputs.EvalError, match="expected the decoded text"):
         runner.run_eval(specs[:1], lambda recs: [None] * len(recs), tmp_path / "b", _opts())
 
 
@@ -213,7 +213,7 @@ def test_bad_manifest_row_errors_or_is_listed(tmp_path, specs):
     m = runner.run_eval(specs[:1], fake, tmp_path / "b", _opts(plots=False, bad_rows="skip"))
     m = m["KADID"]
     assert m["n_bad_rows"] == 1 and m["n_records"] == 23 and 3 not in fake.rows_seen("KADID")
-    errs = runner.read_jsonl(str(tmp_path / "b" / "KADID" / "errors.jsonl"))
+    errs = outputs.read_jsonl(str(tmp_path / "b" / "KADID" / "errors.jsonl"))
     assert {(e["kind"], e["row_id"]) for e in errs} == {("bad_row", 3), ("image", 4)}
 
 
@@ -223,7 +223,7 @@ def test_limit_and_token_counter(tmp_path, specs):
         specs[1:], fake, tmp_path / "o", _opts(limit=6, plots=False), count_tokens=len
     )["AVA"]
     assert sorted(fake.rows_seen("AVA")) == list(range(6)) and m["n_records"] == 6
-    rows = runner.read_jsonl(str(tmp_path / "o" / "AVA" / "predictions.jsonl"))
+    rows = outputs.read_jsonl(str(tmp_path / "o" / "AVA" / "predictions.jsonl"))
     # think text is "word word ..." -> len() counts characters: 5 * words - 1
     assert all(r["think_tokens"] == 5 * r["think_words"] - 1 for r in rows)
     assert m["mean_think_tokens"] == pytest.approx(np.mean([r["think_tokens"] for r in rows]))
@@ -269,7 +269,7 @@ def test_b1_rows_map_by_declared_range(tmp_path, shared_dir, name):
     res = runner.run_eval([spec], FakePredictor(exact=True), tmp_path / "fixed", _opts())[name]
     got = {
         r["image"]: r["gt_100"]
-        for r in runner.read_jsonl(str(tmp_path / "fixed" / name / "predictions.jsonl"))
+        for r in outputs.read_jsonl(str(tmp_path / "fixed" / name / "predictions.jsonl"))
     }
     for img in B1_ROWS[name]:
         want = NATIVE_TO_100[name](got_raw(pick, img))
@@ -283,7 +283,7 @@ def test_b1_rows_map_by_declared_range(tmp_path, shared_dir, name):
     runner.run_eval([spec], FakePredictor(exact=True), ref_dir, _opts(reference_compat=True))
     ref_gt = {
         r["image"]: r["gt_100"]
-        for r in runner.read_jsonl(str(ref_dir / name / "predictions.jsonl"))
+        for r in outputs.read_jsonl(str(ref_dir / name / "predictions.jsonl"))
     }
     for img in B1_ROWS[name]:
         assert ref_gt[img] == pytest.approx(manifest.reference_score_100(got_raw(pick, img), "iqa"))
@@ -355,7 +355,7 @@ def test_record_failure_from_predict_fn_is_listed_and_counted(tmp_path, specs):
     m = runner.run_eval(specs[:1], predict_fn, tmp_path / "o", _opts(plots=False))["KADID"]
     assert m["n_predict_errors"] == 1 and m["n_image_errors"] == 1 and m["n_scored"] == 21
     assert m["n_missing"] == 0
-    errs = runner.read_jsonl(str(tmp_path / "o" / "KADID" / "errors.jsonl"))
+    errs = outputs.read_jsonl(str(tmp_path / "o" / "KADID" / "errors.jsonl"))
     assert ("predict", 7, "aspect ratio 250 > 200") in {
         (e["kind"], e["row_id"], e["reason"]) for e in errs
     }
@@ -363,13 +363,13 @@ def test_record_failure_from_predict_fn_is_listed_and_counted(tmp_path, specs):
 
 def test_metrics_from_completions_matches_the_runner(tmp_path, specs):
     res = runner.run_eval(specs[1:], FakePredictor(), tmp_path / "o", _opts(plots=False))["AVA"]
-    rows = runner.read_jsonl(str(tmp_path / "o" / "AVA" / "predictions.jsonl"))
+    rows = outputs.read_jsonl(str(tmp_path / "o" / "AVA" / "predictions.jsonl"))
     recs = [{"gt_100": r["gt_100"], "task": "iaa"} for r in rows]
-    m = runner.metrics_from_completions(recs, [r["completion"] for r in rows], name="AVA")
+    m = scoring.metrics_from_completions(recs, [r["completion"] for r in rows], name="AVA")
     for key in ("srcc", "plcc", "plcc_logistic", "krcc", "n_pairs", "n_unparsed", "frac_unparsed"):
         assert m[key] == res[key], key
     with pytest.raises(ValueError, match="one task"):
-        runner.metrics_from_completions(
+        scoring.metrics_from_completions(
             [{"gt_100": 1.0, "task": "iqa"}, {"gt_100": 2.0, "task": "iaa"}], ["", ""]
         )
 
@@ -382,7 +382,7 @@ def test_separate_runs_share_one_summary_and_range_change_is_refused(tmp_path, s
     assert every == {**a, **b}
     summary = (out / "summary.md").read_text()
     assert "| KADID | IQA |" in summary and "| AVA | IAA |" in summary
-    with pytest.raises(runner.EvalError, match="gt_100"):
+    with pytest.raises(outputs.EvalError, match="gt_100"):
         runner.run_eval(
             [specs[0].replace(score_range=(0.0, 5.0))], FakePredictor(), out, _opts(plots=False)
         )
