@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tatar_jax.data import jsonl
 from tatar_jax.reasoning import judge as judge_mod
 from tatar_jax.reasoning import postprocess as pp
 from tatar_jax.reasoning import prompts as P
@@ -86,66 +87,27 @@ Fields of each line of sft.jsonl (and of the "record" of rejected.jsonl / journa
 
 
 class Journal:
-    """Append-only, fsync'd JSONL of finished rows keyed by input row (last entry wins)."""
+    """Finished rows keyed by input row (last entry wins), appended to a JSONL file with one
+    ``write`` (+ ``fsync``) per row (:class:`tatar_jax.data.jsonl.Appender`); a torn last line
+    left by a killed run is dropped and cut off the file when it is opened."""
 
     def __init__(self, path: str, fsync: bool = True) -> None:
         self.path = path
-        self.fsync = fsync
         self.entries: dict[int, dict[str, Any]] = {}
-        self._load()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def _load(self) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb") as f:
-            data = f.read()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):  # a torn last line from a killed run: drop it
-            log.warning("journal %s: dropping an incomplete last line", self.path)
-            with open(self.path, "r+b") as f:
-                f.truncate(complete)
-        for n, line in enumerate(data[:complete].splitlines()):
-            if not line.strip():
-                continue
+        for n, e in enumerate(jsonl.read_rows(path, repair=True)):
             try:
-                e = json.loads(line)
                 row = int(e["row"])
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{self.path} line {n + 1}: corrupt journal entry: {err}"
-                ) from None
+                raise ValueError(f"{path}: row {n}: corrupt journal entry: {err}") from None
             self.entries[row] = e
+        self._log = jsonl.Appender(path, fsync=fsync)
 
     def append(self, entry: Mapping[str, Any]) -> None:
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-        os.write(self._fd, line)  # one write with O_APPEND: a line is never interleaved
-        if self.fsync:
-            os.fsync(self._fd)
+        self._log.append(entry)
         self.entries[int(entry["row"])] = dict(entry)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _write_jsonl_atomic(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+        self._log.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,9 +459,9 @@ def assemble(
             side = dict(e["record"])
             side.update(stage=e["stage"], reason=e["reason"], detail=e["detail"])
             (rejected if e["status"] == "rejected" else failed).append(side)
-    _write_jsonl_atomic(os.path.join(out_dir, OUTPUT_FILE), kept)
-    _write_jsonl_atomic(os.path.join(out_dir, REJECTED_FILE), rejected)
-    _write_jsonl_atomic(os.path.join(out_dir, FAILED_FILE), failed)
+    jsonl.write_rows(os.path.join(out_dir, OUTPUT_FILE), kept)
+    jsonl.write_rows(os.path.join(out_dir, REJECTED_FILE), rejected)
+    jsonl.write_rows(os.path.join(out_dir, FAILED_FILE), failed)
     return (
         len(kept),
         dict(collections.Counter(x["reason"] for x in rejected)),
@@ -507,25 +469,13 @@ def assemble(
     )
 
 
-def run(
-    cfg: Any,
-    rows: Sequence[InputRow],
-    teacher: Teacher | None,
-    judge: Teacher | None,
-    *,
-    progress: bool | None = None,
-    on_entry: Callable[[dict[str, Any]], None] | None = None,
-    bad_rows: Sequence[Any] = (),
-) -> Summary:
-    """Process ``rows`` into ``cfg.out_dir`` (resumable; see the module docstring)."""
+def _open_journal(
+    cfg: Any, rows: Sequence[InputRow], teacher: Teacher | None, judge: Teacher | None
+) -> Journal:
+    """The journal of ``cfg.out_dir`` after the resume checks: ``run.json`` written on a fresh
+    start, else matching this run's fingerprint (``restart`` discards both files first), and no
+    journal row outside ``rows``."""
     out_dir = cfg.out_dir
-    if not out_dir:
-        raise ValueError("out_dir is empty")
-    if teacher is None and judge is None:
-        raise ValueError("judge-only mode (no teacher) needs a judge")
-    os.makedirs(out_dir, exist_ok=True)
-    s = task_settings(cfg)
-    coverage = judge_mod.KeywordCoverage(s.rules.keywords)
     journal_path = os.path.join(out_dir, JOURNAL_FILE)
     run_path = os.path.join(out_dir, RUN_FILE)
     fp = fingerprint(cfg, rows, teacher, judge)
@@ -543,7 +493,7 @@ def run(
                 "out_dir, or restart=True to discard its journal"
             )
     else:
-        _write_json_atomic(run_path, fp)
+        jsonl.write_json(run_path, fp, indent=2, sort_keys=True)
 
     journal = Journal(journal_path, fsync=bool(cfg.fsync))
     valid_rows = {r.row for r in rows}
@@ -551,20 +501,27 @@ def run(
     if stray:
         journal.close()
         raise ValueError(f"{journal_path}: rows {stray[:5]} are not in the input")
+    return journal
 
-    def final(r: InputRow) -> bool:
-        e = journal.entries.get(r.row)
-        return e is not None and (e["status"] != "failed" or not cfg.retry_failed)
 
-    todo = [r for r in rows if not final(r)]
-    skipped = len(rows) - len(todo)
-    if progress is None:
-        progress = bool(cfg.progress)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _process_rows(
+    cfg: Any,
+    s: TaskSettings,
+    coverage: judge_mod.KeywordCoverage,
+    todo: Sequence[InputRow],
+    teacher: Teacher | None,
+    judge: Teacher | None,
+    journal: Journal,
+    on_entry: Callable[[dict[str, Any]], None] | None,
+    bar: Any,
+) -> tuple[int, BaseException | None]:
+    """Runs :func:`process_row` over ``todo`` on ``cfg.client.concurrency`` threads (at most
+    twice that many rows in flight), journaling each finished row from this thread.
 
-        bar = tqdm(total=len(rows), initial=skipped, desc=f"build {cfg.task}", file=sys.stderr)
+    Returns (rows journaled, the fatal error that stopped the run or None): a
+    :class:`FatalTeacherError` cancels the rows not started yet (running ones finish), Ctrl-C
+    stops at once; both are returned so that the caller assembles the files first.
+    """
     concurrency = max(1, int(cfg.client.concurrency))
     max_inflight = concurrency * 2
     stop = threading.Event()
@@ -613,15 +570,61 @@ def run(
         fatal = KeyboardInterrupt()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-        journal.close()
-    n_kept, rejected, failed = assemble(out_dir, rows, journal, bad_rows)
+    return processed, fatal
+
+
+def _request_counts(teacher: Teacher | None, judge: Teacher | None) -> dict[str, int]:
     requests = {}
     for name, client in (("teacher", teacher), ("judge", judge)):
         stats = getattr(client, "stats", None)
         if isinstance(stats, Mapping):
             requests.update({f"{name}_{k}": int(v) for k, v in stats.items()})
+    return requests
+
+
+def run(
+    cfg: Any,
+    rows: Sequence[InputRow],
+    teacher: Teacher | None,
+    judge: Teacher | None,
+    *,
+    progress: bool | None = None,
+    on_entry: Callable[[dict[str, Any]], None] | None = None,
+    bad_rows: Sequence[Any] = (),
+) -> Summary:
+    """Process ``rows`` into ``cfg.out_dir`` (resumable; see the module docstring)."""
+    out_dir = cfg.out_dir
+    if not out_dir:
+        raise ValueError("out_dir is empty")
+    if teacher is None and judge is None:
+        raise ValueError("judge-only mode (no teacher) needs a judge")
+    os.makedirs(out_dir, exist_ok=True)
+    s = task_settings(cfg)  # config errors surface before any file is written
+    coverage = judge_mod.KeywordCoverage(s.rules.keywords)
+    journal = _open_journal(cfg, rows, teacher, judge)
+
+    def final(r: InputRow) -> bool:
+        e = journal.entries.get(r.row)
+        return e is not None and (e["status"] != "failed" or not cfg.retry_failed)
+
+    todo = [r for r in rows if not final(r)]
+    skipped = len(rows) - len(todo)
+    if progress is None:
+        progress = bool(cfg.progress)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), initial=skipped, desc=f"build {cfg.task}", file=sys.stderr)
+    try:
+        processed, fatal = _process_rows(
+            cfg, s, coverage, todo, teacher, judge, journal, on_entry, bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        journal.close()
+    n_kept, rejected, failed = assemble(out_dir, rows, journal, bad_rows)
     summary = Summary(
         total=len(rows),
         kept=n_kept,
@@ -630,9 +633,11 @@ def run(
         pending=len(rows) - len(journal.entries),
         processed_this_run=processed,
         skipped_from_journal=skipped,
-        requests=requests,
+        requests=_request_counts(teacher, judge),
     )
-    _write_json_atomic(os.path.join(out_dir, SUMMARY_FILE), summary.to_dict())
+    jsonl.write_json(
+        os.path.join(out_dir, SUMMARY_FILE), summary.to_dict(), indent=2, sort_keys=True
+    )
     log.debug("summary for %s:\n%s", out_dir, summary.text())
     if fatal is not None:
         raise fatal
@@ -759,11 +764,12 @@ def dataset_spec(cfg: Any):
 
 def load_rows(cfg: Any) -> tuple[list[InputRow], list[Any]]:
     """(rows, manifest rows skipped under ``on_bad_row = "skip"``)."""
+    from tatar_jax.data import manifest
     from tatar_jax.reasoning import records
 
     rows, bad = records.load_rows(dataset_spec(cfg), on_error=cfg.on_bad_row)
     if cfg.attributes:
-        rows = records.merge_attribute_conversations(rows, records.read_rows(cfg.attributes))
+        rows = records.merge_attribute_conversations(rows, manifest.read_rows(cfg.attributes))
     return rows, bad
 
 

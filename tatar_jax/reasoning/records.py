@@ -35,12 +35,10 @@ __all__ = [
     "ManifestError",
     "load_rows",
     "merge_attribute_conversations",
-    "read_rows",
     "row_attributes",
 ]
 
 ATTRIBUTE_FIELDS: tuple[str, ...] = ("aesthetic_attributes", "attributes")
-read_rows = manifest_mod.read_rows
 
 
 @dataclasses.dataclass(frozen=True)
