@@ -680,22 +680,28 @@ def _retry_policy(cfg: Any):
     )
 
 
+def _chat_client(cfg: Any, who: str) -> Teacher:
+    """The OpenAI-compatible client of the ``cfg.<who>`` block (``who``: teacher or judge)."""
+    from tatar_jax.reasoning.teachers import OpenAIChatClient
+
+    block = cfg[who]
+    return OpenAIChatClient(
+        block.base_url,
+        block.model,
+        _api_key(block.api_key_env, who),
+        timeout_s=float(cfg.client.timeout_s),
+        retry=_retry_policy(cfg),
+        extra_body=_extra_body(block.extra_body, who),
+    )
+
+
 def make_teacher(cfg: Any) -> Teacher | None:
     """The teacher named by ``cfg.teacher.kind``; ``"none"`` (judge-only) returns None."""
     kind = cfg.teacher.kind
     if kind == "none":
         return None
     if kind == "openai":
-        from tatar_jax.reasoning.teachers import OpenAIChatClient
-
-        return OpenAIChatClient(
-            cfg.teacher.base_url,
-            cfg.teacher.model,
-            _api_key(cfg.teacher.api_key_env, "teacher"),
-            timeout_s=float(cfg.client.timeout_s),
-            retry=_retry_policy(cfg),
-            extra_body=_extra_body(cfg.teacher.extra_body, "teacher"),
-        )
+        return _chat_client(cfg, "teacher")
     if kind == "jax":
         from tatar_jax.reasoning.teachers import load_jax_teacher
 
@@ -706,21 +712,12 @@ def make_teacher(cfg: Any) -> Teacher | None:
 def make_judge(cfg: Any) -> Teacher | None:
     if not cfg.judge.enabled:
         return None
-    from tatar_jax.reasoning.teachers import OpenAIChatClient
-
     if not cfg.judge.base_url or not cfg.judge.model:
         raise ValueError(
             "the judge is enabled but judge.base_url / judge.model are not set "
             "(set them, or --config.judge.enabled=False to keep rows that pass the hard rules)"
         )
-    return OpenAIChatClient(
-        cfg.judge.base_url,
-        cfg.judge.model,
-        _api_key(cfg.judge.api_key_env, "judge"),
-        timeout_s=float(cfg.client.timeout_s),
-        retry=_retry_policy(cfg),
-        extra_body=_extra_body(cfg.judge.extra_body, "judge"),
-    )
+    return _chat_client(cfg, "judge")
 
 
 def dataset_spec(cfg: Any):
