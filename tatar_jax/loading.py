@@ -69,7 +69,7 @@ def embedded_config(tok: Any, preset: str = "tiny") -> qvl.Qwen2_5_VLConfig:
     """The embedded random model: ``qvl.preset(preset)`` sizes with the real Qwen2.5 vocabulary
     and special-token ids of ``tok`` (so the real tokenizer, prompts and parser work), tied
     embeddings (the 152k x D table dominates the parameter count of a tiny model)."""
-    base = qvl.preset(preset or "tiny")
+    base = qvl.preset(preset)
     text = dataclasses.replace(
         base.text, vocab_size=max(EMBEDDED_VOCAB, len(tok)), tie_word_embeddings=True
     )
@@ -105,6 +105,11 @@ def architecture(source: PolicySource, tokenizer: Any = None) -> qvl.Qwen2_5_VLC
         raise FileNotFoundError(
             f"{source.checkpoint}: no config.json in the run directory or above it "
             "(the architecture); give the HF directory it was trained from"
+        )
+    if not source.preset:
+        raise ValueError(
+            "no weights: give an HF directory (model.hf_dir) or a checkpoint "
+            "(model.init_checkpoint), or an embedded model preset (model.preset)"
         )
     if tokenizer is None:
         raise ValueError("the embedded model needs the tokenizer (its vocabulary and ids)")
@@ -173,7 +178,7 @@ def load_policy(
         if mesh is not None:
             state = nnx.state(model)
             nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
-        return Policy(model, config, f"embedded:{source.preset or 'tiny'}")
+        return Policy(model, config, f"embedded:{source.preset}")
     model = build_model(config, abstract=True, **kw)
     target = nnx.state(model, nnx.Param)
     if mesh is not None:

@@ -48,6 +48,8 @@ def test_embedded_model_uses_the_tokenizer_vocabulary_and_seed():
     assert any(not np.array_equal(pa[k], pc[k]) for k in pa)  # the seed is used
     with pytest.raises(ValueError, match="needs the tokenizer"):
         loading.load_policy(src)
+    with pytest.raises(ValueError, match="no weights: give an HF directory"):
+        loading.load_policy(loading.PolicySource(preset=""), tokenizer=tok)
 
 
 def test_hf_dir_orbax_export_and_training_run(tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tatar_jax import answer_format
-from tatar_jax.evaluation import runner, specs
+from tatar_jax.evaluation import outputs, runner, scoring, specs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -197,7 +197,7 @@ def score_images(
     predict_fn: runner.PredictFn,
     *,
     batch_size: int,
-    count_tokens: runner.CountTokens | None = None,
+    count_tokens: scoring.CountTokens | None = None,
 ) -> list[dict[str, Any]]:
     """Scores every image for every task; one result dict per (image, task), input order.
 
@@ -227,12 +227,12 @@ def score_images(
         chunk = jobs[k : k + batch_size]
         texts = list(predict_fn([{kk: v for kk, v in j.items() if kk != "_result"} for j in chunk]))
         if len(texts) != len(chunk):
-            raise runner.EvalError(f"predict_fn returned {len(texts)} texts for {len(chunk)}")
+            raise outputs.EvalError(f"predict_fn returned {len(texts)} texts for {len(chunk)}")
         for job, text in zip(chunk, texts, strict=True):
             if isinstance(text, runner.RecordFailure):
                 job["_result"]["error"] = text.reason
                 continue
-            scored = runner.score_completion(text, job["task"], count_tokens=count_tokens)
+            scored = scoring.score_completion(text, job["task"], count_tokens=count_tokens)
             job["_result"].update(
                 score=scored["prediction"],
                 reasoning=answer_format.think_text(text).strip(),

@@ -55,7 +55,7 @@ def policy_source(model_cfg: Any) -> loading.PolicySource:
     embedded ``preset``."""
     return loading.PolicySource(
         hf_dir=model_cfg.hf_dir, checkpoint=model_cfg.init_checkpoint,
-        step=int(model_cfg.init_step), preset=model_cfg.preset or "tiny",
+        step=int(model_cfg.init_step), preset=model_cfg.preset,
     )  # fmt: skip
 
 
