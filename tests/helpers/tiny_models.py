@@ -2,9 +2,10 @@
 
 Reusable by every test that needs an HF reference:
 
-- :func:`tiny_hf_config` — a transformers ``Qwen2_5_VLConfig`` (eager attention) whose numbers
-  equal ``tatar_jax.models.qwen2_5_vl.config.tiny()``: 2 decoder layers (GQA 4/2 heads, head_dim
-  16, mrope_section (2, 3, 3)), 3 vision blocks (block 1 full attention, windows of 4x4 patches).
+- :func:`tiny_hf_config` — a transformers ``Qwen2_5_VLConfig`` (eager attention) built from
+  ``tatar_jax.models.qwen2_5_vl.config.tiny().to_hf_dict()``: 2 decoder layers (GQA 4/2 heads,
+  head_dim 16, mrope_section (2, 3, 3)), 3 vision blocks (block 1 full attention, windows of 4x4
+  patches).
 - :func:`tiny_hf_model` — a seeded random ``Qwen2_5_VLForConditionalGeneration`` with weights
   of std ``std`` (default 0.08, so logits are spread out and greedy tokens are not ties) and norm
   scales around 1 (so a mis-mapped norm shows).
@@ -29,43 +30,24 @@ import numpy as np
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-IMAGE_TOKEN_ID = 250
-VIDEO_TOKEN_ID = 251
-VISION_START_ID = 248
-VISION_END_ID = 249
-PAD_ID = 0
-TEXT_ID_RANGE = (3, 248)  # ordinary text tokens are drawn from here
+from tatar_jax.models.qwen2_5_vl.config import tiny
 
-TEXT_KW = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=2048,
-    hidden_act="silu",
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=PAD_ID,
-)
-VISION_KW = dict(
-    depth=3,
-    hidden_size=32,
-    intermediate_size=48,
-    num_heads=2,
-    in_channels=3,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=56,  # 56 / 14 / 2 = 2 merge units → windows of 4x4 patches
-    fullatt_block_indexes=[1],
-    out_hidden_size=64,
-    hidden_act="silu",
-    tokens_per_second=2,
-)
+_TINY = tiny()
+IMAGE_TOKEN_ID = _TINY.image_token_id
+VIDEO_TOKEN_ID = _TINY.video_token_id
+VISION_START_ID = _TINY.vision_start_token_id
+VISION_END_ID = _TINY.vision_end_token_id
+PAD_ID = _TINY.pad_token_id
+TEXT_ID_RANGE = (3, VISION_START_ID)  # ordinary text tokens are drawn from here
+
+# The HF config.json of the tiny preset; tie_word_embeddings is tiny_hf_config's argument.
+_TINY_HF = _TINY.to_hf_dict()
+TEXT_KW = {
+    k: v
+    for k, v in _TINY_HF["text_config"].items()
+    if k not in ("model_type", "tie_word_embeddings")
+}
+VISION_KW = {k: v for k, v in _TINY_HF["vision_config"].items() if k != "model_type"}
 
 
 def tiny_hf_config(tie_word_embeddings: bool = False, **text_overrides: Any) -> Qwen2_5_VLConfig:
@@ -266,8 +248,6 @@ def hf_logits(model: Qwen2_5_VLForConditionalGeneration, batch: dict[str, np.nda
 def tiny_config_for(tok: Any) -> Any:
     """Our tiny config (tied embeddings) with the real tokenizer's vocabulary and special ids."""
     import dataclasses
-
-    from tatar_jax.models.qwen2_5_vl.config import tiny
 
     base = tiny(tie_word_embeddings=True)
     return dataclasses.replace(

@@ -136,7 +136,8 @@ def test_jit_with_precomputed_positions_and_layout(pair):
     pos, _ = qvl.get_rope_index(
         batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], cfg
     )
-    layout = qvl.vision_layout(batch["image_grid_thw"], cfg.vision, num_patches_padded=512)
+    grid = batch["image_grid_thw"]
+    layout = qvl.vision_layout(grid, cfg.vision, qvl.vision_bucket(grid, cfg.vision, 512))
     pv = np.zeros((512, batch["pixel_values"].shape[1]), np.float32)
     pv[: len(batch["pixel_values"])] = batch["pixel_values"]
 

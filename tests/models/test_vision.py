@@ -112,7 +112,8 @@ def test_layout_matches_hf_indices(grid):
     np.testing.assert_array_equal(cu, ref_cu.numpy())
 
     n = int(g.prod(axis=1).sum())
-    lay = V.vision_layout(g, cfg, n + 8, num_windows_padded=32, num_segments_padded=8)
+    bucket = V.vision_bucket(g, cfg, n + 8, num_windows_padded=32, num_segments_padded=8)
+    lay = V.vision_layout(g, cfg, bucket)
     ref_pos = get_vision_position_ids(tg, 2).numpy()
     # HF permutes the rotary inputs by the window index at merge-unit granularity.
     ref_perm = ref_pos.reshape(-1, 4, 2)[ref_idx.numpy()].reshape(-1, 2)
@@ -160,13 +161,14 @@ def test_layout_rejects_bad_input():
     with pytest.raises(ValueError, match="row 0"):
         V.vision_layout(np.array([[1, 5, 4]]), cfg)
     with pytest.raises(ValueError, match="num_patches_padded"):
-        V.vision_layout(np.array([[1, 4, 4]]), cfg, 8)
+        V.vision_layout(np.array([[1, 4, 4]]), cfg, V.vision_bucket(np.array([[1, 4, 4]]), cfg, 8))
     with pytest.raises(ValueError, match="num_patches_padded"):
-        V.vision_layout(np.array([[1, 4, 4]]), cfg, 18)
+        V.vision_layout(np.array([[1, 4, 4]]), cfg, V.vision_bucket(np.array([[1, 4, 4]]), cfg, 18))
+    g = np.array([[1, 8, 12]])
     with pytest.raises(ValueError, match="windows do not fit"):
-        V.vision_layout(np.array([[1, 8, 12]]), cfg, num_windows_padded=2)
+        V.vision_layout(g, cfg, V.vision_bucket(g, cfg, num_windows_padded=2))
     with pytest.raises(ValueError, match="segment"):
-        V.vision_layout(np.array([[1, 8, 12]]), cfg, segment_len_padded=64)
+        V.vision_layout(g, cfg, V.vision_bucket(g, cfg, segment_len_padded=64))
     with pytest.raises(ValueError, match="shape"):
         V.vision_layout(np.array([1, 8, 12]), cfg)
 
@@ -235,9 +237,8 @@ def test_several_images_padded_budget_matches_hf(hf_pair):
     pv = _pixels(grid, seed=1)
     ref = _hf_out(hf, pv, grid)
     n = pv.shape[0]
-    lay = V.vision_layout(
-        grid, cfg, n + 40, num_windows_padded=16, num_segments_padded=6, segment_len_padded=128
-    )
+    bucket = V.VisionBucket(num_patches=n + 40, num_windows=16, num_segments=6, segment_len=128)
+    lay = V.vision_layout(grid, cfg, bucket)
     # padding rows hold large garbage: it must not reach any real token
     pad = 50.0 * np.random.RandomState(2).randn(40, pv.shape[1]).astype(np.float32)
     tokens, valid = ours(jnp.asarray(np.concatenate([pv, pad])), lay)
@@ -269,8 +270,9 @@ def test_jit_reuses_compilation_across_grids(hf_pair):
     for seed, grid in enumerate(([[1, 8, 12], [1, 6, 4]], [[1, 12, 8], [1, 4, 4]])):
         grid = np.asarray(grid)
         pv = _pixels(grid, seed=seed)
-        lay = V.vision_layout(grid, cfg, budget)
-        assert V.vision_bucket(grid, cfg, budget) == V.VisionBucket(160, 8, 2, 96)
+        bucket = V.vision_bucket(grid, cfg, budget)
+        assert bucket == V.VisionBucket(160, 8, 2, 96)
+        lay = V.vision_layout(grid, cfg, bucket)
         tokens, _ = forward(state, jnp.pad(pv, ((0, budget - pv.shape[0]), (0, 0))), lay)
         ref = _hf_out(hf, pv, grid)
         assert np.abs(np.asarray(tokens)[: ref.shape[0]] - ref).max() <= TOL
@@ -299,7 +301,7 @@ def test_remat_and_gradients(hf_pair):
     _, ours, cfg, state = hf_pair
     grid = np.array([[1, 8, 12], [1, 4, 4]])
     n = int(grid.prod(axis=1).sum())
-    lay = V.vision_layout(grid, cfg, n + 16)
+    lay = V.vision_layout(grid, cfg, V.vision_bucket(grid, cfg, n + 16))
     pv = jnp.pad(jnp.asarray(_pixels(grid, seed=4)), ((0, 16), (0, 0)))
 
     def loss(model):
@@ -330,7 +332,10 @@ def test_query_chunked_full_attention_matches_hf(hf_pair):
     grid = np.array([[1, 8, 12], [2, 4, 6]])
     pv = _pixels(grid, seed=5)
     ref = _hf_out(hf, pv, grid)
-    err = np.abs(np.asarray(chunked.embed_images(pv, grid, pv.shape[0] + 8)) - ref).max()
+    err = np.abs(
+        np.asarray(chunked.embed_images(pv, grid, V.vision_bucket(grid, cfg, pv.shape[0] + 8)))
+        - ref
+    ).max()
     print(f"query-chunked fp32 max|d|={err:.3g}")
     assert err <= TOL
 
@@ -363,4 +368,4 @@ def test_fixed_bucket_fits_every_admissible_grid():
     print(f"fixed bucket {bucket}: most windows seen {hardest}")
     assert bucket.num_windows // 2 < hardest <= bucket.num_windows
     with pytest.raises(ValueError, match="either a VisionBucket"):
-        V.vision_layout(np.array([[1, 4, 4]]), cfg, bucket, num_windows_padded=8)
+        V.vision_bucket(np.array([[1, 4, 4]]), cfg, bucket, num_windows_padded=8)

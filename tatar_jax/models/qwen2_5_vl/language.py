@@ -39,38 +39,27 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from tatar_jax.models.layers import (
+    GatedMLP,
+    RMSNorm,
+    check_remat,
+    dense,
+    masked_softmax,
+    remat,
+    stacked,
+)
 from tatar_jax.models.qwen2_5_vl.rope import apply_rope
 from tatar_jax.sharding import constrain
 
-__all__ = ["KVCache", "RMSNorm", "TextModel", "REMAT_POLICIES"]
-
-# Finite "minus infinity": fully masked rows (left padding) get a uniform softmax, never NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-# The vision tower's names ("dots", "dots_no_batch") are accepted too, so one name serves both.
-REMAT_POLICIES: dict[str, Any] = {
-    "full": None,  # save nothing inside a layer
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+__all__ = ["KVCache", "TextModel"]
 
 # Logical names of the activations (tatar_jax.sharding.constrain; no-ops outside use_rules).
 _BLE = ("batch", "length", "embed")
 _BLM = ("batch", "length", "mlp")
 _Q_NAMES = ("batch", "length", "q_heads", "head_dim")
 _KV_NAMES = ("batch", "length", "kv_heads", "head_dim")
-
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 
 
 class KVCache(NamedTuple):
@@ -92,34 +81,6 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def _linear(d_in, d_out, names, *, use_bias, dtype, param_dtype, std, rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(std),
-        kernel_metadata={"out_sharding": names},
-        bias_metadata={"out_sharding": (names[1],)},
-        rngs=rngs,
-    )
-
-
-class RMSNorm(nnx.Module):
-    """HF ``Qwen2_5_VLRMSNorm``: normalise in float32, cast back, multiply by ``scale``."""
-
-    def __init__(self, dim: int, eps: float, *, dtype: Any, param_dtype: Any) -> None:
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, std: float, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -127,28 +88,10 @@ class Attention(nnx.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = hd
         kw = dict(dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs)
-        self.q_proj = _linear(d, self.num_heads * hd, ("embed", "q_heads"), use_bias=True, **kw)
-        self.k_proj = _linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
-        self.v_proj = _linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
-        self.o_proj = _linear(self.num_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, std: float, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs, use_bias=False)
-        self.gate_proj = _linear(d, f, ("embed", "mlp"), **kw)
-        self.up_proj = _linear(d, f, ("embed", "mlp"), **kw)
-        self.down_proj = _linear(f, d, ("mlp", "embed"), **kw)
-        if cfg.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"unsupported hidden_act {cfg.hidden_act!r}; known: {sorted(_ACTIVATIONS)}"
-            )
-        self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = constrain(self.act(self.gate_proj(x)) * self.up_proj(x), _BLM)
-        return self.down_proj(h)
+        self.q_proj = dense(d, self.num_heads * hd, ("embed", "q_heads"), use_bias=True, **kw)
+        self.k_proj = dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = dense(self.num_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
 
 
 class DecoderLayer(nnx.Module):
@@ -159,7 +102,17 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, std=std, rngs=rngs, **kw)
-        self.mlp = MLP(cfg, std=std, rngs=rngs, **kw)
+        self.mlp = GatedMLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            ("embed", "mlp"),
+            hidden_names=_BLM,
+            use_bias=False,
+            std=std,
+            rngs=rngs,
+            **kw,
+        )
 
 
 def attention(
@@ -177,8 +130,7 @@ def attention(
     scores = jnp.einsum("blkgd,btkd->bkglt", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (hd**-0.5)
     allowed = (jnp.arange(k.shape[1])[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]
-    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = masked_softmax(scores, allowed[:, None, None], v.dtype)
     out = jnp.einsum("bkglt,btkd->blkgd", probs, v)
     return out.reshape(b, length, h, hd)
 
@@ -219,7 +171,8 @@ class TextModel(nnx.Module):
     Args:
       cfg: :class:`~tatar_jax.models.qwen2_5_vl.config.TextConfig` (HF text_config names).
       dtype: activation dtype; param_dtype: parameter storage dtype.
-      remat: None or a name in :data:`REMAT_POLICIES` ("full", "dots_saveable", ...).
+      remat: None or a name in :data:`tatar_jax.models.layers.REMAT_POLICIES` ("full",
+        "dots_saveable", ...).
       init_std: std of the normal initialiser of embeddings and kernels.
     """
 
@@ -233,8 +186,7 @@ class TextModel(nnx.Module):
         init_std: float = 0.02,
         rngs: nnx.Rngs,
     ) -> None:
-        if remat is not None and remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}")
+        check_remat(remat)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
@@ -249,13 +201,9 @@ class TextModel(nnx.Module):
                 embedding_metadata={"out_sharding": ("vocab", "embed")},
                 rngs=rngs,
             )
-
-            @nnx.split_rngs(splits=cfg.num_hidden_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-                return DecoderLayer(cfg, std=init_std, rngs=rngs, **kw)
-
-            self.layers = make_layers(rngs)
+            self.layers = stacked(
+                lambda r: DecoderLayer(cfg, std=init_std, rngs=r, **kw), cfg.num_hidden_layers, rngs
+            )
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -308,8 +256,6 @@ class TextModel(nnx.Module):
                 return x, new
 
             xs = (state, cache.k, cache.v)
-        if self.remat is not None:
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-        x, new_kv = jax.lax.scan(body, x, xs)
+        x, new_kv = jax.lax.scan(remat(body, self.remat), x, xs)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.index + length)
         return self.norm(x), new_cache

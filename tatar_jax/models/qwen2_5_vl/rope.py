@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tatar_jax.models.layers import apply_rotary, cos_sin, inv_frequencies
+
 __all__ = [
     "apply_rope",
     "decode_position_ids",
@@ -166,10 +168,6 @@ def decode_position_ids(num_valid: jax.Array, rope_deltas: jax.Array, steps: int
     return jnp.broadcast_to((pos + deltas)[None], (3, *pos.shape))
 
 
-def inv_frequencies(head_dim: int, theta: float) -> jax.Array:
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-
-
 def mrope_cos_sin(
     position_ids: jax.Array, head_dim: int, theta: float, mrope_section: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
@@ -182,18 +180,9 @@ def mrope_cos_sin(
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2={head_dim // 2}")
     axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)])
     pos = jnp.moveaxis(jnp.asarray(position_ids), 0, -1)[..., axis]  # (B, L, head_dim/2)
-    freqs = pos.astype(jnp.float32) * inv_frequencies(head_dim, theta)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
+    return cos_sin(pos.astype(jnp.float32) * inv_frequencies(head_dim, theta))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x (B, L, H, hd); cos/sin (B, L, hd) float32 → rotated x in x.dtype (math in float32)."""
-    x32 = x.astype(jnp.float32)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return (x32 * c + _rotate_half(x32) * s).astype(x.dtype)
+    return apply_rotary(x, cos[:, :, None, :], sin[:, :, None, :])

@@ -44,6 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tatar_jax.models.layers import (
+    GatedMLP,
+    RMSNorm,
+    activation,
+    apply_rotary,
+    check_remat,
+    cos_sin,
+    dense,
+    inv_frequencies,
+    masked_softmax,
+    remat,
+    stacked,
+)
 from tatar_jax.models.qwen2_5_vl.vision_layout import (
     VisionBucket,
     VisionLayout,
@@ -72,72 +85,13 @@ __all__ = [
     "window_len",
 ]
 
+# Fixed by the architecture (HF hard-codes both; vision_config has no field for them).
 _RMS_EPS = 1e-6
-# Finite "minus infinity": a fully masked row (a padding slot) then gets a uniform softmax
-# instead of NaN, so no NaN can reach gradients through the discarded rows.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
+_INIT_STD = 0.02
 
 # Logical names of the activations (tatar_jax.sharding.constrain; no-ops outside use_rules).
 _TOKEN_NAMES = ("vision_tokens", "vision_embed")
 _GROUP_NAMES = ("vision_groups", None, "vision_heads", None)
-
-_REMAT_POLICIES: dict[str, Any] = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unsupported vision hidden_act {name!r}; known: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
-
-def _linear(
-    d_in: int,
-    d_out: int,
-    names: tuple[str, str],
-    *,
-    use_bias: bool = True,
-    dtype: Any,
-    param_dtype: Any,
-    rngs: nnx.Rngs,
-) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        kernel_metadata={"out_sharding": names},
-        bias_metadata={"out_sharding": (names[1],)},
-        rngs=rngs,
-    )
-
-
-class RMSNorm(nnx.Module):
-    """HF ``Qwen2_5_VLRMSNorm``: normalise in float32, cast back, then multiply by ``scale``."""
-
-    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, eps: float = _RMS_EPS) -> None:
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
 class VisionAttention(nnx.Module):
@@ -147,22 +101,9 @@ class VisionAttention(nnx.Module):
             raise ValueError(f"hidden_size={d} is not divisible by num_heads={cfg.num_heads}")
         self.num_heads = cfg.num_heads
         self.head_dim = d // cfg.num_heads
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = _linear(d, 3 * d, ("vision_embed", "vision_qkv"), **kw)
-        self.proj = _linear(d, d, ("vision_heads", "vision_embed"), **kw)
-
-
-class VisionMLP(nnx.Module):
-    def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> None:
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = _linear(d, f, ("vision_embed", "vision_mlp"), **kw)
-        self.up_proj = _linear(d, f, ("vision_embed", "vision_mlp"), **kw)
-        self.down_proj = _linear(f, d, ("vision_mlp", "vision_embed"), **kw)
-        self.act = _activation(cfg.hidden_act)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        kw = dict(dtype=dtype, param_dtype=param_dtype, std=_INIT_STD, use_bias=True, rngs=rngs)
+        self.qkv = dense(d, 3 * d, ("vision_embed", "vision_qkv"), **kw)
+        self.proj = dense(d, d, ("vision_heads", "vision_embed"), **kw)
 
 
 class VisionBlock(nnx.Module):
@@ -170,21 +111,32 @@ class VisionBlock(nnx.Module):
 
     def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> None:
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = RMSNorm(cfg.hidden_size, **kw)
-        self.norm2 = RMSNorm(cfg.hidden_size, **kw)
+        self.norm1 = RMSNorm(cfg.hidden_size, _RMS_EPS, **kw)
+        self.norm2 = RMSNorm(cfg.hidden_size, _RMS_EPS, **kw)
         self.attn = VisionAttention(cfg, rngs=rngs, **kw)
-        self.mlp = VisionMLP(cfg, rngs=rngs, **kw)
+        self.mlp = GatedMLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            ("vision_embed", "vision_mlp"),
+            hidden_names=None,
+            use_bias=True,
+            std=_INIT_STD,
+            rngs=rngs,
+            **kw,
+        )
 
 
 class PatchEmbed(nnx.Module):
     def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> None:
-        self.proj = _linear(
+        self.proj = dense(
             patch_dim(cfg),
             cfg.hidden_size,
             ("vision_patch", "vision_embed"),
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
+            std=_INIT_STD,
             rngs=rngs,
         )
 
@@ -194,10 +146,10 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> None:
         d = cfg.hidden_size * cfg.spatial_merge_size**2
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln_q = RMSNorm(cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
-        self.mlp_0 = _linear(d, d, ("vision_merge", "vision_mlp"), **kw)
-        self.mlp_2 = _linear(d, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, std=_INIT_STD, use_bias=True, rngs=rngs)
+        self.ln_q = RMSNorm(cfg.hidden_size, _RMS_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.mlp_0 = dense(d, d, ("vision_merge", "vision_mlp"), **kw)
+        self.mlp_2 = dense(d, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
         self.merged_dim = d
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -221,25 +173,16 @@ def rotary_cos_sin(pos_ids: jax.Array, head_dim: int, theta: float) -> tuple[jax
 
     pos_ids (P, 2) int → cos, sin (P, head_dim): [h-freqs, w-freqs] repeated twice.
     """
-    spatial = head_dim // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+    inv_freq = inv_frequencies(head_dim // 2, theta)
     freqs = pos_ids.astype(jnp.float32)[..., None] * inv_freq  # (P, 2, head_dim // 4)
-    freqs = freqs.reshape(pos_ids.shape[0], -1)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
+    return cos_sin(freqs.reshape(pos_ids.shape[0], -1))
 
 
 def _attend(qg: jax.Array, kg: jax.Array, vg: jax.Array, valid: jax.Array) -> jax.Array:
     """qg (G, Lq, H, hd), kg/vg (G, L, H, hd), valid (G, L) → (G, Lq, H, hd); float32 softmax."""
     scale = qg.shape[-1] ** -0.5
     scores = jnp.einsum("glhd,gmhd->ghlm", qg, kg, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(valid[:, None, None, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vg.dtype)
+    probs = masked_softmax(scores, valid[:, None, None, :], vg.dtype)
     return jnp.einsum("ghlm,gmhd->glhd", probs, vg)
 
 
@@ -291,9 +234,7 @@ def _block_forward(
     qkv = attn.qkv(h).reshape(p, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     c, s = cos[:, None, :], sin[:, None, :]
-    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    q = (q32 * c + _rotate_half(q32) * s).astype(v.dtype)
-    k = (k32 * c + _rotate_half(k32) * s).astype(v.dtype)
+    q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
 
     def full(q, k, v):
         return grouped_attention(
@@ -318,7 +259,7 @@ class VisionTransformer(nnx.Module):
         num_heads, in_channels, patch_size, spatial_merge_size, temporal_patch_size, window_size,
         fullatt_block_indexes, out_hidden_size, hidden_act; optional rope_parameters/rope_theta).
       dtype: activation / compute dtype. param_dtype: storage dtype of the parameters.
-      remat: None, or a policy name in {"full", "dots", "dots_no_batch"} applied per block.
+      remat: None, or a name in :data:`tatar_jax.models.layers.REMAT_POLICIES`, per block.
       attn_q_chunk: full-attention queries per chunk (see :func:`grouped_attention`); None never
         chunks. Frames longer than this (up to ~8k patches at TATAR's max_pixels) then need
         (G, H, attn_q_chunk, L) float32 scores instead of (G, H, L, L).
@@ -334,12 +275,11 @@ class VisionTransformer(nnx.Module):
         attn_q_chunk: int | None = 1024,
         rngs: nnx.Rngs,
     ) -> None:
-        if remat is not None and remat not in _REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(_REMAT_POLICIES)}")
+        check_remat(remat)
         bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
         if bad:
             raise ValueError(f"fullatt_block_indexes {bad} are outside [0, depth={cfg.depth})")
-        _activation(cfg.hidden_act)
+        activation(cfg.hidden_act)
         window_len(cfg)
         self.cfg = cfg
         self.dtype = dtype
@@ -354,13 +294,7 @@ class VisionTransformer(nnx.Module):
         # Logical names are metadata only; placement goes through sharding.state_shardings.
         with nnx.use_eager_sharding(False):
             self.patch_embed = PatchEmbed(cfg, rngs=rngs, **kw)
-
-            @nnx.split_rngs(splits=cfg.depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_blocks(rngs: nnx.Rngs) -> VisionBlock:
-                return VisionBlock(cfg, rngs=rngs, **kw)
-
-            self.blocks = make_blocks(rngs)
+            self.blocks = stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
             self.merger = PatchMerger(cfg, rngs=rngs, **kw)
 
     def __call__(
@@ -390,25 +324,23 @@ class VisionTransformer(nnx.Module):
             )
             return constrain(x, _TOKEN_NAMES), None
 
-        if self.remat is not None:
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
         flags = jnp.asarray(self.full_attention, dtype=bool)
-        x, _ = jax.lax.scan(body, x, (block_state, flags))
+        x, _ = jax.lax.scan(remat(body, self.remat), x, (block_state, flags))
 
         merged = self.merger(x)[layout.merged_index]
         merged = jnp.where(layout.merged_valid[:, None], merged, jnp.zeros((), merged.dtype))
         return merged, layout.merged_valid
 
     def embed_images(
-        self, pixel_values: Any, grid_thw: Any, num_patches_padded: int | None = None, **sizes: int
+        self, pixel_values: Any, grid_thw: Any, bucket: VisionBucket | None = None
     ) -> jax.Array:
         """Eager convenience on HF-style inputs: pixel_values (N, C*T*p*p), grid_thw (n, 3).
 
         Returns the (N // merge**2, out_hidden_size) image tokens, exactly HF's ``pooler_output``.
-        ``sizes`` are forwarded to :func:`vision_layout` (num_windows_padded, ...).
+        ``bucket`` (static sizes, see :func:`vision_layout`) defaults to the tightest one.
         """
         grid = np.asarray(grid_thw)
-        layout = vision_layout(grid, self.cfg, num_patches_padded, **sizes)
+        layout = vision_layout(grid, self.cfg, bucket)
         n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
         pv = jnp.asarray(pixel_values)
         if pv.shape[0] != n:

@@ -67,15 +67,25 @@ class VisionBucket(NamedTuple):
     segment_len: int
 
 
-def window_len(cfg: Any) -> int:
-    """Patches per (full) attention window: ``(window_size // patch // merge)**2 * merge**2``."""
+def _window_units(cfg: Any) -> int:
+    """Merge units along one side of an attention window: ``window_size // merge // patch``."""
     units = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
     if units < 1:
         raise ValueError(
             f"window_size={cfg.window_size} is smaller than patch_size*spatial_merge_size="
             f"{cfg.patch_size * cfg.spatial_merge_size}"
         )
-    return units * units * cfg.spatial_merge_size**2
+    return units
+
+
+def window_len(cfg: Any) -> int:
+    """Patches per (full) attention window: ``(window_size // patch // merge)**2 * merge**2``."""
+    return _window_units(cfg) ** 2 * cfg.spatial_merge_size**2
+
+
+def _segment_lengths(grid: np.ndarray) -> list[int]:
+    """Patches of each full-attention segment: one ``h * w`` segment per frame of each image."""
+    return [int(h * w) for t, h, w in grid.tolist() for _ in range(t)]
 
 
 def _check_grid(grid_thw: Any, cfg: Any) -> np.ndarray:
@@ -110,7 +120,7 @@ def _windows(grid: np.ndarray, cfg: Any) -> tuple[np.ndarray, list[int]]:
     when the grid divides evenly and then removes the empty windows).
     """
     m = cfg.spatial_merge_size
-    vw = cfg.window_size // m // cfg.patch_size
+    vw = _window_units(cfg)
     unit = m * m
     order: list[np.ndarray] = []
     lengths: list[int] = []
@@ -192,7 +202,7 @@ def vision_bucket(
     unit = cfg.spatial_merge_size**2
     n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
     _, wins = _windows(grid, cfg)
-    segs = [int(h * w) for t, h, w in grid.tolist() for _ in range(t)]
+    segs = _segment_lengths(grid)
     lw = window_len(cfg)
     p = n if num_patches_padded is None else int(num_patches_padded)
     if p < n or p % unit:
@@ -230,7 +240,7 @@ def fixed_bucket(
         )
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    v = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+    v = _window_units(cfg)
     lw = window_len(cfg)
     per_frame = num_patches if max_patches_per_frame is None else int(max_patches_per_frame)
     per_frame = min(per_frame, num_patches)
@@ -240,33 +250,18 @@ def fixed_bucket(
     return VisionBucket(num_patches, windows, frames, seg_len)
 
 
-def vision_layout(
-    grid_thw: Any,
-    cfg: Any,
-    num_patches_padded: int | VisionBucket | None = None,
-    *,
-    num_windows_padded: int | None = None,
-    num_segments_padded: int | None = None,
-    segment_len_padded: int | None = None,
-) -> VisionLayout:
+def vision_layout(grid_thw: Any, cfg: Any, bucket: VisionBucket | None = None) -> VisionLayout:
     """Computes the :class:`VisionLayout` (numpy) of ``grid_thw`` (num_images, 3) for ``cfg``.
 
-    ``cfg`` needs ``spatial_merge_size``, ``patch_size`` and ``window_size``. Sizes left as None
-    are chosen by :func:`vision_bucket`; for a fixed bucket pass a :class:`VisionBucket` (e.g. from
-    :func:`fixed_bucket`) as ``num_patches_padded``, or all four sizes.
+    ``cfg`` needs ``spatial_merge_size``, ``patch_size`` and ``window_size``. ``bucket`` gives the
+    static sizes (from :func:`vision_bucket` or :func:`fixed_bucket`; checked against the grid);
+    None means ``vision_bucket(grid_thw, cfg)``.
 
     Pass the result to the jitted forward as an *argument* (not a closed-over constant), so
     layouts of equal shapes share one compilation.
     """
     grid = _check_grid(grid_thw, cfg)
-    p, nw, ns, ls = vision_bucket(
-        grid,
-        cfg,
-        num_patches_padded,
-        num_windows_padded=num_windows_padded,
-        num_segments_padded=num_segments_padded,
-        segment_len_padded=segment_len_padded,
-    )
+    p, nw, ns, ls = vision_bucket(grid, cfg, bucket)
     unit = cfg.spatial_merge_size**2
     order, win_lengths = _windows(grid, cfg)
     n = order.size * unit
@@ -281,7 +276,7 @@ def vision_layout(
         win_starts, win_lengths, nw, window_len(cfg), p, "window"
     )
     # The window permutation never crosses a frame, so frames stay contiguous in window order.
-    seg_lengths = [int(h * w) for t, h, w in grid.tolist() for _ in range(t)]
+    seg_lengths = _segment_lengths(grid)
     seg_starts = np.concatenate([[0], np.cumsum(seg_lengths)[:-1]]).tolist()
     segment_rows, segment_valid, segment_slot = _groups(
         seg_starts, seg_lengths, ns, ls, p, "segment"
