@@ -21,7 +21,6 @@ Parsing (host side in both) is timed once separately for information.
 from __future__ import annotations
 
 import functools
-import math
 import pathlib
 import statistics
 import sys
@@ -38,6 +37,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "random seed of the synthetic batch")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The peer is the spec's per-completion Python loops, shared with the tests' reference.
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+import reward_loops as loops  # noqa: E402
 
 
 def _rewards_config(preset: str):
@@ -46,90 +48,11 @@ def _rewards_config(preset: str):
     return rewards_configs.get_config(preset)
 
 
-# --- the peer: per-completion Python, the reference's way ---------------------------------
-
-
-def _sig(x):
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def _bce(p, q, eps):
-    q = min(max(q, eps), 1 - eps)
-    return -(p * math.log(q) + (1 - p) * math.log(1 - q))
-
-
-def _c(x):
-    return min(max(x, 0.0), 100.0)
+# --- the peer: per-completion Python, the reference's way (tests/helpers/reward_loops.py) ---
 
 
 def peer_format(parsed):
     return [1.0 if p else 0.0 for p in parsed]
-
-
-def peer_gaussian(pred, gt, parsed, words, iaa, a):
-    out = []
-    s0 = a.threshold / math.sqrt(-2 * math.log(a.target))
-    for p, g, ok, w, t in zip(pred, gt, parsed, words, iaa, strict=True):
-        if not ok:
-            out.append(0.0)
-            continue
-        d = abs(_c(p) - _c(g))
-        s = s0 * (1 + (a.alpha_iaa if t else a.alpha_iqa) * d / 100)
-        r = math.exp(-d * d / (2 * s * s))
-        if (not t and w > a.iqa_max_words) or (t and w < a.iaa_min_words):
-            r = 0.0
-        out.append(min(1.0, (a.iaa_scale if t else a.iqa_scale) * r))
-    return out
-
-
-def peer_soft_rank(pred, gt, parsed, iaa, c, call):
-    n = len(pred)
-    out = [0.0] * n
-    for s in range(0, n, call):
-        idx = [k for k in range(s, min(s + call, n)) if iaa[k] and parsed[k]]
-        if len(idx) < 2:
-            continue
-        for i in idx:
-            num = den = 0.0
-            for j in idx:
-                if i == j:
-                    continue
-                gi, gj = _c(gt[i]) / 100, _c(gt[j]) / 100
-                w = math.exp(-abs(gi - gj) / c.m)
-                q = _sig((_c(pred[i]) - _c(pred[j])) / 100 / c.tau)
-                num += w * _bce(_sig((gi - gj) / c.tau), q, c.eps)
-                den += w
-            out[i] = min(max(1 - num / den / math.log(1 / c.eps), 0.0), 1.0)
-    return out
-
-
-def peer_thurstone(pred, gt, parsed, gid, iaa, c):
-    groups = {}
-    for k, g in enumerate(gid):
-        groups.setdefault(g, []).append(k)
-    stats = {}
-    for g, ks in groups.items():
-        ps = [_c(pred[k]) / 100 for k in ks if parsed[k]]
-        if ps and iaa[ks[0]]:
-            mu = sum(ps) / len(ps)
-            stats[g] = (mu, sum((x - mu) ** 2 for x in ps) / len(ps), _c(gt[ks[0]]) / 100)
-    out = [0.0] * len(pred)
-    if len(stats) < 2:
-        return out
-    for i, (_, vi, gi) in stats.items():
-        for k in groups[i]:
-            if not parsed[k]:
-                continue
-            num = den = 0.0
-            for j, (mj, vj, gj) in stats.items():
-                if j == i:
-                    continue
-                w = math.exp(-abs(gi - gj) / c.m)
-                q = _sig((_c(pred[k]) / 100 - mj) / math.sqrt(vi + vj + c.eps))
-                num += w * _bce(_sig((gi - gj) / c.tau), q, c.eps)
-                den += w
-            out[k] = min(max(1 - num / den / math.log(1 / c.eps), 0.0), 1.0)
-    return out
 
 
 def peer_step(feats, cfg, group_size):
@@ -141,12 +64,21 @@ def peer_step(feats, cfg, group_size):
         if name == "format":
             parts[name] = peer_format(parsed)
         elif name == "accuracy":
-            parts[name] = peer_gaussian(pred, gt, parsed, words, iaa, cfg.accuracy)
+            a = cfg.accuracy
+            parts[name] = loops.loop_gaussian(
+                pred, gt, parsed, words, iaa, T=a.threshold, tgt=a.target, a_iqa=a.alpha_iqa,
+                a_iaa=a.alpha_iaa, max_w=a.iqa_max_words, min_w=a.iaa_min_words,
+                s_iqa=a.iqa_scale, s_iaa=a.iaa_scale,
+            )  # fmt: skip
         elif name == "rank":
             call = cfg.local_size if cfg.scope == "device_local" else len(pred)
-            parts[name] = peer_soft_rank(pred, gt, parsed, iaa, cfg.rank, call)
+            r = cfg.rank
+            parts[name] = loops.loop_soft_rank(
+                pred, gt, parsed, iaa, tau=r.tau, m=r.m, eps=r.eps, call=call
+            )
         else:
-            parts[name] = peer_thurstone(pred, gt, parsed, gid, iaa, cfg.thurstone)
+            t = cfg.thurstone
+            parts[name] = loops.loop_thurstone(pred, gt, parsed, gid, iaa, t.tau, t.m, t.eps)
     total = [
         sum((w.iaa[n] if iaa[k] else w.iqa[n]) * parts[n][k] for n in names)
         for k in range(len(pred))
