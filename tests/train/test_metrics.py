@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from tatar_jax.train import metrics
 
@@ -17,34 +18,9 @@ T, PATCHES = 40, 64  # sequence tokens; one 8x8-patch image = 16 image tokens
 
 
 def _hf_model(tie: bool):
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=48,
-            num_heads=2,
-            out_hidden_size=64,
-            window_size=56,  # 4x4-patch windows on the 8x8 grid: windowed layer 0, full layer 1
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=299,
-        video_token_id=298,
-        vision_start_token_id=297,
-        vision_end_token_id=296,
-        bos_token_id=None,
-        eos_token_id=None,
-        tie_word_embeddings=tie,
-    )
-    cfg._attn_implementation = "eager"  # explicit matmuls, counted by FlopCounterMode
+    # The tiny preset: vision window 56 = 4x4-patch windows on the 8x8 grid (layers 0 and 2
+    # windowed, layer 1 full); eager attention, so FlopCounterMode counts explicit matmuls.
+    cfg = tm.tiny_hf_config(tie_word_embeddings=tie)
     torch.manual_seed(0)
     return cfg, Qwen2_5_VLForConditionalGeneration(cfg)
 
@@ -55,10 +31,11 @@ def hf():
 
 
 def _inputs(with_image: bool):
-    ids = torch.randint(0, 290, (1, T), generator=torch.Generator().manual_seed(0))
+    lo, hi = tm.TEXT_ID_RANGE
+    ids = torch.randint(lo, hi, (1, T), generator=torch.Generator().manual_seed(0))
     if not with_image:
         return {"input_ids": ids}
-    ids[0, 5:21] = 299
+    ids[0, 5:21] = tm.IMAGE_TOKEN_ID
     return {
         "input_ids": ids,
         "pixel_values": torch.randn(PATCHES, 3 * 2 * 14 * 14),
@@ -75,7 +52,8 @@ def test_param_counts_match_hf_numel(tie):
     # The actual parameter tree: transformers' state dict shapes (tied weights appear once).
     assert pc["total"] == sum(p.numel() for p in model.parameters())
     assert pc["vision"] == sum(p.numel() for p in model.model.visual.parameters())
-    assert pc["lm_head"] == (0 if tie else 64 * 300)
+    t = cfg.text_config
+    assert pc["lm_head"] == (0 if tie else t.hidden_size * t.vocab_size)
     # Works from plain dicts too (a params-shape dict / config.json contents).
     as_dict = metrics.param_counts(
         {**cfg.text_config.to_dict(), "tie_word_embeddings": tie}, cfg.vision_config.to_dict()
