@@ -119,7 +119,7 @@ def _placement(cfg: Any) -> _Placement:
     return _Placement(mesh if mesh.size > 1 else None, rules, sharding.spans_processes(mesh))
 
 
-def _data(cfg: Any, wd: pathlib.Path, tok: Any) -> tuple[Any, Any, int, int]:
+def _data(cfg: Any, wd: pathlib.Path) -> tuple[Any, Any, int, int]:
     """(data iterator, pipeline options, total steps, rows per step over all processes)."""
     nproc = jax.process_count()
     sft = cfg.stage == "sft"
@@ -195,7 +195,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     # The train state owns a copy (its buffers are donated to the step); ``params`` stays as the
     # frozen reference model of GRPO and the initial weights.
     params = nnx.state(model)
-    data_iter, opts, total, per_step = _data(cfg, wd, tok)
+    data_iter, opts, total, per_step = _data(cfg, wd)
     mu = int(cfg.grpo.num_iterations) if cfg.stage == "grpo" else 1
     trainable = optim.trainable_mask(
         params, freeze_vision=bool(cfg.model.freeze_vision), freeze=tuple(cfg.optimizer.freeze)
