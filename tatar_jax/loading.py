@@ -12,8 +12,8 @@ Sources (:class:`PolicySource`), first match wins:
   ``qvl.save_orbax`` / ``scripts/convert_checkpoint.py``);
 - ``checkpoint`` = a training run (a ``scripts/train.py`` workdir, its ``checkpoints/`` folder or
   one step folder; ``step`` -1 = the latest): the architecture is the ``config.json`` found in
-  that folder or up to three levels above it (every run writes one), else ``hf_dir``'s, else the
-  embedded one;
+  that folder or up to three levels above it (every run writes one), else ``hf_dir``'s; never
+  guessed (no architecture is an error);
 - ``hf_dir`` = a Hugging Face Qwen2.5-VL folder (safetensors + ``config.json``);
 - neither: the embedded random model (``preset`` sizes with the real Qwen2.5 vocabulary and
   special-token ids of ``tokenizer``), initialised from ``seed``.
@@ -101,7 +101,7 @@ def architecture(source: PolicySource, tokenizer: Any = None) -> qvl.Qwen2_5_VLC
                 return qvl.load_config_json(str(p))
     if source.hf_dir:
         return qvl.load_config_json(source.hf_dir)
-    if source.checkpoint and tokenizer is None:
+    if source.checkpoint:  # never guess the architecture of stored weights
         raise FileNotFoundError(
             f"{source.checkpoint}: no config.json in the run directory or above it "
             "(the architecture); give the HF directory it was trained from"

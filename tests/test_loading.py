@@ -88,6 +88,11 @@ def test_hf_dir_orbax_export_and_training_run(tmp_path):
 def test_training_run_without_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json in the run directory"):
         loading.load_policy(loading.PolicySource(checkpoint=str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match="no config.json in the run directory"):
+        # a tokenizer (the embedded model's ingredients) does not make the loader guess
+        loading.load_policy(
+            loading.PolicySource(checkpoint=str(tmp_path / "nothing")), tokenizer=object()
+        )
 
 
 def test_placed_on_a_mesh_by_the_rules(tmp_path):
