@@ -87,7 +87,10 @@ class RolloutEngine:
             model, params, prompt_buckets=prompt_buckets, mesh=mesh, rules=rules
         )
 
-    def generate(self, state: Any, batch: Mapping[str, Any], rng: jax.Array):
+    def generate(
+        self, state: Any, batch: Mapping[str, Any], rng: jax.Array
+    ) -> generate.GenerateOutput:
+        """The G samples of every prompt of ``batch``, as host arrays (B*G, T)."""
         n_patch = int(np.asarray(batch["patch_mask"]).sum())
         out = self.sampler.generate(
             batch["input_ids"],
@@ -99,14 +102,14 @@ class RolloutEngine:
         )
         # On a mesh spanning several processes the outputs are global arrays: gathered, so that
         # every host decodes and scores the whole step batch (rewards are batch functions).
-        return tuple(sharding.to_host(x) for x in (out.tokens, out.mask, out.logps))
+        return generate.GenerateOutput(*(sharding.to_host(x) for x in out))
 
-    def score(
-        self, batch: Mapping[str, Any], tokens: np.ndarray, cmask: np.ndarray, logps: np.ndarray
-    ) -> Rollout:
+    def score(self, batch: Mapping[str, Any], out: generate.GenerateOutput) -> Rollout:
+        """Decode, parse, rewards over the batch, group advantages, the update's inputs."""
         g = self.g
         b = len(batch["valid"])
-        texts = generate.decode_completions(self.tok, generate.GenerateOutput(tokens, cmask, logps))
+        tokens, cmask, logps = out
+        texts = generate.decode_completions(self.tok, out)
         feats = rewards.completion_features(texts, parser=self.rewards_cfg.parser)
         valid = np.repeat(np.asarray(batch["valid"], bool), g)
         is_iaa = np.repeat(np.asarray(batch["task_id"]) == IAA_ID, g)
@@ -146,8 +149,7 @@ class RolloutEngine:
         sel = valid
         tasks = np.where(is_iaa, "iaa", "iqa")
         weights = {
-            t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts}
-            for t in prompts.TASKS
+            t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts} for t in prompts.TASKS
         }
         m: dict[str, float] = {}
         if sel.any():
@@ -164,5 +166,4 @@ class RolloutEngine:
         return Rollout(inputs, texts, total, adv, m, np.asarray(logps))
 
     def __call__(self, state: Any, batch: Mapping[str, Any], rng: jax.Array) -> Rollout:
-        tokens, cmask, logps = self.generate(state, batch, rng)
-        return self.score(batch, tokens, cmask, logps)
+        return self.score(batch, self.generate(state, batch, rng))

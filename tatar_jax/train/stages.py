@@ -141,11 +141,9 @@ class GrpoStage:
 
     def prepare(self, state, batch, timer):
         with timer("rollout"):
-            toks, cmask, lps = self.engine.generate(
-                state.params, batch, optim.rng_for_step(state, 1)
-            )
+            out = self.engine.generate(state.params, batch, optim.rng_for_step(state, 1))
         with timer("reward"):
-            ro = self.engine.score(batch, toks, cmask, lps)
+            ro = self.engine.score(batch, out)
         self.last = ro
         inputs = ro.inputs
         slots = step_inputs.pack_slots(
