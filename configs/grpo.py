@@ -44,9 +44,16 @@ def grpo_block() -> ml_collections.ConfigDict:
     c.advantage_eps = 1e-4
     c.advantage_std_ddof = 1
     # Loss aggregation (tatar_jax.grpo.grpo_loss): "seq_mean_token_mean" = token mean per
-    # completion, then mean over completions (reference) | "token_mean" (DAPO) | "fixed_length"
-    # (Dr. GRPO).
+    # completion, then mean over completions (reference) | "token_mean" (DAPO, over the step's
+    # tokens) | "bnpo" | "fixed_length" (Dr. GRPO).
     c.loss_aggregation = "seq_mean_token_mean"
+    # bnpo (TRL): like token_mean, but each gradient micro-batch is normalised by its own tokens.
+    # Ratio: "token" rho_t = exp(logp_t - old_t) (reference) | "sequence" (GSPO) rho =
+    # exp(mean_t(logp_t - old_t)) per completion, applied to each of its tokens.
+    c.importance_sampling_level = "token"
+    # True: the k3 KL term is multiplied by the (undetached) ratio, TRL's use_bias_correction_kl
+    # (its default): same value on-policy, unbiased reverse-KL gradient. False = the reference.
+    c.kl_bias_correction = False
     # Rollout (spec §7.2). Temperature 1.0 is what the reference actually used (B11).
     c.temperature = 1.0
     c.top_k = 50  # HF GenerationConfig default; 0 = off

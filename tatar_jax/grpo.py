@@ -11,10 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["group_advantages", "grpo_loss", "masked_mean"]
+__all__ = ["group_advantages", "grpo_loss", "masked_mean", "micro_batch_share"]
 
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch_std")
-AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "fixed_length")
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "bnpo", "fixed_length")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def group_advantages(
@@ -86,6 +87,8 @@ def grpo_loss(
     epsilon_high: float | None = None,
     beta: float = 0.001,
     aggregation: str = "seq_mean_token_mean",
+    importance_sampling_level: str = "token",
+    kl_bias_correction: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO objective of spec §7.3, in float32 (float64 if given float64 under x64).
 
@@ -93,21 +96,40 @@ def grpo_loss(
     completion tokens under the policy, the rollout policy and the frozen reference;
     ``advantages`` (N,); ``completion_mask`` (N, T) bool/0-1 (tokens up to and including EOS).
 
-    Per token: rho = exp(logp - old), l = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) +
-    beta KL, KL = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0); the KL term is skipped when
-    ``beta == 0`` or ``ref_logps is None``. With mu = 1, pass ``old_logps =
-    jax.lax.stop_gradient(logps)`` (rho = 1, gradient = -A d logp).
+    Per token t of completion i (mask m_it, n_i = sum_t m_it):
 
-    Aggregation: ``seq_mean_token_mean`` (reference: token mean per completion, then mean over
-    completions), ``token_mean`` (DAPO: over all completion tokens), ``fixed_length`` (Dr. GRPO:
-    token sum / (N x T)). Completions with no tokens contribute 0.
+    * ratio, ``importance_sampling_level="token"`` (reference): rho_it = exp(logp_it - old_it);
+      ``"sequence"`` (GSPO, TRL's ``importance_sampling_level="sequence"``): one ratio per
+      completion, rho_i = exp(sum_t m_it (logp_it - old_it) / max(n_i, 1)), the geometric mean
+      of the token ratios, used for every token of the completion (gradient through all of them);
+    * l_it = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta KL_it;
+    * KL_it = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0); with ``kl_bias_correction`` (TRL's
+      ``use_bias_correction_kl``, its default; DeepSeek-V3.2) KL_it = rho k3_it, the ratio *not*
+      detached: on-policy (rho = 1) the value is unchanged but the gradient gains k3 d logp,
+      which makes it the unbiased gradient of KL(pi_theta || pi_ref).
 
-    Returns ``(loss, metrics)``; metrics (masked over completion tokens): ``kl`` (mean k3, 0 if
-    skipped), ``clip_frac_low`` (rho < 1 - eps with A < 0), ``clip_frac_high`` (rho > 1 + eps_high
-    with A > 0), ``clip_frac``, ``ratio_mean``, ``ratio_min``, ``ratio_max``.
+    The KL term is skipped when ``beta == 0`` or ``ref_logps is None``. With mu = 1, pass
+    ``old_logps = jax.lax.stop_gradient(logps)`` (rho = 1, gradient = -A d logp).
+
+    Aggregation over the arrays given (one micro-batch; :func:`micro_batch_share` says how the
+    micro-batches of a step combine): ``seq_mean_token_mean`` (reference, TRL ``grpo``: token
+    mean per completion, then mean over completions), ``token_mean`` (DAPO: sum over tokens /
+    tokens; normalised by the whole step's tokens), ``bnpo`` (TRL ``bnpo``: the same formula
+    normalised by each micro-batch's own tokens), ``fixed_length`` (Dr. GRPO: token sum / (N x
+    T)). Completions with no tokens contribute 0.
+
+    Returns ``(loss, metrics)``; metrics (masked over completion tokens): ``kl`` (mean of the KL
+    term before beta, bias-corrected if asked; 0 if skipped), ``clip_frac_low`` (rho < 1 - eps
+    with A < 0), ``clip_frac_high`` (rho > 1 + eps_high with A > 0), ``clip_frac``,
+    ``ratio_mean``, ``ratio_min``, ``ratio_max`` (a sequence ratio counts once per token).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; choose one of "
+            f"{IMPORTANCE_SAMPLING_LEVELS}"
+        )
     eps_low = float(epsilon)
     eps_high = eps_low if epsilon_high is None else float(epsilon_high)
     # float32 at least (bf16 log-probs are promoted); float64 only for float64 inputs under x64.
@@ -120,6 +142,9 @@ def grpo_loss(
     log_ratio = logps - old
     # Padded positions may hold garbage log-probs; keep them out of exp and out of the gradient.
     log_ratio = jnp.where(mask > 0, log_ratio, 0.0)
+    if importance_sampling_level == "sequence":
+        seq = log_ratio.sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1)
+        log_ratio = jnp.broadcast_to(seq, log_ratio.shape)
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
@@ -127,6 +152,8 @@ def grpo_loss(
     if use_kl:
         delta = jnp.where(mask > 0, jnp.asarray(ref_logps, dt) - logps, 0.0)
         kl = jnp.exp(delta) - delta - 1.0
+        if kl_bias_correction:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     else:
         kl = jnp.zeros_like(per_token)
@@ -136,7 +163,7 @@ def grpo_loss(
     tokens_per_seq = mask.sum(axis=1)
     if aggregation == "seq_mean_token_mean":
         loss = (per_token.sum(axis=1) / jnp.maximum(tokens_per_seq, 1.0)).mean()
-    elif aggregation == "token_mean":
+    elif aggregation in ("token_mean", "bnpo"):
         loss = per_token.sum() / jnp.maximum(mask.sum(), 1.0)
     else:
         loss = per_token.sum() / (n * t)
@@ -155,3 +182,30 @@ def grpo_loss(
         "ratio_max": jnp.where(any_on, jnp.max(jnp.where(on, ratio, -jnp.inf)), 0.0),
     }
     return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
+
+
+def micro_batch_share(
+    loss: jax.Array,
+    tokens: jax.Array,
+    tokens_step: jax.Array,
+    num_micro: int,
+    aggregation: str,
+) -> jax.Array:
+    """A micro-batch's share of the step loss, so that the shares sum to the step's objective.
+
+    ``loss``: :func:`grpo_loss` of the micro-batch; ``tokens``: its completion tokens;
+    ``tokens_step``: the step's (>= 1); ``num_micro``: equal-row micro-batches per step.
+
+    * ``token_mean`` (DAPO): loss x tokens / tokens_step: one mean over every token of the step,
+      whatever the split.
+    * ``seq_mean_token_mean``, ``fixed_length``: loss / num_micro (equal rows, so the mean over
+      micro-batches is the mean over completions).
+    * ``bnpo``: loss / num_micro as well, but each micro-batch's loss is a mean over its *own*
+      tokens: sum_b (sum_{t in b} l_t / |b|) / num_micro (TRL's ``bnpo`` with gradient
+      accumulation); equal to ``token_mean`` with one micro-batch.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if aggregation == "token_mean":
+        return loss * jnp.maximum(tokens, 1.0) / tokens_step
+    return loss / num_micro

@@ -139,7 +139,7 @@ def loop_loss(logp, old, ref, adv, mask, eps=0.2, eps_high=None, beta=0.001, agg
         tok_cnt += c
     if agg == "seq_mean_token_mean":
         loss = sum(seq_terms) / n
-    elif agg == "token_mean":
+    elif agg in ("token_mean", "bnpo"):
         loss = tok_sum / max(tok_cnt, 1)
     else:
         loss = tok_sum / (n * t)
@@ -248,7 +248,7 @@ def test_gradient_mu1_stop_gradient_closed_form(agg):
                 continue
             if agg == "seq_mean_token_mean":
                 c = 1.0 / (mask[i].sum() * n)
-            elif agg == "token_mean":
+            elif agg in ("token_mean", "bnpo"):
                 c = 1.0 / mask.sum()
             else:
                 c = 1.0 / (n * t)

@@ -22,8 +22,9 @@ Log-probs, ratios, KL and the loss are float32 whatever the compute dtype.
 
 Micro-batches (``num_micro``: row slices, summed by ``optim.accumulate_gradients``): each
 micro-batch contributes its *share* of the step loss, so the step's loss and gradient equal the
-whole-batch ones: ``seq_mean_token_mean`` / ``fixed_length`` shares are ``loss_mb / num_micro``
-(equal row counts), ``token_mean`` shares are ``token_sum_mb / tokens_step``.
+whole-batch ones (``grpo.micro_batch_share``): ``seq_mean_token_mean`` / ``fixed_length`` /
+``bnpo`` shares are ``loss_mb / num_micro`` (equal row counts; bnpo's loss_mb is its own token
+mean), ``token_mean`` shares are ``token_sum_mb / tokens_step``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import optax
 from flax import nnx
 
 from tatar_jax import grpo
+from tatar_jax.data import prompts
 from tatar_jax.logprobs import token_logprobs
 from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import optim
@@ -46,16 +48,20 @@ _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_me
 
 
 def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):
-    """(n, T) log-probs computing only the mask tokens, packed into ``k`` slots (k >= count)."""
+    """(n, T) log-probs and entropies computing only the mask tokens, packed into ``k`` slots
+    (k >= count)."""
     n, t, d = hc.shape
     idx, valid = step_inputs.pack_index(mask, k)
     h_k = hc.reshape(n * t, d)[idx]
     t_k = jnp.where(valid, tgt.reshape(-1)[idx], -1)
-    lp = token_logprobs(
-        h_k, w, t_k, chunk_size=chunk_size, weight_layout=layout, temperature=temperature
+    lp, ent = token_logprobs(
+        h_k, w, t_k, chunk_size=chunk_size, weight_layout=layout, temperature=temperature,
+        return_entropy=True,
+    )  # fmt: skip
+    unpack = lambda x: (  # noqa: E731
+        jnp.zeros((n * t,), jnp.float32).at[idx].add(jnp.where(valid, x, 0.0)).reshape(n, t)
     )
-    out = jnp.zeros((n * t,), jnp.float32).at[idx].add(jnp.where(valid, lp, 0.0))
-    return out.reshape(n, t)
+    return unpack(lp), unpack(ent)
 
 
 def completion_logps(
@@ -65,8 +71,10 @@ def completion_logps(
     *,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> jax.Array:
-    """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0)."""
+    return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0), and
+    with ``return_entropy`` the (N, T) entropies of the tempered next-token distributions there."""
     h = step_inputs.hidden_states(model, rows, shared)
     t = rows["completion_mask"].shape[1]
     length = h.shape[1]
@@ -75,12 +83,13 @@ def completion_logps(
     w, layout = step_inputs.lm_head(model)
     if "pack_slots" in shared:
         k = shared["pack_slots"].shape[0]
-        return _packed_logps(
-            hc, tgt, rows["completion_mask"], w, k, layout, chunk_size, temperature
-        )
-    return token_logprobs(
-        hc, w, tgt, chunk_size=chunk_size, weight_layout=layout, temperature=temperature
-    )
+        out = _packed_logps(hc, tgt, rows["completion_mask"], w, k, layout, chunk_size, temperature)
+    else:
+        out = token_logprobs(
+            hc, w, tgt, chunk_size=chunk_size, weight_layout=layout, temperature=temperature,
+            return_entropy=True,
+        )  # fmt: skip
+    return out if return_entropy else out[0]
 
 
 def make_logps_fn(
@@ -123,17 +132,25 @@ def grpo_grads(
     epsilon_high: float | None = None,
     beta: float = 0.001,
     aggregation: str = "seq_mean_token_mean",
+    importance_sampling_level: str = "token",
+    kl_bias_correction: bool = False,
     temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
     """(loss, float32 grads, aux sums) of the step's GRPO loss, summed over ``num_micro`` row
-    micro-batches (each contributes its share; see the module docstring)."""
+    micro-batches (each contributes its share; see the module docstring).
+
+    Aux also holds ``entropy_sum`` (summed token entropies over completion tokens) and, with a
+    ``rows["task_id"]`` (N,) int array, ``entropy_sum/<task>`` and ``completion_tokens/<task>``
+    (``tatar_jax.data.prompts.TASK_IDS``)."""
     rows, shared = inputs["rows"], inputs["shared"]
     tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
 
     def loss_fn(p, mb):
         model = nnx.merge(graphdef, p)
-        logps = completion_logps(model, mb, shared, temperature=temperature, chunk_size=chunk_size)
+        logps, ent = completion_logps(
+            model, mb, shared, temperature=temperature, chunk_size=chunk_size, return_entropy=True
+        )
         old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
         ref = mb.get("ref_logps") if beta else None
         loss, m = grpo.grpo_loss(
@@ -146,18 +163,42 @@ def grpo_grads(
             epsilon_high=epsilon_high,
             beta=beta,
             aggregation=aggregation,
+            importance_sampling_level=importance_sampling_level,
+            kl_bias_correction=kl_bias_correction,
         )
         tokens_mb = jnp.sum(mb["completion_mask"])
-        if aggregation == "token_mean":
-            share = loss * jnp.maximum(tokens_mb, 1.0) / tokens_step
-        else:
-            share = loss / num_micro
+        share = grpo.micro_batch_share(loss, tokens_mb, tokens_step, num_micro, aggregation)
         weight = tokens_mb / tokens_step  # token-weighted means over micro-batches
         aux = {k: m[k] * weight for k in _MEAN_METRICS}
         aux["completion_tokens"] = tokens_mb
+        aux.update(_entropy_sums(jax.lax.stop_gradient(ent), mb))
         return share, aux
 
     return optim.accumulate_gradients(loss_fn, params, dict(rows), num_micro)
+
+
+def _entropy_sums(ent: jax.Array, mb: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summed entropies (and tokens) over the completion tokens, in all and per task."""
+    mask = mb["completion_mask"]
+    tok_ent = jnp.sum(ent * mask, axis=1)  # (n,)
+    out = {"entropy_sum": jnp.sum(tok_ent)}
+    if "task_id" in mb:
+        for task, tid in prompts.TASK_IDS.items():
+            on = (mb["task_id"] == tid).astype(jnp.float32)
+            out[f"entropy_sum/{task}"] = jnp.sum(tok_ent * on)
+            out[f"completion_tokens/{task}"] = jnp.sum(mask.sum(axis=1) * on)
+    return out
+
+
+def entropy_metrics(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``entropy/all`` and ``entropy/<task>``: mean token entropy (nats) of the policy over the
+    step's completion tokens, from :func:`grpo_grads`' aux sums (0 for a task with no tokens)."""
+    out = {"entropy/all": aux["entropy_sum"] / jnp.maximum(aux["completion_tokens"], 1.0)}
+    for task in prompts.TASK_IDS:
+        if f"entropy_sum/{task}" in aux:
+            tokens = jnp.maximum(aux[f"completion_tokens/{task}"], 1.0)
+            out[f"entropy/{task}"] = aux[f"entropy_sum/{task}"] / tokens
+    return out
 
 
 def make_grpo_step(
@@ -171,9 +212,10 @@ def make_grpo_step(
     """Pure ``step(state, inputs) -> (state, metrics)``: one optimizer update on a rollout.
 
     ``loss``: the keyword arguments of :func:`grpo_grads` (num_micro, epsilon, epsilon_high,
-    beta, aggregation, temperature, chunk_size).
+    beta, aggregation, importance_sampling_level, kl_bias_correction, temperature, chunk_size).
     Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
-    over micro-batches), ``completion_tokens``, ``grad_norm``, ``update_skipped``,
+    over micro-batches), ``completion_tokens``, ``entropy/all`` (+ ``entropy/<task>`` when the
+    rows carry ``task_id``; :func:`entropy_metrics`), ``grad_norm``, ``update_skipped``,
     ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
     """
 
@@ -182,6 +224,8 @@ def make_grpo_step(
         new_state, info = optim.apply_gradients(
             state, grads, tx, loss=loss_value, trainable=trainable, schedule=schedule
         )
-        return new_state, {"loss": loss_value, **aux, **info}
+        sums = {k: v for k, v in aux.items() if k.startswith("entropy_sum")}
+        metrics = {k: v for k, v in aux.items() if k not in sums}
+        return new_state, {"loss": loss_value, **metrics, **entropy_metrics(aux), **info}
 
     return step

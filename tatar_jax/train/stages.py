@@ -128,6 +128,8 @@ class GrpoStage:
             grpo_step.make_grpo_step(
                 graphdef, tx, num_micro=self.num_micro, epsilon=float(g.epsilon),
                 epsilon_high=g.epsilon_high, beta=self.beta, aggregation=g.loss_aggregation,
+                importance_sampling_level=g.importance_sampling_level,
+                kl_bias_correction=bool(g.kl_bias_correction),
                 temperature=temp, chunk_size=chunk, trainable=trainable, schedule=schedule,
             ),
             donate_argnums=(0,),
@@ -146,6 +148,9 @@ class GrpoStage:
             ro = self.engine.score(batch, out)
         self.last = ro
         inputs = ro.inputs
+        # Each row's task, for the per-task entropy of the update (grpo_step.entropy_metrics).
+        g = len(ro.texts) // max(len(batch["valid"]), 1)
+        inputs["rows"]["task_id"] = np.repeat(np.asarray(batch["task_id"], np.int32), g)
         slots = step_inputs.pack_slots(
             inputs["rows"]["completion_mask"], self.num_micro, self.pack_buckets
         )
