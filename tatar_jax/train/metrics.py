@@ -255,6 +255,8 @@ def grpo_reward_metrics(
         raise ValueError("a group mixes tasks: completions must be group-major, G per prompt")
     g_total = total.reshape(-1, group_size)
     g_std = g_total.std(axis=1, ddof=1) if group_size > 1 else np.zeros(len(g_total))
+    # Identical totals exactly (a rounded std need not be 0): their advantages are all 0.
+    g_same = np.ptp(g_total, axis=1) == 0
     out: dict[str, float] = {}
     for t in [*sorted(set(tasks.tolist())), "all"]:
         sel = np.ones(n, bool) if t == "all" else tasks == t
@@ -264,7 +266,7 @@ def grpo_reward_metrics(
         out[f"reward_total/{t}"] = float(total[sel].mean())
         out[f"reward_std/{t}"] = float(total[sel].std())
         out[f"reward_group_std/{t}"] = float(g_std[gsel].mean())
-        out[f"zero_std_groups/{t}"] = float(np.mean(g_std[gsel] == 0))
+        out[f"zero_std_groups/{t}"] = float(np.mean(g_same[gsel]))
         if completion_lengths is not None:
             out[f"completion_len/{t}"] = float(np.asarray(completion_lengths)[sel].mean())
         if parsed is not None:
