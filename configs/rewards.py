@@ -18,6 +18,21 @@ Presets (``get_config(arg)``):
   batch (``iaa_gaussian_weight`` optional, 0 by default).
 
 Every constant of spec §8 is a field with the reference's value.
+
+Extra reward functions (``tatar_jax.rewards.extra_rewards``): ``extra.<name>`` names a function
+``"package.module:function"`` of kind ``"features"`` (jittable, the built-ins' feature arrays) or
+``"host"`` (decoded texts + records); its per-task weights are ``weights.iqa.<name>`` /
+``weights.iaa.<name>``. Add one in a config file with :func:`add_extra`, e.g.::
+
+    from configs import grpo, rewards
+    def get_config(arg=None):
+        c = grpo.get_config(arg)
+        rewards.add_extra(c.rewards, "brevity", "my_rewards:brevity", iqa=0.5, iaa=0.0,
+                          max_words=60)
+        return c
+
+after which ``--config.rewards.weights.iqa.brevity=0.2`` or
+``--config.rewards.extra.brevity.kwargs.max_words=40`` override it on the command line.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from configs import common
 
 PRESETS = ("tatar", "reference")
 FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
+EXTRA_KINDS = ("features", "host")
 
 
 def _weights(**nonzero: float) -> ml_collections.ConfigDict:
@@ -81,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     th.scale = 1.0  # rank_scale
     c.thurstone = th
 
+    c.extra = ml_collections.ConfigDict()  # name -> add_extra block; none by default
     c.weights = ml_collections.ConfigDict()
     if preset == "reference":
         c.scope = "device_local"
@@ -92,3 +109,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.weights.iaa = _weights(format=1.0, thurstone=1.0)
         c.weights.iaa.accuracy = c.get_ref("iaa_gaussian_weight")
     return c
+
+
+def add_extra(
+    rewards: ml_collections.ConfigDict,
+    name: str,
+    function: str,
+    *,
+    iqa: float = 1.0,
+    iaa: float = 1.0,
+    kind: str = "features",
+    scale: float = 1.0,
+    **kwargs: float | int | str | bool,
+) -> None:
+    """Adds reward ``name`` = ``function`` ("package.module:function") to a rewards block with
+    per-task weights ``iqa`` / ``iaa``; ``kwargs`` are its constants (keyword arguments)."""
+    if name in FUNCTIONS or name in rewards.extra:
+        raise ValueError(f"reward name {name!r} is already taken")
+    if kind not in EXTRA_KINDS:
+        raise ValueError(f"reward kind {kind!r} not in {EXTRA_KINDS}")
+    rewards.extra[name] = ml_collections.ConfigDict(
+        {"function": function, "kind": kind, "scale": float(scale),
+         "kwargs": ml_collections.ConfigDict(dict(kwargs))}
+    )  # fmt: skip
+    rewards.weights.iqa[name] = float(iqa)
+    rewards.weights.iaa[name] = float(iaa)

@@ -42,9 +42,12 @@ Numerics: every logistic and every BCE is evaluated in log-sigmoid form. Clippin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,10 +56,15 @@ import numpy as np
 
 from tatar_jax import answer_format
 from tatar_jax.answer_format import parse_answer, parse_answer_lenient
+from tatar_jax.data import prompts
 
 __all__ = [
     "CompletionFeatures",
+    "ExtraReward",
     "completion_features",
+    "completion_records",
+    "completions_in_scope",
+    "extra_rewards",
     "format_reward",
     "gaussian_score_reward",
     "parse_answer",
@@ -67,6 +75,7 @@ __all__ = [
     "threshold_reward",
     "thurstone_rank_reward",
     "total_reward",
+    "validate_extra_rewards",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -443,6 +452,8 @@ def total_reward(
     *,
     config: Any,
     num_groups: int | None = None,
+    texts: Sequence[str] | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-task weighted sum of the reward functions of a rewards preset (spec §7.3, §8.6).
 
@@ -453,7 +464,13 @@ def total_reward(
     rewards. Every field is read strictly: a missing one is a ``KeyError`` naming its dotted path,
     an unknown one in a function's block a ``ValueError``. A function whose weight is 0 for both
     tasks is not computed. Returns ``(total (N,), {name: unweighted reward (N,)})``. Jit it with
-    the config closed over: ``jax.jit(functools.partial(total_reward, config=cfg))``.
+    the config closed over: ``jax.jit(functools.partial(total_reward, config=cfg))`` (host
+    extra rewards cannot be jitted).
+
+    ``config.extra`` names further reward functions (:func:`extra_rewards`), weighted by
+    ``weights.<task>.<name>`` like the built-ins. Host ones need the decoded ``texts`` (N,) and
+    per-completion ``records`` (:func:`completion_records`); when not passed they come from an
+    enclosing :func:`completions_in_scope`.
     """
     is_iaa_b = jnp.asarray(is_iaa, bool)
     dtype = _float_dtype(pred, gt)
@@ -484,4 +501,223 @@ def total_reward(
         r = (scale * r).astype(dtype)
         parts[name] = r
         total = total + jnp.where(is_iaa_b, w_iaa, w_iqa).astype(dtype) * r
+    features = dict(pred=pred, gt=gt, parsed=parsed, num_words=num_words, is_iaa=is_iaa_b,
+                    group_ids=group_ids)  # fmt: skip
+    for name, extra in extra_rewards(config).items():
+        w_iqa = float(_field(config, "weights", "iqa", name))
+        w_iaa = float(_field(config, "weights", "iaa", name))
+        if w_iqa == 0.0 and w_iaa == 0.0:
+            continue
+        r = extra(features, texts=texts, records=records).astype(dtype)
+        parts[name] = r
+        total = total + jnp.where(is_iaa_b, w_iaa, w_iqa).astype(dtype) * r
     return total, parts
+
+
+# --------------------------------------------------------------------------------------------
+# Extra reward functions named in the config ("package.module:function")
+# --------------------------------------------------------------------------------------------
+
+EXTRA_KINDS = ("features", "host")
+_EXTRA_FIELDS = ("function", "kind", "scale", "kwargs")
+_SCOPE: contextvars.ContextVar[tuple[Sequence[str], Sequence[Mapping[str, Any]]] | None] = (
+    contextvars.ContextVar("tatar_jax_reward_completions", default=None)
+)
+
+
+@contextlib.contextmanager
+def completions_in_scope(
+    texts: Sequence[str], records: Sequence[Mapping[str, Any]]
+) -> Iterator[None]:
+    """Within the block, :func:`total_reward` calls that are not given ``texts`` / ``records``
+    hand these to the host extra rewards (for a caller that passes only feature arrays)."""
+    if len(texts) != len(records):
+        raise ValueError(f"{len(texts)} texts but {len(records)} records")
+    token = _SCOPE.set((texts, records))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def completion_records(batch: Mapping[str, Any], group_size: int) -> list[dict[str, Any]]:
+    """The (N,) per-completion records a host reward receives, N = prompts x ``group_size``
+    (prompt-major, as the rollout's rows): ``prompt`` (index in the step), ``task`` ("iqa" /
+    "iaa"), ``gt_100``, ``valid`` and, where the batch has them, ``row_id``, ``dataset`` and
+    ``image_path``. ``batch`` is a pipeline batch (``task_id``, ``gt_100``, ...)."""
+    names = {tid: task for task, tid in prompts.TASK_IDS.items()}
+    task_ids = np.asarray(batch["task_id"])
+    meta = batch.get("meta", {})
+    out = []
+    for b in range(len(task_ids)):
+        rec = {
+            "prompt": b,
+            "task": names[int(task_ids[b])],
+            "gt_100": float(np.asarray(batch["gt_100"])[b]),
+            "valid": bool(np.asarray(batch["valid"])[b]) if "valid" in batch else True,
+        }
+        if "row_id" in batch:
+            rec["row_id"] = int(np.asarray(batch["row_id"])[b])
+        for key in ("dataset", "image_path"):
+            if key in meta:
+                rec[key] = meta[key][b]
+        out.extend(dict(rec) for _ in range(group_size))
+    return out
+
+
+def _import(spec: str) -> Callable[..., Any]:
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"reward function {spec!r} is not 'package.module:function'")
+    try:
+        fn = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward function {spec!r} cannot be imported: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is not callable")
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraReward:
+    """A reward function named in ``config.extra.<name>`` (see :func:`extra_rewards`)."""
+
+    name: str
+    spec: str  # "package.module:function"
+    kind: str  # "features" | "host"
+    scale: float
+    kwargs: Mapping[str, Any]
+
+    def where(self) -> str:
+        return f"reward {self.name!r} ({self.spec}, kind {self.kind!r})"
+
+    def __call__(
+        self,
+        features: Mapping[str, Any],
+        *,
+        texts: Sequence[str] | None = None,
+        records: Sequence[Mapping[str, Any]] | None = None,
+    ) -> jax.Array:
+        """``scale x fn(...)``, (N,) float; a wrong shape, a non-number or (outside jit) a
+        non-finite value is a ValueError naming the reward."""
+        fn = _import(self.spec)
+        n = int(np.shape(features["is_iaa"])[0])
+        if self.kind == "host":
+            if texts is None or records is None:
+                scope = _SCOPE.get()
+                if scope is None:
+                    raise ValueError(f"{self.where()}: a host reward needs texts and records")
+                texts, records = scope
+            if len(texts) != n or len(records) != n:
+                raise ValueError(f"{self.where()}: {len(texts)} texts for {n} completions")
+            r = fn(list(texts), list(records), **self.kwargs)
+        else:
+            r = fn(**features, **self.kwargs)
+        return self.scale * self._checked(r, n)
+
+    def _checked(self, r: Any, n: int) -> jax.Array:
+        if not isinstance(r, jax.core.Tracer):
+            try:
+                r = np.asarray(r)
+            except Exception as e:  # noqa: BLE001 - any conversion failure is the reward's
+                raise ValueError(f"{self.where()} returned a {type(r).__name__}: {e}") from e
+            if not (np.issubdtype(r.dtype, np.number) or r.dtype == bool):
+                raise ValueError(f"{self.where()} returned dtype {r.dtype}, not numbers")
+        if tuple(r.shape) != (n,):
+            raise ValueError(f"{self.where()} returned shape {tuple(r.shape)}, want ({n},)")
+        if not isinstance(r, jax.core.Tracer):
+            bad = np.flatnonzero(~np.isfinite(r.astype(np.float64)))
+            if bad.size:
+                raise ValueError(
+                    f"{self.where()} returned {bad.size} non-finite values (the first at "
+                    f"completion {bad[0]}: {r[bad[0]]})"
+                )
+        r = jnp.asarray(r)
+        return r if jnp.issubdtype(r.dtype, jnp.floating) else r.astype(jnp.float32)
+
+
+def extra_rewards(config: Any) -> dict[str, ExtraReward]:
+    """The reward functions named in ``config.extra`` (name -> block; absent or empty = none).
+
+    Each block holds ``function`` (``"package.module:function"``), ``kind``, ``scale`` and
+    ``kwargs`` (constants passed as keyword arguments); the reward's weights are
+    ``weights.iqa.<name>`` and ``weights.iaa.<name>``. Kinds:
+
+    * ``"features"``: a pure ``jnp`` function of the completion-feature arrays, the inputs of
+      the built-ins: ``fn(pred, gt, parsed, num_words, is_iaa, group_ids, **kwargs) -> (N,)``;
+      ``pred`` (N,) float, the parsed answer clipped to [0, 100] (any value, even NaN, where not
+      ``parsed``), ``gt`` (N,) float 0-100, ``parsed`` and ``is_iaa`` (N,) bool, ``num_words``
+      (N,) int (whitespace words of the completion), ``group_ids`` (N,) int32 (the prompt; its
+      G completions are consecutive). It must trace under ``jax.jit``.
+    * ``"host"``: plain Python, ``fn(texts, records, **kwargs) -> (N,)`` array-like, with the
+      decoded completions (special tokens stripped) and :func:`completion_records`.
+    """
+    if "extra" not in config:
+        return {}
+    out = {}
+    for name in config["extra"].keys():
+        block = config["extra"][name]
+        unknown = sorted(set(block.keys()) - set(_EXTRA_FIELDS))
+        missing = [k for k in ("function", "kind") if k not in block]
+        if unknown or missing:
+            raise ValueError(
+                f"rewards config block extra.{name}: unknown fields {unknown}, missing {missing}"
+            )
+        if name in REWARD_FUNCTIONS:
+            raise ValueError(f"rewards config extra.{name}: the name of a built-in reward")
+        kind = str(block["kind"])
+        if kind not in EXTRA_KINDS:
+            raise ValueError(f"rewards config extra.{name}.kind {kind!r} not in {EXTRA_KINDS}")
+        kwargs = dict(block["kwargs"]) if "kwargs" in block else {}
+        scale = float(block["scale"]) if "scale" in block else 1.0
+        out[name] = ExtraReward(name, str(block["function"]), kind, scale, kwargs)
+    return out
+
+
+def _probe_batch(group_size: int) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
+    """Two IQA and two IAA prompts x ``group_size``: parsed and unparsed, short and long."""
+    n = 4 * group_size
+    rng = np.random.default_rng(0)
+    is_iaa = np.repeat(np.array([False, False, True, True]), group_size)
+    parsed = np.tile(np.arange(group_size) % 3 != 2, 4)
+    pred = np.where(parsed, rng.uniform(0, 100, n), 0.0).astype(np.float32)
+    gt = np.repeat(rng.uniform(0, 100, 4), group_size).astype(np.float32)
+    words = rng.integers(5, 200, n).astype(np.int32)
+    texts = [
+        f"<think>{'word ' * int(w)}</think> <answer>{p:.2f}</answer>" if ok else "no answer"
+        for w, p, ok in zip(words, pred, parsed, strict=True)
+    ]
+    words = np.array([len(t.split()) for t in texts], np.int32)
+    batch = {"task_id": is_iaa[::group_size].astype(np.int32), "gt_100": gt[::group_size]}
+    feats = dict(pred=pred, gt=gt, parsed=parsed, num_words=words, is_iaa=is_iaa,
+                 group_ids=np.repeat(np.arange(4, dtype=np.int32), group_size))  # fmt: skip
+    return feats, texts, completion_records(batch, group_size)
+
+
+def validate_extra_rewards(config: Any, group_size: int = 4) -> None:
+    """Imports every extra reward of ``config`` and calls it once on a probe batch (two IQA and
+    two IAA prompts x ``group_size`` completions): it must return (N,) finite numbers, a
+    ``features`` one also under ``jax.jit``, and its two weights must exist. Run it at start;
+    a failure is a ValueError that names the reward."""
+    extras = extra_rewards(config)
+    if not extras:
+        return
+    feats, texts, records = _probe_batch(group_size)
+    for name, extra in extras.items():
+        for task in ("iqa", "iaa"):
+            if name not in _field(config, "weights", task):
+                raise ValueError(f"{extra.where()} has no weight rewards.weights.{task}.{name}")
+        try:
+            extra(feats, texts=texts, records=records)
+            if extra.kind == "features":
+                jax.jit(lambda f, e=extra: e(f))(feats)
+        except ValueError as e:
+            if extra.where() in str(e):
+                raise
+            raise ValueError(f"{extra.where()} failed on the probe batch: {e}") from e
+        except Exception as e:  # noqa: BLE001 - whatever the user's function raises
+            raise ValueError(
+                f"{extra.where()} failed on the probe batch: {type(e).__name__}: {e}"
+            ) from e

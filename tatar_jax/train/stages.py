@@ -13,6 +13,7 @@ Batches follow :mod:`tatar_jax.train.inputs`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tatar_jax import generate, rewards
 from tatar_jax.train import grpo_step, optim, rollout, sft_step
 from tatar_jax.train import inputs as step_inputs
 
@@ -118,6 +120,10 @@ class GrpoStage:
         self.ref_params, self.workdir = ref_params, workdir
         self.pack_buckets = int(g.pack_buckets)
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
+        rewards.validate_extra_rewards(cfg.rewards, int(g.num_generations))  # fail at start
+        self.host_rewards = any(
+            r.kind == "host" for r in rewards.extra_rewards(cfg.rewards).values()
+        )
         self.engine = rollout.RolloutEngine(
             model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets),
             mesh=mesh, rules=rules,
@@ -144,7 +150,7 @@ class GrpoStage:
     def prepare(self, state, batch, timer):
         with timer("rollout"):
             out = self.engine.generate(state.params, batch, optim.rng_for_step(state, 1))
-        with timer("reward"):
+        with timer("reward"), self._host_reward_inputs(batch, out):
             ro = self.engine.score(batch, out)
         self.last = ro
         inputs = ro.inputs
@@ -157,6 +163,14 @@ class GrpoStage:
         if slots is not None:  # only counted completion tokens through the lm_head
             inputs["shared"]["pack_slots"] = slots
         return inputs, dict(ro.metrics)
+
+    def _host_reward_inputs(self, batch, out):
+        """Texts and records for the host extra rewards (rewards.completions_in_scope)."""
+        if not self.host_rewards:
+            return contextlib.nullcontext()
+        texts = generate.decode_completions(self.engine.tok, out)
+        g = len(texts) // max(len(batch["valid"]), 1)
+        return rewards.completions_in_scope(texts, rewards.completion_records(batch, g))
 
     def update(self, state, inputs):
         rows = inputs["rows"]
