@@ -245,4 +245,6 @@ def test_grpo_names_are_accepted_by_tatar_jax_grpo(repo_root):
             epsilon_high=g.epsilon_high,
             beta=g.beta,
             aggregation=g.loss_aggregation,
+            importance_sampling_level=g.importance_sampling_level,
+            kl_bias_correction=g.kl_bias_correction,
         )

@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from tatar_jax import loading, multihost, sharding
+from tatar_jax import loading, multihost, rewards, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
@@ -300,6 +300,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         process_id=m.process_id,
     )
     results: dict[str, StageResult] = {}
+    if cfg.stage == "grpo":  # a broken plug-in reward fails now, not after the SFT warm-up
+        rewards.validate_extra_rewards(cfg.rewards, int(cfg.grpo.num_generations))
     embedded = not cfg.model.hf_dir and not cfg.model.init_checkpoint
     if cfg.stage == "grpo" and embedded and int(cfg.warmup.total_steps) > 0:
         results["sft"] = train_stage(cfg.warmup, wd / "sft")
