@@ -197,6 +197,8 @@ def _random_model(config: Any, dtype: Any, param_dtype: Any, seed: int = 0, **kw
 
     from tatar_jax import loading
 
+    if jax.default_backend() == "cpu":  # --dry_run: a tiny model initialises eagerly in no time
+        return loading.build_model(config, dtype=dtype, param_dtype=param_dtype, seed=seed, **kw)
     model = loading.build_model(config, dtype=dtype, param_dtype=param_dtype, abstract=True, **kw)
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
@@ -328,7 +330,7 @@ def bench_rollout(dry: bool, compile_log: dict[str, float]) -> dict[str, Any]:
 
     models = [("tiny", qvl.tiny())] if dry else [("3b", qvl.preset("3b")), ("7b", qvl.preset("7b"))]
     dtype = jnp.float32 if dry else jnp.bfloat16
-    prompts, g, plen, img, new = (2, 2, 48, 16, 8) if dry else (4, 8, 2048, 1024, 256)
+    prompts, g, plen, img, new = (1, 2, 32, 16, 4) if dry else (4, 8, 2048, 1024, 256)
     out = []
     for name, cfg in models:
         model = _random_model(cfg, dtype, dtype)
