@@ -514,21 +514,28 @@ def _flash_bwd(causal, bq, bk, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+# jax.nn.dot_product_attention's implementation for "cudnn". Tests set "xla" (jax's reference
+# implementation of the same call and arguments) to check the padding logic below on CPU.
+_DPA_IMPL = "cudnn"
+
+
 def _attention_cudnn(q, k, v, kv_valid, q_positions, right_padded):
-    dpa = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
-    length, t = q.shape[1], k.shape[1]
+    dpa = functools.partial(jax.nn.dot_product_attention, implementation=_DPA_IMPL)
+    b, length, t = q.shape[0], q.shape[1], k.shape[1]
     if q_positions is None and right_padded:
-        lens = kv_valid.sum(-1).astype(jnp.int32)
+        # (a group with no real row gets length 1: its output is never read, and never NaN)
+        lens = jnp.maximum(kv_valid.sum(-1), 1).astype(jnp.int32)
         return dpa(q, k, v, query_seq_lengths=lens, key_value_seq_lengths=lens)
     if q_positions is None or length != t:
         # Exact for any mask; cuDNN turns it into an additive bias (no causal block skipping).
         allowed = _allowed(kv_valid, q_positions, jnp.arange(t))
-        return dpa(q, k, v, mask=allowed[:, None])
+        return dpa(q, k, v, mask=jnp.broadcast_to(allowed[:, None], (b, 1, length, t)))
     slots = jnp.arange(t)
     start = jnp.argmax(kv_valid, axis=-1).astype(jnp.int32)
     n = kv_valid.sum(-1).astype(jnp.int32)
     run = (slots[None] >= start[:, None]) & (slots[None] < (start + n)[:, None])
     exact = jnp.all(run == kv_valid) & jnp.all(q_positions == slots)
+    n = jnp.maximum(n, 1)
 
     def rolled(q, k, v):
         idx = (slots[None] + start[:, None]) % t  # rolled slot i holds slot start + i

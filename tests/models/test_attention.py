@@ -175,3 +175,30 @@ def test_attention_impl_is_not_architecture():
     assert qvl.Qwen2_5_VLConfig.from_hf_dict({**d, "attention_impl": "xla"}).attention_impl == (
         "auto"
     )
+
+
+@pytest.mark.parametrize(
+    "case", ["causal_contiguous", "causal_holes_fallback", "offset_queries", "groups", "keys_only"]
+)
+def test_cudnn_padding_logic_through_jax_reference_implementation(monkeypatch, case):
+    """The "cudnn" path's padding (rows rolled to right padding + sequence lengths + is_causal,
+    the run-time fallback for rows with holes, the mask bias for offset queries, lengths for
+    right-padded groups) with jax's XLA implementation of the same ``dot_product_attention``
+    call standing in for the cuDNN kernel, which needs an NVIDIA GPU."""
+    monkeypatch.setattr(L, "_DPA_IMPL", "xla")
+    q, k, v, valid = _inputs(11)
+    pos, right_padded = jnp.arange(LEN), False
+    if case == "causal_holes_fallback":
+        valid = valid.at[1, 10:12].set(False)  # a row whose valid slots are not one run
+    elif case == "offset_queries":
+        q, pos = q[:, :6], 20 + jnp.arange(6)
+    elif case in ("groups", "keys_only"):
+        pos = None
+        right_padded = case == "groups"
+        valid = jnp.asarray(np.arange(LEN)[None] < np.asarray([[37], [20], [1]]))
+    want = L.attention(q, k, v, valid, q_positions=pos, impl="xla")
+    got = L._attention_cudnn(q, k, v, valid, pos, right_padded)
+    seen = np.asarray(valid[:, : q.shape[1]]) if pos is not None else np.asarray(valid)
+    if case == "offset_queries":
+        seen = np.ones((B, 6), bool)
+    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(want)[seen], atol=2e-6)
