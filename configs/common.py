@@ -44,6 +44,9 @@ def model_config() -> ml_collections.ConfigDict:
     c.remat = True
     c.remat_policy = "full"
     c.vision_remat_policy = "full"
+    # tatar_jax.models.layers.attention: auto (cuDNN on NVIDIA GPUs, splash on TPU, chunked
+    # elsewhere) | xla (the parity reference, O(L^2) float32 scores) | chunked | cudnn | splash.
+    c.attention_impl = "auto"
     c.init_std = 0.02  # random init of the embedded model (checkpoints overwrite it)
     c.freeze_vision = False  # True: the vision tower (incl. merger) gets no updates, no opt. state
     c.logprob_chunk_size = 1024  # tokens per chunk of the lm_head log-softmax (tatar_jax.logprobs)

@@ -55,6 +55,11 @@ _PROGRAMS = flags.DEFINE_list(
     "programs", ["update", "ref_logps", "prefill", "decode"], "Programs to compile."
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per planned program.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl", "chunked", ["chunked", "xla"],
+    "Attention implementation compiled on the CPU stand-in devices: chunked (memory-efficient, "
+    "the stand-in for cuDNN / splash flash kernels) or xla (O(L^2) float32 scores).",
+)  # fmt: skip
 
 
 # PlanSpec field -> the flag that sets it as given (the others are converted in main).
@@ -63,6 +68,7 @@ _SPEC_FLAGS = {
     "completion_len": _COMPLETION_LEN, "image_tokens": _IMAGE_TOKENS, "dtype": _DTYPE,
     "param_dtype": _PARAM_DTYPE, "ref_param_dtype": _REF_DTYPE, "num_micro": _NUM_MICRO,
     "chunk_size": _CHUNK, "beta": _BETA, "freeze_vision": _FREEZE_VISION,
+    "attention_impl": _ATTENTION,
 }  # fmt: skip
 
 

@@ -126,8 +126,13 @@ def build_model(
     init_std: float = 0.02,
     seed: int = 0,
     abstract: bool = False,
+    attention_impl: str | None = None,
 ) -> nnx.Module:
-    """A randomly initialised model of ``config`` (``abstract``: shapes only, nothing computed)."""
+    """A randomly initialised model of ``config`` (``abstract``: shapes only, nothing computed).
+    ``attention_impl`` (a name of ``qvl.Qwen2_5_VLConfig.attention_impl``) overrides the
+    config's."""
+    if attention_impl is not None:
+        config = config.replace(attention_impl=attention_impl)
 
     def make() -> nnx.Module:
         return qvl.Qwen2_5_VLForConditionalGeneration(
@@ -155,23 +160,31 @@ def load_policy(
     seed: int = 0,
     mesh: Any = None,
     rules: Any = None,
+    attention_impl: str | None = None,
 ) -> Policy:
     """The policy of ``source``, parameters placed on ``mesh`` by the logical ``rules`` (None:
     the default device). ``dtype``: activations; ``param_dtype``: parameters (default ``dtype``).
+    ``attention_impl``: how the model runs attention (config ``model.attention_impl``; None:
+    the architecture's default, ``"auto"``).
     """
     from tatar_jax.train import checkpointing  # lazy: orbax
 
     dt = to_dtype(dtype)
     pdt = dt if param_dtype is None else to_dtype(param_dtype)
     if source.checkpoint and is_orbax_export(source.checkpoint):
-        model = qvl.load_orbax(source.checkpoint, dt, pdt, mesh=mesh, rules=rules)
+        model = qvl.load_orbax(
+            source.checkpoint, dt, pdt, mesh=mesh, rules=rules, attention_impl=attention_impl
+        )
         return Policy(model, model.config, _basename(source.checkpoint))
     if source.hf_dir and not source.checkpoint:
         model = qvl.load_hf_checkpoint(
-            source.hf_dir, dt, pdt, mesh=mesh, rules=rules, remat=remat, vision_remat=vision_remat
-        )
+            source.hf_dir, dt, pdt, mesh=mesh, rules=rules, remat=remat,
+            vision_remat=vision_remat, attention_impl=attention_impl,
+        )  # fmt: skip
         return Policy(model, model.config, _basename(source.hf_dir))
     config = architecture(source, tokenizer)
+    if attention_impl is not None:
+        config = config.replace(attention_impl=attention_impl)
     kw = dict(dtype=dt, param_dtype=pdt, remat=remat, vision_remat=vision_remat, seed=seed)
     if not source.checkpoint:
         model = build_model(config, init_std=init_std, **kw)

@@ -364,6 +364,11 @@ def use_rules(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, LogicalRules] | None:
+    """The (mesh, rules) of the enclosing :func:`use_rules`, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; identity outside ``use_rules``."""
     active = _ACTIVE.get()

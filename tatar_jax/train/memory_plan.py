@@ -74,6 +74,9 @@ class PlanSpec:
     beta: float = 0.001
     freeze_vision: bool = False
     programs: tuple[str, ...] = PROGRAMS
+    # The memory-efficient path, the CPU stand-in for the fused kernels (cuDNN / splash) that
+    # "auto" picks on GPU / TPU; "xla" plans the O(L^2) float32 scores.
+    attention_impl: str = "chunked"
 
     @property
     def rows(self) -> int:
@@ -148,6 +151,7 @@ class _Builder:
         self.model = loading.build_model(
             self.config, dtype=self.dtype, param_dtype=loading.to_dtype(spec.param_dtype),
             remat=spec.remat, vision_remat=spec.vision_remat, abstract=True,
+            attention_impl=spec.attention_impl,
         )  # fmt: skip
         self.graphdef, self.params = nnx.split(self.model)
         self.param_shardings = sharding.state_shardings(self.params, self.mesh, self.rules)
@@ -357,6 +361,7 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
         "num_micro": spec.num_micro,
         "beta": spec.beta,
         "freeze_vision": spec.freeze_vision,
+        "attention_impl": spec.attention_impl,
         "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(b.params))),
         "params_bytes_per_device": params_bytes,
         "opt_state_bytes_per_device": opt_bytes,

@@ -97,3 +97,20 @@ def test_script_json_decode(repo_root):
     assert r["fits"]["v5e"] is True
     assert math.isclose(r["peak_gib"], r["peak_bytes"] / 2**30, abs_tol=0.01)
     np.testing.assert_equal(sorted(r["fits"]), sorted(mp.HBM_GIB))
+
+
+def test_chunked_attention_plans_less_memory_than_xla():
+    """2,064-token rows: "xla" holds (rows, heads, L, L) float32 scores, "chunked" one block."""
+    long = {**TINY, "prompts": 4, "num_generations": 2, "prompt_len": 2048}
+    assert mp.PlanSpec().attention_impl == "chunked"  # the default: a flash kernel's stand-in
+    temps = {}
+    for impl in ("xla", "chunked"):
+        spec = mp.PlanSpec(
+            mesh=(("fsdp", 1),), programs=("ref_logps",), attention_impl=impl, **long
+        )
+        (r,) = mp.plan(spec, devices=jax.devices()[:1])
+        assert r["attention_impl"] == impl
+        temps[impl] = r["per_device_bytes"]["temporaries"]
+    scores = 8 * 4 * 2064 * 2064 * 4  # one layer's float32 scores under "xla"
+    assert temps["xla"] >= scores
+    assert temps["chunked"] < temps["xla"] - scores / 2, temps

@@ -230,6 +230,7 @@ def load_hf_checkpoint(
     shardings: Callable[[tuple[str, ...], Any], Any] | None = None,
     remat: str | None = None,
     vision_remat: str | None = None,
+    attention_impl: str | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
     """Builds the model from an HF directory (``config.json`` + safetensors, sharded or not).
 
@@ -240,11 +241,15 @@ def load_hf_checkpoint(
       config: overrides the directory's ``config.json``.
       mesh / rules: place each parameter by its logical axis names (:mod:`tatar_jax.sharding`).
       shardings: alternatively ``fn(path, abstract_variable) -> Sharding``.
+      attention_impl: overrides the config's ``attention_impl`` ("auto", "xla", "chunked",
+        "cudnn", "splash"; see :mod:`tatar_jax.models.layers`).
     Raises:
       CheckpointError naming missing, unexpected or mis-shaped tensors.
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     config = config or load_config_json(hf_dir)
+    if attention_impl is not None:
+        config = config.replace(attention_impl=attention_impl)
     reader = SafetensorsReader(hf_dir)
     names = reader.keys()
     layout = _detect_layout(names)
@@ -547,10 +552,11 @@ def load_orbax(
     mesh: Any = None,
     rules: Any = None,
     shardings: Callable[[tuple[str, ...], Any], Any] | None = None,
+    attention_impl: str | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
     """Inverse of :func:`save_orbax`; parameters are cast to ``param_dtype`` (default ``dtype``).
 
-    ``mesh``/``rules``/``shardings`` place the parameters as in :func:`load_hf_checkpoint`.
+    ``mesh``/``rules``/``shardings``/``attention_impl`` as in :func:`load_hf_checkpoint`.
     """
     import orbax.checkpoint as ocp
 
@@ -559,6 +565,8 @@ def load_orbax(
     if shardings is None and mesh is not None:
         shardings = shardings_from_mesh(mesh, rules)
     config = load_config_json(orbax_dir)
+    if attention_impl is not None:
+        config = config.replace(attention_impl=attention_impl)
     abstract = nnx.eval_shape(
         lambda: Qwen2_5_VLForConditionalGeneration(
             config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)

@@ -21,6 +21,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from tatar_jax.models.layers import ATTENTION_IMPLS
+
 __all__ = [
     "Qwen2_5_VLConfig",
     "TextConfig",
@@ -107,8 +109,16 @@ class Qwen2_5_VLConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     pad_token_id: int | None = None
+    # How attention runs (tatar_jax.models.layers.attention), not architecture: never written to
+    # config.json. "auto": cuDNN on NVIDIA GPUs (bf16/fp16), splash on TPU, chunked elsewhere.
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention_impl {self.attention_impl!r}; choose one of "
+                f"{list(ATTENTION_IMPLS)}"
+            )
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.vision.out_hidden_size != self.text.hidden_size:
@@ -166,7 +176,7 @@ class Qwen2_5_VLConfig:
         if "in_chans" in vis_d and "in_channels" not in vis_d:
             vis_d["in_channels"] = vis_d["in_chans"]
         vision = VisionConfig(**_pick(VisionConfig, vis_d))
-        top = _pick(cls, d, skip=("text", "vision"))
+        top = _pick(cls, d, skip=("text", "vision", "attention_impl"))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if key not in d and key in text_d:
                 top[key] = text_d[key]

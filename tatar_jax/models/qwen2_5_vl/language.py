@@ -41,12 +41,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tatar_jax.models import layers
 from tatar_jax.models.layers import (
     GatedMLP,
     RMSNorm,
     check_remat,
     dense,
-    masked_softmax,
     remat,
     stacked,
 )
@@ -82,8 +82,18 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, std: float, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        std: float,
+        rngs: nnx.Rngs,
+        attention_impl: str = "xla",
+    ):
         d, hd = cfg.hidden_size, cfg.head_dim
+        self.attention_impl = attention_impl
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = hd
@@ -97,11 +107,20 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Parameters of one layer; the forward is :func:`_layer_forward` (run inside a scan)."""
 
-    def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, std: float, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        std: float,
+        rngs: nnx.Rngs,
+        attention_impl: str = "xla",
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, std=std, rngs=rngs, **kw)
+        self.self_attn = Attention(cfg, std=std, rngs=rngs, attention_impl=attention_impl, **kw)
         self.mlp = GatedMLP(
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -116,23 +135,20 @@ class DecoderLayer(nnx.Module):
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, kv_valid: jax.Array
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_slots: jax.Array,
+    kv_valid: jax.Array,
+    impl: str = "xla",
 ) -> jax.Array:
-    """Causal GQA over slots.
+    """Causal GQA over slots (:func:`tatar_jax.models.layers.attention`, implementation ``impl``).
 
     q (B, L, H, hd); k, v (B, T, KV, hd); q_slots (L,) int: slot of each query; kv_valid (B, T)
     bool. Query ``i`` sees key slot ``j`` iff ``j <= q_slots[i]`` and ``kv_valid[:, j]``.
-    Scores and softmax in float32. Returns (B, L, H, hd).
+    Scores and softmax statistics in float32. Returns (B, L, H, hd).
     """
-    b, length, h, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, length, kvh, h // kvh, hd)
-    scores = jnp.einsum("blkgd,btkd->bkglt", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd**-0.5)
-    allowed = (jnp.arange(k.shape[1])[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]
-    probs = masked_softmax(scores, allowed[:, None, None], v.dtype)
-    out = jnp.einsum("bkglt,btkd->blkgd", probs, v)
-    return out.reshape(b, length, h, hd)
+    return layers.attention(q, k, v, kv_valid, q_positions=q_slots, impl=impl)
 
 
 def _layer_forward(
@@ -159,7 +175,7 @@ def _layer_forward(
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, index, zero, zero))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, index, zero, zero))
         k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    o = constrain(attention(q, k, v, q_slots, kv_valid), _Q_NAMES)
+    o = constrain(attention(q, k, v, q_slots, kv_valid, attn.attention_impl), _Q_NAMES)
     x = constrain(x + attn.o_proj(o.reshape(b, length, -1)), _BLE)
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return constrain(x, _BLE), cache_kv
@@ -174,6 +190,8 @@ class TextModel(nnx.Module):
       remat: None or a name in :data:`tatar_jax.models.layers.REMAT_POLICIES` ("full",
         "dots_saveable", ...).
       init_std: std of the normal initialiser of embeddings and kernels.
+      attention_impl: a name in :data:`tatar_jax.models.layers.ATTENTION_IMPLS`, resolved here
+        for this backend and ``dtype`` (:func:`~tatar_jax.models.layers.resolve_attention_impl`).
     """
 
     def __init__(
@@ -184,9 +202,11 @@ class TextModel(nnx.Module):
         param_dtype: Any = jnp.float32,
         remat: str | None = None,
         init_std: float = 0.02,
+        attention_impl: str = "xla",
         rngs: nnx.Rngs,
     ) -> None:
         check_remat(remat)
+        self.attention_impl = layers.resolve_attention_impl(attention_impl, dtype)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
@@ -202,7 +222,11 @@ class TextModel(nnx.Module):
                 rngs=rngs,
             )
             self.layers = stacked(
-                lambda r: DecoderLayer(cfg, std=init_std, rngs=r, **kw), cfg.num_hidden_layers, rngs
+                lambda r: DecoderLayer(
+                    cfg, std=init_std, rngs=r, attention_impl=self.attention_impl, **kw
+                ),
+                cfg.num_hidden_layers,
+                rngs,
             )
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 

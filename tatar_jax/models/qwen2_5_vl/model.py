@@ -92,7 +92,12 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.visual = VisionTransformer(
-            config.vision, dtype=dtype, param_dtype=param_dtype, remat=vision_remat, rngs=rngs
+            config.vision,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=vision_remat,
+            attention_impl=config.attention_impl,
+            rngs=rngs,
         )
         self.language_model = TextModel(
             config.text,
@@ -100,6 +105,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             param_dtype=param_dtype,
             remat=remat,
             init_std=init_std,
+            attention_impl=config.attention_impl,
             rngs=rngs,
         )
         if config.text.tie_word_embeddings:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tatar_jax.models import layers
 from tatar_jax.models.layers import (
     GatedMLP,
     RMSNorm,
@@ -53,7 +54,6 @@ from tatar_jax.models.layers import (
     cos_sin,
     dense,
     inv_frequencies,
-    masked_softmax,
     remat,
     stacked,
 )
@@ -178,14 +178,6 @@ def rotary_cos_sin(pos_ids: jax.Array, head_dim: int, theta: float) -> tuple[jax
     return cos_sin(freqs.reshape(pos_ids.shape[0], -1))
 
 
-def _attend(qg: jax.Array, kg: jax.Array, vg: jax.Array, valid: jax.Array) -> jax.Array:
-    """qg (G, Lq, H, hd), kg/vg (G, L, H, hd), valid (G, L) → (G, Lq, H, hd); float32 softmax."""
-    scale = qg.shape[-1] ** -0.5
-    scores = jnp.einsum("glhd,gmhd->ghlm", qg, kg, preferred_element_type=jnp.float32) * scale
-    probs = masked_softmax(scores, valid[:, None, None, :], vg.dtype)
-    return jnp.einsum("ghlm,gmhd->glhd", probs, vg)
-
-
 def grouped_attention(
     q: jax.Array,
     k: jax.Array,
@@ -194,25 +186,19 @@ def grouped_attention(
     valid: jax.Array,
     slot: jax.Array,
     q_chunk: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
-    """Attention within padded groups of rows.
+    """Attention within padded groups of rows (:func:`tatar_jax.models.layers.attention`).
 
-    q, k, v (P, H, hd); rows/valid (G, L); slot (P,) → (P, H, hd). Rows absent from every group
-    (padding) get zeros. Scores and softmax are float32. With ``q_chunk`` < L the queries are
-    processed ``q_chunk`` at a time under ``jax.checkpoint``, so only (G, H, q_chunk, L) scores
-    are live, in the forward and in the backward pass (frames of thousands of patches).
+    q, k, v (P, H, hd); rows/valid (G, L), each ``valid`` row a prefix (:mod:`.vision_layout`);
+    slot (P,) → (P, H, hd). Rows absent from every group (padding) get zeros. Scores and softmax
+    statistics are float32. ``q_chunk`` (``impl="xla"``): queries per ``jax.checkpoint``-ed
+    chunk, so only (G, H, q_chunk, L) scores are live (frames of thousands of patches).
     """
     g, length = rows.shape
     # Groups (windows / frames) are independent: split them over the batch devices.
     qg, kg, vg = (constrain(a[rows], _GROUP_NAMES) for a in (q, k, v))  # (G, L, H, hd)
-    if q_chunk is None or length <= q_chunk:
-        out = _attend(qg, kg, vg, valid)
-    else:
-        n = -(-length // q_chunk)
-        qg = jnp.pad(qg, ((0, 0), (0, n * q_chunk - length), (0, 0), (0, 0)))
-        qc = jnp.moveaxis(qg.reshape(g, n, q_chunk, *qg.shape[2:]), 1, 0)  # (n, G, C, H, hd)
-        out = jax.lax.map(jax.checkpoint(lambda qi: _attend(qi, kg, vg, valid)), qc)
-        out = jnp.moveaxis(out, 0, 1).reshape(g, n * q_chunk, *out.shape[3:])[:, :length]
+    out = layers.attention(qg, kg, vg, valid, impl=impl, right_padded=True, q_chunk=q_chunk)
     out = out.reshape(g * length, *out.shape[2:])
     out = jnp.concatenate([out, jnp.zeros((1, *out.shape[1:]), out.dtype)], axis=0)
     return out[slot]
@@ -226,6 +212,7 @@ def _block_forward(
     sin: jax.Array,
     layout: VisionLayout,
     q_chunk: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """x (P, D) → (P, D); ``is_full`` (bool scalar) picks frame-wide vs window attention."""
     attn = blk.attn
@@ -238,12 +225,19 @@ def _block_forward(
 
     def full(q, k, v):
         return grouped_attention(
-            q, k, v, layout.segment_rows, layout.segment_valid, layout.segment_slot, q_chunk
+            q,
+            k,
+            v,
+            layout.segment_rows,
+            layout.segment_valid,
+            layout.segment_slot,
+            q_chunk,
+            impl,
         )
 
     def window(q, k, v):
         return grouped_attention(
-            q, k, v, layout.window_rows, layout.window_valid, layout.window_slot
+            q, k, v, layout.window_rows, layout.window_valid, layout.window_slot, None, impl
         )
 
     o = jax.lax.cond(is_full, full, window, q, k, v)
@@ -260,9 +254,12 @@ class VisionTransformer(nnx.Module):
         fullatt_block_indexes, out_hidden_size, hidden_act; optional rope_parameters/rope_theta).
       dtype: activation / compute dtype. param_dtype: storage dtype of the parameters.
       remat: None, or a name in :data:`tatar_jax.models.layers.REMAT_POLICIES`, per block.
-      attn_q_chunk: full-attention queries per chunk (see :func:`grouped_attention`); None never
-        chunks. Frames longer than this (up to ~8k patches at TATAR's max_pixels) then need
-        (G, H, attn_q_chunk, L) float32 scores instead of (G, H, L, L).
+      attn_q_chunk: ``attention_impl="xla"`` only: full-attention queries per chunk (see
+        :func:`grouped_attention`); None never chunks. Frames longer than this (up to ~8k
+        patches at TATAR's max_pixels) then need (G, H, attn_q_chunk, L) float32 scores
+        instead of (G, H, L, L).
+      attention_impl: a name in :data:`tatar_jax.models.layers.ATTENTION_IMPLS`, resolved here
+        for this backend and ``dtype``.
     """
 
     def __init__(
@@ -273,9 +270,11 @@ class VisionTransformer(nnx.Module):
         param_dtype: Any = jnp.float32,
         remat: str | None = None,
         attn_q_chunk: int | None = 1024,
+        attention_impl: str = "xla",
         rngs: nnx.Rngs,
     ) -> None:
         check_remat(remat)
+        self.attention_impl = layers.resolve_attention_impl(attention_impl, dtype)
         bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
         if bad:
             raise ValueError(f"fullatt_block_indexes {bad} are outside [0, depth={cfg.depth})")
@@ -320,7 +319,14 @@ class VisionTransformer(nnx.Module):
             state, is_full = inputs
             blk = nnx.merge(graphdef, state)
             x = _block_forward(
-                blk, constrain(x, _TOKEN_NAMES), is_full, cos, sin, layout, self.attn_q_chunk
+                blk,
+                constrain(x, _TOKEN_NAMES),
+                is_full,
+                cos,
+                sin,
+                layout,
+                self.attn_q_chunk,
+                self.attention_impl,
             )
             return constrain(x, _TOKEN_NAMES), None
 
