@@ -121,6 +121,10 @@ def data_config() -> ml_collections.ConfigDict:
     # Unreadable image / bad record: "error" names the file and row and stops (fixes B5);
     # "skip" drops the record and logs it (counted in the metrics), never substitutes.
     c.bad_record = "error"
+    # "skip" only: stop when one dataset loses more than this share of its manifest rows. Public
+    # IQA/IAA sets have far fewer unreadable files than 1 %; a wrong image_root or a damaged
+    # copy fails most reads and stops after ~1 % of the set instead of training on the rest.
+    c.max_skip_fraction = 0.01
     c.num_epochs = 1
     c.shuffle = True
     c.seed = SEED

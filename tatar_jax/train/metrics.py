@@ -140,6 +140,7 @@ class WindowMean:
     """
 
     LAST = ("lr", "nonfinite_count", "nonfinite_total")
+    LAST_PREFIXES = ("data/skipped",)  # running counts
 
     def __init__(self) -> None:
         self._sum: dict[str, float] = {}
@@ -149,7 +150,7 @@ class WindowMean:
     def add(self, metrics: Mapping[str, Any]) -> None:
         for k, v in metrics.items():
             x = _to_float(v)
-            if k in self.LAST:
+            if k in self.LAST or k.startswith(self.LAST_PREFIXES):
                 self._last[k] = x
                 continue
             self._sum[k] = self._sum.get(k, 0.0) + x

@@ -325,6 +325,11 @@ def _summary(results: Mapping[str, StageResult], wd: pathlib.Path) -> None:
             "eval_first": r.eval_first,
             "eval_last": r.eval_last,
             "last_metrics": {k: v for k, v in r.metrics.items() if not k.startswith("time/")},
+            "skipped_records": {
+                k.removeprefix("data/skipped/"): int(v)
+                for k, v in r.metrics.items()
+                if k.startswith("data/skipped/")
+            },
         }
     (wd / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
     print(f"[tatar-jax] summary: {wd / 'summary.json'}", flush=True)
