@@ -215,6 +215,10 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
     # Testing aid: 1-based steps whose update is made non-finite (a NaN pixel), to exercise the
     # skip-and-count guard and the stop after max_consecutive_nonfinite.
     c.inject_nonfinite_steps = ()
+    # Resuming a workdir whose run_config.json differs in a hyper-parameter is refused unless
+    # this is True (scripts/train.py --allow_config_change); the change is then recorded in
+    # <workdir>/config_changes.jsonl (tatar_jax.train.run_records).
+    c.allow_config_change = False
     return c
 
 

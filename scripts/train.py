@@ -28,6 +28,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/grpo.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, data)")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "resume even though hyper-parameters differ from <workdir>/run_config.json (the change is "
+    "recorded in config_changes.jsonl); sets config.allow_config_change (and the warm-up's)",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -84,9 +90,18 @@ def main(argv):
     # The offline tokenizer cache goes into the run directory unless the user set one.
     os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
     from tatar_jax import train
+    from tatar_jax.train.run_records import ConfigChangeError
 
+    cfg = _CONFIG.value
+    if _ALLOW_CHANGE.value:
+        cfg.allow_config_change = True
+        if "warmup" in cfg:
+            cfg.warmup.allow_config_change = True
     try:
-        train.run(_CONFIG.value, workdir)
+        train.run(cfg, workdir)
+    except ConfigChangeError as err:
+        print(f"train.py: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except Exception as err:
         io = os_error_in(err)
         if io is None:

@@ -337,6 +337,14 @@ class Checkpointer:
         return False
 
 
+def latest_step_on_disk(workdir: str | os.PathLike) -> int | None:
+    """The newest step directory under ``<workdir>/checkpoints`` (no orbax, no reads; orbax's
+    unfinished ``<step>.orbax-checkpoint-tmp`` directories do not count)."""
+    d = pathlib.Path(workdir) / CHECKPOINT_SUBDIR
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+    return max(steps, default=None)
+
+
 def load_params(
     path: str | os.PathLike, target_params: PyTree, *, step: int = -1
 ) -> tuple[PyTree, int]:

@@ -88,6 +88,8 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
     timer, window = metrics.StepTimer(), metrics.WindowMean()
     progress = metrics.Progress(env.total, initial=start, enabled=env.progress, desc=stage.name)
     ckpt, step, last, eval_last, flops_tok = env.checkpointer, start, {}, {}, None
+    if env.writer.total is None:
+        env.writer.total = env.total  # the console's ETA
     try:
         while step < env.total:
             with timer("data"):
