@@ -7,8 +7,10 @@
         --config.model.init_checkpoint=/runs/sft --config.optimizer.learning_rate=1e-6
 
 Restarting with the same ``--workdir`` resumes from its latest checkpoint. A run writes nothing
-outside ``--workdir``. An operating-system I/O error (a full disk, a lost mount) ends the run
-with one line naming the path and errno, exit status 1; the newest complete checkpoint is kept.
+outside ``--workdir``; a resume whose hyper-parameters differ from ``<workdir>/run_config.json``
+is refused (exit status 2) unless ``--allow_config_change``. An operating-system I/O error (a
+full disk, a lost mount) or a bad record ends the run with one line naming the path and errno,
+or the dataset, file, row and reason, exit status 1; the newest complete checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -60,13 +62,19 @@ def os_error_in(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+
+
 def io_error_line(code: int, path: str, workdir: pathlib.Path) -> str:
     name = errno.errorcode.get(code, str(code))
     where = f": {path}" if path else ""
-    return (
-        f"train.py: I/O error {name} ({os.strerror(code)}){where}. The newest complete "
-        f"checkpoint in {workdir / 'checkpoints'} is kept; fix the cause and rerun to resume."
-    )
+    line = f"train.py: I/O error {name} ({os.strerror(code)}){where}"
+    if code in _WRITE_ERRORS:  # a write failed: say what survived
+        line += (
+            f". The newest complete checkpoint in {workdir / 'checkpoints'} is kept; fix the "
+            "cause and rerun to resume."
+        )
+    return line
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -90,6 +98,7 @@ def main(argv):
     # The offline tokenizer cache goes into the run directory unless the user set one.
     os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
     from tatar_jax import train
+    from tatar_jax.data.pipeline import BadRecordError
     from tatar_jax.train.run_records import ConfigChangeError
 
     cfg = _CONFIG.value
@@ -102,6 +111,9 @@ def main(argv):
     except ConfigChangeError as err:
         print(f"train.py: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BadRecordError as err:  # names dataset, manifest, row, image and what is wrong
+        print(f"train.py: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Exception as err:
         io = os_error_in(err)
         if io is None:

@@ -18,7 +18,9 @@ itself lives in ``<workdir>``.
 
 Everything a run writes is under ``workdir``: ``checkpoints/``, ``metrics.jsonl``,
 ``tensorboard/``, ``config.json`` (model architecture), ``run_config.json`` (this config),
-``synthetic/`` (the embedded data set, when used), ``hf/`` (export), ``summary.json``.
+``synthetic/`` (the embedded data set, when used), ``hf/`` (export), ``summary.json``, and
+when they happen ``config_changes.jsonl`` (accepted config changes on resume) and
+``checkpoints_damaged/`` (unreadable steps moved aside); see :mod:`run_records`.
 """
 
 from __future__ import annotations
