@@ -124,6 +124,10 @@ def data_config() -> ml_collections.ConfigDict:
     # Unreadable image / bad record: "error" names the file and row and stops (fixes B5);
     # "skip" drops the record and logs it (counted in the metrics), never substitutes.
     c.bad_record = "error"
+    # "skip" only: stop when one dataset loses more than this share of its manifest rows. Public
+    # IQA/IAA sets have far fewer unreadable files than 1 %; a wrong image_root or a damaged
+    # copy fails most reads and stops after ~1 % of the set instead of training on the rest.
+    c.max_skip_fraction = 0.01
     c.num_epochs = 1
     c.shuffle = True
     c.seed = SEED
@@ -214,6 +218,10 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
     # Testing aid: 1-based steps whose update is made non-finite (a NaN pixel), to exercise the
     # skip-and-count guard and the stop after max_consecutive_nonfinite.
     c.inject_nonfinite_steps = ()
+    # Resuming a workdir whose run_config.json differs in a hyper-parameter is refused unless
+    # this is True (scripts/train.py --allow_config_change); the change is then recorded in
+    # <workdir>/config_changes.jsonl (tatar_jax.train.run_records).
+    c.allow_config_change = False
     return c
 
 

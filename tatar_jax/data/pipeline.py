@@ -25,11 +25,19 @@ Mixing (spec §6.1, §7.1):
   flagged ``valid = False``.
 
 Bad records (fixes B5): ``bad_record="error"`` raises :class:`BadRecordError` naming the
-dataset, manifest file and row, the image and what is wrong; ``"skip"`` leaves the record's row
-in its batch as padding (``valid = False``, no SFT labels), never substitutes another record,
-and counts it: ``batch["meta"]["num_skipped"]`` (running total) and ``batch["meta"]["skipped"]``
-(the records of this batch). Every host therefore reads the same slots per batch and the same
-number of batches. Trainers must mask rows with ``valid = False`` (GRPO: no rollout reward/loss).
+dataset, manifest file and row, the image and what is wrong; ``"skip"`` drops the record (never
+substitutes another one for it) and refills its batch from the next records of this host's
+order, so a batch of bad records does not stop the run. Each skipped record is logged once
+(dataset, manifest file, row, image, reason; a record failing again in a later epoch is not
+logged again) and counted per dataset together with the manifest rows the loader rejected:
+``batch["meta"]["skipped_by_dataset"]`` (distinct records so far), ``["num_skipped"]`` (failed
+reads so far), ``["skipped"]`` (this batch's). When one dataset's skipped records exceed
+``max_skip_fraction`` of its manifest rows (per host: of the host's share) the pipeline raises
+:class:`TooManySkippedError` with the count: a wrong image root or a damaged copy stops the run
+early instead of training on what is left. When a finite host order runs out, the remaining
+batches are padding rows (``valid = False``, no SFT labels) up to the schedule's batch count, so
+every host yields the same number of batches. Trainers must mask rows with ``valid = False``
+(GRPO: no rollout reward/loss).
 
 State: ``it.get_state()`` / ``it.set_state(state)`` (JSON-serialisable dicts; grain's
 ``DatasetIterator`` checkpoint protocol, so orbax's grain handler saves it) restore the exact
@@ -47,6 +55,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 from tatar_jax.data import examples as ex
 from tatar_jax.data import prompts
@@ -56,6 +65,10 @@ STAGES = ("grpo", "sft", "eval")
 
 class BadRecordError(ValueError):
     """A record that cannot become an example; the message names dataset, row and file."""
+
+
+class TooManySkippedError(BadRecordError):
+    """More records of one dataset were skipped than ``max_skip_fraction`` allows."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +85,7 @@ class Source:
     task: str
     records: Sequence[Mapping[str, Any]]
     num_skipped_rows: int = 0  # rows the manifest loader dropped (its on_error="skip")
+    skipped_rows: tuple[Any, ...] = ()  # those rows (manifest.BadRow or dicts), for the log
 
     def __post_init__(self) -> None:
         if self.task not in prompts.TASK_IDS:
@@ -81,8 +95,9 @@ class Source:
 def source_from_loaded(loaded: Any) -> Source:
     """A :class:`Source` from ``manifest.load_records(spec)``'s result."""
     return Source(
-        loaded.spec.name, loaded.spec.task, loaded.records, num_skipped_rows=loaded.num_skipped
-    )
+        loaded.spec.name, loaded.spec.task, loaded.records,
+        num_skipped_rows=loaded.num_skipped, skipped_rows=tuple(loaded.skipped),
+    )  # fmt: skip
 
 
 def sources_from_specs(
@@ -116,10 +131,11 @@ def source_from_tfds(path: str, split: str = "train", name: str | None = None) -
     recs = tfds_builder.load(path, split)
     if len(recs) == 0:
         raise ValueError(f"{path}: split {split!r} is empty")
-    first = recs[0]
+    first, skipped = recs[0], tuple(recs.skipped())
     return Source(
-        name or first["dataset"], first["task"], recs, num_skipped_rows=len(recs.skipped())
-    )
+        name or first["dataset"], first["task"], recs, num_skipped_rows=len(skipped),
+        skipped_rows=skipped,
+    )  # fmt: skip
 
 
 def sources_from_synthetic(specs: Mapping[str, Any], split: str = "train") -> list[Source]:
@@ -148,6 +164,7 @@ class PipelineOptions:
     worker_buffer_size: int = 2  # examples buffered per worker
     read_threads: int = 4  # threads per process running the map
     bad_record: str = "error"  # "error" | "skip"
+    max_skip_fraction: float = 0.01  # "skip": stop when a dataset loses more than this share
     min_pixels: int = 3136
     max_pixels: int = 1572864
     upscale_min_side: int = 28  # images with a side below this are upscaled (spec §3)
@@ -169,6 +186,8 @@ class PipelineOptions:
             raise ValueError(f"unknown stopping {self.stopping!r}")
         if self.bad_record not in ("error", "skip"):
             raise ValueError(f"bad_record must be 'error' or 'skip', got {self.bad_record!r}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if not 0.0 <= self.p_iqa <= 1.0:
             raise ValueError(f"p_iqa must be in [0, 1], got {self.p_iqa}")
         if self.batch_size <= 0:
@@ -453,7 +472,10 @@ class LoadExample:
             reason = f"{type(err).__name__}: {err}"
             if self._opts.bad_record == "error":
                 raise BadRecordError(f"{where}: {reason}") from err
-            return {"_bad": True, "where": where, "reason": reason, "slot": glob, "filler": filler}
+            return {
+                "_bad": True, "where": where, "reason": reason, "slot": glob, "filler": filler,
+                "dataset": src.name, "row": int(row),
+            }  # fmt: skip
         e["epoch"] = np.int32(epoch)
         e["valid"] = not filler
         return e
@@ -468,67 +490,131 @@ def _fingerprint(sources: Sequence[Source], opts: PipelineOptions) -> str:
     import hashlib
 
     order = dataclasses.asdict(opts)
-    for k in ("worker_count", "worker_buffer_size", "read_threads", "tokenizer_dir"):
-        order.pop(k)  # may change between runs without changing the data order
+    # These may change between runs without changing the data order (a run stopped by a bad
+    # record may resume with bad_record="skip").
+    for k in ("worker_count", "worker_buffer_size", "read_threads", "tokenizer_dir",
+              "bad_record", "max_skip_fraction"):  # fmt: skip
+        order.pop(k)
     key = json.dumps(
         [[s.name, s.task, len(s.records)] for s in sources] + [order], sort_keys=True, default=str
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-class _BatchIterator(grain.DatasetIterator):
-    def __init__(
-        self, parent, opts: PipelineOptions, pad_id: int, fingerprint: str, skipped_rows: int
-    ):
-        super().__init__(parent)
-        self._opts = opts
-        self._pad_id = pad_id
-        self._fingerprint = fingerprint
-        self._skipped_rows = skipped_rows
-        self._num_skipped = 0
-        self._num_batches = 0
+class _SkipLedger:
+    """Skipped records per dataset: logs each once, counts them, enforces the skip budget.
 
-    def __next__(self) -> dict[str, Any]:
-        # Exactly batch_size slots per batch on every host, whatever fails: a skipped record
-        # leaves an invalid row (never another record), so hosts stay in step and resume exact.
-        rows: list[dict | None] = []
+    ``rows_skipped_by_loader`` (manifest rows the loader rejected) count against the same
+    budget: ``max_skip_fraction`` of a dataset's manifest rows (of this host's share of them).
+    """
+
+    def __init__(self, sources: Sequence[Source], opts: PipelineOptions, hosts: int):
+        self._fraction = opts.max_skip_fraction
+        self._hosts = hosts
+        self._size = {s.name: len(s.records) + s.num_skipped_rows for s in sources}
+        self._loader = {s.name: s.num_skipped_rows for s in sources}
+        self._failed: dict[str, set[int]] = {s.name: set() for s in sources}
+        self.num_failed = 0  # failed reads, repeats included
+
+    def log_loader_rows(self, sources: Sequence[Source]) -> None:
+        for s in sources:
+            for bad in s.skipped_rows:
+                logging.warning("skipped (manifest) %s: %s", s.name, bad)
+            if s.num_skipped_rows:
+                self._check(s.name, f"the manifest loader rejected {s.num_skipped_rows} rows")
+
+    def note(self, bad: Mapping[str, Any]) -> None:
+        """One failed read (``LoadExample``'s marker): log and count it if it is new."""
+        self.num_failed += 1
+        rows = self._failed[bad["dataset"]]
+        if bad["row"] in rows:
+            return  # the same record again (a later epoch): counted and logged once
+        rows.add(bad["row"])
+        logging.warning("skipped %s: %s", bad["where"], bad["reason"])
+        self._check(bad["dataset"], f"last: {bad['where']}: {bad['reason']}")
+
+    def counts(self) -> dict[str, int]:
+        return {k: self._loader[k] + len(v) for k, v in self._failed.items()}
+
+    def _check(self, name: str, detail: str) -> None:
+        n, size = self.counts()[name], self._size[name]
+        share = size / self._hosts
+        if n > self._fraction * share:
+            whose = f"{share:.0f} (this host's share of {size})" if self._hosts > 1 else size
+            raise TooManySkippedError(
+                f"dataset {name!r}: {n} of {whose} records skipped ({n / share:.1%}), more than "
+                f"data.max_skip_fraction = {self._fraction:g}; {detail}. Fix the data (see the "
+                "'skipped' log lines) or raise data.max_skip_fraction"
+            )
+
+    def state(self) -> dict[str, Any]:
+        return {"failed": {k: sorted(v) for k, v in self._failed.items()}, "n": self.num_failed}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        for k, rows in state.get("failed", {}).items():
+            self._failed[k] = {int(r) for r in rows}
+        self.num_failed = int(state.get("n", 0))
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, ds: _BatchDataset):
+        super().__init__(parent)
+        self._opts = ds.opts
+        self._ds = ds
+        self._ledger = _SkipLedger(ds.sources, ds.opts, ds.hosts)
+        self._ledger.log_loader_rows(ds.sources)
+        self._num_batches = 0
+        self._template: dict[str, Any] | None = None  # a good example, for padding rows
+
+    def _rows(self) -> tuple[list[dict], list[dict]]:
+        """Up to ``batch_size`` examples (bad records replaced by the next ones) and the
+        records skipped on the way."""
+        rows: list[dict] = []
         skipped: list[dict] = []
         while len(rows) < self._opts.batch_size:
             try:
                 x = next(self._parent)
             except StopIteration:
                 break
-            if x.get("_bad"):
-                if not x["filler"]:  # a failed eval filler is padding either way
-                    self._num_skipped += 1
-                    skipped.append({k: x[k] for k in ("where", "reason", "slot")})
-                rows.append(None)
-            else:
+            if not x.get("_bad"):
                 rows.append(x)
-        if not rows:
+            elif x["filler"]:
+                continue  # an evaluation filler is padding either way
+            else:
+                skipped.append({k: x[k] for k in ("where", "reason", "slot")})
+                self._ledger.note(x)
+                if not rows and len(skipped) > self._ds.num_records:  # (max_skip_fraction = 1)
+                    raise TooManySkippedError(f"a whole pass read no record: {x['reason']}")
+        return rows, skipped
+
+    def __next__(self) -> dict[str, Any]:
+        rows, skipped = self._rows()
+        if rows:
+            self._template = rows[0]
+        elif self._opts.stage == "eval" or self._num_batches >= self._ds.target:
             raise StopIteration
-        good = [r for r in rows if r is not None]
-        if not good:
-            raise BadRecordError(
-                f"every record of batch {self._num_batches} failed: "
-                + "; ".join(f"{s['where']}: {s['reason']}" for s in skipped[:4])
+        elif self._template is None:
+            raise TooManySkippedError(
+                f"this host's records ran out at batch {self._num_batches} of "
+                f"{self._ds.target} with no readable record ({self._ledger.num_failed} skipped)"
             )
-        items = [r if r is not None else dict(good[0], valid=False) for r in rows]
+        else:  # the host's order ran out early (skips): padding keeps hosts in step
+            rows = [dict(self._template, valid=False)]
         batch = ex.collate(
-            items,
-            pad_id=self._pad_id,
+            rows,
+            pad_id=self._ds.pad_id,
             seq_buckets=self._opts.seq_buckets,
             patch_buckets=self._opts.patch_buckets,
             padding_side=self._opts.side,
             batch_size=self._opts.batch_size,
         )
-        epochs = [e["epoch"] for e in items]
-        batch["epoch"] = np.array(
-            epochs + epochs[-1:] * (len(batch["valid"]) - len(items)), np.int32
-        )
+        epochs = [e["epoch"] for e in rows]
+        pad = epochs[-1:] * (len(batch["valid"]) - len(rows))
+        batch["epoch"] = np.array(epochs + pad, np.int32)
         self._num_batches += 1
-        batch["meta"]["num_skipped"] = self._num_skipped
-        batch["meta"]["num_skipped_rows"] = self._skipped_rows
+        batch["meta"]["num_skipped"] = self._ledger.num_failed
+        batch["meta"]["num_skipped_rows"] = sum(s.num_skipped_rows for s in self._ds.sources)
+        batch["meta"]["skipped_by_dataset"] = self._ledger.counts()
         batch["meta"]["skipped"] = skipped
         batch["meta"]["batch_index"] = self._num_batches - 1
         return batch
@@ -536,39 +622,43 @@ class _BatchIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         return {
             "parent": self._parent.get_state(),
-            "num_skipped": self._num_skipped,
+            "skipped": self._ledger.state(),
             "num_batches": self._num_batches,
-            "fingerprint": self._fingerprint,
+            "fingerprint": self._ds.fingerprint,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self._fingerprint:
+        if state.get("fingerprint") != self._ds.fingerprint:
             raise ValueError(
                 "iterator state was saved for different data or reading options "
-                f"(fingerprint {state.get('fingerprint')} != {self._fingerprint}); "
+                f"(fingerprint {state.get('fingerprint')} != {self._ds.fingerprint}); "
                 "restore with the same sources, batch size, seed, mixing and hosts"
             )
         self._parent.set_state(state["parent"])
-        self._num_skipped = int(state["num_skipped"])
+        self._ledger.set_state(state.get("skipped", {}))
         self._num_batches = int(state["num_batches"])
 
 
 class _BatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, opts: PipelineOptions, pad_id: int, fp: str,
-                 skipped_rows: int):  # fmt: skip
+    """Batches of ``parent``'s examples; ``target``: batches every host yields (a finite
+    training order is padded up to it; unbounded for evaluation and infinite orders)."""
+
+    def __init__(self, parent: grain.IterDataset, sources: Sequence[Source],
+                 opts: PipelineOptions, pad_id: int, target: int):  # fmt: skip
         super().__init__(parent)
-        self._opts = opts
-        self._pad_id = pad_id
-        self._fp = fp
-        self._skipped_rows = skipped_rows
+        self.sources = list(sources)
+        self.opts = opts
+        self.pad_id = pad_id
+        self.target = target
+        self.hosts = _host(opts)[1]
+        self.fingerprint = _fingerprint(sources, opts)
+        self.num_records = sum(len(s.records) for s in sources)
 
     def __iter__(self) -> _BatchIterator:
-        return _BatchIterator(
-            self._parent.__iter__(), self._opts, self._pad_id, self._fp, self._skipped_rows
-        )
+        return _BatchIterator(self._parent.__iter__(), self)
 
     def __str__(self) -> str:
-        return f"TatarBatch(batch_size={self._opts.batch_size}, stage={self._opts.stage})"
+        return f"TatarBatch(batch_size={self.opts.batch_size}, stage={self.opts.stage})"
 
 
 def make_dataset(sources: Sequence[Source], opts: PipelineOptions) -> grain.IterDataset:
@@ -602,8 +692,9 @@ def make_dataset(sources: Sequence[Source], opts: PipelineOptions) -> grain.Iter
     from tatar_jax.data.tokenizer import load_tokenizer
 
     pad_id = load_tokenizer(opts.tokenizer_dir).pad_id
-    skipped_rows = sum(s.num_skipped_rows for s in sources)
-    return _BatchDataset(it_ds, opts, pad_id, _fingerprint(sources, opts), skipped_rows)
+    n = sched.num_batches()
+    target = n if opts.stage != "eval" and n >= 0 else sys.maxsize
+    return _BatchDataset(it_ds, sources, opts, pad_id, target)
 
 
 def num_batches(sources: Sequence[Source], opts: PipelineOptions) -> int:
@@ -639,6 +730,7 @@ def options_from_config(data_cfg: Any, stage: str, batch_size: int, **overrides)
         worker_count=int(get("worker_count")),
         worker_buffer_size=int(get("prefetch")),
         bad_record=get("bad_record"),
+        max_skip_fraction=float(get("max_skip_fraction")),
         min_pixels=int(get("min_pixels")),
         max_pixels=int(get("max_pixels")),
         prompt_variant=get("prompt_variant"),

@@ -23,6 +23,13 @@ could disagree and deadlock); JAX's preemption sync service (``jax.distributed``
 ``jax_enable_preemption_service``) drives orbax's ``reached_preemption`` so all hosts stop at the
 same step.
 
+Damaged checkpoints: a step that cannot be read (truncated or missing files, a bad manifest) is
+reported with what is wrong, and resume falls back to the newest step that restores; the damaged
+newer steps are moved, never deleted, to ``<workdir>/checkpoints_damaged/`` (so the run can save
+those step numbers again). ``load_params`` (next stage, export) falls back the same way when
+asked for the latest step, read-only. Every step failing is a :class:`CheckpointError` listing
+each step and its reason.
+
 Nothing is written outside ``<workdir>``.
 """
 
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -43,6 +51,27 @@ from absl import logging
 PyTree = Any
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "checkpoints_damaged"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint step could be read; the message lists each step and what is wrong."""
+
+
+def damage_reason(err: BaseException) -> str:
+    """One line saying what is wrong: the innermost cause (tensorstore's ``OUT_OF_RANGE: ...
+    Requested byte range ...``), without the multi-line TensorStore spec dumps."""
+    inner, seen = err, set()
+    # Only explicit causes: an implicit __context__ may be an unrelated, handled exception.
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
+        seen.add(id(inner))
+        inner = inner.__cause__
+    msg = str(inner).splitlines()[0] if str(inner) else ""
+    for cut in (" [tensorstore_spec", " See full TensorStore"):
+        msg = msg.split(cut)[0]
+    msg = f"{type(inner).__name__}: {msg}" if type(inner).__name__ not in msg else msg
+    # The head says which array, the tail what is wrong with its file.
+    return msg if len(msg) <= 400 else f"{msg[:150]} ... {msg[-250:]}"
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -240,8 +269,8 @@ class Checkpointer:
         two copies of the state.
         Returns (state, restored step or None).
         """
-        step = self.latest_step()
-        if step is None:
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             return init_fn(), None
         if abstract_state is not None:
             target = abstract_state
@@ -256,9 +285,44 @@ class Checkpointer:
             )
         else:
             target = jax.eval_shape(init_fn)
-        state, _ = self.restore(step, target, data_iter=data_iter)
-        logging.info("resumed from %s/%d", self.directory, step)
-        return state, step
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                state, _ = self.restore(step, target, data_iter=data_iter)
+            except Exception as err:  # noqa: BLE001 - any unreadable step: try the one before
+                damaged.append((step, damage_reason(err)))
+                logging.warning("checkpoint %s/%d is damaged: %s", self.directory, *damaged[-1])
+                continue
+            self._set_aside([s for s, _ in damaged], restored=step)
+            logging.info("resumed from %s/%d", self.directory, step)
+            return state, step
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored: "
+            + "; ".join(f"step {s}: {why}" for s, why in damaged)
+        )
+
+    def _set_aside(self, steps: list[int], restored: int) -> None:
+        """Moves damaged steps newer than the restored one out of the manager's directory."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            self._move_damaged(steps, restored)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tatar_damaged_checkpoints")
+        self.manager.reload()
+
+    def _move_damaged(self, steps: list[int], restored: int) -> None:
+        dest = self.directory.parent / DAMAGED_SUBDIR
+        dest.mkdir(exist_ok=True)
+        for step in steps:
+            to, k = dest / str(step), 1
+            while to.exists():  # the same step damaged again on a later run
+                to, k = dest / f"{step}.{k}", k + 1
+            shutil.move(str(self.directory / str(step)), str(to))
+            msg = f"checkpoint step {step} is damaged: moved to {to}; resuming from step {restored}"
+            print(f"[tatar-jax] {msg}", flush=True)
 
     # -- pre-emption -------------------------------------------------------------------------
     def reached_preemption(self, step: int) -> bool:
@@ -271,6 +335,14 @@ class Checkpointer:
             logging.warning("SIGTERM received: checkpointing step %d, then exiting", step)
             return True
         return False
+
+
+def latest_step_on_disk(workdir: str | os.PathLike) -> int | None:
+    """The newest step directory under ``<workdir>/checkpoints`` (no orbax, no reads; orbax's
+    unfinished ``<step>.orbax-checkpoint-tmp`` directories do not count)."""
+    d = pathlib.Path(workdir) / CHECKPOINT_SUBDIR
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+    return max(steps, default=None)
 
 
 def load_params(
@@ -295,19 +367,32 @@ def load_params(
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager(p, item_names=("state",), options=options)
     try:
+        have = sorted(manager.all_steps(), reverse=True)
         if step < 0:
-            step = manager.latest_step()
-            if step is None:
+            if not have:
                 raise FileNotFoundError(f"no complete checkpoint in {p}")
-        elif step not in manager.all_steps():
-            raise FileNotFoundError(f"step {step} not in {p} (have {list(manager.all_steps())})")
+            candidates = have  # the latest that reads; damaged newer steps are reported
+        elif step not in have:
+            raise FileNotFoundError(f"step {step} not in {p} (have {sorted(have)})")
+        else:
+            candidates = [step]
         abstract = {"params": _abstract(target_params)}
         args = ocp.args.PyTreeRestore(
             item=abstract,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True,
         )
-        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+        damaged: list[str] = []
+        for s in candidates:
+            try:
+                restored = manager.restore(s, args=ocp.args.Composite(state=args))
+            except Exception as err:  # noqa: BLE001 - report it, try the step before
+                damaged.append(f"step {s}: {damage_reason(err)}")
+                logging.warning("checkpoint %s/%d is damaged: %s", p, s, damage_reason(err))
+                continue
+            if damaged:
+                print(f"[tatar-jax] using step {s} of {p}; damaged: {'; '.join(damaged)}")
+            return restored["state"]["params"], int(s)
+        raise CheckpointError(f"cannot read the params of {p}: " + "; ".join(damaged))
     finally:
         manager.close()
-    return restored["state"]["params"], int(step)

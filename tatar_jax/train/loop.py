@@ -68,6 +68,17 @@ def _poison(inputs: Any) -> None:
     inputs["shared"]["pixel_values"][0, 0] = np.nan
 
 
+def data_metrics(batch: Batch) -> dict[str, float]:
+    """``data/skipped/<dataset>``: records skipped so far (manifest rows the loader rejected +
+    records that could not be read; this host's) and ``data/skipped_total``."""
+    counts = batch.get("meta", {}).get("skipped_by_dataset")
+    if counts is None:
+        return {}
+    out = {f"data/skipped/{k}": float(v) for k, v in counts.items()}
+    out["data/skipped_total"] = float(sum(counts.values()))
+    return out
+
+
 def _scalars(m: Any) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in m.items() if np.ndim(v) == 0}
 
@@ -77,6 +88,8 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
     timer, window = metrics.StepTimer(), metrics.WindowMean()
     progress = metrics.Progress(env.total, initial=start, enabled=env.progress, desc=stage.name)
     ckpt, step, last, eval_last, flops_tok = env.checkpointer, start, {}, {}, None
+    if env.writer.total is None:
+        env.writer.total = env.total  # the console's ETA
     try:
         while step < env.total:
             with timer("data"):
@@ -91,6 +104,7 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
             step += 1
             times = timer.metrics()
             out = {**_scalars(m), **host_metrics, **times, **stage.step_metrics(inputs)}
+            out.update(data_metrics(batch))
             n_tok = float(np.asarray(inputs["rows"]["attention_mask"]).sum())
             out["tokens_per_sec"] = n_tok * stage.updates_per_step / max(times["time/update"], 1e-9)
             out["nonfinite_total"] = float(sharding.to_host(state.nonfinite_total))

@@ -47,10 +47,16 @@ def _to_float(v: Any) -> float:
 
 
 class MetricsWriter:
-    """Every ``every_steps`` steps: one console line, one JSONL record, TensorBoard scalars.
+    """Every ``every_steps`` steps: one compact console line, one JSONL record with every
+    metric, TensorBoard scalars.
 
     Files: ``<workdir>/metrics.jsonl`` (``{"step": s, "wall_time": t, name: value, ...}``;
     non-finite values as JSON NaN/Infinity) and ``<workdir>/tensorboard/``.
+
+    ``resume_step``: the step the run restarts from. Rows of later steps (logged after that
+    checkpoint by a run that was then killed; the resumed run logs them again) are removed
+    from ``metrics.jsonl`` and TensorBoard discards its events from the step after, so no step
+    is recorded twice. ``total``: the run's last step, for the console's ETA.
     """
 
     def __init__(
@@ -62,6 +68,8 @@ class MetricsWriter:
         jsonl: bool = True,
         console: bool = True,
         process_index: int | None = None,
+        resume_step: int | None = None,
+        total: int | None = None,
     ):
         if process_index is None:
             import jax
@@ -71,17 +79,24 @@ class MetricsWriter:
         self.every_steps = max(1, int(every_steps))
         self.console = console
         self.workdir = pathlib.Path(workdir)
+        self.total = total
+        self.dropped = 0  # rows of steps after resume_step removed from metrics.jsonl
         self._jsonl = None
         self._tb = None
+        self._rate = _Rate()
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+            path = self.workdir / "metrics.jsonl"
+            if resume_step is not None:
+                self.dropped = truncate_after(path, resume_step)
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            purge = None if resume_step is None else int(resume_step) + 1
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
 
     def should_write(self, step: int) -> bool:
         return self.enabled and step % self.every_steps == 0
@@ -99,7 +114,8 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
         if self.console:
-            _console(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+            eta = self._rate.eta(step, self.total) if "loss" in values else None
+            _console(console_line(step, values, total=self.total, eta_s=eta))
         return True
 
     def write_text(self, step: int, name: str, text: str) -> None:
@@ -118,6 +134,95 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def truncate_after(path: pathlib.Path, step: int) -> int:
+    """Removes the rows of ``metrics.jsonl`` with ``step > step`` (and a torn last line);
+    returns how many were removed. Atomic: a new file replaces the old one."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False  # a row torn by kill -9
+        if ok:
+            keep.append(line + "\n")
+        else:
+            dropped += bool(line.strip())
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+class _Rate:
+    """Wall-clock seconds per step between logged training rows (checkpoints and periodic
+    evaluations included, so the ETA covers them)."""
+
+    def __init__(self) -> None:
+        self._first: tuple[int, float] | None = None
+
+    def eta(self, step: int, total: int | None) -> float | None:
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (step, now)
+            return None
+        s0, t0 = self._first
+        if total is None or step <= s0:
+            return None
+        return (now - t0) / (step - s0) * max(total - step, 0)
+
+
+# Console: (key, label, format) of a training row, shown when present.
+_CONSOLE = (
+    ("loss", "loss", "{:.4g}"),
+    ("reward_total/iqa", "reward iqa", "{:.3f}"),
+    ("reward_total/iaa", "reward iaa", "{:.3f}"),
+    ("kl", "kl", "{:.3g}"),
+    ("parsed_frac/all", "parsed", "{:.0%}"),
+    ("token_accuracy", "acc", "{:.3f}"),
+    ("time/step", "", "{:.2f}s/step"),
+)
+
+
+def _duration(sec: float) -> str:
+    sec = int(round(sec))
+    h, rem = divmod(sec, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def console_line(
+    step: int, values: Mapping[str, float], *, total: int | None = None, eta_s: float | None = None
+) -> str:
+    """One short line of a logged row: training (step, loss, reward per task, KL, parsed %,
+    step time, ETA; skipped records and non-finite updates when there are any) or evaluation
+    (per dataset SRCC / PLCC). Every metric is in the JSONL and TensorBoard."""
+    head = f"step {step}/{total}" if total else f"step {step}"
+    if "loss" not in values:
+        evals: dict[str, list[str]] = {}
+        for k, v in values.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("srcc", "plcc"):
+                evals.setdefault(parts[1], []).append(f"{parts[2]} {_fmt(v)}")
+        if evals:
+            return " | ".join([f"{head} eval", *(f"{d} {' '.join(x)}" for d, x in evals.items())])
+        return f"{head}: " + " ".join(f"{k}={_fmt(v)}" for k, v in list(values.items())[:8])
+    parts = [head]
+    for key, label, fmt in _CONSOLE:
+        if key in values and math.isfinite(values[key]):
+            parts.append(f"{label} {fmt.format(values[key])}".strip())
+        elif key in values:
+            parts.append(f"{label} {values[key]}".strip())
+    if values.get("update_skipped"):
+        parts.append(f"non-finite {values['update_skipped']:.0%}")
+    if values.get("data/skipped_total"):
+        parts.append(f"skipped {int(values['data/skipped_total'])}")
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return " | ".join(parts)
 
 
 def _fmt(v: float) -> str:
@@ -140,6 +245,7 @@ class WindowMean:
     """
 
     LAST = ("lr", "nonfinite_count", "nonfinite_total")
+    LAST_PREFIXES = ("data/skipped",)  # running counts
 
     def __init__(self) -> None:
         self._sum: dict[str, float] = {}
@@ -149,7 +255,7 @@ class WindowMean:
     def add(self, metrics: Mapping[str, Any]) -> None:
         for k, v in metrics.items():
             x = _to_float(v)
-            if k in self.LAST:
+            if k in self.LAST or k.startswith(self.LAST_PREFIXES):
                 self._last[k] = x
                 continue
             self._sum[k] = self._sum.get(k, 0.0) + x

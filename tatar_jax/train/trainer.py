@@ -18,14 +18,15 @@ itself lives in ``<workdir>``.
 
 Everything a run writes is under ``workdir``: ``checkpoints/``, ``metrics.jsonl``,
 ``tensorboard/``, ``config.json`` (model architecture), ``run_config.json`` (this config),
-``synthetic/`` (the embedded data set, when used), ``hf/`` (export), ``summary.json``.
+``synthetic/`` (the embedded data set, when used), ``hf/`` (export), ``summary.json``, and
+when they happen ``config_changes.jsonl`` (accepted config changes on resume) and
+``checkpoints_damaged/`` (unreadable steps moved aside); see :mod:`run_records`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -43,7 +44,7 @@ from tatar_jax import loading, multihost, rewards, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
-from tatar_jax.train import checkpointing, loop, metrics, optim, sources, stages
+from tatar_jax.train import checkpointing, loop, metrics, optim, run_records, sources, stages
 from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train.evaluator import Evaluator
 
@@ -185,7 +186,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     wd.mkdir(parents=True, exist_ok=True)
     if cfg.stage not in ("sft", "grpo"):
         raise ValueError(f"config.stage must be 'sft' or 'grpo', got {cfg.stage!r}")
-    (wd / "run_config.json").write_text(cfg.to_json_best_effort(indent=1))
+    run_records.check_run_config(cfg, wd, checkpointing.latest_step_on_disk(wd))
     t_start = time.time()
     place = _placement(cfg)
     tok = tokenizer_mod.load_tokenizer(sources.tokenizer_dir(cfg))
@@ -225,7 +226,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     lg = cfg.logging
     writer = metrics.MetricsWriter(
         wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
-        jsonl=bool(lg.jsonl), console=True,
+        jsonl=bool(lg.jsonl), console=True, resume_step=start,
     )  # fmt: skip
     evaluator = None
     if list(cfg.eval.datasets):
@@ -327,6 +328,11 @@ def _summary(results: Mapping[str, StageResult], wd: pathlib.Path) -> None:
             "eval_first": r.eval_first,
             "eval_last": r.eval_last,
             "last_metrics": {k: v for k, v in r.metrics.items() if not k.startswith("time/")},
+            "skipped_records": {
+                k.removeprefix("data/skipped/"): int(v)
+                for k, v in r.metrics.items()
+                if k.startswith("data/skipped/")
+            },
         }
-    (wd / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
+    run_records.merge_summary(rows, {n: bool(r.metrics) for n, r in results.items()}, wd)
     print(f"[tatar-jax] summary: {wd / 'summary.json'}", flush=True)

@@ -231,36 +231,115 @@ def test_bad_record_skip_is_counted_never_substituted(sources, tmp_path):
     broken.write_bytes(b"\x89PNG truncated")
     recs = list(sources[0].records[:3]) + [{"image": str(broken), "gt_100": 1.0, "row_id": 99}]
     src = [pl.Source("toy_iqa", "iqa", recs)]
-    ds = pl.make_dataset(src, _opts(stage="eval", shuffle=False, batch_size=2, bad_record="skip"))
-    batches = list(ds)
+    opts = _opts(stage="eval", shuffle=False, batch_size=2, bad_record="skip",
+                 max_skip_fraction=0.5)  # fmt: skip
+    batches = list(pl.make_dataset(src, opts))
     rows = [int(r) for b in batches for r, v in zip(b["row_id"], b["valid"], strict=True) if v]
     assert rows == [0, 1, 2]  # row 99 is gone, nothing stands in for it
-    assert batches[-1]["meta"]["num_skipped"] == 1
     skipped = [s for b in batches for s in b["meta"]["skipped"]]
     assert len(skipped) == 1 and "row 99" in skipped[0]["where"]
     assert batches[-1]["valid"].tolist() == [True, False]
     assert [b["meta"]["num_skipped"] for b in batches] == [0, 1]
+    assert batches[-1]["meta"]["skipped_by_dataset"] == {"toy_iqa": 1}
+
+
+def _with_broken(sources, tmp_path, bad_rows):
+    """toy_iqa with the images of ``bad_rows`` replaced by junk files."""
+    recs = list(sources[0].records)
+    for r in bad_rows:
+        junk = tmp_path / f"junk{r}.png"
+        junk.write_bytes(b"junk")
+        recs[r] = dict(recs[r], image=str(junk))
+    return [pl.Source("toy_iqa", "iqa", recs), sources[1]]
+
+
+def test_skip_refills_batches_logs_once_and_counts_per_dataset(sources, tmp_path, caplog):
+    # 3 of toy_iqa's 7 rows are junk; the first batch (no shuffle) is rows 0-2 of toy_iqa, so
+    # all but one of its slots fail and are refilled from the next records.
+    src = _with_broken(sources, tmp_path, (0, 1, 4))
+    opts = _opts(stage="grpo", mixing="concat", shuffle=False, batch_size=3, num_epochs=2,
+                 bad_record="skip", max_skip_fraction=0.5)  # fmt: skip
+    caplog.set_level("WARNING")
+    it = iter(pl.make_dataset(src, opts))
+    batches = [next(it) for _ in range(3)]
+    b0 = batches[0]
+    first = [(d, int(r)) for d, r in zip(b0["meta"]["dataset"], b0["row_id"], strict=True)]
+    assert batches[0]["valid"].all()
+    assert first == [("toy_iqa", 2), ("toy_iqa", 3), ("toy_iqa", 5)]  # refilled, in order
+    state = json.loads(json.dumps(it.get_state()))
+    rest = list(it)
+    batches += rest
+    # 2 epochs x 12 records, 6 bad reads: 18 good rows, each epoch's good rows exactly once.
+    good = [(d, int(r)) for b in batches for d, r, v in
+            zip(b["meta"]["dataset"], b["row_id"], b["valid"], strict=True) if v]  # fmt: skip
+    assert len(good) == 18 and collections.Counter(good).most_common(1)[0][1] == 2
+    assert not {("toy_iqa", r) for r in (0, 1, 4)} & set(good)
+    # The same number of batches as without skips (hosts in step): the tail is padding.
+    assert len(batches) == pl.num_batches(src, opts) == 8
+    assert [int(b["valid"].sum()) for b in batches] == [3] * 6 + [0, 0]
+    assert np.all(batches[-1]["attention_mask"].sum(1) > 0)  # a real (masked) example shape
+    assert batches[-1]["meta"]["skipped_by_dataset"] == {"toy_iqa": 3, "toy_iaa": 0}
+    assert batches[-1]["meta"]["num_skipped"] == 6  # failed reads, both epochs
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(logged) == 3  # once per record, not again in epoch 2
+    assert "'toy_iqa' row 0" in logged[0] and "junk0.png" in logged[0]
+    assert "not a readable image" in logged[0]
+    # A resumed iterator continues the counts and logs nothing twice.
+    caplog.clear()
+    it2 = iter(pl.make_dataset(src, opts))
+    it2.set_state(state)
+    again = list(it2)
+    assert [_flat(b) for b in again] == [_flat(b) for b in rest]
+    assert again[-1]["meta"]["skipped_by_dataset"] == {"toy_iqa": 3, "toy_iaa": 0}
+    assert not [r for r in caplog.records if r.getMessage().startswith("skipped")]
+
+
+def test_skip_budget_stops_with_the_count(sources, tmp_path):
+    src = _with_broken(sources, tmp_path, (0, 1, 4))
+    opts = _opts(stage="grpo", mixing="concat", shuffle=False, batch_size=3, num_epochs=1,
+                 bad_record="skip", max_skip_fraction=0.25)  # fmt: skip
+    it = iter(pl.make_dataset(src, opts))
+    with pytest.raises(pl.TooManySkippedError) as err:
+        next(it)
+    msg = str(err.value)
+    assert "dataset 'toy_iqa': 2 of 7 records skipped (28.6%)" in msg
+    assert "data.max_skip_fraction = 0.25" in msg and "row 1" in msg
+    # Rows the manifest loader rejected count against the same budget, at once.
+    loader = pl.Source("toy_iaa", "iaa", sources[1].records, num_skipped_rows=2,
+                       skipped_rows=("row 5: bad score", "row 6: no image"))  # fmt: skip
+    with pytest.raises(pl.TooManySkippedError, match="'toy_iaa': 2 of 7 .* loader rejected 2"):
+        iter(pl.make_dataset([sources[0], loader], opts))
+    # The default budget (1 %) of the config; fraction 1 reads on while any record is good.
+    assert pl.PipelineOptions().max_skip_fraction == 0.01
+    every = [pl.Source("toy_iqa", "iqa", _with_broken(sources, tmp_path, range(7))[0].records)]
+    for epochs, match in ((None, "a whole pass read no record"), (1, "no readable record")):
+        o = dict_replace(opts, max_skip_fraction=1.0, batch_size=1, num_epochs=epochs)
+        with pytest.raises(pl.TooManySkippedError, match=match):
+            next(iter(pl.make_dataset(every, o)))
+
+
+def dict_replace(opts, **kw):
+    import dataclasses
+
+    return dataclasses.replace(opts, **kw)
 
 
 def test_skip_keeps_hosts_in_step_and_sft_rows_untrained(sources, tmp_path):
-    broken = tmp_path / "broken2.png"
-    broken.write_bytes(b"junk")
-    recs = list(sources[0].records)
-    recs[2] = dict(recs[2], image=str(broken))
-    src = [pl.Source("toy_iqa", "iqa", recs), sources[1]]
-    counts, skipped = [], 0
+    src = _with_broken(sources, tmp_path, (2,))
+    counts, skipped, valid = [], 0, 0
     for h in range(2):
         opts = _opts(stage="sft", batch_size=2, bad_record="skip", process_index=h,
-                     process_count=2, num_epochs=1)  # fmt: skip
+                     process_count=2, num_epochs=1, max_skip_fraction=0.5)  # fmt: skip
         batches = list(pl.make_dataset(src, opts))
         counts.append(len(batches))
-        skipped += batches[-1]["meta"]["num_skipped"]
+        skipped += batches[-1]["meta"]["skipped_by_dataset"]["toy_iqa"]
+        valid += sum(int(b["valid"].sum()) for b in batches)
         for b in batches:
             assert b["valid"].shape == (2,)
             assert np.all(b["label_mask"][~b["valid"]] == 0)
             assert np.all(b["labels"][~b["valid"]] == -100)
     assert counts[0] == counts[1] == 3  # 12 records / (2 per host x 2 hosts)
-    assert skipped == 1
+    assert skipped == 1 and valid == 11
 
 
 def test_options_validation():

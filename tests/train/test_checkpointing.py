@@ -294,3 +294,75 @@ def test_nnx_model_train_state_round_trip(tmp_path):
     loaded, _ = checkpointing.load_params(tmp_path, jax.eval_shape(lambda: params))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _damage(step_dir, how):
+    """Truncate the data files of a step's ``state`` item (half of each), or corrupt its
+    manifest."""
+    if how == "truncate":
+        big = max((step_dir / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+        big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    else:
+        (step_dir / "state" / "manifest.ocdbt").write_bytes(b"xx")
+
+
+def test_damaged_latest_step_falls_back_and_is_moved_aside_not_deleted(tmp_path, caplog):
+    tx = optim.make_optimizer(1e-2)
+    # Arrays large enough to live in data files (orbax inlines tiny ones in its b-tree).
+    params = {"visual": {"w": jnp.ones((2, 3))}, "lm": {"w": jnp.arange(50_000.0)}}
+
+    def state(s):
+        return optim.TrainState.create(jax.tree.map(lambda x: x + s, params), tx, jax.random.key(s))
+
+    states = {s: state(s) for s in (1, 2, 3)}
+    ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, keep=5, async_save=False)
+    it = _iter()
+    for s in (1, 2, 3):
+        ckpt.save(s, states[s], data_iter=it)
+        next(it)
+    ckpt.close()
+    d = tmp_path / "checkpoints"
+    _damage(d / "3", "truncate")
+    n_files = sum(1 for p in (d / "3").rglob("*") if p.is_file())
+    # load_params (next stage / export) takes the newest readable step, read-only.
+    target = jax.eval_shape(lambda: states[1].params)
+    params, step = checkpointing.load_params(tmp_path, target)
+    assert step == 2 and (d / "3").is_dir()
+    np.testing.assert_array_equal(params["lm"]["w"], states[2].params["lm"]["w"])
+    with pytest.raises(checkpointing.CheckpointError, match=r"step 3: .*OUT_OF_RANGE.*byte range"):
+        checkpointing.load_params(tmp_path, target, step=3)
+
+    caplog.clear()
+    ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, keep=5, async_save=False)
+    fresh = _iter()
+    state, step = ckpt.restore_or_init(lambda: states[1], data_iter=fresh)
+    assert step == 2
+    np.testing.assert_array_equal(state.params["visual"]["w"], states[2].params["visual"]["w"])
+    np.testing.assert_array_equal(next(fresh), next(_skip(_iter(), 1)))  # step 2's position
+    warn = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warn) == 1 and f"{d}/3 is damaged: ValueError: OUT_OF_RANGE" in warn[0]
+    # Moved, not deleted, so the run can write step 3 again.
+    moved = tmp_path / "checkpoints_damaged" / "3"
+    assert sum(1 for p in moved.rglob("*") if p.is_file()) == n_files and not (d / "3").exists()
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.save(3, states[3], data_iter=fresh)
+    assert ckpt.all_steps() == [1, 2, 3]
+    ckpt.close()
+
+    # Every step unreadable: an error listing each, nothing moved.
+    for s in (1, 2, 3):
+        _damage(d / str(s), "manifest")
+    ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, keep=5, async_save=False)
+    with pytest.raises(checkpointing.CheckpointError) as err:
+        ckpt.restore_or_init(lambda: states[1], data_iter=_iter())
+    ckpt.close()
+    msg = str(err.value)
+    assert "step 3: ValueError: DATA_LOSS" in msg and "step 1: " in msg and "\n" not in msg
+    assert "Encoded length (2) is less than minimum length" in msg
+    assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+
+def _skip(it, n):
+    for _ in range(n):
+        next(it)
+    return it

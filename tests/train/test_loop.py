@@ -45,7 +45,7 @@ class FakeStage:
 
 
 def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
-    batches = iter([{"i": i} for i in range(1, 100)])
+    batches = iter([{"i": i, "meta": {"skipped_by_dataset": {"a": i // 3}}} for i in range(1, 100)])
     return loop.LoopEnv(
         data_iter=batches,
         next_batch=lambda: next(batches),
@@ -88,6 +88,9 @@ def test_loop_runs_logs_window_means_and_evaluates(tmp_path):
     assert train[0]["stage/rows"] == 2.0 and train[0]["tokens_per_sec"] > 0
     assert "time/fake_host" in train[0] and "time/update" in train[0]
     assert res.last["host/i"] == 5.0
+    # Skipped-record counts are running totals: the logged value is the latest, not a mean.
+    assert [r["data/skipped/a"] for r in train] == [0.0, 1.0, 1.0]
+    assert train[-1]["data/skipped_total"] == 1.0
 
 
 def test_loop_stops_after_consecutive_nonfinite_updates_and_checkpoints(tmp_path):

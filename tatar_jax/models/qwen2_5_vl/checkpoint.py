@@ -68,6 +68,7 @@ _ST_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
 }
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 LAYOUTS: dict[str, dict[str, str]] = {
     "legacy": {"text": "model.", "vision": "visual.", "head": ""},
@@ -133,8 +134,11 @@ class SafetensorsReader:
         self.dir = os.fspath(hf_dir)
         index = os.path.join(self.dir, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(f for f in os.listdir(self.dir) if f.endswith(".safetensors"))
@@ -144,9 +148,11 @@ class SafetensorsReader:
         for fname in files:
             path = os.path.join(self.dir, fname)
             header, data_start = _read_header(path)
+            size = os.path.getsize(path)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                _check_entry(path, name, info, size - data_start)
                 if name in self._entries:
                     raise CheckpointError(f"tensor {name} appears in two files ({fname})")
                 self._entries[name] = (path, info, data_start)
@@ -160,6 +166,10 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code (``"F32"``, ``"BF16"``, ``"I32"``, ...)."""
+        return str(self._entries[name][1]["dtype"])
 
     def __getitem__(self, name: str) -> np.ndarray:
         path, info, start = self._entries[name]
@@ -179,11 +189,38 @@ def _read_header(path: str) -> tuple[dict[str, Any], int]:
         if len(head) != 8:
             raise CheckpointError(f"{path} is not a safetensors file (too short)")
         n = int.from_bytes(head, "little")
+        size = os.path.getsize(path)
+        if 8 + n > size:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims {n} bytes, "
+                f"the file has {size}"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     return header, 8 + n
+
+
+def _check_entry(path: str, name: str, info: Any, data_size: int) -> None:
+    """A header entry's dtype, shape and byte range agree with each other and the file."""
+    try:
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        shape = [int(d) for d in info["shape"]]
+        a, b = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensor {name}: bad header entry {info!r} ({e!r})") from None
+    if b > data_size:
+        raise CheckpointError(
+            f"{path} is truncated: tensor {name} needs bytes {a}-{b} of the data section, "
+            f"which has {data_size}"
+        )
+    if b - a != dtype.itemsize * int(np.prod(shape)):
+        raise CheckpointError(
+            f"{path}: tensor {name} has {b - a} bytes for shape {tuple(shape)} {info['dtype']}"
+        )
 
 
 def _detect_layout(names: list[str]) -> str:
@@ -272,6 +309,7 @@ def load_hf_checkpoint(
     used: set[str] = set()
     missing: list[str] = []
     bad_shape: list[str] = []
+    non_float: list[str] = []
     plans = []
     for template, path, transform in rules_:
         if path not in variables:
@@ -290,6 +328,10 @@ def load_hf_checkpoint(
             continue
         want = tuple(var.shape[1:] if stacked else var.shape)
         for n in layer_names:
+            if reader.dtype(n) not in _FLOAT_CODES:
+                # never cast integers into weights (an int32 tensor read as float32 zeros)
+                non_float.append(f"{n}: {reader.dtype(n)}")
+                continue
             got = _transformed_shape(transform, reader.shape(n))
             if got != want:
                 bad_shape.append(f"{n}: {reader.shape(n)} (expected {_hf_shape(transform, want)})")
@@ -297,12 +339,13 @@ def load_hf_checkpoint(
     unexpected = [n for n in names if n not in used]
     if config.text.tie_word_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # some exports write the tied head anyway
-    if missing or unexpected or bad_shape:
+    if missing or unexpected or bad_shape or non_float:
         raise CheckpointError(
             f"checkpoint {os.fspath(hf_dir)} ({layout} names) does not match the config:"
             + _listing("missing", missing)
             + _listing("unexpected", unexpected)
             + _listing("mis-shaped", bad_shape)
+            + _listing("not floating-point", non_float)
         )
 
     for path, var, layer_names, transform, stacked in plans:

@@ -1,0 +1,182 @@
+"""A run's life from the user's side (scripts/train.py on the tiny SFT preset): resume past a
+damaged latest checkpoint without logging a step twice, a finished run started again leaves
+its records, a changed hyper-parameter is refused (exit 2) or recorded, bad records skipped
+and counted or stopping the run, the compact console line.
+
+One base run is shared by the module; the subprocesses share a persistent XLA cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FLAGS = [
+    "--config=configs/sft.py:tiny",
+    "--config.total_steps=4",
+    "--config.checkpoint.every_steps=1",
+    "--config.checkpoint.keep=5",
+    "--config.eval.datasets=()",
+    "--config.model.remat=False",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        TATAR_JAX_CACHE=str(tmp_path_factory.mktemp("tok_cache")),
+        PYTHONPATH=str(ROOT),
+    )
+    return e
+
+
+def _train(workdir, flags, env):
+    cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", *flags]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    return r.returncode, r.stdout, r.stderr
+
+
+def _rows(workdir):
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _params(step_dir):
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as c:
+        return c.restore(pathlib.Path(step_dir) / "state")["params"]
+
+
+def _leaves(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: np.asarray(tree)}
+    out = {}
+    for key, sub in tree.items():
+        out.update(_leaves(sub, f"{prefix}/{key}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, env):
+    wd = tmp_path_factory.mktemp("life") / "sft"
+    rc, out, err = _train(wd, FLAGS, env)
+    assert rc == 0, err[-3000:]
+    return wd, out
+
+
+@pytest.mark.slow
+def test_compact_console_and_damaged_latest_checkpoint(base, env):
+    wd, out = base
+    lines = [x for x in out.splitlines() if x.startswith("step ")]
+    assert len(lines) == 4 and lines[0].startswith("step 1/4 | loss ")
+    assert "s/step" in lines[0] and "ETA" in lines[1] and "grad_norm" not in out
+    assert "grad_norm" in _rows(wd)[0]  # every metric still in the JSONL
+    want = _leaves(_params(wd / "checkpoints" / "4"))
+    # Damage the latest step (half of its largest data file), as a full disk or a bad copy
+    # would; the run resumes from step 3, logs step 4 once, and ends bit-identical.
+    big = max((wd / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    rc, out, err = _train(wd, FLAGS, env)
+    assert rc == 0, err[-3000:]
+    moved = wd / "checkpoints_damaged" / "4"
+    assert f"checkpoint step 4 is damaged: moved to {moved}; resuming from step 3" in out
+    assert "checkpoints/4 is damaged: ValueError: OUT_OF_RANGE" in err
+    assert "resumed sft from" in out and (moved / "state").is_dir()
+    train_steps = [r["step"] for r in _rows(wd) if "loss" in r]
+    assert train_steps == [1, 2, 3, 4]  # step 4's first row was dropped, then re-logged
+    got = _leaves(_params(wd / "checkpoints" / "4"))
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_finished_run_keeps_its_records_and_config_changes_need_the_flag(base, env):
+    wd, _ = base
+    files = ("summary.json", "metrics.jsonl", "run_config.json")
+    before = {f: (wd / f).read_text() for f in files}
+    assert json.loads(before["summary.json"])["sft"]["last_metrics"]["loss"] > 0
+    rc, out, err = _train(wd, FLAGS, env)
+    assert rc == 0, err[-3000:]
+    assert {f: (wd / f).read_text() for f in files} == before
+
+    changed = [*FLAGS, "--config.optimizer.learning_rate=0.002", "--config.total_steps=5"]
+    rc, out, err = _train(wd, changed, env)
+    assert rc == 2
+    msg = [x for x in err.splitlines() if x.startswith("train.py: ")]
+    assert len(msg) == 1 and "resumes from step 4 with a config that differs" in msg[0]
+    assert "optimizer.learning_rate: 0.001 -> 0.002; total_steps: 4 -> 5" in msg[0]
+    assert (wd / "run_config.json").read_text() == before["run_config.json"]
+
+    rc, out, err = _train(wd, [*changed, "--allow_config_change"], env)
+    assert rc == 0, err[-3000:]
+    rec = json.loads((wd / "config_changes.jsonl").read_text().splitlines()[-1])
+    assert rec["resume_step"] == 4 and rec["changes"]["total_steps"] == [4, 5]
+    assert rec["changes"]["optimizer.learning_rate"] == [0.001, 0.002]
+    assert [r["step"] for r in _rows(wd) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert json.loads((wd / "summary.json").read_text())["sft"]["step"] == 5
+
+
+def _user_manifests(base_wd, tmp_path):
+    """Five IQA and eight IAA rows of the base run's synthetic set (absolute image paths);
+    IQA row 3's image is junk."""
+    syn = base_wd / "synthetic"
+    out = {}
+    for task, n in (("iqa", 5), ("iaa", 8)):
+        rows = [json.loads(x) for x in (syn / f"{task}_train.jsonl").read_text().splitlines()]
+        rows = [dict(r, image=str(syn / r["image"])) for r in rows[:n]]
+        if task == "iqa":
+            junk = tmp_path / "junk.png"
+            junk.write_bytes(b"not a png")
+            rows[3]["image"] = str(junk)
+        out[task] = tmp_path / f"{task}.jsonl"
+        out[task].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--config.data.train=('user_iqa','user_iaa')"]
+    for task, rng in (("iqa", "(1.0,5.0)"), ("iaa", "(0.0,10.0)")):
+        s = f"--config.data.sources.user_{task}"
+        flags += [f"{s}.manifest={out[task]}", f"{s}.score_range={rng}",
+                  f"{s}.target_field=rationale"]  # fmt: skip
+    return flags
+
+
+@pytest.mark.slow
+def test_bad_record_skip_counts_error_and_budget_stop(base, env, tmp_path):
+    data = _user_manifests(base[0], tmp_path)
+    wd = tmp_path / "skip"
+    skip = [*FLAGS, *data, "--config.data.bad_record=skip", "--config.data.max_skip_fraction=0.25"]
+    rc, out, err = _train(wd, skip, env)
+    assert rc == 0, err[-3000:]
+    logged = [x for x in err.splitlines() if "skipped dataset 'user_iqa'" in x]
+    assert len(logged) == 1 and "row 3 (image" in logged[0] and "junk.png" in logged[0]
+    rows = [r for r in _rows(wd) if "loss" in r]
+    assert rows[-1]["data/skipped/user_iqa"] == 1 and rows[-1]["data/skipped/user_iaa"] == 0
+    assert all(r["sequences"] == 4 for r in rows)  # refilled: every batch is full
+    summary = json.loads((wd / "summary.json").read_text())["sft"]
+    assert summary["skipped_records"] == {"user_iqa": 1, "user_iaa": 0}
+
+    # The same data with the default bad_record="error": the first bad record stops the run.
+    rc, out, err = _train(tmp_path / "error", [*FLAGS, *data], env)
+    assert rc == 1
+    line = [x for x in err.splitlines() if x.startswith("train.py: ")]
+    assert len(line) == 1 and "Traceback" not in err
+    assert line[0].startswith("train.py: BadRecordError: dataset 'user_iqa' (")
+    assert "row 3 (image" in line[0] and "junk.png'): ImageLoadError: " in line[0]
+    assert line[0].endswith("not a readable image (unknown or corrupt format)")
+    # Skipping more than data.max_skip_fraction (1 of 5 > 10 %) stops with the count.
+    budget = [*skip[:-1], "--config.data.max_skip_fraction=0.1"]
+    rc, out, err = _train(tmp_path / "budget", budget, env)
+    assert rc == 1
+    want = "train.py: TooManySkippedError: dataset 'user_iqa': 1 of 5 records skipped (20.0%)"
+    assert want in err and "Traceback" not in err
