@@ -69,11 +69,13 @@ def main(argv: list[str]) -> int:
             print(report.compare_markdown(FLAGS.compare))
             return 0
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in _SHORT})
-        cli.run_eval_from_config(cfg, checkpoint=FLAGS.checkpoint, image_roots=FLAGS.image_roots)
+        cli.run_eval_from_config(
+            cfg, checkpoint=FLAGS.checkpoint, step=FLAGS.step, image_roots=FLAGS.image_roots
+        )
         return 0
 
     return cli.exit_code(body)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main)

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from tatar_jax.evaluation import cli  # noqa: E402
 from tatar_jax.evaluation.predict import build_predict_fn  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         images = cli.collect_images(paths)
         keys = ("hf_dir", "batch_size", "max_new_tokens", "max_pixels", "mesh_shape")
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in keys})
-        predictor = build_predict_fn(cfg, checkpoint=FLAGS.checkpoint)
+        predictor = build_predict_fn(cfg, checkpoint=FLAGS.checkpoint, step=FLAGS.step)
         tasks = ("iqa", "iaa") if FLAGS.task == "both" else (FLAGS.task,)
         results = cli.score_images(
             images,
@@ -53,4 +53,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main)

@@ -44,6 +44,32 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # transformers OPENAI_CLIP_STD
 PathOrBytes = str | os.PathLike | bytes
 
 
+def hf_preprocessor_config(
+    min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> dict[str, object]:
+    """``preprocessor_config.json`` of an HF export: transformers' Qwen2.5-VL image processor
+    set to the preprocessing of :func:`preprocess_image` (same pixel budget, mean/std, patches).
+    """
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": int(Image.Resampling.BICUBIC),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+        "min_pixels": int(min_pixels),
+        "max_pixels": int(max_pixels),
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+    }
+
+
 class ImageLoadError(OSError):
     """An image file is missing, unreadable or truncated; names the file and the reason."""
 

@@ -25,19 +25,77 @@ def define_model_flags(config_help: str) -> Any:
     from ml_collections import config_flags
 
     default = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "eval.py")
-    holder = config_flags.DEFINE_config_file(
-        "config", os.path.normpath(default), config_help, lock_config=False
-    )
+    try:  # with a default file, config_flags reads sys.argv's --config / overrides right here
+        holder = config_flags.DEFINE_config_file(
+            "config", os.path.normpath(default), config_help, lock_config=False
+        )
+    except Exception as err:  # noqa: BLE001 - any of them is a usage error of the command line
+        print(f"error: {usage_line(err, sys.argv)}", file=sys.stderr)
+        sys.exit(2)
     flags.DEFINE_string(
         "checkpoint", "", "orbax checkpoint: a training workdir / step dir, or an exported model "
         "dir (config.json + params)",
     )  # fmt: skip
+    flags.DEFINE_integer(
+        "step", -1, "training step of a --checkpoint run (-1 = the latest complete one)"
+    )
     flags.DEFINE_string("hf_dir", None, "Hugging Face Qwen2.5-VL directory")
     flags.DEFINE_integer("batch_size", None, "prompts per generate call (global)")
     flags.DEFINE_integer("max_new_tokens", None, "generation budget (default 256)")
     flags.DEFINE_integer("max_pixels", None, "image pixel budget (default 1572864)")
     flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8,fsdp=1,tensor=1 (-1 = inferred)")
     return holder
+
+
+def usage_line(err: BaseException, argv: Sequence[str] = ()) -> str:
+    """One line for a flag-parsing error: absl's message without ml_collections' embedded
+    traceback (its last line is the cause); an unknown ``--config.<field>`` named as given in
+    ``argv``."""
+    text = str(err)
+    if "Traceback (most recent call last)" in text:
+        head = text.split(":", 1)[0] if text.startswith("flag --") else ""
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        text = f"{head}: {last}" if head else last
+    if "Failed loading config file" in text and "[Errno" in text:  # --config=<missing file>
+        text = "--config: " + text.rsplit("]", 1)[-1].strip()
+    if isinstance(err, KeyError | AttributeError):  # ml_collections: --config.<no such field>
+        field = str(err).strip("\"'")
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--") and f".{field}" in a]
+        text = f"{given[0] if given else field}: no such config field"
+    return " ".join(text.split())
+
+
+def run_script(main: Callable[[list[str]], int | None]) -> None:
+    """``absl.app.run(main)`` with the scripts' usage contract: a flag that does not parse (an
+    unknown flag, a bad value, a missing or broken ``--config`` file, an unknown
+    ``--config.<field>``) or an ``app.UsageError`` raised by ``main`` prints one line
+    ``error: ...`` on stderr and exits with status 2; never a traceback or the help text."""
+    from absl import app
+    from absl import flags as absl_flags
+
+    def fail(msg: str) -> None:
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            rest = absl_flags.FLAGS(argv)
+            for name in list(absl_flags.FLAGS):  # a config file that failed to load raises
+                if name == "config" and absl_flags.FLAGS[name].value is not None:  # only when used
+                    absl_flags.FLAGS[name].value.keys()
+        except Exception as err:  # absl, config_flags and config-file errors alike
+            fail(usage_line(err, argv))
+            raise  # unreachable
+        return rest
+
+    def guarded(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except app.UsageError as err:
+            fail(str(err))
+            raise  # unreachable
+
+    app.run(guarded, flags_parser=parse)
 
 
 def exit_code(body: Callable[[], int]) -> int:
@@ -117,6 +175,7 @@ def run_eval_from_config(
     cfg: Any,
     *,
     checkpoint: str = "",
+    step: int = -1,
     image_roots: str = "",
     predictor_factory: Callable[..., Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -134,7 +193,7 @@ def run_eval_from_config(
             raise FileNotFoundError(f"dataset {s.name}: label file {s.manifest} not found")
     if predictor_factory is None:
         from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
-    predictor = predictor_factory(cfg, checkpoint=checkpoint)
+    predictor = predictor_factory(cfg, checkpoint=checkpoint, step=step)
     is_writer = True
     if "jax" in sys.modules:
         import jax

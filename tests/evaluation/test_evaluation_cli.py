@@ -7,6 +7,7 @@ The model is replaced by a test double (``_fake_factory``); the real factory nee
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tatar_jax.data import datasets
 from tatar_jax.evaluation import cli, predict, specs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -26,7 +28,7 @@ def _eval_config(arg=None):
     return eval_configs.get_config(arg)
 
 
-def _fake_factory(cfg, *, checkpoint=""):
+def _fake_factory(cfg, *, checkpoint="", step=-1):
     def predict_fn(records):
         return [f"<think>ok</think><answer>{r['gt_100']:.2f}</answer>" for r in records]
 
@@ -89,8 +91,14 @@ def test_builtin_declarations_with_per_dataset_image_roots(shared_dir):
     cfg.eval.datasets = "pipal"
     (only,) = specs.specs_from_config(cfg.eval)
     assert only.name == "PIPAL" and only.image_root == "/img/one"
-    cfg.eval.benchmark_root = ""
-    with pytest.raises(ValueError, match="benchmark_root"):
+    cfg.eval.benchmark_root = ""  # the label files shipped with tatar-jax
+    (only,) = specs.specs_from_config(cfg.eval)
+    assert only.manifest == os.path.join(datasets.PACKAGED_ROOT, "IQA", "PIPAL", "PIPAL.json")
+    cfg.eval.image_root = ""
+    with pytest.raises(ValueError, match="PIPAL: no image folder .*--image_roots=PIPAL="):
+        specs.specs_from_config(cfg.eval)
+    cfg.eval.datasets = "KADID,LIVE"
+    with pytest.raises(ValueError, match="--datasets: unknown dataset 'LIVE'; choose from KonIQ"):
         specs.specs_from_config(cfg.eval)
 
 
