@@ -7,7 +7,9 @@
         --config.model.init_checkpoint=/runs/sft --config.optimizer.learning_rate=1e-6
 
 Restarting with the same ``--workdir`` resumes from its latest checkpoint. A run writes nothing
-outside ``--workdir``.
+outside ``--workdir``. A usage error (an unknown flag or config field, a value outside a field's
+choices, an unknown data set, a missing directory) is one line per problem on stderr, exit
+status 2, before any work.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ class _QuietOrbax(std_logging.Filter):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tatar_jax.train import validate
+
+    try:
+        validate.check_config(_CONFIG.value)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -49,4 +58,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from tatar_jax.evaluation import cli
+
+    cli.run_script(main)

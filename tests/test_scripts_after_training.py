@@ -3,7 +3,7 @@
 --workdir`` to a complete HF directory, and that export read back by our scripts (the same greedy
 completions as the workdir it came from) and by transformers.
 
-One tiny SFT run (embedded model, 2 steps) is shared by the whole module.
+One tiny run directory (embedded model, checkpoints at steps 1 and 2) is shared by the module.
 """
 
 from __future__ import annotations
@@ -42,18 +42,30 @@ def _run(script, args, env, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, env):
+def run_dir(tmp_path_factory):
+    """A scripts/train.py workdir of the embedded tiny model with checkpoints at steps 1 and 2,
+    written the trainer's way (``config.json``, ``run_config.json``, the trainer's Checkpointer)
+    without the minutes of compiling a training step (tests/train/test_train_run.py runs
+    train.py itself)."""
+    import jax
+    from flax import nnx
+
+    from configs import sft
+    from tatar_jax import loading
+    from tatar_jax.data import tokenizer
+    from tatar_jax.train import checkpointing, optim
+
     wd = tmp_path_factory.mktemp("run") / "sft"
-    flags = [
-        "--config=configs/sft.py:tiny",
-        f"--workdir={wd}",
-        "--config.total_steps=2",
-        "--config.checkpoint.every_steps=1",
-        "--config.eval.datasets=()",
-        "--config.model.remat=False",
-    ]
-    r = _run("train.py", flags, env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    wd.mkdir()
+    arch = loading.embedded_config(tokenizer.load_tokenizer(None), "tiny")
+    arch.to_json_file(str(wd / "config.json"))
+    (wd / "run_config.json").write_text(sft.get_config("tiny").to_json_best_effort(indent=1))
+    ckpt = checkpointing.Checkpointer(wd, every_steps=1, async_save=False, with_data=False)
+    for step in (1, 2):
+        model = loading.build_model(arch, seed=step)
+        tx = optim.make_optimizer(1e-3)
+        ckpt.save(step, optim.TrainState.create(nnx.state(model), tx, jax.random.key(0)))
+    ckpt.close()
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["1", "2"]
     return wd
 

@@ -92,6 +92,14 @@ def canonical_name(name: str) -> str:
     raise KeyError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTINS)}")
 
 
+class NoImageFolder(ValueError):
+    """A shipped label file was declared without its dataset's image folder (``.name``)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name}: no image folder (the shipped label files come without images)")
+        self.name = name
+
+
 def _sha256_list(root: str) -> dict[str, str]:
     """``{relative path: sha256}`` of ``<root>/SHA256SUMS`` (empty when there is none)."""
     path = os.path.join(root, SHA256_LIST)
@@ -154,10 +162,10 @@ def get(
     ``root`` None / "" = the label files shipped with tatar-jax (:data:`PACKAGED_ROOT`; the eight
     benchmarks only). The label file is checked against the root's ``SHA256SUMS``.
     ``manifest`` overrides the path (e.g. a JSONL copy); ``image_root`` defaults to the manifest's
-    folder, except for the shipped labels, which have no images beside them (ValueError unless
-    ``images=False``, for label-only checks); ``label_field`` overrides the built-in one (e.g.
-    ``"gt_score"`` for DeQA's raw MOS, which then needs its own range via
-    ``.replace(score_range=...)``).
+    folder, except for the shipped labels, which have no images beside them
+    (:class:`NoImageFolder` unless ``images=False``, for label-only checks); ``label_field``
+    overrides the built-in one (e.g. ``"gt_score"`` for DeQA's raw MOS, which then needs its own
+    range via ``.replace(score_range=...)``).
     """
     b = BUILTINS[canonical_name(name)]
     packaged = not root and not manifest
@@ -173,10 +181,7 @@ def get(
         verify_label_file(root, b.relpath)
         path = os.path.join(root, b.relpath)
     if packaged and images and not image_root:
-        raise ValueError(
-            f"{b.name}: no image folder (the shipped label files come without images); give "
-            f"--image_roots={b.name}=/path/to/its/images"
-        )
+        raise NoImageFolder(b.name)
     return DatasetSpec(
         name=b.name,
         task=b.task,

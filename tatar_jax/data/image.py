@@ -18,6 +18,10 @@ Steps of :func:`preprocess_image` (HF's order and arithmetic):
    repeated on the temporal axis - the layout the vision tower's Conv3d patch embedding expects.
 
 :func:`load_image` decodes a file fully (so truncation is found) and applies the EXIF orientation.
+Only still images are scored: an animation (GIF, APNG, WebP) or a multi-page TIFF is an
+:class:`ImageLoadError` naming the frame count, never silently its first frame. The one
+multi-frame format taken as a still is MPO (phone JPEGs), whose first frame is by that standard
+the primary image (the others are previews / depth or stereo views).
 """
 
 from __future__ import annotations
@@ -83,6 +87,16 @@ class ImageLoadError(OSError):
 # Loading
 
 
+def _check_still(im: Image.Image, where: str) -> None:
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1 and im.format != "MPO":
+        raise ImageLoadError(
+            where,
+            f"{frames} frames ({im.format} animation or multi-page file); only still images are "
+            "scored: save the frame you mean as its own file",
+        )
+
+
 def load_image(src: PathOrBytes, *, name: str | None = None, exif: bool = True) -> Image.Image:
     """Open and fully decode an image file (or encoded bytes); EXIF orientation applied.
 
@@ -107,6 +121,7 @@ def load_image(src: PathOrBytes, *, name: str | None = None, exif: bool = True) 
         fp = path
     try:
         with Image.open(fp) as im:
+            _check_still(im, where)
             im.load()  # full decode: truncated data raises here, not later in a worker
             if exif:
                 out = ImageOps.exif_transpose(im)

@@ -74,7 +74,8 @@ def run_script(main: Callable[[list[str]], int | None]) -> None:
     from absl import flags as absl_flags
 
     def fail(msg: str) -> None:
-        print(f"error: {msg}", file=sys.stderr)
+        for line in str(msg).splitlines() or [""]:  # several problems: one line each
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
 
     def parse(argv: list[str]) -> list[str]:
@@ -171,6 +172,37 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     return cfg
 
 
+def check_weight_flags(cfg: Any, checkpoint: str = "") -> None:
+    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag."""
+    if cfg.model.hf_dir and not os.path.isdir(cfg.model.hf_dir):
+        raise FileNotFoundError(f"--hf_dir: no such directory: {cfg.model.hf_dir}")
+    if checkpoint and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"--checkpoint: no such file or directory: {checkpoint}")
+
+
+def unscored(results: Mapping[str, Mapping[str, Any]], out_dir: str) -> list[str]:
+    """One line per dataset of ``results`` (``run_eval``'s metrics) without a single scored row,
+    saying why (``scripts/eval.py`` then exits 1: an empty table is no result)."""
+    lines = []
+    for name, m in results.items():
+        if m.get("n_scored", 0):
+            continue
+        counts = ", ".join(
+            f"{m.get(k, 0)} {what}"
+            for k, what in (
+                ("n_image_errors", "unreadable images"),
+                ("n_bad_rows", "bad label rows"),
+                ("n_predict_errors", "model errors"),
+            )
+        )
+        where = os.path.join(out_dir, name, "errors.jsonl")
+        lines.append(
+            f"dataset {name}: no row was scored ({m.get('n_records', 0)} records: {counts}; "
+            f"see {where})"
+        )
+    return lines
+
+
 def run_eval_from_config(
     cfg: Any,
     *,
@@ -191,6 +223,7 @@ def run_eval_from_config(
     for s in dataset_specs:  # fail on a wrong path before spending minutes loading weights
         if not os.path.isfile(s.manifest):
             raise FileNotFoundError(f"dataset {s.name}: label file {s.manifest} not found")
+    check_weight_flags(cfg, checkpoint)
     if predictor_factory is None:
         from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
     predictor = predictor_factory(cfg, checkpoint=checkpoint, step=step)
@@ -260,7 +293,8 @@ def score_images(
 ) -> list[dict[str, Any]]:
     """Scores every image for every task; one result dict per (image, task), input order.
 
-    Result: ``image, task, score`` (0-100 or None when the answer does not parse), ``reasoning``
+    Result: ``image, task, score`` (0-100; None when the answer does not parse or lies outside
+    0-100), ``answer`` (the parsed value as written), ``out_of_range``, ``reasoning``
     (:func:`tatar_jax.answer_format.think_text`, stripped), ``completion``, ``think_tokens``,
     ``error`` (why an image was not scored).
     """
@@ -292,8 +326,11 @@ def score_images(
                 job["_result"]["error"] = text.reason
                 continue
             scored = scoring.score_completion(text, job["task"], count_tokens=count_tokens)
+            out_of_range = scored["out_of_range"]
             job["_result"].update(
-                score=scored["prediction"],
+                score=None if out_of_range else scored["prediction"],
+                answer=scored["answer"],
+                out_of_range=out_of_range,
                 reasoning=answer_format.think_text(text).strip(),
                 completion=text,
                 think_tokens=scored["think_tokens"],
@@ -311,7 +348,12 @@ def format_results(results: Sequence[Mapping[str, Any]], as_json: bool) -> str:
         if r.get("error"):
             lines.append(f"{head}  error: {r['error']}")
             continue
-        score = "unparsed answer" if r["score"] is None else f"{r['score']:.2f} / 100"
+        if r.get("out_of_range"):
+            score = f"out of range: the model answered {r['answer']:g}, outside 0-100"
+        elif r["score"] is None:
+            score = "unparsed answer"
+        else:
+            score = f"{r['score']:.2f} / 100"
         lines.append(f"{head}  score: {score}")
         if r.get("reasoning"):
             lines.append(f"  reasoning: {r['reasoning']}")

@@ -77,5 +77,8 @@ def specs_from_config(cfg: Any, image_roots: Mapping[str, str] | None = None) ->
             )
         roots[datasets.canonical_name(names[0])] = cfg.image_root
     roots.update(image_roots or {})
-    specs = datasets.benchmarks(cfg.benchmark_root or None, names, roots)
+    try:
+        specs = datasets.benchmarks(cfg.benchmark_root or None, names, roots)
+    except datasets.NoImageFolder as err:
+        raise ValueError(f"{err}; give --image_roots={err.name}=/path/to/its/images") from None
     return list(specs.values())

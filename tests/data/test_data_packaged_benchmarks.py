@@ -28,7 +28,7 @@ def test_default_root_is_the_shipped_files_and_rows_load():
     loaded = manifest.load_records(spec)
     assert len(loaded.records) == 2000  # shared/benchmarks/README.md
     assert loaded.records[0]["image"].startswith("/data/kadid/")
-    with pytest.raises(ValueError, match=r"AVA: no image folder .*--image_roots=AVA="):
+    with pytest.raises(datasets.NoImageFolder, match=r"AVA: no image folder \(the shipped"):
         datasets.get("AVA")
     assert datasets.get("AVA", images=False).image_root == ""  # label-only checks
     with pytest.raises(ValueError, match="koniq-train: its label file is not shipped"):
