@@ -110,8 +110,14 @@ def _check_usage() -> None:
             "give either --hf_dir and --orbax_out, or --orbax_dir and --hf_out, or --workdir "
             "and --hf_out"
         )
-    if not (_HF_DIR.value or _ORBAX_DIR.value) or not (_ORBAX_OUT.value or _HF_OUT.value):
-        raise app.UsageError("both an input and an output directory are required")
+    for given, needed, what in (
+        (_HF_DIR, _ORBAX_OUT, "--orbax_out"),
+        (_ORBAX_DIR, _HF_OUT, "--hf_out"),
+        (_ORBAX_OUT, _HF_DIR, "--hf_dir"),
+        (_HF_OUT, _ORBAX_DIR, "--orbax_dir or --workdir"),
+    ):
+        if given.value and not needed.value:
+            raise app.UsageError(f"--{given.name} needs {what}")
     src = pathlib.Path(_HF_DIR.value or _ORBAX_DIR.value)
     if not (src / "config.json").is_file():
         raise app.UsageError(

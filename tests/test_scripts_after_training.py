@@ -186,3 +186,16 @@ def test_auto_processor_loads_the_export(export_dir):
 
     proc = transformers.AutoProcessor.from_pretrained(export_dir)
     assert type(proc).__name__ == "Qwen2_5_VLProcessor"
+
+
+def test_eval_exits_1_when_no_image_could_be_read(run_dir, labelled, tmp_path, env):
+    args = [
+        EVAL_TINY, f"--checkpoint={run_dir}", f"--manifest={labelled / 'labels.jsonl'}",
+        "--task=iqa", "--score_range=1,5", f"--image_root={tmp_path / 'typo'}",
+        f"--out_dir={tmp_path / 'out'}",
+    ]  # fmt: skip
+    r = _run("eval.py", args, env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset labels: no row was scored (3 records: 3 unreadable")
+    assert str(tmp_path / "out" / "labels" / "errors.jsonl") in last

@@ -238,3 +238,35 @@ def test_compare_table_over_runs(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| fake")]
     assert len(lines) == 2 and "fake (b)" in lines[1]
     assert "1.000 / 1.000" in lines[0]
+
+
+def test_out_of_range_answers_are_reported_not_clipped_silently(tmp_path):
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "a.png")
+    answers = {"iqa": "<answer>60000</answer>", "iaa": "<answer>-3.5</answer>"}
+    res = cli.score_images(
+        [str(tmp_path / "a.png")],
+        ("iqa", "iaa"),
+        lambda recs: [answers[r["task"]] for r in recs],
+        batch_size=2,
+    )
+    assert [(r["score"], r["answer"], r["out_of_range"]) for r in res] == [
+        (None, 60000.0, True),
+        (None, -3.5, True),
+    ]
+    text = cli.format_results(res, as_json=False)
+    assert "score: out of range: the model answered 60000, outside 0-100" in text
+    assert "score: out of range: the model answered -3.5, outside 0-100" in text
+    assert "100.00" not in text and "0.00 / 100" not in text
+
+    from tatar_jax.data.manifest import DatasetSpec
+    from tatar_jax.evaluation import report, scoring
+
+    texts = ["<answer>60000</answer>", "<answer>40</answer>", "<answer>1e9</answer>", "x"]
+    rows = [
+        {"row_id": i, "gt_100": 10.0 * i, **scoring.score_completion(t, "iqa")}
+        for i, t in enumerate(texts)
+    ]
+    assert [r["prediction"] for r in rows] == [100.0, 40.0, 100.0, None]  # clipped for SRCC
+    m = scoring.dataset_metrics(DatasetSpec("d", "iqa", "m.json"), rows, num_records=4)
+    assert (m["n_out_of_range"], m["n_unparsed"], m["n_scored"]) == (2, 1, 4)
+    assert "; 2 answers outside 0-100 (clipped) |" in report.details_table({"d": m})
