@@ -3,10 +3,10 @@
     # a manifest of your own
     python scripts/check_data.py --manifest=/data/koniq/train.jsonl --image_root=/data/koniq/img \
         --task=iqa --score_range=1,5 [--label_field=gt_score_norm]
-    # built-in declarations (benchmark label files under --benchmark_root)
-    python scripts/check_data.py --dataset=KonIQ-10K --dataset=AVA --benchmark_root=/data/VR \
+    # built-in declarations (the shipped benchmark label files, or --benchmark_root=<yours>)
+    python scripts/check_data.py --dataset=KonIQ-10K --dataset=AVA \
         --image_root=KonIQ-10K=/data/koniq/1024x768 --image_root=AVA=/data/ava/images
-    python scripts/check_data.py --dataset=benchmarks --benchmark_root=/data/VR --noimages
+    python scripts/check_data.py --dataset=benchmarks --noimages
 
     # check, then stage for pods as TFDS array_record (readable without TensorFlow)
     python scripts/check_data.py --dataset=KonIQ-10K --benchmark_root=/data/VR \
@@ -14,8 +14,8 @@
 
 Checks: missing / empty image field or label, non-numeric / NaN / out-of-declared-range score,
 duplicate image, and (unless --noimages) missing, unreadable or truncated image files (each
-image is fully decoded). Exit status 1 when any problem is found (also when --skip_bad staged
-the good rows), 2 on a usage error.
+image is fully decoded), an empty manifest, a quoted (string) score. Exit status 1 when any
+problem is found (also when --skip_bad staged the good rows), 2 on a usage error (one line).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 
 from tatar_jax.data import datasets, manifest, synthetic  # noqa: E402
+from tatar_jax.evaluation import cli  # noqa: E402
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "Manifest (JSON list or JSONL) to check.")
 _TASK = flags.DEFINE_enum("task", "iqa", list(manifest.TASKS), "Task of --manifest.")
@@ -41,7 +42,9 @@ _DATASET = flags.DEFINE_multi_string(
     f"Built-in dataset(s): {', '.join(datasets.BUILTINS)}, 'benchmarks' (all eight), or "
     "synthetic-{iqa,iaa}-{train,test} (built under --benchmark_root by make_synthetic.py).",
 )
-_ROOT = flags.DEFINE_string("benchmark_root", None, "Root of <IQA|IAA>/<name>/<name>.json.")
+_ROOT = flags.DEFINE_string(
+    "benchmark_root", None, "Root of <IQA|IAA>/<name>/<name>.json (default: the shipped files)."
+)
 _IMAGE_ROOT = flags.DEFINE_multi_string(
     "image_root", [], "Image folder; for several datasets NAME=PATH (default: manifest folder)."
 )
@@ -80,8 +83,6 @@ def _specs() -> list[manifest.DatasetSpec]:
         ]
     if not _DATASET.value:
         raise app.UsageError("give --manifest=... or --dataset=...")
-    if not _ROOT.value:
-        raise app.UsageError("--dataset needs --benchmark_root")
     names = []
     for n in _DATASET.value:
         names.extend(datasets.BENCHMARKS if n == "benchmarks" else [n])
@@ -90,6 +91,8 @@ def _specs() -> list[manifest.DatasetSpec]:
     out = []
     for n in names:
         if n.startswith("synthetic-"):  # the embedded set, built under --benchmark_root
+            if not _ROOT.value:
+                raise app.UsageError(f"--dataset={n} needs --benchmark_root (its folder)")
             syn = synthetic.specs(_ROOT.value)
             if n not in syn:
                 raise app.UsageError(f"unknown synthetic dataset {n!r}; have {', '.join(syn)}")
@@ -97,11 +100,16 @@ def _specs() -> list[manifest.DatasetSpec]:
             continue
         try:
             c = datasets.canonical_name(n)
+            image_root = roots.get(c) or roots.get(n) or (plain or [None])[0]
+            spec = datasets.get(c, _ROOT.value, image_root=image_root, images=_IMAGES.value)
         except KeyError as err:
-            raise app.UsageError(str(err)) from None
-        spec = datasets.get(
-            c, _ROOT.value, image_root=roots.get(c) or roots.get(n) or (plain or [None])[0]
-        )
+            raise app.UsageError(f"--dataset: {err.args[0]}") from None
+        except datasets.NoImageFolder as err:
+            raise app.UsageError(
+                f"--dataset={n}: {err}; give --image_root={c}=/path/to/its/images or --noimages"
+            ) from None
+        except ValueError as err:  # a training set's label file is not shipped
+            raise app.UsageError(f"--dataset={n}: {err}") from None
         if _LABEL.value:
             spec = spec.replace(label_field=_LABEL.value)
         if _RANGE.value:
@@ -168,4 +176,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main)

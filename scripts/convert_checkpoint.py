@@ -9,10 +9,15 @@
     # a training run (scripts/train.py --workdir) -> HF directory of its policy parameters
     python scripts/convert_checkpoint.py --workdir=/runs/grpo [--step=N] --hf_out=/ckpt/grpo_hf
 
-The orbax directory holds ``params/`` (the parameter tree, our layer-stacked names) and
-``config.json`` (HF nested layout). Tokenizer / processor files are not model weights: copy them
-from the HF directory if you need them (``--copy_extra`` does it for HF -> orbax -> HF).
-Exit status 2 on a usage error.
+The orbax directory holds ``params/`` (the parameter tree, our layer-stacked names),
+``config.json`` (HF nested layout) and the input's tokenizer files. Every HF directory written is
+complete (``qvl.checkpoint.export_hf``): weights, ``config.json``, ``generation_config.json``, the
+tokenizer with its chat template and ``preprocessor_config.json``, so ``scripts/eval.py
+--hf_dir`` / ``scripts/score.py --hf_dir`` and transformers' ``from_pretrained`` load it as it is.
+The tokenizer: ``--tokenizer_dir`` if given, else the input's own (an orbax directory's copy, a
+training run's recorded ``data.tokenizer_dir`` / ``model.hf_dir``), else the offline Qwen2.5
+rebuild (what the embedded model trains with).
+Exit status 2 on a usage error (one line naming the flag), 1 when the conversion fails.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from tatar_jax import loading  # noqa: E402
+from tatar_jax.evaluation import cli  # noqa: E402
 from tatar_jax.models import qwen2_5_vl as qvl  # noqa: E402
 
 _WRITTEN = ("float32", "bfloat16")  # --dtype choices; "keep" reads any other dtype as float32
@@ -45,6 +51,9 @@ _DTYPE = flags.DEFINE_enum(
     "dtype", "keep", ["keep", *_WRITTEN], "Parameter dtype written (keep = as read)."
 )
 _SHARD = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard (orbax -> HF).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer_dir", None, "Tokenizer folder (tokenizer.json ...) written with an HF output."
+)
 _EXTRA = flags.DEFINE_multi_string(
     "copy_extra", [], "Extra files copied from the input directory (e.g. tokenizer.json)."
 )
@@ -57,42 +66,96 @@ def _read_dtype(path: pathlib.Path) -> object:
     return loading.to_dtype(name if name in _WRITTEN else "float32")
 
 
+def _tokenizer_for(source: loading.PolicySource) -> str | None:
+    """--tokenizer_dir, else the input's own (loading.tokenizer_dir), else the offline rebuild."""
+    if _TOKENIZER.value:
+        return _TOKENIZER.value
+    return loading.tokenizer_dir(source)
+
+
+def _export(model: object, out: pathlib.Path, tok_dir: str | None, dtype: object) -> None:
+    qvl.checkpoint.export_hf(
+        model, out, tokenizer_dir=tok_dir, max_shard_size=_SHARD.value, dtype=dtype
+    )
+    print(f"tokenizer: {tok_dir or 'the offline Qwen2.5 rebuild (tatar_jax.data.tokenizer)'}")
+
+
 def _workdir_to_hf(workdir: pathlib.Path, out: pathlib.Path, dtype_name: str) -> None:
     """The ``params`` of a training checkpoint (architecture from the run's config.json)."""
     if not (workdir / "config.json").is_file():
         raise app.UsageError(f"{workdir} has no config.json (not a scripts/train.py run directory)")
-    policy = loading.load_policy(loading.PolicySource(checkpoint=str(workdir), step=_STEP.value))
+    source = loading.PolicySource(checkpoint=str(workdir), step=_STEP.value)
+    tok_dir = _tokenizer_for(source)
+    policy = loading.load_policy(source)
     dtype = None if dtype_name == "keep" else loading.to_dtype(dtype_name)
-    qvl.save_hf_checkpoint(policy.model, out, max_shard_size=_SHARD.value, dtype=dtype)
+    _export(policy.model, out, tok_dir, dtype)
     print(f"wrote {out} from {workdir} step {policy.step}")
+
+
+def _check_usage() -> None:
+    """Every flag checked before anything is read (app.UsageError: one line, exit 2)."""
+    for flag in (_HF_DIR, _ORBAX_DIR, _WORKDIR, _TOKENIZER):
+        if flag.value and not pathlib.Path(flag.value).is_dir():
+            raise app.UsageError(f"--{flag.name}: no such directory: {flag.value}")
+    if _TOKENIZER.value and not (pathlib.Path(_TOKENIZER.value) / "tokenizer.json").is_file():
+        raise app.UsageError(f"--tokenizer_dir: {_TOKENIZER.value} has no tokenizer.json")
+    if _WORKDIR.value:
+        if not _HF_OUT.value or _HF_DIR.value or _ORBAX_DIR.value or _ORBAX_OUT.value:
+            raise app.UsageError("--workdir needs --hf_out (and no other input/output)")
+        return
+    hf_to_orbax = bool(_HF_DIR.value or _ORBAX_OUT.value)
+    orbax_to_hf = bool(_ORBAX_DIR.value or _HF_OUT.value)
+    if hf_to_orbax == orbax_to_hf:
+        raise app.UsageError(
+            "give either --hf_dir and --orbax_out, or --orbax_dir and --hf_out, or --workdir "
+            "and --hf_out"
+        )
+    for given, needed, what in (
+        (_HF_DIR, _ORBAX_OUT, "--orbax_out"),
+        (_ORBAX_DIR, _HF_OUT, "--hf_out"),
+        (_ORBAX_OUT, _HF_DIR, "--hf_dir"),
+        (_HF_OUT, _ORBAX_DIR, "--orbax_dir or --workdir"),
+    ):
+        if given.value and not needed.value:
+            raise app.UsageError(f"--{given.name} needs {what}")
+    src = pathlib.Path(_HF_DIR.value or _ORBAX_DIR.value)
+    if not (src / "config.json").is_file():
+        raise app.UsageError(
+            f"--{'hf_dir' if _HF_DIR.value else 'orbax_dir'}: {src} has no config.json"
+        )
+    for name in _EXTRA.value:
+        if not (src / name).is_file():
+            raise app.UsageError(f"--copy_extra: {src / name} does not exist")
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _check_usage()
+    try:
+        return _convert()
+    except (OSError, ValueError) as err:  # a damaged or mismatched input: one line, exit 1
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _convert() -> int:
     if _WORKDIR.value:
-        if not _HF_OUT.value or _HF_DIR.value or _ORBAX_DIR.value or _ORBAX_OUT.value:
-            raise app.UsageError("--workdir needs --hf_out (and no other input/output)")
         _workdir_to_hf(pathlib.Path(_WORKDIR.value), pathlib.Path(_HF_OUT.value), _DTYPE.value)
         return 0
-    hf_to_orbax = bool(_HF_DIR.value or _ORBAX_OUT.value)
-    orbax_to_hf = bool(_ORBAX_DIR.value or _HF_OUT.value)
-    if hf_to_orbax == orbax_to_hf:
-        raise app.UsageError("give either --hf_dir and --orbax_out, or --orbax_dir and --hf_out")
-    src = pathlib.Path(_HF_DIR.value or _ORBAX_DIR.value or "")
-    dst = pathlib.Path(_ORBAX_OUT.value or _HF_OUT.value or "")
-    if not src.name or not dst.name:
-        raise app.UsageError("both an input and an output directory are required")
-    if not (src / "config.json").is_file():
-        raise app.UsageError(f"{src} has no config.json")
+    src = pathlib.Path(_HF_DIR.value or _ORBAX_DIR.value)
+    dst = pathlib.Path(_ORBAX_OUT.value or _HF_OUT.value)
     dtype = loading.to_dtype(_DTYPE.value) if _DTYPE.value != "keep" else _read_dtype(src)
     start = time.time()
-    if hf_to_orbax:
+    if _HF_DIR.value:
         model = qvl.load_hf_checkpoint(src, dtype=dtype)
         qvl.save_orbax(model, dst)
+        for name in qvl.checkpoint.TOKENIZER_FILES:  # eval --checkpoint finds them here
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
     else:
         model = qvl.load_orbax(src, dtype=dtype)
-        qvl.save_hf_checkpoint(model, dst, max_shard_size=_SHARD.value)
+        _export(model, dst, _tokenizer_for(loading.PolicySource(checkpoint=str(src))), None)
     for name in _EXTRA.value:
         shutil.copy2(src / name, dst / name)
     print(f"wrote {dst} ({jnp.dtype(dtype).name}) in {time.time() - start:.1f}s")
@@ -100,4 +163,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main)

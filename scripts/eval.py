@@ -1,12 +1,14 @@
 """Evaluate a checkpoint on the eight benchmarks (or any manifest): SRCC / PLCC tables + plots.
 
-    # the eight benchmarks, label files from shared/benchmarks, one image folder per dataset
-    python scripts/eval.py --hf_dir=/ckpt/tatar-7b --benchmark_root=../shared/benchmarks \\
-        --image_roots=KonIQ-10K=/data/koniq10k/1024x768,SPAQ=/data/spaq/TestImage \\
+    # the eight benchmarks (label files ship with tatar-jax), one image folder per dataset
+    python scripts/eval.py --hf_dir=/ckpt/tatar-7b \\
+        --image_roots=KonIQ-10K=/data/koniq10k/1024x768,SPAQ=/data/spaq/TestImage,... \\
         --out_dir=/tmp/eval/tatar-7b
-    # a training checkpoint (architecture + tokenizer from --hf_dir), two datasets, 100 images
-    python scripts/eval.py --checkpoint=/runs/grpo --hf_dir=/ckpt/Qwen2.5-VL-7B-Instruct \\
-        --datasets=KADID,PIPAL --benchmark_root=... --limit=100 --out_dir=/tmp/eval/quick
+    # a training run (scripts/train.py --workdir; latest step, or --step=N, or a step folder),
+    # two datasets, 100 images each; architecture and tokenizer are the run's
+    python scripts/eval.py --checkpoint=/runs/grpo [--step=100] --datasets=KADID,PIPAL \\
+        --image_roots=KADID=/data/kadid/images,PIPAL=/data/pipal --limit=100 \\
+        --out_dir=/tmp/eval/quick
     # any other labelled set
     python scripts/eval.py --hf_dir=... --manifest=/data/my/labels.jsonl --task=iqa \\
         --score_range=1,5 --image_root=/data/my/images --out_dir=/tmp/eval/my
@@ -15,6 +17,8 @@
     python scripts/eval.py --compare=/tmp/eval/sft,/tmp/eval/grpo
 
 Re-running the same command resumes (rows already in predictions.jsonl are not generated again).
+Exit status: 0 done; 1 a requested dataset has no scored row (e.g. no image could be read: a line
+on stderr says why); 2 a usage error (one line naming the flag); 3 no weights given.
 ``--reference_compat`` reproduces the authors' evaluation (bugs B1, B2, B12) for comparison only.
 Every other setting: ``--config.eval.<field>`` / ``--config.model.<field>`` (configs/eval.py).
 """
@@ -32,7 +36,9 @@ from tatar_jax.evaluation import cli  # noqa: E402
 
 _CONFIG = cli.define_model_flags("configs/eval.py[:default|reference|tiny]")
 flags.DEFINE_string("datasets", None, "comma-separated built-in names (default: all eight)")
-flags.DEFINE_string("benchmark_root", None, "folder with IQA/<name>/<name>.json, IAA/...")
+flags.DEFINE_string(
+    "benchmark_root", None, "folder with IQA/<name>/<name>.json, IAA/... (default: shipped labels)"
+)
 flags.DEFINE_string("image_roots", "", "per-dataset image folders: KonIQ-10K=/x,SPAQ=/y")
 flags.DEFINE_string("image_root", None, "image folder of --manifest")
 flags.DEFINE_string("manifest", None, "a custom label file (JSON list or JSONL)")
@@ -69,11 +75,16 @@ def main(argv: list[str]) -> int:
             print(report.compare_markdown(FLAGS.compare))
             return 0
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in _SHORT})
-        cli.run_eval_from_config(cfg, checkpoint=FLAGS.checkpoint, image_roots=FLAGS.image_roots)
-        return 0
+        results = cli.run_eval_from_config(
+            cfg, checkpoint=FLAGS.checkpoint, step=FLAGS.step, image_roots=FLAGS.image_roots
+        )
+        empty = cli.unscored(results, cfg.eval.out_dir)
+        for line in empty:
+            print(f"error: {line}", file=sys.stderr)
+        return 1 if empty else 0
 
     return cli.exit_code(body)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main)

@@ -2,10 +2,15 @@
 
     python scripts/score.py --hf_dir=/ckpt/tatar-7b --image a.jpg b.png --task both
     python scripts/score.py --hf_dir=/ckpt/tatar-7b --image /photos/ --task iaa --json > out.jsonl
+    # a training run (scripts/train.py --workdir): latest step, --step=N, or a step folder
+    python scripts/score.py --checkpoint=/runs/grpo [--step=20] --image a.jpg
 
 The model is loaded once and the images are scored in batches (greedy decoding, the evaluation
-prompt). An unreadable image is reported, not skipped silently; an answer that does not parse
-strictly is shown as such with the raw output.
+prompt). An unreadable image (or an animation) is reported, not skipped silently; an answer that
+does not parse strictly is shown as such with the raw output, and a parsed answer outside 0-100
+as "out of range" with its value (never clipped into a score).
+Exit status: 0 every image scored; 1 an image could not be read or processed; 2 a usage error
+(one line naming the flag); 3 no weights given.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from tatar_jax.evaluation import cli  # noqa: E402
 from tatar_jax.evaluation.predict import build_predict_fn  # noqa: E402
@@ -37,7 +42,8 @@ def main(argv: list[str]) -> int:
         images = cli.collect_images(paths)
         keys = ("hf_dir", "batch_size", "max_new_tokens", "max_pixels", "mesh_shape")
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in keys})
-        predictor = build_predict_fn(cfg, checkpoint=FLAGS.checkpoint)
+        cli.check_weight_flags(cfg, FLAGS.checkpoint)
+        predictor = build_predict_fn(cfg, checkpoint=FLAGS.checkpoint, step=FLAGS.step)
         tasks = ("iqa", "iaa") if FLAGS.task == "both" else (FLAGS.task,)
         results = cli.score_images(
             images,
@@ -53,4 +59,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main)

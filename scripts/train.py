@@ -7,10 +7,13 @@
         --config.model.init_checkpoint=/runs/sft --config.optimizer.learning_rate=1e-6
 
 Restarting with the same ``--workdir`` resumes from its latest checkpoint. A run writes nothing
-outside ``--workdir``; a resume whose hyper-parameters differ from ``<workdir>/run_config.json``
-is refused (exit status 2) unless ``--allow_config_change``. An operating-system I/O error (a
-full disk, a lost mount) or a bad record ends the run with one line naming the path and errno,
-or the dataset, file, row and reason, exit status 1; the newest complete checkpoint is kept.
+outside ``--workdir``. A usage error (an unknown flag or config field, a value outside a field's
+choices, an unknown data set, a missing directory) is one line per problem on stderr, exit
+status 2, before any work. A resume whose hyper-parameters differ from
+``<workdir>/run_config.json`` is refused (exit status 2) unless ``--allow_config_change``. An
+operating-system I/O error (a full disk, a lost mount) or a bad record ends the run with one line
+naming the path and errno, or the dataset, file, row and reason, exit status 1; the newest
+complete checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -91,7 +94,14 @@ class _QuietOrbax(std_logging.Filter):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tatar_jax.train import validate
+
+    try:
+        validate.check_config(_CONFIG.value)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -123,4 +133,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from tatar_jax.evaluation import cli
+
+    cli.run_script(main)

@@ -206,6 +206,13 @@ def parse_answer_lenient(text: str) -> float | None:
     return _finite_number(s)
 
 
+def out_of_scale(value: float | None) -> bool:
+    """Whether a parsed answer lies outside the 0-100 scale the prompts ask for (``inf``
+    included; None, an unparsed answer, is not "out of scale"). Evaluation reports such answers
+    (counted, shown with the value) instead of silently clipping them."""
+    return value is not None and not 0.0 <= value <= 100.0
+
+
 PARSERS: dict[str, Callable[[str], float | None]] = {
     "strict": parse_answer,
     "lenient": parse_answer_lenient,

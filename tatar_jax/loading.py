@@ -17,11 +17,14 @@ Sources (:class:`PolicySource`), first match wins:
 - ``hf_dir`` = a Hugging Face Qwen2.5-VL folder (safetensors + ``config.json``);
 - neither: the embedded random model (``preset`` sizes with the real Qwen2.5 vocabulary and
   special-token ids of ``tokenizer``), initialised from ``seed``.
+
+The tokenizer that goes with a source: :func:`tokenizer_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Any
@@ -92,13 +95,62 @@ def is_orbax_export(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and (p / qvl.checkpoint.ORBAX_PARAMS).exists()
 
 
+def _run_file(checkpoint: str, name: str) -> pathlib.Path | None:
+    """``name`` in the checkpoint folder or up to three levels above it (a workdir, its
+    ``checkpoints/`` folder or one step folder all find the run's files)."""
+    start = pathlib.Path(checkpoint)
+    for p in (start, *start.parents[:3]):
+        if (p / name).is_file():
+            return p / name
+    return None
+
+
+def run_config(checkpoint: str) -> dict[str, Any] | None:
+    """The training config (``run_config.json``) of the run ``checkpoint`` belongs to; None for
+    an orbax export or a folder that is no training run."""
+    path = _run_file(checkpoint, "run_config.json")
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable run config ({e})") from e
+
+
+def tokenizer_dir(source: PolicySource) -> str | None:
+    """The tokenizer folder that goes with ``source`` (None = the offline Qwen2.5 rebuild).
+
+    ``hf_dir`` when given; else a checkpoint folder that holds its own ``tokenizer.json`` (a
+    complete export); else the tokenizer the training run used (its ``run_config.json``:
+    ``data.tokenizer_dir``, else ``model.hf_dir``, as :func:`tatar_jax.train.sources.tokenizer_dir`
+    chose it at training time). A recorded folder that is gone is an error naming it.
+    """
+    if source.hf_dir:
+        return source.hf_dir
+    if not source.checkpoint:
+        return None
+    if (pathlib.Path(source.checkpoint) / "tokenizer.json").is_file():
+        return source.checkpoint
+    cfg = run_config(source.checkpoint)
+    if cfg is None:
+        return None
+    recorded = cfg.get("data", {}).get("tokenizer_dir") or cfg.get("model", {}).get("hf_dir")
+    if not recorded:
+        return None
+    if not (pathlib.Path(recorded) / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{source.checkpoint}: the run's tokenizer folder {recorded} (run_config.json) has no "
+            "tokenizer.json any more; give the folder with --hf_dir"
+        )
+    return recorded
+
+
 def architecture(source: PolicySource, tokenizer: Any = None) -> qvl.Qwen2_5_VLConfig:
     """The architecture of ``source`` without loading weights."""
     if source.checkpoint:
-        start = pathlib.Path(source.checkpoint)
-        for p in (start, *start.parents[:3]):
-            if (p / "config.json").is_file():
-                return qvl.load_config_json(str(p))
+        found = _run_file(source.checkpoint, "config.json")
+        if found is not None:
+            return qvl.load_config_json(str(found.parent))
     if source.hf_dir:
         return qvl.load_config_json(source.hf_dir)
     if source.checkpoint:  # never guess the architecture of stored weights

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,35 @@ def test_abstract_model_computes_nothing():
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_tokenizer_dir_of_each_source(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text("{}")
+    assert loading.tokenizer_dir(loading.PolicySource()) is None  # the offline rebuild
+    assert loading.tokenizer_dir(loading.PolicySource(hf_dir=str(hf))) == str(hf)
+    # A complete export carries its own.
+    assert loading.tokenizer_dir(loading.PolicySource(checkpoint=str(hf))) == str(hf)
+
+    # A GRPO main job: the run at the top, the warm-up in sft/, step folders below each.
+    wd = tmp_path / "run"
+    (wd / "sft" / "checkpoints" / "3").mkdir(parents=True)
+    (wd / "checkpoints" / "5").mkdir(parents=True)
+    (wd / "run_config.json").write_text('{"data": {"tokenizer_dir": ""}, "model": {"hf_dir": ""}}')
+    (wd / "sft" / "run_config.json").write_text(
+        json.dumps({"data": {"tokenizer_dir": ""}, "model": {"hf_dir": str(hf)}})
+    )
+    for ckpt in (wd, wd / "checkpoints" / "5"):
+        assert loading.tokenizer_dir(loading.PolicySource(checkpoint=str(ckpt))) is None
+    for ckpt in (wd / "sft", wd / "sft" / "checkpoints" / "3"):
+        assert loading.tokenizer_dir(loading.PolicySource(checkpoint=str(ckpt))) == str(hf)
+    # data.tokenizer_dir wins over model.hf_dir, as at training time; a folder gone is named.
+    (wd / "run_config.json").write_text(
+        json.dumps({"data": {"tokenizer_dir": str(tmp_path / "gone")}, "model": {"hf_dir": ""}})
+    )
+    with pytest.raises(FileNotFoundError, match=r"tokenizer folder .*gone \(run_config.json\)"):
+        loading.tokenizer_dir(loading.PolicySource(checkpoint=str(wd)))
+    (wd / "run_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"run_config.json: not a readable run config"):
+        loading.tokenizer_dir(loading.PolicySource(checkpoint=str(wd)))

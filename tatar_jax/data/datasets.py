@@ -1,9 +1,13 @@
 """Ready-made declarations of the eight benchmarks and the two training sets (spec §2).
 
-Manifests are found under a user-given root with the UniPercept-Bench / TATAR layout
-``<root>/<IQA|IAA>/<name>/<name>.json`` (training sets: ``<root>/train/<file>``). Images are not
-shipped; each dataset's image folder defaults to its manifest's folder and is set per dataset
-with ``image_roots={"KonIQ-10K": "/data/koniq10k/1024x768", ...}``.
+The eight benchmarks' label files ship with tatar-jax (package data, :data:`PACKAGED_ROOT`,
+public labels only) with a ``SHA256SUMS`` list that is checked before a file is used; they are the
+default root. A user's own root in the same UniPercept-Bench / TATAR layout
+``<root>/<IQA|IAA>/<name>/<name>.json`` (training sets: ``<root>/train/<file>``, not shipped)
+still works, and its ``SHA256SUMS`` is checked too when it has one. Images are not shipped: with
+the shipped labels each dataset's image folder must be given
+(``image_roots={"KonIQ-10K": "/data/koniq10k/1024x768", ...}``); with a user root it defaults
+to the manifest's folder.
 
 Declared native ranges (label statistics from ``shared/benchmarks/README.md``):
 
@@ -29,10 +33,15 @@ the range matters for rewards and absolute errors, where it decides what 0 and 1
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 
-from tatar_jax.data.manifest import DatasetSpec
+from tatar_jax.data.manifest import DatasetSpec, ManifestError
+
+PACKAGED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+SHA256_LIST = "SHA256SUMS"  # ``sha256sum`` format: "<hex>  <relative path>" per line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,23 +92,96 @@ def canonical_name(name: str) -> str:
     raise KeyError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTINS)}")
 
 
+class NoImageFolder(ValueError):
+    """A shipped label file was declared without its dataset's image folder (``.name``)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name}: no image folder (the shipped label files come without images)")
+        self.name = name
+
+
+def _sha256_list(root: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of ``<root>/SHA256SUMS`` (empty when there is none)."""
+    path = os.path.join(root, SHA256_LIST)
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                digest, sep, rel = line.strip().partition("  ")
+                if not sep or len(digest) != 64:
+                    raise ManifestError(f"{path}: line {n} is not '<sha256>  <path>'")
+                out[rel] = digest
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # cache key only: a file changed on disk is hashed again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_label_file(root: str | os.PathLike, relpath: str) -> None:
+    """Checks ``<root>/<relpath>`` against ``<root>/SHA256SUMS`` (when listed there).
+
+    ManifestError naming the file when it is missing or its sha256 differs from the list.
+    """
+    root = os.fspath(root)
+    want = _sha256_list(root).get(relpath)
+    if want is None:
+        return
+    path = os.path.join(root, relpath)
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path}: label file missing (listed in {SHA256_LIST})")
+    st = os.stat(path)
+    got = _file_sha256(path, st.st_size, st.st_mtime_ns)
+    if got != want:
+        raise ManifestError(
+            f"{path}: sha256 {got[:16]}... differs from {os.path.join(root, SHA256_LIST)} "
+            f"({want[:16]}...): the label file is damaged or was edited; restore it"
+        )
+
+
 def get(
     name: str,
-    root: str | os.PathLike,
+    root: str | os.PathLike | None = None,
     *,
     image_root: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None = None,
     sampling: str = "all",
     label_field: str | None = None,
+    images: bool = True,
 ) -> DatasetSpec:
     """DatasetSpec of a built-in dataset with its manifest under ``root``.
 
+    ``root`` None / "" = the label files shipped with tatar-jax (:data:`PACKAGED_ROOT`; the eight
+    benchmarks only). The label file is checked against the root's ``SHA256SUMS``.
     ``manifest`` overrides the path (e.g. a JSONL copy); ``image_root`` defaults to the manifest's
-    folder; ``label_field`` overrides the built-in one (e.g. ``"gt_score"`` for DeQA's raw MOS,
-    which then needs its own range via ``.replace(score_range=...)``).
+    folder, except for the shipped labels, which have no images beside them
+    (:class:`NoImageFolder` unless ``images=False``, for label-only checks); ``label_field``
+    overrides the built-in one (e.g. ``"gt_score"`` for DeQA's raw MOS, which then needs its own
+    range via ``.replace(score_range=...)``).
     """
     b = BUILTINS[canonical_name(name)]
-    path = os.fspath(manifest) if manifest else os.path.join(os.fspath(root), b.relpath)
+    packaged = not root and not manifest
+    if packaged and b.role != "benchmark":
+        raise ValueError(
+            f"{b.name}: its label file is not shipped with tatar-jax; give the folder that holds "
+            f"{b.relpath} (data.root / --benchmark_root)"
+        )
+    root = PACKAGED_ROOT if not root else os.fspath(root)
+    if manifest:
+        path = os.fspath(manifest)
+    else:
+        verify_label_file(root, b.relpath)
+        path = os.path.join(root, b.relpath)
+    if packaged and images and not image_root:
+        raise NoImageFolder(b.name)
     return DatasetSpec(
         name=b.name,
         task=b.task,
@@ -112,14 +194,17 @@ def get(
 
 
 def benchmarks(
-    root: str | os.PathLike,
+    root: str | os.PathLike | None = None,
     names: Sequence[str] | None = None,
     image_roots: Mapping[str, str] | None = None,
+    *,
+    images: bool = True,
 ) -> dict[str, DatasetSpec]:
-    """Declarations of the benchmarks ``names`` (default: all eight), keyed by built-in name."""
+    """Declarations of the benchmarks ``names`` (default: all eight), keyed by built-in name
+    (``root`` None = the shipped label files; see :func:`get`)."""
     image_roots = {canonical_name(k): v for k, v in (image_roots or {}).items()}
     out = {}
     for n in names or BENCHMARKS:
         c = canonical_name(n)
-        out[c] = get(c, root, image_root=image_roots.get(c))
+        out[c] = get(c, root, image_root=image_roots.get(c), images=images)
     return out

@@ -18,6 +18,10 @@ Steps of :func:`preprocess_image` (HF's order and arithmetic):
    repeated on the temporal axis - the layout the vision tower's Conv3d patch embedding expects.
 
 :func:`load_image` decodes a file fully (so truncation is found) and applies the EXIF orientation.
+Only still images are scored: an animation (GIF, APNG, WebP) or a multi-page TIFF is an
+:class:`ImageLoadError` naming the frame count, never silently its first frame. The one
+multi-frame format taken as a still is MPO (phone JPEGs), whose first frame is by that standard
+the primary image (the others are previews / depth or stereo views).
 """
 
 from __future__ import annotations
@@ -44,6 +48,32 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # transformers OPENAI_CLIP_STD
 PathOrBytes = str | os.PathLike | bytes
 
 
+def hf_preprocessor_config(
+    min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> dict[str, object]:
+    """``preprocessor_config.json`` of an HF export: transformers' Qwen2.5-VL image processor
+    set to the preprocessing of :func:`preprocess_image` (same pixel budget, mean/std, patches).
+    """
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": int(Image.Resampling.BICUBIC),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+        "min_pixels": int(min_pixels),
+        "max_pixels": int(max_pixels),
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+    }
+
+
 class ImageLoadError(OSError):
     """An image file is missing, unreadable or truncated; names the file and the reason."""
 
@@ -55,6 +85,16 @@ class ImageLoadError(OSError):
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+
+def _check_still(im: Image.Image, where: str) -> None:
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1 and im.format != "MPO":
+        raise ImageLoadError(
+            where,
+            f"{frames} frames ({im.format} animation or multi-page file); only still images are "
+            "scored: save the frame you mean as its own file",
+        )
 
 
 def load_image(src: PathOrBytes, *, name: str | None = None, exif: bool = True) -> Image.Image:
@@ -81,6 +121,7 @@ def load_image(src: PathOrBytes, *, name: str | None = None, exif: bool = True) 
         fp = path
     try:
         with Image.open(fp) as im:
+            _check_still(im, where)
             im.load()  # full decode: truncated data raises here, not later in a worker
             if exif:
                 out = ImageOps.exif_transpose(im)

@@ -276,6 +276,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path}: invalid JSON ({err})") from err
+        if not isinstance(rows, list) or not rows:
+            raise ManifestError(f"{path}: no rows (expected a non-empty JSON list of objects)")
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
                 raise ManifestError(f"{path}: row {i}: expected an object, got {type(r).__name__}")
@@ -289,8 +291,12 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 def parse_score(value: Any, score_range: Sequence[float] | None) -> float:
     """The row's score as a float; ValueError with the reason if non-numeric, NaN or out of range.
 
-    Numbers and numeric strings are accepted (``"3.5"``); booleans are not.
+    Only JSON numbers are scores: a string (``"3.5"``), a boolean or null is refused, since a
+    quoted score is a sign of a file written by mistake (or a column of text) and is never
+    guessed at.
     """
+    if isinstance(value, str):
+        raise ValueError(f"score {value!r} is a string, not a number (write it without quotes)")
     if isinstance(value, bool) or value is None:
         raise ValueError(f"score {value!r} is not a number")
     try:

@@ -25,19 +25,78 @@ def define_model_flags(config_help: str) -> Any:
     from ml_collections import config_flags
 
     default = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "eval.py")
-    holder = config_flags.DEFINE_config_file(
-        "config", os.path.normpath(default), config_help, lock_config=False
-    )
+    try:  # with a default file, config_flags reads sys.argv's --config / overrides right here
+        holder = config_flags.DEFINE_config_file(
+            "config", os.path.normpath(default), config_help, lock_config=False
+        )
+    except Exception as err:  # noqa: BLE001 - any of them is a usage error of the command line
+        print(f"error: {usage_line(err, sys.argv)}", file=sys.stderr)
+        sys.exit(2)
     flags.DEFINE_string(
         "checkpoint", "", "orbax checkpoint: a training workdir / step dir, or an exported model "
         "dir (config.json + params)",
     )  # fmt: skip
+    flags.DEFINE_integer(
+        "step", -1, "training step of a --checkpoint run (-1 = the latest complete one)"
+    )
     flags.DEFINE_string("hf_dir", None, "Hugging Face Qwen2.5-VL directory")
     flags.DEFINE_integer("batch_size", None, "prompts per generate call (global)")
     flags.DEFINE_integer("max_new_tokens", None, "generation budget (default 256)")
     flags.DEFINE_integer("max_pixels", None, "image pixel budget (default 1572864)")
     flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8,fsdp=1,tensor=1 (-1 = inferred)")
     return holder
+
+
+def usage_line(err: BaseException, argv: Sequence[str] = ()) -> str:
+    """One line for a flag-parsing error: absl's message without ml_collections' embedded
+    traceback (its last line is the cause); an unknown ``--config.<field>`` named as given in
+    ``argv``."""
+    text = str(err)
+    if "Traceback (most recent call last)" in text:
+        head = text.split(":", 1)[0] if text.startswith("flag --") else ""
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        text = f"{head}: {last}" if head else last
+    if "Failed loading config file" in text and "[Errno" in text:  # --config=<missing file>
+        text = "--config: " + text.rsplit("]", 1)[-1].strip()
+    if isinstance(err, KeyError | AttributeError):  # ml_collections: --config.<no such field>
+        field = str(err).strip("\"'")
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--") and f".{field}" in a]
+        text = f"{given[0] if given else field}: no such config field"
+    return " ".join(text.split())
+
+
+def run_script(main: Callable[[list[str]], int | None]) -> None:
+    """``absl.app.run(main)`` with the scripts' usage contract: a flag that does not parse (an
+    unknown flag, a bad value, a missing or broken ``--config`` file, an unknown
+    ``--config.<field>``) or an ``app.UsageError`` raised by ``main`` prints one line
+    ``error: ...`` on stderr and exits with status 2; never a traceback or the help text."""
+    from absl import app
+    from absl import flags as absl_flags
+
+    def fail(msg: str) -> None:
+        for line in str(msg).splitlines() or [""]:  # several problems: one line each
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            rest = absl_flags.FLAGS(argv)
+            for name in list(absl_flags.FLAGS):  # a config file that failed to load raises
+                if name == "config" and absl_flags.FLAGS[name].value is not None:  # only when used
+                    absl_flags.FLAGS[name].value.keys()
+        except Exception as err:  # absl, config_flags and config-file errors alike
+            fail(usage_line(err, argv))
+            raise  # unreachable
+        return rest
+
+    def guarded(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except app.UsageError as err:
+            fail(str(err))
+            raise  # unreachable
+
+    app.run(guarded, flags_parser=parse)
 
 
 def exit_code(body: Callable[[], int]) -> int:
@@ -113,10 +172,42 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     return cfg
 
 
+def check_weight_flags(cfg: Any, checkpoint: str = "") -> None:
+    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag."""
+    if cfg.model.hf_dir and not os.path.isdir(cfg.model.hf_dir):
+        raise FileNotFoundError(f"--hf_dir: no such directory: {cfg.model.hf_dir}")
+    if checkpoint and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"--checkpoint: no such file or directory: {checkpoint}")
+
+
+def unscored(results: Mapping[str, Mapping[str, Any]], out_dir: str) -> list[str]:
+    """One line per dataset of ``results`` (``run_eval``'s metrics) without a single scored row,
+    saying why (``scripts/eval.py`` then exits 1: an empty table is no result)."""
+    lines = []
+    for name, m in results.items():
+        if m.get("n_scored", 0):
+            continue
+        counts = ", ".join(
+            f"{m.get(k, 0)} {what}"
+            for k, what in (
+                ("n_image_errors", "unreadable images"),
+                ("n_bad_rows", "bad label rows"),
+                ("n_predict_errors", "model errors"),
+            )
+        )
+        where = os.path.join(out_dir, name, "errors.jsonl")
+        lines.append(
+            f"dataset {name}: no row was scored ({m.get('n_records', 0)} records: {counts}; "
+            f"see {where})"
+        )
+    return lines
+
+
 def run_eval_from_config(
     cfg: Any,
     *,
     checkpoint: str = "",
+    step: int = -1,
     image_roots: str = "",
     predictor_factory: Callable[..., Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -132,9 +223,10 @@ def run_eval_from_config(
     for s in dataset_specs:  # fail on a wrong path before spending minutes loading weights
         if not os.path.isfile(s.manifest):
             raise FileNotFoundError(f"dataset {s.name}: label file {s.manifest} not found")
+    check_weight_flags(cfg, checkpoint)
     if predictor_factory is None:
         from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
-    predictor = predictor_factory(cfg, checkpoint=checkpoint)
+    predictor = predictor_factory(cfg, checkpoint=checkpoint, step=step)
     is_writer = True
     if "jax" in sys.modules:
         import jax
@@ -201,7 +293,8 @@ def score_images(
 ) -> list[dict[str, Any]]:
     """Scores every image for every task; one result dict per (image, task), input order.
 
-    Result: ``image, task, score`` (0-100 or None when the answer does not parse), ``reasoning``
+    Result: ``image, task, score`` (0-100; None when the answer does not parse or lies outside
+    0-100), ``answer`` (the parsed value as written), ``out_of_range``, ``reasoning``
     (:func:`tatar_jax.answer_format.think_text`, stripped), ``completion``, ``think_tokens``,
     ``error`` (why an image was not scored).
     """
@@ -233,8 +326,11 @@ def score_images(
                 job["_result"]["error"] = text.reason
                 continue
             scored = scoring.score_completion(text, job["task"], count_tokens=count_tokens)
+            out_of_range = scored["out_of_range"]
             job["_result"].update(
-                score=scored["prediction"],
+                score=None if out_of_range else scored["prediction"],
+                answer=scored["answer"],
+                out_of_range=out_of_range,
                 reasoning=answer_format.think_text(text).strip(),
                 completion=text,
                 think_tokens=scored["think_tokens"],
@@ -252,7 +348,12 @@ def format_results(results: Sequence[Mapping[str, Any]], as_json: bool) -> str:
         if r.get("error"):
             lines.append(f"{head}  error: {r['error']}")
             continue
-        score = "unparsed answer" if r["score"] is None else f"{r['score']:.2f} / 100"
+        if r.get("out_of_range"):
+            score = f"out of range: the model answered {r['answer']:g}, outside 0-100"
+        elif r["score"] is None:
+            score = "unparsed answer"
+        else:
+            score = f"{r['score']:.2f} / 100"
         lines.append(f"{head}  score: {score}")
         if r.get("reasoning"):
             lines.append(f"  reasoning: {r['reasoning']}")

@@ -46,9 +46,10 @@ class Predictor:
     info: dict[str, Any]
 
 
-def load_model(model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "") -> tuple[Any, str]:
-    """(model, name) from ``checkpoint`` (an orbax export or a training run, see
-    :mod:`tatar_jax.loading`) or ``model_cfg.hf_dir``, in ``model_cfg.dtype``."""
+def policy_source(model_cfg: Any, checkpoint: str = "", step: int = -1) -> Any:
+    """The :class:`tatar_jax.loading.PolicySource` of ``checkpoint`` (an orbax export or a
+    training run, ``step`` -1 = its latest) or ``model_cfg.hf_dir``; ModelUnavailableError
+    without either."""
     from tatar_jax import loading
 
     if not checkpoint and not model_cfg.hf_dir:
@@ -56,20 +57,32 @@ def load_model(model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "") -> t
             "no weights: give --checkpoint (an orbax export or a training run) or --hf_dir "
             "(a Hugging Face directory)"
         )
-    source = loading.PolicySource(hf_dir=model_cfg.hf_dir, checkpoint=checkpoint)
+    return loading.PolicySource(hf_dir=model_cfg.hf_dir, checkpoint=checkpoint, step=int(step))
+
+
+def load_model(
+    model_cfg: Any, mesh: Any, rules: Any, checkpoint: str = "", step: int = -1
+) -> tuple[Any, str]:
+    """(model, name) of :func:`policy_source`, in ``model_cfg.dtype`` (see
+    :mod:`tatar_jax.loading`)."""
+    from tatar_jax import loading
+
+    source = policy_source(model_cfg, checkpoint, step)
     policy = loading.load_policy(source, dtype=model_cfg.dtype, mesh=mesh, rules=rules)
     return policy.model, policy.name
 
 
-def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
+def build_predict_fn(cfg: Any, *, checkpoint: str = "", step: int = -1) -> Predictor:
     """A greedy ``predict_fn`` for ``cfg`` (``configs/eval.py``: ``model``, ``mesh``, ``eval``).
 
     Initialises multi-host JAX when configured, builds the mesh, loads the weights
-    (:func:`load_model`) and the tokenizer (``model.hf_dir``'s, else the offline Qwen rebuild),
+    (:func:`load_model`; ``step`` -1 = a training run's latest) and the tokenizer that goes with
+    them (:func:`tatar_jax.loading.tokenizer_dir`: ``model.hf_dir``, an export's own, the
+    training run's, else the offline Qwen rebuild),
     then wires them with ``tatar_jax.generate.generate`` through :func:`make_predict_fn`.
     Raises :class:`ModelUnavailableError` without weights.
     """
-    from tatar_jax import generate, sharding
+    from tatar_jax import generate, loading, sharding
     from tatar_jax.data import tokenizer
 
     sharding.maybe_initialize_distributed(
@@ -86,8 +99,9 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "") -> Predictor:
     else:
         mesh = sharding.make_mesh(dict(cfg.mesh.shape), dcn_shape=dict(cfg.mesh.dcn_shape))
     rules = sharding.get_rules(cfg.mesh.rules)
-    model, name = load_model(cfg.model, mesh, rules, checkpoint)
-    tok = tokenizer.load_tokenizer(cfg.model.hf_dir or None)
+    tok_dir = loading.tokenizer_dir(policy_source(cfg.model, checkpoint, step))
+    tok = tokenizer.load_tokenizer(tok_dir)  # first: a missing tokenizer fails before the weights
+    model, name = load_model(cfg.model, mesh, rules, checkpoint, step)
     predict_fn = make_predict_fn(
         model,
         tok,

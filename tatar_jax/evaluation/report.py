@@ -116,6 +116,10 @@ def details_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             note = (note + "; " if note else "") + f"{m['n_missing']} not yet scored"
         if m.get("n_bad_rows"):
             note = (note + "; " if note else "") + f"{m['n_bad_rows']} bad manifest rows"
+        if m.get("n_out_of_range"):
+            note = (note + "; " if note else "") + (
+                f"{m['n_out_of_range']} answers outside 0-100 (clipped)"
+            )
         lines.append(
             f"| {name} | {str(m.get('task', '')).upper()} | {m.get('n_records', '')} "
             f"| {m.get('n_scored', '')} | {m.get('n_image_errors', '')} "

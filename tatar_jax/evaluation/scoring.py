@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tatar_jax import rewards
+from tatar_jax import answer_format, rewards
 from tatar_jax.data import manifest as manifest_mod
 from tatar_jax.evaluation import metrics as metrics_mod
 
@@ -25,10 +25,12 @@ def score_completion(
 ) -> dict[str, Any]:
     """Parsed prediction and think length of one completion.
 
-    Strict parser (spec §4, :func:`tatar_jax.rewards.parse_answer`); the answer is clipped to
-    [0, 100]. ``reference_compat``: the reference's lenient parser and value-based rescaling
-    (B2). Returns ``parsed`` (bool), ``prediction`` (float or None), ``think_tokens`` (int, or
-    None without ``count_tokens``), ``think_words`` and ``num_words`` (whitespace words).
+    Strict parser (spec §4, :func:`tatar_jax.rewards.parse_answer`). ``reference_compat``: the
+    reference's lenient parser and value-based rescaling (B2). Returns ``parsed`` (bool),
+    ``answer`` (the parsed value as written, or None), ``out_of_range`` (a parsed answer outside
+    0-100, :func:`tatar_jax.answer_format.out_of_scale`), ``prediction`` (the answer clipped to
+    [0, 100] for the correlations, as the rewards clip it; None when unparsed), ``think_tokens``
+    (int, or None without ``count_tokens``), ``think_words`` and ``num_words`` (whitespace words).
     """
     if reference_compat:
         value = rewards.reference_rescale_prediction(rewards.parse_answer_lenient(completion), task)
@@ -44,6 +46,8 @@ def score_completion(
         )
     return {
         "parsed": bool(parsed),
+        "answer": float(value) if parsed else None,
+        "out_of_range": bool(parsed and answer_format.out_of_scale(value)),
         "prediction": float(min(max(value, 0.0), 100.0)) if parsed else None,
         "think_tokens": think_tokens,
         "think_words": think_words,
@@ -63,8 +67,9 @@ def dataset_metrics(
 
     Denominators: ``n_records`` = selected manifest rows; ``n_scored`` = rows with a completion;
     ``n_image_errors`` / ``n_bad_rows`` / ``n_predict_errors`` = listed in errors.jsonl;
-    ``n_missing`` = the rest (0 after a complete run); ``frac_unparsed`` = unparsed / scored.
-    Correlations use the ``n_pairs`` parsed rows.
+    ``n_missing`` = the rest (0 after a complete run); ``frac_unparsed`` = unparsed / scored;
+    ``n_out_of_range`` = parsed answers outside 0-100 (clipped for the correlations, counted
+    here). Correlations use the ``n_pairs`` parsed rows.
     """
     rows = sorted(rows, key=lambda r: r["row_id"])
     gt = np.array([r["gt_100"] for r in rows], np.float64)
@@ -85,6 +90,7 @@ def dataset_metrics(
         "n_bad_rows": sum(1 for e in errors if e.get("kind") == "bad_row"),
         "n_predict_errors": sum(1 for e in errors if e.get("kind") == "predict"),
         "n_unparsed": n_unparsed,
+        "n_out_of_range": sum(1 for r in rows if r.get("out_of_range")),
         "frac_unparsed": n_unparsed / n_scored if n_scored else math.nan,
         "mean_think_tokens": float(np.mean(think_tok)) if think_tok else math.nan,
         "mean_think_words": (

@@ -61,11 +61,13 @@ def specs_from_config(cfg: Any, image_roots: Mapping[str, str] | None = None) ->
     names = [n.strip() for n in str(cfg.datasets).split(",") if n.strip()]
     if not names:
         raise ValueError("no datasets: give --datasets=KonIQ-10K,... or --manifest")
-    if not cfg.benchmark_root:
-        raise ValueError(
-            "--benchmark_root is required with built-in datasets (the folder holding "
-            "IQA/<name>/<name>.json and IAA/<name>/<name>.json)"
-        )
+    for n in names:
+        try:
+            datasets.canonical_name(n)
+        except KeyError:
+            raise ValueError(
+                f"--datasets: unknown dataset {n!r}; choose from {', '.join(datasets.BENCHMARKS)}"
+            ) from None
     roots = {datasets.canonical_name(k): v for k, v in dict(cfg.image_roots).items() if v}
     if cfg.image_root:  # one folder only makes sense for one dataset
         if len(names) != 1:
@@ -75,5 +77,8 @@ def specs_from_config(cfg: Any, image_roots: Mapping[str, str] | None = None) ->
             )
         roots[datasets.canonical_name(names[0])] = cfg.image_root
     roots.update(image_roots or {})
-    specs = datasets.benchmarks(cfg.benchmark_root, names, roots)
+    try:
+        specs = datasets.benchmarks(cfg.benchmark_root or None, names, roots)
+    except datasets.NoImageFolder as err:
+        raise ValueError(f"{err}; give --image_roots={err.name}=/path/to/its/images") from None
     return list(specs.values())

@@ -61,8 +61,8 @@ EXPECTED = {
     2: "truncated",
     3: "not a readable image",
     4: "empty file",
-    5: "not finite",
-    6: "not a number",
+    5: "'NaN' is a string, not a number",
+    6: "'bad' is a string, not a number",
     7: "outside the declared range [1, 5]",
     8: "duplicate image (same as row 0)",
     9: "missing or empty field 'image'",
@@ -116,7 +116,13 @@ def test_builtin_datasets_and_usage_errors(repo_root, shared_dir, tmp_path):
     assert out.returncode == 1 and "4640 bad (image: 4640)" in out.stdout
     assert "A0243_03_23.bmp" in out.stdout or "more problems" in out.stdout
     assert _run(repo_root, "--manifest=x.json").returncode != 0  # no range
-    assert _run(repo_root, "--dataset=LIVE", f"--benchmark_root={root}").returncode != 0
+    assert _run(repo_root, "--dataset=LIVE", f"--benchmark_root={root}").returncode == 2
+    # The shipped label files are the default root; an empty manifest is no data set.
+    out = _run(repo_root, "--dataset=KADID", "--noimages")
+    assert out.returncode == 0 and "KADID: 2000 rows, 0 bad (ok)" in out.stdout, out.stderr
+    (tmp_path / "none.json").write_text("[]")
+    out = _run(repo_root, f"--manifest={tmp_path / 'none.json'}", "--score_range=1,5")
+    assert out.returncode == 1 and "none.json: no rows" in out.stdout
 
 
 def test_stage_as_tfds(repo_root, bad_set, tmp_path):

@@ -147,6 +147,7 @@ BAD_REASONS = {
     4: "missing or empty field 'image'",
     5: "missing field 'gt_score'",
     6: "duplicate image (same as row 0)",
+    7: "'4.5' is a string, not a number",
     8: "not a number",
 }
 
@@ -164,8 +165,7 @@ def test_bad_rows_skip_and_count(tmp_path):
     path = _write(tmp_path / "bad.jsonl", BAD_ROWS, jsonl=True)
     spec = manifest.DatasetSpec("toy", "iqa", path, score_range=(1, 5))
     loaded = manifest.load_records(spec, on_error="skip")
-    assert [r["row_id"] for r in loaded.records] == [0, 7]  # nothing substituted
-    assert loaded.records[1]["gt_100"] == 87.5  # numeric string accepted
+    assert [r["row_id"] for r in loaded.records] == [0]  # nothing substituted or guessed
     assert loaded.num_skipped == len(BAD_REASONS)
     for bad in loaded.skipped:
         assert bad.source == path and BAD_REASONS[bad.row] in bad.reason
@@ -185,6 +185,9 @@ def test_malformed_files(tmp_path):
     (tmp_path / "e.json").write_text("  \n")
     with pytest.raises(manifest.ManifestError, match="empty"):
         manifest.read_rows(tmp_path / "e.json")
+    (tmp_path / "none.json").write_text("[]")
+    with pytest.raises(manifest.ManifestError, match=r"none.json: no rows"):
+        manifest.read_rows(tmp_path / "none.json")
 
 
 def test_write_manifest_round_trip(tmp_path):

@@ -7,6 +7,7 @@ The model is replaced by a test double (``_fake_factory``); the real factory nee
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tatar_jax.data import datasets
 from tatar_jax.evaluation import cli, predict, specs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -26,7 +28,7 @@ def _eval_config(arg=None):
     return eval_configs.get_config(arg)
 
 
-def _fake_factory(cfg, *, checkpoint=""):
+def _fake_factory(cfg, *, checkpoint="", step=-1):
     def predict_fn(records):
         return [f"<think>ok</think><answer>{r['gt_100']:.2f}</answer>" for r in records]
 
@@ -89,8 +91,14 @@ def test_builtin_declarations_with_per_dataset_image_roots(shared_dir):
     cfg.eval.datasets = "pipal"
     (only,) = specs.specs_from_config(cfg.eval)
     assert only.name == "PIPAL" and only.image_root == "/img/one"
-    cfg.eval.benchmark_root = ""
-    with pytest.raises(ValueError, match="benchmark_root"):
+    cfg.eval.benchmark_root = ""  # the label files shipped with tatar-jax
+    (only,) = specs.specs_from_config(cfg.eval)
+    assert only.manifest == os.path.join(datasets.PACKAGED_ROOT, "IQA", "PIPAL", "PIPAL.json")
+    cfg.eval.image_root = ""
+    with pytest.raises(ValueError, match="PIPAL: no image folder .*--image_roots=PIPAL="):
+        specs.specs_from_config(cfg.eval)
+    cfg.eval.datasets = "KADID,LIVE"
+    with pytest.raises(ValueError, match="--datasets: unknown dataset 'LIVE'; choose from KonIQ"):
         specs.specs_from_config(cfg.eval)
 
 
@@ -230,3 +238,35 @@ def test_compare_table_over_runs(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| fake")]
     assert len(lines) == 2 and "fake (b)" in lines[1]
     assert "1.000 / 1.000" in lines[0]
+
+
+def test_out_of_range_answers_are_reported_not_clipped_silently(tmp_path):
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "a.png")
+    answers = {"iqa": "<answer>60000</answer>", "iaa": "<answer>-3.5</answer>"}
+    res = cli.score_images(
+        [str(tmp_path / "a.png")],
+        ("iqa", "iaa"),
+        lambda recs: [answers[r["task"]] for r in recs],
+        batch_size=2,
+    )
+    assert [(r["score"], r["answer"], r["out_of_range"]) for r in res] == [
+        (None, 60000.0, True),
+        (None, -3.5, True),
+    ]
+    text = cli.format_results(res, as_json=False)
+    assert "score: out of range: the model answered 60000, outside 0-100" in text
+    assert "score: out of range: the model answered -3.5, outside 0-100" in text
+    assert "100.00" not in text and "0.00 / 100" not in text
+
+    from tatar_jax.data.manifest import DatasetSpec
+    from tatar_jax.evaluation import report, scoring
+
+    texts = ["<answer>60000</answer>", "<answer>40</answer>", "<answer>1e9</answer>", "x"]
+    rows = [
+        {"row_id": i, "gt_100": 10.0 * i, **scoring.score_completion(t, "iqa")}
+        for i, t in enumerate(texts)
+    ]
+    assert [r["prediction"] for r in rows] == [100.0, 40.0, 100.0, None]  # clipped for SRCC
+    m = scoring.dataset_metrics(DatasetSpec("d", "iqa", "m.json"), rows, num_records=4)
+    assert (m["n_out_of_range"], m["n_unparsed"], m["n_scored"]) == (2, 1, 4)
+    assert "; 2 answers outside 0-100 (clipped) |" in report.details_table({"d": m})

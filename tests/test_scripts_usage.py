@@ -1,0 +1,89 @@
+"""Usage errors of the scripts, from the user's side: one line ``error: ...`` on stderr naming the
+flag (and the allowed values), exit status 2, before any work (no model, no run directory)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GRPO = "--config=configs/grpo.py:tiny"
+
+CASES = {
+    "unknown_flag": (["eval.py", "--foo=1"], "error: Unknown command line flag 'foo'"),
+    "unknown_config_field": (
+        ["eval.py", "--config.eval.foo=1"],
+        "error: --config.eval.foo: no such config field",
+    ),
+    "missing_config_file": (
+        ["eval.py", "--config=configs/nofile.py"],
+        "error: --config: No such file or directory: 'configs/nofile.py'",
+    ),
+    "unknown_dataset": (
+        ["eval.py", "--datasets=KADID,LIVE", "--out_dir=/tmp/never"],
+        "error: --datasets: unknown dataset 'LIVE'; choose from KonIQ-10K, SPAQ, KADID, PIPAL,"
+        " ArtiMuse-10K, AVA, TAD66K, FLICKR-AES",
+    ),
+    "eval_missing_hf_dir": (
+        [
+            "eval.py",
+            "--hf_dir=/nonexistent/ckpt",
+            "--datasets=KADID",
+            "--image_roots=KADID=/x",
+            "--out_dir=/tmp/never",
+        ],
+        "error: --hf_dir: no such directory: /nonexistent/ckpt",
+    ),  # fmt: skip
+    "score_missing_image": (
+        ["score.py", "--hf_dir=/nonexistent", "--image", "/nonexistent/x.png"],
+        "error: --image: /nonexistent/x.png does not exist",
+    ),
+    "convert_missing_workdir": (
+        ["convert_checkpoint.py", "--workdir=/nonexistent/run", "--hf_out=/tmp/never"],
+        "error: --workdir: no such directory: /nonexistent/run",
+    ),
+    "convert_no_output": (
+        ["convert_checkpoint.py", "--orbax_dir=/tmp"],
+        "error: --orbax_dir needs --hf_out",
+    ),
+    "train_enum": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.grpo.advantage=foo"],
+        "error: --config.grpo.advantage: 'foo' is not one of grpo, dr_grpo, rloo, batch_std",
+    ),
+    "train_missing_hf_dir": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.model.hf_dir=/nonexistent"],
+        "error: --config.model.hf_dir: no such directory: /nonexistent",
+    ),
+    "train_unknown_data_set": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.data.train=nope"],
+        "error: --config.data.train: unknown data set 'nope'; configured: synthetic,"
+        " synthetic_test, user_iaa, user_iqa",
+    ),
+    "train_no_workdir": (
+        ["train.py", GRPO],
+        "error: flag --workdir=None: Flag --workdir must have a value other than None.",
+    ),
+    "check_data_unknown": (
+        ["check_data.py", "--dataset=LIVE"],
+        "error: --dataset: unknown dataset 'LIVE'; built-in: KonIQ-10K",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_usage_error_is_one_line_and_exit_2(case):
+    (script, *args), expected = CASES[case]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, f"scripts/{script}", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(ours) == 1 and ours[0].startswith(expected), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not pathlib.Path("/tmp/never").exists()
