@@ -127,6 +127,7 @@ def test_plot_run_usage_error(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_tiny_run_leaves_plots_and_plot_run_redraws_them(tmp_path):
     """scripts/train.py on configs/grpo.py:tiny with a 2-step SFT warm-up and 2 GRPO steps."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT))
