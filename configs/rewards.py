@@ -33,9 +33,15 @@ Extra reward functions (``tatar_jax.rewards.extra_rewards``): ``extra.<name>`` n
 
 after which ``--config.rewards.weights.iqa.brevity=0.2`` or
 ``--config.rewards.extra.brevity.kwargs.max_words=40`` override it on the command line.
+
+A run's ``--config.rewards.preset=NAME`` takes effect through :func:`resolve_overrides` (called
+by scripts/train.py once the flags are parsed): the block is rebuilt from preset NAME and every
+other ``--config.rewards.<field>`` of the command line is applied on top, whatever its order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import ml_collections
 
@@ -134,3 +140,42 @@ def add_extra(
     )  # fmt: skip
     rewards.weights.iqa[name] = float(iqa)
     rewards.weights.iaa[name] = float(iaa)
+
+
+def resolve(
+    block: ml_collections.ConfigDict, keep: Iterable[str] = ()
+) -> ml_collections.ConfigDict:
+    """The rewards block of preset ``block.preset`` with the fields named in ``keep`` (dotted
+    paths inside the block, e.g. ``"scope"``, ``"weights.iaa.accuracy"``) taken from ``block``.
+    A kept field the preset does not have is a ``ValueError`` naming it."""
+    fresh = get_config(block.preset)
+    for name, extra in block.extra.items():  # plug-in rewards a config file added stay
+        fresh.extra[name] = extra
+        for task in ("iqa", "iaa"):
+            fresh.weights[task][name] = block.weights[task][name]
+    for path in keep:
+        if path == "preset":
+            continue
+        *parents, name = path.split(".")
+        src, dst = block, fresh
+        for key in parents:
+            src, dst = src[key], (dst[key] if key in dst else None)
+            if dst is None:
+                break
+        if dst is None or name not in dst:
+            raise ValueError(
+                f"--config.rewards.{path}: rewards preset {block.preset!r} has no such field"
+            )
+        setattr(dst, name, src[name])
+    return fresh
+
+
+def resolve_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> bool:
+    """Makes a command-line ``rewards.preset`` override of a run config take effect: ``overrides``
+    are the dotted paths given as ``--config.<path>=...`` (``FLAGS["config"].override_values``).
+    Without ``rewards.preset`` among them nothing changes. Returns whether the block was rebuilt."""
+    paths = [p for p in overrides if p.startswith("rewards.")]
+    if "rewards.preset" not in paths:
+        return False
+    config.rewards = resolve(config.rewards, [p[len("rewards.") :] for p in paths])
+    return True

@@ -107,11 +107,16 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     # The offline tokenizer cache goes into the run directory unless the user set one.
     os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
+    from configs import rewards as rewards_configs
     from tatar_jax import train
     from tatar_jax.data.pipeline import BadRecordError
     from tatar_jax.train.run_records import ConfigChangeError
 
     cfg = _CONFIG.value
+    # --config.rewards.preset=NAME: the rewards block of preset NAME (other rewards overrides kept)
+    if "rewards" in cfg and rewards_configs.resolve_overrides(cfg, _overrides()):
+        w = cfg.rewards.weights.to_dict()
+        print(f"[tatar-jax] rewards preset {cfg.rewards.preset!r}: weights {w}", flush=True)
     if _ALLOW_CHANGE.value:
         cfg.allow_config_change = True
         if "warmup" in cfg:
@@ -130,6 +135,11 @@ def main(argv):
             raise
         print(io_error_line(*io, workdir), file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _overrides() -> list[str]:
+    """The dotted paths of the ``--config.<path>=...`` flags given on the command line."""
+    return list(flags.FLAGS["config"].override_values)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,16 @@ from tatar_jax import loading, multihost, rewards, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import qwen2_5_vl as qvl
-from tatar_jax.train import checkpointing, loop, metrics, optim, run_records, sources, stages
+from tatar_jax.train import (
+    checkpointing,
+    loop,
+    metrics,
+    optim,
+    plots,
+    run_records,
+    sources,
+    stages,
+)
 from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train.evaluator import Evaluator
 
@@ -315,6 +324,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
             cfg.eval.at_start = False  # the warm-up's final evaluation already scored these weights
     results[cfg.stage] = train_stage(cfg, wd)
     _summary(results, wd)
+    _plots(wd)
     return results
 
 
@@ -336,3 +346,16 @@ def _summary(results: Mapping[str, StageResult], wd: pathlib.Path) -> None:
         }
     run_records.merge_summary(rows, {n: bool(r.metrics) for n, r in results.items()}, wd)
     print(f"[tatar-jax] summary: {wd / 'summary.json'}", flush=True)
+
+
+def _plots(wd: pathlib.Path) -> None:
+    """``<workdir>/plots/`` (tatar_jax.train.plots) and the held-out before/after table."""
+    if jax.process_index() != 0:
+        return
+    try:
+        figs = plots.write_plots([wd], wd / "plots")
+        print(plots.eval_table(plots.read_run(wd)), flush=True)
+    except Exception as err:  # noqa: BLE001 - a finished run is never lost to a figure
+        logging.warning("plots not written to %s: %s", wd / "plots", err)
+        return
+    print(f"[tatar-jax] plots ({', '.join(figs)}): {wd / 'plots'}", flush=True)
