@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,11 +53,12 @@ __all__ = [
     "is_adapted",
     "merge",
     "spec_from_config",
+    "stored_spec",
     "target_paths",
 ]
 
 # Leaf-path regex of the adapter parameters (``optim.trainable_mask(train_only=...)``).
-ADAPTER_PATTERN = r"_lora_[ab]$"
+ADAPTER_PATTERN = r"_lora_[ab](/|$)"
 # Every projection of the decoder layers (q/k/v/o, gate/up/down), as PEFT's usual targets.
 DEFAULT_TARGETS = (r"language_model/layers/(self_attn|mlp)/\w+_proj",)
 # Towers whose ``__call__`` runs every matmul of their modules (the interception point).
@@ -226,6 +227,26 @@ def _merged_kernel(w: Any, a: Any, b: Any, scale: float, on_host: bool) -> Any:
         return (w.astype(np.float32) + scale * np.matmul(a, b)).astype(w.dtype)
     delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def stored_spec(shapes: Mapping[str, Sequence[int]]) -> LoraSpec | None:
+    """The spec that recreates the adapters a checkpoint holds, from its parameters' shapes
+    ('/'-joined leaf paths, e.g. ``checkpointing.param_shapes``); None when it holds none.
+
+    Its targets are the adapted layers' exact paths; its ``alpha`` is a placeholder (the stored
+    ``lora_scale``, restored with the adapters, is what :func:`merge` uses).
+    """
+    layers, ranks = [], set()
+    for path, shape in shapes.items():
+        parts = path.split("/")
+        if "kernel_lora_a" in parts:
+            layers.append("/".join(parts[: parts.index("kernel_lora_a")]))
+            ranks.add(int(shape[-1]))
+    if not layers:
+        return None
+    if len(ranks) != 1:
+        raise ValueError(f"stored LoRA adapters of several ranks {sorted(ranks)}")
+    return LoraSpec(rank=ranks.pop(), alpha=1.0, targets=tuple(re.escape(p) for p in layers))
 
 
 def merge(model: nnx.Module, *, on_host: bool = False) -> nnx.Module:

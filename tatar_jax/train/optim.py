@@ -90,20 +90,29 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def trainable_mask(
-    params: PyTree, *, freeze_vision: bool = False, freeze: Sequence[str] = ()
+    params: PyTree,
+    *,
+    freeze_vision: bool = False,
+    freeze: Sequence[str] = (),
+    train_only: Sequence[str] = (),
 ) -> PyTree:
     """Pytree of bools like ``params``: False for frozen leaves.
 
     Args:
       freeze_vision: freeze everything under a ``visual`` module (ViT blocks, patch embed, merger).
       freeze: extra regular expressions searched in each leaf's '/'-joined path.
+      train_only: when given, only leaves whose path one of these regexes finds can train (LoRA:
+        ``tatar_jax.models.lora.ADAPTER_PATTERN``); ``freeze`` still applies to them.
     """
     patterns = [re.compile(p) for p in freeze]
     if freeze_vision:
         patterns.append(re.compile(VISION_PATTERN))
+    only = [re.compile(p) for p in train_only]
 
     def one(path, _):
         s = path_str(path)
+        if only and not any(p.search(s) for p in only):
+            return False
         return not any(p.search(s) for p in patterns)
 
     return jax.tree_util.tree_map_with_path(one, params)
