@@ -18,8 +18,9 @@ Why qwix (0.1.8, what Tunix uses) and not flax's ``nnx.LoRA`` / ``nnx.LoRALinear
   call) would happen on the per-layer module inside the scan and be lost, so :func:`apply_lora`
   creates them here, stacked like the kernel — (layers, d_in, r) and (layers, r, d_out) — and
   qwix finds each layer's slice by name inside the scan body (``skip_nnx_init``).
-- qwix also has the quantised base (QLoRA) path; it is not wired here (the PTQ weights would be
-  created inside the scan the same way; see the module's notes in the README).
+- qwix's LoRA provider is also its QLoRA path (``weight_qtype``); it is not wired here: qwix
+  would quantise the base lazily inside the layer scan too, so the int8/int4 stacked weights would
+  have to be pre-built the same way (not done).
 
 Numerics: the adapters are float32 (master weights of the only trained parameters) whatever the
 base dtype; the low-rank product runs in float32 and is added to the base output in the base
@@ -27,7 +28,10 @@ output's dtype (:class:`_Provider`), so a bfloat16 residual stream stays bfloat1
 zero: an adapted model computes exactly what the base computes until it trains.
 
 The scale ``alpha / rank`` is also stored in the model (``lora_scale``, a :class:`LoraScale`
-variable, never trained) so that a checkpoint alone tells :func:`merge` how to fold the adapters.
+variable, never trained) so that a checkpoint alone tells :func:`merge` how to fold the adapters:
+a LoRA run's checkpoint loaded as a policy (the next stage, evaluation, conversion;
+``tatar_jax.loading.load_policy``) comes back merged (:func:`stored_spec`). No adapter dropout: qwix
+draws its dropout keys from the module, which inside the layer scan has none.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from tatar_jax import sharding
 from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
 
@@ -187,3 +188,18 @@ def test_spec_and_target_errors(hf_dir):
     lora.apply_lora(model, lora.LoraSpec(rank=1, alpha=1.0))
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         lora.apply_lora(model, lora.LoraSpec(rank=1, alpha=1.0))
+
+
+def test_adapters_are_placed_like_their_kernels():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (virtual) devices")
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    rules = sharding.DEFAULT_RULES
+    model = qvl.Qwen2_5_VLForConditionalGeneration(qvl.tiny(), rngs=nnx.Rngs(0))
+    sharding.shard_module(model, mesh, rules)
+    lora.apply_lora(model, lora.LoraSpec(rank=RANK, alpha=ALPHA), mesh=mesh, rules=rules)
+    up = model.language_model.layers.mlp.up_proj
+    kernel, a, b = up.kernel[...], up.kernel_lora_a[...], up.kernel_lora_b[...]
+    assert kernel.sharding.spec == (None, "fsdp", "tensor")
+    assert a.sharding.spec == (None, "fsdp", None)  # d_in split as the kernel's, rank whole
+    assert b.sharding.spec == (None, None, "tensor")  # d_out split as the kernel's
