@@ -50,6 +50,23 @@ def model_config() -> ml_collections.ConfigDict:
     c.init_std = 0.02  # random init of the embedded model (checkpoints overwrite it)
     c.freeze_vision = False  # True: the vision tower (incl. merger) gets no updates, no opt. state
     c.logprob_chunk_size = 1024  # tokens per chunk of the lm_head log-softmax (tatar_jax.logprobs)
+    c.lora = lora_config()
+    return c
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """LoRA adapters (``tatar_jax.models.lora``, computed by qwix); ``rank`` 0 = off.
+
+    With a rank, only the adapters train and have optimizer state (the base weights stay
+    bit-identical); checkpoints hold them, the HF export merges them into full weights, and a
+    later stage or evaluation that loads such a checkpoint merges them on load.
+    ``targets``: regexes fully matching '/'-joined module paths of linear layers, e.g.
+    ``language_model/layers/self_attn/q_proj`` or ``visual/blocks/attn/qkv``.
+    """
+    c = ml_collections.ConfigDict()
+    c.rank = 0
+    c.alpha = 32.0  # the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)
+    c.targets = (r"language_model/layers/(self_attn|mlp)/\w+_proj",)  # all decoder projections
     return c
 
 

@@ -51,6 +51,9 @@ _NUM_MICRO = flags.DEFINE_integer("num_micro", 1, "Micro-batches per update (acc
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Tokens per lm_head log-softmax chunk.")
 _BETA = flags.DEFINE_float("beta", 0.001, "KL coefficient; 0 drops the reference model.")
 _FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "No updates / moments for vision.")
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", 0, "LoRA rank on the decoder projections (0 = full fine-tuning)."
+)
 _PROGRAMS = flags.DEFINE_list(
     "programs", ["update", "ref_logps", "prefill", "decode"], "Programs to compile."
 )
@@ -69,6 +72,7 @@ _SPEC_FLAGS = {
     "param_dtype": _PARAM_DTYPE, "ref_param_dtype": _REF_DTYPE, "num_micro": _NUM_MICRO,
     "chunk_size": _CHUNK, "beta": _BETA, "freeze_vision": _FREEZE_VISION,
     "attention_impl": _ATTENTION,
+    "lora_rank": _LORA_RANK,
 }  # fmt: skip
 
 

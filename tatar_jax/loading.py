@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tatar_jax import sharding
+from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -252,4 +253,12 @@ def load_policy(
         )
     params, step = checkpointing.load_params(source.checkpoint, target, step=int(source.step))
     nnx.update(model, params)
+    stored = lora.stored_spec(checkpointing.param_shapes(source.checkpoint, step))
+    if stored is not None:  # a LoRA run: its adapters, merged into the weights
+        lora.apply_lora(model, stored, mesh=mesh, rules=rules)
+        adapters, _ = checkpointing.load_params(
+            source.checkpoint, lora.adapter_state(model), step=step
+        )
+        nnx.update(model, adapters)
+        model = lora.merge(model)
     return Policy(model, config, f"{_basename(source.checkpoint)}@{step}", step)

@@ -396,3 +396,20 @@ def load_params(
         raise CheckpointError(f"cannot read the params of {p}: " + "; ".join(damaged))
     finally:
         manager.close()
+
+
+def param_shapes(path: str | os.PathLike, step: int) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined leaf path: shape} of the ``params`` stored at ``step`` (metadata only; e.g.
+    whether a run saved LoRA adapters). ``path`` as in :func:`load_params`."""
+    p = pathlib.Path(path).absolute()
+    if (p / CHECKPOINT_SUBDIR).is_dir():
+        p = p / CHECKPOINT_SUBDIR
+    if (p / "state").is_dir() and p.name.isdigit():
+        p = p.parent
+    with ocp.PyTreeCheckpointer() as c:
+        meta = c.metadata(p / str(step) / "state").item_metadata
+    tree = getattr(meta, "tree", meta)
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path_): tuple(leaf.shape)
+        for path_, leaf in jax.tree_util.tree_leaves_with_path(tree["params"])
+    }

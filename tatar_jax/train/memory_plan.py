@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from tatar_jax import loading, sharding
+from tatar_jax.models import lora
 from tatar_jax.train import optim
 
 __all__ = ["HBM_GIB", "PROGRAMS", "PlanSpec", "plan", "parse_mesh", "format_table"]
@@ -73,6 +74,7 @@ class PlanSpec:
     chunk_size: int = 1024
     beta: float = 0.001
     freeze_vision: bool = False
+    lora_rank: int = 0  # > 0: LoRA adapters on the decoder projections (only they train)
     programs: tuple[str, ...] = PROGRAMS
     # The memory-efficient path, the CPU stand-in for the fused kernels (cuDNN / splash) that
     # "auto" picks on GPU / TPU; "xla" plans the O(L^2) float32 scores.
@@ -112,6 +114,13 @@ def _nbytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _count(params: Any, trainable: Any = None) -> int:
+    """Parameters in ``params``; only the ``trainable`` (bool pytree) ones when given."""
+    leaves = jax.tree.leaves(params)
+    flags = jax.tree.leaves(trainable) if trainable is not None else [True] * len(leaves)
+    return int(sum(math.prod(x.shape) for x, t in zip(leaves, flags, strict=True) if t))
+
+
 def _per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of the (sharded) leaves of ``tree`` (the largest device)."""
     total = 0
@@ -148,12 +157,26 @@ class _Builder:
         self.rules = sharding.get_rules(spec.rules)
         self.config = qvl.preset(spec.model)
         self.dtype = loading.to_dtype(spec.dtype)
-        self.model = loading.build_model(
-            self.config, dtype=self.dtype, param_dtype=loading.to_dtype(spec.param_dtype),
-            remat=spec.remat, vision_remat=spec.vision_remat, abstract=True,
+        kw = dict(
+            dtype=self.dtype, param_dtype=loading.to_dtype(spec.param_dtype),
+            remat=spec.remat, vision_remat=spec.vision_remat,
             attention_impl=spec.attention_impl,
         )  # fmt: skip
+        if spec.lora_rank:
+            adapters = lora.LoraSpec(rank=spec.lora_rank, alpha=2.0 * spec.lora_rank)
+            self.model = nnx.eval_shape(
+                lambda: lora.apply_lora(loading.build_model(self.config, **kw), adapters)
+            )
+        else:
+            self.model = loading.build_model(self.config, abstract=True, **kw)
         self.graphdef, self.params = nnx.split(self.model)
+        # What the trainer trains: the adapters only with LoRA, else all but a frozen vision tower.
+        self.trainable = None
+        if spec.lora_rank or spec.freeze_vision:
+            self.trainable = optim.trainable_mask(
+                self.params, freeze_vision=spec.freeze_vision,
+                train_only=(lora.ADAPTER_PATTERN,) if spec.lora_rank else (),
+            )  # fmt: skip
         self.param_shardings = sharding.state_shardings(self.params, self.mesh, self.rules)
 
     # --- shardings ------------------------------------------------------------------------------
@@ -217,7 +240,7 @@ def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
     from tatar_jax.train import grpo_step
 
     s = b.spec
-    trainable = optim.trainable_mask(b.params, freeze_vision=True) if s.freeze_vision else None
+    trainable = b.trainable
     tx = optim.make_optimizer(1e-6, trainable=trainable)
     state = jax.eval_shape(lambda p: optim.TrainState.create(p, tx, jax.random.key(0)), b.params)
     state_sh = sharding.state_shardings(state, b.mesh, b.rules)
@@ -329,7 +352,7 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
         raise ValueError(f"logical names missing from the {spec.rules!r} rules: {missing}")
     # Resident buffers: the train state (params + AdamW moments) lives through the whole step,
     # the reference parameters too when beta > 0.
-    tx = optim.make_optimizer(1e-6)
+    tx = optim.make_optimizer(1e-6, trainable=b.trainable)
     opt_abs = jax.eval_shape(tx.init, b.params)
     opt_bytes = _per_device_bytes(
         b.put(opt_abs, sharding.state_shardings(opt_abs, b.mesh, b.rules))
@@ -362,7 +385,9 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
         "beta": spec.beta,
         "freeze_vision": spec.freeze_vision,
         "attention_impl": spec.attention_impl,
+        "lora_rank": spec.lora_rank,
         "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(b.params))),
+        "trainable_count": _count(b.params, b.trainable),
         "params_bytes_per_device": params_bytes,
         "opt_state_bytes_per_device": opt_bytes,
         "ref_params_bytes_per_device": ref_bytes,

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
 
 PyTree = Any
 
@@ -90,20 +91,29 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def trainable_mask(
-    params: PyTree, *, freeze_vision: bool = False, freeze: Sequence[str] = ()
+    params: PyTree,
+    *,
+    freeze_vision: bool = False,
+    freeze: Sequence[str] = (),
+    train_only: Sequence[str] = (),
 ) -> PyTree:
     """Pytree of bools like ``params``: False for frozen leaves.
 
     Args:
       freeze_vision: freeze everything under a ``visual`` module (ViT blocks, patch embed, merger).
       freeze: extra regular expressions searched in each leaf's '/'-joined path.
+      train_only: when given, only leaves whose path one of these regexes finds can train (LoRA:
+        ``tatar_jax.models.lora.ADAPTER_PATTERN``); ``freeze`` still applies to them.
     """
     patterns = [re.compile(p) for p in freeze]
     if freeze_vision:
         patterns.append(re.compile(VISION_PATTERN))
+    only = [re.compile(p) for p in train_only]
 
     def one(path, _):
         s = path_str(path)
+        if only and not any(p.search(s) for p in only):
+            return False
         return not any(p.search(s) for p in patterns)
 
     return jax.tree_util.tree_map_with_path(one, params)
@@ -216,7 +226,30 @@ def accumulate_gradients(
         (B % num_micro_batches == 0).
     Returns:
       (loss, grads, aux): sums; gradients in float32 whatever the parameter dtype.
+
+    LoRA (``params`` an ``nnx.State`` holding ``nnx.LoRAParam`` adapters, which then are the only
+    trained parameters): only the adapters are differentiated (flax's ``DiffState(...,
+    nnx.LoRAParam)`` idiom), so no gradient or accumulator of the frozen base is ever computed
+    or held; the base's gradients are returned as zeros.
     """
+    if isinstance(params, nnx.State) and params.filter(nnx.LoRAParam):
+        adapters, base = nnx.split_state(params, nnx.LoRAParam, ...)
+
+        def adapters_loss(a: PyTree, mb: PyTree) -> tuple[jax.Array, PyTree]:
+            return loss_fn(nnx.merge_state(a, base), mb)
+
+        loss, grads, aux = _accumulate(adapters_loss, adapters, batch, num_micro_batches)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), base)
+        return loss, nnx.merge_state(grads, zeros), aux
+    return _accumulate(loss_fn, params, batch, num_micro_batches)
+
+
+def _accumulate(
+    loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]],
+    params: PyTree,
+    batch: PyTree,
+    num_micro_batches: int,
+) -> tuple[jax.Array, PyTree, PyTree]:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches <= 1:
         (loss, aux), grads = grad_fn(params, batch)

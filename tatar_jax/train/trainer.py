@@ -43,6 +43,7 @@ from flax import nnx
 from tatar_jax import loading, multihost, rewards, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
+from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import (
     checkpointing,
@@ -86,6 +87,9 @@ def load_policy(cfg: Any, tok: Any, mesh: Any = None, rules: Any = None) -> load
     )  # fmt: skip
     if policy.step is not None:
         logging.info("policy initialised from %s", policy.name)
+    spec = lora.spec_from_config(cfg.model.lora)
+    if spec is not None:  # fresh adapters (B = 0) on the loaded weights
+        lora.apply_lora(policy.model, spec, seed=int(cfg.seed), mesh=mesh, rules=rules)
     return policy
 
 
@@ -208,8 +212,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     data_iter, opts, total, per_step = _data(cfg, wd)
     mu = int(cfg.grpo.num_iterations) if cfg.stage == "grpo" else 1
     trainable = optim.trainable_mask(
-        params, freeze_vision=bool(cfg.model.freeze_vision), freeze=tuple(cfg.optimizer.freeze)
-    )
+        params, freeze_vision=bool(cfg.model.freeze_vision), freeze=tuple(cfg.optimizer.freeze),
+        train_only=(lora.ADAPTER_PATTERN,) if lora.is_adapted(model) else (),
+    )  # fmt: skip
     tx, schedule = optim.optimizer_from_config(cfg.optimizer, total * mu, trainable)
     ck = cfg.checkpoint
     ckpt = checkpointing.Checkpointer(

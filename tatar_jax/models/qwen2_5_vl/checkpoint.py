@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from tatar_jax.models import lora
 from tatar_jax.models.qwen2_5_vl import vision as vision_mod
 from tatar_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, load_config_json
 from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
@@ -496,10 +497,12 @@ def save_hf_checkpoint(
     ``config.json`` (nested layout) and ``generation_config.json``.
     ``dtype`` converts tensors (default: each parameter's own dtype). ``layout`` picks the tensor
     names: "legacy" (what the hub and ``save_pretrained`` use) or "v5".
+    LoRA adapters (:mod:`tatar_jax.models.lora`) are merged into full weights (on the host).
     Returns the written safetensors file names.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    model = lora.merge(model, on_host=True)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     limit = _parse_size(max_shard_size)
