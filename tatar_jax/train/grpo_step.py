@@ -9,8 +9,11 @@ L = Lp + T, T = max new tokens):
   ``completion_mask`` (N, T) float (tokens up to and including the stop token; 0 for invalid
   prompts), ``advantages`` (N,), optionally ``old_logps`` (N, T) (mu > 1; with mu = 1 pi_old is the
   detached policy, rho = 1) and ``ref_logps`` (N, T) (beta > 0).
-- ``shared``: ``pixel_values`` + ``layout`` of the step's B images (the vision tower runs once
-  per image per micro-batch, never once per completion).
+- ``shared``: ``pixel_values`` + ``layout`` of the step's B images. The vision tower runs once
+  per step (once per image, never once per completion or per micro-batch): the update computes
+  the features, every micro-batch gathers them, the micro-batches' gradients w.r.t. the features
+  are summed and go back through the tower in one backward; the reference / pi_old pass runs it
+  once without gradient.
 
 Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
 ``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
@@ -63,11 +66,15 @@ def completion_logps(
     rows: Mapping[str, jax.Array],
     shared: Mapping[str, Any],
     *,
+    features: jax.Array | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> jax.Array:
-    """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0)."""
-    h = step_inputs.hidden_states(model, rows, shared)
+    """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0).
+
+    ``features``: the step's image features (``inputs.image_features``); None runs the vision
+    tower here."""
+    h = step_inputs.hidden_states(model, rows, shared, features)
     t = rows["completion_mask"].shape[1]
     length = h.shape[1]
     hc = h[:, length - t - 1 : length - 1]  # position i predicts token i + 1
@@ -88,7 +95,8 @@ def make_logps_fn(
 ) -> Callable[[PyTree, Mapping[str, Any]], jax.Array]:
     """Pure ``fn(params, inputs) -> (N, T)`` log-probs (reference model / pi_old); jit it.
 
-    Rows are processed ``num_micro`` slices at a time (``lax.map``) to bound activation memory.
+    The vision tower runs once (no gradient); rows are then processed ``num_micro`` slices at a
+    time (``lax.map``) to bound activation memory.
     """
 
     def fn(params: PyTree, inputs: Mapping[str, Any]) -> jax.Array:
@@ -96,21 +104,38 @@ def make_logps_fn(
         keys = ("input_ids", "attention_mask", "position_ids", "feat_index", "completion_mask")
         rows = {k: inputs["rows"][k] for k in keys}
         shared = inputs["shared"]
-        if num_micro <= 1:
+        feats = jax.lax.stop_gradient(step_inputs.image_features(model, shared))
+
+        def logps(mb):
             return completion_logps(
-                model, rows, shared, temperature=temperature, chunk_size=chunk_size
+                model, mb, shared, features=feats, temperature=temperature, chunk_size=chunk_size
             )
+
+        if num_micro <= 1:
+            return logps(rows)
         n = rows["input_ids"].shape[0]
         micro = jax.tree.map(lambda x: x.reshape((num_micro, n // num_micro) + x.shape[1:]), rows)
-        out = jax.lax.map(
-            lambda mb: completion_logps(
-                model, mb, shared, temperature=temperature, chunk_size=chunk_size
-            ),
-            micro,
-        )
+        out = jax.lax.map(logps, micro)
         return out.reshape((n,) + out.shape[2:])
 
     return fn
+
+
+def _vision_features(
+    graphdef: nnx.GraphDef, params: PyTree, shared: Mapping[str, Any], train_vision: bool
+) -> tuple[jax.Array, Callable[[jax.Array], PyTree] | None]:
+    """(M, D) image features of the step and, when the vision tower trains, the function
+    ``d loss / d features -> d loss / d params["visual"]`` (one backward through the tower)."""
+
+    def features(visual: PyTree) -> jax.Array:
+        p = jax.tree.map(lambda x: x, params)  # a new State: swap the vision subtree in
+        p["visual"] = visual
+        return step_inputs.image_features(nnx.merge(graphdef, p), shared)
+
+    if not train_vision:
+        return jax.lax.stop_gradient(features(params["visual"])), None
+    feats, vjp = jax.vjp(features, params["visual"])
+    return feats, lambda d_feats: vjp(d_feats.astype(feats.dtype))[0]
 
 
 def grpo_grads(
@@ -119,6 +144,7 @@ def grpo_grads(
     inputs: Mapping[str, Any],
     *,
     num_micro: int = 1,
+    train_vision: bool = True,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     beta: float = 0.001,
@@ -127,13 +153,22 @@ def grpo_grads(
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
     """(loss, float32 grads, aux sums) of the step's GRPO loss, summed over ``num_micro`` row
-    micro-batches (each contributes its share; see the module docstring)."""
+    micro-batches (each contributes its share; see the module docstring).
+
+    The vision tower runs once per step: its features are an input of every micro-batch's
+    loss, whose gradients w.r.t. them are summed and sent back through the tower once.
+    ``train_vision=False`` (a frozen tower): no backward through it, zero ``visual`` grads.
+    """
     rows, shared = inputs["rows"], inputs["shared"]
     tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
+    feats, vision_vjp = _vision_features(graphdef, params, shared, train_vision)
 
-    def loss_fn(p, mb):
+    def loss_fn(p_f, mb):
+        p, f = p_f
         model = nnx.merge(graphdef, p)
-        logps = completion_logps(model, mb, shared, temperature=temperature, chunk_size=chunk_size)
+        logps = completion_logps(
+            model, mb, shared, features=f, temperature=temperature, chunk_size=chunk_size
+        )
         old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
         ref = mb.get("ref_logps") if beta else None
         loss, m = grpo.grpo_loss(
@@ -157,7 +192,22 @@ def grpo_grads(
         aux["completion_tokens"] = tokens_mb
         return share, aux
 
-    return optim.accumulate_gradients(loss_fn, params, dict(rows), num_micro)
+    loss, (grads, d_feats), aux = optim.accumulate_gradients(
+        loss_fn, (params, feats), dict(rows), num_micro
+    )
+    if vision_vjp is not None:
+        # The decoder's loss reads the tower only through ``feats``: its own "visual" grads
+        # are zeros, the tower's gradient is this one backward.
+        d_visual = vision_vjp(d_feats)
+        grads["visual"] = jax.tree.map(
+            lambda a, b: a + b.astype(jnp.float32), grads["visual"], d_visual
+        )
+    return loss, grads, aux
+
+
+def vision_trains(trainable: PyTree | None) -> bool:
+    """Whether any vision-tower leaf of a trainable mask (``optim.trainable_mask``) is True."""
+    return trainable is None or any(bool(x) for x in jax.tree.leaves(trainable["visual"]))
 
 
 def make_grpo_step(
@@ -171,11 +221,14 @@ def make_grpo_step(
     """Pure ``step(state, inputs) -> (state, metrics)``: one optimizer update on a rollout.
 
     ``loss``: the keyword arguments of :func:`grpo_grads` (num_micro, epsilon, epsilon_high,
-    beta, aggregation, temperature, chunk_size).
+    beta, aggregation, temperature, chunk_size; ``train_vision`` defaults to what ``trainable``
+    says).
     Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
     over micro-batches), ``completion_tokens``, ``grad_norm``, ``update_skipped``,
     ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
     """
+
+    loss.setdefault("train_vision", vision_trains(trainable))
 
     def step(state: optim.TrainState, inputs: Mapping[str, Any]):
         loss_value, grads, aux = grpo_grads(graphdef, state.params, inputs, **loss)
