@@ -121,23 +121,6 @@ def make_logps_fn(
     return fn
 
 
-def _vision_features(
-    graphdef: nnx.GraphDef, params: PyTree, shared: Mapping[str, Any], train_vision: bool
-) -> tuple[jax.Array, Callable[[jax.Array], PyTree] | None]:
-    """(M, D) image features of the step and, when the vision tower trains, the function
-    ``d loss / d features -> d loss / d params["visual"]`` (one backward through the tower)."""
-
-    def features(visual: PyTree) -> jax.Array:
-        p = jax.tree.map(lambda x: x, params)  # a new State: swap the vision subtree in
-        p["visual"] = visual
-        return step_inputs.image_features(nnx.merge(graphdef, p), shared)
-
-    if not train_vision:
-        return jax.lax.stop_gradient(features(params["visual"])), None
-    feats, vjp = jax.vjp(features, params["visual"])
-    return feats, lambda d_feats: vjp(d_feats.astype(feats.dtype))[0]
-
-
 def grpo_grads(
     graphdef: nnx.GraphDef,
     params: PyTree,
@@ -161,10 +144,8 @@ def grpo_grads(
     """
     rows, shared = inputs["rows"], inputs["shared"]
     tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
-    feats, vision_vjp = _vision_features(graphdef, params, shared, train_vision)
 
-    def loss_fn(p_f, mb):
-        p, f = p_f
+    def loss_fn(p, f, mb):
         model = nnx.merge(graphdef, p)
         logps = completion_logps(
             model, mb, shared, features=f, temperature=temperature, chunk_size=chunk_size
@@ -192,22 +173,9 @@ def grpo_grads(
         aux["completion_tokens"] = tokens_mb
         return share, aux
 
-    loss, (grads, d_feats), aux = optim.accumulate_gradients(
-        loss_fn, (params, feats), dict(rows), num_micro
+    return step_inputs.accumulate_with_features(
+        loss_fn, graphdef, params, rows, shared, num_micro, train_vision=train_vision
     )
-    if vision_vjp is not None:
-        # The decoder's loss reads the tower only through ``feats``: its own "visual" grads
-        # are zeros, the tower's gradient is this one backward.
-        d_visual = vision_vjp(d_feats)
-        grads["visual"] = jax.tree.map(
-            lambda a, b: a + b.astype(jnp.float32), grads["visual"], d_visual
-        )
-    return loss, grads, aux
-
-
-def vision_trains(trainable: PyTree | None) -> bool:
-    """Whether any vision-tower leaf of a trainable mask (``optim.trainable_mask``) is True."""
-    return trainable is None or any(bool(x) for x in jax.tree.leaves(trainable["visual"]))
 
 
 def make_grpo_step(
@@ -228,7 +196,7 @@ def make_grpo_step(
     ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
     """
 
-    loss.setdefault("train_vision", vision_trains(trainable))
+    loss.setdefault("train_vision", step_inputs.vision_trains(trainable))
 
     def step(state: optim.TrainState, inputs: Mapping[str, Any]):
         loss_value, grads, aux = grpo_grads(graphdef, state.params, inputs, **loss)

@@ -19,7 +19,7 @@ contract onto the model's one forward (``Qwen2_5_VLForConditionalGeneration.hidd
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 import jax
@@ -31,7 +31,7 @@ from tatar_jax import sharding
 from tatar_jax.models.qwen2_5_vl import rope
 from tatar_jax.models.qwen2_5_vl.model import merge_image_features
 from tatar_jax.models.qwen2_5_vl.vision_layout import fixed_bucket, vision_layout
-from tatar_jax.train import metrics
+from tatar_jax.train import metrics, optim
 
 
 class StepInputs(TypedDict):
@@ -74,6 +74,59 @@ def hidden_states(
         feat_index=rows["feat_index"],
     )
     return h
+
+
+def vision_trains(trainable: Any) -> bool:
+    """Whether any vision-tower leaf of a trainable mask (``optim.trainable_mask``) is True."""
+    return trainable is None or any(bool(x) for x in jax.tree.leaves(trainable["visual"]))
+
+
+def vision_features(
+    graphdef: nnx.GraphDef, params: Any, shared: Mapping[str, Any], train_vision: bool
+) -> tuple[jax.Array, Callable[[jax.Array], Any] | None]:
+    """(M, D) image features of the step and, when the vision tower trains, the function
+    ``d loss / d features -> d loss / d params["visual"]`` (one backward through the tower)."""
+
+    def features(visual: Any) -> jax.Array:
+        p = jax.tree.map(lambda x: x, params)  # a new State: swap the vision subtree in
+        p["visual"] = visual
+        return image_features(nnx.merge(graphdef, p), shared)
+
+    if not train_vision:
+        return jax.lax.stop_gradient(features(params["visual"])), None
+    feats, vjp = jax.vjp(features, params["visual"])
+    return feats, lambda d_feats: vjp(d_feats.astype(feats.dtype))[0]
+
+
+def accumulate_with_features(
+    loss_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]],
+    graphdef: nnx.GraphDef,
+    params: Any,
+    rows: Mapping[str, jax.Array],
+    shared: Mapping[str, Any],
+    num_micro: int,
+    *,
+    train_vision: bool = True,
+) -> tuple[jax.Array, Any, Any]:
+    """``optim.accumulate_gradients`` of ``loss_fn(params, features, micro_batch)`` over row
+    micro-batches with the vision tower run once per step: the features are an input of every
+    micro-batch, their gradients are summed and sent back through the tower in one backward.
+
+    ``train_vision=False`` (a frozen tower): no backward through it, zero ``visual`` grads.
+    Returns (loss, float32 grads, aux) summed over micro-batches.
+    """
+    feats, vision_vjp = vision_features(graphdef, params, shared, train_vision)
+    loss, (grads, d_feats), aux = optim.accumulate_gradients(
+        lambda pf, mb: loss_fn(pf[0], pf[1], mb), (params, feats), dict(rows), num_micro
+    )
+    if vision_vjp is not None:
+        # The loss reads the tower only through ``feats``: the "visual" grads of the
+        # accumulation are zeros, the tower's gradient is this one backward.
+        d_visual = vision_vjp(d_feats)
+        grads["visual"] = jax.tree.map(
+            lambda a, b: a + b.astype(jnp.float32), grads["visual"], d_visual
+        )
+    return loss, grads, aux
 
 
 def _text_hidden(model: nnx.Module, rows: Mapping[str, jax.Array], features: jax.Array):

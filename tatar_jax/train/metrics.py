@@ -18,9 +18,18 @@ norms and biases are not counted. ``T_ctx`` = attended positions (the sequence l
 image's patches in the ``fullatt_block_indexes`` layers) and the merger per merged token; x3 when
 the vision tower trains (x2 for the patch embedding, whose input needs no gradient), x1 when frozen
 (no backward through it). These numbers equal ``torch.utils.flop_counter.FlopCounterMode`` on the
-transformers model (eager attention), forward and forward+backward (tests/test_metrics.py).
+transformers model (eager attention), forward and forward+backward (tests/train/test_metrics.py).
 Per-token numbers average the vision cost over the sequence's tokens.
-MFU = achieved FLOP/s / (n_devices x peak FLOP/s).
+
+A training step counts what its compiled program runs (``inputs.step_flops``): the lm_head only
+on the scored positions (``lm_head_tokens``: GRPO's completion tokens, SFT's targets) and the
+vision tower once per *image* (the G completions of a prompt share it: ``patches_per_seq`` =
+the step's patches / rows). This equals XLA's ``cost_analysis()`` of the compiled GRPO update
+and reference pass within a few percent (the rest: elementwise ops, the log-softmax backward's
+recomputed logits; tests/train/test_metrics.py).
+MFU = achieved FLOP/s / (n_devices x peak FLOP/s); None where the peak is unknown (CPU). GRPO
+reports ``mfu/update`` (the policy updates over their own time) and ``mfu/ref_logps`` (the
+forward-only reference pass) separately (``stages.GrpoStage``).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ class GrpoStage:
             )
         )
         self.model_config = model.config
-        self.train_vision = grpo_step.vision_trains(trainable)
+        self.train_vision = step_inputs.vision_trains(trainable)
         self.last: rollout.Rollout | None = None
         warm_rewards(cfg, num_rows)
 

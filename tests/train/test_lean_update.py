@@ -106,7 +106,7 @@ def test_vision_once_equals_per_micro_batch_vision(num_micro, aggregation):
     # A frozen tower (make_grpo_step's default from the trainable mask): no backward through
     # it, the rest unchanged.
     mask = optim.trainable_mask(params, freeze_vision=True)
-    assert not grpo_step.vision_trains(mask) and grpo_step.vision_trains(None)
+    assert not step_inputs.vision_trains(mask) and step_inputs.vision_trains(None)
     frozen, f_grads, _ = jax.jit(
         lambda p, x: grpo_step.grpo_grads(
             graphdef, p, x, num_micro=num_micro, train_vision=False, beta=BETA, epsilon=EPS,
