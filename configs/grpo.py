@@ -31,6 +31,9 @@ def grpo_block() -> ml_collections.ConfigDict:
     c.num_generations = 8  # G
     c.prompts_per_step = 16  # unique prompts per optimizer step (B_u)
     c.beta = 0.001  # k3 KL weight; 0 skips the reference model entirely
+    # Reference-model weights: "compute" (model.dtype: it only runs forward, half the memory
+    # in bf16) | "float32" (the master weights' precision).
+    c.ref_param_dtype = "compute"
     c.epsilon = 0.2  # PPO clip (lower)
     c.epsilon_high = config_dict.placeholder(float)  # None = epsilon (symmetric clip)
     c.num_iterations = 1  # mu: optimisation passes per rollout; 1 => old log-probs = rollout's

@@ -44,9 +44,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Comput
 _PARAM_DTYPE = flags.DEFINE_enum(
     "param_dtype", "float32", ["bfloat16", "float32"], "Parameter / optimizer-state dtype."
 )
-_REF_DTYPE = flags.DEFINE_string(
-    "ref_param_dtype", "", "Reference-model parameter dtype ('' = --param_dtype)."
-)
+_REF_DTYPE = flags.DEFINE_enum(
+    "ref_param_dtype", "compute", ["compute", "float32"],
+    "Reference-model parameters (config.grpo.ref_param_dtype): --dtype or float32.",
+)  # fmt: skip
 _NUM_MICRO = flags.DEFINE_integer("num_micro", 1, "Micro-batches per update (accumulated).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "Tokens per lm_head log-softmax chunk.")
 _BETA = flags.DEFINE_float("beta", 0.001, "KL coefficient; 0 drops the reference model.")

@@ -9,8 +9,11 @@ L = Lp + T, T = max new tokens):
   ``completion_mask`` (N, T) float (tokens up to and including the stop token; 0 for invalid
   prompts), ``advantages`` (N,), optionally ``old_logps`` (N, T) (mu > 1; with mu = 1 pi_old is the
   detached policy, rho = 1) and ``ref_logps`` (N, T) (beta > 0).
-- ``shared``: ``pixel_values`` + ``layout`` of the step's B images (the vision tower runs once
-  per image per micro-batch, never once per completion).
+- ``shared``: ``pixel_values`` + ``layout`` of the step's B images. The vision tower runs once
+  per step (once per image, never once per completion or per micro-batch): the update computes
+  the features, every micro-batch gathers them, the micro-batches' gradients w.r.t. the features
+  are summed and go back through the tower in one backward; the reference / pi_old pass runs it
+  once without gradient.
 
 Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
 ``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
@@ -69,13 +72,17 @@ def completion_logps(
     rows: Mapping[str, jax.Array],
     shared: Mapping[str, Any],
     *,
+    features: jax.Array | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
     return_entropy: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """(N, T) float32 log-probs of the completion tokens (0 where ``completion_mask`` is 0), and
-    with ``return_entropy`` the (N, T) entropies of the tempered next-token distributions there."""
-    h = step_inputs.hidden_states(model, rows, shared)
+    with ``return_entropy`` the (N, T) entropies of the tempered next-token distributions there.
+
+    ``features``: the step's image features (``inputs.image_features``); None runs the vision
+    tower here."""
+    h = step_inputs.hidden_states(model, rows, shared, features)
     t = rows["completion_mask"].shape[1]
     length = h.shape[1]
     hc = h[:, length - t - 1 : length - 1]  # position i predicts token i + 1
@@ -97,7 +104,8 @@ def make_logps_fn(
 ) -> Callable[[PyTree, Mapping[str, Any]], jax.Array]:
     """Pure ``fn(params, inputs) -> (N, T)`` log-probs (reference model / pi_old); jit it.
 
-    Rows are processed ``num_micro`` slices at a time (``lax.map``) to bound activation memory.
+    The vision tower runs once (no gradient); rows are then processed ``num_micro`` slices at a
+    time (``lax.map``) to bound activation memory.
     """
 
     def fn(params: PyTree, inputs: Mapping[str, Any]) -> jax.Array:
@@ -105,18 +113,18 @@ def make_logps_fn(
         keys = ("input_ids", "attention_mask", "position_ids", "feat_index", "completion_mask")
         rows = {k: inputs["rows"][k] for k in keys}
         shared = inputs["shared"]
-        if num_micro <= 1:
+        feats = jax.lax.stop_gradient(step_inputs.image_features(model, shared))
+
+        def logps(mb):
             return completion_logps(
-                model, rows, shared, temperature=temperature, chunk_size=chunk_size
+                model, mb, shared, features=feats, temperature=temperature, chunk_size=chunk_size
             )
+
+        if num_micro <= 1:
+            return logps(rows)
         n = rows["input_ids"].shape[0]
         micro = jax.tree.map(lambda x: x.reshape((num_micro, n // num_micro) + x.shape[1:]), rows)
-        out = jax.lax.map(
-            lambda mb: completion_logps(
-                model, mb, shared, temperature=temperature, chunk_size=chunk_size
-            ),
-            micro,
-        )
+        out = jax.lax.map(logps, micro)
         return out.reshape((n,) + out.shape[2:])
 
     return fn
@@ -128,6 +136,7 @@ def grpo_grads(
     inputs: Mapping[str, Any],
     *,
     num_micro: int = 1,
+    train_vision: bool = True,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     beta: float = 0.001,
@@ -142,14 +151,25 @@ def grpo_grads(
 
     Aux also holds ``entropy_sum`` (summed token entropies over completion tokens) and, with a
     ``rows["task_id"]`` (N,) int array, ``entropy_sum/<task>`` and ``completion_tokens/<task>``
-    (``tatar_jax.data.prompts.TASK_IDS``)."""
+    (``tatar_jax.data.prompts.TASK_IDS``).
+
+    The vision tower runs once per step: its features are an input of every micro-batch's
+    loss, whose gradients w.r.t. them are summed and sent back through the tower once.
+    ``train_vision=False`` (a frozen tower): no backward through it, zero ``visual`` grads.
+    """
     rows, shared = inputs["rows"], inputs["shared"]
     tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
 
-    def loss_fn(p, mb):
+    def loss_fn(p, f, mb):
         model = nnx.merge(graphdef, p)
         logps, ent = completion_logps(
-            model, mb, shared, temperature=temperature, chunk_size=chunk_size, return_entropy=True
+            model,
+            mb,
+            shared,
+            features=f,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            return_entropy=True,
         )
         old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
         ref = mb.get("ref_logps") if beta else None
@@ -174,7 +194,9 @@ def grpo_grads(
         aux.update(_entropy_sums(jax.lax.stop_gradient(ent), mb))
         return share, aux
 
-    return optim.accumulate_gradients(loss_fn, params, dict(rows), num_micro)
+    return step_inputs.accumulate_with_features(
+        loss_fn, graphdef, params, rows, shared, num_micro, train_vision=train_vision
+    )
 
 
 def _entropy_sums(ent: jax.Array, mb: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -212,12 +234,15 @@ def make_grpo_step(
     """Pure ``step(state, inputs) -> (state, metrics)``: one optimizer update on a rollout.
 
     ``loss``: the keyword arguments of :func:`grpo_grads` (num_micro, epsilon, epsilon_high,
-    beta, aggregation, importance_sampling_level, kl_bias_correction, temperature, chunk_size).
+    beta, aggregation, importance_sampling_level, kl_bias_correction, temperature, chunk_size;
+    ``train_vision`` defaults to what ``trainable`` says).
     Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
     over micro-batches), ``completion_tokens``, ``entropy/all`` (+ ``entropy/<task>`` when the
     rows carry ``task_id``; :func:`entropy_metrics`), ``grad_norm``, ``update_skipped``,
     ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
     """
+
+    loss.setdefault("train_vision", step_inputs.vision_trains(trainable))
 
     def step(state: optim.TrainState, inputs: Mapping[str, Any]):
         loss_value, grads, aux = grpo_grads(graphdef, state.params, inputs, **loss)

@@ -19,7 +19,7 @@ contract onto the model's one forward (``Qwen2_5_VLForConditionalGeneration.hidd
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 import jax
@@ -28,7 +28,10 @@ import numpy as np
 from flax import nnx
 
 from tatar_jax import sharding
+from tatar_jax.models.qwen2_5_vl import rope
+from tatar_jax.models.qwen2_5_vl.model import merge_image_features
 from tatar_jax.models.qwen2_5_vl.vision_layout import fixed_bucket, vision_layout
+from tatar_jax.train import metrics, optim
 
 
 class StepInputs(TypedDict):
@@ -42,10 +45,26 @@ class StepInputs(TypedDict):
 # The forward of a step
 
 
+def image_features(model: nnx.Module, shared: Mapping[str, Any]) -> jax.Array:
+    """(M, D) features of the step's images in HF order: the vision tower once per step."""
+    return model.image_features(shared["pixel_values"], shared["layout"])
+
+
 def hidden_states(
-    model: nnx.Module, rows: Mapping[str, jax.Array], shared: Mapping[str, Any]
+    model: nnx.Module,
+    rows: Mapping[str, jax.Array],
+    shared: Mapping[str, Any],
+    features: jax.Array | None = None,
 ) -> jax.Array:
-    """Final-normed hidden states (N, L, D) of ``rows`` through the model's one forward."""
+    """Final-normed hidden states (N, L, D) of ``rows`` through the model's one forward.
+
+    ``features`` (M, D): the step's image features (:func:`image_features`), computed once and
+    shared by every micro-batch of the GRPO update and of the reference pass; the decoder half
+    of the forward then runs on them (the same pieces, in the same order, as
+    ``model.hidden_states``). None: the model's forward, vision tower included.
+    """
+    if features is not None:
+        return _text_hidden(model, rows, features)
     h, _ = model.hidden_states(
         rows["input_ids"],
         rows["attention_mask"],
@@ -54,6 +73,72 @@ def hidden_states(
         vision_layout=shared["layout"],
         feat_index=rows["feat_index"],
     )
+    return h
+
+
+def vision_trains(trainable: Any) -> bool:
+    """Whether any vision-tower leaf of a trainable mask (``optim.trainable_mask``) is True."""
+    return trainable is None or any(bool(x) for x in jax.tree.leaves(trainable["visual"]))
+
+
+def vision_features(
+    graphdef: nnx.GraphDef, params: Any, shared: Mapping[str, Any], train_vision: bool
+) -> tuple[jax.Array, Callable[[jax.Array], Any] | None]:
+    """(M, D) image features of the step and, when the vision tower trains, the function
+    ``d loss / d features -> d loss / d params["visual"]`` (one backward through the tower)."""
+
+    def features(visual: Any) -> jax.Array:
+        p = jax.tree.map(lambda x: x, params)  # a new State: swap the vision subtree in
+        p["visual"] = visual
+        return image_features(nnx.merge(graphdef, p), shared)
+
+    if not train_vision:
+        return jax.lax.stop_gradient(features(params["visual"])), None
+    feats, vjp = jax.vjp(features, params["visual"])
+    return feats, lambda d_feats: vjp(d_feats.astype(feats.dtype))[0]
+
+
+def accumulate_with_features(
+    loss_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]],
+    graphdef: nnx.GraphDef,
+    params: Any,
+    rows: Mapping[str, jax.Array],
+    shared: Mapping[str, Any],
+    num_micro: int,
+    *,
+    train_vision: bool = True,
+) -> tuple[jax.Array, Any, Any]:
+    """``optim.accumulate_gradients`` of ``loss_fn(params, features, micro_batch)`` over row
+    micro-batches with the vision tower run once per step: the features are an input of every
+    micro-batch, their gradients are summed and sent back through the tower in one backward.
+
+    ``train_vision=False`` (a frozen tower): no backward through it, zero ``visual`` grads.
+    Returns (loss, float32 grads, aux) summed over micro-batches.
+    """
+    feats, vision_vjp = vision_features(graphdef, params, shared, train_vision)
+    loss, (grads, d_feats), aux = optim.accumulate_gradients(
+        lambda pf, mb: loss_fn(pf[0], pf[1], mb), (params, feats), dict(rows), num_micro
+    )
+    if vision_vjp is not None:
+        # The loss reads the tower only through ``feats``: the "visual" grads of the
+        # accumulation are zeros, the tower's gradient is this one backward.
+        d_visual = vision_vjp(d_feats)
+        grads["visual"] = jax.tree.map(
+            lambda a, b: a + b.astype(jnp.float32), grads["visual"], d_visual
+        )
+    return loss, grads, aux
+
+
+def _text_hidden(model: nnx.Module, rows: Mapping[str, jax.Array], features: jax.Array):
+    ids = rows["input_ids"]
+    embeds = merge_image_features(
+        model.language_model.embed(ids), ids, features, model.config.image_token_id,
+        rows["feat_index"],
+    )  # fmt: skip
+    t = model.config.text
+    pos = jnp.swapaxes(rows["position_ids"], 0, 1)  # (3, N, L)
+    cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
+    h, _ = model.language_model(embeds, cos, sin, rows["attention_mask"], None)
     return h
 
 
@@ -156,6 +241,44 @@ def expand_prompts(
 
 
 # --------------------------------------------------------------------------------------------
+# FLOPs of a step
+
+
+def step_flops(
+    model_config: Any,
+    inputs: StepInputs,
+    *,
+    num_micro: int = 1,
+    training: bool = True,
+    train_vision: bool = True,
+) -> float:
+    """Model FLOPs of one pass over a step's inputs (host or device arrays: shapes only):
+    an update (``training``) or a forward-only log-prob pass (the GRPO reference / pi_old).
+
+    Counted on the shapes the compiled program runs: the decoder on every row x position, the
+    lm_head only on the scored positions (GRPO: N x T completion tokens or the packed slots;
+    SFT: the N x K target positions), the vision tower once on the step's patch bucket (every
+    row gathers its image's features). Rematerialisation is not counted.
+    """
+    rows, shared = inputs["rows"], inputs["shared"]
+    n, length = np.shape(rows["input_ids"])
+    if "pack_slots" in shared:
+        heads = np.shape(shared["pack_slots"])[0] * max(int(num_micro), 1)
+    elif "completion_mask" in rows:
+        heads = np.size(rows["completion_mask"])
+    else:
+        heads = np.size(rows["target_pos"])
+    patches = np.shape(shared["pixel_values"])[0]
+    per_image = np.shape(shared["layout"].segment_rows)[1] if patches else 0
+    per_token = metrics.flops_per_token(
+        model_config.text, model_config.vision, length, training=training,
+        patches_per_seq=patches / n, patches_per_image=per_image, train_vision=train_vision,
+        lm_head_tokens=heads / n,
+    )  # fmt: skip
+    return per_token * n * length
+
+
+# --------------------------------------------------------------------------------------------
 # Packing: only the positions that count go through the lm_head
 
 
@@ -191,6 +314,14 @@ def pack_index(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 # --------------------------------------------------------------------------------------------
 # Host -> device
+
+
+def cast_pixels(inputs: StepInputs, dtype: Any) -> None:
+    """Pixel values in the compute dtype before they travel (half the bytes in bfloat16). The
+    vision tower casts them to that dtype first thing, so its output does not change."""
+    pv = inputs["shared"]["pixel_values"]
+    if np.dtype(pv.dtype) != np.dtype(dtype):
+        inputs["shared"]["pixel_values"] = np.asarray(pv).astype(dtype)
 
 
 def put_inputs(inputs: StepInputs, mesh: Any, rules: Any) -> StepInputs:

@@ -69,7 +69,7 @@ class PlanSpec:
     vision_remat: str | None = "full"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
-    ref_param_dtype: str = ""  # "" = param_dtype (the trainer keeps the initial params)
+    ref_param_dtype: str = "compute"  # config.grpo.ref_param_dtype: "compute" | "float32"
     num_micro: int = 1
     chunk_size: int = 1024
     beta: float = 0.001
@@ -193,8 +193,9 @@ class _Builder:
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding.replicated(self.mesh))
 
     # --- inputs ---------------------------------------------------------------------------------
-    def vision(self, num_images: int) -> tuple[Any, Any]:
-        """Abstract (pixel_values, layout) of ``num_images`` images (replicated)."""
+    def vision(self, num_images: int, pixel_dtype: Any = jnp.float32) -> tuple[Any, Any]:
+        """Abstract (pixel_values, layout) of ``num_images`` images (replicated); the update
+        gets its pixels in the compute dtype (``stages``), the sampler in float32."""
         from tatar_jax.models.qwen2_5_vl import vision as vmod
 
         v = self.config.vision
@@ -205,7 +206,7 @@ class _Builder:
         # the whole patch budget: num_images times the attention memory of this one.
         bucket = vmod.vision_bucket(grid, v)
         layout = vmod.vision_layout(grid, v, bucket)
-        pv = self.repl((bucket.num_patches, vmod.patch_dim(v)), jnp.float32)
+        pv = self.repl((bucket.num_patches, vmod.patch_dim(v)), pixel_dtype)
         layout = jax.tree.map(lambda a: self.repl(np.shape(a), np.asarray(a).dtype), layout)
         return pv, layout
 
@@ -223,7 +224,7 @@ class _Builder:
         }
         if s.beta:
             rows["ref_logps"] = self.batch((n, t), jnp.float32)
-        pv, layout = self.vision(s.prompts)
+        pv, layout = self.vision(s.prompts, self.dtype)
         return {"rows": rows, "shared": {"pixel_values": pv, "layout": layout}}
 
 
@@ -264,9 +265,11 @@ def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
 
 
 def _ref_params(b: _Builder) -> Any:
+    """The reference parameters as ``stages.reference_params`` makes them."""
+    from tatar_jax.train import stages
+
     s = b.spec
-    dt = loading.to_dtype(s.ref_param_dtype or s.param_dtype)
-    ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), b.params)
+    ref = jax.eval_shape(lambda p: stages.reference_params(p, s.ref_param_dtype, s.dtype), b.params)
     return b.put(ref, b.param_shardings)
 
 
@@ -380,7 +383,7 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
         "vision_remat": spec.vision_remat,
         "dtype": spec.dtype,
         "param_dtype": spec.param_dtype,
-        "ref_param_dtype": spec.ref_param_dtype or spec.param_dtype,
+        "ref_param_dtype": spec.ref_param_dtype,
         "num_micro": spec.num_micro,
         "beta": spec.beta,
         "freeze_vision": spec.freeze_vision,

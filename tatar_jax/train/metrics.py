@@ -18,9 +18,18 @@ norms and biases are not counted. ``T_ctx`` = attended positions (the sequence l
 image's patches in the ``fullatt_block_indexes`` layers) and the merger per merged token; x3 when
 the vision tower trains (x2 for the patch embedding, whose input needs no gradient), x1 when frozen
 (no backward through it). These numbers equal ``torch.utils.flop_counter.FlopCounterMode`` on the
-transformers model (eager attention), forward and forward+backward (tests/test_metrics.py).
+transformers model (eager attention), forward and forward+backward (tests/train/test_metrics.py).
 Per-token numbers average the vision cost over the sequence's tokens.
-MFU = achieved FLOP/s / (n_devices x peak FLOP/s).
+
+A training step counts what its compiled program runs (``inputs.step_flops``): the lm_head only
+on the scored positions (``lm_head_tokens``: GRPO's completion tokens, SFT's targets) and the
+vision tower once per *image* (the G completions of a prompt share it: ``patches_per_seq`` =
+the step's patches / rows). This equals XLA's ``cost_analysis()`` of the compiled GRPO update
+and reference pass within a few percent (the rest: elementwise ops, the log-softmax backward's
+recomputed logits; tests/train/test_metrics.py).
+MFU = achieved FLOP/s / (n_devices x peak FLOP/s); None where the peak is unknown (CPU). GRPO
+reports ``mfu/update`` (the policy updates over their own time) and ``mfu/ref_logps`` (the
+forward-only reference pass) separately (``stages.GrpoStage``).
 """
 
 from __future__ import annotations
@@ -433,6 +442,13 @@ def _vision_dims(c: Any) -> dict[str, Any]:
     }
 
 
+def _vision_matmuls(v: Mapping[str, Any]) -> tuple[int, int]:
+    """(weights applied to every patch, merger weights applied to every merged token)."""
+    dv, mh = v["d"], v["d"] * v["m"] ** 2
+    patch = v["c"] * v["tp"] * v["p"] ** 2 * dv
+    return patch + v["l"] * (4 * dv * dv + 3 * dv * v["i"]), mh * mh + mh * v["out"]
+
+
 def param_counts(
     text_cfg: Any, vision_cfg: Any = None, *, tie_word_embeddings: bool | None = None
 ) -> dict[str, int]:
@@ -474,8 +490,7 @@ def param_counts(
         mh = dv * v["m"] ** 2
         merger = dv + (mh * mh + mh) + (mh * v["out"] + v["out"])
         out["vision"] = patch + v["l"] * block + merger
-        out["vision_matmul"] = patch + v["l"] * (4 * dv * dv + 3 * dv * iv)
-        out["merger_matmul"] = mh * mh + mh * v["out"]
+        out["vision_matmul"], out["merger_matmul"] = _vision_matmuls(v)
     out["total"] = out["text"] + out["vision"]
     return out
 
@@ -486,43 +501,60 @@ def flops_per_token(
     seq_len: int = 1,
     *,
     training: bool = True,
-    patches_per_seq: int = 0,
+    patches_per_seq: float = 0,
     patches_per_image: int | None = None,
     train_vision: bool = True,
     causal_discount: bool = False,
+    lm_head_tokens: float | None = None,
 ) -> float:
     """Model FLOPs per sequence token (see the module docstring for the formula).
 
     Args:
       seq_len: tokens per sequence (attention context; image placeholder tokens included).
       training: 3x forward (fwd + bwd) if True, else forward only (rollout / evaluation).
-      patches_per_seq: pre-merge vision patches per sequence (4 per image token); 0 = text only.
+      patches_per_seq: pre-merge vision patches per sequence; 0 = text only. The vision tower
+        runs once per *image*: rows that share an image (GRPO's G completions) share its cost,
+        so pass the step's patches / rows.
       patches_per_image: context of the full-attention vision layers (default patches_per_seq).
       train_vision: False when the vision tower is frozen (forward only, no backward).
       causal_discount: count T/2 attended positions instead of T.
+      lm_head_tokens: positions per sequence that go through the lm_head (None: all
+        ``seq_len``, a plain forward; the GRPO update scores only the completion tokens, SFT
+        only the target tokens).
     """
     t = _text_dims(text_cfg)
     # The lm_head matmul runs whether or not its weights are tied: FLOPs do not depend on tying.
     n = param_counts(text_cfg, vision_cfg, tie_word_embeddings=False)
     ctx = seq_len / 2 if causal_discount else seq_len
-    fwd_text = 2 * n["text_matmul"] + 4 * t["l"] * t["h"] * t["hd"] * ctx
-    mult = 3 if training else 1
-    total = mult * fwd_text * seq_len
+    head = t["d"] * t["v"]
+    heads = seq_len if lm_head_tokens is None else lm_head_tokens
+    fwd_text = (2 * (n["text_matmul"] - head) + 4 * t["l"] * t["h"] * t["hd"] * ctx) * seq_len
+    fwd_text += 2 * head * heads
+    total = (3 if training else 1) * fwd_text
     if vision_cfg is not None and patches_per_seq:
-        v = _vision_dims(vision_cfg)
-        full_ctx = patches_per_image or patches_per_seq
-        win_ctx = min((v["win"] // v["p"]) ** 2, full_ctx) if v["win"] else full_ctx
-        n_full = sum(1 for i in v["full"] if 0 <= i < v["l"])
-        attn = 4 * v["d"] * ((v["l"] - n_full) * win_ctx + n_full * full_ctx)
-        patch_embed = 2 * v["c"] * v["tp"] * v["p"] ** 2 * v["d"]
-        rest = 2 * n["vision_matmul"] - patch_embed + attn + 2 * n["merger_matmul"] / v["m"] ** 2
-        if training and train_vision:
-            # The patch embedding needs no input gradient (pixels): forward + weight grad only.
-            per_patch = 3 * rest + 2 * patch_embed
-        else:
-            per_patch = rest + patch_embed
-        total += per_patch * patches_per_seq
+        total += vision_flops(
+            vision_cfg, patches_per_seq, patches_per_image or patches_per_seq,
+            training=training and train_vision,
+        )  # fmt: skip
     return total / seq_len
+
+
+def vision_flops(
+    vision_cfg: Any, patches: float, patches_per_image: float, *, training: bool = True
+) -> float:
+    """Model FLOPs of the vision tower on ``patches`` pre-merge patches (full-attention layers
+    attend over ``patches_per_image``, window layers over a window); ``training``: forward +
+    backward (the patch embedding without an input gradient), else forward only."""
+    v = _vision_dims(vision_cfg)
+    matmul, merger = _vision_matmuls(v)
+    win_ctx = min((v["win"] // v["p"]) ** 2, patches_per_image) if v["win"] else patches_per_image
+    n_full = sum(1 for i in v["full"] if 0 <= i < v["l"])
+    attn = 4 * v["d"] * ((v["l"] - n_full) * win_ctx + n_full * patches_per_image)
+    patch_embed = 2 * v["c"] * v["tp"] * v["p"] ** 2 * v["d"]
+    rest = 2 * matmul - patch_embed + attn + 2 * merger / v["m"] ** 2
+    # The patch embedding needs no input gradient (pixels): forward + weight grad only.
+    per_patch = 3 * rest + 2 * patch_embed if training else rest + patch_embed
+    return per_patch * patches
 
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets). Matched on jax's ``device_kind``.
@@ -559,8 +591,9 @@ def peak_flops(device: Any = None) -> float | None:
 def mfu(
     tokens_per_second: float, flops_per_tok: float, n_devices: int, device: Any = None
 ) -> float | None:
-    """Model FLOPs utilisation in [0, 1], or None when the device's peak is unknown."""
+    """Model FLOPs utilisation in [0, 1], or None when the device's peak is unknown (CPU) or
+    the FLOP count is (``flops_per_tok <= 0``): no made-up MFU is ever logged."""
     peak = peak_flops(device)
-    if peak is None or n_devices <= 0:
+    if peak is None or n_devices <= 0 or flops_per_tok <= 0:
         return None
     return tokens_per_second * flops_per_tok / (n_devices * peak)

@@ -156,9 +156,9 @@ def make_sft_step(
         n_tok = jnp.sum(rows["target_valid"].astype(jnp.float32))
         n_seq = jnp.sum(jnp.any(rows["target_valid"] > 0, axis=1).astype(jnp.float32))
 
-        def loss_fn(p, mb):
+        def loss_fn(p, feats, mb):
             model = nnx.merge(graphdef, p)
-            h = step_inputs.hidden_states(model, mb, shared)
+            h = step_inputs.hidden_states(model, mb, shared, feats)
             # Gather the predecessors of the K target positions, then lay them out so that
             # sft_loss's shift (position j predicts token j + 1) pairs them up again.
             tp = mb["target_pos"]
@@ -192,9 +192,11 @@ def make_sft_step(
 
         if "pack_slots" in shared and normalization != "token_mean":
             raise ValueError("SFT target packing needs normalization='token_mean'")
-        loss, grads, aux = optim.accumulate_gradients(
-            loss_fn, state.params, dict(rows), max(1, int(grad_accum_steps))
-        )
+        # The vision tower runs once per step (every micro-batch gathers its rows' features).
+        loss, grads, aux = step_inputs.accumulate_with_features(
+            loss_fn, graphdef, state.params, rows, shared, max(1, int(grad_accum_steps)),
+            train_vision=step_inputs.vision_trains(trainable),
+        )  # fmt: skip
         new_state, info = optim.apply_gradients(
             state, grads, tx, loss=loss, trainable=trainable, schedule=schedule
         )

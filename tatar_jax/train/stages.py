@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -24,8 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tatar_jax import generate, rewards
-from tatar_jax.train import grpo_step, optim, rollout, sft_step
+from tatar_jax import generate, grpo, loading, rewards
+from tatar_jax.train import grpo_step, metrics, optim, rollout, sft_step
 from tatar_jax.train import inputs as step_inputs
 
 PyTree = Any
@@ -63,6 +64,7 @@ class SftStage:
         schedule: optax.Schedule,
     ) -> None:
         self.model_config = model_config
+        self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
         self.num_micro = int(cfg.optimizer.grad_accum_steps)
         # Target packing sums tokens, so it serves token_mean only.
         token_mean = cfg.sft.loss_normalization == "token_mean"
@@ -81,6 +83,7 @@ class SftStage:
         inputs = step_inputs.sft_inputs(
             batch, self.model_config, num_micro=self.num_micro, pack_buckets=self.pack_buckets
         )
+        step_inputs.cast_pixels(inputs, self.pixel_dtype)
         return inputs, {}
 
     def update(self, state, inputs):
@@ -117,7 +120,9 @@ class GrpoStage:
     ) -> None:
         g = cfg.grpo
         self.beta, self.updates_per_step = float(g.beta), int(g.num_iterations)
-        self.ref_params, self.workdir = ref_params, workdir
+        self.workdir = workdir
+        self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
+        self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
         self.pack_buckets = int(g.pack_buckets)
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
         rewards.validate_extra_rewards(cfg.rewards, int(g.num_generations))  # fail at start
@@ -145,7 +150,10 @@ class GrpoStage:
                 graphdef, temperature=temp, chunk_size=chunk, num_micro=self.num_micro
             )
         )
+        self.model_config = model.config
+        self.train_vision = step_inputs.vision_trains(trainable)
         self.last: rollout.Rollout | None = None
+        warm_rewards(cfg, num_rows)
 
     def prepare(self, state, batch, timer):
         with timer("rollout"):
@@ -162,6 +170,7 @@ class GrpoStage:
         )
         if slots is not None:  # only counted completion tokens through the lm_head
             inputs["shared"]["pack_slots"] = slots
+        step_inputs.cast_pixels(inputs, self.pixel_dtype)
         return inputs, dict(ro.metrics)
 
     def _host_reward_inputs(self, batch, out):
@@ -173,14 +182,41 @@ class GrpoStage:
         return rewards.completions_in_scope(texts, rewards.completion_records(batch, g))
 
     def update(self, state, inputs):
-        rows = inputs["rows"]
+        """The reference / pi_old log-probs, then mu updates; each part timed on its own
+        (``time/ref_logps``, ``time/old_logps``, ``time/policy_update``: the update MFU's
+        denominator excludes the forward-only passes)."""
+        rows, times = inputs["rows"], {}
+        t0 = time.perf_counter()
         if self.beta != 0.0:
-            rows["ref_logps"] = self.logps_fn(self.ref_params, inputs)
+            rows["ref_logps"] = jax.block_until_ready(self.logps_fn(self.ref_params, inputs))
+            times["time/ref_logps"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
         if self.updates_per_step > 1:
-            rows["old_logps"] = self.logps_fn(state.params, inputs)
+            rows["old_logps"] = jax.block_until_ready(self.logps_fn(state.params, inputs))
+            times["time/old_logps"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
         for _ in range(self.updates_per_step):
             state, m = self.step_fn(state, inputs)
-        return state, m
+        m = jax.block_until_ready(m)
+        times["time/policy_update"] = time.perf_counter() - t2
+        return state, {**m, **times, **self._mfu(inputs, times)}
+
+    def _mfu(self, inputs, times):
+        """``mfu/update`` (the mu policy updates) and ``mfu/<ref|old>_logps`` (forward-only
+        passes), each over its own time; none where the device's peak is unknown (CPU)."""
+        out, n_dev = {}, jax.device_count()
+        flops = step_inputs.step_flops(
+            self.model_config, inputs, num_micro=self.num_micro, train_vision=self.train_vision
+        )
+        u = metrics.mfu(1.0 / times["time/policy_update"], flops * self.updates_per_step, n_dev)
+        if u is None:
+            return out
+        out["mfu/update"] = u
+        fwd = step_inputs.step_flops(self.model_config, inputs, training=False)
+        for name in ("ref_logps", "old_logps"):
+            if f"time/{name}" in times:
+                out[f"mfu/{name}"] = metrics.mfu(1.0 / times[f"time/{name}"], fwd, n_dev)
+        return out
 
     def step_metrics(self, inputs):
         ro = self.last
@@ -193,6 +229,46 @@ class GrpoStage:
     def after_step(self, step, batch):
         if jax.process_index() == 0:
             log_samples(self.workdir, step, batch, self.last, self.samples, self.samples_every)
+
+
+def reference_params(params: PyTree, ref_param_dtype: str, compute_dtype: str) -> PyTree:
+    """The frozen reference model's parameters: floating leaves in the compute dtype
+    (``ref_param_dtype="compute"``: it only runs forward, as the policy's matmuls do) or in
+    float32 (``"float32"``: the master weights, bit-exact reference log-probs)."""
+    names = {"compute": compute_dtype, "float32": "float32"}
+    if ref_param_dtype not in names:
+        raise ValueError(
+            f"config.grpo.ref_param_dtype must be 'compute' or 'float32', got {ref_param_dtype!r}"
+        )
+    dt = loading.to_dtype(names[ref_param_dtype])
+
+    def cast(x):
+        floating = jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+        return x.astype(dt) if floating and x.dtype != dt else x
+
+    return jax.tree.map(cast, params)
+
+
+def warm_rewards(cfg: Any, n_rows: int) -> None:
+    """Runs the rewards and group advantages once on dummy completions of the step's shapes
+    (``n_rows`` = prompts x G): their eager ops compile here, not inside the first step."""
+    g = int(cfg.grpo.num_generations)
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(n_rows // g, dtype=np.int32), g)
+    total, _ = rewards.total_reward(
+        rng.uniform(0, 100, n_rows).astype(np.float32),
+        rng.uniform(0, 100, n_rows).astype(np.float32),
+        rng.random(n_rows) > 0.5,
+        rng.integers(1, 100, n_rows).astype(np.int32),
+        np.repeat(np.arange(n_rows // g) % 2 == 1, g),
+        groups,
+        config=cfg.rewards,
+        num_groups=n_rows // g,
+    )
+    grpo.group_advantages(
+        np.asarray(total, np.float32), g, cfg.grpo.advantage, cfg.grpo.advantage_eps,
+        ddof=int(cfg.grpo.advantage_std_ddof),
+    )  # fmt: skip
 
 
 def num_micro(cfg: Any, n_rows: int) -> int:

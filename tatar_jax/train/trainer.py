@@ -164,18 +164,24 @@ def _next_batch_fn(data_iter: Any, opts: Any, tok: Any) -> Any:
     return next_batch
 
 
-def _flops_fn(model_config: Any, train_vision: bool) -> Any:
+def _flops_fn(model_config: Any, train_vision: bool, cfg: Any) -> Any:
+    """The loop's MFU numerator: the SFT update's FLOPs per real token. GRPO: 0 (no loop MFU);
+    its stage reports ``mfu/update`` and ``mfu/ref_logps`` over their own times."""
+
     def flops_per_token(inputs: Any, batch: Mapping[str, Any]) -> float:
-        seq = inputs["rows"]["input_ids"].shape[1]
-        patches = int(np.asarray(batch["patch_mask"]).sum()) // max(len(batch["valid"]), 1)
+        if cfg.stage != "sft":
+            return 0.0
+        del batch
+        n_tok = float(np.asarray(inputs["rows"]["attention_mask"]).sum())
         try:
-            return metrics.flops_per_token(
-                dataclasses.asdict(model_config.text), dataclasses.asdict(model_config.vision),
-                seq, patches_per_seq=patches, train_vision=train_vision,
+            flops = step_inputs.step_flops(
+                model_config, inputs, num_micro=int(cfg.optimizer.grad_accum_steps),
+                train_vision=train_vision,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - MFU is an estimate; never stop training for it
             logging.warning("no FLOP count (%s): MFU not reported", err)
             return 0.0
+        return flops / max(n_tok, 1.0)
 
     return flops_per_token
 
@@ -252,7 +258,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         writer=writer, evaluator=evaluator, total=total, log_every=int(lg.every_steps),
         eval_every=int(cfg.eval.every_steps),
         max_consecutive_nonfinite=int(cfg.optimizer.max_consecutive_nonfinite),
-        flops_per_token=_flops_fn(model_config, not bool(cfg.model.freeze_vision)),
+        flops_per_token=_flops_fn(model_config, not bool(cfg.model.freeze_vision), cfg),
         rules=place.rules_ctx, inject_nonfinite_steps=frozenset(cfg.inject_nonfinite_steps),
         progress=bool(lg.progress),
     )  # fmt: skip

@@ -3,8 +3,12 @@ count, the peak-FLOPs table, writers (JSONL + TensorBoard), GRPO reward summarie
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_models as tm
@@ -226,3 +230,101 @@ def test_window_mean_averages_each_key_over_the_steps_that_have_it():
     out = w.pop()
     assert out == {"reward_total/iaa": 1.0, "reward_total/iqa": 1.0, "loss": 3.0, "lr": 2e-4}
     assert w.pop() == {}
+
+
+# --- FLOPs of the compiled GRPO update vs XLA's cost analysis ---------------------------------
+
+
+def _small_config(tie: bool, d: int, heads: int, inter: int, vocab: int):
+    from tatar_jax.models import qwen2_5_vl as qvl
+
+    base = qvl.tiny(tie_word_embeddings=tie)
+    hd = d // heads
+    text = dataclasses.replace(
+        base.text, hidden_size=d, num_attention_heads=heads, num_key_value_heads=heads // 2,
+        intermediate_size=inter, vocab_size=vocab,
+        mrope_section=(hd // 8, 3 * hd // 16, 3 * hd // 16),
+    )  # fmt: skip
+    vision = dataclasses.replace(
+        base.vision, hidden_size=64, intermediate_size=128, depth=2, out_hidden_size=d
+    )
+    return dataclasses.replace(base, text=text, vision=vision)
+
+
+def _grpo_flop_inputs(cfg, packed: bool):
+    from tatar_jax.models import qwen2_5_vl as qvl
+    from tatar_jax.train import inputs as step_inputs
+
+    b = tm.make_batch([[3, (1, 8, 8), 5], [2, (1, 8, 8), 6]], seed=3)
+    ids, mask = b["input_ids"].astype(np.int32), b["attention_mask"].astype(np.int32)
+    grid = b["image_grid_thw"].astype(np.int32)
+    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.asarray(pos, np.int32),
+        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
+    }
+    g, t = 2, 8
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(2 * g, t)).astype(np.int32)
+    cmask = np.arange(t)[None, :] < np.array([8, 3, 5, 2])[:, None]
+    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
+    rows["completion_mask"] = cmask.astype(np.float32)
+    rows["advantages"] = rng.normal(size=2 * g).astype(np.float32)
+    # The exact vision bucket (no padded windows / segments): every attention slot is real.
+    shared = {
+        "pixel_values": b["pixel_values"],
+        "layout": qvl.vision_layout(grid, cfg.vision),
+    }
+    if packed:
+        shared["pack_slots"] = step_inputs.pack_slots(cmask, 1, 4)
+        assert shared["pack_slots"] is not None
+    return {"rows": rows, "shared": shared}
+
+
+def _xla_flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+
+
+@pytest.mark.parametrize(
+    ("tie", "d", "heads", "inter", "vocab", "train_vision", "packed"),
+    [(False, 128, 4, 384, 512, True, False), (True, 96, 2, 256, 1024, False, True)],
+)
+def test_step_flops_equal_xla_cost_of_the_compiled_update(
+    monkeypatch, tie, d, heads, inter, vocab, train_vision, packed
+):
+    import optax
+    from flax import nnx
+
+    from tatar_jax.models import qwen2_5_vl as qvl
+    from tatar_jax.train import grpo_step, optim
+    from tatar_jax.train import inputs as step_inputs
+
+    # Scans (decoder layers, vision blocks, lm_head chunks) unrolled: XLA's cost analysis
+    # counts a while loop's body once.
+    monkeypatch.setattr(jax.lax, "scan", functools.partial(jax.lax.scan, unroll=True))
+    cfg = _small_config(tie, d, heads, inter, vocab)
+    model = qvl.Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    inputs = jax.tree.map(jnp.asarray, _grpo_flop_inputs(cfg, packed))
+    trainable = optim.trainable_mask(params, freeze_vision=not train_vision)
+    tx = optax.sgd(0.1)
+    state = optim.TrainState.create(params, tx, jax.random.key(0))
+    step = grpo_step.make_grpo_step(graphdef, tx, trainable=trainable, beta=0.0, chunk_size=64)
+    xla = _xla_flops(step, state, inputs)
+    ours = step_inputs.step_flops(cfg, inputs, train_vision=train_vision)
+    print(f"update: ours {ours:.4g}, XLA {xla:.4g}, ratio {ours / xla:.3f}")
+    assert abs(ours / xla - 1) < 0.10
+    if not packed:
+        return
+    # The forward-only reference pass.
+    xla_ref = _xla_flops(grpo_step.make_logps_fn(graphdef, chunk_size=64), params, inputs)
+    ours_ref = step_inputs.step_flops(cfg, inputs, training=False)
+    print(f"reference: ours {ours_ref:.4g}, XLA {xla_ref:.4g}, ratio {ours_ref / xla_ref:.3f}")
+    assert abs(ours_ref / xla_ref - 1) < 0.10
+    # The old count (vision per row, lm_head on every position) is far off.
+    n, length = inputs["rows"]["input_ids"].shape
+    old = metrics.flops_per_token(cfg.text, cfg.vision, length, patches_per_seq=64) * n * length
+    assert old / xla > 1.2

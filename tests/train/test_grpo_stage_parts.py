@@ -1,0 +1,79 @@
+"""GRPO stage parts: reference parameters in the compute dtype, pixel values sent in the
+compute dtype (same vision output), rewards compiled before the first step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models as tm
+from flax import nnx
+
+from configs import grpo as grpo_config
+from tatar_jax import grpo, rewards
+from tatar_jax.models import qwen2_5_vl as qvl
+from tatar_jax.train import inputs as step_inputs
+from tatar_jax.train import stages
+
+
+def test_reference_params_dtype():
+    params = {"w": jnp.ones((2, 2), jnp.float32), "i": jnp.arange(3, dtype=jnp.int32)}
+    bf = stages.reference_params(params, "compute", "bfloat16")
+    assert bf["w"].dtype == jnp.bfloat16 and bf["i"].dtype == jnp.int32
+    f32 = stages.reference_params(bf, "float32", "bfloat16")
+    assert f32["w"].dtype == jnp.float32
+    same = stages.reference_params(params, "compute", "float32")
+    assert same["w"] is params["w"]  # nothing copied when the dtype already matches
+    with pytest.raises(ValueError, match="config.grpo.ref_param_dtype"):
+        stages.reference_params(params, "bf16", "bfloat16")
+    assert grpo_config.get_config().grpo.ref_param_dtype == "compute"
+
+
+def test_pixels_in_compute_dtype_give_the_same_features():
+    cfg = qvl.tiny()
+    model = qvl.Qwen2_5_VLForConditionalGeneration(
+        cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    b = tm.make_batch([[2, (1, 4, 8), 3]], seed=1)
+    inputs = {"rows": {}, "shared": step_inputs.shared_vision(b, cfg.vision)}
+    f32 = step_inputs.image_features(model, jax.tree.map(jnp.asarray, inputs["shared"]))
+    step_inputs.cast_pixels(inputs, jnp.bfloat16)
+    pv = inputs["shared"]["pixel_values"]
+    assert pv.dtype == jnp.bfloat16 and isinstance(pv, np.ndarray)  # cast on the host
+    bf = step_inputs.image_features(model, jax.tree.map(jnp.asarray, inputs["shared"]))
+    assert float(jnp.max(jnp.abs(f32.astype(jnp.float32)))) > 0
+    np.testing.assert_array_equal(np.asarray(bf, np.float32), np.asarray(f32, np.float32))
+
+
+def test_warm_rewards_leaves_nothing_to_compile():
+    cfg = grpo_config.get_config("tiny")
+    g = int(cfg.grpo.num_generations)
+    n = int(cfg.grpo.prompts_per_step) * g
+    stages.warm_rewards(cfg, n)
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        rng = np.random.default_rng(5)
+        total, _ = rewards.total_reward(
+            rng.uniform(0, 100, n).astype(np.float32),
+            rng.uniform(0, 100, n).astype(np.float32),
+            rng.random(n) > 0.2,
+            rng.integers(1, 50, n).astype(np.int32),
+            np.repeat(rng.random(n // g) > 0.5, g),
+            np.repeat(np.arange(n // g, dtype=np.int32), g),
+            config=cfg.rewards,
+            num_groups=n // g,
+        )
+        grpo.group_advantages(
+            np.asarray(total, np.float32), g, cfg.grpo.advantage, cfg.grpo.advantage_eps,
+            ddof=int(cfg.grpo.advantage_std_ddof),
+        )  # fmt: skip
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert compiles == []
