@@ -120,7 +120,7 @@ class GrpoStage:
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
         self.engine = rollout.RolloutEngine(
             model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets),
-            mesh=mesh, rules=rules,
+            mesh=mesh, rules=rules, rollout_cfg=cfg.rollout,
         )  # fmt: skip
         self.num_micro = num_micro(cfg, num_rows)
         chunk, temp = int(cfg.model.logprob_chunk_size), float(g.temperature)
@@ -141,6 +141,8 @@ class GrpoStage:
 
     def prepare(self, state, batch, timer):
         with timer("rollout"):
+            # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
+            # layout), used for this step's generation only
             out = self.engine.generate(state.params, batch, optim.rng_for_step(state, 1))
         with timer("reward"):
             ro = self.engine.score(batch, out)
