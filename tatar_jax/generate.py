@@ -15,20 +15,28 @@ How a call runs (all device work under ``jax.jit``, static shapes):
 1. host: mRoPE positions and rope deltas (:func:`rope.get_rope_index`), the prompt left-padded to a
    length bucket, the vision layout for a patch-count bucket (:mod:`vision_layout`).
 2. ``prefill`` (one program per (batch, prompt bucket, patch bucket)): the vision tower runs once
-   per image, the prompt is written once per prompt into a static cache of ``bucket +
-   max_new_tokens`` slots, the last position's logits give the first token; the cache is then
-   repeated ``num_samples`` times along the batch (samples of a prompt contiguous, as
-   ``num_return_sequences`` in transformers).
-3. ``decode`` (one program per (rows, cache length)): ``lax.while_loop`` over single-token steps,
-   the cache donated, leaving early once every row has emitted a stop token. Generated token
+   per image, the prompt is written once per prompt into a cache of ``bucket`` slots, the last
+   position's logits give the first token of each of the G samples. The decode cache
+   (:class:`~tatar_jax.models.qwen2_5_vl.language.SampleCache`) is that one prompt KV (B rows)
+   plus ``max_new_tokens`` generation slots per sample (B*G rows, samples of a prompt contiguous,
+   as ``num_return_sequences`` in transformers): the prompt KV is never repeated G times.
+3. ``decode`` (one program per (rows, cache shape)): ``lax.while_loop`` over single-token steps,
+   the cache donated and carried: each layer writes its new key/value at the current generation
+   slot in place (``dynamic_update_slice`` on the loop/scan carry, no per-step rebuild) and
+   attends its prompt's KV (queries viewed as (B, G, ...): no gather, no copy) plus its own
+   generated slots, the two softmaxes merged exactly by their log-sum-exp
+   (:func:`~tatar_jax.models.qwen2_5_vl.language.decode_attention`, float32 scores). The loop
+   leaves once every row has emitted a stop token. Generated token
    ``s`` of a row sits at mRoPE position ``num_prompt_tokens + s + rope_delta`` on all three axes,
    exactly as transformers' ``generate`` continues it.
 
 Sampling (transformers' order): logits / temperature → top-k → top-p → categorical draw with an
 independent key per row and step (``fold_in(split(rng, B*G)[row], step)``); ``temperature == 0``
 is greedy (argmax). With top-k the draw is among the ``lax.top_k`` candidates (see
-:func:`sample_tokens`). Finished rows keep
-running (static shapes) but their tokens are ``pad_token_id``, their mask False, their logps 0.
+:func:`sample_tokens`). Finished rows keep running (static shapes: compacting rows or refilling
+them with the next prompts would change the compiled shapes or the per-prompt grouping of the
+shared KV) but their tokens are ``pad_token_id``, their mask False, their logps 0; the loop
+exits as soon as every row is done.
 
 ``logprobs`` — what ``out.logps`` holds for the chosen token:
 
@@ -47,11 +55,12 @@ parameters are an argument of the jitted functions, not constants).
 Data parallelism (``mesh=``): with a :class:`jax.sharding.Mesh` (``tatar_jax.sharding.make_mesh``)
 and a rules table, the prompt rows, the KV cache (``sharding.KV_CACHE_NAMES``) and every per-row
 output are split over the batch axes (``"batch"`` rule, e.g. ``("data", "fsdp")``), the weights
-are placed per ``sharding.state_shardings`` (arrays already on the mesh are used as they are),
+are the rollout's copy (:meth:`Sampler.place_state`: compute dtype, placed per
+``sharding.state_shardings`` of the sampler's rules, e.g. replicated: no all-gather per token),
 pixel values / vision layout / key are replicated, and the model's activation constraints are on
 (``sharding.use_rules``). A batch that the batch shards do not divide is padded with one-token
-text rows (dropped from the outputs), so any batch size works; the G copies of a prompt's cache
-stay contiguous and on the shard of their prompt. Results equal the unsharded ones: the per-row
+text rows (dropped from the outputs), so any batch size works; the G samples of a prompt stay
+contiguous and on the shard of their prompt's KV. Results equal the unsharded ones: the per-row
 keys ``split(rng, B*G)[row]`` do not depend on the batch size or the sharding (partitionable
 threefry), so greedy and sampled tokens are the same. A mesh spanning several processes takes the
 same whole batch on every process (outputs are global arrays; gather them with

@@ -7,8 +7,11 @@ compile time does not grow with depth; ``remat`` wraps the scanned body in ``jax
 Attention works on a key/value buffer addressed by *slots*: without a cache the slots are the
 sequence positions ``0..L-1``; with a :class:`KVCache` (static shape ``(layers, B, T, kv_heads,
 head_dim)``) the new keys/values are written at ``cache.index`` and the queries attend to every
-slot ``<=`` their own that the caller's ``attention_mask`` (B, T) marks valid. Prefill and
-single-token decode are the same code path with different ``L``.
+slot ``<=`` their own that the caller's ``attention_mask`` (B, T) marks valid; the cache of
+all layers is the layer scan's carry and each layer writes its slots in place. Prefill and
+single-token decode are the same code path with different ``L``. The rollout decodes with a
+:class:`SampleCache` instead: one prompt KV per prompt shared by its G samples plus each
+sample's generated slots (:func:`decode_attention`).
 
 Logical axis names (``out_sharding`` metadata; :mod:`tatar_jax.sharding` maps them to the mesh):
 
