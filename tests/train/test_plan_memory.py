@@ -90,10 +90,18 @@ def test_script_json_decode(repo_root):
     assert r["program"] == "decode" and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     pdb = r["per_device_bytes"]
     assert all(isinstance(pdb[k], int) and pdb[k] >= 0 for k in ("arguments", "outputs", "total"))
-    # the KV cache (layers, rows, slots, kv_heads, head_dim) is an argument, split over the mesh
-    cfg_layers, kv, hd = 2, 2, 16
-    cache = 2 * cfg_layers * 8 * (48 + 16) * kv * hd * 4
-    assert pdb["arguments"] < cache  # a device holds a part of it (and of the weights)
+    # the rollout's own layout (auto): weights replicated over the 8 devices, no collective per
+    # token; the KV cache (4 prompts padded to the 8 batch shards x 48 slots + 8 x G = 2 rows x
+    # 16 slots, 2 layers, 2 kv heads of 16, f32) is an argument split over the devices
+    assert (r["rollout_mesh"], r["rollout_rules"]) == (
+        {"data": 8, "fsdp": 1, "tensor": 1},
+        "replicated",
+    )
+    assert r["collective_bytes_per_step"] == 0
+    assert r["kv_cache_bytes"] == 2 * 2 * (8 * 48 + 16 * 16) * 2 * 16 * 4
+    # (decode's arguments: the language weights it reads, whole, and a device's share of the KV)
+    kv_bytes = r["kv_cache_bytes"]
+    assert kv_bytes / 8 < pdb["arguments"] < r["rollout_weights_bytes_per_device"] + kv_bytes / 4
     assert r["fits"]["v5e"] is True
     assert math.isclose(r["peak_gib"], r["peak_bytes"] / 2**30, abs_tol=0.01)
     np.testing.assert_equal(sorted(r["fits"]), sorted(mp.HBM_GIB))
