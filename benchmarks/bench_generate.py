@@ -1,17 +1,23 @@
-"""Rollout throughput: tatar_jax.generate vs transformers ``generate`` (CPU, same random model).
+"""Rollout speed: tatar_jax.generate vs transformers ``generate`` (CPU, same random model).
 
-    python benchmarks/bench_generate.py --prompts=2 --num_samples=8 --new_tokens=128
+    python benchmarks/bench_generate.py --prompts=4 --num_samples=8 --new_tokens=64 \
+        --hidden=64 --layers=2 --vocab=4096                           # ~5M params, small vocab
+    python benchmarks/bench_generate.py --prompts=4 --num_samples=8 --new_tokens=64 \
+        --hidden=64 --layers=2 --vocab=151936                         # Qwen2.5-VL's vocabulary
 
-One small random Qwen2.5-VL (~40M parameters by default: 6 decoder layers of width 512, vocab
-16384, a 4-block vision tower), fp32, built with transformers and loaded into ours from the same
-safetensors directory. Each prompt holds one image (``--image_grid`` patches) and some text; both
-engines draw ``--num_samples`` completions per prompt with temperature 1 and top-k 50 and no
-reachable stop token (ours: no stop ids; transformers: ``eos_token_id=None``), so both generate
-exactly ``prompts * num_samples * new_tokens`` tokens. transformers runs ``generate(
-num_return_sequences=G, do_sample=True)`` (which repeats each prompt G times, so it encodes each
-image and prefills each prompt G times); ours encodes/prefills once and decodes the G samples from
-copies of the cache. After one warm-up call each (ours compiles there), ``--repeats`` timed calls
-alternate; the medians and the ratio are printed.
+A small random Qwen2.5-VL (any ``--vocab`` >= 16, any ``--hidden`` multiple of 16; default ~40M
+parameters: 6 decoder layers of width 512, vocab 16384, a 4-block vision tower), fp32, built with
+transformers and loaded into ours from the same safetensors directory. Each prompt holds one image
+(``--image_grid`` patches) and some text; both engines draw ``--num_samples`` completions per
+prompt with temperature 1 and top-k 50 and no reachable stop token (ours: no stop ids;
+transformers: ``eos_token_id=None``), so both generate exactly ``prompts * num_samples *
+new_tokens`` tokens. transformers runs ``generate(num_return_sequences=G, do_sample=True)``
+(which repeats each prompt G times, so it encodes each image and prefills each prompt G times);
+ours encodes/prefills once and decodes the G samples against one shared prompt KV.
+
+Besides the whole rollout each engine also runs with one new token (= its prefill); the decode
+step is ``(rollout - prefill) / (new_tokens - 1)``. After one warm-up call each (ours compiles
+there), ``--repeats`` timed calls of both engines alternate; medians and ratios are printed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PROMPTS = flags.DEFINE_integer("prompts", 2, "prompts per call (one image each)")
 _G = flags.DEFINE_integer("num_samples", 8, "completions per prompt (spec: G = 8)")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "new tokens per completion")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "timed calls per engine (after one warm-up)")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per engine (after one warm-up)")
 _GRID = flags.DEFINE_list("image_grid", ["16", "16"], "image patch grid h,w (multiples of 2)")
 _TEXT = flags.DEFINE_integer("text_tokens", 24, "text tokens per prompt besides the image")
 _LAYERS = flags.DEFINE_integer("layers", 6, "decoder layers")
@@ -37,14 +43,31 @@ _WIDTH = flags.DEFINE_integer("hidden", 512, "decoder width")
 _VOCAB = flags.DEFINE_integer("vocab", 16384, "vocabulary size")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = default)")
 
-IMAGE, VIDEO, V_START, V_END = 16000, 16001, 15998, 15999
+
+def _special_ids(vocab: int) -> tuple[int, int, int, int]:
+    """(image, video, vision start, vision end) token ids: the top of any vocabulary."""
+    if vocab < 16:
+        raise app.UsageError(f"--vocab={vocab}: need at least 16 tokens")
+    return vocab - 1, vocab - 2, vocab - 4, vocab - 3
+
+
+def _heads(hidden: int) -> tuple[int, int, int]:
+    """(head_dim, attention heads, kv heads) for any width: head_dim 64 (16 below 128)."""
+    head_dim = 64 if hidden >= 128 else 16
+    if hidden % head_dim:
+        raise app.UsageError(f"--hidden={hidden} must be a multiple of {head_dim}")
+    heads = hidden // head_dim
+    return head_dim, heads, 2 if heads % 2 == 0 else 1
 
 
 def _hf_model(vocab: int, hidden: int, layers: int):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    heads, kv = hidden // 64, 2
+    image, video, v_start, v_end = _special_ids(vocab)
+    head_dim, heads, kv = _heads(hidden)
+    half = head_dim // 2  # mRoPE sections (t, h, w) cover head_dim / 2 frequencies
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
@@ -59,7 +82,7 @@ def _hf_model(vocab: int, hidden: int, layers: int):
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 1e6,
-                "mrope_section": [8, 12, 12],
+                "mrope_section": section,
             },
             bos_token_id=1,
             eos_token_id=2,
@@ -79,10 +102,10 @@ def _hf_model(vocab: int, hidden: int, layers: int):
             out_hidden_size=hidden,
             hidden_act="silu",
         ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=V_START,
-        vision_end_token_id=V_END,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=v_start,
+        vision_end_token_id=v_end,
         tie_word_embeddings=False,
     )
     for c in (cfg, cfg.text_config, cfg.vision_config):
@@ -99,20 +122,21 @@ def _hf_model(vocab: int, hidden: int, layers: int):
     return model
 
 
-def _batch(prompts: int, grid: tuple[int, int], text: int):
+def _batch(prompts: int, grid: tuple[int, int], text: int, vocab: int):
     import numpy as np
 
+    image, _, v_start, v_end = _special_ids(vocab)
     rng = np.random.default_rng(0)
     n_img = grid[0] * grid[1] // 4
     rows = []
     for i in range(prompts):
         t = text + 3 * i  # different lengths: left padding is exercised
         rows.append(
-            rng.integers(3, 15000, t // 2).tolist()
-            + [V_START]
-            + [IMAGE] * n_img
-            + [V_END]
-            + rng.integers(3, 15000, t - t // 2).tolist()
+            rng.integers(3, v_start, t // 2).tolist()
+            + [v_start]
+            + [image] * n_img
+            + [v_end]
+            + rng.integers(3, v_start, t - t // 2).tolist()
         )
     length = max(map(len, rows))
     ids = np.zeros((prompts, length), np.int64)
@@ -148,32 +172,37 @@ def main(argv: list[str]) -> None:
         hf.config.save_pretrained(d)
         ours = qvl.load_hf_checkpoint(d, dtype=jnp.float32)
     grid = (int(_GRID.value[0]), int(_GRID.value[1]))
-    ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value)
+    vocab = _VOCAB.value
+    ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value, vocab)
     g, new = _G.value, _NEW.value
-    total = _PROMPTS.value * g * new
-    sampler = generate.Sampler(
-        ours,
-        generate.SamplingParams(
-            max_new_tokens=new, num_samples=g, temperature=1.0, top_k=50, stop_token_ids=()
-        ),
-    )
+    rows = _PROMPTS.value * g
+    total = rows * new
 
-    def run_ours(seed: int) -> float:
+    def sampler_for(n: int) -> generate.Sampler:
+        p = generate.SamplingParams(
+            max_new_tokens=n, num_samples=g, temperature=1.0, top_k=50, stop_token_ids=()
+        )
+        return generate.Sampler(ours, p)
+
+    samplers = {new: sampler_for(new), 1: sampler_for(1)}  # 1 new token: the prefill alone
+
+    def run_ours(n: int, seed: int) -> float:
         t0 = time.perf_counter()
-        out = sampler(ids, mask, pv, thw, rng=jax.random.key(seed))
+        out = samplers[n](ids, mask, pv, thw, rng=jax.random.key(seed))
         jax.block_until_ready(out)
-        assert out.tokens.shape == (_PROMPTS.value * g, new) and bool(np.asarray(out.mask).all())
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        assert out.tokens.shape == (rows, n) and bool(np.asarray(out.mask).all())
+        return dt
 
     hf_inputs = dict(
         input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(mask),
         pixel_values=torch.from_numpy(pv),
         image_grid_thw=torch.from_numpy(thw),
-        mm_token_type_ids=torch.from_numpy((ids == IMAGE).astype(np.int64)),
+        mm_token_type_ids=torch.from_numpy((ids == _special_ids(vocab)[0]).astype(np.int64)),
     )
 
-    def run_hf(seed: int) -> float:
+    def run_hf(n: int, seed: int) -> float:
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -181,7 +210,7 @@ def main(argv: list[str]) -> None:
                 **hf_inputs,
                 do_sample=True,
                 num_return_sequences=g,
-                max_new_tokens=new,
+                max_new_tokens=n,
                 temperature=1.0,
                 top_k=50,
                 top_p=1.0,
@@ -189,29 +218,44 @@ def main(argv: list[str]) -> None:
                 pad_token_id=0,
             )
         dt = time.perf_counter() - t0
-        assert seq.shape == (_PROMPTS.value * g, ids.shape[1] + new), seq.shape
+        assert seq.shape == (rows, ids.shape[1] + n), seq.shape
         return dt
 
     print(
-        f"model: {n_params / 1e6:.1f}M parameters, {_PROMPTS.value} prompts x {g} samples x "
-        f"{new} new tokens = {total} tokens/call, prompt length {ids.shape[1]} "
-        f"({grid[0] * grid[1] // 4} image tokens), jax {jax.__version__} on "
-        f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
+        f"model: {n_params / 1e6:.1f}M parameters (vocab {vocab}, width {_WIDTH.value}, "
+        f"{_LAYERS.value} layers), {_PROMPTS.value} prompts x {g} samples x {new} new tokens = "
+        f"{total} tokens/call, prompt length {ids.shape[1]} ({grid[0] * grid[1] // 4} image "
+        f"tokens), jax {jax.__version__} on {jax.devices()[0].platform}, torch threads "
+        f"{torch.get_num_threads()}"
     )
     t0 = time.perf_counter()
-    run_ours(0)
+    run_ours(new, 0), run_ours(1, 0)
     print(f"ours warm-up (compile + run): {time.perf_counter() - t0:.1f}s")
-    run_hf(0)
-    ours_t, hf_t = [], []
-    for r in range(_REPEATS.value):
-        ours_t.append(run_ours(r + 1))
-        hf_t.append(run_hf(r + 1))
-        print(f"  repeat {r}: ours {ours_t[-1]:.2f}s, transformers {hf_t[-1]:.2f}s")
-    ours_tps = total / statistics.median(ours_t)
-    hf_tps = total / statistics.median(hf_t)
-    print(f"tatar_jax.generate : {ours_tps:8.1f} generated tokens/s")
-    print(f"transformers       : {hf_tps:8.1f} generated tokens/s")
-    print(f"ratio (ours / transformers): {ours_tps / hf_tps:.2f}x")
+    run_hf(new, 0), run_hf(1, 0)
+    times: dict[str, list[float]] = {k: [] for k in ("ours", "ours_1", "hf", "hf_1")}
+    for r in range(_REPEATS.value):  # interleaved: both engines see the same machine load
+        times["ours"].append(run_ours(new, r + 1))
+        times["hf"].append(run_hf(new, r + 1))
+        times["ours_1"].append(run_ours(1, r + 1))
+        times["hf_1"].append(run_hf(1, r + 1))
+        print(
+            f"  repeat {r}: ours {times['ours'][-1]:.3f}s (prefill {times['ours_1'][-1]:.3f}s), "
+            f"transformers {times['hf'][-1]:.3f}s (prefill {times['hf_1'][-1]:.3f}s)"
+        )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # decode step: (rollout - prefill) / (new - 1), per engine, from the medians
+    step = {e: (med[e] - med[e + "_1"]) / max(new - 1, 1) for e in ("ours", "hf")}
+    print(f"{'':20} {'rollout s':>10} {'tokens/s':>10} {'prefill s':>10} {'decode step ms':>15}")
+    for e, name in (("ours", "tatar_jax.generate"), ("hf", "transformers")):
+        print(
+            f"{name:20} {med[e]:10.3f} {total / med[e]:10.1f} {med[e + '_1']:10.3f} "
+            f"{1e3 * step[e]:15.2f}"
+        )
+    print(
+        f"ratio (transformers / ours): rollout {med['hf'] / med['ours']:.2f}x, prefill "
+        f"{med['hf_1'] / med['ours_1']:.2f}x, decode step {step['hf'] / step['ours']:.2f}x "
+        f"(medians of {_REPEATS.value} interleaved repeats)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,12 +69,29 @@ def grpo_block() -> ml_collections.ConfigDict:
     return c
 
 
+def rollout_block() -> ml_collections.ConfigDict:
+    """Layout of the rollout's weights (``tatar_jax.train.rollout.rollout_mesh``): once per step
+    the policy parameters are cast to the compute dtype and placed on this mesh (over the
+    training devices), so decoding never all-gathers a parameter.
+
+    ``mesh``: "auto" (replicated when the weights take <= 1/4 of a device's memory, else
+    tensor-parallel over the smallest ``tensor`` axis that fits; the rest of the devices split
+    the batch), "train" (the training mesh) or ``axis=size,...`` (e.g. "data=4,tensor=2").
+    ``rules``: "auto" (replicated, or "tensor" with a tensor axis) or a sharding.RULE_SETS name.
+    """
+    c = ml_collections.ConfigDict()
+    c.mesh = "auto"
+    c.rules = "auto"
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = common.parse_preset(arg, PRESETS)
     c = common.base_config(learning_rate=1e-6)  # authors' GRPOConfig (spec §7.4)
     c.stage = "grpo"
     c.preset = preset
     c.grpo = grpo_block()
+    c.rollout = rollout_block()
     c.rewards = rewards_configs.get_config("reference" if preset == "reference" else "tatar")
     # GRPO data: the two training lists concatenated and shuffled (spec §7.1), each prompt
     # repeated G times inside the step (never re-loaded per copy: fixes B5).

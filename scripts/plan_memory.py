@@ -9,6 +9,8 @@ temporaries / total from the compiled memory analysis, against the HBM of v5e (1
     python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --json          # one JSON per program
     python scripts/plan_memory.py --model=32b --mesh=fsdp=16,tensor=2 --num_micro=4
     python scripts/plan_memory.py --model=7b,32b --mesh=fsdp=8 --mesh=fsdp=4,tensor=2
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --programs=decode --json \
+        --dump_hlo=/tmp/hlo   # decode: kv_cache_bytes, collective_bytes_per_step, HLO text
 
 ``--model`` and ``--mesh`` accept several values: every combination is planned. The virtual
 device count is the largest mesh (``--xla_force_host_platform_device_count``, set before jax is
@@ -64,6 +66,17 @@ _ATTENTION = flags.DEFINE_enum(
     "Attention implementation compiled on the CPU stand-in devices: chunked (memory-efficient, "
     "the stand-in for cuDNN / splash flash kernels) or xla (O(L^2) float32 scores).",
 )  # fmt: skip
+_DUMP_HLO = flags.DEFINE_string(
+    "dump_hlo",
+    None,
+    "Directory for each compiled program's HLO (<model>_<mesh>_<program>.hlo.txt).",
+)
+_ROLLOUT_MESH = flags.DEFINE_string(
+    "rollout_mesh", "auto", "Rollout weights' mesh: auto | train | axis=size,... (configs/grpo.py)."
+)
+_ROLLOUT_RULES = flags.DEFINE_string(
+    "rollout_rules", "auto", "Rollout weights' rules: auto | default | fsdp | tensor | replicated."
+)
 
 
 # PlanSpec field -> the flag that sets it as given (the others are converted in main).
@@ -74,6 +87,7 @@ _SPEC_FLAGS = {
     "chunk_size": _CHUNK, "beta": _BETA, "freeze_vision": _FREEZE_VISION,
     "attention_impl": _ATTENTION,
     "lora_rank": _LORA_RANK,
+    "rollout_mesh": _ROLLOUT_MESH, "rollout_rules": _ROLLOUT_RULES,
 }  # fmt: skip
 
 
@@ -114,7 +128,7 @@ def main(argv: list[str]) -> None:
                 vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
                 **{field: flag.value for field, flag in _SPEC_FLAGS.items()},
             )  # fmt: skip
-            results = mp.plan(spec, devices=jax.devices()[:size])
+            results = mp.plan(spec, devices=jax.devices()[:size], dump_hlo=_DUMP_HLO.value)
             if _JSON.value:
                 for r in results:
                     print(json.dumps(r), flush=True)

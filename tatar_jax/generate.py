@@ -15,20 +15,28 @@ How a call runs (all device work under ``jax.jit``, static shapes):
 1. host: mRoPE positions and rope deltas (:func:`rope.get_rope_index`), the prompt left-padded to a
    length bucket, the vision layout for a patch-count bucket (:mod:`vision_layout`).
 2. ``prefill`` (one program per (batch, prompt bucket, patch bucket)): the vision tower runs once
-   per image, the prompt is written once per prompt into a static cache of ``bucket +
-   max_new_tokens`` slots, the last position's logits give the first token; the cache is then
-   repeated ``num_samples`` times along the batch (samples of a prompt contiguous, as
-   ``num_return_sequences`` in transformers).
-3. ``decode`` (one program per (rows, cache length)): ``lax.while_loop`` over single-token steps,
-   the cache donated, leaving early once every row has emitted a stop token. Generated token
+   per image, the prompt is written once per prompt into a cache of ``bucket`` slots, the last
+   position's logits give the first token of each of the G samples. The decode cache
+   (:class:`~tatar_jax.models.qwen2_5_vl.language.SampleCache`) is that one prompt KV (B rows)
+   plus ``max_new_tokens`` generation slots per sample (B*G rows, samples of a prompt contiguous,
+   as ``num_return_sequences`` in transformers): the prompt KV is never repeated G times.
+3. ``decode`` (one program per (rows, cache shape)): ``lax.while_loop`` over single-token steps,
+   the cache donated and carried: each layer writes its new key/value at the current generation
+   slot in place (``dynamic_update_slice`` on the loop/scan carry, no per-step rebuild) and
+   attends its prompt's KV (queries viewed as (B, G, ...): no gather, no copy) plus its own
+   generated slots, the two softmaxes merged exactly by their log-sum-exp
+   (:func:`~tatar_jax.models.qwen2_5_vl.language.decode_attention`, float32 scores). The loop
+   leaves once every row has emitted a stop token. Generated token
    ``s`` of a row sits at mRoPE position ``num_prompt_tokens + s + rope_delta`` on all three axes,
    exactly as transformers' ``generate`` continues it.
 
 Sampling (transformers' order): logits / temperature → top-k → top-p → categorical draw with an
 independent key per row and step (``fold_in(split(rng, B*G)[row], step)``); ``temperature == 0``
 is greedy (argmax). With top-k the draw is among the ``lax.top_k`` candidates (see
-:func:`sample_tokens`). Finished rows keep
-running (static shapes) but their tokens are ``pad_token_id``, their mask False, their logps 0.
+:func:`sample_tokens`). Finished rows keep running (static shapes: compacting rows or refilling
+them with the next prompts would change the compiled shapes or the per-prompt grouping of the
+shared KV) but their tokens are ``pad_token_id``, their mask False, their logps 0; the loop
+exits as soon as every row is done.
 
 ``logprobs`` — what ``out.logps`` holds for the chosen token:
 
@@ -47,11 +55,12 @@ parameters are an argument of the jitted functions, not constants).
 Data parallelism (``mesh=``): with a :class:`jax.sharding.Mesh` (``tatar_jax.sharding.make_mesh``)
 and a rules table, the prompt rows, the KV cache (``sharding.KV_CACHE_NAMES``) and every per-row
 output are split over the batch axes (``"batch"`` rule, e.g. ``("data", "fsdp")``), the weights
-are placed per ``sharding.state_shardings`` (arrays already on the mesh are used as they are),
+are the rollout's copy (:meth:`Sampler.place_state`: compute dtype, placed per
+``sharding.state_shardings`` of the sampler's rules, e.g. replicated: no all-gather per token),
 pixel values / vision layout / key are replicated, and the model's activation constraints are on
 (``sharding.use_rules``). A batch that the batch shards do not divide is padded with one-token
-text rows (dropped from the outputs), so any batch size works; the G copies of a prompt's cache
-stay contiguous and on the shard of their prompt. Results equal the unsharded ones: the per-row
+text rows (dropped from the outputs), so any batch size works; the G samples of a prompt stay
+contiguous and on the shard of their prompt's KV. Results equal the unsharded ones: the per-row
 keys ``split(rng, B*G)[row]`` do not depend on the batch size or the sharding (partitionable
 threefry), so greedy and sampled tokens are the same. A mesh spanning several processes takes the
 same whole batch on every process (outputs are global arrays; gather them with
@@ -76,7 +85,7 @@ from flax import nnx
 
 from tatar_jax import sharding as sharding_mod
 from tatar_jax.models.qwen2_5_vl import rope
-from tatar_jax.models.qwen2_5_vl.language import KVCache
+from tatar_jax.models.qwen2_5_vl.language import SampleCache
 from tatar_jax.models.qwen2_5_vl.vision_layout import VisionBucket, vision_bucket, vision_layout
 
 __all__ = [
@@ -256,8 +265,8 @@ def _window_len(vcfg: Any) -> int:
 
 
 class _Carry(NamedTuple):
-    cache: KVCache
-    cache_mask: jax.Array  # (N, T) valid prompt slots and every generation slot
+    cache: SampleCache  # one prompt KV per prompt + max_new_tokens generation slots per row
+    prompt_mask: jax.Array  # (B, P) valid prompt slots
     tokens: jax.Array  # (N, S) int32
     logps: jax.Array  # (N, S) float32
     mask: jax.Array  # (N, S) bool
@@ -289,6 +298,8 @@ class Sampler:
       prompt_buckets: allowed padded prompt lengths; None rounds up to ``prompt_multiple``.
       patch_buckets: allowed patch budgets; None rounds up to the next power of two.
       cache_dtype: KV cache dtype (default: the model's activation dtype).
+      weights_dtype: dtype of the rollout's copy of the floating weights (default: the model's
+        activation dtype; see :meth:`place_state`).
       mesh: shard the batch (and KV cache) over this mesh's batch axes and place the weights on
         it (see the module docstring); None = jit's default placement (one device).
       rules: logical-axis rules table for ``mesh`` (default ``sharding.DEFAULT_RULES``).
@@ -303,6 +314,7 @@ class Sampler:
         prompt_multiple: int = 64,
         patch_buckets: Sequence[int] | None = None,
         cache_dtype: Any = None,
+        weights_dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding_mod.LogicalRules | None = None,
     ) -> None:
@@ -314,6 +326,10 @@ class Sampler:
         self.prompt_multiple = int(prompt_multiple)
         self.patch_buckets = tuple(patch_buckets) if patch_buckets else None
         self.cache_dtype = cache_dtype or model.dtype
+        # The rollout's weights are a copy in the compute dtype (bf16 weights of an fp32-master
+        # policy): half the bytes read per decoded token, same results (the layers cast their
+        # parameters to the compute dtype anyway).
+        self.weights_dtype = jnp.dtype(weights_dtype or model.dtype)
         self.graphdef, self.state = nnx.split(model)
         self.trace_counts: collections.Counter[str] = collections.Counter()
         # output columns filled by the last call (device scalar): < max_new_tokens when every
@@ -367,8 +383,8 @@ class Sampler:
         rep = sharding_mod.replicated(self.mesh)
         rows = self._rows_sharding
         return _Carry(
-            cache=KVCache(kv, kv, rep),
-            cache_mask=rows(2),
+            cache=SampleCache(kv, kv, kv, kv, rep),
+            prompt_mask=rows(2),
             tokens=rows(2),
             logps=rows(2),
             mask=rows(2),
@@ -404,22 +420,36 @@ class Sampler:
         )
 
     def place_state(self, state: Any) -> Any:
-        """``state`` on the sampler's mesh: arrays already sharded over the mesh's devices are
-        kept as given (e.g. the trainer's FSDP state), anything else is placed per
-        ``sharding.state_shardings``. Without a mesh: unchanged."""
-        if self.mesh is None or state is None:
-            return state
-        devices = set(self.mesh.devices.flat)
+        """The rollout's copy of ``state`` (policy parameters in any dtype and layout): floating
+        leaves cast to :attr:`weights_dtype` (the compute dtype) and, with a mesh, placed per
+        the sampler's rules (``sharding.state_shardings``: replicated / tensor-parallel as its
+        rules say), so that the decode loop never all-gathers a parameter. Leaves already in
+        that form are kept as they are (no copy); the others are cast where they live, then
+        moved (one all-gather per call for FSDP-sharded training weights)."""
+        if state is None:
+            return None
+        dt = self.weights_dtype
 
-        def on_mesh(x: Any) -> bool:
-            return isinstance(x, jax.Array) and set(x.sharding.device_set) == devices
+        def convert(x: Any, sh: Any) -> Any:
+            want = dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+            if isinstance(x, jax.ShapeDtypeStruct):  # abstract (AOT plans)
+                return jax.ShapeDtypeStruct(x.shape, want, sharding=sh or x.sharding)
+            placed = sh is None or (
+                isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, np.ndim(x))
+            )
+            if x.dtype == want and placed:
+                return x
+            x = x.astype(want) if isinstance(x, jax.Array) else np.asarray(x).astype(want)
+            return x if sh is None else jax.device_put(x, sh)
 
-        if all(on_mesh(x) for x in jax.tree.leaves(state)):
-            return state
-        return jax.device_put(state, self._state_shardings)
+        if self.mesh is None:
+            return jax.tree.map(lambda x: convert(x, None), state)
+        return jax.tree.map(convert, state, self._state_shardings)
 
     def update(self, model_or_state: Any) -> None:
-        """New weights (same architecture): an ``nnx.Module`` or the ``nnx.State`` of one."""
+        """New weights (same architecture): an ``nnx.Module`` or the ``nnx.State`` of one, in
+        any dtype and sharding; converted once here to the rollout's copy (:meth:`place_state`).
+        The compiled programs are reused (same shapes, dtypes and shardings)."""
         if isinstance(model_or_state, nnx.Module):
             graphdef, state = nnx.split(model_or_state)
             if graphdef != self.graphdef:
@@ -434,9 +464,7 @@ class Sampler:
         p = self.params
         model = nnx.merge(self.graphdef, state)
         b, length = ids.shape
-        total = length + p.max_new_tokens
-        cache_mask = jnp.concatenate([mask, jnp.ones((b, p.max_new_tokens), mask.dtype)], axis=1)
-        cache = model.init_cache(b, total, self.cache_dtype)
+        cache = model.init_cache(b, length, self.cache_dtype)  # the prompt slots only
         # Only the last position's logits are needed: never build (B, L, V).
         h, cache = model.hidden_states(
             ids,
@@ -445,16 +473,13 @@ class Sampler:
             position_ids=pos,
             vision_layout=layout,
             cache=cache,
-            cache_attention_mask=cache_mask,
+            cache_attention_mask=mask,
         )
         logits = model.logits_from_hidden(h[:, -1]).astype(jnp.float32)
         g = p.num_samples
         rep = (lambda x: jnp.repeat(x, g, axis=0)) if g > 1 else (lambda x: x)
-        cache = KVCache(
-            jnp.repeat(cache.k, g, axis=1) if g > 1 else cache.k,
-            jnp.repeat(cache.v, g, axis=1) if g > 1 else cache.v,
-            cache.index,
-        )
+        # The G samples share this prompt KV; each gets max_new_tokens slots of its own.
+        cache = SampleCache.from_prompt(cache, g, p.max_new_tokens)
         n = b * g
         keys = jax.random.split(key, n)
         tok, lp = sample_tokens(
@@ -465,7 +490,7 @@ class Sampler:
         s = p.max_new_tokens
         return _Carry(
             cache=cache,
-            cache_mask=rep(cache_mask),
+            prompt_mask=mask,
             tokens=jnp.full((n, s), p.pad_token_id, jnp.int32).at[:, 0].set(tok),
             logps=jnp.zeros((n, s), jnp.float32).at[:, 0].set(lp),
             mask=jnp.zeros((n, s), bool).at[:, 0].set(True),
@@ -477,7 +502,7 @@ class Sampler:
             step=jnp.ones((), jnp.int32),
         )
 
-    def _decode_fn(self, state, carry: _Carry) -> tuple[GenerateOutput, KVCache, jax.Array]:
+    def _decode_fn(self, state, carry: _Carry) -> tuple[GenerateOutput, SampleCache, jax.Array]:
         self.trace_counts["decode"] += 1
         p = self.params
         model = nnx.merge(self.graphdef, state)
@@ -494,7 +519,7 @@ class Sampler:
                 None,
                 position_ids=pos,
                 cache=c.cache,
-                cache_attention_mask=c.cache_mask,
+                cache_attention_mask=c.prompt_mask,
             )
             logits = model.logits_from_hidden(h[:, 0]).astype(jnp.float32)
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(c.keys, c.step)

@@ -404,3 +404,48 @@ def test_decode_completions_masked_tokens_without_specials():
     rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     sharded = generate.GenerateOutput(*(jax.device_put(x, rows_sh) for x in out))
     assert generate.decode_completions(tok, sharded) == want
+
+
+def test_decode_attention_equals_attention_over_repeated_prompt_cache():
+    """One prompt KV shared by G samples + per-sample generated slots, two softmaxes merged by
+    their log-sum-exp == the full-slot attention of the repeated cache (left padding, unwritten
+    generation slots)."""
+    from tatar_jax.models.qwen2_5_vl import language
+
+    rng = np.random.default_rng(0)
+    b, g, p, s, h, kvh, hd = 2, 3, 7, 5, 4, 2, 8
+    n = b * g
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    q, pk, pv, gk, gv = (
+        f(n, 1, h, hd),
+        f(b, p, kvh, hd),
+        f(b, p, kvh, hd),
+        f(n, s, kvh, hd),
+        f(n, s, kvh, hd),
+    )
+    pvalid = np.ones((b, p), bool)
+    pvalid[0, :3] = False  # left padding of prompt 0
+    index = 2  # generated slots 0..2 written, 3..4 not yet
+    gvalid = jnp.arange(s) <= index
+    out = language.decode_attention(q, pk, pv, jnp.asarray(pvalid), gk, gv, gvalid)
+    # reference: repeat the prompt cache G times, concatenate, one masked softmax
+    k = jnp.concatenate([jnp.repeat(pk, g, 0), gk], axis=1)
+    v = jnp.concatenate([jnp.repeat(pv, g, 0), gv], axis=1)
+    valid = jnp.concatenate([jnp.repeat(jnp.asarray(pvalid), g, 0), jnp.ones((n, s), bool)], 1)
+    ref = language.attention(q, k, v, jnp.asarray([p + index]), valid)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=2e-6)
+
+
+def test_sample_cache_holds_one_prompt_copy(pair):
+    """The decode carry: prompt KV for B prompts, max_new_tokens slots for B*G samples."""
+    _, model = pair
+    params = generate.SamplingParams(max_new_tokens=5, num_samples=4, stop_token_ids=STOP)
+    sampler = generate.Sampler(model, params, prompt_multiple=16)
+    b = tm.make_batch([[3], [9]], seed=0)
+    args = sampler.prepare(b["input_ids"], b["attention_mask"])
+    carry = jax.eval_shape(sampler._prefill_fn, sampler.state, *args, jax.random.key(0))
+    t = model.config.text
+    kv = (t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
+    assert carry.cache.prompt_k.shape == (kv[0], 2, 16, *kv[1:])
+    assert carry.cache.gen_k.shape == (kv[0], 8, 5, *kv[1:])
+    assert carry.prompt_mask.shape == (2, 16)

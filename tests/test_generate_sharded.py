@@ -118,16 +118,54 @@ def test_generate_function_with_mesh_and_presharded_state(model):
     out = generate.generate(model, batch["input_ids"], batch["attention_mask"], mesh=mesh, **kw)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     assert jnp.issubdtype(out.tokens.dtype, jnp.integer)
-    # weights already on the mesh (any layout over its devices) are used as given; others moved
+    # the rollout's weights are always in the sampler's own layout (its rules on its mesh),
+    # whatever the layout they come in; weights already in it are used as given (no copy)
     s = generate.Sampler(model, generate.SamplingParams(**kw), mesh=mesh)
-    placed = jax.device_put(nnx.state(model), sharding.replicated(mesh))
-    assert s.place_state(placed) is placed
-    moved = s.place_state(nnx.state(model))
-    emb = moved["language_model"]["embed_tokens"]["embedding"][...]
-    assert (
-        emb.sharding
-        == s._state_shardings["language_model"]["embed_tokens"]["embedding"].get_value()
+    want = jax.tree.leaves(s._state_shardings)
+    for given in (nnx.state(model), jax.device_put(nnx.state(model), sharding.replicated(mesh))):
+        placed = s.place_state(given)
+        for x, sh in zip(jax.tree.leaves(placed), want, strict=True):
+            assert x.sharding.is_equivalent_to(sh, x.ndim)
+    assert s.place_state(placed) is not placed  # a new tree ...
+    again = jax.tree.leaves(s.place_state(placed))
+    assert all(a is b for a, b in zip(again, jax.tree.leaves(placed), strict=True))  # same arrays
+
+
+def test_rollout_weights_in_compute_dtype_replicated_no_gather_in_decode(model):
+    """fp32 FSDP training weights -> the rollout's bf16 replicated copy; the decode program then
+    holds no all-gather (the parameters are never gathered per token) and greedy tokens equal
+    those of a sampler handed the bf16-cast weights directly."""
+    bf = qvl.Qwen2_5_VLForConditionalGeneration(
+        qvl.config.tiny(), rngs=nnx.Rngs(0), init_std=0.08, dtype=jnp.bfloat16
     )
+    mesh = _mesh({"fsdp": 8})
+    fsdp = jax.device_put(nnx.state(bf), sharding.state_shardings(nnx.state(bf), mesh))
+    kw = dict(max_new_tokens=4, stop_token_ids=STOP)
+    rep = sharding.make_mesh({"data": 8})
+    s = generate.Sampler(
+        bf, generate.SamplingParams(**kw), mesh=rep, rules=sharding.get_rules("replicated")
+    )
+    w = s.place_state(fsdp)
+    for x in jax.tree.leaves(w):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            assert x.dtype == jnp.bfloat16
+        assert x.sharding.is_fully_replicated
+    batch = tm.make_batch([[4], [9], [2], [6], [3], [5], [7], [8]], seed=1)
+    args = s.prepare(batch["input_ids"], batch["attention_mask"])
+    with sharding.use_rules(rep, s.rules):
+        _, decode = s.lower(w, *args, jax.random.key(0))
+    hlo = decode.compile().as_text()
+    assert "all-gather" not in hlo
+    out = s.generate(batch["input_ids"], batch["attention_mask"], state=fsdp)
+    ref = generate.Sampler(bf, generate.SamplingParams(**kw)).generate(
+        batch["input_ids"],
+        batch["attention_mask"],
+        state=jax.tree.map(
+            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            nnx.state(bf),
+        ),
+    )
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
 
 
 _PROCESS = """

@@ -24,8 +24,11 @@ dots to f32), so the figures are an estimate of the real devices' footprint, not
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
+import os
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,7 +43,15 @@ from tatar_jax import loading, sharding
 from tatar_jax.models import lora
 from tatar_jax.train import optim
 
-__all__ = ["HBM_GIB", "PROGRAMS", "PlanSpec", "plan", "parse_mesh", "format_table"]
+__all__ = [
+    "HBM_GIB",
+    "PROGRAMS",
+    "PlanSpec",
+    "format_table",
+    "loop_collective_bytes",
+    "parse_mesh",
+    "plan",
+]
 
 GIB = 1024**3
 # Memory per device (GiB) of the accelerators the plan compares against.
@@ -79,6 +90,12 @@ class PlanSpec:
     # The memory-efficient path, the CPU stand-in for the fused kernels (cuDNN / splash) that
     # "auto" picks on GPU / TPU; "xla" plans the O(L^2) float32 scores.
     attention_impl: str = "chunked"
+    # The rollout's weights (configs/grpo.py `rollout` block, tatar_jax.train.rollout): mesh
+    # "auto" / "train" / axis=size,...; rules "auto" / a RULE_SETS name; device_gib: the device
+    # memory "auto" sizes the layout for (H100).
+    rollout_mesh: str = "auto"
+    rollout_rules: str = "auto"
+    device_gib: float = 80.0
 
     @property
     def rows(self) -> int:
@@ -144,6 +161,114 @@ def _memory(compiled: Any) -> dict[str, int]:
         "temporaries": temps,
         "total": args + outs - alias + temps,
     }
+
+
+# Where _compile writes the program being planned (plan(dump_hlo=...)); None = nowhere.
+_HLO_DUMP: contextvars.ContextVar[str | None] = contextvars.ContextVar("hlo_dump", default=None)
+_COLLECTIVES = (
+    "all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
+    "collective-broadcast", "ragged-all-to-all",
+)  # fmt: skip
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+    "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
+}  # fmt: skip
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+
+
+def _hlo_computations(text: str) -> dict[str, list[str]]:
+    """HLO module text -> {computation name: its instruction lines} (ENTRY under "ENTRY")."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            name = "ENTRY" if head.group(1) else head.group(2)
+            comps[name] = []
+        elif name is not None and line.strip() == "}":
+            name = None
+        elif name is not None:
+            comps[name].append(line)
+    return comps
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of the array shapes written in ``text`` (e.g. a tuple ``(f32[2,8], s32[])``)."""
+    total = 0
+    for dt, dims in _SHAPE.findall(text):
+        if dt in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _operand_bytes(line: str, op: str, sizes: Mapping[str, int]) -> int:
+    """Bytes of the operands of the ``op(...)`` call on an HLO instruction line (compiled HLO
+    text names its operands without shapes: ``sizes`` maps instruction names to bytes)."""
+    args = line.split(f" {op}(", 1)[1]
+    depth, end = 1, 0
+    while depth and end < len(args):
+        depth += {"(": 1, ")": -1}.get(args[end], 0)
+        end += 1
+    names = re.findall(r"%([\w.\-]+)", args[:end])
+    return sum(sizes.get(n, 0) for n in names) if names else _shape_bytes(args[:end])
+
+
+def _called(line: str) -> list[str]:
+    """Names of the computations an HLO instruction line calls."""
+    names = re.findall(r"\b(?:body|condition|calls|to_apply)=%?([\w.\-]+)", line)
+    for group in re.findall(r"\bbranch_computations=\{([^}]*)\}", line):
+        names += [n.strip().lstrip("%") for n in group.split(",")]
+    return names
+
+
+def loop_collective_bytes(hlo_text: str) -> int:
+    """Per-device bytes moved by collectives in one iteration of the decode token loop.
+
+    The token loop is the ``while`` of the ENTRY computation whose body holds the most
+    instructions (nested computations included); collectives (all-gather, all-reduce,
+    reduce-scatter, all-to-all, collective-permute) count their operands' bytes (shard shapes:
+    the compiled module is per device), nested loops (the layer scan) times their
+    ``known_trip_count``.
+    """
+    comps = _hlo_computations(hlo_text)
+    sizes = {}  # instruction / parameter name -> bytes of its (per-device) value
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s", line)
+            if m:
+                sizes[m.group(1)] = _shape_bytes(m.group(2))
+
+    def callees(line: str) -> list[str]:
+        return [c for c in _called(line) if c in comps]
+
+    def cost(name: str, seen: tuple[str, ...] = ()) -> tuple[int, int]:
+        """(collective bytes, instruction count) of one run of computation ``name``."""
+        total = count = 0
+        for line in comps.get(name, []):
+            count += 1
+            op = next((c for c in _COLLECTIVES if re.search(rf" {c}(-start)?\(", line)), None)
+            if op is not None:
+                call = op + ("-start" if f" {op}-start(" in line else "")
+                total += _operand_bytes(line, call, sizes)
+            trips = 1
+            if re.search(r" while\(", line):
+                m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                trips = int(m.group(1)) if m else 1
+            for callee in callees(line):
+                if callee not in seen:
+                    sub, n = cost(callee, seen + (name,))
+                    total += trips * sub
+                    count += n
+        return total, count
+
+    best = (-1, 0)
+    for line in comps.get("ENTRY", []):
+        if re.search(r" while\(", line):
+            body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+            sub, n = cost(body)
+            best = max(best, (n, sub))
+    return best[1]
 
 
 class _Builder:
@@ -229,11 +354,17 @@ class _Builder:
 
 
 def _compile(lower: Any, *, mesh: Any, rules: Any) -> tuple[Any, float]:
-    """Compiles ``lower()`` (a ``jax.stages.Lowered``) under the plan's rules; (compiled, s)."""
+    """Compiles ``lower()`` (a ``jax.stages.Lowered``) under the plan's rules; (compiled, s).
+    Writes the compiled HLO text where :func:`plan`'s ``dump_hlo`` asks for it."""
     t0 = time.perf_counter()
     with sharding.use_rules(mesh, rules), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         compiled = lower().compile()
+    path = _HLO_DUMP.get()
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(compiled.as_text())
     return compiled, time.perf_counter() - t0
 
 
@@ -288,25 +419,33 @@ def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
 
 
 def _sampler(b: _Builder) -> Any:
-    """The rollout engine on the plan's mesh (its own in/out shardings: batch and KV cache over
-    the batch axes, weights per the rules)."""
+    """The rollout engine as the trainer builds it: its own mesh and rules over the plan's
+    devices (``rollout.rollout_mesh``), batch and KV cache over its batch axes."""
+    import ml_collections
+
     from tatar_jax import generate
+    from tatar_jax.train import rollout
 
     s = b.spec
     params = generate.SamplingParams(
         max_new_tokens=s.completion_len, num_samples=s.num_generations, temperature=1.0
     )
-    return generate.Sampler(b.model, params, mesh=b.mesh, rules=b.rules)
+    cfg = ml_collections.ConfigDict({"mesh": s.rollout_mesh, "rules": s.rollout_rules})
+    mesh, rules = rollout.rollout_mesh(
+        cfg, b.model, b.mesh, b.rules, device_bytes=int(s.device_gib * GIB)
+    )
+    return generate.Sampler(b.model, params, mesh=mesh, rules=rules)
 
 
 def _prefill_args(b: _Builder, sampler: Any) -> tuple[Any, ...]:
     """Abstract prefill arguments; the prompts are padded to a multiple of the batch shards as
-    the engine does on the host. Only the weights carry shardings: the engine's jits declare
-    those of the other arguments."""
+    the engine does on the host. The weights are the rollout's copy (compute dtype, the
+    sampler's layout: ``Sampler.place_state`` of the policy's abstract state); the engine's
+    jits declare the shardings of the other arguments."""
     s = b.spec
     shards = sampler.num_batch_shards
     p, lp = -(-s.prompts // shards) * shards, s.prompt_len
-    params = b.put(b.params, b.param_shardings)
+    params = sampler.place_state(b.put(b.params, b.param_shardings))
     pv, layout = b.vision(s.prompts)
     plain = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
     i32 = jnp.int32
@@ -322,29 +461,55 @@ def _prefill_args(b: _Builder, sampler: Any) -> tuple[Any, ...]:
     )
 
 
-def _plan_rollout(b: _Builder, program: int) -> tuple[dict[str, int], float]:
-    """Program 0 = prefill, 1 = decode, lowered by the sampler exactly as it runs them."""
+def _plan_rollout(b: _Builder, program: int) -> tuple[dict[str, int], float, dict[str, Any]]:
+    """Program 0 = prefill, 1 = decode, lowered by the sampler exactly as it runs them. The
+    extra fields: the rollout's layout and weights bytes; for decode the KV cache's bytes
+    (total over devices) and the collective bytes of one token step (per device)."""
     sampler = _sampler(b)
     args = _prefill_args(b, sampler)
-    compiled, secs = _compile(lambda: sampler.lower(*args)[program], mesh=b.mesh, rules=b.rules)
-    return _memory(compiled), secs
+    mesh = sampler.mesh
+    lowered = {}
+
+    def lower() -> Any:
+        lowered["x"] = sampler.lower(*args)[program]
+        return lowered["x"]
+
+    compiled, secs = _compile(lower, mesh=mesh, rules=sampler.rules)
+    extra: dict[str, Any] = {
+        "rollout_mesh": dict(mesh.shape),
+        "rollout_rules": next(k for k, v in sharding.RULE_SETS.items() if v == sampler.rules),
+        "rollout_weights_bytes_per_device": _per_device_bytes(args[0]),
+    }
+    if program == 1:
+        carry = lowered["x"].args_info[0][1]
+        kv = (carry.cache.prompt_k, carry.cache.prompt_v, carry.cache.gen_k, carry.cache.gen_v)
+        extra["kv_cache_bytes"] = _nbytes([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in kv])
+        extra["collective_bytes_per_step"] = loop_collective_bytes(compiled.as_text())
+    return _memory(compiled), secs, extra
 
 
-def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float]:
+def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float, dict[str, Any]]:
     return _plan_rollout(b, 0)
 
 
-def _plan_decode(b: _Builder) -> tuple[dict[str, int], float]:
+def _plan_decode(b: _Builder) -> tuple[dict[str, int], float, dict[str, Any]]:
     return _plan_rollout(b, 1)
 
 
-def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[dict[str, Any]]:
+def plan(
+    spec: PlanSpec, devices: Sequence[jax.Device] | None = None, *, dump_hlo: str | None = None
+) -> list[dict[str, Any]]:
     """Compiles ``spec.programs`` for ``spec``; one result dict per program.
 
     Each dict: the configuration, ``program``, ``per_device_bytes`` (arguments, outputs,
     aliased, temporaries, total = arguments + outputs - aliased + temporaries), ``resident_other``
     (per-device bytes of buffers alive during the program but not its arguments), ``peak_bytes``
     (= total + resident_other), ``fits`` per accelerator of :data:`HBM_GIB`, ``compile_seconds``.
+    ``prefill`` / ``decode`` add the rollout's ``rollout_mesh``, ``rollout_rules`` and
+    ``rollout_weights_bytes_per_device``; ``decode`` adds ``kv_cache_bytes`` (total over the
+    devices) and ``collective_bytes_per_step`` (per device, one step of the token loop:
+    :func:`loop_collective_bytes`). ``dump_hlo``: a directory that receives each compiled
+    program's HLO text as ``<model>_<mesh>_<program>.hlo.txt``.
     """
     unknown = set(spec.programs) - set(PROGRAMS)
     if unknown:
@@ -365,8 +530,9 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
     other = {
         "update": ref_bytes,  # the state is the update's (donated) argument
         "ref_logps": params_bytes + opt_bytes,
-        "prefill": opt_bytes + ref_bytes,  # the policy params are the sampler's argument
-        "decode": opt_bytes + ref_bytes,
+        # the policy's parameters stay resident beside the rollout's copy (an argument)
+        "prefill": params_bytes + opt_bytes + ref_bytes,
+        "decode": params_bytes + opt_bytes + ref_bytes,
     }
     base = {
         "model": spec.model,
@@ -399,14 +565,19 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
     for program in spec.programs:
         if program == "ref_logps" and not spec.beta:
             continue
+        extra = {}
+        mesh_name = "_".join(f"{k}{v}" for k, v in b.mesh.shape.items() if v > 1) or "1"
+        _HLO_DUMP.set(
+            None if dump_hlo is None else f"{dump_hlo}/{spec.model}_{mesh_name}_{program}.hlo.txt"
+        )
         if program == "update":
             mem, secs, _ = _plan_update(b)
         elif program == "ref_logps":
             mem, secs = _plan_ref_logps(b)
         elif program == "prefill":
-            mem, secs = _plan_prefill(b)
+            mem, secs, extra = _plan_prefill(b)
         else:
-            mem, secs = _plan_decode(b)
+            mem, secs, extra = _plan_decode(b)
         peak = mem["total"] + other[program]
         results.append(
             {
@@ -418,6 +589,7 @@ def plan(spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> list[di
                 "peak_gib": round(peak / GIB, 2),
                 "fits": {hw: bool(peak <= gib * GIB) for hw, gib in HBM_GIB.items()},
                 "compile_seconds": round(secs, 1),
+                **extra,
             }
         )
     return results

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from tatar_jax import generate, grpo, rewards, sharding
 from tatar_jax.data import prompts
@@ -31,6 +32,78 @@ from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import metrics
 
 IAA_ID = prompts.TASK_IDS["iaa"]
+# Share of a device's memory the rollout's weights may take before "auto" splits them
+# tensor-parallel: the rest holds the KV cache, the training state and the activations.
+WEIGHTS_MEMORY_FRACTION = 0.25
+
+
+def rollout_layout(
+    weights_bytes: int, num_devices: int, device_bytes: int | None, kv_heads: int
+) -> tuple[dict[str, int], str]:
+    """The rollout's default mesh shape and rules table (``rollout.mesh = rollout.rules =
+    "auto"``): weights replicated (pure data parallelism, no collective in the decode loop)
+    when they take at most :data:`WEIGHTS_MEMORY_FRACTION` of a device, else split over the
+    smallest ``tensor`` axis (a power of two dividing the device count and the KV heads) that
+    brings them under it, the rest of the devices splitting the batch. ``device_bytes`` None
+    (host CPU devices report no limit) counts as enough memory."""
+    t = 1
+    if device_bytes:
+        budget = WEIGHTS_MEMORY_FRACTION * device_bytes
+        while weights_bytes / t > budget and num_devices % (2 * t) == 0 and kv_heads % (2 * t) == 0:
+            t *= 2
+    shape = {"data": num_devices // t, "tensor": t}
+    return shape, "replicated" if t == 1 else "tensor"
+
+
+def _parse_shape(text: str) -> dict[str, int]:
+    """``"data=4,tensor=2"`` -> {"data": 4, "tensor": 2}."""
+    shape = {}
+    for part in text.split(","):
+        name, eq, size = part.partition("=")
+        if not eq or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"rollout.mesh {text!r}: {part!r} is not axis=size")
+        shape[name.strip()] = int(size)
+    return shape
+
+
+def rollout_mesh(
+    rollout_cfg: Any,
+    model: Any,
+    train_mesh: Any,
+    train_rules: Any,
+    *,
+    device_bytes: int | None = None,
+) -> tuple[Any, Any]:
+    """(mesh, rules) of the rollout from the ``rollout`` config block, over the training mesh's
+    devices. ``mesh``: "auto" (:func:`rollout_layout` from the weights' bytes in the compute
+    dtype and the device memory), "train" (the training mesh and rules) or ``axis=size,...``;
+    ``rules``: "auto" (replicated without a ``tensor`` axis, else "tensor") or a name of
+    ``sharding.RULE_SETS``. ``device_bytes``: a device's memory (default: what the first device
+    reports; AOT plans pass the target accelerator's)."""
+    if train_mesh is None:
+        return None, None
+    text = str(rollout_cfg.mesh)
+    devices = list(train_mesh.devices.flat)
+    if text == "train":
+        mesh = train_mesh
+    else:
+        if text == "auto":
+            n_weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+            limit = device_bytes or (devices[0].memory_stats() or {}).get("bytes_limit")
+            itemsize = np.dtype(model.dtype).itemsize
+            shape, _ = rollout_layout(
+                n_weights * itemsize, len(devices), limit, model.config.text.num_key_value_heads
+            )
+        else:
+            shape = _parse_shape(text)
+        mesh = sharding.make_mesh(shape, devices=devices)
+    if str(rollout_cfg.rules) != "auto":
+        rules = sharding.get_rules(str(rollout_cfg.rules))
+    elif text == "train":
+        rules = train_rules
+    else:
+        rules = sharding.get_rules("tensor" if mesh.shape["tensor"] > 1 else "replicated")
+    return mesh, rules
 
 
 @dataclasses.dataclass
@@ -53,7 +126,9 @@ class RolloutEngine:
       tokenizer: ``tatar_jax.data.tokenizer.Tokenizer`` (decoding, stop ids).
       grpo_cfg: the ``grpo`` block of configs/grpo.py. rewards_cfg: a configs/rewards.py block.
       prompt_buckets: the pipeline's sequence buckets (prompts are already padded to one).
-      mesh / rules: shard the sampler's batch over the mesh (None: one device).
+      mesh / rules: the training mesh and rules (None: one device).
+      rollout_cfg: the ``rollout`` config block (:func:`rollout_mesh`: the rollout's own mesh
+        and rules over the training devices); None = the training mesh and rules.
     """
 
     def __init__(
@@ -66,6 +141,7 @@ class RolloutEngine:
         prompt_buckets: tuple[int, ...] | None = None,
         mesh: Any = None,
         rules: Any = None,
+        rollout_cfg: Any = None,
     ) -> None:
         self.tok = tokenizer
         self.g = int(grpo_cfg.num_generations)
@@ -83,6 +159,8 @@ class RolloutEngine:
             pad_token_id=int(tokenizer.pad_id),
             logprobs="tempered",
         )
+        if rollout_cfg is not None:
+            mesh, rules = rollout_mesh(rollout_cfg, model, mesh, rules)
         self.sampler = generate.Sampler(
             model, params, prompt_buckets=prompt_buckets, mesh=mesh, rules=rules
         )
@@ -90,7 +168,10 @@ class RolloutEngine:
     def generate(
         self, state: Any, batch: Mapping[str, Any], rng: jax.Array
     ) -> generate.GenerateOutput:
-        """The G samples of every prompt of ``batch``, as host arrays (B*G, T)."""
+        """The G samples of every prompt of ``batch``, as host arrays (B*G, T). ``state``: the
+        policy's parameters (any dtype / layout, e.g. the trainer's fp32 FSDP state), turned
+        into the rollout's copy for this call (compute dtype, the rollout mesh's layout:
+        ``Sampler.place_state``) and dropped after it, so it never sits beside the update."""
         n_patch = int(np.asarray(batch["patch_mask"]).sum())
         out = self.sampler.generate(
             batch["input_ids"],

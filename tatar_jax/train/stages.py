@@ -131,7 +131,7 @@ class GrpoStage:
         )
         self.engine = rollout.RolloutEngine(
             model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets),
-            mesh=mesh, rules=rules,
+            mesh=mesh, rules=rules, rollout_cfg=cfg.rollout,
         )  # fmt: skip
         self.num_micro = num_micro(cfg, num_rows)
         chunk, temp = int(cfg.model.logprob_chunk_size), float(g.temperature)
@@ -157,6 +157,8 @@ class GrpoStage:
 
     def prepare(self, state, batch, timer):
         with timer("rollout"):
+            # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
+            # layout), used for this step's generation only
             out = self.engine.generate(state.params, batch, optim.rng_for_step(state, 1))
         with timer("reward"), self._host_reward_inputs(batch, out):
             ro = self.engine.score(batch, out)

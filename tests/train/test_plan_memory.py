@@ -90,10 +90,18 @@ def test_script_json_decode(repo_root):
     assert r["program"] == "decode" and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     pdb = r["per_device_bytes"]
     assert all(isinstance(pdb[k], int) and pdb[k] >= 0 for k in ("arguments", "outputs", "total"))
-    # the KV cache (layers, rows, slots, kv_heads, head_dim) is an argument, split over the mesh
-    cfg_layers, kv, hd = 2, 2, 16
-    cache = 2 * cfg_layers * 8 * (48 + 16) * kv * hd * 4
-    assert pdb["arguments"] < cache  # a device holds a part of it (and of the weights)
+    # the rollout's own layout (auto): weights replicated over the 8 devices, no collective per
+    # token; the KV cache (4 prompts padded to the 8 batch shards x 48 slots + 8 x G = 2 rows x
+    # 16 slots, 2 layers, 2 kv heads of 16, f32) is an argument split over the devices
+    assert (r["rollout_mesh"], r["rollout_rules"]) == (
+        {"data": 8, "fsdp": 1, "tensor": 1},
+        "replicated",
+    )
+    assert r["collective_bytes_per_step"] == 0
+    assert r["kv_cache_bytes"] == 2 * 2 * (8 * 48 + 16 * 16) * 2 * 16 * 4
+    # (decode's arguments: the language weights it reads, whole, and a device's share of the KV)
+    kv_bytes = r["kv_cache_bytes"]
+    assert kv_bytes / 8 < pdb["arguments"] < r["rollout_weights_bytes_per_device"] + kv_bytes / 4
     assert r["fits"]["v5e"] is True
     assert math.isclose(r["peak_gib"], r["peak_bytes"] / 2**30, abs_tol=0.01)
     np.testing.assert_equal(sorted(r["fits"]), sorted(mp.HBM_GIB))
@@ -114,3 +122,61 @@ def test_chunked_attention_plans_less_memory_than_xla():
     scores = 8 * 4 * 2064 * 2064 * 4  # one layer's float32 scores under "xla"
     assert temps["xla"] >= scores
     assert temps["chunked"] < temps["xla"] - scores / 2, temps
+
+
+def test_rollout_plan_layout_kv_bytes_collectives_and_hlo_dump(tmp_path):
+    """The rollout as the trainer runs it: its own weights layout (auto: replicated, no
+    collective in the token loop) vs the training mesh's FSDP weights (all-gathers per token);
+    the KV cache holds one prompt copy + G generation slots per prompt; HLO dumped per program."""
+    spec = dict(TINY, mesh=(("fsdp", 8),), programs=("prefill", "decode"))
+    pre, dec = mp.plan(mp.PlanSpec(**spec), dump_hlo=str(tmp_path))
+    (fsdp,) = mp.plan(mp.PlanSpec(**dict(spec, programs=("decode",), rollout_mesh="train")))
+    assert dec["rollout_mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert (dec["rollout_rules"], fsdp["rollout_rules"]) == ("replicated", "default")
+    assert dec["collective_bytes_per_step"] == 0
+    # FSDP weights: every token step gathers the decoder's parameter shards (operands: at
+    # least 1/8 of the decoder's f32 weights, at most all of them)
+    assert 0 < fsdp["collective_bytes_per_step"] < 4 * dec["param_count"]
+    assert dec["rollout_weights_bytes_per_device"] == 4 * dec["param_count"]  # f32, replicated
+    # 4 prompts padded to the 8 batch shards: prompt KV (8 x 48 slots) + 16 rows x 16 slots
+    layers, kv, hd = 2, 2, 16
+    assert dec["kv_cache_bytes"] == 2 * layers * (8 * 48 + 16 * 16) * kv * hd * 4
+    assert fsdp["kv_cache_bytes"] == dec["kv_cache_bytes"]
+    # the policy's own params stay resident beside the rollout's copy
+    assert dec["resident_other"] >= dec["params_bytes_per_device"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny_fsdp8_decode.hlo.txt",
+        "tiny_fsdp8_prefill.hlo.txt",
+    ]
+    assert "HloModule" in (tmp_path / "tiny_fsdp8_decode.hlo.txt").read_text()[:200]
+    assert pre["program"] == "prefill" and "kv_cache_bytes" not in pre
+
+
+def test_loop_collective_bytes_counts_operands_times_trip_counts():
+    hlo = """HloModule m
+
+%inner (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %x = f32[2,8]{1,0} constant({...})
+  %ag = f32[4,8]{1,0} all-gather(%x), dimensions={0}
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %ag)
+}
+
+%body (q: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %q = (s32[], f32[4,8]{1,0}) parameter(0)
+  %y = bf16[16]{0} constant({...})
+  %ar = bf16[16]{0} all-reduce(%y), to_apply=%add
+  %w = (s32[], f32[4,8]{1,0}) while(%q), condition=%c, body=%inner, TRIPS
+  ROOT %r = (s32[], f32[4,8]{1,0}) tuple(%i, %ag)
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %big = f32[64,64]{1,0} all-gather(%a), dimensions={0}
+  %loop = (s32[], f32[4,8]{1,0}) while(%t0), condition=%c, body=%body
+  ROOT %o = f32[4,8]{1,0} get-tuple-element(%loop), index=1
+}
+""".replace("TRIPS", 'backend_config={"known_trip_count":{"n":"3"}}')
+    # per token step: one all-reduce of 16 bf16 + 3 layer iterations x all-gather of 2x8 f32;
+    # the all-gather outside the loop does not count
+    assert mp.loop_collective_bytes(hlo) == 16 * 2 + 3 * 2 * 8 * 4

@@ -16,7 +16,7 @@ import test_train_step as tts
 from flax import nnx
 
 from tatar_jax import generate
-from tatar_jax.train import grpo_step
+from tatar_jax.train import grpo_step, rollout
 from tatar_jax.train import inputs as step_inputs
 
 
@@ -153,3 +153,51 @@ def test_pack_slots_buckets():
     assert step_inputs.pack_slots(m, 1, 0) is None
     m[:, :] = 1
     assert step_inputs.pack_slots(m, 1, 4) is None  # nothing to save
+
+
+def test_trainer_rollout_on_its_own_layout_equals_one_device_generate():
+    """The trainer's engine (rollout block "auto": the policy's FSDP-sharded weights turned into a
+    replicated copy over the 8 devices, batch split over them) gives the one-device sampler's
+    samples and log-probs on the same weights and key."""
+    import types
+
+    import ml_collections
+
+    from configs import grpo as grpo_config
+    from tatar_jax import sharding
+
+    g, t = 2, 6
+    model, batch, pv_real, sampler = _setup(2, g, t, 1.0, stop_token_ids=(7, 11))
+    gcfg = grpo_config.grpo_block()
+    gcfg.update(dict(num_generations=g, max_new_tokens=t, top_k=0))
+    tok = types.SimpleNamespace(eos_ids=(7, 11), pad_id=0)
+    mesh = sharding.make_mesh({"fsdp": 8})
+    width = np.shape(batch["input_ids"])[1]
+    engine = rollout.RolloutEngine(
+        model, tok, gcfg, ml_collections.ConfigDict(), prompt_buckets=(width,),
+        mesh=mesh, rules=sharding.DEFAULT_RULES, rollout_cfg=grpo_config.rollout_block(),
+    )  # fmt: skip
+    assert dict(engine.sampler.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    state = nnx.state(model)
+    fsdp = jax.device_put(state, sharding.state_shardings(state, mesh))
+    key = jax.random.key(9)
+    out = engine.generate(fsdp, batch, key)
+    ref = sampler.generate(
+        batch["input_ids"], batch["attention_mask"], pv_real, batch["image_grid_thw"], rng=key
+    )
+    np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens))
+    np.testing.assert_array_equal(out.mask, np.asarray(ref.mask))
+    np.testing.assert_allclose(out.logps, np.asarray(ref.logps), atol=1e-5, rtol=0)
+
+
+def test_rollout_layout_default():
+    """Replicated when the weights fit in a quarter of a device, else the smallest tensor axis."""
+    gib = 2**30
+    assert rollout.rollout_layout(16 * gib, 8, 80 * gib, 4) == (
+        {"data": 8, "tensor": 1},
+        "replicated",
+    )
+    assert rollout.rollout_layout(67 * gib, 16, 80 * gib, 8) == ({"data": 4, "tensor": 4}, "tensor")
+    assert rollout.rollout_layout(16 * gib, 8, None, 4) == ({"data": 8, "tensor": 1}, "replicated")
+    # the tensor axis never exceeds the kv heads or the devices
+    assert rollout.rollout_layout(500 * gib, 8, 16 * gib, 2)[0] == {"data": 4, "tensor": 2}

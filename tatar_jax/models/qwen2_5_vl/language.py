@@ -7,8 +7,11 @@ compile time does not grow with depth; ``remat`` wraps the scanned body in ``jax
 Attention works on a key/value buffer addressed by *slots*: without a cache the slots are the
 sequence positions ``0..L-1``; with a :class:`KVCache` (static shape ``(layers, B, T, kv_heads,
 head_dim)``) the new keys/values are written at ``cache.index`` and the queries attend to every
-slot ``<=`` their own that the caller's ``attention_mask`` (B, T) marks valid. Prefill and
-single-token decode are the same code path with different ``L``.
+slot ``<=`` their own that the caller's ``attention_mask`` (B, T) marks valid; the cache of
+all layers is the layer scan's carry and each layer writes its slots in place. Prefill and
+single-token decode are the same code path with different ``L``. The rollout decodes with a
+:class:`SampleCache` instead: one prompt KV per prompt shared by its G samples plus each
+sample's generated slots (:func:`decode_attention`).
 
 Logical axis names (``out_sharding`` metadata; :mod:`tatar_jax.sharding` maps them to the mesh):
 
@@ -43,6 +46,7 @@ from flax import nnx
 
 from tatar_jax.models import layers
 from tatar_jax.models.layers import (
+    MASK_VALUE,
     GatedMLP,
     RMSNorm,
     check_remat,
@@ -53,7 +57,7 @@ from tatar_jax.models.layers import (
 from tatar_jax.models.qwen2_5_vl.rope import apply_rope
 from tatar_jax.sharding import constrain
 
-__all__ = ["KVCache", "TextModel"]
+__all__ = ["KVCache", "SampleCache", "TextModel", "decode_attention"]
 
 # Logical names of the activations (tatar_jax.sharding.constrain; no-ops outside use_rules).
 _BLE = ("batch", "length", "embed")
@@ -79,6 +83,32 @@ class KVCache(NamedTuple):
     ) -> KVCache:
         shape = (num_layers, batch, max_len, kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+class SampleCache(NamedTuple):
+    """Decode cache of ``G`` samples per prompt: one shared prompt KV plus per-sample slots.
+
+    prompt_k, prompt_v: (layers, B, P, kv_heads, head_dim), written once by the prefill;
+    gen_k, gen_v: (layers, B*G, S, kv_heads, head_dim), the generated tokens of each sample
+    (samples of prompt ``b`` are rows ``b*G .. b*G+G-1``); index: () int32, the generation slot
+    the next token is written to. With it, the ``attention_mask`` of a forward is the prompt's
+    (B, P) mask: generation slots ``<= index`` are valid. Decode writes the new key/value in
+    place (one slot of one layer per step) and never copies the prompt KV per sample.
+    """
+
+    prompt_k: jax.Array
+    prompt_v: jax.Array
+    gen_k: jax.Array
+    gen_v: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def from_prompt(cls, prompt: KVCache, num_samples: int, num_slots: int) -> SampleCache:
+        """Empty generation slots behind a prefilled prompt cache (its ``T`` slots all prompt)."""
+        layers, b, _, kvh, hd = prompt.k.shape
+        shape = (layers, b * num_samples, num_slots, kvh, hd)
+        zeros = jnp.zeros(shape, prompt.k.dtype)
+        return cls(prompt.k, prompt.v, zeros, zeros, jnp.zeros((), jnp.int32))
 
 
 class Attention(nnx.Module):
@@ -151,6 +181,81 @@ def attention(
     return layers.attention(q, k, v, kv_valid, q_positions=q_slots, impl=impl)
 
 
+def decode_attention(
+    q: jax.Array,
+    prompt_k: jax.Array,
+    prompt_v: jax.Array,
+    prompt_valid: jax.Array,
+    gen_k: jax.Array,
+    gen_v: jax.Array,
+    gen_valid: jax.Array,
+) -> jax.Array:
+    """One decode step of GQA over a shared prompt KV plus each sample's own generated KV.
+
+    q (N, 1, H, hd) with N = B*G (samples of a prompt contiguous); prompt_k/v (B, P, KV, hd),
+    prompt_valid (B, P) bool; gen_k/v (N, S, KV, hd), gen_valid (S,) bool (the same generated
+    slots are valid for every row). The queries are viewed as (B, G, ...) so that the G samples
+    read their prompt's keys without a copy; the two partial softmaxes (prompt, generated) are
+    merged exactly with their log-sum-exp, scores and normalisation in float32.
+    Returns (N, 1, H, hd).
+    """
+    n, _, h, hd = q.shape
+    b, _, kvh, _ = prompt_k.shape
+    g, s = n // b, gen_k.shape[1]
+    qg = q.reshape(b, g, kvh, h // kvh, hd)
+    f32 = jnp.float32
+    sp = jnp.einsum("bgkhd,btkd->bgkht", qg, prompt_k, preferred_element_type=f32)
+    sg = jnp.einsum(
+        "bgkhd,bgskd->bgkhs", qg, gen_k.reshape(b, g, s, kvh, hd), preferred_element_type=f32
+    )
+    sp = jnp.where(prompt_valid[:, None, None, None, :], sp * hd**-0.5, MASK_VALUE)
+    sg = jnp.where(gen_valid, sg * hd**-0.5, MASK_VALUE)
+    m = jnp.maximum(sp.max(-1, keepdims=True), sg.max(-1, keepdims=True))
+    pp, pg = jnp.exp(sp - m), jnp.exp(sg - m)
+    denom = pp.sum(-1, keepdims=True) + pg.sum(-1, keepdims=True)
+    out = jnp.einsum(
+        "bgkht,btkd->bgkhd", pp.astype(prompt_v.dtype), prompt_v, preferred_element_type=f32
+    )
+    out += jnp.einsum(
+        "bgkhs,bgskd->bgkhd",
+        pg.astype(gen_v.dtype),
+        gen_v.reshape(b, g, s, kvh, hd),
+        preferred_element_type=f32,
+    )
+    out = out / denom
+    return out.astype(q.dtype).reshape(n, 1, h, hd)
+
+
+def _qkv(
+    layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, L, D) → rotated q (B, L, H, hd), k and v (B, L, KV, hd)."""
+    attn = layer.self_attn
+    b, length, _ = x.shape
+    h = layer.input_layernorm(x)
+    q = constrain(attn.q_proj(h).reshape(b, length, attn.num_heads, attn.head_dim), _Q_NAMES)
+    k = constrain(attn.k_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), _KV_NAMES)
+    v = constrain(attn.v_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), _KV_NAMES)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _layer_out(layer: DecoderLayer, x: jax.Array, o: jax.Array) -> jax.Array:
+    """Residual stream x (B, L, D) after the attention output o (B, L, H, hd) and the MLP."""
+    b, length, _ = x.shape
+    o = constrain(o, _Q_NAMES)
+    x = constrain(x + layer.self_attn.o_proj(o.reshape(b, length, -1)), _BLE)
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return constrain(x, _BLE)
+
+
+def _write(buf: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """buf (layers, B, T, KV, hd) with new (B, L, KV, hd) written at [layer, :, index] in place."""
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(
+        buf, new[None].astype(buf.dtype), (layer, zero, index, zero, zero)
+    )
+
+
 def _layer_forward(
     layer: DecoderLayer,
     x: jax.Array,
@@ -160,25 +265,48 @@ def _layer_forward(
     q_slots: jax.Array,
     cache_kv: tuple[jax.Array, jax.Array] | None,
     index: jax.Array | None,
+    layer_index: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x (B, L, D) → (B, L, D), plus this layer's updated (k, v) cache when given."""
-    attn = layer.self_attn
-    b, length, _ = x.shape
-    h = layer.input_layernorm(x)
-    q = constrain(attn.q_proj(h).reshape(b, length, attn.num_heads, attn.head_dim), _Q_NAMES)
-    k = constrain(attn.k_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), _KV_NAMES)
-    v = constrain(attn.v_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), _KV_NAMES)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    """x (B, L, D) → (B, L, D). With ``cache_kv`` = the (k, v) buffers of *all* layers
+    (layers, B, T, KV, hd), this layer's keys/values are written at ``[layer_index, :, index]``
+    (in place: the buffers are the scan's carry) and the updated buffers are returned."""
+    q, k, v = _qkv(layer, x, cos, sin)
     if cache_kv is not None:
-        ck, cv = cache_kv
-        zero = jnp.zeros((), jnp.int32)
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, index, zero, zero))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, index, zero, zero))
-        k, v, cache_kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    o = constrain(attention(q, k, v, q_slots, kv_valid, attn.attention_impl), _Q_NAMES)
-    x = constrain(x + attn.o_proj(o.reshape(b, length, -1)), _BLE)
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return constrain(x, _BLE), cache_kv
+        ck, cv = (
+            _write(cache_kv[0], k, layer_index, index),
+            _write(cache_kv[1], v, layer_index, index),
+        )
+        k = jax.lax.dynamic_index_in_dim(ck, layer_index, keepdims=False).astype(q.dtype)
+        v = jax.lax.dynamic_index_in_dim(cv, layer_index, keepdims=False).astype(q.dtype)
+        cache_kv = (ck, cv)
+    o = attention(q, k, v, q_slots, kv_valid, layer.self_attn.attention_impl)
+    return _layer_out(layer, x, o), cache_kv
+
+
+def _decode_layer(
+    layer: DecoderLayer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    prompt_kv: tuple[jax.Array, jax.Array],
+    prompt_valid: jax.Array,
+    gen_kv: tuple[jax.Array, jax.Array],
+    index: jax.Array,
+    layer_index: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One token per sample row: x (N, 1, D); this layer's prompt k/v (B, P, KV, hd); the
+    generated-token buffers of all layers (layers, N, S, KV, hd), written at
+    ``[layer_index, :, index]`` in place and returned."""
+    q, k, v = _qkv(layer, x, cos, sin)
+    gk, gv = _write(gen_kv[0], k, layer_index, index), _write(gen_kv[1], v, layer_index, index)
+    lk = jax.lax.dynamic_index_in_dim(gk, layer_index, keepdims=False)
+    lv = jax.lax.dynamic_index_in_dim(gv, layer_index, keepdims=False)
+    gen_valid = jnp.arange(gk.shape[2]) <= index
+    o = decode_attention(
+        q, prompt_kv[0].astype(q.dtype), prompt_kv[1].astype(q.dtype), prompt_valid,
+        lk.astype(q.dtype), lv.astype(q.dtype), gen_valid,
+    )  # fmt: skip
+    return _layer_out(layer, x, o), (gk, gv)
 
 
 class TextModel(nnx.Module):
@@ -240,17 +368,21 @@ class TextModel(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attention_mask: jax.Array,
-        cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+        cache: KVCache | SampleCache | None = None,
+    ) -> tuple[jax.Array, KVCache | SampleCache | None]:
         """Decoder stack + final norm.
 
         inputs_embeds (B, L, D); cos/sin (B, L, head_dim) float32 (:func:`rope.mrope_cos_sin`);
-        attention_mask: (B, L) without a cache, (B, T) over all cache slots with one.
-        Returns hidden states (B, L, D) (after the final norm) and the updated cache (or None).
+        attention_mask: (B, L) without a cache, (B, T) over all cache slots with a
+        :class:`KVCache`, the prompts' (B, P) with a :class:`SampleCache` (then L = 1 and the
+        batch is its B*G sample rows). Returns hidden states (B, L, D) (after the final norm)
+        and the updated cache (or None).
         """
-        length = inputs_embeds.shape[1]
         kv_valid = jnp.asarray(attention_mask).astype(bool)
         x = constrain(inputs_embeds.astype(self.dtype), _BLE)
+        if isinstance(cache, SampleCache):
+            return self._decode(x, cos, sin, kv_valid, cache)
+        length = x.shape[1]
         graphdef, state = nnx.split(self.layers)
         if cache is None:
             q_slots = jnp.arange(length, dtype=jnp.int32)
@@ -262,24 +394,56 @@ class TextModel(nnx.Module):
                 x, _ = _layer_forward(layer, x, cos, sin, kv_valid, q_slots, None, None)
                 return x, None
 
-            xs: Any = state
-        else:
-            if kv_valid.shape != cache.k.shape[1:3]:
-                raise ValueError(
-                    f"with a cache attention_mask must cover all {cache.k.shape[2]} cache slots: "
-                    f"expected {cache.k.shape[1:3]}, got {kv_valid.shape}"
-                )
-            q_slots = cache.index + jnp.arange(length, dtype=jnp.int32)
+            x, _ = jax.lax.scan(remat(body, self.remat), x, state)
+            return self.norm(x), None
+        if kv_valid.shape != cache.k.shape[1:3]:
+            raise ValueError(
+                f"with a cache attention_mask must cover all {cache.k.shape[2]} cache slots: "
+                f"expected {cache.k.shape[1:3]}, got {kv_valid.shape}"
+            )
+        q_slots = cache.index + jnp.arange(length, dtype=jnp.int32)
 
-            def body(x, inputs):
-                layer_state, ck, cv = inputs
-                layer = nnx.merge(graphdef, layer_state)
-                x, new = _layer_forward(
-                    layer, x, cos, sin, kv_valid, q_slots, (ck, cv), cache.index
-                )
-                return x, new
+        # The cache of all layers is the scan's carry: each layer writes its slots in place.
+        def cached(carry, inputs):
+            x, kv = carry
+            layer_state, i = inputs
+            layer = nnx.merge(graphdef, layer_state)
+            x, kv = _layer_forward(layer, x, cos, sin, kv_valid, q_slots, kv, cache.index, i)
+            return (x, kv), None
 
-            xs = (state, cache.k, cache.v)
-        x, new_kv = jax.lax.scan(remat(body, self.remat), x, xs)
-        new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.index + length)
-        return self.norm(x), new_cache
+        layer_ids = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
+        (x, (k, v)), _ = jax.lax.scan(
+            remat(cached, self.remat), (x, (cache.k, cache.v)), (state, layer_ids)
+        )
+        return self.norm(x), KVCache(k, v, cache.index + length)
+
+    def _decode(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, prompt_valid: jax.Array, cache: Any
+    ) -> tuple[jax.Array, SampleCache]:
+        """One token per sample row (x (B*G, 1, D)) against a :class:`SampleCache`."""
+        if x.shape[1] != 1 or x.shape[0] != cache.gen_k.shape[1]:
+            raise ValueError(
+                f"a SampleCache decodes one token per sample row: expected "
+                f"({cache.gen_k.shape[1]}, 1) tokens, got {x.shape[:2]}"
+            )
+        if prompt_valid.shape != cache.prompt_k.shape[1:3]:
+            raise ValueError(
+                f"with a SampleCache attention_mask is the prompts' {cache.prompt_k.shape[1:3]}, "
+                f"got {prompt_valid.shape}"
+            )
+        graphdef, state = nnx.split(self.layers)
+
+        # Prompt KV: read-only scan inputs; generated KV of all layers: the carry, written in
+        # place at [layer, :, index].
+        def body(carry, inputs):
+            x, gen = carry
+            layer_state, pk, pv, i = inputs
+            layer = nnx.merge(graphdef, layer_state)
+            x, gen = _decode_layer(layer, x, cos, sin, (pk, pv), prompt_valid, gen, cache.index, i)
+            return (x, gen), None
+
+        layer_ids = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
+        xs = (state, cache.prompt_k, cache.prompt_v, layer_ids)
+        (x, (gk, gv)), _ = jax.lax.scan(body, (x, (cache.gen_k, cache.gen_v)), xs)
+        new = cache._replace(gen_k=gk, gen_v=gv, index=cache.index + 1)
+        return self.norm(x), new
