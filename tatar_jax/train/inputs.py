@@ -28,8 +28,6 @@ import numpy as np
 from flax import nnx
 
 from tatar_jax import sharding
-from tatar_jax.models.qwen2_5_vl import rope
-from tatar_jax.models.qwen2_5_vl.model import merge_image_features
 from tatar_jax.models.qwen2_5_vl.vision_layout import fixed_bucket, vision_layout
 from tatar_jax.train import metrics, optim
 
@@ -59,19 +57,18 @@ def hidden_states(
     """Final-normed hidden states (N, L, D) of ``rows`` through the model's one forward.
 
     ``features`` (M, D): the step's image features (:func:`image_features`), computed once and
-    shared by every micro-batch of the GRPO update and of the reference pass; the decoder half
-    of the forward then runs on them (the same pieces, in the same order, as
-    ``model.hidden_states``). None: the model's forward, vision tower included.
+    shared by every micro-batch of the GRPO update and of the reference pass, are handed to
+    ``model.hidden_states(image_features=...)`` instead of the pixels. None: the vision tower
+    runs inside the forward.
     """
-    if features is not None:
-        return _text_hidden(model, rows, features)
     h, _ = model.hidden_states(
         rows["input_ids"],
         rows["attention_mask"],
-        shared["pixel_values"],
+        None if features is not None else shared["pixel_values"],
         position_ids=jnp.swapaxes(rows["position_ids"], 0, 1),  # (3, N, L)
         vision_layout=shared["layout"],
         feat_index=rows["feat_index"],
+        image_features=features,
     )
     return h
 
@@ -127,19 +124,6 @@ def accumulate_with_features(
             lambda a, b: a + b.astype(jnp.float32), grads["visual"], d_visual
         )
     return loss, grads, aux
-
-
-def _text_hidden(model: nnx.Module, rows: Mapping[str, jax.Array], features: jax.Array):
-    ids = rows["input_ids"]
-    embeds = merge_image_features(
-        model.language_model.embed(ids), ids, features, model.config.image_token_id,
-        rows["feat_index"],
-    )  # fmt: skip
-    t = model.config.text
-    pos = jnp.swapaxes(rows["position_ids"], 0, 1)  # (3, N, L)
-    cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
-    h, _ = model.language_model(embeds, cos, sin, rows["attention_mask"], None)
-    return h
 
 
 def lm_head(model: nnx.Module) -> tuple[jax.Array, str]:

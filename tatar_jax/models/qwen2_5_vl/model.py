@@ -148,15 +148,19 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         pixel_values: jax.Array | None = None,
         layout: VisionLayout | None = None,
         feat_index: jax.Array | None = None,
+        image_features: jax.Array | None = None,
     ) -> jax.Array:
         """(B, L) ids → (B, L, D), image features merged at the image-pad tokens
-        (``feat_index``: see :func:`merge_image_features`)."""
+        (``feat_index``: see :func:`merge_image_features`). ``image_features`` (M, D): the
+        vision tower's output computed beforehand (:meth:`image_features`), used instead of
+        running the tower on ``pixel_values``."""
         embeds = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return embeds
-        feats = self.image_features(pixel_values, layout)
+        if image_features is None:
+            if pixel_values is None:
+                return embeds
+            image_features = self.image_features(pixel_values, layout)
         return merge_image_features(
-            embeds, input_ids, feats, self.config.image_token_id, feat_index
+            embeds, input_ids, image_features, self.config.image_token_id, feat_index
         )
 
     def _prepare(
@@ -222,8 +226,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         cache: KVCache | None,
         cache_attention_mask: jax.Array | None,
         feat_index: jax.Array | None,
+        image_features: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        embeds = self.input_embeddings(input_ids, pv, layout, feat_index)
+        embeds = self.input_embeddings(input_ids, pv, layout, feat_index, image_features)
         t = self.config.text
         cos, sin = rope.mrope_cos_sin(pos, t.head_dim, t.rope_theta, t.mrope_section)
         kv_mask = mask if cache is None else cache_attention_mask
@@ -246,12 +251,15 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         cache: KVCache | None = None,
         cache_attention_mask: jax.Array | None = None,
         feat_index: jax.Array | None = None,
+        image_features: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states (B, L, D) (before the lm_head) and the updated cache.
 
         The one forward of the model: inference, the sampler (prefill and decode), the SFT and
         GRPO updates and the reference log-probs all call it. ``feat_index`` (B, L): the image
         feature row of each token (see :func:`merge_image_features`); None = HF order.
+        ``image_features`` (M, D): the step's vision-tower output computed once beforehand
+        (the GRPO update shares it across micro-batches); then ``pixel_values`` is not used.
 
         With ``cache`` (see :meth:`init_cache`), the tokens are written at ``cache.index``;
         ``position_ids`` (3, B, L) must then be given and ``cache_attention_mask`` (B, T) marks the
@@ -270,6 +278,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             cache,
             cache_attention_mask,
             None if feat_index is None else jnp.asarray(feat_index),
+            image_features,
         )
         if self._traced(*args):
             return self._hidden(*args)
@@ -330,8 +339,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
 
 @nnx.jit
-def _jit_hidden(model, input_ids, mask, pos, pv, layout, cache, cache_attention_mask, feat_index):
-    return model._hidden(input_ids, mask, pos, pv, layout, cache, cache_attention_mask, feat_index)
+def _jit_hidden(model, *args):
+    return model._hidden(*args)
 
 
 @nnx.jit
