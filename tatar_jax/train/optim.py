@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 
 PyTree = Any
 
@@ -226,30 +225,7 @@ def accumulate_gradients(
         (B % num_micro_batches == 0).
     Returns:
       (loss, grads, aux): sums; gradients in float32 whatever the parameter dtype.
-
-    LoRA (``params`` an ``nnx.State`` holding ``nnx.LoRAParam`` adapters, which then are the only
-    trained parameters): only the adapters are differentiated (flax's ``DiffState(...,
-    nnx.LoRAParam)`` idiom), so no gradient or accumulator of the frozen base is ever computed
-    or held; the base's gradients are returned as zeros.
     """
-    if isinstance(params, nnx.State) and params.filter(nnx.LoRAParam):
-        adapters, base = nnx.split_state(params, nnx.LoRAParam, ...)
-
-        def adapters_loss(a: PyTree, mb: PyTree) -> tuple[jax.Array, PyTree]:
-            return loss_fn(nnx.merge_state(a, base), mb)
-
-        loss, grads, aux = _accumulate(adapters_loss, adapters, batch, num_micro_batches)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), base)
-        return loss, nnx.merge_state(grads, zeros), aux
-    return _accumulate(loss_fn, params, batch, num_micro_batches)
-
-
-def _accumulate(
-    loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]],
-    params: PyTree,
-    batch: PyTree,
-    num_micro_batches: int,
-) -> tuple[jax.Array, PyTree, PyTree]:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches <= 1:
         (loss, aux), grads = grad_fn(params, batch)
