@@ -301,8 +301,9 @@ def _finish(
         env.writer.write(res.step, eval_last, force=True)
     if bool(cfg.checkpoint.export_hf):
         nnx.update(model, res.state.params)
-        qvl.save_hf_checkpoint(model, wd / "hf")
-        print(f"[tatar-jax] exported HF weights to {wd / 'hf'}", flush=True)
+        # weights + config + tokenizer + chat template + image processor: loads as it is
+        qvl.checkpoint.export_hf(model, wd / "hf", tokenizer_dir=sources.tokenizer_dir(cfg))
+        print(f"[tatar-jax] exported a Hugging Face directory to {wd / 'hf'}", flush=True)
     return eval_last
 
 
