@@ -59,10 +59,11 @@ def eval_block() -> ml_collections.ConfigDict:
 
 
 def model_block() -> ml_collections.ConfigDict:
-    """The weights to evaluate (``model.hf_dir``, else ``--checkpoint``) and the compute dtype:
-    the two fields of ``common.model_config`` that evaluation reads."""
+    """The weights to evaluate (``model.hf_dir``, else ``--checkpoint``), the compute dtype and
+    the attention implementation: the fields of ``common.model_config`` that evaluation reads."""
     m = common.model_config()
-    return ml_collections.ConfigDict({"hf_dir": m.hf_dir, "dtype": m.dtype})
+    keep = ("hf_dir", "dtype", "attention_impl")
+    return ml_collections.ConfigDict({k: m[k] for k in keep})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -68,7 +68,10 @@ def load_model(
     from tatar_jax import loading
 
     source = policy_source(model_cfg, checkpoint, step)
-    policy = loading.load_policy(source, dtype=model_cfg.dtype, mesh=mesh, rules=rules)
+    policy = loading.load_policy(
+        source, dtype=model_cfg.dtype, mesh=mesh, rules=rules,
+        attention_impl=model_cfg.attention_impl,
+    )  # fmt: skip
     return policy.model, policy.name
 
 

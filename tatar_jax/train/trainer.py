@@ -84,6 +84,7 @@ def load_policy(cfg: Any, tok: Any, mesh: Any = None, rules: Any = None) -> load
         policy_source(cfg.model), tokenizer=tok, dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype, remat=remat, vision_remat=vremat,
         init_std=float(cfg.model.init_std), seed=int(cfg.seed), mesh=mesh, rules=rules,
+        attention_impl=cfg.model.attention_impl,
     )  # fmt: skip
     if policy.step is not None:
         logging.info("policy initialised from %s", policy.name)
