@@ -200,6 +200,6 @@ def test_adapters_are_placed_like_their_kernels():
     lora.apply_lora(model, lora.LoraSpec(rank=RANK, alpha=ALPHA), mesh=mesh, rules=rules)
     up = model.language_model.layers.mlp.up_proj
     kernel, a, b = up.kernel[...], up.kernel_lora_a[...], up.kernel_lora_b[...]
-    assert kernel.sharding.spec == (None, "fsdp", "tensor")
-    assert a.sharding.spec == (None, "fsdp", None)  # d_in split as the kernel's, rank whole
-    assert b.sharding.spec == (None, None, "tensor")  # d_out split as the kernel's
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+    assert tuple(a.sharding.spec) == (None, "fsdp", None)  # d_in split as the kernel's, rank whole
+    assert tuple(b.sharding.spec) == (None, None, "tensor")  # d_out split as the kernel's
