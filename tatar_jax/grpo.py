@@ -159,20 +159,31 @@ def grpo_loss(
         kl = jnp.zeros_like(per_token)
     per_token = jnp.where(mask > 0, per_token, 0.0) * mask
 
-    n, t = per_token.shape
-    tokens_per_seq = mask.sum(axis=1)
-    if aggregation == "seq_mean_token_mean":
-        loss = (per_token.sum(axis=1) / jnp.maximum(tokens_per_seq, 1.0)).mean()
-    elif aggregation in ("token_mean", "bnpo"):
-        loss = per_token.sum() / jnp.maximum(mask.sum(), 1.0)
-    else:
-        loss = per_token.sum() / (n * t)
-
-    on = mask > 0
-    any_on = on.any()
+    loss = _aggregate(per_token, mask, aggregation)
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)
-    metrics = {
+    metrics = _loss_metrics(ratio, kl, low, high, mask)
+    return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
+
+
+def _aggregate(per_token: jax.Array, mask: jax.Array, aggregation: str) -> jax.Array:
+    """Scalar loss of the masked (N, T) per-token losses (see :func:`grpo_loss`)."""
+    n, t = per_token.shape
+    if aggregation == "seq_mean_token_mean":
+        return (per_token.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)).mean()
+    if aggregation in ("token_mean", "bnpo"):
+        return per_token.sum() / jnp.maximum(mask.sum(), 1.0)
+    return per_token.sum() / (n * t)
+
+
+def _loss_metrics(
+    ratio: jax.Array, kl: jax.Array, low: jax.Array, high: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
+    """Token-masked KL, clip fractions and ratio statistics of :func:`grpo_loss`."""
+    on = mask > 0
+    any_on = on.any()
+    dt = mask.dtype
+    return {
         "kl": masked_mean(kl, mask),
         "clip_frac_low": masked_mean(low.astype(dt), mask),
         "clip_frac_high": masked_mean(high.astype(dt), mask),
@@ -181,7 +192,6 @@ def grpo_loss(
         "ratio_min": jnp.where(any_on, jnp.min(jnp.where(on, ratio, jnp.inf)), 0.0),
         "ratio_max": jnp.where(any_on, jnp.max(jnp.where(on, ratio, -jnp.inf)), 0.0),
     }
-    return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
 
 
 def micro_batch_share(
