@@ -135,7 +135,7 @@ def jax_step(hf_dir, a, batch):
     from tatar_jax.train import inputs as step_inputs
 
     ids, mask, tokens, cmask, pv, grids, adv, ref = batch
-    model = qvl.load_hf_checkpoint(hf_dir, jnp.float32)
+    model = qvl.load_hf_checkpoint(hf_dir, jnp.float32, attention_impl=a.attention_impl)
     cfg = model.config
     pos, deltas = qvl.get_rope_index(ids, grids, mask, cfg)
     pbatch = {
@@ -187,6 +187,7 @@ def main():
     p.add_argument("--image_patches", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--attention_impl", default="auto", help="ours: xla | chunked | auto")
     a = p.parse_args()
 
     import torch

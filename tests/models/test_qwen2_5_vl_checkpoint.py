@@ -203,4 +203,4 @@ def test_convert_script_both_directions(tmp_path, hf, batch, ref_logits):
     r = subprocess.run(
         [sys.executable, script, f"--hf_dir={src}"], env=env, capture_output=True, text=True
     )
-    assert r.returncode != 0 and "both an input and an output directory" in r.stderr
+    assert (r.returncode, r.stderr) == (2, "error: --hf_dir needs --orbax_out\n")  # usage error
