@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -257,6 +258,13 @@ def warm_rewards(cfg: Any, n_rows: int) -> None:
     g = int(cfg.grpo.num_generations)
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(n_rows // g, dtype=np.int32), g)
+    # The built-ins only: plug-in rewards were run (and jitted) by rewards.validate_extra_rewards,
+    # and a host one needs real completions.
+    built_in = ml_collections.ConfigDict(cfg.rewards.to_dict())
+    for name in list(built_in.extra):
+        del built_in.extra[name]
+        for task in ("iqa", "iaa"):
+            del built_in.weights[task][name]
     total, _ = rewards.total_reward(
         rng.uniform(0, 100, n_rows).astype(np.float32),
         rng.uniform(0, 100, n_rows).astype(np.float32),
@@ -264,7 +272,7 @@ def warm_rewards(cfg: Any, n_rows: int) -> None:
         rng.integers(1, 100, n_rows).astype(np.int32),
         np.repeat(np.arange(n_rows // g) % 2 == 1, g),
         groups,
-        config=cfg.rewards,
+        config=built_in,
         num_groups=n_rows // g,
     )
     grpo.group_advantages(
