@@ -344,7 +344,7 @@ def _launch(nproc: int, devices: int, workdir, env):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="known regression of session 5: process 0 misses the shutdown barrier after the two-process GRPO run; see the session-5 note",
+    reason="session-5 regression: process 0 misses the shutdown barrier (see the note)",
     strict=False,
 )
 def test_grpo_two_processes_equal_one_process(tmp_path):

@@ -143,7 +143,7 @@ def _flatten(tree, prefix=""):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="failed in the session-5 CI run after the merges (cause not yet read); see the session-5 note",
+    reason="failed in the session-5 CI run after the merges (see the note)",
     strict=False,
 )
 def test_grpo_run_metrics_nonfinite_skip_export_and_convert(tmp_path, env):
