@@ -304,7 +304,7 @@ def _finish(
         nnx.update(model, res.state.params)
         # weights + config + tokenizer + chat template + image processor: loads as it is
         qvl.checkpoint.export_hf(model, wd / "hf", tokenizer_dir=sources.tokenizer_dir(cfg))
-        print(f"[tatar-jax] exported a Hugging Face directory to {wd / 'hf'}", flush=True)
+        print(f"[tatar-jax] exported HF directory to {wd / 'hf'}", flush=True)
     return eval_last
 
 

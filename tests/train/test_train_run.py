@@ -142,10 +142,6 @@ def _flatten(tree, prefix=""):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="failed in the session-5 CI run after the merges (see the note)",
-    strict=False,
-)
 def test_grpo_run_metrics_nonfinite_skip_export_and_convert(tmp_path, env):
     wd = tmp_path / "grpo"
     flags = [
