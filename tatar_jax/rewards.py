@@ -42,12 +42,10 @@ Numerics: every logistic and every BCE is evaluated in log-sigmoid form. Clippin
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,7 +61,6 @@ __all__ = [
     "ExtraReward",
     "completion_features",
     "completion_records",
-    "completions_in_scope",
     "extra_rewards",
     "format_reward",
     "gaussian_score_reward",
@@ -469,8 +466,7 @@ def total_reward(
 
     ``config.extra`` names further reward functions (:func:`extra_rewards`), weighted by
     ``weights.<task>.<name>`` like the built-ins. Host ones need the decoded ``texts`` (N,) and
-    per-completion ``records`` (:func:`completion_records`); when not passed they come from an
-    enclosing :func:`completions_in_scope`.
+    per-completion ``records`` (:func:`completion_records`).
     """
     is_iaa_b = jnp.asarray(is_iaa, bool)
     dtype = _float_dtype(pred, gt)
@@ -520,25 +516,6 @@ def total_reward(
 
 EXTRA_KINDS = ("features", "host")
 _EXTRA_FIELDS = ("function", "kind", "scale", "kwargs")
-_SCOPE: contextvars.ContextVar[tuple[Sequence[str], Sequence[Mapping[str, Any]]] | None] = (
-    contextvars.ContextVar("tatar_jax_reward_completions", default=None)
-)
-
-
-@contextlib.contextmanager
-def completions_in_scope(
-    texts: Sequence[str], records: Sequence[Mapping[str, Any]]
-) -> Iterator[None]:
-    """Within the block, :func:`total_reward` calls that are not given ``texts`` / ``records``
-    hand these to the host extra rewards (for a caller that passes only feature arrays)."""
-    if len(texts) != len(records):
-        raise ValueError(f"{len(texts)} texts but {len(records)} records")
-    token = _SCOPE.set((texts, records))
-    try:
-        yield
-    finally:
-        _SCOPE.reset(token)
-
 
 def completion_records(batch: Mapping[str, Any], group_size: int) -> list[dict[str, Any]]:
     """The (N,) per-completion records a host reward receives, N = prompts x ``group_size``
@@ -606,10 +583,7 @@ class ExtraReward:
         n = int(np.shape(features["is_iaa"])[0])
         if self.kind == "host":
             if texts is None or records is None:
-                scope = _SCOPE.get()
-                if scope is None:
-                    raise ValueError(f"{self.where()}: a host reward needs texts and records")
-                texts, records = scope
+                raise ValueError(f"{self.where()}: a host reward needs texts and records")
             if len(texts) != n or len(records) != n:
                 raise ValueError(f"{self.where()}: {len(texts)} texts for {n} completions")
             r = fn(list(texts), list(records), **self.kwargs)

@@ -89,7 +89,10 @@ def rollout_mesh(
     else:
         if text == "auto":
             n_weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
-            limit = device_bytes or (devices[0].memory_stats() or {}).get("bytes_limit")
+            # this process's first device: another host's cannot report its memory (every host
+            # has the same accelerators, so all processes choose the same layout)
+            local = next(d for d in devices if d.process_index == jax.process_index())
+            limit = device_bytes or (local.memory_stats() or {}).get("bytes_limit")
             itemsize = np.dtype(model.dtype).itemsize
             shape, _ = rollout_layout(
                 n_weights * itemsize, len(devices), limit, model.config.text.num_key_value_heads
@@ -206,6 +209,8 @@ class RolloutEngine:
             groups,
             config=self.rewards_cfg,
             num_groups=b,
+            texts=texts,
+            records=rewards.completion_records(batch, g),
         )
         total = np.asarray(total, np.float32)
         adv = np.asarray(

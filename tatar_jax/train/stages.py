@@ -13,7 +13,6 @@ Batches follow :mod:`tatar_jax.train.inputs`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tatar_jax import generate, grpo, loading, rewards
+from tatar_jax import grpo, loading, rewards
 from tatar_jax.train import grpo_step, metrics, optim, rollout, sft_step
 from tatar_jax.train import inputs as step_inputs
 
@@ -126,10 +125,6 @@ class GrpoStage:
         self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
         self.pack_buckets = int(g.pack_buckets)
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
-        rewards.validate_extra_rewards(cfg.rewards, int(g.num_generations))  # fail at start
-        self.host_rewards = any(
-            r.kind == "host" for r in rewards.extra_rewards(cfg.rewards).values()
-        )
         self.engine = rollout.RolloutEngine(
             model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets),
             mesh=mesh, rules=rules, rollout_cfg=cfg.rollout,
@@ -161,7 +156,7 @@ class GrpoStage:
             # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
             # layout), used for this step's generation only
             out = self.engine.generate(state.params, batch, optim.rng_for_step(state, 1))
-        with timer("reward"), self._host_reward_inputs(batch, out):
+        with timer("reward"):
             ro = self.engine.score(batch, out)
         self.last = ro
         inputs = ro.inputs
@@ -175,14 +170,6 @@ class GrpoStage:
             inputs["shared"]["pack_slots"] = slots
         step_inputs.cast_pixels(inputs, self.pixel_dtype)
         return inputs, dict(ro.metrics)
-
-    def _host_reward_inputs(self, batch, out):
-        """Texts and records for the host extra rewards (rewards.completions_in_scope)."""
-        if not self.host_rewards:
-            return contextlib.nullcontext()
-        texts = generate.decode_completions(self.engine.tok, out)
-        g = len(texts) // max(len(batch["valid"]), 1)
-        return rewards.completions_in_scope(texts, rewards.completion_records(batch, g))
 
     def update(self, state, inputs):
         """The reference / pi_old log-probs, then mu updates; each part timed on its own

@@ -343,10 +343,6 @@ def _launch(nproc: int, devices: int, workdir, env):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="session-5 regression: process 0 misses the shutdown barrier (see the note)",
-    strict=False,
-)
 def test_grpo_two_processes_equal_one_process(tmp_path):
     """2 processes x 2 CPU devices (fsdp=4 over both, 2 prompts per process) == 1 process x 4
     devices with the same 4-prompt global batch: same parameters after 2 GRPO steps, same
