@@ -521,10 +521,13 @@ def completion_records(batch: Mapping[str, Any], group_size: int) -> list[dict[s
     """The (N,) per-completion records a host reward receives, N = prompts x ``group_size``
     (prompt-major, as the rollout's rows): ``prompt`` (index in the step), ``task`` ("iqa" /
     "iaa"), ``gt_100``, ``valid`` and, where the batch has them, ``row_id``, ``dataset`` and
-    ``image_path``. ``batch`` is a pipeline batch (``task_id``, ``gt_100``, ...)."""
+    ``image_path``. ``batch`` is a pipeline batch (``task_id``, ``gt_100``, ...). On a run over
+    several processes the arrays are the global batch but ``meta`` holds this host's rows only:
+    ``dataset`` / ``image_path`` are then left out."""
     names = {tid: task for task, tid in prompts.TASK_IDS.items()}
     task_ids = np.asarray(batch["task_id"])
     meta = batch.get("meta", {})
+    strings = [k for k in ("dataset", "image_path") if len(meta.get(k, ())) == len(task_ids)]
     out = []
     for b in range(len(task_ids)):
         rec = {
@@ -535,9 +538,8 @@ def completion_records(batch: Mapping[str, Any], group_size: int) -> list[dict[s
         }
         if "row_id" in batch:
             rec["row_id"] = int(np.asarray(batch["row_id"])[b])
-        for key in ("dataset", "image_path"):
-            if key in meta:
-                rec[key] = meta[key][b]
+        for key in strings:
+            rec[key] = meta[key][b]
         out.extend(dict(rec) for _ in range(group_size))
     return out
 
