@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 VOCAB = 151_936
 IMAGE_ID, VSTART, VEND, PAD = 151_655, 151_652, 151_653, 151_643
+PAUSE_S = 1.0
 
 
 def hf_config(a):
@@ -171,6 +172,10 @@ def timed(steps, n):
     times, losses = {k: [] for k in steps}, {}
     for _ in range(n):
         for name, step in steps.items():
+            # Let the other runtime's idle worker threads stop spinning first (OpenMP and
+            # Eigen spin-wait after a parallel region): they would otherwise steal this step's
+            # cores and bill one side for the other's threads.
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             losses[name] = step()
             times[name].append(time.perf_counter() - t0)
