@@ -152,6 +152,10 @@ class GrpoStage:
         warm_rewards(cfg, num_rows)
 
     def prepare(self, state, batch, timer):
+        # Pixels in the compute dtype once, on the host, before the rollout's and the update's
+        # transfers (half the bytes each in bfloat16; the vision tower casts to it first thing)
+        batch = {**batch, "pixel_values": np.asarray(batch["pixel_values"]).astype(
+            self.pixel_dtype, copy=False)}  # fmt: skip
         with timer("rollout"):
             # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
             # layout), used for this step's generation only
@@ -168,7 +172,6 @@ class GrpoStage:
         )
         if slots is not None:  # only counted completion tokens through the lm_head
             inputs["shared"]["pack_slots"] = slots
-        step_inputs.cast_pixels(inputs, self.pixel_dtype)
         return inputs, dict(ro.metrics)
 
     def update(self, state, inputs):
