@@ -41,3 +41,16 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """A persistent XLA compilation cache for the script subprocesses of the whole session
+    (tests/helpers/train_runs.py): one folder shared by the pytest-xdist workers of a run, so a
+    tiny run's step programs compile once for every module that starts the same run."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, common to the workers
+    path = base / "xla_cache"
+    path.mkdir(exist_ok=True)
+    return path
