@@ -18,6 +18,10 @@ Reusable by every test that needs an HF reference:
 - :func:`make_batch` — left-padded ``input_ids`` / ``attention_mask`` with image placeholder runs,
   ``pixel_values`` and ``image_grid_thw`` exactly as the HF processor lays them out, plus
   ``mm_token_type_ids`` for the HF forward.
+- :func:`prompt_batch` / :func:`grpo_step_inputs` — a :func:`make_batch` batch as a training step
+  receives it (int32, M-RoPE positions, padded pixels) and the GRPO update's inputs built on it.
+- :func:`jax_logits` / :func:`masked_max_diff` — our model's logits on such a batch and their
+  largest difference over the real positions.
 """
 
 from __future__ import annotations
@@ -312,3 +316,20 @@ def grpo_step_inputs(
     rows["completion_mask"] = cmask.astype(np.float32)
     rows["advantages"] = advantages
     return {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
+
+
+def jax_logits(model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The JAX model's logits on a :func:`make_batch` batch (ids, mask, pixels, grid)."""
+    return np.asarray(
+        model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["image_grid_thw"],
+        )
+    )
+
+
+def masked_max_diff(a: np.ndarray, b: np.ndarray, batch: dict[str, np.ndarray]) -> float:
+    """max |a - b| over the batch's real (attention-mask) positions."""
+    return float(np.abs(a - b)[batch["attention_mask"].astype(bool)].max())
