@@ -76,6 +76,12 @@ SLOW_MODULES = {
 }
 
 
+def pytest_configure(config):
+    # xdist's loadscope/loadfile reorders modules by test count unless told not to; keep ours.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     def weight(item) -> int:
         rel = item.path.relative_to(REPO_ROOT).as_posix() if item.path else ""
