@@ -41,3 +41,50 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """A persistent XLA compilation cache for the script subprocesses of the whole session
+    (tests/helpers/train_runs.py): one folder shared by the pytest-xdist workers of a run, so a
+    tiny run's step programs compile once for every module that starts the same run."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N, common to the workers
+    path = base / "xla_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+# The slowest modules, slowest first (seconds of a serial run on a 2-core machine, rounded): they
+# start first, so that under ``pytest -n 2 --dist loadfile`` no long module is left to run alone
+# at the end while the other worker idles. Every other module keeps its collection order.
+SLOW_MODULES = {
+    "tests/train/test_train_multidevice.py": 320,
+    "tests/train/test_train_step.py": 260,
+    "tests/train/test_run_life.py": 170,
+    "tests/train/test_train_run.py": 170,
+    "tests/train/test_train_mesh.py": 125,
+    "tests/test_generate_sharded.py": 125,
+    "tests/test_sharding.py": 125,
+    "tests/train/test_rollout_logps.py": 120,
+    "tests/models/test_qwen2_5_vl_parity.py": 110,
+    "tests/train/test_lean_update.py": 110,
+    "tests/train/test_plots.py": 100,
+    "tests/test_generate.py": 100,
+    "tests/train/test_lora_train.py": 95,
+}
+
+
+def pytest_configure(config):
+    # xdist's loadscope/loadfile reorders modules by test count unless told not to; keep ours.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    def weight(item) -> int:
+        rel = item.path.relative_to(REPO_ROOT).as_posix() if item.path else ""
+        return SLOW_MODULES.get(rel, 0)
+
+    items.sort(key=lambda item: -weight(item))  # stable: each module stays whole and in order

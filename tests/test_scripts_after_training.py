@@ -9,36 +9,23 @@ One tiny run directory (embedded model, checkpoints at steps 1 and 2) is shared 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from train_runs import run_script, train_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 EVAL_TINY = "--config=configs/eval.py:tiny"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        TATAR_JAX_CACHE=str(tmp_path_factory.mktemp("tok_cache")),
-        PYTHONPATH=str(ROOT),
-    )
-    return e
+def env(tmp_path_factory, xla_cache_dir):
+    return train_env(tmp_path_factory.mktemp("tok_cache"), xla_cache_dir)
 
 
 def _run(script, args, env, timeout=600):
-    cmd = [sys.executable, f"scripts/{script}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script(script, args, env, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,10 @@ Reusable by every test that needs an HF reference:
 - :func:`make_batch` — left-padded ``input_ids`` / ``attention_mask`` with image placeholder runs,
   ``pixel_values`` and ``image_grid_thw`` exactly as the HF processor lays them out, plus
   ``mm_token_type_ids`` for the HF forward.
+- :func:`prompt_batch` / :func:`grpo_step_inputs` — a :func:`make_batch` batch as a training step
+  receives it (int32, M-RoPE positions, padded pixels) and the GRPO update's inputs built on it.
+- :func:`jax_logits` / :func:`masked_max_diff` — our model's logits on such a batch and their
+  largest difference over the real positions.
 """
 
 from __future__ import annotations
@@ -261,3 +265,71 @@ def tiny_config_for(tok: Any) -> Any:
         eos_token_id=tok.im_end_id,
         pad_token_id=tok.pad_id,
     )
+
+
+# Two left-padded prompts with images of different sizes (4x4 and 4x8 patches).
+PROMPT_ROWS = ([3, (1, 4, 4), 5], [2, (1, 4, 8), 3])
+
+
+def prompt_batch(
+    cfg: Any,
+    rows: Any = PROMPT_ROWS,
+    seed: int = 3,
+    patch_bucket: int | None = None,
+    pixels: bool = True,
+) -> dict[str, np.ndarray]:
+    """A :func:`make_batch` batch as the pipeline hands prompts to a training step (``cfg``: the
+    JAX model's config): int32 ``input_ids`` / ``attention_mask`` / ``image_grid_thw``, M-RoPE
+    ``position_ids`` (3, B, L) and ``rope_deltas`` (B, 1), float32 ``pixel_values`` zero-padded
+    to ``patch_bucket`` rows when given (left out with ``pixels=False``)."""
+    from tatar_jax.models import qwen2_5_vl as qvl
+
+    b = make_batch([list(r) for r in rows], seed=seed)
+    ids = b["input_ids"].astype(np.int32)
+    mask = b["attention_mask"].astype(np.int32)
+    grid = b["image_grid_thw"].astype(np.int32)
+    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.asarray(pos, np.int32),
+        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
+    }
+    if pixels:
+        pv = b["pixel_values"].astype(np.float32)
+        if patch_bucket is not None:
+            pv = np.concatenate([pv, np.zeros((patch_bucket - len(pv), pv.shape[1]), pv.dtype)])
+        batch["pixel_values"] = pv
+        batch["image_grid_thw"] = grid
+    return batch
+
+
+def grpo_step_inputs(
+    cfg: Any, batch: dict, tokens: np.ndarray, cmask: np.ndarray, advantages: np.ndarray, g: int
+) -> dict[str, dict]:
+    """The GRPO update's inputs as the rollout hands them over: every prompt of ``batch``
+    repeated for its ``g`` completions ``tokens`` (B*g, T) with ``cmask`` (bool), per-completion
+    ``advantages``; ``{"rows": ..., "shared": <the batch's vision inputs>}``."""
+    from tatar_jax.train import inputs as step_inputs
+
+    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
+    rows["completion_mask"] = cmask.astype(np.float32)
+    rows["advantages"] = advantages
+    return {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
+
+
+def jax_logits(model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The JAX model's logits on a :func:`make_batch` batch (ids, mask, pixels, grid)."""
+    return np.asarray(
+        model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["image_grid_thw"],
+        )
+    )
+
+
+def masked_max_diff(a: np.ndarray, b: np.ndarray, batch: dict[str, np.ndarray]) -> float:
+    """max |a - b| over the batch's real (attention-mask) positions."""
+    return float(np.abs(a - b)[batch["attention_mask"].astype(bool)].max())

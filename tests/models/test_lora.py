@@ -41,19 +41,7 @@ def batch():
     return tm.make_batch(BATCH_ROWS, seed=11, length=40)
 
 
-def _logits(model, batch):
-    return np.asarray(
-        model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            batch["image_grid_thw"],
-        )
-    )
-
-
-def _diff(a, b, batch):
-    return float(np.abs(a - b)[batch["attention_mask"].astype(bool)].max())
+_logits, _diff = tm.jax_logits, tm.masked_max_diff
 
 
 def _randomise(model, seed=5, std=0.2):

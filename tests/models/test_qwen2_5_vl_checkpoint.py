@@ -41,19 +41,7 @@ def ref_logits(hf, batch):
     return tm.hf_logits(hf, batch)
 
 
-def _logits(model, batch):
-    return np.asarray(
-        model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            batch["image_grid_thw"],
-        )
-    )
-
-
-def _diff(a, b, batch):
-    return float(np.abs(a - b)[batch["attention_mask"].astype(bool)].max())
+_logits, _diff = tm.jax_logits, tm.masked_max_diff
 
 
 @pytest.mark.parametrize(

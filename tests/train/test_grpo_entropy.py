@@ -19,29 +19,16 @@ G, T, TEMP = 2, 6, 0.7
 
 
 def _inputs(cfg):
-    b = tm.make_batch([[3, (1, 4, 4), 5], [2, (1, 4, 8), 3]], seed=3)
-    ids = b["input_ids"].astype(np.int32)
-    mask = b["attention_mask"].astype(np.int32)
-    grid = b["image_grid_thw"].astype(np.int32)
-    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
-    pv = b["pixel_values"].astype(np.float32)
-    pv_pad = np.zeros((64, pv.shape[1]), np.float32)
-    pv_pad[: len(pv)] = pv
-    batch = {
-        "input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(pos, np.int32),
-        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
-        "pixel_values": pv_pad, "image_grid_thw": grid,
-    }  # fmt: skip
+    batch = tm.prompt_batch(cfg, patch_bucket=64)
     rng = np.random.default_rng(0)
     n = 2 * G
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(n, T)).astype(np.int32)
     cmask = np.arange(T)[None, :] < np.array([T, 2, 4, 1])[:, None]
     tokens = np.where(cmask, tokens, 0)
-    rows = step_inputs.expand_prompts(batch, tokens, cmask, G, cfg.image_token_id)
-    rows["completion_mask"] = cmask.astype(np.float32)
-    rows["advantages"] = rng.normal(size=n).astype(np.float32)
-    rows["task_id"] = np.repeat(np.array([0, 1], np.int32), G)  # prompt 0 IQA, prompt 1 IAA
-    return {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
+    adv = rng.normal(size=n).astype(np.float32)
+    inputs = tm.grpo_step_inputs(cfg, batch, tokens, cmask, adv, G)
+    inputs["rows"]["task_id"] = np.repeat(np.array([0, 1], np.int32), G)  # prompt 0 IQA, 1 IAA
+    return inputs
 
 
 def _reference(model, inputs):

@@ -28,31 +28,16 @@ def _setup(seed=0):
         qvl.tiny(), dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.08, rngs=nnx.Rngs(0)
     )
     cfg = model.config
-    b = tm.make_batch([[3, (1, 4, 4), 5], [2, (1, 4, 8), 3]], seed=3)
-    ids = b["input_ids"].astype(np.int32)
-    mask = b["attention_mask"].astype(np.int32)
-    grid = b["image_grid_thw"].astype(np.int32)
-    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": np.asarray(pos, np.int32),
-        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
-        "pixel_values": b["pixel_values"].astype(np.float32),
-        "image_grid_thw": grid,
-    }
+    batch = tm.prompt_batch(cfg)
     rng = np.random.default_rng(seed)
     n = 2 * G
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(n, T)).astype(np.int32)
     cmask = np.arange(T)[None, :] < rng.integers(1, T + 1, size=n)[:, None]
-    rows = step_inputs.expand_prompts(
-        batch, np.where(cmask, tokens, 0), cmask, G, cfg.image_token_id
-    )
-    rows["completion_mask"] = cmask.astype(np.float32)
-    rows["advantages"] = rng.normal(size=n).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    inputs = tm.grpo_step_inputs(cfg, batch, np.where(cmask, tokens, 0), cmask, adv, G)
+    rows = inputs["rows"]
     rows["ref_logps"] = rng.normal(-5.0, 0.5, size=(n, T)).astype(np.float32)
     rows["old_logps"] = rng.normal(-5.0, 0.3, size=(n, T)).astype(np.float32)
-    inputs = {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
     graphdef, params = nnx.split(model)
     return graphdef, params, jax.tree.map(jnp.asarray, inputs)
 

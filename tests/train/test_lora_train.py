@@ -28,7 +28,6 @@ from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import checkpointing, grpo_step, optim, sources, trainer
-from tatar_jax.train import inputs as step_inputs
 
 RANK = 4
 
@@ -204,27 +203,12 @@ def test_grpo_from_the_lora_sft_run(runs):
 def _grpo_inputs(cfg, g=4, t=6, seed=0):
     """Two prompts with images, G random completions each, random advantages (the update's
     inputs as the rollout hands them over)."""
-    b = tm.make_batch([[3, (1, 4, 4), 5], [2, (1, 4, 8), 3]], seed=3)
-    ids = b["input_ids"].astype(np.int32)
-    mask = b["attention_mask"].astype(np.int32)
-    grid = b["image_grid_thw"].astype(np.int32)
-    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": np.asarray(pos, np.int32),
-        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
-        "pixel_values": b["pixel_values"].astype(np.float32),
-        "image_grid_thw": grid,
-    }
+    batch = tm.prompt_batch(cfg)
     rng = np.random.default_rng(seed)
     n = 2 * g
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(n, t)).astype(np.int32)
     cmask = np.ones((n, t), bool)
-    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
-    rows["completion_mask"] = cmask.astype(np.float32)
-    rows["advantages"] = rng.normal(size=n).astype(np.float32)
-    return {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
+    return tm.grpo_step_inputs(cfg, batch, tokens, cmask, rng.normal(size=n).astype(np.float32), g)
 
 
 def test_grpo_update_trains_only_the_adapters():

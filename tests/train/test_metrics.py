@@ -255,16 +255,8 @@ def _grpo_flop_inputs(cfg, packed: bool):
     from tatar_jax.models import qwen2_5_vl as qvl
     from tatar_jax.train import inputs as step_inputs
 
-    b = tm.make_batch([[3, (1, 8, 8), 5], [2, (1, 8, 8), 6]], seed=3)
-    ids, mask = b["input_ids"].astype(np.int32), b["attention_mask"].astype(np.int32)
-    grid = b["image_grid_thw"].astype(np.int32)
-    pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": np.asarray(pos, np.int32),
-        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
-    }
+    batch = tm.prompt_batch(cfg, [[3, (1, 8, 8), 5], [2, (1, 8, 8), 6]])
+    pixel_values, grid = batch.pop("pixel_values"), batch.pop("image_grid_thw")
     g, t = 2, 8
     rng = np.random.default_rng(0)
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(2 * g, t)).astype(np.int32)
@@ -274,7 +266,7 @@ def _grpo_flop_inputs(cfg, packed: bool):
     rows["advantages"] = rng.normal(size=2 * g).astype(np.float32)
     # The exact vision bucket (no padded windows / segments): every attention slot is real.
     shared = {
-        "pixel_values": b["pixel_values"],
+        "pixel_values": pixel_values,
         "layout": qvl.vision_layout(grid, cfg.vision),
     }
     if packed:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from train_runs import run_script, train_env
 
 from tatar_jax.train import plots
 
@@ -128,18 +128,17 @@ def test_plot_run_usage_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_leaves_plots_and_plot_run_redraws_them(tmp_path):
+def test_tiny_run_leaves_plots_and_plot_run_redraws_them(tmp_path, xla_cache_dir):
     """scripts/train.py on configs/grpo.py:tiny with a 2-step SFT warm-up and 2 GRPO steps."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT))
-    env["TATAR_JAX_CACHE"] = str(tmp_path / "cache")
+    env = train_env(tmp_path / "cache", xla_cache_dir)
     wd = tmp_path / "run"
-    cmd = [
-        sys.executable, "scripts/train.py", "--config=configs/grpo.py:tiny", f"--workdir={wd}",
+    args = [
+        "--config=configs/grpo.py:tiny", f"--workdir={wd}",
         "--config.warmup.total_steps=2", "--config.total_steps=2", "--config.eval.at_start=True",
         "--config.eval.max_examples=4", "--config.model.remat=False", "--config.grpo.beta=0.0",
         "--config.logging.tensorboard=False",
     ]  # fmt: skip
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    p = run_script("train.py", args, env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "held-out evaluation" in p.stdout and "GRPO - SFT" in p.stdout
     names = ("rewards_iqa", "rewards_iaa", "reward_total", "eval_srcc_plcc", "sft_loss")

@@ -6,14 +6,10 @@ failing one stops the run at start with an error that names it."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
+from train_runs import run_script, train_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = """
 from configs import grpo, rewards
 
@@ -28,27 +24,21 @@ def get_config(arg=None):
 """
 
 
-def _run(tmp_path, host="keywords", steps=2):
+def _run(tmp_path, xla_cache, host="keywords", steps=2):
     cfg = tmp_path / "plugin_config.py"
     cfg.write_text(CONFIG.format(host=host))
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        TATAR_JAX_CACHE=str(tmp_path / "tok_cache"),
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "helpers")]),
-    )
-    cmd = [
-        sys.executable, "scripts/train.py", f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+    env = train_env(tmp_path / "tok_cache", xla_cache, helpers=True)
+    args = [
+        f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
         f"--config.total_steps={steps}", "--config.eval.datasets=()",
         "--config.model.remat=False", "--config.logging.every_steps=1",
         "--config.rewards.weights.iaa.keywords=0.0", "--config.rewards.weights.iqa.brevity=0.75",
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    return run_script("train.py", args, env)
 
 
-def test_tiny_grpo_run_with_extra_rewards(tmp_path):
-    r = _run(tmp_path)
+def test_tiny_grpo_run_with_extra_rewards(tmp_path, xla_cache_dir):
+    r = _run(tmp_path, xla_cache_dir)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     recs = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "loss" in x]
@@ -62,8 +52,8 @@ def test_tiny_grpo_run_with_extra_rewards(tmp_path):
         assert x["entropy/all"] > 0
 
 
-def test_failing_extra_reward_stops_the_run_at_start(tmp_path):
-    r = _run(tmp_path, host="raises", steps=1)
+def test_failing_extra_reward_stops_the_run_at_start(tmp_path, xla_cache_dir):
+    r = _run(tmp_path, xla_cache_dir, host="raises", steps=1)
     assert r.returncode != 0
     out = r.stdout + r.stderr
     want = "reward 'keywords' (example_rewards:raises, kind 'host') failed on the probe batch"

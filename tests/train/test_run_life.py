@@ -3,48 +3,28 @@ damaged latest checkpoint without logging a step twice, a finished run started a
 its records, a changed hyper-parameter is refused (exit 2) or recorded, bad records skipped
 and counted or stopping the run, the compact console line.
 
-One base run is shared by the module; the subprocesses share a persistent XLA cache."""
+One base run is shared by the module; the subprocesses share the session's persistent XLA cache
+(tests/helpers/train_runs.py) with test_train_run.py's runs of the same flags."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from train_runs import SFT_TINY_FLAGS, run_script, train_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-FLAGS = [
-    "--config=configs/sft.py:tiny",
-    "--config.total_steps=4",
-    "--config.checkpoint.every_steps=1",
-    "--config.checkpoint.keep=5",
-    "--config.eval.datasets=()",
-    "--config.model.remat=False",
-]
+FLAGS = [*SFT_TINY_FLAGS, "--config.checkpoint.keep=5"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TATAR_JAX_CACHE=str(tmp_path_factory.mktemp("tok_cache")),
-        PYTHONPATH=str(ROOT),
-    )
-    return e
+def env(tmp_path_factory, xla_cache_dir):
+    return train_env(tmp_path_factory.mktemp("tok_cache"), xla_cache_dir)
 
 
 def _train(workdir, flags, env):
-    cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", *flags]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    r = run_script("train.py", [f"--workdir={workdir}", *flags], env)
     return r.returncode, r.stdout, r.stderr
 
 

@@ -2,14 +2,13 @@
 Qwen2.5 vocabulary + the embedded synthetic dataset): finite metrics and checkpoints, SIGTERM save,
 exact resume after ``kill -9``, skipped non-finite updates, HF export and conversion.
 
-The subprocesses share a persistent XLA compilation cache (``JAX_COMPILATION_CACHE_DIR``), so
-the step programs compile once for the whole file.
+The subprocesses share the session's persistent XLA compilation cache (tests/helpers/train_runs.py),
+so the step programs compile once for the whole file (and test_run_life.py's identical runs).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -18,35 +17,18 @@ import time
 
 import numpy as np
 import pytest
+from train_runs import ROOT, SFT_TINY_FLAGS, script_cmd, train_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SFT_FLAGS = [
-    "--config=configs/sft.py:tiny",
-    "--config.total_steps=4",
-    "--config.checkpoint.every_steps=1",
-    "--config.eval.datasets=()",
-    "--config.model.remat=False",
-]
+SFT_FLAGS = list(SFT_TINY_FLAGS)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xla_cache")
-    e = dict(os.environ)
-    e.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",  # one device: the runs under test are single-device
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TATAR_JAX_CACHE=str(tmp_path_factory.mktemp("tok_cache")),
-        PYTHONPATH=str(ROOT),
-    )
-    return e
+def env(tmp_path_factory, xla_cache_dir):
+    return train_env(tmp_path_factory.mktemp("tok_cache"), xla_cache_dir)
 
 
 def _start(workdir, flags, env):
-    cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", *flags]
+    cmd = script_cmd("train.py", f"--workdir={workdir}", *flags)
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
