@@ -104,7 +104,11 @@ def test_grpo_warmup_block_follows_the_grpo_fields(repo_root):
     assert w.stage == "sft" and w.total_steps == 200 and w.sft.global_batch_size == 8
     assert (w.seed, w.model.preset, w.eval.max_new_tokens) == (3, "small", 7)
     assert w.data.synthetic.image_size == 64 and w.eval.at_end and w.eval.at_start
-    assert w.optimizer.learning_rate == 0.05 and c.optimizer.learning_rate == 5e-4
+    # the warm-up's override leaves the GRPO run's own learning rate (the default preset's) alone
+    from configs import grpo as grpo_config
+
+    grpo_lr = grpo_config.get_config("default").optimizer.learning_rate
+    assert w.optimizer.learning_rate == 0.05 and c.optimizer.learning_rate == grpo_lr != 0.05
     assert w.model.dtype == "float32" and w.model.logprob_chunk_size == 128
     for preset in (":tiny", ":reference"):
         assert (
