@@ -300,12 +300,13 @@ def pack_index(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 # Host -> device
 
 
-def cast_pixels(inputs: StepInputs, dtype: Any) -> None:
-    """Pixel values in the compute dtype before they travel (half the bytes in bfloat16). The
-    vision tower casts them to that dtype first thing, so its output does not change."""
-    pv = inputs["shared"]["pixel_values"]
+def cast_pixels(tree: dict[str, Any], dtype: Any) -> None:
+    """``tree["pixel_values"]`` (a pipeline batch or a step's ``inputs["shared"]``) in the compute
+    dtype, on the host, before it travels (half the bytes in bfloat16). The vision tower casts
+    them to that dtype first thing, so its output does not change."""
+    pv = tree["pixel_values"]
     if np.dtype(pv.dtype) != np.dtype(dtype):
-        inputs["shared"]["pixel_values"] = np.asarray(pv).astype(dtype)
+        tree["pixel_values"] = np.asarray(pv).astype(dtype)
 
 
 def put_inputs(inputs: StepInputs, mesh: Any, rules: Any) -> StepInputs:

@@ -83,7 +83,7 @@ class SftStage:
         inputs = step_inputs.sft_inputs(
             batch, self.model_config, num_micro=self.num_micro, pack_buckets=self.pack_buckets
         )
-        step_inputs.cast_pixels(inputs, self.pixel_dtype)
+        step_inputs.cast_pixels(inputs["shared"], self.pixel_dtype)
         return inputs, {}
 
     def update(self, state, inputs):
@@ -152,10 +152,9 @@ class GrpoStage:
         warm_rewards(cfg, num_rows)
 
     def prepare(self, state, batch, timer):
-        # Pixels in the compute dtype once, on the host, before the rollout's and the update's
-        # transfers (half the bytes each in bfloat16; the vision tower casts to it first thing)
-        batch = {**batch, "pixel_values": np.asarray(batch["pixel_values"]).astype(
-            self.pixel_dtype, copy=False)}  # fmt: skip
+        # once, before both the rollout's and the update's transfers
+        batch = dict(batch)
+        step_inputs.cast_pixels(batch, self.pixel_dtype)
         with timer("rollout"):
             # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
             # layout), used for this step's generation only

@@ -38,7 +38,7 @@ def test_pixels_in_compute_dtype_give_the_same_features():
     b = tm.make_batch([[2, (1, 4, 8), 3]], seed=1)
     inputs = {"rows": {}, "shared": step_inputs.shared_vision(b, cfg.vision)}
     f32 = step_inputs.image_features(model, jax.tree.map(jnp.asarray, inputs["shared"]))
-    step_inputs.cast_pixels(inputs, jnp.bfloat16)
+    step_inputs.cast_pixels(inputs["shared"], jnp.bfloat16)
     pv = inputs["shared"]["pixel_values"]
     assert pv.dtype == jnp.bfloat16 and isinstance(pv, np.ndarray)  # cast on the host
     bf = step_inputs.image_features(model, jax.tree.map(jnp.asarray, inputs["shared"]))
