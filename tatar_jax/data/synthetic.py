@@ -12,7 +12,7 @@ Layout under ``root`` (manifests in the real format, paths relative to ``root``)
     iqa_train.jsonl  iqa_test.jsonl             {"image", "gt_score" (1-5), "rationale", ...}
     iaa_train.jsonl  iaa_test.jsonl             {"image", "gt_score" (0-10), "rationale", ...}
     images/iqa/<ref>_v<view>_<distortion>_<level>.png   lossless: only the intended distortion
-    images/iaa/<ref>_v<view>_t<tilt>_s<sat>_z<zoom>.jpg  JPEG quality 95, as aesthetics sets are
+    images/iaa/<ref>_v<view>_s<sat>_c<cast>.jpg  JPEG quality 95, as aesthetics sets are
 
 Split by reference photo: ``TEST_REFERENCES`` are only in the test split. Each photo gives
 ``VIEWS[task][split]`` *views*, the scenes that are then distorted or edited: view 0 is the whole
@@ -33,16 +33,21 @@ regression probe on the tiny vision tower, trained from scratch on them, did not
 photos (test SRCC about 0 after 2,000 steps of 16 images). Noise alone it does learn (0.86 after
 1,000 such steps), but that is more images than the embedded default's SFT warm-up sees.
 
-**IAA labels** (controlled edits of a view: tilt, saturation, zoom crop)::
+**IAA labels** (controlled edits of a view: colour cast, saturation)::
 
-    gt_score = clip(IAA_BASE - 0.12 * tilt_deg - 2.0 * |ln(sat)| * colour[ref]
-                    - 2.5 * (1 - zoom), 0, 10)               (native range 0..10)
+    gt_score = IAA_BASE - 2.0 * cast - 2.0 * |ln(sat)| * colour[ref]     (native range 0..10)
 
 ``colour`` is 1 for colour photos and 0 for grey ones (saturation does not change them); the
-saturations only mute colour, so the penalty grows one way. The
-base is one constant: a per-photo "content" score cannot be learned from 9 photos, and it would
-make the held-out ranking a guess about 3 photos. Tilted images keep black corners (that is the
-defect being scored); a zoom crops the centre and resizes it back.
+saturations only mute colour, so the penalty grows one way. ``cast`` (0, 1, 2) is a green
+colour cast added to every pixel (it tints grey photos too), the kind of global colour shift
+the tiny random model's patch features carry, as they carry IQA's underexposure. Version 2 edited
+tilt (black corners), three saturations and a centre zoom crop, and its rationale began by naming
+the photo: after the embedded default's SFT warm-up the model wrote the same rationale and answer
+for almost every IAA image, training images included (held-out SRCC between -0.15 and +0.22 over
+five warm-ups), so GRPO had no ranking to refine; with a cast added and tilt kept, the warm-up
+still perceived neither tilt nor cast (measured on 120 training images). The base is one
+constant: a per-photo "content" score cannot be learned from 9 photos, and it would make the
+held-out ranking a guess about 3 photos.
 
 Each record also holds a short templated ``rationale`` (``<think>`` + ``<answer>``) describing
 the known edit and ending in the 0-100 gt (``%.2f``), used as the SFT target.
@@ -65,7 +70,7 @@ from PIL import Image, ImageEnhance
 from tatar_jax import answer_format
 from tatar_jax.data.manifest import DatasetSpec, to_score_100, write_manifest
 
-VERSION = 2
+VERSION = 3
 # name -> colour photo. Only files bundled with scikit-image.
 REFERENCES: dict[str, bool] = {
     "astronaut": True,
@@ -83,12 +88,12 @@ REFERENCES: dict[str, bool] = {
 }
 TEST_REFERENCES = ("chelsea", "hubble_deep_field", "coins")
 # Views (scenes) per photo, per task and split.
-VIEWS = {"iqa": {"train": 16, "test": 8}, "iaa": {"train": 3, "test": 2}}
+VIEWS = {"iqa": {"train": 16, "test": 8}, "iaa": {"train": 8, "test": 6}}
 IAA_BASE = 7.5
 LEVELS = (1, 2, 3, 4, 5)
-IAA_TILTS = (0, 5, 12)  # degrees
-IAA_SATURATIONS = (0.3, 0.6, 1.0)
-IAA_ZOOMS = (1.0, 0.6)
+IAA_SATURATIONS = (0.3, 1.0)
+IAA_CASTS = (0, 1, 2)  # green colour cast, in steps of IAA_CAST_RGB
+IAA_CAST_RGB = (-20.0, 36.0, -20.0)  # added to the 0-255 pixel values per cast step
 TASK_RANGES = {"iqa": (1.0, 5.0), "iaa": (0.0, 10.0)}
 
 
@@ -123,10 +128,10 @@ def iqa_score(distortion: str | None, level: int) -> float:
     return round(5.0 - 4.0 * IQA_DISTORTIONS[distortion][0] * level / 5.0, 4)
 
 
-def iaa_score(ref: str, tilt: float, sat: float, zoom: float) -> float:
+def iaa_score(ref: str, sat: float, cast: int) -> float:
     """Native 0-10 IAA label of an edit of reference photo ``ref``."""
     colour = REFERENCES[ref]
-    s = IAA_BASE - 0.12 * tilt - 2.0 * abs(math.log(sat)) * colour - 2.5 * (1.0 - zoom)
+    s = IAA_BASE - 2.0 * cast - 2.0 * abs(math.log(sat)) * colour
     return round(min(10.0, max(0.0, s)), 4)
 
 
@@ -168,16 +173,12 @@ def _views(name: str, n: int, image_size: int) -> list[Image.Image]:
     return out
 
 
-def _iaa_edit(im: Image.Image, tilt: float, sat: float, zoom: float) -> Image.Image:
-    if zoom < 1.0:
-        w, h = im.size
-        cw, ch = round(w * zoom), round(h * zoom)
-        left, top = (w - cw) // 2, (h - ch) // 2
-        im = im.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
-    if tilt:
-        im = im.rotate(tilt, resample=Image.Resampling.BICUBIC, expand=False, fillcolor=(0, 0, 0))
+def _iaa_edit(im: Image.Image, sat: float, cast: int) -> Image.Image:
     if sat != 1.0:
         im = ImageEnhance.Color(im).enhance(sat)
+    if cast:
+        # After the saturation, so the cast also tints the muted colours.
+        im = _array_op(lambda x: x + cast * np.asarray(IAA_CAST_RGB))(im)
     return im
 
 
@@ -195,30 +196,24 @@ def _iqa_rationale(distortion: str | None, level: int) -> str:
     return answer_format.render(thought, _score_text(iqa_score(distortion, level), "iqa"))
 
 
-def _iaa_rationale(ref: str, tilt: float, sat: float, zoom: float) -> str:
-    parts = [f"The photograph shows the {ref.replace('_', ' ')} scene."]
-    parts.append(
-        "The horizon is level and the frame is stable."
-        if not tilt
-        else f"The frame is tilted by about {tilt} degrees, leaving black corners that distract."
-    )
+def _iaa_rationale(ref: str, sat: float, cast: int) -> str:
+    # The cast first: it is what the image shows most (the photo's name is not said: on a
+    # held-out photo it can only be a wrong guess that the rest of the rationale follows).
+    parts = [
+        (
+            "The white balance is neutral.",
+            "A slight green cast tints the whole frame.",
+            "A strong green cast makes every tone look sickly.",
+        )[cast]
+    ]
     if REFERENCES[ref]:
         if sat < 0.5:
             parts.append("Colours are washed out and the palette feels dull.")
-        elif sat < 0.8:
-            parts.append("Colours are muted and the palette lacks life.")
         else:
             parts.append("The colour palette is natural and harmonious.")
     else:
         parts.append("It is a monochrome image, so tonal balance carries the mood.")
-    parts.append(
-        "The composition keeps the full context of the scene."
-        if zoom == 1.0
-        else "A tight crop cuts away context and softens detail."
-    )
-    return answer_format.render(
-        " ".join(parts), _score_text(iaa_score(ref, tilt, sat, zoom), "iaa")
-    )
+    return answer_format.render(" ".join(parts), _score_text(iaa_score(ref, sat, cast), "iaa"))
 
 
 def _iqa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) -> list[dict]:
@@ -242,19 +237,18 @@ def _iqa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) ->
 
 
 def _iaa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) -> list[dict]:
-    """Every tilt x saturation x zoom edit of the view, written under ``out``."""
+    """Every saturation x cast edit of the view, written under ``out``."""
     recs = []
-    for tilt, sat, zoom in itertools.product(IAA_TILTS, IAA_SATURATIONS, IAA_ZOOMS):
-        rel = f"images/iaa/{ref}_v{v}_t{tilt}_s{sat:g}_z{zoom:g}.jpg"
-        _iaa_edit(base, tilt, sat, zoom).save(os.path.join(out, rel), "JPEG", quality=95)
+    for sat, cast in itertools.product(IAA_SATURATIONS, IAA_CASTS):
+        rel = f"images/iaa/{ref}_v{v}_s{sat:g}_c{cast}.jpg"
+        _iaa_edit(base, sat, cast).save(os.path.join(out, rel), "JPEG", quality=95)
         recs.append(
             {
                 "image": rel,
-                "gt_score": iaa_score(ref, tilt, sat, zoom),
-                "tilt": tilt,
+                "gt_score": iaa_score(ref, sat, cast),
                 "saturation": sat,
-                "zoom": zoom,
-                "rationale": _iaa_rationale(ref, tilt, sat, zoom),
+                "cast": cast,
+                "rationale": _iaa_rationale(ref, sat, cast),
                 **common,
             }
         )

@@ -59,7 +59,7 @@ def test_records_split_and_labels(built):
     _, specs = built
     refs = {}
     n_iqa = 1 + len(synthetic.IQA_DISTORTIONS) * len(synthetic.LEVELS)
-    n_iaa = len(synthetic.IAA_TILTS) * len(synthetic.IAA_SATURATIONS) * len(synthetic.IAA_ZOOMS)
+    n_iaa = len(synthetic.IAA_SATURATIONS) * len(synthetic.IAA_CASTS)
     for name, spec in specs.items():
         assert spec.synthetic and spec.name == name and spec.target_field == "rationale"
         loaded = manifest.load_records(spec)
@@ -87,9 +87,8 @@ def test_records_split_and_labels(built):
                 colour = synthetic.REFERENCES[r["reference"]]
                 want = (
                     synthetic.IAA_BASE
-                    - 0.12 * r["tilt"]
+                    - 2.0 * r["cast"]
                     - 2.0 * abs(math.log(r["saturation"])) * colour
-                    - 2.5 * (1 - r["zoom"])
                 )
                 want = min(10.0, max(0.0, want))
             assert r["score_raw"] == pytest.approx(want, abs=1e-4)
@@ -131,6 +130,27 @@ def test_iaa_images_decode(built):
     for r in manifest.load_records(specs["synthetic-iaa-test"]).records:
         im = image.load_image(r["image"])
         assert im.mode == "RGB" and max(im.size) == SIZE
+
+
+def test_iaa_colour_cast_is_in_the_pixels_and_the_rationale(built):
+    """Each cast step adds IAA_CAST_RGB to the pixels (grey photos too), up to JPEG rounding and
+    clipping, and the rationale names it; the score drops 2 per step."""
+    _, specs = built
+    recs = manifest.load_records(specs["synthetic-iaa-test"]).records
+    by = {(r["reference"], r["view"], r["saturation"], r["cast"]): r for r in recs}
+    words = ("neutral", "slight green cast", "strong green cast")
+    for (ref, v, sat, cast), r in by.items():
+        assert words[cast] in r["rationale"], r["rationale"]
+        if cast == 0:
+            continue
+        base = by[(ref, v, sat, 0)]
+        x = np.asarray(image.load_image(r["image"]), np.float64)
+        x0 = np.asarray(image.load_image(base["image"]), np.float64)
+        green = (x[..., 1] - x[..., [0, 2]].mean(-1)).mean()
+        green0 = (x0[..., 1] - x0[..., [0, 2]].mean(-1)).mean()
+        step = synthetic.IAA_CAST_RGB[1] - synthetic.IAA_CAST_RGB[0]
+        assert green - green0 > 0.6 * cast * step, (ref, v, cast, green - green0)
+        assert base["score_raw"] - r["score_raw"] == pytest.approx(2.0 * cast, abs=1e-3)
 
 
 def test_make_synthetic_script(tmp_path, repo_root):
