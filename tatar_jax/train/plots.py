@@ -177,6 +177,8 @@ def _pyplot() -> Any:
 
 
 _STYLES = ("-", "--", ":", "-.")
+# One marker per run too: a run with one evaluated phase draws a point, which has no line style.
+_MARKERS = ("o", "s", "^", "D")
 
 
 def _save(fig: Any, path: pathlib.Path) -> str:
@@ -234,7 +236,8 @@ def _eval_figure(runs: Sequence[RunData], path: pathlib.Path) -> dict[str, Any]:
             for j, m in enumerate(METRICS):
                 ys = [ph[PHASES[k]][task][m] for k in xs]
                 label = m.upper() if len(runs) == 1 else f"{run.label}: {m.upper()}"
-                ax.plot(xs, ys, _STYLES[i % len(_STYLES)], color=f"C{j}", marker="o", label=label)
+                style, marker = _STYLES[i % len(_STYLES)], _MARKERS[i % len(_MARKERS)]
+                ax.plot(xs, ys, style, color=f"C{j}", marker=marker, label=label)
         ax.set_xticks(range(len(PHASES)), PHASES)
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.set_title(f"{task.upper()} held-out (missing point = nothing parsed)")
