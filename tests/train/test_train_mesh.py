@@ -51,7 +51,9 @@ def _pipeline_batches(tmp_path, stage: str, batch_size: int, index: int, count: 
     opts = pipeline.PipelineOptions(
         stage=stage,
         batch_size=batch_size,
-        seq_buckets=(160, 192, 224, 256, 320, 384, 512),  # hosts may pick different buckets
+        # Fine steps near the synthetic SFT lengths at 56 px (232-254 tokens): hosts pick
+        # different ones.
+        seq_buckets=(160, 176, 192, 208, 224, 240, 256, 320, 384, 512),
         mixing="concat" if stage == "grpo" else "interleave",
         num_epochs=None,
         process_index=index,
