@@ -70,6 +70,7 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
+import scipy.optimize
 from PIL import Image, ImageEnhance
 
 from tatar_jax import answer_format
@@ -164,24 +165,17 @@ def _fit(im: Image.Image, image_size: int) -> Image.Image:
     return im
 
 
-def _luminance(x: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma of an (..., 3) array, as PIL's "L" conversion."""
-    return x @ np.array([0.299, 0.587, 0.114])
-
-
 def _normalise_luminance(im: Image.Image, target: float = VIEW_LUMINANCE) -> Image.Image:
-    """``im`` through the gamma curve ``255 (x / 255) ** g`` whose output has mean luminance
-    ``target`` (bisection on ``log g``: the mean falls monotonically as ``g`` grows)."""
+    """``im`` through the gamma curve ``255 (x / 255) ** g`` whose output has mean luma (ITU-R 601,
+    as PIL's "L") ``target``; the mean falls monotonically as ``g`` grows, so one root in log g."""
     x = np.asarray(im, np.float64) / 255.0
-    lo, hi = -4.0, 4.0  # log g: gamma between 0.018 and 55
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if _luminance(x ** math.exp(mid)).mean() * 255.0 > target:
-            lo = mid
-        else:
-            hi = mid
-    y = 255.0 * x ** math.exp((lo + hi) / 2)
-    return Image.fromarray(np.clip(np.rint(y), 0, 255).astype(np.uint8), "RGB")
+    luma = np.array([0.299, 0.587, 0.114])
+
+    def excess(log_g: float) -> float:
+        return float((x ** math.exp(log_g) @ luma).mean() * 255.0 - target)
+
+    g = math.exp(scipy.optimize.brentq(excess, -4.0, 4.0))  # gamma between 0.018 and 55
+    return Image.fromarray(np.clip(np.rint(255.0 * x**g), 0, 255).astype(np.uint8), "RGB")
 
 
 def _views(name: str, n: int, image_size: int) -> list[Image.Image]:
