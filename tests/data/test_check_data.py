@@ -96,8 +96,8 @@ def test_rows_only_and_clean(repo_root, bad_set, tmp_path):
     assert "OK: 3 rows checked, 0 bad rows" in out.stdout
 
 
-def test_builtin_datasets_and_usage_errors(repo_root, shared_dir, tmp_path):
-    root = shared_dir / "benchmarks"
+def test_builtin_datasets_and_usage_errors(repo_root, benchmarks_dir, tmp_path):
+    root = benchmarks_dir
     out = _run(
         repo_root, "--dataset=KADID", "--dataset=ava", f"--benchmark_root={root}", "--noimages"
     )
