@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tatar_jax import answer_format
+from tatar_jax import answer_format, cli_errors
 from tatar_jax.evaluation import outputs, runner, scoring, specs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -47,56 +47,9 @@ def define_model_flags(config_help: str) -> Any:
     return holder
 
 
-def usage_line(err: BaseException, argv: Sequence[str] = ()) -> str:
-    """One line for a flag-parsing error: absl's message without ml_collections' embedded
-    traceback (its last line is the cause); an unknown ``--config.<field>`` named as given in
-    ``argv``."""
-    text = str(err)
-    if "Traceback (most recent call last)" in text:
-        head = text.split(":", 1)[0] if text.startswith("flag --") else ""
-        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
-        text = f"{head}: {last}" if head else last
-    if "Failed loading config file" in text and "[Errno" in text:  # --config=<missing file>
-        text = "--config: " + text.rsplit("]", 1)[-1].strip()
-    if isinstance(err, KeyError | AttributeError):  # ml_collections: --config.<no such field>
-        field = str(err).strip("\"'")
-        given = [a.split("=", 1)[0] for a in argv if a.startswith("--") and f".{field}" in a]
-        text = f"{given[0] if given else field}: no such config field"
-    return " ".join(text.split())
-
-
-def run_script(main: Callable[[list[str]], int | None]) -> None:
-    """``absl.app.run(main)`` with the scripts' usage contract: a flag that does not parse (an
-    unknown flag, a bad value, a missing or broken ``--config`` file, an unknown
-    ``--config.<field>``) or an ``app.UsageError`` raised by ``main`` prints one line
-    ``error: ...`` on stderr and exits with status 2; never a traceback or the help text."""
-    from absl import app
-    from absl import flags as absl_flags
-
-    def fail(msg: str) -> None:
-        for line in str(msg).splitlines() or [""]:  # several problems: one line each
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            rest = absl_flags.FLAGS(argv)
-            for name in list(absl_flags.FLAGS):  # a config file that failed to load raises
-                if name == "config" and absl_flags.FLAGS[name].value is not None:  # only when used
-                    absl_flags.FLAGS[name].value.keys()
-        except Exception as err:  # absl, config_flags and config-file errors alike
-            fail(usage_line(err, argv))
-            raise  # unreachable
-        return rest
-
-    def guarded(argv: list[str]) -> int | None:
-        try:
-            return main(argv)
-        except app.UsageError as err:
-            fail(str(err))
-            raise  # unreachable
-
-    app.run(guarded, flags_parser=parse)
+# The scripts' one-line error contract lives in tatar_jax.cli_errors (every script uses it).
+usage_line = cli_errors.usage_line
+run_script = cli_errors.run_script
 
 
 def exit_code(body: Callable[[], int]) -> int:
