@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tatar_jax import answer_format, cli_errors
-from tatar_jax.evaluation import outputs, runner, scoring, specs
+from tatar_jax.evaluation import outputs, runner, scoring, shards, specs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -62,6 +62,9 @@ def exit_code(body: Callable[[], int]) -> int:
     except ModelUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except outputs.ResumeMismatchError as err:  # another evaluation's out_dir: a usage error
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -177,9 +180,19 @@ def run_eval_from_config(
         if not os.path.isfile(s.manifest):
             raise FileNotFoundError(f"dataset {s.name}: label file {s.manifest} not found")
     check_weight_flags(cfg, checkpoint)
+    # What the out_dir was written with is checked before minutes of loading: the decoding
+    # settings, and the weights unless a training run's step is chosen while loading.
+    from tatar_jax.evaluation import fingerprint
+
+    known = None
+    if not checkpoint or fingerprint.is_export(checkpoint):
+        known = _weights_info(cfg, checkpoint, {})
+    early = {"reference_compat": ev.reference_compat, **_decoding_info(ev), **(known or {})}
+    shards.check_run_info(os.path.join(ev.out_dir, outputs.RUN_INFO), early)
     if predictor_factory is None:
         from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
     predictor = predictor_factory(cfg, checkpoint=checkpoint, step=step)
+    weights = known if known is not None else _weights_info(cfg, checkpoint, predictor.info)
     is_writer = True
     if "jax" in sys.modules:
         import jax
@@ -194,7 +207,7 @@ def run_eval_from_config(
         progress=ev.progress and is_writer,
         is_writer=is_writer,
         plots=ev.plots,
-        run_info=predictor.info,
+        run_info={**predictor.info, **weights},
     )
     results = runner.run_eval(
         dataset_specs,
@@ -208,6 +221,34 @@ def run_eval_from_config(
         with open(os.path.join(ev.out_dir, "summary.md"), encoding="utf-8") as f:
             print(f.read())
     return results
+
+
+def _decoding_info(ev: Any) -> dict[str, Any]:
+    """The decoding settings of ``configs/eval.py``'s ``eval`` block as ``run_info.json`` holds
+    them (:func:`tatar_jax.evaluation.predict.build_predict_fn`'s ``info``)."""
+    return {
+        "max_new_tokens": int(ev.max_new_tokens),
+        "min_pixels": int(ev.min_pixels),
+        "max_pixels": int(ev.max_pixels),
+        "prompt_variant": ev.prompt_variant,
+    }
+
+
+def _weights_info(cfg: Any, checkpoint: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """What was evaluated (:mod:`tatar_jax.evaluation.fingerprint`): the weights' files'
+    fingerprint and the compute dtype, the keys of a resume besides the decoding settings."""
+    from tatar_jax import cli_errors
+    from tatar_jax.evaluation import fingerprint
+
+    model = str(info.get("model", ""))
+    # A training run's step actually loaded (the latest that restores): "<run>@<step>".
+    step = int(model.rsplit("@", 1)[1]) if "@" in model and checkpoint else None
+    info_path = os.path.join(cfg.eval.out_dir, outputs.RUN_INFO)
+    previous = cli_errors.read_json(info_path) if os.path.isfile(info_path) else {}
+    return fingerprint.run_info(
+        hf_dir="" if checkpoint else cfg.model.hf_dir, checkpoint=checkpoint, step=step,
+        dtype=str(cfg.model.dtype), previous=previous if isinstance(previous, dict) else {},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
