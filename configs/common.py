@@ -231,7 +231,7 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
     c.checkpoint = checkpoint_config()
     c.logging = logging_config()
     c.eval = eval_config()
-    c.total_steps = -1  # -1: num_epochs over the training data
+    c.total_steps = -1  # -1: data.num_epochs over the training data; else a positive step count
     # Testing aid: 1-based steps whose update is made non-finite (a NaN pixel), to exercise the
     # skip-and-count guard and the stop after max_consecutive_nonfinite.
     c.inject_nonfinite_steps = ()

@@ -67,6 +67,38 @@ CASES = {
         ["train.py", GRPO],
         "error: flag --workdir=None: Flag --workdir must have a value other than None.",
     ),
+    # Issue 32 item 3: a non-finite or impossible hyper-parameter is never trained with.
+    "train_nan_learning_rate": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.learning_rate=nan"],
+        "error: --config.optimizer.learning_rate: must be a finite number, got nan",
+    ),
+    "train_negative_learning_rate": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.learning_rate=-1e-3"],
+        "error: --config.optimizer.learning_rate: must be >= 0, got -0.001",
+    ),
+    "train_beta2_one": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.b2=1.0"],
+        "error: --config.optimizer.b2: must be < 1, got 1.0",
+    ),
+    "train_infinite_temperature": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.grpo.temperature=inf"],
+        "error: --config.grpo.temperature: must be a finite number, got inf",
+    ),
+    # Issue 32 item 4: only -1 means whole epochs.
+    "train_negative_total_steps": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.total_steps=-5"],
+        "error: --config.total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
+        "number of steps, got -5",
+    ),
+    "train_zero_total_steps": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.total_steps=0"],
+        "error: --config.total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
+        "number of steps, got 0",
+    ),
+    "train_negative_warmup_steps": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.warmup.total_steps=-7"],
+        "error: --config.warmup.total_steps: must be 0 (no warm-up) or a step count, got -7",
+    ),
     "check_data_unknown": (
         ["check_data.py", "--dataset=LIVE"],
         "error: --dataset: unknown dataset 'LIVE'; built-in: KonIQ-10K",
