@@ -29,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from tatar_jax import cli_errors  # noqa: E402
 from tatar_jax.data import datasets, manifest, synthetic  # noqa: E402
 from tatar_jax.evaluation import cli  # noqa: E402
 
@@ -60,6 +61,13 @@ _SKIP_BAD = flags.DEFINE_boolean(
 )
 
 
+def _score_range() -> tuple[float, float]:
+    try:
+        return cli.parse_range(",".join(_RANGE.value))
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+
+
 def _specs() -> list[manifest.DatasetSpec]:
     roots = dict(r.split("=", 1) for r in _IMAGE_ROOT.value if "=" in r)
     plain = [r for r in _IMAGE_ROOT.value if "=" not in r]
@@ -68,9 +76,9 @@ def _specs() -> list[manifest.DatasetSpec]:
     if _MANIFEST.value:
         if _DATASET.value:
             raise app.UsageError("give either --manifest or --dataset, not both")
-        if not _RANGE.value or len(_RANGE.value) != 2:
+        if not _RANGE.value:
             raise app.UsageError("--manifest needs --score_range=lo,hi (the declared native range)")
-        lo, hi = (float(v) for v in _RANGE.value)
+        lo, hi = _score_range()
         return [
             manifest.DatasetSpec(
                 name=pathlib.Path(_MANIFEST.value).stem,
@@ -113,7 +121,7 @@ def _specs() -> list[manifest.DatasetSpec]:
         if _LABEL.value:
             spec = spec.replace(label_field=_LABEL.value)
         if _RANGE.value:
-            spec = spec.replace(score_range=tuple(float(v) for v in _RANGE.value))
+            spec = spec.replace(score_range=_score_range())
         out.append(spec)
     return out
 
@@ -176,4 +184,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    cli_errors.run_script(main)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from tatar_jax import cli_errors
 from tatar_jax.data import jsonl
 
 TASKS = ("iqa", "iaa")
@@ -268,6 +269,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             text = f.read()
     except OSError as err:
         raise ManifestError(f"{path}: cannot read manifest ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: {cli_errors.decode_reason(err)}") from None
     stripped = text.lstrip()
     if not stripped:
         raise ManifestError(f"{path}: manifest is empty")

@@ -7,6 +7,7 @@ so the wiring can be exercised without a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -53,8 +54,9 @@ run_script = cli_errors.run_script
 
 
 def exit_code(body: Callable[[], int]) -> int:
-    """``body()``, with the scripts' documented exit statuses: 3 without weights, 2 for bad
-    input (a one-line ``error: ...`` on stderr)."""
+    """``body()``, with the scripts' documented exit statuses: 3 without weights, 2 for a usage
+    error, 1 for a damaged label file (a one-line ``error: ...`` on stderr)."""
+    from tatar_jax.data.manifest import ManifestError
     from tatar_jax.evaluation.predict import ModelUnavailableError
 
     try:
@@ -65,6 +67,9 @@ def exit_code(body: Callable[[], int]) -> int:
     except outputs.ResumeMismatchError as err:  # another evaluation's out_dir: a usage error
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ManifestError as err:  # a damaged label file: the message names it (and the row)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -77,6 +82,8 @@ def parse_range(text: str) -> tuple[float, float]:
         lo, hi = (float(p) for p in parts)
     except ValueError:
         raise ValueError(f"--score_range must be LO,HI (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"--score_range needs two finite numbers, got {text!r}")
     if not lo < hi:
         raise ValueError(f"--score_range needs LO < HI, got {text!r}")
     return lo, hi
@@ -128,8 +135,27 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     return cfg
 
 
+def check_eval_numbers(ev: Any) -> None:
+    """ValueError naming the flag of a number evaluation cannot run with (``--limit=-3`` is not
+    "everything": only -1 is)."""
+    if int(ev.limit) < -1 or int(ev.limit) == 0:
+        raise ValueError(f"--limit: must be -1 (every record) or a positive count, got {ev.limit}")
+    for name in ("batch_size", "max_new_tokens", "min_pixels", "max_pixels"):
+        if int(ev[name]) < 1:
+            raise ValueError(f"--{name}: must be a positive number, got {ev[name]}")
+    if int(ev.min_pixels) > int(ev.max_pixels):
+        raise ValueError(f"--max_pixels: {ev.max_pixels} is below min_pixels {ev.min_pixels}")
+
+
 def check_weight_flags(cfg: Any, checkpoint: str = "") -> None:
-    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag."""
+    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag;
+    ValueError when both are given (one set of weights is evaluated, never a silent choice)."""
+    if cfg.model.hf_dir and checkpoint:
+        raise ValueError(
+            "give either --hf_dir or --checkpoint, not both (a training run or an export carries "
+            "its own architecture and tokenizer)"
+        )
+    check_eval_numbers(cfg.eval)
     if cfg.model.hf_dir and not os.path.isdir(cfg.model.hf_dir):
         raise FileNotFoundError(f"--hf_dir: no such directory: {cfg.model.hf_dir}")
     if checkpoint and not os.path.exists(checkpoint):
