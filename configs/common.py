@@ -98,6 +98,8 @@ def dataset_source(
     c.label_field = label_field
     c.image_field = "image"
     c.target_field = target_field  # SFT rationale field ("" for GRPO / eval)
+    # Image entries must stay inside image_root; True also accepts absolute paths (as written).
+    c.allow_absolute_images = False
     c.sampling = sampling  # "all" | "first:N" | "random:N" | "P%" (manifest.sample_indices)
     return c
 

@@ -56,6 +56,12 @@ _TFDS = flags.DEFINE_string(
     "tfds_dir", None, "After the check, stage each dataset as TFDS array_record here (gs:// ok)."
 )
 _SPLIT = flags.DEFINE_string("tfds_split", "train", "Split name of the staged datasets.")
+_ABSOLUTE = flags.DEFINE_boolean(
+    "allow_absolute_images",
+    False,
+    "Accept absolute image paths in --manifest (by default every image entry must stay inside "
+    "the image root).",
+)
 _SKIP_BAD = flags.DEFINE_boolean(
     "skip_bad", False, "Stage even with bad rows, leaving them out (listed next to the data)."
 )
@@ -87,6 +93,7 @@ def _specs() -> list[manifest.DatasetSpec]:
                 image_root=plain[0] if plain else "",
                 score_range=(lo, hi),
                 label_field=_LABEL.value or "gt_score",
+                allow_absolute_images=_ABSOLUTE.value,
             )
         ]
     if not _DATASET.value:

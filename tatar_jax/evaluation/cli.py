@@ -120,6 +120,7 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
         "out_dir",
         "reference_compat",
         "prompt_variant",
+        "allow_absolute_images",
     )
     for key in direct:
         if flags.get(key) is not None:
@@ -297,7 +298,9 @@ def collect_images(paths: Sequence[str]) -> list[str]:
         elif os.path.exists(p):
             out.append(p)
         else:
-            raise FileNotFoundError(f"--image: {p} does not exist")
+            from tatar_jax.data.image import symlink_problem
+
+            raise FileNotFoundError(f"--image: {p} {symlink_problem(p) or 'does not exist'}")
     if not out:
         raise ValueError(f"no images found in {list(paths)}")
     return out
