@@ -148,14 +148,20 @@ def check_eval_numbers(ev: Any) -> None:
         raise ValueError(f"--max_pixels: {ev.max_pixels} is below min_pixels {ev.min_pixels}")
 
 
-def check_weight_flags(cfg: Any, checkpoint: str = "") -> None:
-    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag;
-    ValueError when both are given (one set of weights is evaluated, never a silent choice)."""
+def check_one_source(cfg: Any, checkpoint: str = "") -> None:
+    """ValueError when both ``--hf_dir`` and ``--checkpoint`` are given: one set of weights is
+    evaluated, never a silent choice between two."""
     if cfg.model.hf_dir and checkpoint:
         raise ValueError(
             "give either --hf_dir or --checkpoint, not both (a training run or an export carries "
             "its own architecture and tokenizer)"
         )
+
+
+def check_weight_flags(cfg: Any, checkpoint: str = "") -> None:
+    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag;
+    ValueError when both are given (:func:`check_one_source`)."""
+    check_one_source(cfg, checkpoint)
     check_eval_numbers(cfg.eval)
     if cfg.model.hf_dir and not os.path.isdir(cfg.model.hf_dir):
         raise FileNotFoundError(f"--hf_dir: no such directory: {cfg.model.hf_dir}")
@@ -202,6 +208,7 @@ def run_eval_from_config(
     ev = cfg.eval
     if not ev.out_dir:
         raise ValueError("--out_dir is required")
+    check_eval_numbers(ev)
     dataset_specs = specs.specs_from_config(ev, specs.parse_mapping(image_roots))
     for s in dataset_specs:  # fail on a wrong path before spending minutes loading weights
         if not os.path.isfile(s.manifest):

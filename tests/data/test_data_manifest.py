@@ -332,3 +332,23 @@ def test_spec_from_config():
     renamed = {k: v for k, v in d.items() if k != "label_field"} | {"label_feild": "mos"}
     with pytest.raises(ValueError, match="missing config field.*'label_field'"):
         manifest.spec_from_config("x", renamed)
+
+
+@pytest.mark.parametrize(
+    "target, why",
+    [
+        ("Sharp and clean. 80", "SFT target lacks <think>, </think>, <answer>, </answer>"),
+        ("<think>ok</think> 80", "SFT target lacks <answer>, </answer>"),
+        ("<answer>80</answer><think>x</think>", "SFT target's tags are out of order"),
+    ],
+)
+def test_sft_target_needs_think_and_answer(tmp_path, target, why):
+    """Issue 32 item 9: a target without <think>/<answer> is a bad row naming file and row."""
+    rows = [{"image": "a.jpg", "gt_score": 2.0, "cot": target}]
+    path = _write(tmp_path / "m.json", rows)
+    spec = manifest.DatasetSpec("t", "iaa", path, score_range=(0, 10), target_field="cot")
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.load_records(spec)
+    assert str(err.value).startswith(
+        f"dataset 't': {path}: row 0 (image 'a.jpg'): field 'cot': {why}"
+    )
