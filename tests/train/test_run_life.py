@@ -110,8 +110,8 @@ def test_finished_run_keeps_its_records_and_config_changes_need_the_flag(base, e
 
 
 def _user_manifests(base_wd, tmp_path):
-    """Five IQA and eight IAA rows of the base run's synthetic set (absolute image paths);
-    IQA row 3's image is junk."""
+    """Five IQA and eight IAA rows of the base run's synthetic set (absolute image paths, so
+    with the explicit allow_absolute_images opt-out); IQA row 3's image is junk."""
     syn = base_wd / "synthetic"
     out = {}
     for task, n in (("iqa", 5), ("iaa", 8)):
@@ -127,7 +127,8 @@ def _user_manifests(base_wd, tmp_path):
     for task, rng in (("iqa", "(1.0,5.0)"), ("iaa", "(0.0,10.0)")):
         s = f"--config.data.sources.user_{task}"
         flags += [f"{s}.manifest={out[task]}", f"{s}.score_range={rng}",
-                  f"{s}.target_field=rationale"]  # fmt: skip
+                  f"{s}.target_field=rationale",
+                  f"{s}.allow_absolute_images=True"]  # fmt: skip
     return flags
 
 
