@@ -782,6 +782,7 @@ def dataset_spec(cfg: Any):
         )
         if cfg.score_range is not None:
             spec = spec.replace(score_range=tuple(cfg.score_range))
+        spec = spec.replace(allow_absolute_images=bool(cfg.get("allow_absolute_images", False)))
         if spec.task != cfg.task:
             raise ValueError(f"dataset {spec.name!r} is an {spec.task} dataset, task is {cfg.task}")
         return spec
@@ -801,6 +802,7 @@ def dataset_spec(cfg: Any):
         score_range=tuple(cfg.score_range),
         sampling=cfg.sampling,
         label_field=cfg.label_field or "gt_score",
+        allow_absolute_images=bool(cfg.get("allow_absolute_images", False)),
     )
 
 
