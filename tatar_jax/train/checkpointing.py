@@ -37,6 +37,7 @@ Nothing is written outside ``<workdir>``.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 import shutil
@@ -58,14 +59,17 @@ DAMAGED_SUBDIR = "checkpoints_damaged"
 
 
 def _quiet_closed_event_loop(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A ``sys.unraisablehook`` that drops one known, harmless report and passes on the rest.
+    """A ``sys.unraisablehook`` that drops two known, harmless reports and passes on the rest
+    (a third kind: :class:`_QuietAbandonedReads`).
 
-    When an orbax restore fails (a damaged step), the tensorstore reads still in flight finish
-    after orbax's asyncio loop has closed; their completion callbacks then call
-    ``loop.call_soon_threadsafe`` and raise ``RuntimeError('Event loop is closed')``, which
-    tensorstore reports as unraisable: dozens of tracebacks on stderr after the one line that
-    matters. Nothing is lost (that restore had already failed and is reported); only this
-    exception, raised by asyncio's ``_check_closed``, is dropped."""
+    When an orbax restore fails (a damaged step), (1) the tensorstore reads still in flight
+    finish after orbax's asyncio loop has closed; their completion callbacks then call
+    ``loop.call_soon_threadsafe`` and raise ``RuntimeError('Event loop is closed')``; (2) the
+    sibling reads of the failed one (orbax's ``_read_array_index_and_device_put`` coroutines)
+    are never awaited again and their own read errors are reported when they are collected.
+    Both come as unraisable exceptions: dozens of tracebacks on stderr after the one line that
+    matters. Nothing is lost (that restore had already failed and is reported); only these two
+    are dropped."""
 
     def hook(unraisable: Any) -> None:
         err, tb = unraisable.exc_value, unraisable.exc_traceback
@@ -79,6 +83,13 @@ def _quiet_closed_event_loop(previous: Callable[[Any], None]) -> Callable[[Any],
             and "asyncio" in tb.tb_frame.f_code.co_filename
         ):
             return
+        code = getattr(unraisable.object, "cr_code", None)  # an abandoned coroutine
+        if (
+            code is not None
+            and code.co_name == "_read_array_index_and_device_put"
+            and "orbax" in code.co_filename
+        ):
+            return
         previous(unraisable)
 
     hook.tatar_quiet_event_loop = True  # type: ignore[attr-defined]
@@ -87,6 +98,20 @@ def _quiet_closed_event_loop(previous: Callable[[Any], None]) -> Callable[[Any],
 
 if not getattr(sys.unraisablehook, "tatar_quiet_event_loop", False):
     sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+
+
+class _QuietAbandonedReads(std_logging.Filter):
+    """(3) The same abandoned reads as orbax ``async_deserialize`` tasks: asyncio logs "Task
+    exception was never retrieved" with their tracebacks when they are collected. Only those
+    (orbax's tasks) are dropped from the ``asyncio`` logger; every other record passes."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
+
+
+if not any(isinstance(f, _QuietAbandonedReads) for f in std_logging.getLogger("asyncio").filters):
+    std_logging.getLogger("asyncio").addFilter(_QuietAbandonedReads())
 
 
 class CheckpointError(RuntimeError):
