@@ -17,7 +17,6 @@ readers here (:func:`read_text`, :func:`read_json`) turn a decoding failure into
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -66,23 +65,6 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DamagedInputError(path, decode_reason(err)) from None
-
-
-def finite(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False) -> float:  # fmt: skip
-    """``value`` as a finite float inside [low, high] (``low_open``: > low); UsageError naming
-    ``name`` otherwise (a NaN or infinite hyper-parameter is never trained with)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name}: {value!r} is not a number") from None
-    if not math.isfinite(x):
-        raise UsageError(f"{name}: must be a finite number, got {value!r}")
-    if low is not None and (x <= low if low_open else x < low):
-        raise UsageError(f"{name}: must be {'>' if low_open else '>='} {low:g}, got {value!r}")
-    if high is not None and x > high:
-        raise UsageError(f"{name}: must be <= {high:g}, got {value!r}")
-    return x
 
 
 def usage_line(err: BaseException, argv: Sequence[str] = ()) -> str:
