@@ -98,6 +98,8 @@ def dataset_source(
     c.label_field = label_field
     c.image_field = "image"
     c.target_field = target_field  # SFT rationale field ("" for GRPO / eval)
+    # Image entries must stay inside image_root; True also accepts absolute paths (as written).
+    c.allow_absolute_images = False
     c.sampling = sampling  # "all" | "first:N" | "random:N" | "P%" (manifest.sample_indices)
     return c
 
@@ -231,7 +233,7 @@ def base_config(learning_rate: float) -> ml_collections.ConfigDict:
     c.checkpoint = checkpoint_config()
     c.logging = logging_config()
     c.eval = eval_config()
-    c.total_steps = -1  # -1: num_epochs over the training data
+    c.total_steps = -1  # -1: data.num_epochs over the training data; else a positive step count
     # Testing aid: 1-based steps whose update is made non-finite (a NaN pixel), to exercise the
     # skip-and-count guard and the stop after max_consecutive_nonfinite.
     c.inject_nonfinite_steps = ()

@@ -41,6 +41,8 @@ def eval_block() -> ml_collections.ConfigDict:
     c.score_range = config_dict.placeholder(tuple)  # (lo, hi) of the labels, mapped to 0-100
     c.image_root = ""  # image folder of the custom manifest ("" = the manifest's folder)
     c.label_field = "gt_score"
+    # Image entries must stay inside the image folder; True also accepts absolute paths.
+    c.allow_absolute_images = False
     # Prompts per generate call of one process, split over the mesh's batch axes (padded to a
     # multiple of them); with several processes each scores its own rows (reference: 4 per GPU).
     c.batch_size = 16

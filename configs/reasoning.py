@@ -142,6 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.score_range = config_dict.placeholder(tuple)  # (lo, hi); None = the built-in's
     c.label_field = ""  # "" = the built-in's, else "gt_score"
     c.image_root = ""  # relative image paths resolve here ("" = the manifest's folder)
+    c.allow_absolute_images = False  # image entries stay inside image_root unless True
     c.sampling = "all"  # "all" | "first:N" | "random:N" | "P%" (the reference shipped "first:5")
     c.on_bad_row = "error"  # bad manifest row: "error" stops; "skip" lists it in rejected.jsonl
     c.attributes = ""  # optional ArtiMuse annotation conversations (JSON/JSONL) to merge (IAA)

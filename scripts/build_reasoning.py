@@ -7,7 +7,9 @@
         --config.judge.base_url=http://localhost:8001/v1 --config.judge.model=JUDGE
 
 Re-running the same command resumes (finished rows are skipped). See configs/reasoning.py for
-every knob and tatar_jax/reasoning/build.py for the output files.
+every knob and tatar_jax/reasoning/build.py for the output files. A usage error (a missing input,
+an unknown teacher.kind, an empty or non-http(s) base_url) is one line per problem, exit status
+2; a damaged input file (not UTF-8, a bad row) one line naming it, exit status 1.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tatar_jax import cli_errors  # noqa: E402
+from tatar_jax.data.manifest import ManifestError  # noqa: E402
 from tatar_jax.reasoning import build  # noqa: E402
 from tatar_jax.reasoning.teachers import FatalTeacherError  # noqa: E402
 
@@ -31,15 +35,21 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> int:
-    del argv
+    if len(argv) > 1:
+        raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
+    problems = build.usage_problems(_CONFIG.value)
+    if problems:
+        raise cli_errors.UsageError("\n".join(problems))
     logging.getLogger("tatar_jax.reasoning").setLevel(logging.INFO)
     try:
         summary = build.main(_CONFIG.value)
     except FatalTeacherError as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 2
+    except ManifestError as e:  # a damaged input file: the message names it (and the row)
+        cli_errors.fail(str(e), cli_errors.DAMAGED)
     return 0 if summary.pending == 0 and not summary.failed else 1
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_script(main)

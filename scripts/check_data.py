@@ -29,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from tatar_jax import cli_errors  # noqa: E402
 from tatar_jax.data import datasets, manifest, synthetic  # noqa: E402
 from tatar_jax.evaluation import cli  # noqa: E402
 
@@ -55,9 +56,22 @@ _TFDS = flags.DEFINE_string(
     "tfds_dir", None, "After the check, stage each dataset as TFDS array_record here (gs:// ok)."
 )
 _SPLIT = flags.DEFINE_string("tfds_split", "train", "Split name of the staged datasets.")
+_ABSOLUTE = flags.DEFINE_boolean(
+    "allow_absolute_images",
+    False,
+    "Accept absolute image paths in --manifest (by default every image entry must stay inside "
+    "the image root).",
+)
 _SKIP_BAD = flags.DEFINE_boolean(
     "skip_bad", False, "Stage even with bad rows, leaving them out (listed next to the data)."
 )
+
+
+def _score_range() -> tuple[float, float]:
+    try:
+        return cli.parse_range(",".join(_RANGE.value))
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
 
 
 def _specs() -> list[manifest.DatasetSpec]:
@@ -68,9 +82,9 @@ def _specs() -> list[manifest.DatasetSpec]:
     if _MANIFEST.value:
         if _DATASET.value:
             raise app.UsageError("give either --manifest or --dataset, not both")
-        if not _RANGE.value or len(_RANGE.value) != 2:
+        if not _RANGE.value:
             raise app.UsageError("--manifest needs --score_range=lo,hi (the declared native range)")
-        lo, hi = (float(v) for v in _RANGE.value)
+        lo, hi = _score_range()
         return [
             manifest.DatasetSpec(
                 name=pathlib.Path(_MANIFEST.value).stem,
@@ -79,6 +93,7 @@ def _specs() -> list[manifest.DatasetSpec]:
                 image_root=plain[0] if plain else "",
                 score_range=(lo, hi),
                 label_field=_LABEL.value or "gt_score",
+                allow_absolute_images=_ABSOLUTE.value,
             )
         ]
     if not _DATASET.value:
@@ -113,7 +128,7 @@ def _specs() -> list[manifest.DatasetSpec]:
         if _LABEL.value:
             spec = spec.replace(label_field=_LABEL.value)
         if _RANGE.value:
-            spec = spec.replace(score_range=tuple(float(v) for v in _RANGE.value))
+            spec = spec.replace(score_range=_score_range())
         out.append(spec)
     return out
 
@@ -176,4 +191,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    cli_errors.run_script(main)

@@ -17,24 +17,26 @@ tokenizer with its chat template and ``preprocessor_config.json``, so ``scripts/
 The tokenizer: ``--tokenizer_dir`` if given, else the input's own (an orbax directory's copy, a
 training run's recorded ``data.tokenizer_dir`` / ``model.hf_dir``), else the offline Qwen2.5
 rebuild (what the embedded model trains with).
-Exit status 2 on a usage error (one line naming the flag), 1 when the conversion fails.
+Exit status 2 on a usage error (one line naming the flag), 1 when the conversion fails or an
+input is damaged (one line naming the file: a config.json that is not JSON, weights holding
+NaN/Inf values are never converted).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
+import re
 import shutil
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from tatar_jax import loading  # noqa: E402
-from tatar_jax.evaluation import cli  # noqa: E402
+from tatar_jax import cli_errors, loading  # noqa: E402
 from tatar_jax.models import qwen2_5_vl as qvl  # noqa: E402
 
 _WRITTEN = ("float32", "bfloat16")  # --dtype choices; "keep" reads any other dtype as float32
@@ -59,9 +61,34 @@ _EXTRA = flags.DEFINE_multi_string(
 )
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|KIB|MIB|GIB)?\s*$", re.IGNORECASE)
+
+
+def _shard_size_ok(text: str) -> bool:
+    """A positive size as ``export_hf`` reads it: bytes, or a number with KB/MB/GB/KiB/MiB/GiB."""
+    m = _SIZE.match(text)
+    return bool(m) and float(m.group(1)) > 0
+
+
+def _check_finite(model: object, src: pathlib.Path) -> None:
+    """ValueError naming the first parameter with NaN / Inf values: such weights are never
+    converted (they would only show up later as a NaN loss or empty answers)."""
+    from flax import nnx
+
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        bad = int(jnp.size(leaf) - jnp.sum(jnp.isfinite(leaf)))
+        if bad:
+            keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+            name = "/".join(k for k in keys if k not in ("value", ".value"))
+            raise ValueError(f"{src}: parameter {name} holds {bad} non-finite values (NaN/Inf); "
+                             "nothing was written")  # fmt: skip
+
+
 def _read_dtype(path: pathlib.Path) -> object:
     """The dtype recorded in the input's config.json when --dtype=keep."""
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = cli_errors.read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise cli_errors.DamagedInputError(path / "config.json", "not a JSON object")
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return loading.to_dtype(name if name in _WRITTEN else "float32")
 
@@ -87,6 +114,7 @@ def _workdir_to_hf(workdir: pathlib.Path, out: pathlib.Path, dtype_name: str) ->
     source = loading.PolicySource(checkpoint=str(workdir), step=_STEP.value)
     tok_dir = _tokenizer_for(source)
     policy = loading.load_policy(source)
+    _check_finite(policy.model, workdir)
     dtype = None if dtype_name == "keep" else loading.to_dtype(dtype_name)
     _export(policy.model, out, tok_dir, dtype)
     print(f"wrote {out} from {workdir} step {policy.step}")
@@ -94,6 +122,10 @@ def _workdir_to_hf(workdir: pathlib.Path, out: pathlib.Path, dtype_name: str) ->
 
 def _check_usage() -> None:
     """Every flag checked before anything is read (app.UsageError: one line, exit 2)."""
+    if not _shard_size_ok(_SHARD.value):
+        raise app.UsageError(
+            f"--max_shard_size: {_SHARD.value!r} is not a size (e.g. 5GB, 500MB or bytes)"
+        )
     for flag in (_HF_DIR, _ORBAX_DIR, _WORKDIR, _TOKENIZER):
         if flag.value and not pathlib.Path(flag.value).is_dir():
             raise app.UsageError(f"--{flag.name}: no such directory: {flag.value}")
@@ -126,6 +158,7 @@ def _check_usage() -> None:
     for name in _EXTRA.value:
         if not (src / name).is_file():
             raise app.UsageError(f"--copy_extra: {src / name} does not exist")
+    cli_errors.read_json(src / "config.json")  # a damaged one: one line naming it, exit 1
 
 
 def main(argv: list[str]) -> int:
@@ -149,12 +182,14 @@ def _convert() -> int:
     start = time.time()
     if _HF_DIR.value:
         model = qvl.load_hf_checkpoint(src, dtype=dtype)
+        _check_finite(model, src)
         qvl.save_orbax(model, dst)
         for name in qvl.checkpoint.TOKENIZER_FILES:  # eval --checkpoint finds them here
             if (src / name).is_file():
                 shutil.copy2(src / name, dst / name)
     else:
         model = qvl.load_orbax(src, dtype=dtype)
+        _check_finite(model, src)
         _export(model, dst, _tokenizer_for(loading.PolicySource(checkpoint=str(src))), None)
     for name in _EXTRA.value:
         shutil.copy2(src / name, dst / name)
@@ -163,4 +198,4 @@ def _convert() -> int:
 
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    cli_errors.run_script(main)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from tatar_jax import cli_errors  # noqa: E402
 from tatar_jax.evaluation import cli  # noqa: E402
 
 _CONFIG = cli.define_model_flags("configs/eval.py[:default|reference|tiny]")
@@ -45,6 +46,10 @@ flags.DEFINE_string("manifest", None, "a custom label file (JSON list or JSONL)"
 flags.DEFINE_string("task", None, "task of --manifest: iqa | iaa")
 flags.DEFINE_string("score_range", None, "declared native range of --manifest labels: LO,HI")
 flags.DEFINE_integer("limit", None, "first N records per dataset")
+flags.DEFINE_bool(
+    "allow_absolute_images", None, "accept absolute image paths in --manifest (default: every "
+    "image entry must stay inside --image_root)",
+)  # fmt: skip
 flags.DEFINE_string("out_dir", None, "output folder (resumable)")
 flags.DEFINE_bool("reference_compat", None, "reproduce the reference evaluation (B1, B2, B12)")
 flags.DEFINE_string("prompt_variant", None, "reference_eval (default) | train")
@@ -59,7 +64,7 @@ flags.DEFINE_list(
 _SHORT = (
     "hf_dir", "datasets", "benchmark_root", "image_root", "manifest", "task", "score_range",
     "batch_size", "max_new_tokens", "max_pixels", "limit", "out_dir", "reference_compat",
-    "prompt_variant", "mesh_shape", "dcn_shape",
+    "prompt_variant", "mesh_shape", "dcn_shape", "allow_absolute_images",
 )  # fmt: skip
 
 
@@ -87,4 +92,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    cli_errors.run_script(main)

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _MODEL = flags.DEFINE_list("model", ["7b"], "Presets to plan: 3b, 7b, 32b, 72b (or tiny).")
 _MESH = flags.DEFINE_multi_string(
@@ -91,10 +91,51 @@ _SPEC_FLAGS = {
 }  # fmt: skip
 
 
+_AXES = ("data", "fsdp", "tensor")
+
+
 def _mesh_size(text: str) -> int:
-    """Device count of ``axis=size,...`` (parsed here: jax must not be imported yet)."""
-    sizes = [p.split("=", 1)[1] for p in text.replace("x", ",").split(",") if "=" in p]
-    return math.prod(max(int(s), 1) for s in sizes) if sizes else 1
+    """Device count of ``axis=size,...`` (parsed here: jax must not be imported yet); 1 for a
+    malformed value (main reports it as a usage error)."""
+    try:
+        return math.prod(s for _, s in _check_mesh(text))
+    except ValueError:
+        return 1
+
+
+def _check_mesh(text: str) -> list[tuple[str, int]]:
+    """``axis=size,...`` over data/fsdp/tensor with positive sizes; ValueError saying what is
+    wrong."""
+    out = []
+    for part in text.replace("x", ",").split(","):
+        if not part.strip():
+            continue
+        name, sep, size = part.partition("=")
+        if not sep or name.strip() not in _AXES:
+            raise ValueError(f"entry {part.strip()!r} is not {'|'.join(_AXES)}=SIZE")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"entry {part.strip()!r}: the size must be a positive integer")
+        out.append((name.strip(), int(size)))
+    if not out:
+        raise ValueError(f"empty mesh {text!r}")
+    return out
+
+
+def _check_usage() -> None:
+    """--model and --mesh checked before jax compiles anything (one line, exit status 2)."""
+    from tatar_jax import cli_errors
+    from tatar_jax.models import qwen2_5_vl as qvl
+
+    for model in _MODEL.value:
+        if model not in qvl.config.PRESETS:
+            raise cli_errors.UsageError(
+                f"--model: unknown preset {model!r}; choose from {', '.join(qvl.config.PRESETS)}"
+            )
+    for text in _MESH.value:
+        try:
+            _check_mesh(text)
+        except ValueError as err:
+            raise cli_errors.UsageError(f"--mesh={text}: {err}") from None
 
 
 def _set_device_count(argv: list[str]) -> None:
@@ -110,7 +151,11 @@ def _set_device_count(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    from tatar_jax import cli_errors
+
+    if len(argv) > 1:
+        raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
+    _check_usage()
     import jax
 
     from tatar_jax.train import memory_plan as mp
@@ -121,7 +166,7 @@ def main(argv: list[str]) -> None:
             mesh = mp.parse_mesh(mesh_text)
             size = math.prod(s for _, s in mesh)
             if size > jax.device_count():
-                raise app.UsageError(f"mesh {mesh_text} needs {size} devices")
+                raise cli_errors.UsageError(f"mesh {mesh_text} needs {size} devices")
             spec = mp.PlanSpec(
                 model=model, mesh=mesh, programs=tuple(_PROGRAMS.value),
                 remat=None if _REMAT.value in none else _REMAT.value,
@@ -139,4 +184,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _set_device_count(sys.argv)
-    app.run(main)
+    from tatar_jax import cli_errors
+
+    cli_errors.run_script(main)

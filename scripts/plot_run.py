@@ -16,8 +16,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from tatar_jax import cli_errors  # noqa: E402
 from tatar_jax.train import plots  # noqa: E402
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "run directory (repeat for several runs)")
@@ -26,8 +27,7 @@ _OUT = flags.DEFINE_string("out", None, "folder for the PNGs")
 
 
 def _usage_error(msg: str) -> None:
-    print(f"plot_run.py: {msg}", file=sys.stderr)
-    sys.exit(2)
+    raise cli_errors.UsageError(msg)
 
 
 def main(argv: list[str]) -> None:
@@ -57,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_script(main)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
 
+from tatar_jax import cli_errors  # noqa: E402
 from tatar_jax.evaluation import cli  # noqa: E402
 from tatar_jax.evaluation.predict import build_predict_fn  # noqa: E402
 
@@ -39,9 +40,10 @@ def main(argv: list[str]) -> int:
     def body() -> int:
         if not paths:
             raise ValueError("give at least one --image (a file or a folder)")
-        images = cli.collect_images(paths)
         keys = ("hf_dir", "batch_size", "max_new_tokens", "max_pixels", "mesh_shape")
         cfg = cli.apply_overrides(_CONFIG.value, {k: FLAGS[k].value for k in keys})
+        cli.check_one_source(cfg, FLAGS.checkpoint)
+        images = cli.collect_images(paths)
         cli.check_weight_flags(cfg, FLAGS.checkpoint)
         predictor = build_predict_fn(cfg, checkpoint=FLAGS.checkpoint, step=FLAGS.step)
         tasks = ("iqa", "iaa") if FLAGS.task == "both" else (FLAGS.task,)
@@ -59,4 +61,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.run_script(main)
+    cli_errors.run_script(main)

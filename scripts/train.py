@@ -13,7 +13,9 @@ status 2, before any work. A resume whose hyper-parameters differ from
 ``<workdir>/run_config.json`` is refused (exit status 2) unless ``--allow_config_change``. An
 operating-system I/O error (a full disk, a lost mount) or a bad record ends the run with one line
 naming the path and errno, or the dataset, file, row and reason, exit status 1; the newest
-complete checkpoint is kept.
+complete checkpoint is kept. A damaged input (a manifest row, ``run_config.json``, every
+checkpoint of the run: then moved aside to ``checkpoints_damaged/``) is one line ``error: ...``
+naming it, exit status 1.
 """
 
 from __future__ import annotations
@@ -104,12 +106,16 @@ def main(argv):
         raise app.UsageError(str(err)) from None
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     workdir = pathlib.Path(_WORKDIR.value).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise app.UsageError(f"--workdir: {workdir} exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
     # The offline tokenizer cache goes into the run directory unless the user set one.
     os.environ.setdefault("TATAR_JAX_CACHE", str(workdir / ".cache"))
     from configs import rewards as rewards_configs
-    from tatar_jax import train
+    from tatar_jax import cli_errors, train
+    from tatar_jax.data.manifest import ManifestError
     from tatar_jax.data.pipeline import BadRecordError
+    from tatar_jax.train.checkpointing import CheckpointError
     from tatar_jax.train.run_records import ConfigChangeError
 
     cfg = _CONFIG.value
@@ -129,6 +135,10 @@ def main(argv):
     except BadRecordError as err:  # names dataset, manifest, row, image and what is wrong
         print(f"train.py: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except (ManifestError, CheckpointError) as err:  # a damaged input; the message names it
+        cli_errors.fail(str(err), cli_errors.DAMAGED)
+    except FileExistsError as err:  # e.g. <workdir>/synthetic is not a synthetic build
+        cli_errors.fail(str(err), cli_errors.USAGE)
     except Exception as err:
         io = os_error_in(err)
         if io is None:
@@ -143,6 +153,6 @@ def _overrides() -> list[str]:
 
 
 if __name__ == "__main__":
-    from tatar_jax.evaluation import cli
+    from tatar_jax import cli_errors
 
-    cli.run_script(main)
+    cli_errors.run_script(main)

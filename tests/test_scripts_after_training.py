@@ -186,3 +186,49 @@ def test_eval_exits_1_when_no_image_could_be_read(run_dir, labelled, tmp_path, e
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: dataset labels: no row was scored (3 records: 3 unreadable")
     assert str(tmp_path / "out" / "labels" / "errors.jsonl") in last
+
+
+def test_eval_resume_is_keyed_by_the_weights_not_the_folder_name(
+    run_dir, export_dir, labelled, tmp_path, env
+):
+    """Issue 32 item 2 (and the item-7 case of a changed --max_new_tokens): two exports both
+    named ``hf`` (steps 2 and 1 of a run) into one --out_dir: the second is refused with one
+    line naming the weights, exit 2, before loading; the stored predictions are untouched; the
+    same weights copied elsewhere resume."""
+    import shutil
+
+    other = tmp_path / "step1" / "hf"
+    r = _run("convert_checkpoint.py", [f"--workdir={run_dir}", "--step=1", f"--hf_out={other}"],
+             env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    info, _ = _eval([f"--hf_dir={export_dir}"], labelled, out, env)
+    assert info["model"] == "hf" and info["weights"].startswith("sha256:")
+    assert info["dtype"] == "float32" and str(export_dir / "model.safetensors") in (
+        info["weights_files"]
+    )
+    preds = (out / "labels" / "predictions.jsonl").read_bytes()
+    args = [
+        EVAL_TINY, f"--hf_dir={other}", f"--manifest={labelled / 'labels.jsonl'}", "--task=iqa",
+        "--score_range=1,5", f"--image_root={labelled}", f"--out_dir={out}",
+    ]  # fmt: skip
+    r = _run("eval.py", args, env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        f"error: {out / 'run_info.json'}: this out_dir holds the predictions of other weights "
+        f"({info['weights']} of hf; now sha256:"
+        + r.stderr.split("now sha256:")[1].split(")")[0]
+        + "); stored predictions would be mixed with new ones - use a fresh out_dir"
+    ]
+    assert (out / "labels" / "predictions.jsonl").read_bytes() == preds
+    r = _run("eval.py", [*args[:1], f"--hf_dir={export_dir}", *args[2:], "--max_new_tokens=9"],
+             env)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {out / 'run_info.json'}: this out_dir was written with max_new_tokens=8, now 9; "
+        "stored predictions would be mixed with new ones - use a fresh out_dir"
+    ], r.stderr[-3000:]
+    moved = tmp_path / "elsewhere" / "hf"
+    shutil.copytree(export_dir, moved)  # the same weights in another folder: the same model
+    info2, _ = _eval([f"--hf_dir={moved}"], labelled, out, env)
+    assert info2["weights"] == info["weights"]
+    assert (out / "labels" / "predictions.jsonl").read_bytes() == preds  # resumed: nothing new

@@ -67,6 +67,117 @@ CASES = {
         ["train.py", GRPO],
         "error: flag --workdir=None: Flag --workdir must have a value other than None.",
     ),
+    # Issue 32 item 3: a non-finite or impossible hyper-parameter is never trained with.
+    "train_nan_learning_rate": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.learning_rate=nan"],
+        "error: --config.optimizer.learning_rate: must be a finite number, got nan",
+    ),
+    "train_negative_learning_rate": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.learning_rate=-1e-3"],
+        "error: --config.optimizer.learning_rate: must be >= 0, got -0.001",
+    ),
+    "train_beta2_one": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.b2=1.0"],
+        "error: --config.optimizer.b2: must be < 1, got 1.0",
+    ),
+    "train_infinite_temperature": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.grpo.temperature=inf"],
+        "error: --config.grpo.temperature: must be a finite number, got inf",
+    ),
+    # Issue 32 item 4: only -1 means whole epochs.
+    "train_negative_total_steps": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.total_steps=-5"],
+        "error: --config.total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
+        "number of steps, got -5",
+    ),
+    "train_zero_total_steps": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.total_steps=0"],
+        "error: --config.total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
+        "number of steps, got 0",
+    ),
+    "train_negative_warmup_steps": (
+        ["train.py", GRPO, "--workdir=/tmp/never", "--config.warmup.total_steps=-7"],
+        "error: --config.warmup.total_steps: must be 0 (no warm-up) or a step count, got -7",
+    ),
+    # Issue 32 item 7: every script's usage errors, one line, exit 2.
+    "build_reasoning_missing_input": (
+        [
+            "build_reasoning.py",
+            "--config=configs/reasoning.py:iqa",
+            "--config.input=/no/x.jsonl",
+            "--config.score_range=(1.0, 5.0)",
+            "--config.teacher.base_url=http://h/v1",
+            "--config.teacher.model=m",
+            "--config.judge.enabled=False",
+        ],
+        "error: --config.input: no such file: /no/x.jsonl",
+    ),  # fmt: skip
+    "build_reasoning_teacher_kind": (
+        [
+            "build_reasoning.py",
+            "--config=configs/reasoning.py:iqa",
+            "--config.teacher.kind=magic",
+            "--config.judge.enabled=False",
+        ],
+        "error: --config.teacher.kind: 'magic' is not one of openai, jax, none",
+    ),  # fmt: skip
+    "build_reasoning_empty_base_url": (
+        [
+            "build_reasoning.py",
+            "--config=configs/reasoning.py:iqa",
+            "--config.teacher.model=m",
+            "--config.judge.enabled=False",
+        ],
+        "error: --config.teacher.base_url: empty (the endpoint URL, e.g. http://host:8000/v1)",
+    ),  # fmt: skip
+    "build_reasoning_file_url": (  # item 9: never handed to urllib
+        [
+            "build_reasoning.py",
+            "--config=configs/reasoning.py:iqa",
+            "--config.teacher.model=m",
+            "--config.teacher.base_url=file:///etc/passwd",
+            "--config.judge.enabled=False",
+        ],
+        "error: --config.teacher.base_url: must start with http:// or https://, got "
+        "'file:///etc/passwd'",
+    ),  # fmt: skip
+    "plan_memory_unknown_model": (
+        ["plan_memory.py", "--model=13b"],
+        "error: --model: unknown preset '13b'; choose from 3b, 7b, 32b, 72b, tiny",
+    ),
+    "plan_memory_bad_mesh": (
+        ["plan_memory.py", "--mesh=fsdp=abc"],
+        "error: --mesh=fsdp=abc: entry 'fsdp=abc': the size must be a positive integer",
+    ),
+    "convert_bad_shard_size": (
+        [
+            "convert_checkpoint.py",
+            "--orbax_dir=/tmp",
+            "--hf_out=/tmp/never",
+            "--max_shard_size=lots",
+        ],
+        "error: --max_shard_size: 'lots' is not a size (e.g. 5GB, 500MB or bytes)",
+    ),
+    # Item 9: accepted silently before.
+    "score_both_weights": (
+        ["score.py", "--hf_dir=/tmp", "--checkpoint=/tmp", "--image", "/tmp"],
+        "error: give either --hf_dir or --checkpoint, not both",
+    ),
+    "eval_negative_limit": (
+        [
+            "eval.py",
+            "--manifest=/tmp/x.jsonl",
+            "--task=iqa",
+            "--score_range=1,5",
+            "--out_dir=/tmp/never",
+            "--limit=-3",
+        ],
+        "error: --limit: must be -1 (every record) or a positive count, got -3",
+    ),  # fmt: skip
+    "make_synthetic_no_out": (
+        ["make_synthetic.py"],
+        "error: flag --out=None: Flag --out must have a value other than None.",
+    ),
     "check_data_unknown": (
         ["check_data.py", "--dataset=LIVE"],
         "error: --dataset: unknown dataset 'LIVE'; built-in: KonIQ-10K",

@@ -97,6 +97,18 @@ def _check_still(im: Image.Image, where: str) -> None:
         )
 
 
+def symlink_problem(path: str) -> str | None:
+    """For a path that does not resolve: why, when it is a symbolic link (a loop, a target that
+    is gone), so that it is not reported as a plain missing file; else None."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        return f"symbolic link does not resolve ({err.strerror})"
+    return None
+
+
 def load_image(src: PathOrBytes, *, name: str | None = None, exif: bool = True) -> Image.Image:
     """Open and fully decode an image file (or encoded bytes); EXIF orientation applied.
 
@@ -113,7 +125,7 @@ def load_image(src: PathOrBytes, *, name: str | None = None, exif: bool = True) 
         where = name or os.fspath(src)
         path = os.fspath(src)
         if not os.path.exists(path):
-            raise ImageLoadError(where, "file not found")
+            raise ImageLoadError(where, symlink_problem(path) or "file not found")
         if os.path.isdir(path):
             raise ImageLoadError(where, "is a directory, not an image")
         if os.path.getsize(path) == 0:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from tatar_jax import cli_errors
 from tatar_jax.data import jsonl
 
 TASKS = ("iqa", "iaa")
@@ -55,8 +56,9 @@ class DatasetSpec:
       name: dataset name (appears in records, metrics and errors).
       task: ``"iqa"`` or ``"iaa"``.
       manifest: path of the JSON / JSONL manifest.
-      image_root: folder the manifest's image entries are relative to ("" = the manifest's folder;
-        absolute image entries are used as they are).
+      image_root: folder the manifest's image entries are relative to ("" = the manifest's
+        folder). An entry must stay inside it: a ``..`` that leaves it is a bad row, and so is an
+        absolute entry unless ``allow_absolute_images``.
       score_range: declared native ``(lo, hi)`` of the label; ``lo`` maps to 0 and ``hi`` to 100.
       sampling: ``"all"``, ``"first:N"``, ``"end:N"``, ``"random:N"`` (N a count or ``"P%"``) or
         ``"P%"`` (= ``"random:P%"``) - the reference's strategies (see :func:`sample_indices`).
@@ -64,6 +66,8 @@ class DatasetSpec:
       image_field: row field holding the image path.
       target_field: row field holding the SFT rationale, copied to ``record["target"]``.
       synthetic: True for the embedded synthetic datasets (reported with results).
+      allow_absolute_images: the explicit opt-out of confinement for manifests that name their
+        images by absolute paths (used as they are).
     """
 
     name: str
@@ -76,6 +80,7 @@ class DatasetSpec:
     image_field: str = "image"
     target_field: str | None = None
     synthetic: bool = False
+    allow_absolute_images: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -130,6 +135,7 @@ _SPEC_FIELDS = frozenset(
     {"builtin", "task", "manifest", "score_range", "image_root", "sampling", "label_field",
      "image_field", "target_field"}
 )  # fmt: skip
+_OPTIONAL_SPEC_FIELDS = frozenset({"allow_absolute_images"})  # default False
 
 
 def spec_from_config(name: str, cfg: Any) -> DatasetSpec:
@@ -141,7 +147,7 @@ def spec_from_config(name: str, cfg: Any) -> DatasetSpec:
     ``target_field`` ("" = none) and ``builtin`` (read by the trainer; empty here).
     """
     missing = sorted(_SPEC_FIELDS - set(cfg.keys()))
-    unknown = sorted(set(cfg.keys()) - _SPEC_FIELDS)
+    unknown = sorted(set(cfg.keys()) - _SPEC_FIELDS - _OPTIONAL_SPEC_FIELDS)
     if missing or unknown:
         raise ValueError(
             f"dataset {name!r}: missing config field(s) {missing}, unknown field(s) {unknown}; "
@@ -163,6 +169,9 @@ def spec_from_config(name: str, cfg: Any) -> DatasetSpec:
         label_field=cfg["label_field"],
         image_field=cfg["image_field"],
         target_field=cfg["target_field"] or None,
+        allow_absolute_images=bool(
+            cfg["allow_absolute_images"] if "allow_absolute_images" in cfg.keys() else False
+        ),
     )
 
 
@@ -268,6 +277,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             text = f.read()
     except OSError as err:
         raise ManifestError(f"{path}: cannot read manifest ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: {cli_errors.decode_reason(err)}") from None
     stripped = text.lstrip()
     if not stripped:
         raise ManifestError(f"{path}: manifest is empty")
@@ -316,6 +327,37 @@ def _resolve(image_root: str, name: str) -> str:
     return os.path.normpath(os.path.join(image_root, name))
 
 
+def image_path_problem(spec: DatasetSpec, name: str) -> str | None:
+    """Why the image entry ``name`` may not be opened, or None: it must name a file inside the
+    image root (checked on the path as written, so a symlink the user put inside the root is
+    followed); an absolute entry only with ``spec.allow_absolute_images``."""
+    if os.path.isabs(name):
+        if spec.allow_absolute_images:
+            return None
+        return (
+            f"absolute image path {name!r}: image entries are relative to the image root "
+            "(set allow_absolute_images / --allow_absolute_images to use absolute paths)"
+        )
+    root = os.path.normpath(os.path.abspath(spec.resolved_image_root))
+    path = os.path.normpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        return f"image path {name!r} leaves the image root {root}"
+    return None
+
+
+def target_problem(target: str) -> str | None:
+    """Why an SFT target is not a ``<think>…</think>`` then ``<answer>…</answer>`` text, or
+    None (a target without them would teach the model to answer in no parseable format)."""
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    at = [target.find(t) for t in tags]
+    if -1 in at:
+        missing = [t for t, i in zip(tags, at, strict=True) if i == -1]
+        return f"SFT target lacks {', '.join(missing)} (needs <think>…</think><answer>…</answer>)"
+    if at != sorted(at):
+        return "SFT target's tags are out of order (needs <think>…</think><answer>…</answer>)"
+    return None
+
+
 def _row_problems(
     spec: DatasetSpec, rows: Sequence[Mapping[str, Any]], indices: Iterable[int]
 ) -> tuple[dict[int, tuple[str, str]], dict[int, float]]:
@@ -335,6 +377,15 @@ def _row_problems(
             continue
         if spec.target_field is not None and not isinstance(row.get(spec.target_field), str):
             problems[i] = ("field", f"missing or non-text field {spec.target_field!r}")
+            continue
+        if spec.target_field is not None:
+            why = target_problem(row[spec.target_field])
+            if why:
+                problems[i] = ("field", f"field {spec.target_field!r}: {why}")
+                continue
+        why = image_path_problem(spec, name)
+        if why:
+            problems[i] = ("image", why)
             continue
         try:
             scores[i] = parse_score(row[spec.label_field], spec.score_range)

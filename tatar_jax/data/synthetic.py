@@ -8,7 +8,8 @@ targets, GRPO rewards, evaluation) runs anywhere, and so a model can be seen to 
 
 Layout under ``root`` (manifests in the real format, paths relative to ``root``)::
 
-    meta.json                                   version + build parameters (idempotency key)
+    meta.json                                   tool, version + build parameters (idempotency
+                                                key) and the sha256 of every file it wrote
     iqa_train.jsonl  iqa_test.jsonl             {"image", "gt_score" (1-5), "rationale", ...}
     iaa_train.jsonl  iaa_test.jsonl             {"image", "gt_score" (0-10), "rationale", ...}
     images/iqa/<ref>_v<view>_<distortion>_<level>.png   lossless: only the intended distortion
@@ -60,6 +61,7 @@ the known edit and ending in the 0-100 gt (``%.2f``), used as the SFT target.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -320,26 +322,91 @@ def specs(root: str | os.PathLike) -> dict[str, DatasetSpec]:
     return out
 
 
+TOOL = "tatar_jax.data.synthetic"  # the marker in meta.json: this module wrote the folder
+
+
 def _meta(image_size: int) -> dict:
     import skimage
 
     return {"version": VERSION, "image_size": image_size, "skimage": skimage.__version__}
 
 
-def _is_build(meta_path: str, want: dict) -> bool:
+def _read_meta(meta_path: str) -> dict | None:
     try:
-        with open(meta_path) as f:
-            return json.load(f).get("params") == want
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
     except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_build(meta_path: str, want: dict) -> bool:
+    """A complete build with the parameters ``want`` (every listed file present; a build of an
+    earlier release, without the list, by its four manifests): reused, never replaced."""
+    meta = _read_meta(meta_path)
+    if meta is None or meta.get("params") != want or meta.get("synthetic") is not True:
         return False
+    root = os.path.dirname(meta_path)
+    manifests = [f"{t}_{s}.jsonl" for t in ("iqa", "iaa") for s in ("train", "test")]
+    files = meta.get("files") or manifests
+    return all(os.path.isfile(os.path.join(root, f)) for f in files)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_list(root: str) -> dict[str, str]:
+    """{path relative to ``root``: sha256} of every file under ``root`` but ``meta.json``."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for f in sorted(files):
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, root)
+            if rel != "meta.json":
+                out[rel] = _sha256(path) if os.path.isfile(path) else "not a regular file"
+    return out
+
+
+def not_replaceable(root: str) -> str | None:
+    """Why the existing ``root`` must not be replaced by a new build, or None when it provably
+    holds nothing but an earlier build of this module: ``meta.json`` names :data:`TOOL` and
+    lists every file, and the folder holds exactly those files, unchanged (sha256)."""
+    if not os.path.lexists(root):
+        return None
+    if os.path.islink(root) or not os.path.isdir(root):
+        return "it is not a folder"
+    if not os.listdir(root):
+        return None
+    meta = _read_meta(os.path.join(root, "meta.json"))
+    if meta is None:
+        return "it is not a synthetic dataset build (no readable meta.json)"
+    if meta.get("tool") != TOOL or not isinstance(meta.get("files"), dict):
+        return (
+            f"it is not a synthetic dataset build of this version (its meta.json does not name "
+            f"{TOOL} and list its files)"
+        )
+    have, listed = _file_list(root), meta["files"]
+    extra = sorted(set(have) - set(listed))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"it holds files the build did not write: {', '.join(extra[:3])}{more}"
+    changed = sorted(f for f in listed if have.get(f) != listed[f])
+    if changed:
+        return f"{changed[0]} was changed or removed since the build"
+    return None
 
 
 def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str, DatasetSpec]:
     """Build the synthetic set under ``root`` unless an identical build is there; its specs.
 
     Deterministic (same files for the same parameters and scikit-image version) and idempotent:
-    a complete build with the same ``meta.json`` is reused, an older build is replaced, and a
-    non-empty folder that is not a build raises FileExistsError (nothing is deleted).
+    a complete build with the same ``meta.json`` is reused. An existing ``root`` is replaced
+    only when it is empty or provably an earlier build of this module, unchanged
+    (:func:`not_replaceable`); anything else (a user's folder, a file, a build with files added
+    or edited) raises FileExistsError and nothing is deleted, moved or renamed.
     The build goes to a temporary folder renamed into place, so concurrent callers (several
     processes or hosts on a shared disk) never see a half-written set.
     """
@@ -350,23 +417,29 @@ def ensure_synthetic(root: str | os.PathLike, image_size: int = 128) -> dict[str
     meta_path = os.path.join(root, "meta.json")
     if _is_build(meta_path, want):
         return specs(root)
-    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(meta_path):
-        # Never delete a folder that is not a synthetic build (a mistyped --root).
-        raise FileExistsError(f"{root} exists and is not a synthetic dataset build (no meta.json)")
+    why = not_replaceable(root)
+    if why:
+        raise FileExistsError(
+            f"{root} exists and {why}: nothing was changed (give a new or empty folder)"
+        )
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
     try:
         counts = _build(tmp, image_size)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"params": want, "counts": counts, "synthetic": True}, f, indent=1)
+        meta = {"tool": TOOL, "params": want, "counts": counts, "synthetic": True}
+        meta["files"] = _file_list(tmp)
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
         if _is_build(meta_path, want):
             # Another process finished an identical build meanwhile: it may be reading it, so it
             # must not be moved away under it; ours is dropped.
             return specs(root)
         if os.path.exists(root):
+            if not_replaceable(root):  # something appeared meanwhile: keep it, drop ours
+                raise FileExistsError(f"{root} changed while the build ran: nothing was changed")
             old = f"{root}.old-{os.getpid()}"
-            os.replace(root, old)
+            os.replace(root, old)  # provably our earlier build (or empty): safe to drop
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, root)

@@ -7,13 +7,14 @@ so the wiring can be exercised without a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tatar_jax import answer_format
-from tatar_jax.evaluation import outputs, runner, scoring, specs
+from tatar_jax import answer_format, cli_errors
+from tatar_jax.evaluation import outputs, runner, scoring, shards, specs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -47,61 +48,15 @@ def define_model_flags(config_help: str) -> Any:
     return holder
 
 
-def usage_line(err: BaseException, argv: Sequence[str] = ()) -> str:
-    """One line for a flag-parsing error: absl's message without ml_collections' embedded
-    traceback (its last line is the cause); an unknown ``--config.<field>`` named as given in
-    ``argv``."""
-    text = str(err)
-    if "Traceback (most recent call last)" in text:
-        head = text.split(":", 1)[0] if text.startswith("flag --") else ""
-        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
-        text = f"{head}: {last}" if head else last
-    if "Failed loading config file" in text and "[Errno" in text:  # --config=<missing file>
-        text = "--config: " + text.rsplit("]", 1)[-1].strip()
-    if isinstance(err, KeyError | AttributeError):  # ml_collections: --config.<no such field>
-        field = str(err).strip("\"'")
-        given = [a.split("=", 1)[0] for a in argv if a.startswith("--") and f".{field}" in a]
-        text = f"{given[0] if given else field}: no such config field"
-    return " ".join(text.split())
-
-
-def run_script(main: Callable[[list[str]], int | None]) -> None:
-    """``absl.app.run(main)`` with the scripts' usage contract: a flag that does not parse (an
-    unknown flag, a bad value, a missing or broken ``--config`` file, an unknown
-    ``--config.<field>``) or an ``app.UsageError`` raised by ``main`` prints one line
-    ``error: ...`` on stderr and exits with status 2; never a traceback or the help text."""
-    from absl import app
-    from absl import flags as absl_flags
-
-    def fail(msg: str) -> None:
-        for line in str(msg).splitlines() or [""]:  # several problems: one line each
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            rest = absl_flags.FLAGS(argv)
-            for name in list(absl_flags.FLAGS):  # a config file that failed to load raises
-                if name == "config" and absl_flags.FLAGS[name].value is not None:  # only when used
-                    absl_flags.FLAGS[name].value.keys()
-        except Exception as err:  # absl, config_flags and config-file errors alike
-            fail(usage_line(err, argv))
-            raise  # unreachable
-        return rest
-
-    def guarded(argv: list[str]) -> int | None:
-        try:
-            return main(argv)
-        except app.UsageError as err:
-            fail(str(err))
-            raise  # unreachable
-
-    app.run(guarded, flags_parser=parse)
+# The scripts' one-line error contract lives in tatar_jax.cli_errors (every script uses it).
+usage_line = cli_errors.usage_line
+run_script = cli_errors.run_script
 
 
 def exit_code(body: Callable[[], int]) -> int:
-    """``body()``, with the scripts' documented exit statuses: 3 without weights, 2 for bad
-    input (a one-line ``error: ...`` on stderr)."""
+    """``body()``, with the scripts' documented exit statuses: 3 without weights, 2 for a usage
+    error, 1 for a damaged label file (a one-line ``error: ...`` on stderr)."""
+    from tatar_jax.data.manifest import ManifestError
     from tatar_jax.evaluation.predict import ModelUnavailableError
 
     try:
@@ -109,6 +64,12 @@ def exit_code(body: Callable[[], int]) -> int:
     except ModelUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except outputs.ResumeMismatchError as err:  # another evaluation's out_dir: a usage error
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ManifestError as err:  # a damaged label file: the message names it (and the row)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,6 +82,8 @@ def parse_range(text: str) -> tuple[float, float]:
         lo, hi = (float(p) for p in parts)
     except ValueError:
         raise ValueError(f"--score_range must be LO,HI (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"--score_range needs two finite numbers, got {text!r}")
     if not lo < hi:
         raise ValueError(f"--score_range needs LO < HI, got {text!r}")
     return lo, hi
@@ -157,6 +120,7 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
         "out_dir",
         "reference_compat",
         "prompt_variant",
+        "allow_absolute_images",
     )
     for key in direct:
         if flags.get(key) is not None:
@@ -172,8 +136,33 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     return cfg
 
 
+def check_eval_numbers(ev: Any) -> None:
+    """ValueError naming the flag of a number evaluation cannot run with (``--limit=-3`` is not
+    "everything": only -1 is)."""
+    if int(ev.limit) < -1 or int(ev.limit) == 0:
+        raise ValueError(f"--limit: must be -1 (every record) or a positive count, got {ev.limit}")
+    for name in ("batch_size", "max_new_tokens", "min_pixels", "max_pixels"):
+        if int(ev[name]) < 1:
+            raise ValueError(f"--{name}: must be a positive number, got {ev[name]}")
+    if int(ev.min_pixels) > int(ev.max_pixels):
+        raise ValueError(f"--max_pixels: {ev.max_pixels} is below min_pixels {ev.min_pixels}")
+
+
+def check_one_source(cfg: Any, checkpoint: str = "") -> None:
+    """ValueError when both ``--hf_dir`` and ``--checkpoint`` are given: one set of weights is
+    evaluated, never a silent choice between two."""
+    if cfg.model.hf_dir and checkpoint:
+        raise ValueError(
+            "give either --hf_dir or --checkpoint, not both (a training run or an export carries "
+            "its own architecture and tokenizer)"
+        )
+
+
 def check_weight_flags(cfg: Any, checkpoint: str = "") -> None:
-    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag."""
+    """The weight paths exist (before anything is loaded): FileNotFoundError naming the flag;
+    ValueError when both are given (:func:`check_one_source`)."""
+    check_one_source(cfg, checkpoint)
+    check_eval_numbers(cfg.eval)
     if cfg.model.hf_dir and not os.path.isdir(cfg.model.hf_dir):
         raise FileNotFoundError(f"--hf_dir: no such directory: {cfg.model.hf_dir}")
     if checkpoint and not os.path.exists(checkpoint):
@@ -219,14 +208,25 @@ def run_eval_from_config(
     ev = cfg.eval
     if not ev.out_dir:
         raise ValueError("--out_dir is required")
+    check_eval_numbers(ev)
     dataset_specs = specs.specs_from_config(ev, specs.parse_mapping(image_roots))
     for s in dataset_specs:  # fail on a wrong path before spending minutes loading weights
         if not os.path.isfile(s.manifest):
             raise FileNotFoundError(f"dataset {s.name}: label file {s.manifest} not found")
     check_weight_flags(cfg, checkpoint)
+    # What the out_dir was written with is checked before minutes of loading: the decoding
+    # settings, and the weights unless a training run's step is chosen while loading.
+    from tatar_jax.evaluation import fingerprint
+
+    known = None
+    if not checkpoint or fingerprint.is_export(checkpoint):
+        known = _weights_info(cfg, checkpoint, {})
+    early = {"reference_compat": ev.reference_compat, **_decoding_info(ev), **(known or {})}
+    shards.check_run_info(os.path.join(ev.out_dir, outputs.RUN_INFO), early)
     if predictor_factory is None:
         from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
     predictor = predictor_factory(cfg, checkpoint=checkpoint, step=step)
+    weights = known if known is not None else _weights_info(cfg, checkpoint, predictor.info)
     is_writer = True
     if "jax" in sys.modules:
         import jax
@@ -241,7 +241,7 @@ def run_eval_from_config(
         progress=ev.progress and is_writer,
         is_writer=is_writer,
         plots=ev.plots,
-        run_info=predictor.info,
+        run_info={**predictor.info, **weights},
     )
     results = runner.run_eval(
         dataset_specs,
@@ -255,6 +255,34 @@ def run_eval_from_config(
         with open(os.path.join(ev.out_dir, "summary.md"), encoding="utf-8") as f:
             print(f.read())
     return results
+
+
+def _decoding_info(ev: Any) -> dict[str, Any]:
+    """The decoding settings of ``configs/eval.py``'s ``eval`` block as ``run_info.json`` holds
+    them (:func:`tatar_jax.evaluation.predict.build_predict_fn`'s ``info``)."""
+    return {
+        "max_new_tokens": int(ev.max_new_tokens),
+        "min_pixels": int(ev.min_pixels),
+        "max_pixels": int(ev.max_pixels),
+        "prompt_variant": ev.prompt_variant,
+    }
+
+
+def _weights_info(cfg: Any, checkpoint: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """What was evaluated (:mod:`tatar_jax.evaluation.fingerprint`): the weights' files'
+    fingerprint and the compute dtype, the keys of a resume besides the decoding settings."""
+    from tatar_jax import cli_errors
+    from tatar_jax.evaluation import fingerprint
+
+    model = str(info.get("model", ""))
+    # A training run's step actually loaded (the latest that restores): "<run>@<step>".
+    step = int(model.rsplit("@", 1)[1]) if "@" in model and checkpoint else None
+    info_path = os.path.join(cfg.eval.out_dir, outputs.RUN_INFO)
+    previous = cli_errors.read_json(info_path) if os.path.isfile(info_path) else {}
+    return fingerprint.run_info(
+        hf_dir="" if checkpoint else cfg.model.hf_dir, checkpoint=checkpoint, step=step,
+        dtype=str(cfg.model.dtype), previous=previous if isinstance(previous, dict) else {},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +305,9 @@ def collect_images(paths: Sequence[str]) -> list[str]:
         elif os.path.exists(p):
             out.append(p)
         else:
-            raise FileNotFoundError(f"--image: {p} does not exist")
+            from tatar_jax.data.image import symlink_problem
+
+            raise FileNotFoundError(f"--image: {p} {symlink_problem(p) or 'does not exist'}")
     if not out:
         raise ValueError(f"no images found in {list(paths)}")
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tatar_jax import cli_errors
 from tatar_jax.data import jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -16,6 +17,15 @@ class EvalError(RuntimeError):
     """Evaluation cannot continue (inconsistent resume state, bad predict function output)."""
 
 
+class ResumeMismatchError(EvalError):
+    """The out_dir holds another evaluation's results (other weights, decoding settings, labels):
+    continuing would mix them; the scripts report it as a usage error (one line, exit 2)."""
+
+
+class DamagedOutputError(EvalError, cli_errors.DamagedInputError):
+    """A file of the out_dir cannot be read back (one line naming it, exit 1)."""
+
+
 def read_jsonl(path: str, *, repair: bool = False) -> list[dict[str, Any]]:
     """Rows of a predictions / errors file ([] when absent). A partial last line (a killed
     writer) is dropped; with ``repair`` it is also cut off the file so that appending continues
@@ -24,4 +34,4 @@ def read_jsonl(path: str, *, repair: bool = False) -> list[dict[str, Any]]:
     try:
         return jsonl.read_rows(path, repair=repair)
     except jsonl.JsonlError as err:
-        raise EvalError(str(err)) from err
+        raise DamagedOutputError(path, str(err).removeprefix(f"{path}: ")) from None

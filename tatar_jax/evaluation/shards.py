@@ -11,7 +11,6 @@ merges the shards into the one-process files and removes them (:func:`merge_file
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -19,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tatar_jax.data import jsonl
-from tatar_jax.evaluation.outputs import ERRORS, PREDICTIONS, EvalError, read_jsonl
+from tatar_jax.evaluation.outputs import (
+    ERRORS,
+    PREDICTIONS,
+    DamagedOutputError,
+    ResumeMismatchError,
+    read_jsonl,
+)
 
 # Settings that change what a stored prediction means; a resumed run must agree on them.
 RESUME_KEYS = (
@@ -29,6 +34,8 @@ RESUME_KEYS = (
     "min_pixels",
     "max_pixels",
     "prompt_variant",
+    "weights",  # tatar_jax.evaluation.fingerprint: what was evaluated, not its folder's name
+    "dtype",
 )
 
 
@@ -52,22 +59,22 @@ def check_stored(
     for i, row in enumerate(rows):
         rid = row.get("row_id")
         if not isinstance(rid, int):
-            raise EvalError(f"{path}: row {i}: missing integer row_id")
+            raise DamagedOutputError(path, f"row {i}: missing integer row_id")
         if rid in done:
-            raise EvalError(f"{path}: row {i}: row_id {rid} appears twice")
+            raise DamagedOutputError(path, f"row {i}: row_id {rid} appears twice")
         rec = by_id.get(rid)
         if rec is None:  # outside the current selection (e.g. a smaller --limit): kept, unused
             continue
         if row.get("image") != rec["image_name"] or not _same_float(
             row.get("gt_raw"), rec["score_raw"]
         ):
-            raise EvalError(
+            raise ResumeMismatchError(
                 f"{path}: row {i}: row_id {rid} holds image {row.get('image')!r} / gt "
                 f"{row.get('gt_raw')!r} but the manifest has {rec['image_name']!r} / "
                 f"{rec['score_raw']!r}; use a fresh out_dir for a different dataset"
             )
         if not _same_float(row.get("gt_100"), rec["gt_100"]):
-            raise EvalError(
+            raise ResumeMismatchError(
                 f"{path}: row {i}: row_id {rid} was stored with gt_100 "
                 f"{row.get('gt_100')!r}, now {rec['gt_100']!r} (another score_range or label "
                 "mapping); use a fresh out_dir"
@@ -88,11 +95,26 @@ def check_run_info(path: str, info: Mapping[str, Any]) -> dict[str, Any]:
     """The stored run_info (or {}); EvalError if a setting that changes predictions differs."""
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    from tatar_jax import cli_errors
+
+    old = cli_errors.read_json(path)
+    if not isinstance(old, dict):
+        raise cli_errors.DamagedInputError(path, "not a JSON object (an evaluation's run_info)")
+    if "weights" in info and "weights" not in old:
+        raise ResumeMismatchError(
+            f"{path}: this out_dir does not record which weights wrote its predictions (written "
+            "before evaluations were keyed by a fingerprint of the weights); stored predictions "
+            "could be another model's - use a fresh out_dir"
+        )
+    if "weights" in old and "weights" in info and old["weights"] != info["weights"]:
+        raise ResumeMismatchError(
+            f"{path}: this out_dir holds the predictions of other weights ({old['weights']} of "
+            f"{old.get('model', '?')}; now {info['weights']}); stored predictions would be "
+            "mixed with new ones - use a fresh out_dir"
+        )
     for key in RESUME_KEYS:
         if key in old and key in info and old[key] != info[key]:
-            raise EvalError(
+            raise ResumeMismatchError(
                 f"{path}: this out_dir was written with {key}={old[key]!r}, now {info[key]!r}; "
                 "stored predictions would be mixed with new ones - use a fresh out_dir"
             )

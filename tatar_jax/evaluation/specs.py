@@ -56,6 +56,7 @@ def specs_from_config(cfg: Any, image_roots: Mapping[str, str] | None = None) ->
                 image_root=cfg.image_root,
                 score_range=tuple(float(v) for v in cfg.score_range),
                 label_field=cfg.label_field,
+                allow_absolute_images=bool(cfg.get("allow_absolute_images", False)),
             )
         ]
     names = [n.strip() for n in str(cfg.datasets).split(",") if n.strip()]

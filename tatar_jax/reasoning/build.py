@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -695,6 +696,50 @@ def _chat_client(cfg: Any, who: str) -> Teacher:
     )
 
 
+TEACHER_KINDS = ("openai", "jax", "none")
+
+
+def usage_problems(cfg: Any) -> list[str]:
+    """What in a ``configs/reasoning.py`` config cannot work, one line per problem naming its
+    ``--config.`` field, before anything is read or sent (``scripts/build_reasoning.py`` reports
+    them as usage errors, exit status 2)."""
+    from tatar_jax.reasoning.teachers import URL_SCHEMES
+
+    out = []
+    kind = cfg.teacher.kind
+    if kind not in TEACHER_KINDS:
+        out.append(f"--config.teacher.kind: {kind!r} is not one of {', '.join(TEACHER_KINDS)}")
+    blocks = [("teacher", kind == "openai"), ("judge", bool(cfg.judge.enabled))]
+    for who, used in blocks:
+        block = cfg[who]
+        if not used:
+            continue
+        if not block.base_url:
+            out.append(
+                f"--config.{who}.base_url: empty (the endpoint URL, e.g. http://host:8000/v1)"
+            )
+        elif not str(block.base_url).startswith(URL_SCHEMES):
+            out.append(f"--config.{who}.base_url: must start with http:// or https://, got "
+                       f"{block.base_url!r}")  # fmt: skip
+        if not block.model:
+            out.append(f"--config.{who}.model: empty (the served model name)")
+    if kind == "jax" and not cfg.teacher.checkpoint:
+        out.append("--config.teacher.checkpoint: teacher.kind 'jax' needs a Qwen2.5-VL directory")
+    for field in ("input", "attributes"):
+        path = cfg.get(field) or ""
+        if path and not os.path.isfile(path):
+            out.append(f"--config.{field}: no such file: {path}")
+    if cfg.score_range is not None:
+        try:
+            lo, hi = (float(x) for x in cfg.score_range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError
+        except (TypeError, ValueError):
+            out.append(f"--config.score_range: needs two finite numbers lo < hi, got "
+                       f"{cfg.score_range!r}")  # fmt: skip
+    return out
+
+
 def make_teacher(cfg: Any) -> Teacher | None:
     """The teacher named by ``cfg.teacher.kind``; ``"none"`` (judge-only) returns None."""
     kind = cfg.teacher.kind
@@ -737,6 +782,7 @@ def dataset_spec(cfg: Any):
         )
         if cfg.score_range is not None:
             spec = spec.replace(score_range=tuple(cfg.score_range))
+        spec = spec.replace(allow_absolute_images=bool(cfg.get("allow_absolute_images", False)))
         if spec.task != cfg.task:
             raise ValueError(f"dataset {spec.name!r} is an {spec.task} dataset, task is {cfg.task}")
         return spec
@@ -756,6 +802,7 @@ def dataset_spec(cfg: Any):
         score_range=tuple(cfg.score_range),
         sampling=cfg.sampling,
         label_field=cfg.label_field or "gt_score",
+        allow_absolute_images=bool(cfg.get("allow_absolute_images", False)),
     )
 
 

@@ -153,6 +153,9 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
         return None  # HTTP-date form: ignored, the backoff applies
 
 
+URL_SCHEMES = ("http://", "https://")
+
+
 class OpenAIChatClient:
     """An OpenAI-compatible chat endpoint (see the module docstring).
 
@@ -175,6 +178,8 @@ class OpenAIChatClient:
     ) -> None:
         if not base_url:
             raise ValueError("base_url is empty (set the endpoint URL)")
+        if not base_url.startswith(URL_SCHEMES):  # never file://, ftp://, ... through urllib
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not model:
             raise ValueError("model name is empty")
         url = base_url.rstrip("/")

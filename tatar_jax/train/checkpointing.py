@@ -28,17 +28,21 @@ reported with what is wrong, and resume falls back to the newest step that resto
 newer steps are moved, never deleted, to ``<workdir>/checkpoints_damaged/`` (so the run can save
 those step numbers again). ``load_params`` (next stage, export) falls back the same way when
 asked for the latest step, read-only. Every step failing is a :class:`CheckpointError` listing
-each step and its reason.
+each step and its reason; on resume those steps are moved aside as well, so the next start is a
+fresh run (``scripts/train.py`` reports it as one line, exit status 1). The asyncio noise a
+failed restore leaves behind is dropped at import (:func:`_quiet_closed_event_loop`).
 
 Nothing is written outside ``<workdir>``.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,6 +56,62 @@ PyTree = Any
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"
+
+
+def _quiet_closed_event_loop(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops two known, harmless reports and passes on the rest
+    (a third kind: :class:`_QuietAbandonedReads`).
+
+    When an orbax restore fails (a damaged step), (1) the tensorstore reads still in flight
+    finish after orbax's asyncio loop has closed; their completion callbacks then call
+    ``loop.call_soon_threadsafe`` and raise ``RuntimeError('Event loop is closed')``; (2) the
+    sibling reads of the failed one (orbax's ``_read_array_index_and_device_put`` coroutines)
+    are never awaited again and their own read errors are reported when they are collected.
+    Both come as unraisable exceptions: dozens of tracebacks on stderr after the one line that
+    matters. Nothing is lost (that restore had already failed and is reported); only these two
+    are dropped."""
+
+    def hook(unraisable: Any) -> None:
+        err, tb = unraisable.exc_value, unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (
+            isinstance(err, RuntimeError)
+            and str(err) == "Event loop is closed"
+            and tb is not None
+            and tb.tb_frame.f_code.co_name == "_check_closed"
+            and "asyncio" in tb.tb_frame.f_code.co_filename
+        ):
+            return
+        code = getattr(unraisable.object, "cr_code", None)  # an abandoned coroutine
+        if (
+            code is not None
+            and code.co_name == "_read_array_index_and_device_put"
+            and "orbax" in code.co_filename
+        ):
+            return
+        previous(unraisable)
+
+    hook.tatar_quiet_event_loop = True  # type: ignore[attr-defined]
+    return hook
+
+
+if not getattr(sys.unraisablehook, "tatar_quiet_event_loop", False):
+    sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+
+
+class _QuietAbandonedReads(std_logging.Filter):
+    """(3) The same abandoned reads as orbax ``async_deserialize`` tasks: asyncio logs "Task
+    exception was never retrieved" with their tracebacks when they are collected. Only those
+    (orbax's tasks) are dropped from the ``asyncio`` logger; every other record passes."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
+
+
+if not any(isinstance(f, _QuietAbandonedReads) for f in std_logging.getLogger("asyncio").filters):
+    std_logging.getLogger("asyncio").addFilter(_QuietAbandonedReads())
 
 
 class CheckpointError(RuntimeError):
@@ -296,13 +356,19 @@ class Checkpointer:
             self._set_aside([s for s, _ in damaged], restored=step)
             logging.info("resumed from %s/%d", self.directory, step)
             return state, step
+        # Every step is damaged: they are moved aside too (never deleted), so that the next
+        # start of the run is a fresh one instead of the same failure.
+        self._set_aside([s for s, _ in damaged], restored=None)
         raise CheckpointError(
-            f"no checkpoint in {self.directory} can be restored: "
+            f"no checkpoint in {self.directory} can be restored ("
             + "; ".join(f"step {s}: {why}" for s, why in damaged)
+            + f"); moved to {self.directory.parent / DAMAGED_SUBDIR}: rerun to start the run "
+            "again from step 0"
         )
 
-    def _set_aside(self, steps: list[int], restored: int) -> None:
-        """Moves damaged steps newer than the restored one out of the manager's directory."""
+    def _set_aside(self, steps: list[int], restored: int | None) -> None:
+        """Moves damaged steps (newer than the restored one, or all: ``restored`` None) out of
+        the manager's directory."""
         if not steps:
             return
         if jax.process_index() == 0:
@@ -313,7 +379,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices("tatar_damaged_checkpoints")
         self.manager.reload()
 
-    def _move_damaged(self, steps: list[int], restored: int) -> None:
+    def _move_damaged(self, steps: list[int], restored: int | None) -> None:
         dest = self.directory.parent / DAMAGED_SUBDIR
         dest.mkdir(exist_ok=True)
         for step in steps:
@@ -321,8 +387,9 @@ class Checkpointer:
             while to.exists():  # the same step damaged again on a later run
                 to, k = dest / f"{step}.{k}", k + 1
             shutil.move(str(self.directory / str(step)), str(to))
-            msg = f"checkpoint step {step} is damaged: moved to {to}; resuming from step {restored}"
-            print(f"[tatar-jax] {msg}", flush=True)
+            if restored is not None:
+                msg = f"checkpoint step {step} is damaged: moved to {to}; resuming from step "
+                print(f"[tatar-jax] {msg}{restored}", flush=True)
 
     # -- pre-emption -------------------------------------------------------------------------
     def reached_preemption(self, step: int) -> bool:

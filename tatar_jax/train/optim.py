@@ -17,7 +17,8 @@ Design choices
 - **Frozen parameters** (the vision tower with ``model.freeze_vision``) go through
   ``optax.set_to_zero`` inside ``optax.multi_transform``: zero updates and no AdamW moments; the
   global gradient norm (clipping and the logged norm) covers trainable parameters only.
-- **Non-finite guard**: if the loss or any trainable gradient is NaN/Inf the whole update is
+- **Non-finite guard**: if the loss, any trainable gradient or the update itself (a NaN or
+  infinite learning rate, an overflowing moment) is NaN/Inf the whole update is
   dropped (parameters and optimizer state stay bit-identical, the schedule does not advance), the
   step counter still advances (the batch is consumed), and ``nonfinite_count`` counts consecutive
   skips; ``should_stop`` turns it into a stop signal.
@@ -278,6 +279,9 @@ def apply_gradients(
         finite = finite & jnp.all(jnp.isfinite(loss))
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    # Finite gradients can still make a non-finite update (a NaN or infinite learning rate, an
+    # overflowing moment): the guard covers what is applied, not only what went in.
+    finite = finite & all_finite(updates)
     new_params = optax.apply_updates(state.params, updates)
 
     def keep(new, old):

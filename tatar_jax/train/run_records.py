@@ -24,6 +24,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tatar_jax import cli_errors
+
 RUN_CONFIG = "run_config.json"
 CHANGES = "config_changes.jsonl"
 SUMMARY = "summary.json"
@@ -75,7 +77,10 @@ def check_run_config(cfg: Any, workdir: pathlib.Path, resume_step: int | None) -
     path = workdir / RUN_CONFIG
     text = cfg.to_json_best_effort(indent=1)
     if resume_step is not None and path.exists():
-        diff = config_diff(json.loads(path.read_text()), json.loads(text))
+        stored = cli_errors.read_json(path)  # a damaged file: one line naming it
+        if not isinstance(stored, dict):
+            raise cli_errors.DamagedInputError(path, "not a JSON object (a run's config)")
+        diff = config_diff(stored, json.loads(text))
         changes = {k: v for k, v in diff.items() if not _resumable(k)}
         if changes and not bool(cfg.allow_config_change):
             listing = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
@@ -95,7 +100,7 @@ def merge_summary(rows: Mapping[str, dict[str, Any]], ran: Mapping[str, bool], w
     """``summary.json`` with this invocation's ``rows``; a stage that did not run keeps its
     stored row, a resumed one its stored ``eval_first``. Returns the merged rows."""
     path = wd / SUMMARY
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = cli_errors.read_json(path) if path.exists() else {}
     out = dict(old)
     for name, row in rows.items():
         prev = old.get(name)

@@ -1,4 +1,4 @@
-"""A training config checked before any work: enum values, data set names, paths.
+"""A training config checked before any work: enum values, numbers, data set names, paths.
 
     from tatar_jax.train import validate
     validate.check_config(cfg)      # ValueError: "--config.grpo.advantage: 'foo' is not one of ..."
@@ -10,6 +10,7 @@ The allowed values come from the modules that use them, where those keep a table
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,6 +45,72 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
     ]
 
 
+# (config path, lowest value, whether the lowest is excluded, highest value or None): numbers a
+# run cannot train with (a negative learning rate, an epoch count of 0, a beta2 of 1, ...).
+_RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
+    ("optimizer.learning_rate", 0, False, None),
+    ("optimizer.b1", 0, False, 1 - 1e-12),
+    ("optimizer.b2", 0, False, 1 - 1e-12),
+    ("optimizer.eps", 0, False, None),
+    ("optimizer.weight_decay", 0, False, None),
+    ("optimizer.end_lr_factor", 0, False, None),
+    ("optimizer.warmup_steps", 0, False, None),
+    ("optimizer.grad_accum_steps", 1, False, None),
+    ("checkpoint.every_steps", 1, False, None),
+    ("checkpoint.keep", 1, False, None),
+    ("logging.every_steps", 1, False, None),
+    ("eval.every_steps", 0, False, None),
+    ("data.num_epochs", 1, False, None),
+    ("sft.global_batch_size", 1, False, None),
+    ("grpo.prompts_per_step", 1, False, None),
+    ("grpo.num_generations", 1, False, None),
+    ("grpo.temperature", 0, True, None),
+    ("grpo.top_p", 0, True, 1),
+    ("grpo.beta", 0, False, None),
+    ("grpo.epsilon", 0, False, None),
+)
+
+
+def _floats(cfg: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    for key in cfg.keys():
+        value = cfg[key]
+        if hasattr(value, "keys"):
+            if key != "warmup":  # checked with its own prefix
+                yield from _floats(value, f"{path}{key}.")
+        elif isinstance(value, float):
+            yield f"{path}{key}", value
+
+
+def _number_problems(cfg: Any, prefix: str) -> Iterator[str]:
+    """Non-finite numbers anywhere (a NaN learning rate trains NaN weights), numbers outside
+    what their field can take, and ``total_steps`` other than -1 (whole epochs) or a positive
+    count (a warm-up's: 0 = none, or a positive count)."""
+    for path, value in _floats(cfg):
+        if not math.isfinite(value):
+            yield f"{prefix}{path}: must be a finite number, got {value!r}"
+    for path, low, low_open, high in _RANGES:
+        present, value = _get(cfg, path)
+        if not present or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            continue  # reported above
+        if value < low or (low_open and value == low):
+            yield f"{prefix}{path}: must be {'>' if low_open else '>='} {low:g}, got {value!r}"
+        elif high is not None and value > high:
+            bound = "< 1" if high < 1 else f"<= {high:g}"
+            yield f"{prefix}{path}: must be {bound}, got {value!r}"
+    present, steps = _get(cfg, "total_steps")
+    if present and isinstance(steps, int) and not isinstance(steps, bool):
+        if prefix.endswith("warmup."):  # the GRPO run's SFT warm-up: 0 = none
+            if steps < 0:
+                yield f"{prefix}total_steps: must be 0 (no warm-up) or a step count, got {steps}"
+        elif steps < -1 or steps == 0:
+            yield (
+                f"{prefix}total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
+                f"number of steps, got {steps}"
+            )
+
+
 def _get(cfg: Any, path: str) -> tuple[bool, Any]:
     node = cfg
     for key in path.split("."):
@@ -59,6 +126,7 @@ def problems(cfg: Any, prefix: str = "--config.") -> Iterator[str]:
         present, value = _get(cfg, path)
         if present and value not in allowed:
             yield f"{prefix}{path}: {value!r} is not one of {', '.join(allowed)}"
+    yield from _number_problems(cfg, prefix)
     yield from _dataset_problems(cfg, prefix)
     yield from _path_problems(cfg, prefix)
     present, warmup = _get(cfg, "warmup")

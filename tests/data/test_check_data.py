@@ -96,8 +96,8 @@ def test_rows_only_and_clean(repo_root, bad_set, tmp_path):
     assert "OK: 3 rows checked, 0 bad rows" in out.stdout
 
 
-def test_builtin_datasets_and_usage_errors(repo_root, shared_dir, tmp_path):
-    root = shared_dir / "benchmarks"
+def test_builtin_datasets_and_usage_errors(repo_root, benchmarks_dir, tmp_path):
+    root = benchmarks_dir
     out = _run(
         repo_root, "--dataset=KADID", "--dataset=ava", f"--benchmark_root={root}", "--noimages"
     )
@@ -146,3 +146,65 @@ def test_stage_as_tfds(repo_root, bad_set, tmp_path):
         == recs[1]["image_bytes"]
         == open(good[-1]["image"], "rb").read()
     )
+
+
+def _error_lines(out):
+    return [x for x in (out.stdout + out.stderr).splitlines() if x.startswith(("error:", "ERROR"))]
+
+
+@pytest.mark.parametrize(
+    "given, line",
+    [
+        ("5,1", "error: --score_range needs LO < HI, got '5,1'"),
+        ("a,b", "error: --score_range must be LO,HI (two numbers), got 'a,b'"),
+        ("nan,5", "error: --score_range needs two finite numbers, got 'nan,5'"),
+    ],
+)
+def test_bad_score_range_is_a_usage_error(repo_root, tmp_path, given, line):
+    """Issue 32 item 7: one line, exit 2, no traceback."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.png", "gt_score": 3}\n')
+    out = _run(repo_root, f"--manifest={path}", f"--score_range={given}", "--noimages")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [line]
+
+
+def test_non_utf8_manifest_names_the_file(repo_root, tmp_path):
+    """Issue 32 item 8: a manifest that is not UTF-8 text: the file and byte, exit 1."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"image": "a.png", "gt_score": 3, "note": "caf\xe9"}\n')
+    out = _run(repo_root, f"--manifest={path}", "--score_range=1,5", "--noimages")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert _error_lines(out) == [f"ERROR {path}: not UTF-8 text (byte 46: b'\\xe9')"]
+
+
+def test_image_paths_are_confined_to_the_image_root(repo_root, bad_set, tmp_path):
+    """Issue 32 item 10: ``..`` out of the image root and absolute entries are bad rows (never
+    opened); --allow_absolute_images is the explicit opt-out for absolute entries. Item 9: an
+    image that is a symbolic-link loop is named as such, not as a missing file."""
+    _, img = bad_set
+    (img / "loop_a.jpg").symlink_to(img / "loop_b.jpg")
+    (img / "loop_b.jpg").symlink_to(img / "loop_a.jpg")
+    rows = [
+        {"image": "../../../../etc/passwd", "gt_score": 3},
+        {"image": str(img / "ok0.jpg"), "gt_score": 3},
+        {"image": "ok1.jpg", "gt_score": 3},
+        {"image": "loop_a.jpg", "gt_score": 3},
+    ]
+    path = tmp_path / "paths.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [f"--manifest={path}", f"--image_root={img}", "--score_range=1,5"]
+    out = _run(repo_root, *args)
+    assert out.returncode == 1, out.stderr
+    assert _error_lines(out) == [
+        f"ERROR {path}: row 0 (image '../../../../etc/passwd'): image path "
+        f"'../../../../etc/passwd' leaves the image root {img}",
+        f"ERROR {path}: row 1 (image '{img / 'ok0.jpg'}'): absolute image path "
+        f"'{img / 'ok0.jpg'}': image entries are relative to the image root (set "
+        "allow_absolute_images / --allow_absolute_images to use absolute paths)",
+        f"ERROR {path}: row 3 (image 'loop_a.jpg'): symbolic link does not resolve (Too many "
+        "levels of symbolic links)",
+    ]
+    out = _run(repo_root, *args, "--allow_absolute_images")
+    assert out.returncode == 1 and len(_error_lines(out)) == 2  # row 1 is now read and fine
+    assert "row 1" not in out.stdout and "paths: 4 rows, 2 bad (image: 2)" in out.stdout

@@ -219,11 +219,7 @@ REFERENCE_SRCC_PLCC = {
 }
 
 
-def _bench(shared_dir):
-    return datasets.benchmarks(shared_dir / "benchmarks")
-
-
-def test_builtin_benchmarks_load_with_declared_ranges(shared_dir):
+def test_builtin_benchmarks_load_with_declared_ranges(benchmarks_dir):
     expected = {  # name: (task, range, entries)
         "KonIQ-10K": ("iqa", (0, 100), 2015),
         "SPAQ": ("iqa", (0, 100), 2224),
@@ -234,7 +230,7 @@ def test_builtin_benchmarks_load_with_declared_ranges(shared_dir):
         "TAD66K": ("iaa", (1, 10), 14079),
         "FLICKR-AES": ("iaa", (0, 1), 4737),
     }
-    specs = _bench(shared_dir)
+    specs = datasets.benchmarks(benchmarks_dir)
     assert list(specs) == list(expected)
     for name, spec in specs.items():
         task, rng, n = expected[name]
@@ -246,8 +242,8 @@ def test_builtin_benchmarks_load_with_declared_ranges(shared_dir):
         np.testing.assert_allclose(y, 100 * (raw - rng[0]) / (rng[1] - rng[0]), rtol=0, atol=1e-9)
 
 
-def test_b1_rows_and_perfect_predictor(shared_dir):
-    specs = _bench(shared_dir)
+def test_b1_rows_and_perfect_predictor(benchmarks_dir):
+    specs = datasets.benchmarks(benchmarks_dir)
     for name, rows in B1_ROWS.items():
         spec = specs[name]
         ours = {r["image_name"]: r for r in manifest.load_records(spec).records}
@@ -282,6 +278,10 @@ def test_training_set_declarations(shared_dir):
     assert len(recs) == 8998 and recs[0]["image"].startswith("/data/artimuse/")
     ys = np.array([r["gt_100"] for r in recs])
     assert ys.min() == 0.0 and ys.max() == 100.0
+
+
+def test_training_set_declarations_without_their_label_files(tmp_path):
+    root = tmp_path / "no_labels"  # the training sets' label files do not ship: declarations only
     iqa = datasets.get("KONIQ-TRAIN", root)
     assert (iqa.task, iqa.score_range, iqa.label_field) == ("iqa", (1.0, 5.0), "gt_score_norm")
     assert iqa.manifest.endswith("train/train_koniq_7k.json")
@@ -332,3 +332,23 @@ def test_spec_from_config():
     renamed = {k: v for k, v in d.items() if k != "label_field"} | {"label_feild": "mos"}
     with pytest.raises(ValueError, match="missing config field.*'label_field'"):
         manifest.spec_from_config("x", renamed)
+
+
+@pytest.mark.parametrize(
+    "target, why",
+    [
+        ("Sharp and clean. 80", "SFT target lacks <think>, </think>, <answer>, </answer>"),
+        ("<think>ok</think> 80", "SFT target lacks <answer>, </answer>"),
+        ("<answer>80</answer><think>x</think>", "SFT target's tags are out of order"),
+    ],
+)
+def test_sft_target_needs_think_and_answer(tmp_path, target, why):
+    """Issue 32 item 9: a target without <think>/<answer> is a bad row naming file and row."""
+    rows = [{"image": "a.jpg", "gt_score": 2.0, "cot": target}]
+    path = _write(tmp_path / "m.json", rows)
+    spec = manifest.DatasetSpec("t", "iaa", path, score_range=(0, 10), target_field="cot")
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.load_records(spec)
+    assert str(err.value).startswith(
+        f"dataset 't': {path}: row 0 (image 'a.jpg'): field 'cot': {why}"
+    )

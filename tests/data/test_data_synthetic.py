@@ -193,6 +193,73 @@ def test_refuses_to_replace_other_folders(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def _tree(root):
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def _make_synthetic(repo_root, *args):
+    cmd = [sys.executable, str(repo_root / "scripts/make_synthetic.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_make_synthetic_never_deletes_or_renames_what_it_did_not_write(tmp_path, repo_root):
+    """Issue 32 item 1, from the user's side: a folder with a foreign meta.json, a regular file,
+    a build with a file added or edited are refused with one line (exit 2), untouched."""
+    user = tmp_path / "v"
+    (user / "sub").mkdir(parents=True)
+    (user / "meta.json").write_text('{"my": 1}')
+    (user / "thesis.txt").write_text("draft")
+    (user / "sub" / "d.csv").write_text("x")
+    before = _tree(user)
+    r = _make_synthetic(repo_root, f"--out={user}", "--image_size=16")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [
+        f"error: --out: {user} exists and it is not a synthetic dataset build of this version "
+        "(its meta.json does not name tatar_jax.data.synthetic and list its files): nothing was "
+        "changed (give a new or empty folder)"
+    ]
+    assert _tree(user) == before
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    r = _make_synthetic(repo_root, f"--out={a_file}", "--image_size=16")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: --out: {a_file} exists and it is not a folder: nothing was changed (give a new "
+        "or empty folder)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "v"]
+    assert a_file.read_text() == "mine"
+
+    r = _make_synthetic(repo_root)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: flag --out=None: Flag --out must have a value other than None."
+    ]
+
+
+def test_only_an_unchanged_earlier_build_is_replaced(tmp_path):
+    root = tmp_path / "s"
+    synthetic.ensure_synthetic(root, image_size=16)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["tool"] == "tatar_jax.data.synthetic"
+    assert set(meta["files"]) == set(_tree(root)) - {"meta.json"}
+    synthetic.ensure_synthetic(root, image_size=17)  # ours, unchanged: rebuilt in place
+    assert json.loads((root / "meta.json").read_text())["params"]["image_size"] == 17
+    (root / "images" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"holds files the build did not write: images/mine"):
+        synthetic.ensure_synthetic(root, image_size=16)
+    (root / "images" / "mine.txt").unlink()
+    edited = next(iter(json.loads((root / "meta.json").read_text())["files"]))
+    (root / edited).write_bytes(b"edited by the user")
+    with pytest.raises(FileExistsError, match=rf"{edited} was changed or removed since the build"):
+        synthetic.ensure_synthetic(root, image_size=16)
+    assert (root / edited).read_bytes() == b"edited by the user"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing renamed aside
+
+
 def test_a_build_finished_meanwhile_by_another_process_is_kept(built, tmp_path, monkeypatch):
     """Two processes build at once: the one that finishes second must not move the first one's
     (identical) build away while the first may already be reading it."""

@@ -62,9 +62,9 @@ def test_config_presets_and_overrides():
         cli.parse_axes("model=2", "mesh_shape")
 
 
-def test_builtin_declarations_with_per_dataset_image_roots(shared_dir):
+def test_builtin_declarations_with_per_dataset_image_roots(benchmarks_dir):
     cfg = _eval_config()
-    cfg.eval.benchmark_root = str(shared_dir / "benchmarks")
+    cfg.eval.benchmark_root = str(benchmarks_dir)
     roots = specs.parse_mapping("koniq-10k=/img/koniq,SPAQ=/img/spaq")
     cfg.eval.image_roots.KADID = "/img/kadid"
     out = {s.name: s for s in specs.specs_from_config(cfg.eval, roots)}

@@ -250,8 +250,8 @@ NATIVE_TO_100 = {"KonIQ-10K": lambda x: x, "SPAQ": lambda x: x, "PIPAL": lambda 
 
 
 @pytest.mark.parametrize("name", sorted(B1_ROWS))
-def test_b1_rows_map_by_declared_range(tmp_path, shared_dir, name):
-    bench = shared_dir / "benchmarks"
+def test_b1_rows_map_by_declared_range(tmp_path, benchmarks_dir, name):
+    bench = benchmarks_dir
     full = datasets.get(name, bench)
     rows = json.loads(open(full.manifest).read())
     pick = [r for r in rows if r["image"] in B1_ROWS[name]] + rows[:30]

@@ -103,6 +103,23 @@ def test_nonfinite_update_is_skipped_bit_identically():
     assert not np.array_equal(state.params["language"]["w"], before.params["language"]["w"])
 
 
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_a_nonfinite_learning_rate_is_caught_by_the_guard(lr):
+    """Issue 32 item 3: finite gradients and loss, but a NaN / infinite learning rate makes a
+    non-finite update: it is skipped (update_skipped 1), the weights stay as they were."""
+    params = _params()
+    tx = optim.make_optimizer(lr)
+    state = optim.TrainState.create(params, tx, jax.random.key(0))
+    grads = jax.tree.map(jnp.ones_like, params)
+    new, info = jax.jit(lambda s, g: optim.apply_gradients(s, g, tx, loss=jnp.float32(1.0)))(
+        state, grads
+    )
+    assert int(info["update_skipped"]) == 1 and int(new.nonfinite_count) == 1
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert np.isfinite(np.asarray(a)).all()
+
+
 def test_frozen_vision_gets_no_update_and_no_state():
     params = _params()
     mask = optim.trainable_mask(params, freeze_vision=True)

@@ -123,7 +123,7 @@ def test_plot_run_usage_error(tmp_path):
     p = _script([f"--workdir={tmp_path / 'nope'}"])
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        f"plot_run.py: --workdir={tmp_path / 'nope'}: no such directory"
+        f"error: --workdir={tmp_path / 'nope'}: no such directory"
     ]
 
 

@@ -74,6 +74,9 @@ def test_compact_console_and_damaged_latest_checkpoint(base, env):
     moved = wd / "checkpoints_damaged" / "4"
     assert f"checkpoint step 4 is damaged: moved to {moved}; resuming from step 3" in out
     assert "checkpoints/4 is damaged: ValueError: OUT_OF_RANGE" in err
+    # Issue 32 item 5: no asyncio noise from the failed restore after a successful recovery.
+    assert "Event loop is closed" not in err and "Exception ignored" not in err
+    assert "Task exception was never retrieved" not in err and "Traceback" not in err
     assert "resumed sft from" in out and (moved / "state").is_dir()
     train_steps = [r["step"] for r in _rows(wd) if "loss" in r]
     assert train_steps == [1, 2, 3, 4]  # step 4's first row was dropped, then re-logged
@@ -110,8 +113,8 @@ def test_finished_run_keeps_its_records_and_config_changes_need_the_flag(base, e
 
 
 def _user_manifests(base_wd, tmp_path):
-    """Five IQA and eight IAA rows of the base run's synthetic set (absolute image paths);
-    IQA row 3's image is junk."""
+    """Five IQA and eight IAA rows of the base run's synthetic set (absolute image paths, so
+    with the explicit allow_absolute_images opt-out); IQA row 3's image is junk."""
     syn = base_wd / "synthetic"
     out = {}
     for task, n in (("iqa", 5), ("iaa", 8)):
@@ -127,7 +130,8 @@ def _user_manifests(base_wd, tmp_path):
     for task, rng in (("iqa", "(1.0,5.0)"), ("iaa", "(0.0,10.0)")):
         s = f"--config.data.sources.user_{task}"
         flags += [f"{s}.manifest={out[task]}", f"{s}.score_range={rng}",
-                  f"{s}.target_field=rationale"]  # fmt: skip
+                  f"{s}.target_field=rationale",
+                  f"{s}.allow_absolute_images=True"]  # fmt: skip
     return flags
 
 
@@ -160,3 +164,82 @@ def test_bad_record_skip_counts_error_and_budget_stop(base, env, tmp_path):
     assert rc == 1
     want = "train.py: TooManySkippedError: dataset 'user_iqa': 1 of 5 records skipped (20.0%)"
     assert want in err and "Traceback" not in err
+
+
+def _damage(step_dir):
+    big = max((step_dir / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+
+
+def _errors(err):
+    return [x for x in err.splitlines() if x.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_every_checkpoint_damaged_is_one_line_and_moved_aside(base, env, tmp_path):
+    """Issue 32 item 5: every step damaged -> one line naming each step's damage, exit 1, no
+    traceback and no asyncio "Event loop is closed" noise; the steps are moved aside (never
+    deleted) as with one damaged step, so the next start is a fresh run."""
+    import shutil
+
+    wd = tmp_path / "sft"
+    shutil.copytree(base[0], wd)
+    steps = sorted(p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    for s in steps:
+        _damage(wd / "checkpoints" / s)
+    rc, out, err = _train(wd, FLAGS, env)
+    assert rc == 1, err[-3000:]
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    assert "Exception ignored" not in err and "never retrieved" not in err
+    (line,) = _errors(err)
+    assert line.startswith(
+        f"error: no checkpoint in {wd / 'checkpoints'} can be restored (step 4: "
+    )
+    assert all(f"step {s}: ValueError: OUT_OF_RANGE" in line for s in steps)
+    assert line.endswith(
+        f"); moved to {wd / 'checkpoints_damaged'}: rerun to start the run again from step 0"
+    )
+    assert sorted(p.name for p in (wd / "checkpoints_damaged").iterdir()) == steps
+    assert not [p for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.slow
+def test_damaged_inputs_of_a_run_are_one_line_naming_the_file(base, env, tmp_path):
+    """Issue 32 item 6: a corrupt run_config.json on resume, a NaN score or a missing SFT target
+    in a user manifest -> one line naming the file (and row), exit 1; --workdir naming a regular
+    file -> a usage error, exit 2."""
+    import shutil
+
+    wd = tmp_path / "sft"
+    shutil.copytree(base[0], wd)
+    (wd / "run_config.json").write_text('{"stage": ')
+    rc, _, err = _train(wd, FLAGS, env)
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    assert _errors(err) == [
+        f"error: {wd / 'run_config.json'}: not valid JSON (line 1 column 11: Expecting value)"
+    ]
+    rows = {
+        "nan": '{"image": "0.png", "gt_score": NaN, "why": "<think>a</think><answer>3</answer>"}\n',
+        "target": '{"image": "0.png", "gt_score": 2}\n',
+    }
+    want = {
+        "nan": "row 0 (image '0.png'): field 'gt_score': score nan is not finite",
+        "target": "row 0 (image '0.png'): missing or non-text field 'why'",
+    }
+    for name, row in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(row)
+        user = [
+            "--config=configs/sft.py:tiny", "--config.data.train=('user_iqa',)",
+            f"--config.data.sources.user_iqa.manifest={path}",
+            "--config.data.sources.user_iqa.score_range=(1.0, 5.0)",
+            "--config.data.sources.user_iqa.target_field=why", "--config.eval.datasets=()",
+        ]  # fmt: skip
+        rc, _, err = _train(tmp_path / f"w_{name}", user, env)
+        assert rc == 1 and "Traceback" not in err, err[-3000:]
+        assert _errors(err) == [f"error: dataset 'user_iqa': {path}: {want[name]}"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    rc, _, err = _train(a_file, ["--config=configs/sft.py:tiny"], env)
+    assert rc == 2 and _errors(err) == [f"error: --workdir: {a_file} exists and is not a directory"]
+    assert a_file.read_text() == "mine"
