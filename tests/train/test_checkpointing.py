@@ -349,7 +349,8 @@ def test_damaged_latest_step_falls_back_and_is_moved_aside_not_deleted(tmp_path,
     assert ckpt.all_steps() == [1, 2, 3]
     ckpt.close()
 
-    # Every step unreadable: an error listing each, nothing moved.
+    # Every step unreadable: an error listing each; all are moved aside as a single damaged
+    # step is (issue 32 item 5), never deleted, so the next start is a fresh run.
     for s in (1, 2, 3):
         _damage(d / str(s), "manifest")
     ckpt = checkpointing.Checkpointer(tmp_path, every_steps=1, keep=5, async_save=False)
@@ -359,7 +360,11 @@ def test_damaged_latest_step_falls_back_and_is_moved_aside_not_deleted(tmp_path,
     msg = str(err.value)
     assert "step 3: ValueError: DATA_LOSS" in msg and "step 1: " in msg and "\n" not in msg
     assert "Encoded length (2) is less than minimum length" in msg
-    assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+    assert msg.endswith(f"moved to {tmp_path / 'checkpoints_damaged'}: rerun to start the run "
+                        "again from step 0")  # fmt: skip
+    assert not [p for p in d.iterdir() if p.name.isdigit()]
+    damaged = sorted(p.name for p in (tmp_path / "checkpoints_damaged").iterdir())
+    assert damaged == ["1", "2", "3", "3.1"]  # the earlier damaged 3 is kept beside
 
 
 def _skip(it, n):

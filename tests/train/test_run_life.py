@@ -184,6 +184,7 @@ def test_every_checkpoint_damaged_is_one_line_and_moved_aside(base, env, tmp_pat
 
     wd = tmp_path / "sft"
     shutil.copytree(base[0], wd)
+    shutil.rmtree(wd / "checkpoints_damaged", ignore_errors=True)  # an earlier test's
     steps = sorted(p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     for s in steps:
         _damage(wd / "checkpoints" / s)
