@@ -126,7 +126,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.sources = user_sources()  # name -> dataset_source(...)
     c.synthetic = ml_collections.ConfigDict()
     c.synthetic.image_size = 128
-    c.tokenizer_dir = ""  # "" = the model's hf_dir, else the offline Qwen2.5-VL tokenizer
+    # "" = the model's hf_dir, else the init_checkpoint run's, else (the embedded random model)
+    # the embedded tokenizer (tatar_jax.data.embedded_tokenizer: Qwen2.5's, cut to the corpus).
+    c.tokenizer_dir = ""
     c.prompt_variant = "train"
     c.min_pixels = MIN_PIXELS
     c.max_pixels = MAX_PIXELS
@@ -285,6 +287,7 @@ def reference_run(c: ml_collections.ConfigDict) -> None:
 def default_run(c: ml_collections.ConfigDict, *, seq_len: int) -> None:
     """What both stages' ``default`` presets (the embedded tiny random model on the synthetic
     set, CPU minutes) share: one compiled sequence length ``seq_len`` and one patch bucket."""
+    c.model.preset = "embedded"  # qvl.preset("embedded") with the embedded tokenizer's vocabulary
     c.model.dtype = "float32"  # CPU: XLA's bf16 matmuls are slower than f32 there
     c.model.remat = False  # a tiny model: recomputation would only cost time
     c.data.seq_buckets = (seq_len,)

@@ -15,8 +15,9 @@ Sources (:class:`PolicySource`), first match wins:
   that folder or up to three levels above it (every run writes one), else ``hf_dir``'s; never
   guessed (no architecture is an error);
 - ``hf_dir`` = a Hugging Face Qwen2.5-VL folder (safetensors + ``config.json``);
-- neither: the embedded random model (``preset`` sizes with the real Qwen2.5 vocabulary and
-  special-token ids of ``tokenizer``), initialised from ``seed``.
+- neither: the embedded random model (``preset`` sizes with the vocabulary and special-token
+  ids of ``tokenizer``: the embedded tokenizer, :mod:`tatar_jax.data.embedded_tokenizer`, or the
+  full Qwen2.5 one), initialised from ``seed``.
 
 The tokenizer that goes with a source: :func:`tokenizer_dir`.
 """
@@ -39,6 +40,8 @@ from tatar_jax.models import qwen2_5_vl as qvl
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EMBEDDED_VOCAB = 151_936  # Qwen2.5-VL-3B's padded vocabulary (>= the tokenizer's 151,665)
+QWEN_TOKENIZER_SIZE = 151_665  # the Qwen2.5-VL tokenizer's ids, added tokens included
+VOCAB_MULTIPLE = 64  # a smaller tokenizer's vocabulary is padded to a multiple of this
 
 
 def to_dtype(name: str) -> Any:
@@ -69,13 +72,21 @@ class Policy:
     step: int | None = None
 
 
+def embedded_vocab_size(num_tokens: int) -> int:
+    """The embedded model's vocabulary for a tokenizer of ``num_tokens`` ids: Qwen2.5-VL-3B's
+    padded 151,936 for the full Qwen2.5 tokenizer, else ``num_tokens`` rounded up to a multiple
+    of :data:`VOCAB_MULTIPLE` (the embedded tokenizer's 741 ids: 768)."""
+    if num_tokens >= QWEN_TOKENIZER_SIZE:
+        return max(EMBEDDED_VOCAB, num_tokens)
+    return -(-num_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def embedded_config(tok: Any, preset: str = "tiny") -> qvl.Qwen2_5_VLConfig:
-    """The embedded random model: ``qvl.preset(preset)`` sizes with the real Qwen2.5 vocabulary
-    and special-token ids of ``tok`` (so the real tokenizer, prompts and parser work), tied
-    embeddings (the 152k x D table dominates the parameter count of a tiny model)."""
+    """The embedded random model: ``qvl.preset(preset)`` sizes with the vocabulary and
+    special-token ids of ``tok`` (so its prompts and parser work), tied embeddings."""
     base = qvl.preset(preset)
     text = dataclasses.replace(
-        base.text, vocab_size=max(EMBEDDED_VOCAB, len(tok)), tie_word_embeddings=True
+        base.text, vocab_size=embedded_vocab_size(len(tok)), tie_word_embeddings=True
     )
     return dataclasses.replace(
         base,
@@ -118,26 +129,56 @@ def run_config(checkpoint: str) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not a readable run config ({e})") from e
 
 
+def _embedded_tokenizer_dir() -> str:
+    from tatar_jax.data import embedded_tokenizer  # lazy: builds on first use
+
+    return embedded_tokenizer.tokenizer_dir()
+
+
+def _unrecorded_tokenizer(checkpoint: str) -> str | None:
+    """A run that recorded no tokenizer folder used the embedded model's tokenizer when its
+    architecture has that vocabulary, else the offline Qwen2.5 rebuild (None)."""
+    found = _run_file(checkpoint, "config.json")
+    if found is None:
+        return None
+    vocab = qvl.load_config_json(str(found.parent)).text.vocab_size
+    if vocab >= QWEN_TOKENIZER_SIZE:
+        return None
+    from tatar_jax.data import tokenizer as tok_mod
+
+    tok_dir = _embedded_tokenizer_dir()
+    n = len(tok_mod.load_tokenizer(tok_dir))
+    if embedded_vocab_size(n) != vocab:
+        raise ValueError(
+            f"{found}: vocabulary of {vocab} tokens, but no tokenizer folder was recorded and the "
+            f"embedded tokenizer ({tok_dir}) has {n} ids; give the run's tokenizer folder with "
+            "--hf_dir"
+        )
+    return tok_dir
+
+
 def tokenizer_dir(source: PolicySource) -> str | None:
     """The tokenizer folder that goes with ``source`` (None = the offline Qwen2.5 rebuild).
 
     ``hf_dir`` when given; else a checkpoint folder that holds its own ``tokenizer.json`` (a
     complete export); else the tokenizer the training run used (its ``run_config.json``:
     ``data.tokenizer_dir``, else ``model.hf_dir``, as :func:`tatar_jax.train.sources.tokenizer_dir`
-    chose it at training time). A recorded folder that is gone is an error naming it.
+    chose it at training time; neither: the embedded tokenizer when the run's ``config.json`` has
+    its vocabulary); no weights at all (the embedded random model): the embedded tokenizer. A
+    recorded folder that is gone is an error naming it.
     """
     if source.hf_dir:
         return source.hf_dir
     if not source.checkpoint:
-        return None
+        return _embedded_tokenizer_dir() if source.preset else None
     if (pathlib.Path(source.checkpoint) / "tokenizer.json").is_file():
         return source.checkpoint
     cfg = run_config(source.checkpoint)
-    if cfg is None:
-        return None
-    recorded = cfg.get("data", {}).get("tokenizer_dir") or cfg.get("model", {}).get("hf_dir")
+    recorded = None
+    if cfg is not None:
+        recorded = cfg.get("data", {}).get("tokenizer_dir") or cfg.get("model", {}).get("hf_dir")
     if not recorded:
-        return None
+        return _unrecorded_tokenizer(source.checkpoint)
     if not (pathlib.Path(recorded) / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{source.checkpoint}: the run's tokenizer folder {recorded} (run_config.json) has no "

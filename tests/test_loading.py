@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -140,7 +141,11 @@ def test_tokenizer_dir_of_each_source(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "tokenizer.json").write_text("{}")
-    assert loading.tokenizer_dir(loading.PolicySource()) is None  # the offline rebuild
+    # No weights: the embedded random model, with the embedded tokenizer's vocabulary.
+    from tatar_jax.data import embedded_tokenizer
+
+    assert loading.tokenizer_dir(loading.PolicySource()) == embedded_tokenizer.tokenizer_dir()
+    assert loading.tokenizer_dir(loading.PolicySource(preset="")) is None  # the offline rebuild
     assert loading.tokenizer_dir(loading.PolicySource(hf_dir=str(hf))) == str(hf)
     # A complete export carries its own.
     assert loading.tokenizer_dir(loading.PolicySource(checkpoint=str(hf))) == str(hf)
@@ -166,3 +171,30 @@ def test_tokenizer_dir_of_each_source(tmp_path):
     (wd / "run_config.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"run_config.json: not a readable run config"):
         loading.tokenizer_dir(loading.PolicySource(checkpoint=str(wd)))
+
+
+def test_an_unrecorded_tokenizer_follows_the_runs_vocabulary(tmp_path):
+    """A run that recorded no tokenizer folder: the embedded tokenizer when its config.json has
+    that vocabulary, the Qwen2.5 rebuild for a 152k one, an error naming the file otherwise."""
+    from tatar_jax.data import embedded_tokenizer, tokenizer
+
+    small = tokenizer.load_tokenizer(embedded_tokenizer.tokenizer_dir())
+    (tmp_path / "run_config.json").write_text('{"data": {}, "model": {"hf_dir": ""}}')
+    src = loading.PolicySource(checkpoint=str(tmp_path))
+    assert loading.tokenizer_dir(src) is None  # no config.json: nothing says otherwise
+    loading.embedded_config(small, "tiny").to_json_file(str(tmp_path / "config.json"))
+    assert loading.tokenizer_dir(src) == embedded_tokenizer.tokenizer_dir()
+    big = loading.embedded_config(tokenizer.load_tokenizer(None), "tiny")
+    assert big.text.vocab_size == 151_936
+    big.to_json_file(str(tmp_path / "config.json"))
+    assert loading.tokenizer_dir(src) is None
+    odd = big.replace(text=dataclasses.replace(big.text, vocab_size=512))
+    odd.to_json_file(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match=r"config.json: vocabulary of 512 tokens, but no"):
+        loading.tokenizer_dir(src)
+
+
+def test_embedded_vocab_size():
+    assert loading.embedded_vocab_size(151_665) == 151_936  # the full Qwen2.5 tokenizer
+    assert loading.embedded_vocab_size(741) == 768
+    assert loading.embedded_vocab_size(768) == 768

@@ -44,7 +44,11 @@ def run_dir(tmp_path_factory):
 
     wd = tmp_path_factory.mktemp("run") / "sft"
     wd.mkdir()
-    arch = loading.embedded_config(tokenizer.load_tokenizer(None), "tiny")
+    # The embedded model's own vocabulary (the run records no tokenizer folder, as a real
+    # embedded run does not): eval/score/convert find it from the run's config.json.
+    arch = loading.embedded_config(tokenizer.load_tokenizer(loading.tokenizer_dir(
+        loading.PolicySource())), "tiny")  # fmt: skip
+    assert arch.text.vocab_size < 2048
     arch.to_json_file(str(wd / "config.json"))
     (wd / "run_config.json").write_text(sft.get_config("tiny").to_json_best_effort(indent=1))
     ckpt = checkpointing.Checkpointer(wd, every_steps=1, async_save=False, with_data=False)
@@ -142,6 +146,7 @@ def test_export_evaluates_like_the_workdir(from_run, export_dir, labelled, tmp_p
 def test_transformers_loads_the_export(export_dir, labelled):
     import transformers
 
+    from tatar_jax import loading
     from tatar_jax.data import image, prompts, tokenizer
 
     model, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -152,7 +157,8 @@ def test_transformers_loads_the_export(export_dir, labelled):
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Rate."}]}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert text == prompts.render_chat(msgs, None, add_generation_prompt=True)
-    ours = tokenizer.load_tokenizer(None)
+    ours = tokenizer.load_tokenizer(loading.tokenizer_dir(loading.PolicySource()))
+    assert len(tok) == len(ours) < 2048  # the embedded tokenizer went with the weights
     assert tok(text)["input_ids"] == ours.encode(text)
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
 

@@ -241,6 +241,20 @@ def _iaa_rationale(ref: str, sat: float, cast: int) -> str:
     return answer_format.render(" ".join(parts), _score_text(iaa_score(ref, sat, cast), "iaa"))
 
 
+def rationales() -> dict[str, list[str]]:
+    """Every SFT target text the set can hold, per task (the embedded tokenizer's corpus,
+    ``tatar_jax.data.embedded_tokenizer``), in a fixed order."""
+    iqa = [_iqa_rationale(None, 0)] + [
+        _iqa_rationale(d, lv) for d in IQA_DISTORTIONS for lv in LEVELS
+    ]
+    iaa = [
+        _iaa_rationale(ref, sat, cast)
+        for ref in REFERENCES
+        for sat, cast in itertools.product(IAA_SATURATIONS, IAA_CASTS)
+    ]
+    return {"iqa": iqa, "iaa": iaa}
+
+
 def _iqa_records(out: str, ref: str, v: int, base: Image.Image, common: dict) -> list[dict]:
     """The pristine view and each distortion at each level, written under ``out``."""
     recs = []

@@ -70,7 +70,7 @@ QWEN2_5_VL_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
 _BUILD_VERSION = "1"  # bump when the rebuild recipe changes, to invalidate caches
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map used by byte-level BPE."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -97,7 +97,7 @@ def qwen_tiktoken_path() -> pathlib.Path:
     return path
 
 
-def _load_ranks(path: pathlib.Path) -> dict[bytes, int]:
+def load_ranks(path: pathlib.Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line:
@@ -112,7 +112,7 @@ def _load_ranks(path: pathlib.Path) -> dict[bytes, int]:
     return ranks
 
 
-def _true_merge(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[bytes, bytes]:
+def true_merge(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[bytes, bytes]:
     """The pair BPE merges last to build ``token`` using only tokens ranked below ``max_rank``."""
     parts = [token[i : i + 1] for i in range(len(token))]
     while len(parts) > 2:
@@ -129,13 +129,13 @@ def _true_merge(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[b
     return parts[0], parts[1]
 
 
-def build_qwen2_tokenizer(tiktoken_file: str | os.PathLike | None = None) -> tokenizers.Tokenizer:
-    """Build the Qwen2.5-VL fast tokenizer from a ``qwen.tiktoken`` rank file (no cache, ~10 s)."""
-    path = pathlib.Path(tiktoken_file) if tiktoken_file else qwen_tiktoken_path()
-    ranks = _load_ranks(path)
-    if len(ranks) != NUM_BASE_TOKENS:
-        raise ValueError(f"{path}: {len(ranks)} ranks, expected {NUM_BASE_TOKENS} (Qwen2 base)")
-    b2u = _bytes_to_unicode()
+def assemble_byte_level_bpe(
+    ranks: dict[bytes, int], added: Sequence[tuple[str, bool]]
+) -> tokenizers.Tokenizer:
+    """A Qwen2-style byte-level BPE over ``ranks`` (token bytes -> id, ids 0..n-1; every token
+    of more than one byte reachable by merges of lower-ranked ones) plus the ``added`` (content,
+    special) tokens at ids n, n+1, ...: NFC, Qwen2's split regex, byte-level decoding."""
+    b2u = bytes_to_unicode()
 
     def to_str(b: bytes) -> str:
         return "".join(b2u[x] for x in b)
@@ -144,7 +144,7 @@ def build_qwen2_tokenizer(tiktoken_file: str | os.PathLike | None = None) -> tok
     merges = []
     for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(tok) > 1:
-            left, right = _true_merge(ranks, tok, r)
+            left, right = true_merge(ranks, tok, r)
             merges.append((to_str(left), to_str(right)))
     tok = tokenizers.Tokenizer(
         models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
@@ -158,18 +158,32 @@ def build_qwen2_tokenizer(tiktoken_file: str | os.PathLike | None = None) -> tok
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [
-        AddedToken(content, special=special, normalized=False, single_word=False)
-        for _, content, special in QWEN2_5_VL_ADDED_TOKENS
-    ]
-    tok.add_tokens(added)
+    tok.add_tokens(
+        [
+            AddedToken(content, special=special, normalized=False, single_word=False)
+            for content, special in added
+        ]
+    )
+    for i, (content, _) in enumerate(added):
+        if tok.token_to_id(content) != len(ranks) + i:
+            raise AssertionError(f"{content} got id {tok.token_to_id(content)}")
+    return tok
+
+
+def build_qwen2_tokenizer(tiktoken_file: str | os.PathLike | None = None) -> tokenizers.Tokenizer:
+    """Build the Qwen2.5-VL fast tokenizer from a ``qwen.tiktoken`` rank file (no cache, ~10 s)."""
+    path = pathlib.Path(tiktoken_file) if tiktoken_file else qwen_tiktoken_path()
+    ranks = load_ranks(path)
+    if len(ranks) != NUM_BASE_TOKENS:
+        raise ValueError(f"{path}: {len(ranks)} ranks, expected {NUM_BASE_TOKENS} (Qwen2 base)")
+    tok = assemble_byte_level_bpe(ranks, [(c, sp) for _, c, sp in QWEN2_5_VL_ADDED_TOKENS])
     for tid, content, _ in QWEN2_5_VL_ADDED_TOKENS:
         if tok.token_to_id(content) != tid:
             raise AssertionError(f"{content} got id {tok.token_to_id(content)}, expected {tid}")
     return tok
 
 
-def _cache_dir() -> pathlib.Path:
+def cache_dir() -> pathlib.Path:
     env = os.environ.get("TATAR_JAX_CACHE")
     if env:
         return pathlib.Path(env)
@@ -186,7 +200,7 @@ def default_tokenizer_json() -> tokenizers.Tokenizer:
     digest = hashlib.sha256(path.read_bytes() + _BUILD_VERSION.encode()).hexdigest()[:16]
     if digest in _MEMO:
         return _MEMO[digest]
-    cached = _cache_dir() / f"qwen2_5_vl_tokenizer_{digest}.json"
+    cached = cache_dir() / f"qwen2_5_vl_tokenizer_{digest}.json"
     tok = None
     if cached.is_file():
         try:
@@ -339,3 +353,26 @@ def load_tokenizer(ckpt_dir: str | os.PathLike | None = None) -> Tokenizer:
         )
     tok = tokenizers.Tokenizer.from_file(str(tj))
     return Tokenizer(tok, chat_template=_read_chat_template(ckpt), source=str(ckpt))
+
+
+def hf_tokenizer_config(tok: tokenizers.Tokenizer, model_max_length: int) -> dict:
+    """The ``tokenizer_config.json`` transformers reads next to ``tok``'s ``tokenizer.json``
+    (Qwen2.5-VL's: no BOS, ``<|im_end|>`` ends a turn, ``<|endoftext|>`` pads), with the added
+    tokens at ``tok``'s own ids."""
+    added = {
+        str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": t.special}
+        for i, t in sorted(tok.get_added_tokens_decoder().items())
+    }  # fmt: skip
+    return {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "errors": "replace",
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "model_max_length": int(model_max_length),
+    }

@@ -18,9 +18,16 @@ from tatar_jax.data import datasets, manifest, pipeline, prompts, synthetic
 
 
 def tokenizer_dir(cfg: Any) -> str | None:
-    """The tokenizer's folder: ``data.tokenizer_dir``, else the HF model's, else None (the
-    offline Qwen2.5 rebuild)."""
-    return cfg.data.tokenizer_dir or cfg.model.hf_dir or None
+    """The tokenizer's folder: ``data.tokenizer_dir``, else the HF model's, else the one of the
+    model's source (``tatar_jax.loading.tokenizer_dir``: an ``init_checkpoint`` run's, or the
+    embedded model's own small vocabulary); None = the offline Qwen2.5 rebuild."""
+    if cfg.data.tokenizer_dir or cfg.model.hf_dir:
+        return cfg.data.tokenizer_dir or cfg.model.hf_dir
+    from tatar_jax import loading  # lazy: loading imports the model
+
+    return loading.tokenizer_dir(
+        loading.PolicySource(checkpoint=cfg.model.init_checkpoint, preset=cfg.model.preset)
+    )
 
 
 def ensure_synthetic(root: pathlib.Path, image_size: int) -> dict[str, Any]:

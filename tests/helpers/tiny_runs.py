@@ -75,9 +75,9 @@ def final_params(workdir, cfg) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from tatar_jax.data import tokenizer
-    from tatar_jax.train import checkpointing, trainer
+    from tatar_jax.train import checkpointing, sources, trainer
 
-    tok = tokenizer.load_tokenizer(None)
+    tok = tokenizer.load_tokenizer(sources.tokenizer_dir(cfg))
     model = trainer.load_policy(cfg, tok).model
     _, target = nnx.split(model)
     params, _ = checkpointing.load_params(workdir, target)
@@ -112,9 +112,10 @@ def final_params_init(cfg) -> dict[str, np.ndarray]:
         from flax import nnx
 
         from tatar_jax.data import tokenizer
-        from tatar_jax.train import trainer
+        from tatar_jax.train import sources, trainer
 
-        model = trainer.load_policy(cfg, tokenizer.load_tokenizer(None)).model
+        tok = tokenizer.load_tokenizer(sources.tokenizer_dir(cfg))
+        model = trainer.load_policy(cfg, tok).model
         flat = jax.tree_util.tree_leaves_with_path(nnx.state(model))
         _INIT_CACHE["p"] = {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
     return _INIT_CACHE["p"]

@@ -592,25 +592,9 @@ def _rebuilt_tokenizer_files(out_dir: str, model_max_length: int) -> None:
 
     tok = tok_mod.default_tokenizer_json()
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    added = {
-        str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": special}
-        for i, c, special in tok_mod.QWEN2_5_VL_ADDED_TOKENS
-    }  # fmt: skip
     _write_json(
         os.path.join(out_dir, "tokenizer_config.json"),
-        {
-            "tokenizer_class": "Qwen2Tokenizer",
-            "added_tokens_decoder": added,
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "errors": "replace",
-            "clean_up_tokenization_spaces": False,
-            "split_special_tokens": False,
-            "model_max_length": int(model_max_length),
-        },
+        tok_mod.hf_tokenizer_config(tok, model_max_length),
     )
 
 

@@ -331,17 +331,69 @@ def tiny(*, tie_word_embeddings: bool = False) -> Qwen2_5_VLConfig:
     )
 
 
+def embedded(
+    *,
+    hidden: int = 192,
+    layers: int = 4,
+    vision_hidden: int = 96,
+    vision_depth: int = 4,
+    head_dim: int = 32,
+) -> Qwen2_5_VLConfig:
+    """The embedded default's random model (``configs/*.py`` preset ``default``): sized for CPU
+    minutes once its vocabulary is the embedded tokenizer's few hundred ids
+    (``tatar_jax.loading.embedded_config`` sets the vocabulary and token ids), with the compute
+    the 152k-token lm_head used to take spent on a wider, deeper decoder and vision tower
+    (sizes chosen by measurement, ``benchmarks/sweeps/grpo_default.md`` sweep 5).
+    SwiGLU width 2 x hidden (the tiny preset's ratio), 2 KV heads, Qwen's 2:3:3 M-RoPE split of
+    ``head_dim / 2``; vision: 2 x hidden MLP, window attention on 4 x 4-patch windows with full
+    attention in the last block."""
+    half = head_dim // 2
+    t, h = 3 * half // 8, 3 * half // 8
+    mrope = (half - t - h, t, h)
+    return Qwen2_5_VLConfig(
+        text=TextConfig(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // head_dim,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            mrope_section=mrope,
+            max_position_embeddings=2048,
+        ),
+        vision=VisionConfig(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=vision_hidden // head_dim,
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=(vision_depth - 1,),
+            out_hidden_size=hidden,
+        ),
+        image_token_id=250,
+        video_token_id=251,
+        vision_start_token_id=248,
+        vision_end_token_id=249,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
 PRESETS = {
     "3b": qwen2_5_vl_3b,
     "7b": qwen2_5_vl_7b,
     "32b": qwen2_5_vl_32b,
     "72b": qwen2_5_vl_72b,
     "tiny": tiny,
+    "embedded": embedded,
 }
 
 
 def preset(name: str) -> Qwen2_5_VLConfig:
-    """``"3b" | "7b" | "32b" | "72b" | "tiny"`` → config."""
+    """``"3b" | "7b" | "32b" | "72b" | "tiny" | "embedded"`` → config."""
     key = name.lower().removeprefix("qwen2.5-vl-").removesuffix("-instruct")
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
