@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tatar_jax import generate, grpo, rewards
-from tatar_jax.data import prompts
+from tatar_jax.data.prompts import TASKS, task_names
 from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import metrics
 from tatar_jax.train.rollout import Samples
@@ -112,7 +112,7 @@ class Scorer:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """(total (N,) float32, {name: (N,)}) over the whole batch."""
         b = len(batch["valid"])
-        is_iaa = np.repeat(prompts.task_names(batch["task_id"]) == "iaa", g)
+        is_iaa = np.repeat(task_names(batch["task_id"]) == "iaa", g)
         gt = np.repeat(np.asarray(batch["gt_100"], np.float32), g)
         gt = np.where(valid, gt, 50.0).astype(np.float32)  # invalid rows: any finite value
         features = dict(
@@ -126,9 +126,9 @@ class Scorer:
 
     def _metrics(self, batch, parts, feats, cmask, valid, g) -> dict[str, float]:
         """Reward statistics per task over the valid rows, think length, valid prompts."""
-        tasks = np.repeat(prompts.task_names(batch["task_id"]), g)
+        tasks = np.repeat(task_names(batch["task_id"]), g)
         weights = {
-            t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts} for t in prompts.TASKS
+            t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts} for t in TASKS
         }
         m: dict[str, float] = {}
         if valid.any():

@@ -91,3 +91,22 @@ def test_reward_set_compiles_once_and_equals_total_reward():
     eager, eager_parts = rewards.total_reward(**f, config=cfg.rewards, num_groups=n // g)
     np.testing.assert_allclose(total, np.asarray(eager), rtol=1e-6, atol=1e-6)
     assert parts.keys() == eager_parts.keys() and np.abs(total).max() > 0
+
+
+def test_step_batches_are_frozen_and_replaced_not_mutated():
+    """A step batch is a frozen pytree: the stage adds the reference log-probs as a new value,
+    the pack size is a static field (part of the jit key), not an array."""
+    import dataclasses
+
+    cfg = qvl.tiny()
+    b = tm.prompt_batch(cfg)
+    n, t = 2 * len(b["input_ids"]), 3
+    tokens = np.full((n, t), tm.TEXT_ID_RANGE[0], np.int32)
+    batch = tm.grpo_step_inputs(cfg, b, tokens, np.ones((n, t), bool), np.zeros(n, np.float32), 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        batch.rows.ref_logps = np.zeros((n, t), np.float32)
+    new = batch.replace(rows=batch.rows.replace(ref_logps=np.zeros((n, t), np.float32)))
+    assert batch.rows.ref_logps is None and new.rows.ref_logps.shape == (n, t)
+    packed = batch.replace(pack_size=4)
+    assert jax.tree.structure(packed) != jax.tree.structure(batch)  # static: a new program
+    assert len(jax.tree.leaves(packed)) == len(jax.tree.leaves(batch))
