@@ -171,21 +171,20 @@ def test_trainer_rollout_on_its_own_layout_equals_one_device_generate():
     gcfg.update(dict(num_generations=g, max_new_tokens=t, top_k=0))
     tok = types.SimpleNamespace(eos_ids=(7, 11), pad_id=0)
     mesh = sharding.make_mesh({"fsdp": 8})
-    width = np.shape(batch["input_ids"])[1]
     engine = rollout.RolloutEngine(
-        model, tok, gcfg, prompt_buckets=(width,),
-        mesh=mesh, rules=sharding.DEFAULT_RULES, rollout_cfg=grpo_config.rollout_block(),
+        model, tok, gcfg, mesh=mesh, rules=sharding.DEFAULT_RULES,
+        rollout_cfg=grpo_config.rollout_block(),
     )  # fmt: skip
     assert dict(engine.sampler.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     state = nnx.state(model)
     fsdp = jax.device_put(state, sharding.state_shardings(state, mesh))
     key = jax.random.key(9)
-    out = engine.generate(fsdp, engine.sampler.prepare(
+    # The prompts' layout is computed once; both engines consume it as it is.
+    prompts = sampler.prepare(
         batch["input_ids"], batch["attention_mask"], pv_real, batch["image_grid_thw"]
-    ), key)  # fmt: skip
-    ref = sampler.generate(
-        batch["input_ids"], batch["attention_mask"], pv_real, batch["image_grid_thw"], rng=key
     )
+    out = engine.generate(fsdp, prompts, key)
+    ref = sampler.generate_prompts(prompts, rng=key)
     np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens))
     np.testing.assert_array_equal(out.mask, np.asarray(ref.mask))
     np.testing.assert_allclose(out.logps, np.asarray(ref.logps), atol=1e-5, rtol=0)
