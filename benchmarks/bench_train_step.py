@@ -131,6 +131,7 @@ def jax_step(hf_dir, a, batch):
     import optax
     from flax import nnx
 
+    from tatar_jax import generate, grpo
     from tatar_jax.models import qwen2_5_vl as qvl
     from tatar_jax.train import grpo_step, optim
     from tatar_jax.train import inputs as step_inputs
@@ -144,16 +145,20 @@ def jax_step(hf_dir, a, batch):
         "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1), "pixel_values": pv,
         "image_grid_thw": grids,
     }  # fmt: skip
-    rows = step_inputs.expand_prompts(pbatch, tokens, cmask, a.group, cfg.image_token_id)
-    rows.update(completion_mask=cmask.astype(np.float32), advantages=adv, ref_logps=ref)
-    inputs = jax.tree.map(
-        jnp.asarray, {"rows": rows, "shared": step_inputs.shared_vision(pbatch, cfg.vision)}
+    prompts = generate.prompt_batch({**pbatch, "pixel_values": pv}, cfg)
+    task_id = np.zeros(len(ids), np.int32)
+    inputs = step_inputs.grpo_batch(
+        prompts, task_id, tokens, cmask, cmask.astype(np.float32), adv, cfg.image_token_id
     )
+    inputs = jax.tree.map(jnp.asarray, inputs.replace(rows=inputs.rows.replace(ref_logps=ref)))
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.0))
     state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
     fn = jax.jit(
-        grpo_step.make_grpo_step(graphdef, tx, beta=a.beta, chunk_size=1024), donate_argnums=(0,)
+        grpo_step.make_grpo_step(
+            graphdef, tx, loss=grpo.LossConfig(beta=a.beta), chunk_size=1024
+        ),
+        donate_argnums=(0,),
     )
     holder = {"state": state}
 

@@ -46,10 +46,11 @@ from collections.abc import Iterable
 import ml_collections
 
 from configs import common
+from tatar_jax.rewards import names
 
 PRESETS = ("tatar", "reference")
-FUNCTIONS = ("format", "accuracy", "threshold", "rank", "thurstone")
-EXTRA_KINDS = ("features", "host")
+FUNCTIONS = names.BUILT_INS  # the built-in reward functions (tatar_jax/rewards/names.py)
+EXTRA_KINDS = names.EXTRA_KINDS
 
 
 def _weights(**nonzero: float) -> ml_collections.ConfigDict:

@@ -8,14 +8,51 @@ Reward statistics per task are ``tatar_jax.train.metrics.grpo_reward_metrics``.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["group_advantages", "grpo_loss", "masked_mean", "micro_batch_share"]
+__all__ = ["LossConfig", "group_advantages", "grpo_loss", "masked_mean", "micro_batch_share"]
 
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch_std")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "bnpo", "fixed_length")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The GRPO objective's settings (:func:`grpo_loss`'s keywords) plus the sampling
+    ``temperature`` the policy's log-probs are computed at (as the rollout sampled)."""
+
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.001
+    aggregation: str = "seq_mean_token_mean"
+    importance_sampling_level: str = "token"
+    kl_bias_correction: bool = False
+    temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, grpo_cfg: Any) -> LossConfig:
+        """From the ``grpo`` block of configs/grpo.py."""
+        eh = grpo_cfg.epsilon_high
+        return cls(
+            epsilon=float(grpo_cfg.epsilon),
+            epsilon_high=None if eh is None else float(eh),
+            beta=float(grpo_cfg.beta),
+            aggregation=str(grpo_cfg.loss_aggregation),
+            importance_sampling_level=str(grpo_cfg.importance_sampling_level),
+            kl_bias_correction=bool(grpo_cfg.kl_bias_correction),
+            temperature=float(grpo_cfg.temperature),
+        )
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keywords of :func:`grpo_loss`."""
+        out = dataclasses.asdict(self)
+        del out["temperature"]
+        return out
 
 
 def group_advantages(

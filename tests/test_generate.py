@@ -331,10 +331,9 @@ def test_compilations_bounded_and_weight_swap(pair):
     assert counts == {"prefill": 2, "decode": 1}
     # swap in other weights: no new trace, results equal a fresh engine on the new model
     other = qvl.Qwen2_5_VLForConditionalGeneration(model.config, rngs=nnx.Rngs(3), init_std=0.08)
-    sampler.update(other)
     b = tm.make_batch(rows[0], seed=0)
     args = (b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
-    swapped = sampler(*args)
+    swapped = sampler(*args, state=nnx.state(other))
     assert dict(sampler.trace_counts) == counts
     tokens = np.asarray(swapped.tokens)
     assert not np.array_equal(tokens, np.asarray(outs[0].tokens))
@@ -374,7 +373,7 @@ def test_sampler_lower_gives_the_programs_generate_runs(pair):
     b = tm.make_batch([[2, (1, 4, 8), 3], [1, (1, 4, 4), 5]], seed=0)
     args = (b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
     ref = sampler(*args)
-    inputs, key = sampler.prepare(*args), jax.random.key(0)
+    inputs, key = sampler.prepare(*args).arrays(), jax.random.key(0)
     prefill, decode = sampler.lower(sampler.state, *inputs, key)
     carry = prefill.compile()(sampler.state, *inputs, key)
     out, _, _ = decode.compile()(sampler.state, carry)
@@ -442,7 +441,7 @@ def test_sample_cache_holds_one_prompt_copy(pair):
     params = generate.SamplingParams(max_new_tokens=5, num_samples=4, stop_token_ids=STOP)
     sampler = generate.Sampler(model, params, prompt_multiple=16)
     b = tm.make_batch([[3], [9]], seed=0)
-    args = sampler.prepare(b["input_ids"], b["attention_mask"])
+    args = sampler.prepare(b["input_ids"], b["attention_mask"]).arrays()
     carry = jax.eval_shape(sampler._prefill_fn, sampler.state, *args, jax.random.key(0))
     t = model.config.text
     kv = (t.num_hidden_layers, t.num_key_value_heads, t.head_dim)

@@ -151,7 +151,7 @@ def test_rollout_weights_in_compute_dtype_replicated_no_gather_in_decode(model):
             assert x.dtype == jnp.bfloat16
         assert x.sharding.is_fully_replicated
     batch = tm.make_batch([[4], [9], [2], [6], [3], [5], [7], [8]], seed=1)
-    args = s.prepare(batch["input_ids"], batch["attention_mask"])
+    args = s.prepare(batch["input_ids"], batch["attention_mask"]).arrays()
     with sharding.use_rules(rep, s.rules):
         _, decode = s.lower(w, *args, jax.random.key(0))
     hlo = decode.compile().as_text()

@@ -86,3 +86,17 @@ def test_override_the_preset_lacks_is_an_error(monkeypatch):
                 "--config.rewards.preset=reference")  # fmt: skip
     cfg, _ = _parsed(monkeypatch, "--config.rewards.preset=tatar")
     assert cfg.rewards.to_dict() == rewards_configs.get_config("tatar").to_dict()
+
+
+def test_config_names_come_from_the_registry():
+    """configs/rewards.py takes the built-ins' names from the rewards registry (one source), and
+    every built-in has its block and a weight in both presets."""
+    from tatar_jax.rewards import names
+
+    assert rewards_configs.FUNCTIONS is names.BUILT_INS
+    assert tuple(rewards.REGISTRY) == names.BUILT_INS == rewards.REWARD_FUNCTIONS
+    assert rewards_configs.EXTRA_KINDS is names.EXTRA_KINDS
+    for preset in rewards_configs.PRESETS:
+        c = rewards_configs.get_config(preset)
+        for name in names.BUILT_INS:
+            assert names.CONFIG_BLOCK[name] in c and name in c.weights.iqa and name in c.weights.iaa

@@ -267,22 +267,23 @@ def bench_update(dry: bool, compile_log: dict[str, float]) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     tokens = rng.integers(3, 200, size=(n, s["new"])).astype(np.int32)
     cmask = np.arange(s["new"])[None] < rng.integers(s["new"] // 2, s["new"] + 1, size=(n, 1))
-    rows = step_inputs.expand_prompts(batch, tokens, cmask, s["g"], cfg.image_token_id)
-    rows.update(
-        completion_mask=cmask.astype(np.float32),
-        advantages=rng.standard_normal(n).astype(np.float32),
-        ref_logps=rng.normal(-11.0, 0.5, size=(n, s["new"])).astype(np.float32),
-    )
-    inputs = jax.tree.map(
-        jnp.asarray, {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
-    )
+    from tatar_jax import generate, grpo
+
+    inputs = step_inputs.grpo_batch(
+        generate.prompt_batch(batch, cfg), np.zeros(s["prompts"], np.int32), tokens, cmask,
+        cmask.astype(np.float32), rng.standard_normal(n).astype(np.float32), cfg.image_token_id,
+    )  # fmt: skip
+    ref = rng.normal(-11.0, 0.5, size=(n, s["new"])).astype(np.float32)
+    inputs = jax.tree.map(jnp.asarray, inputs.replace(rows=inputs.rows.replace(ref_logps=ref)))
     from flax import nnx
 
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.0))
     state = optim.TrainState.create(params, tx, jax.random.key(0))
-    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.04, chunk_size=1024),
-                   donate_argnums=(0,))  # fmt: skip
+    step = jax.jit(
+        grpo_step.make_grpo_step(graphdef, tx, loss=grpo.LossConfig(beta=0.04), chunk_size=1024),
+        donate_argnums=(0,),
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, inputs).compile()
     compile_log["update/3b" if not dry else "update/tiny"] = round(time.perf_counter() - t0, 2)

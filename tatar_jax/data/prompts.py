@@ -23,10 +23,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tatar_jax import answer_format
 
 TASKS: tuple[str, str] = ("iqa", "iaa")
 TASK_IDS: dict[str, int] = {"iqa": 0, "iaa": 1}
+
+
+def task_names(task_ids: Any) -> np.ndarray:
+    """Task names ("iqa" / "iaa") of an array of ``TASK_IDS`` values: the one id -> name map."""
+    names = np.array(TASKS)
+    ids = np.asarray(task_ids, np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(names)):
+        raise ValueError(f"task ids {sorted(set(ids.tolist()))} outside {TASK_IDS}")
+    return names[ids]
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"

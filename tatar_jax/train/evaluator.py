@@ -51,7 +51,8 @@ class Evaluator:
         for s in sources.sources(cfg, list(ev.datasets), workdir, split="test"):
             recs = subsample(s.records, per // 2 if per > 0 else -1)
             self.sources.append(pipeline.Source(s.name, s.task, recs))
-        # Training patch buckets are sized for the training batch; the sampler buckets eval's own.
+        # Training patch buckets are sized for the training batch: eval's batches take the
+        # default patch buckets; the sampler consumes each batch's layout as it is.
         self.opts = pipeline.options_from_config(
             cfg.data, "eval", int(ev.batch_size), tokenizer_dir=sources.tokenizer_dir(cfg),
             num_epochs=1, patch_buckets=None,
@@ -63,9 +64,8 @@ class Evaluator:
             stop_token_ids=tuple(tok.eos_ids),
             pad_token_id=int(tok.pad_id),
         )
-        self.sampler = generate.Sampler(
-            model, params, prompt_buckets=tuple(cfg.data.seq_buckets), mesh=mesh, rules=rules
-        )
+        self.sampler = generate.Sampler(model, params, mesh=mesh, rules=rules)
+        self.model_config = model.config
 
     def __call__(self, params: PyTree) -> dict[str, float]:
         from tatar_jax.evaluation import metrics_from_completions
@@ -74,11 +74,8 @@ class Evaluator:
         for src in self.sources:
             recs, comps = [], []
             for batch in pipeline.make_dataset([src], self.opts):
-                n_patch = int(batch["patch_mask"].sum())
-                gen = self.sampler.generate(
-                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:n_patch],
-                    batch["image_grid_thw"], state=params,
-                )  # fmt: skip
+                prompts = generate.prompt_batch(batch, self.model_config)
+                gen = self.sampler.generate_prompts(prompts, state=params)
                 texts = generate.decode_completions(self.tok, gen)
                 for k in np.nonzero(batch["valid"])[0]:
                     recs.append({"gt_100": float(batch["gt_100"][k]), "task": src.task})

@@ -2,14 +2,14 @@
 log-probs -> ``grpo.grpo_loss`` -> gradients -> optimizer update; and the log-prob function used
 for the reference model (and for pi_old when mu > 1).
 
-Inputs (``inputs.StepInputs`` from ``rollout.Rollout.inputs``; N = prompts x G rows,
-L = Lp + T, T = max new tokens):
+Inputs: a frozen :class:`tatar_jax.train.inputs.GrpoBatch` (N = prompts x G rows, L = Lp + T,
+T = max new tokens):
 
 - ``rows``: ``input_ids``, ``attention_mask``, ``feat_index`` (N, L), ``position_ids`` (N, 3, L),
   ``completion_mask`` (N, T) float (tokens up to and including the stop token; 0 for invalid
-  prompts), ``advantages`` (N,), optionally ``old_logps`` (N, T) (mu > 1; with mu = 1 pi_old is the
-  detached policy, rho = 1) and ``ref_logps`` (N, T) (beta > 0).
-- ``shared``: ``pixel_values`` + ``layout`` of the step's B images. The vision tower runs once
+  prompts), ``advantages`` (N,), ``task_id`` (N,), ``old_logps`` (N, T) (mu > 1; None: pi_old is
+  the detached policy, rho = 1) and ``ref_logps`` (N, T) (beta > 0; else None).
+- ``vision``: ``pixel_values`` + ``layout`` of the step's B images. The vision tower runs once
   per step (once per image, never once per completion or per micro-batch): the update computes
   the features, every micro-batch gathers them, the micro-batches' gradients w.r.t. the features
   are summed and go back through the tower in one backward; the reference / pi_old pass runs it
@@ -17,11 +17,13 @@ L = Lp + T, T = max new tokens):
 
 Only the T completion positions go through the lm_head (``hidden[:, Lp-1 : L-1]``), in chunks of
 ``chunk_size`` tokens (``tatar_jax.logprobs``): no (tokens x vocab) array is ever whole.
-With ``shared["pack_slots"]`` (a (K,) placeholder whose *shape* is the static K;
-``inputs.pack_slots``), only the completion tokens that count (mask 1) go through it, packed
-into K slots: completions stop well before ``max_new_tokens`` (a short IQA rationale in a
-256-token budget), and the lm_head over the 152k vocabulary is most of a small model's update.
+With ``pack_size`` K > 0 (a static field of the batch; ``inputs.pack_size``), only the
+completion tokens that count (mask 1) go through it, packed into K slots: completions stop well
+before ``max_new_tokens`` (a short IQA rationale in a 256-token budget), and the lm_head over the
+152k vocabulary is most of a small model's update.
 Log-probs, ratios, KL and the loss are float32 whatever the compute dtype.
+
+The loss settings are one frozen :class:`tatar_jax.grpo.LossConfig`.
 
 Micro-batches (``num_micro``: row slices, summed by ``optim.accumulate_gradients``): each
 micro-batch contributes its *share* of the step loss, so the step's loss and gradient equal the
@@ -69,9 +71,10 @@ def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):
 
 def completion_logps(
     model: nnx.Module,
-    rows: Mapping[str, jax.Array],
-    shared: Mapping[str, Any],
+    rows: step_inputs.GrpoRows,
+    vision: step_inputs.Vision,
     *,
+    pack_size: int = 0,
     features: jax.Array | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
@@ -81,16 +84,17 @@ def completion_logps(
     with ``return_entropy`` the (N, T) entropies of the tempered next-token distributions there.
 
     ``features``: the step's image features (``inputs.image_features``); None runs the vision
-    tower here."""
-    h = step_inputs.hidden_states(model, rows, shared, features)
-    t = rows["completion_mask"].shape[1]
+    tower here. ``pack_size`` > 0: only the counted tokens, packed into that many slots."""
+    h = step_inputs.hidden_states(model, rows, vision, features)
+    t = rows.completion_mask.shape[1]
     length = h.shape[1]
     hc = h[:, length - t - 1 : length - 1]  # position i predicts token i + 1
-    tgt = jnp.where(rows["completion_mask"] > 0, rows["input_ids"][:, length - t :], -1)
+    tgt = jnp.where(rows.completion_mask > 0, rows.input_ids[:, length - t :], -1)
     w, layout = step_inputs.lm_head(model)
-    if "pack_slots" in shared:
-        k = shared["pack_slots"].shape[0]
-        out = _packed_logps(hc, tgt, rows["completion_mask"], w, k, layout, chunk_size, temperature)
+    if pack_size:
+        out = _packed_logps(
+            hc, tgt, rows.completion_mask, w, pack_size, layout, chunk_size, temperature
+        )
     else:
         out = token_logprobs(
             hc, w, tgt, chunk_size=chunk_size, weight_layout=layout, temperature=temperature,
@@ -101,28 +105,28 @@ def completion_logps(
 
 def make_logps_fn(
     graphdef: nnx.GraphDef, *, temperature: float = 1.0, chunk_size: int = 1024, num_micro: int = 1
-) -> Callable[[PyTree, Mapping[str, Any]], jax.Array]:
-    """Pure ``fn(params, inputs) -> (N, T)`` log-probs (reference model / pi_old); jit it.
+) -> Callable[[PyTree, step_inputs.GrpoBatch], jax.Array]:
+    """Pure ``fn(params, batch) -> (N, T)`` log-probs (reference model / pi_old); jit it.
 
     The vision tower runs once (no gradient); rows are then processed ``num_micro`` slices at a
-    time (``lax.map``) to bound activation memory.
+    time (``lax.map``) to bound activation memory. ``batch.rows``' ``old_logps`` / ``ref_logps``
+    are not read.
     """
 
-    def fn(params: PyTree, inputs: Mapping[str, Any]) -> jax.Array:
+    def fn(params: PyTree, batch: step_inputs.GrpoBatch) -> jax.Array:
         model = nnx.merge(graphdef, params)
-        keys = ("input_ids", "attention_mask", "position_ids", "feat_index", "completion_mask")
-        rows = {k: inputs["rows"][k] for k in keys}
-        shared = inputs["shared"]
-        feats = jax.lax.stop_gradient(step_inputs.image_features(model, shared))
+        rows = batch.rows.replace(old_logps=None, ref_logps=None)
+        feats = jax.lax.stop_gradient(step_inputs.image_features(model, batch.vision))
 
         def logps(mb):
             return completion_logps(
-                model, mb, shared, features=feats, temperature=temperature, chunk_size=chunk_size
-            )
+                model, mb, batch.vision, pack_size=batch.pack_size, features=feats,
+                temperature=temperature, chunk_size=chunk_size,
+            )  # fmt: skip
 
         if num_micro <= 1:
             return logps(rows)
-        n = rows["input_ids"].shape[0]
+        n = rows.input_ids.shape[0]
         micro = jax.tree.map(lambda x: x.reshape((num_micro, n // num_micro) + x.shape[1:]), rows)
         out = jax.lax.map(logps, micro)
         return out.reshape((n,) + out.shape[2:])
@@ -133,61 +137,43 @@ def make_logps_fn(
 def grpo_grads(
     graphdef: nnx.GraphDef,
     params: PyTree,
-    inputs: Mapping[str, Any],
+    batch: step_inputs.GrpoBatch,
+    loss: grpo.LossConfig,
     *,
     num_micro: int = 1,
     train_vision: bool = True,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.001,
-    aggregation: str = "seq_mean_token_mean",
-    importance_sampling_level: str = "token",
-    kl_bias_correction: bool = False,
-    temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
     """(loss, float32 grads, aux sums) of the step's GRPO loss, summed over ``num_micro`` row
     micro-batches (each contributes its share; see the module docstring).
 
-    Aux also holds ``entropy_sum`` (summed token entropies over completion tokens) and, with a
-    ``rows["task_id"]`` (N,) int array, ``entropy_sum/<task>`` and ``completion_tokens/<task>``
-    (``tatar_jax.data.prompts.TASK_IDS``).
+    Aux also holds ``entropy_sum`` (summed token entropies over completion tokens),
+    ``entropy_sum/<task>`` and ``completion_tokens/<task>`` (``rows.task_id``,
+    ``tatar_jax.data.prompts.TASK_IDS``).
 
     The vision tower runs once per step: its features are an input of every micro-batch's
     loss, whose gradients w.r.t. them are summed and sent back through the tower once.
     ``train_vision=False`` (a frozen tower): no backward through it, zero ``visual`` grads.
     """
-    rows, shared = inputs["rows"], inputs["shared"]
-    tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
+    rows, vision = batch.rows, batch.vision
+    tokens_step = jnp.maximum(jnp.sum(rows.completion_mask), 1.0)
+    beta = loss.beta
 
     def loss_fn(p, f, mb):
         model = nnx.merge(graphdef, p)
         logps, ent = completion_logps(
-            model,
-            mb,
-            shared,
-            features=f,
-            temperature=temperature,
-            chunk_size=chunk_size,
-            return_entropy=True,
+            model, mb, vision, pack_size=batch.pack_size, features=f,
+            temperature=loss.temperature, chunk_size=chunk_size, return_entropy=True,
+        )  # fmt: skip
+        old = mb.old_logps if mb.old_logps is not None else jax.lax.stop_gradient(logps)
+        ref = mb.ref_logps if beta else None
+        value, m = grpo.grpo_loss(
+            logps, old, ref, mb.advantages, mb.completion_mask, **loss.loss_kwargs()
         )
-        old = mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
-        ref = mb.get("ref_logps") if beta else None
-        loss, m = grpo.grpo_loss(
-            logps,
-            old,
-            ref,
-            mb["advantages"],
-            mb["completion_mask"],
-            epsilon=epsilon,
-            epsilon_high=epsilon_high,
-            beta=beta,
-            aggregation=aggregation,
-            importance_sampling_level=importance_sampling_level,
-            kl_bias_correction=kl_bias_correction,
+        tokens_mb = jnp.sum(mb.completion_mask)
+        share = grpo.micro_batch_share(
+            value, tokens_mb, tokens_step, num_micro, loss.aggregation
         )
-        tokens_mb = jnp.sum(mb["completion_mask"])
-        share = grpo.micro_batch_share(loss, tokens_mb, tokens_step, num_micro, aggregation)
         weight = tokens_mb / tokens_step  # token-weighted means over micro-batches
         aux = {k: m[k] * weight for k in _MEAN_METRICS}
         aux["completion_tokens"] = tokens_mb
@@ -195,20 +181,19 @@ def grpo_grads(
         return share, aux
 
     return step_inputs.accumulate_with_features(
-        loss_fn, graphdef, params, rows, shared, num_micro, train_vision=train_vision
+        loss_fn, graphdef, params, rows, vision, num_micro, train_vision=train_vision
     )
 
 
-def _entropy_sums(ent: jax.Array, mb: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def _entropy_sums(ent: jax.Array, mb: step_inputs.GrpoRows) -> dict[str, jax.Array]:
     """Summed entropies (and tokens) over the completion tokens, in all and per task."""
-    mask = mb["completion_mask"]
+    mask = mb.completion_mask
     tok_ent = jnp.sum(ent * mask, axis=1)  # (n,)
     out = {"entropy_sum": jnp.sum(tok_ent)}
-    if "task_id" in mb:
-        for task, tid in prompts.TASK_IDS.items():
-            on = (mb["task_id"] == tid).astype(jnp.float32)
-            out[f"entropy_sum/{task}"] = jnp.sum(tok_ent * on)
-            out[f"completion_tokens/{task}"] = jnp.sum(mask.sum(axis=1) * on)
+    for task, tid in prompts.TASK_IDS.items():
+        on = (mb.task_id == tid).astype(jnp.float32)
+        out[f"entropy_sum/{task}"] = jnp.sum(tok_ent * on)
+        out[f"completion_tokens/{task}"] = jnp.sum(mask.sum(axis=1) * on)
     return out
 
 
@@ -227,25 +212,31 @@ def make_grpo_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     *,
+    loss: grpo.LossConfig | None = None,
+    num_micro: int = 1,
+    chunk_size: int = 1024,
     trainable: PyTree | None = None,
+    train_vision: bool | None = None,
     schedule: optax.Schedule | None = None,
-    **loss: Any,
-) -> Callable[[optim.TrainState, Mapping[str, Any]], tuple[optim.TrainState, dict]]:
-    """Pure ``step(state, inputs) -> (state, metrics)``: one optimizer update on a rollout.
+) -> Callable[[optim.TrainState, step_inputs.GrpoBatch], tuple[optim.TrainState, dict]]:
+    """Pure ``step(state, batch) -> (state, metrics)``: one optimizer update on a rollout.
 
-    ``loss``: the keyword arguments of :func:`grpo_grads` (num_micro, epsilon, epsilon_high,
-    beta, aggregation, importance_sampling_level, kl_bias_correction, temperature, chunk_size;
-    ``train_vision`` defaults to what ``trainable`` says).
+    ``loss``: the objective's settings (None: ``grpo.LossConfig()``); ``train_vision`` None =
+    what ``trainable`` says.
     Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
-    over micro-batches), ``completion_tokens``, ``entropy/all`` (+ ``entropy/<task>`` when the
-    rows carry ``task_id``; :func:`entropy_metrics`), ``grad_norm``, ``update_skipped``,
-    ``nonfinite_count`` and ``lr`` when ``schedule`` is given.
+    over micro-batches), ``completion_tokens``, ``entropy/all`` + ``entropy/<task>``
+    (:func:`entropy_metrics`), ``grad_norm``, ``update_skipped``, ``nonfinite_count`` and ``lr``
+    when ``schedule`` is given.
     """
+    if train_vision is None:
+        train_vision = step_inputs.vision_trains(trainable)
+    loss = grpo.LossConfig() if loss is None else loss
 
-    loss.setdefault("train_vision", step_inputs.vision_trains(trainable))
-
-    def step(state: optim.TrainState, inputs: Mapping[str, Any]):
-        loss_value, grads, aux = grpo_grads(graphdef, state.params, inputs, **loss)
+    def step(state: optim.TrainState, batch: step_inputs.GrpoBatch):
+        loss_value, grads, aux = grpo_grads(
+            graphdef, state.params, batch, loss, num_micro=num_micro,
+            train_vision=train_vision, chunk_size=chunk_size,
+        )  # fmt: skip
         new_state, info = optim.apply_gradients(
             state, grads, tx, loss=loss_value, trainable=trainable, schedule=schedule
         )

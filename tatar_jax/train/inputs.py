@@ -1,15 +1,28 @@
-"""The step-input contract of both training stages: host batch -> numpy step inputs -> device.
+"""The step-input contract of both training stages: frozen typed batches, host -> device.
 
-A pipeline batch (``tatar_jax.data.pipeline``) becomes :class:`StepInputs`, two dicts of arrays:
+A step's inputs are a frozen :class:`SftBatch` or :class:`GrpoBatch` (``flax.struct``
+dataclasses: pytrees whose static fields are part of the jit cache key):
 
-- ``rows``: per-row arrays, leading dim N (sharded over the batch axes): ``input_ids`` (N, L),
-  ``attention_mask`` (N, L), ``position_ids`` (N, 3, L) (row-major so that rows can be sliced
-  into micro-batches), ``feat_index`` (N, L) int32 (the image-feature row each image token takes;
-  -1 elsewhere) and the stage's labels: SFT ``target_pos`` / ``target_valid`` (N, K); GRPO
-  ``completion_mask`` (N, T), ``advantages`` (N,), optionally ``old_logps`` / ``ref_logps`` (N, T).
-- ``shared``: ``pixel_values`` (Q, patch_dim) padded to a patch bucket and its
-  :class:`VisionLayout` (a fixed bucket per Q, so one compilation per (L, Q)), replicated; and
-  ``pack_slots`` (K,) when only K lm_head positions are computed (:func:`pack_slots`).
+- ``rows`` (:class:`SftRows` / :class:`GrpoRows`): per-row arrays, leading dim N (sharded over the
+  batch axes): ``input_ids`` (N, L), ``attention_mask`` (N, L), ``position_ids`` (N, 3, L)
+  (row-major so that rows can be sliced into micro-batches), ``feat_index`` (N, L) int32 (the
+  image-feature row each image token takes; -1 elsewhere) and the stage's labels: SFT
+  ``target_pos`` / ``target_valid`` (N, K); GRPO ``completion_mask`` (N, T), ``advantages`` (N,),
+  ``task_id`` (N,), optionally ``old_logps`` / ``ref_logps`` (N, T) (None when absent).
+- ``vision`` (:class:`~tatar_jax.generate.Vision`): ``pixel_values`` (Q, patch_dim) padded to
+  the batch's patch bucket and its ``VisionLayout``, replicated.
+
+The layout of a pipeline batch (mRoPE positions and rope deltas from the pipeline, the patch
+bucket Q of its collation, the vision layout of Q) is computed once, by
+``generate.prompt_batch`` (GRPO, evaluation: a :class:`~tatar_jax.generate.PromptBatch` the
+sampler consumes as it is) or ``generate.batch_vision`` (SFT); the GRPO update takes the
+rollout's prompts as they are and only appends the completions (their positions by
+``rope.decode_position_ids``, as the sampler's decode loop placed them).
+- ``pack_size`` (static int): K lm_head slots when only the positions that count go through
+  the lm_head (:func:`pack_size`); 0 = no packing.
+
+Nothing mutates a batch: a stage adds ``ref_logps`` / ``old_logps`` with ``dataclasses.replace``
+(``batch.replace(rows=batch.rows.replace(ref_logps=...))``).
 
 The vision tower runs once per *image* of the step and every row gathers its features through
 ``feat_index``: GRPO scores the G completions of a prompt without running the vision tower G
@@ -20,38 +33,82 @@ contract onto the model's one forward (``Qwen2_5_VLForConditionalGeneration.hidd
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from tatar_jax import sharding
-from tatar_jax.models.qwen2_5_vl.vision_layout import fixed_bucket, vision_layout
+from tatar_jax.generate import PromptBatch, Vision, batch_vision
+from tatar_jax.models.qwen2_5_vl import rope
 from tatar_jax.train import metrics, optim
 
 
-class StepInputs(TypedDict):
-    """One optimizer step's inputs (numpy on the host, jax arrays after :func:`put_inputs`)."""
+@struct.dataclass
+class Rows:
+    """The sequences of a step's N rows (prompt + answer / completion)."""
 
-    rows: dict[str, Any]
-    shared: dict[str, Any]
+    input_ids: Any  # (N, L) int32
+    attention_mask: Any  # (N, L) int32
+    position_ids: Any  # (N, 3, L) int32
+    feat_index: Any  # (N, L) int32
+
+
+@struct.dataclass
+class SftRows(Rows):
+    """SFT rows: the sequence (right-padded) and its K target positions."""
+
+    target_pos: Any  # (N, K) int32
+    target_valid: Any  # (N, K) int32
+
+
+@struct.dataclass
+class GrpoRows(Rows):
+    """GRPO rows (N = prompts x G, prompt-major; L = Lp + T): prompt + completion."""
+
+    completion_mask: Any  # (N, T) float32: tokens that count (0 on invalid rows)
+    advantages: Any  # (N,) float32
+    task_id: Any  # (N,) int32 (``prompts.TASK_IDS``)
+    old_logps: Any = None  # (N, T) pi_old (mu > 1)
+    ref_logps: Any = None  # (N, T) the reference (beta > 0)
+
+
+@struct.dataclass
+class SftBatch:
+    """One SFT optimizer step's inputs."""
+
+    rows: SftRows
+    vision: Vision
+    pack_size: int = struct.field(pytree_node=False, default=0)
+
+
+@struct.dataclass
+class GrpoBatch:
+    """One GRPO optimizer step's inputs."""
+
+    rows: GrpoRows
+    vision: Vision
+    pack_size: int = struct.field(pytree_node=False, default=0)
+
+
+StepBatch = SftBatch | GrpoBatch
 
 
 # --------------------------------------------------------------------------------------------
 # The forward of a step
 
 
-def image_features(model: nnx.Module, shared: Mapping[str, Any]) -> jax.Array:
+def image_features(model: nnx.Module, vision: Vision) -> jax.Array:
     """(M, D) features of the step's images in HF order: the vision tower once per step."""
-    return model.image_features(shared["pixel_values"], shared["layout"])
+    return model.image_features(vision.pixel_values, vision.layout)
 
 
 def hidden_states(
     model: nnx.Module,
-    rows: Mapping[str, jax.Array],
-    shared: Mapping[str, Any],
+    rows: Rows,
+    vision: Vision,
     features: jax.Array | None = None,
 ) -> jax.Array:
     """Final-normed hidden states (N, L, D) of ``rows`` through the model's one forward.
@@ -62,12 +119,12 @@ def hidden_states(
     runs inside the forward.
     """
     h, _ = model.hidden_states(
-        rows["input_ids"],
-        rows["attention_mask"],
-        None if features is not None else shared["pixel_values"],
-        position_ids=jnp.swapaxes(rows["position_ids"], 0, 1),  # (3, N, L)
-        vision_layout=shared["layout"],
-        feat_index=rows["feat_index"],
+        rows.input_ids,
+        rows.attention_mask,
+        None if features is not None else vision.pixel_values,
+        position_ids=jnp.swapaxes(rows.position_ids, 0, 1),  # (3, N, L)
+        vision_layout=vision.layout,
+        feat_index=rows.feat_index,
         image_features=features,
     )
     return h
@@ -79,7 +136,7 @@ def vision_trains(trainable: Any) -> bool:
 
 
 def vision_features(
-    graphdef: nnx.GraphDef, params: Any, shared: Mapping[str, Any], train_vision: bool
+    graphdef: nnx.GraphDef, params: Any, vision: Vision, train_vision: bool
 ) -> tuple[jax.Array, Callable[[jax.Array], Any] | None]:
     """(M, D) image features of the step and, when the vision tower trains, the function
     ``d loss / d features -> d loss / d params["visual"]`` (one backward through the tower)."""
@@ -87,7 +144,7 @@ def vision_features(
     def features(visual: Any) -> jax.Array:
         p = jax.tree.map(lambda x: x, params)  # a new State: swap the vision subtree in
         p["visual"] = visual
-        return image_features(nnx.merge(graphdef, p), shared)
+        return image_features(nnx.merge(graphdef, p), vision)
 
     if not train_vision:
         return jax.lax.stop_gradient(features(params["visual"])), None
@@ -99,22 +156,22 @@ def accumulate_with_features(
     loss_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]],
     graphdef: nnx.GraphDef,
     params: Any,
-    rows: Mapping[str, jax.Array],
-    shared: Mapping[str, Any],
+    rows: Rows,
+    vision: Vision,
     num_micro: int,
     *,
     train_vision: bool = True,
 ) -> tuple[jax.Array, Any, Any]:
-    """``optim.accumulate_gradients`` of ``loss_fn(params, features, micro_batch)`` over row
+    """``optim.accumulate_gradients`` of ``loss_fn(params, features, micro_batch_rows)`` over row
     micro-batches with the vision tower run once per step: the features are an input of every
     micro-batch, their gradients are summed and sent back through the tower in one backward.
 
     ``train_vision=False`` (a frozen tower): no backward through it, zero ``visual`` grads.
     Returns (loss, float32 grads, aux) summed over micro-batches.
     """
-    feats, vision_vjp = vision_features(graphdef, params, shared, train_vision)
+    feats, vision_vjp = vision_features(graphdef, params, vision, train_vision)
     loss, (grads, d_feats), aux = optim.accumulate_gradients(
-        lambda pf, mb: loss_fn(pf[0], pf[1], mb), (params, feats), dict(rows), num_micro
+        lambda pf, mb: loss_fn(pf[0], pf[1], mb), (params, feats), rows, num_micro
     )
     if vision_vjp is not None:
         # The loss reads the tower only through ``feats``: the "visual" grads of the
@@ -144,14 +201,6 @@ def running_feat_index(input_ids: np.ndarray, image_token_id: int) -> np.ndarray
     return np.where(is_img, idx.reshape(is_img.shape), -1).astype(np.int32)
 
 
-def shared_vision(batch: Mapping[str, Any], vision_cfg: Any) -> dict[str, Any]:
-    """Patches padded to the batch's patch bucket Q and a fixed layout for Q (one compile per Q)."""
-    pv = np.asarray(batch["pixel_values"], np.float32)
-    grid = np.asarray(batch["image_grid_thw"])
-    bucket = fixed_bucket(vision_cfg, pv.shape[0], max_frames=max(int(grid.shape[0]), 1))
-    return {"pixel_values": pv, "layout": vision_layout(grid, vision_cfg, bucket)}
-
-
 def target_positions(label_mask: np.ndarray, multiple: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) positions ``i >= 1`` of each row's targets (``label_mask[i] = 1``) and their
     validity; K = the longest row's count rounded up to ``multiple`` (a few compiled shapes).
@@ -172,56 +221,80 @@ def target_positions(label_mask: np.ndarray, multiple: int = 128) -> tuple[np.nd
     return pos, valid
 
 
-def sft_inputs(
+def sft_batch(
     batch: Mapping[str, Any], model_cfg: Any, *, num_micro: int = 1, pack_buckets: int = 0
-) -> StepInputs:
-    """SFT step inputs from a pipeline batch (``stage="sft"``, right-padded).
+) -> SftBatch:
+    """The SFT step's inputs from a pipeline batch (``stage="sft"``, right-padded).
 
     ``pack_buckets > 0`` packs the step's targets (over the rows of each of ``num_micro``
-    micro-batches) into one of that many static sizes (:func:`pack_slots`): rows of a short IQA
+    micro-batches) into one of that many static sizes (:func:`pack_size`): rows of a short IQA
     rationale then do not pay for the K slots a long IAA one needs.
     """
     ids = np.asarray(batch["input_ids"], np.int32)
     pos, valid = target_positions(batch["label_mask"])
-    rows = {
-        "input_ids": ids,
-        "attention_mask": np.asarray(batch["attention_mask"], np.int32),
-        "position_ids": np.ascontiguousarray(np.swapaxes(batch["position_ids"], 0, 1)),
-        "feat_index": running_feat_index(ids, model_cfg.image_token_id),
-        "target_pos": pos,
-        "target_valid": valid,
-    }
-    shared = shared_vision(batch, model_cfg.vision)
-    slots = pack_slots(valid, num_micro, pack_buckets)
-    if slots is not None:
-        shared["pack_slots"] = slots
-    return {"rows": rows, "shared": shared}
+    rows = SftRows(
+        input_ids=ids,
+        attention_mask=np.asarray(batch["attention_mask"], np.int32),
+        position_ids=np.ascontiguousarray(np.swapaxes(batch["position_ids"], 0, 1)),
+        feat_index=running_feat_index(ids, model_cfg.image_token_id),
+        target_pos=pos,
+        target_valid=valid,
+    )
+    vision = batch_vision(batch, model_cfg.vision)
+    return SftBatch(rows, vision, pack_size(valid, num_micro, pack_buckets))
 
 
 def expand_prompts(
-    batch: Mapping[str, Any], tokens: np.ndarray, cmask: np.ndarray, g: int, image_token_id: int
+    prompts: PromptBatch, tokens: np.ndarray, cmask: np.ndarray, g: int, image_token_id: int
 ) -> dict[str, np.ndarray]:
     """GRPO rows: prompts (B, Lp) + their G completions each (B*G, T, prompt-major) -> the
-    update's row arrays (B*G, Lp + T). The prompt's image features are indexed, never copied."""
-    ids_p = np.asarray(batch["input_ids"], np.int32)
-    mask_p = np.asarray(batch["attention_mask"], np.int32)
-    pos_p = np.swapaxes(np.asarray(batch["position_ids"], np.int32), 0, 1)  # (B, 3, Lp)
+    update's sequence arrays (B*G, Lp + T): ``input_ids``, ``attention_mask``, ``position_ids``
+    (B*G, 3, Lp + T), ``feat_index``. The prompt's image features are indexed, never copied."""
+    ids_p = np.asarray(prompts.input_ids, np.int32)
+    mask_p = np.asarray(prompts.attention_mask, np.int32)
+    pos_p = np.swapaxes(np.asarray(prompts.position_ids, np.int32), 0, 1)  # (B, 3, Lp)
     feat_p = running_feat_index(ids_p, image_token_id)  # indices into the B images' features
-    n_valid = mask_p.sum(axis=1)
-    deltas = np.asarray(batch["rope_deltas"], np.int32).reshape(-1)
     t = tokens.shape[1]
     rep = lambda x: np.repeat(x, g, axis=0)  # noqa: E731
-    # Generated token s sits at position n_valid + s + rope_delta on all three mRoPE axes.
-    pos_c = (n_valid + deltas)[:, None] + np.arange(t)[None, :]
-    pos_c = np.broadcast_to(pos_c[:, None, :], (pos_c.shape[0], 3, t))
+    # Generated token s sits where the sampler's decode loop put it (rope.decode_position_ids).
+    deltas = np.asarray(prompts.rope_deltas, np.int32).reshape(-1, 1)
+    pos_c = np.asarray(rope.decode_position_ids(mask_p.sum(axis=1), deltas, t), np.int32)
     return {
         "input_ids": np.concatenate([rep(ids_p), tokens.astype(np.int32)], axis=1),
         "attention_mask": np.concatenate([rep(mask_p), cmask.astype(np.int32)], axis=1),
-        "position_ids": np.concatenate([rep(pos_p), rep(pos_c)], axis=2).astype(np.int32),
+        "position_ids": np.concatenate([rep(pos_p), rep(np.swapaxes(pos_c, 0, 1))], axis=2),
         "feat_index": np.concatenate(
             [rep(feat_p), np.full((len(tokens), t), -1, np.int32)], axis=1
         ),
     }
+
+
+def grpo_batch(
+    prompts: PromptBatch,
+    task_id: np.ndarray,
+    tokens: np.ndarray,
+    cmask: np.ndarray,
+    completion_mask: np.ndarray,
+    advantages: np.ndarray,
+    image_token_id: int,
+    *,
+    num_micro: int = 1,
+    pack_buckets: int = 0,
+) -> GrpoBatch:
+    """The GRPO update's inputs: ``prompts`` (B, as the rollout sampled them, their vision
+    inputs included) with their G completions each (``tokens`` / ``cmask`` (B*G, T),
+    prompt-major), the counted ``completion_mask`` (B*G, T), ``advantages`` (B*G,), the
+    prompts' ``task_id`` (B,) and the packing size."""
+    g = len(tokens) // max(len(prompts.input_ids), 1)
+    seq = expand_prompts(prompts, tokens, cmask, g, image_token_id)
+    comp = np.asarray(completion_mask, np.float32)
+    rows = GrpoRows(
+        **seq,
+        completion_mask=comp,
+        advantages=np.asarray(advantages, np.float32),
+        task_id=np.repeat(np.asarray(task_id, np.int32), g),
+    )
+    return GrpoBatch(rows, prompts.vision, pack_size(comp, num_micro, pack_buckets))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +303,7 @@ def expand_prompts(
 
 def step_flops(
     model_config: Any,
-    inputs: StepInputs,
+    inputs: StepBatch,
     *,
     num_micro: int = 1,
     training: bool = True,
@@ -244,16 +317,16 @@ def step_flops(
     SFT: the N x K target positions), the vision tower once on the step's patch bucket (every
     row gathers its image's features). Rematerialisation is not counted.
     """
-    rows, shared = inputs["rows"], inputs["shared"]
-    n, length = np.shape(rows["input_ids"])
-    if "pack_slots" in shared:
-        heads = np.shape(shared["pack_slots"])[0] * max(int(num_micro), 1)
-    elif "completion_mask" in rows:
-        heads = np.size(rows["completion_mask"])
+    rows, vision = inputs.rows, inputs.vision
+    n, length = np.shape(rows.input_ids)
+    if inputs.pack_size:
+        heads = inputs.pack_size * max(int(num_micro), 1)
+    elif isinstance(rows, GrpoRows):
+        heads = np.size(rows.completion_mask)
     else:
-        heads = np.size(rows["target_pos"])
-    patches = np.shape(shared["pixel_values"])[0]
-    per_image = np.shape(shared["layout"].segment_rows)[1] if patches else 0
+        heads = np.size(rows.target_pos)
+    patches = np.shape(vision.pixel_values)[0]
+    per_image = np.shape(vision.layout.segment_rows)[1] if patches else 0
     per_token = metrics.flops_per_token(
         model_config.text, model_config.vision, length, training=training,
         patches_per_seq=patches / n, patches_per_image=per_image, train_vision=train_vision,
@@ -266,10 +339,8 @@ def step_flops(
 # Packing: only the positions that count go through the lm_head
 
 
-def pack_slots(
-    completion_mask: np.ndarray, num_micro: int = 1, num_buckets: int = 4
-) -> np.ndarray | None:
-    """The (K,) placeholder that turns packing on for a step; None when it would not help.
+def pack_size(completion_mask: np.ndarray, num_micro: int = 1, num_buckets: int = 4) -> int:
+    """The K lm_head slots of a packed step (a static size); 0 when packing would not help.
 
     ``completion_mask`` (N, T): the tokens that go through the lm_head (GRPO: counted completion
     tokens; SFT: ``target_valid``). K = the most mask tokens of any of the ``num_micro`` row
@@ -278,19 +349,19 @@ def pack_slots(
     ``num_buckets <= 0`` disables packing.
     """
     if num_buckets <= 0:
-        return None
+        return 0
     m = np.asarray(completion_mask) > 0
     n, t = m.shape
     per = m.reshape(max(int(num_micro), 1), -1).sum(axis=1).max()
     full = (n // max(int(num_micro), 1)) * t
     step = -(-full // int(num_buckets))
     k = min(full, max(step, -(-int(per) // step) * step))
-    return None if k >= full else np.zeros((k,), np.int8)
+    return 0 if k >= full else int(k)
 
 
 def pack_index(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """(k,) row-major flat indices of ``mask``'s nonzero entries (padded with 0) and (k,) bool
-    validity of each slot; k >= the count (:func:`pack_slots`), static inside jit."""
+    validity of each slot; k >= the count (:func:`pack_size`), static inside jit."""
     flat = mask.reshape(-1) > 0
     idx = jnp.nonzero(flat, size=k, fill_value=0)[0]
     return idx, jnp.arange(k) < jnp.sum(flat)
@@ -300,24 +371,15 @@ def pack_index(mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 # Host -> device
 
 
-def cast_pixels(tree: dict[str, Any], dtype: Any) -> None:
-    """``tree["pixel_values"]`` (a pipeline batch or a step's ``inputs["shared"]``) in the compute
-    dtype, on the host, before it travels (half the bytes in bfloat16). The vision tower casts
-    them to that dtype first thing, so its output does not change."""
-    pv = tree["pixel_values"]
-    if np.dtype(pv.dtype) != np.dtype(dtype):
-        tree["pixel_values"] = np.asarray(pv).astype(dtype)
-
-
-def put_inputs(inputs: StepInputs, mesh: Any, rules: Any) -> StepInputs:
+def put_inputs(inputs: StepBatch, mesh: Any, rules: Any) -> StepBatch:
     """Host inputs (the global batch) -> device: ``rows`` sharded over the batch axes,
-    ``shared`` replicated. On a mesh spanning several processes each process transfers only
+    ``vision`` replicated. On a mesh spanning several processes each process transfers only
     its own shards of the (identical) global host arrays."""
     if mesh is None or mesh.size == 1:
         return jax.tree.map(jnp.asarray, inputs)
-    rows = {
-        k: sharding.put_global(v, sharding.batch_sharding(mesh, np.ndim(v), rules))
-        for k, v in inputs["rows"].items()
-    }
-    shared = sharding.put_tree_global(inputs["shared"], sharding.replicated(mesh))
-    return {"rows": rows, "shared": shared}
+    rows = jax.tree.map(
+        lambda v: sharding.put_global(v, sharding.batch_sharding(mesh, np.ndim(v), rules)),
+        inputs.rows,
+    )
+    vision = sharding.put_tree_global(inputs.vision, sharding.replicated(mesh))
+    return inputs.replace(rows=rows, vision=vision)

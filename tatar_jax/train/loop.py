@@ -62,10 +62,12 @@ class LoopResult:
     stopped: str = ""  # "" | "preempted" | why it stopped
 
 
-def _poison(inputs: Any) -> None:
-    """The non-finite test hook: one NaN pixel makes the step's loss non-finite."""
-    inputs["shared"]["pixel_values"] = inputs["shared"]["pixel_values"].copy()
-    inputs["shared"]["pixel_values"][0, 0] = np.nan
+def _poison(inputs: Any) -> Any:
+    """The non-finite test hook: a copy of the step batch with one NaN pixel (the step's loss
+    is then non-finite)."""
+    pv = np.array(inputs.vision.pixel_values)
+    pv[0, 0] = np.nan
+    return inputs.replace(vision=inputs.vision.replace(pixel_values=pv))
 
 
 def data_metrics(batch: Batch) -> dict[str, float]:
@@ -96,7 +98,7 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
                 batch = env.next_batch()
             inputs, host_metrics = stage.prepare(state, batch, timer)
             if step + 1 in env.inject_nonfinite_steps:
-                _poison(inputs)
+                inputs = _poison(inputs)
             dev = env.put(inputs)
             with timer("update"), env.rules():
                 state, m = stage.update(state, dev)
@@ -105,7 +107,7 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
             times = timer.metrics()
             out = {**_scalars(m), **host_metrics, **times, **stage.step_metrics(inputs)}
             out.update(data_metrics(batch))
-            n_tok = float(np.asarray(inputs["rows"]["attention_mask"]).sum())
+            n_tok = float(np.asarray(inputs.rows.attention_mask).sum())
             out["tokens_per_sec"] = n_tok * stage.updates_per_step / max(times["time/update"], 1e-9)
             out["nonfinite_total"] = float(sharding.to_host(state.nonfinite_total))
             if flops_tok is None:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tatar_jax import loading, sharding
+from tatar_jax import grpo, loading, sharding
 from tatar_jax.models import lora
 from tatar_jax.train import optim
 
@@ -335,22 +335,24 @@ class _Builder:
         layout = jax.tree.map(lambda a: self.repl(np.shape(a), np.asarray(a).dtype), layout)
         return pv, layout
 
-    def grpo_inputs(self) -> dict[str, Any]:
+    def grpo_inputs(self) -> Any:
         s = self.spec
         n, t = s.rows, s.completion_len
         length = s.prompt_len + t
-        rows = {
-            "input_ids": self.batch((n, length), jnp.int32),
-            "attention_mask": self.batch((n, length), jnp.int32),
-            "feat_index": self.batch((n, length), jnp.int32),
-            "position_ids": self.batch((n, 3, length), jnp.int32),
-            "completion_mask": self.batch((n, t), jnp.float32),
-            "advantages": self.batch((n,), jnp.float32),
-        }
-        if s.beta:
-            rows["ref_logps"] = self.batch((n, t), jnp.float32)
+        from tatar_jax.train import inputs as step_inputs
+
+        rows = step_inputs.GrpoRows(
+            input_ids=self.batch((n, length), jnp.int32),
+            attention_mask=self.batch((n, length), jnp.int32),
+            position_ids=self.batch((n, 3, length), jnp.int32),
+            feat_index=self.batch((n, length), jnp.int32),
+            completion_mask=self.batch((n, t), jnp.float32),
+            advantages=self.batch((n,), jnp.float32),
+            task_id=self.batch((n,), jnp.int32),
+            ref_logps=self.batch((n, t), jnp.float32) if s.beta else None,
+        )
         pv, layout = self.vision(s.prompts, self.dtype)
-        return {"rows": rows, "shared": {"pixel_values": pv, "layout": layout}}
+        return step_inputs.GrpoBatch(rows, step_inputs.Vision(pv, layout))
 
 
 def _compile(lower: Any, *, mesh: Any, rules: Any) -> tuple[Any, float]:
@@ -381,8 +383,8 @@ def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
     step = grpo_step.make_grpo_step(
         b.graphdef,
         tx,
+        loss=grpo.LossConfig(beta=s.beta),
         num_micro=s.num_micro,
-        beta=s.beta,
         chunk_size=s.chunk_size,
         trainable=trainable,
     )
@@ -412,7 +414,7 @@ def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
         grpo_step.make_logps_fn(b.graphdef, chunk_size=s.chunk_size, num_micro=s.num_micro)
     )
     inputs = b.grpo_inputs()
-    inputs["rows"].pop("ref_logps", None)
+    inputs = inputs.replace(rows=inputs.rows.replace(ref_logps=None))
     ref = _ref_params(b)
     compiled, secs = _compile(lambda: fn.lower(ref, inputs), mesh=b.mesh, rules=b.rules)
     return _memory(compiled), secs

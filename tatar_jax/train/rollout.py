@@ -1,37 +1,28 @@
-"""GRPO rollout on the host side: prompts -> G completions -> decode + parse -> rewards over the
-global batch -> group advantages -> the inputs of the jitted update (``grpo_step``).
+"""GRPO rollout: prompts -> G sampled completions each, nothing else.
 
-Tunix-style separation: the sampler (``tatar_jax.generate.Sampler``, compiled once, new weights
-swapped in each step), the rewards (``tatar_jax.rewards``, pure functions of a few per-completion
-scalars) and the learner (``grpo_step``) only meet through plain arrays here.
+Tunix-style separation: this engine samples (``tatar_jax.generate.Sampler``, compiled once, new
+weights swapped in each step) and returns :class:`Samples`; scoring them (decode, rewards,
+advantages, the update's rows) is the GRPO side's job (:mod:`tatar_jax.train.scoring`).
 
-Rows of a step are prompt-major: completion ``g`` of prompt ``b`` is row ``b * G + g``. Prompts
-flagged ``valid = False`` by the pipeline (skipped records, padding) are still generated for
-(static shapes) but get completion mask 0 and advantage 0: no loss, no reward statistics.
+Rows are prompt-major: completion ``g`` of prompt ``b`` is row ``b * G + g``. Prompts flagged
+``valid = False`` by the pipeline (skipped records, padding) are still generated for (static
+shapes); the scorer gives them no loss and no reward statistics.
 
 Several processes (hosts): the trainer passes every host the step's *global* batch
 (``tatar_jax.multihost.global_batch``) and the sampler's outputs are gathered, so every host
-decodes and scores all completions and computes the same rewards, advantages and metrics (the
-IAA Thurstone reward and the soft rank are functions of the whole batch: spec §8.4-8.5, B6);
-each host then transfers only its own shards of the update rows (``sharding.put_global``).
+holds all completions (the rewards are functions of the whole batch: spec §8.4-8.5, B6).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
-from tatar_jax import generate, grpo, rewards, sharding
-from tatar_jax.data import prompts
-from tatar_jax.train import inputs as step_inputs
-from tatar_jax.train import metrics
+from tatar_jax import generate, sharding
 
-IAA_ID = prompts.TASK_IDS["iaa"]
 # Share of a device's memory the rollout's weights may take before "auto" splits them
 # tensor-parallel: the rest holds the KV cache, the training state and the activations.
 WEIGHTS_MEMORY_FRACTION = 0.25
@@ -109,26 +100,39 @@ def rollout_mesh(
     return mesh, rules
 
 
-@dataclasses.dataclass
-class Rollout:
-    """One step's rollout. ``inputs`` feeds ``grpo_step`` (numpy); the rest is for logging."""
+@struct.dataclass
+class Samples:
+    """The rollout's output (host numpy): ``group_size`` completions per prompt, prompt-major
+    (N = prompts x group_size rows, T = max new tokens)."""
 
-    inputs: dict[str, Any]
-    texts: list[str]
-    rewards: np.ndarray  # (N,) total reward
-    advantages: np.ndarray  # (N,)
-    metrics: dict[str, float]
-    rollout_logps: np.ndarray  # (N, T) the sampler's log-probs of its tokens
+    tokens: np.ndarray  # (N, T) int32, pad after the stop token
+    mask: np.ndarray  # (N, T) bool, up to and including the stop token
+    logps: np.ndarray  # (N, T) float32, the sampler's log-probs of its tokens
+    group_size: int = struct.field(pytree_node=False, default=1)
+
+
+def sampling_params(grpo_cfg: Any, tokenizer: Any) -> generate.SamplingParams:
+    """The rollout's sampling settings from the ``grpo`` config block (tempered log-probs: what
+    the loss computes for pi_theta)."""
+    return generate.SamplingParams(
+        max_new_tokens=int(grpo_cfg.max_new_tokens),
+        num_samples=int(grpo_cfg.num_generations),
+        temperature=float(grpo_cfg.temperature),
+        top_k=int(grpo_cfg.top_k),
+        top_p=float(grpo_cfg.top_p),
+        stop_token_ids=tuple(tokenizer.eos_ids),
+        pad_token_id=int(tokenizer.pad_id),
+        logprobs="tempered",
+    )
 
 
 class RolloutEngine:
-    """Generates, scores and packs one GRPO step.
+    """Samples G completions per prompt of a step batch.
 
     Args:
       model: the policy module (its graph is compiled once; weights come per call).
-      tokenizer: ``tatar_jax.data.tokenizer.Tokenizer`` (decoding, stop ids).
-      grpo_cfg: the ``grpo`` block of configs/grpo.py. rewards_cfg: a configs/rewards.py block.
-      prompt_buckets: the pipeline's sequence buckets (prompts are already padded to one).
+      tokenizer: ``tatar_jax.data.tokenizer.Tokenizer`` (stop and pad ids).
+      grpo_cfg: the ``grpo`` block of configs/grpo.py (sampling settings, G).
       mesh / rules: the training mesh and rules (None: one device).
       rollout_cfg: the ``rollout`` config block (:func:`rollout_mesh`: the rollout's own mesh
         and rules over the training devices); None = the training mesh and rules.
@@ -139,117 +143,25 @@ class RolloutEngine:
         model: Any,
         tokenizer: Any,
         grpo_cfg: Any,
-        rewards_cfg: Any,
         *,
-        prompt_buckets: tuple[int, ...] | None = None,
         mesh: Any = None,
         rules: Any = None,
         rollout_cfg: Any = None,
     ) -> None:
-        self.tok = tokenizer
-        self.g = int(grpo_cfg.num_generations)
-        self.cfg = grpo_cfg
-        self.rewards_cfg = rewards_cfg
-        self.image_token_id = model.config.image_token_id
-        self.vision_cfg = model.config.vision
-        params = generate.SamplingParams(
-            max_new_tokens=int(grpo_cfg.max_new_tokens),
-            num_samples=self.g,
-            temperature=float(grpo_cfg.temperature),
-            top_k=int(grpo_cfg.top_k),
-            top_p=float(grpo_cfg.top_p),
-            stop_token_ids=tuple(tokenizer.eos_ids),
-            pad_token_id=int(tokenizer.pad_id),
-            logprobs="tempered",
-        )
+        params = sampling_params(grpo_cfg, tokenizer)
+        self.group_size = params.num_samples
         if rollout_cfg is not None:
             mesh, rules = rollout_mesh(rollout_cfg, model, mesh, rules)
-        self.sampler = generate.Sampler(
-            model, params, prompt_buckets=prompt_buckets, mesh=mesh, rules=rules
-        )
+        self.sampler = generate.Sampler(model, params, mesh=mesh, rules=rules)
 
-    def generate(
-        self, state: Any, batch: Mapping[str, Any], rng: jax.Array
-    ) -> generate.GenerateOutput:
-        """The G samples of every prompt of ``batch``, as host arrays (B*G, T). ``state``: the
-        policy's parameters (any dtype / layout, e.g. the trainer's fp32 FSDP state), turned
-        into the rollout's copy for this call (compute dtype, the rollout mesh's layout:
-        ``Sampler.place_state``) and dropped after it, so it never sits beside the update."""
-        n_patch = int(np.asarray(batch["patch_mask"]).sum())
-        out = self.sampler.generate(
-            batch["input_ids"],
-            batch["attention_mask"],
-            np.asarray(batch["pixel_values"])[:n_patch],
-            batch["image_grid_thw"],
-            rng=rng,
-            state=state,
-        )
+    def generate(self, state: Any, prompts: generate.PromptBatch, rng: jax.Array) -> Samples:
+        """The G samples of every prompt of ``prompts`` (their layout as the batch was made:
+        nothing is re-bucketed), as host arrays (B*G, T). ``state``: the policy's parameters
+        (any dtype / layout, e.g. the trainer's fp32 FSDP state), turned into the rollout's copy
+        for this call (compute dtype, the rollout mesh's layout: ``Sampler.place_state``) and
+        dropped after it, so it never sits beside the update."""
+        out = self.sampler.generate_prompts(prompts, rng=rng, state=state)
         # On a mesh spanning several processes the outputs are global arrays: gathered, so that
-        # every host decodes and scores the whole step batch (rewards are batch functions).
-        return generate.GenerateOutput(*(sharding.to_host(x) for x in out))
-
-    def score(self, batch: Mapping[str, Any], out: generate.GenerateOutput) -> Rollout:
-        """Decode, parse, rewards over the batch, group advantages, the update's inputs."""
-        g = self.g
-        b = len(batch["valid"])
-        tokens, cmask, logps = out
-        texts = generate.decode_completions(self.tok, out)
-        feats = rewards.completion_features(texts, parser=self.rewards_cfg.parser)
-        valid = np.repeat(np.asarray(batch["valid"], bool), g)
-        is_iaa = np.repeat(np.asarray(batch["task_id"]) == IAA_ID, g)
-        gt = np.repeat(np.asarray(batch["gt_100"], np.float32), g)
-        gt = np.where(valid, gt, 50.0).astype(np.float32)  # invalid rows: any finite value
-        groups = np.repeat(np.arange(b, dtype=np.int32), g)
-        total, parts = rewards.total_reward(
-            feats.prediction,
-            gt,
-            feats.parsed & valid,
-            feats.num_words,
-            is_iaa,
-            groups,
-            config=self.rewards_cfg,
-            num_groups=b,
-            texts=texts,
-            records=rewards.completion_records(batch, g),
-        )
-        total = np.asarray(total, np.float32)
-        adv = np.asarray(
-            grpo.group_advantages(
-                total,
-                g,
-                self.cfg.advantage,
-                self.cfg.advantage_eps,
-                ddof=int(self.cfg.advantage_std_ddof),
-            ),
-            np.float32,
-        )
-        adv = np.where(valid, adv, 0.0).astype(np.float32)
-        comp_mask = (cmask & valid[:, None]).astype(np.float32)
-        if self.cfg.mask_truncated_completions:
-            stopped = np.isin(tokens, self.tok.eos_ids) & cmask
-            comp_mask *= stopped.any(axis=1, keepdims=True)
-        rows = step_inputs.expand_prompts(batch, tokens, cmask, g, self.image_token_id)
-        rows.update(completion_mask=comp_mask, advantages=adv)
-        inputs = {"rows": rows, "shared": step_inputs.shared_vision(batch, self.vision_cfg)}
-
-        sel = valid
-        tasks = np.where(is_iaa, "iaa", "iqa")
-        weights = {
-            t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts} for t in prompts.TASKS
-        }
-        m: dict[str, float] = {}
-        if sel.any():
-            m = metrics.grpo_reward_metrics(
-                {k: np.asarray(v)[sel] for k, v in parts.items()},
-                tasks[sel],
-                group_size=g,
-                completion_lengths=cmask.sum(axis=1)[sel],
-                parsed=feats.parsed[sel],
-                weights=weights,
-            )
-            m["think_len/all"] = float(feats.think_len[sel].mean())
-        m["valid_prompts"] = float(np.asarray(batch["valid"]).sum())
-        return Rollout(inputs, texts, total, adv, m, np.asarray(logps))
-
-    def __call__(self, state: Any, batch: Mapping[str, Any], rng: jax.Array) -> Rollout:
-        return self.score(batch, self.generate(state, batch, rng))
+        # every host scores the whole step batch (rewards are batch functions).
+        tokens, mask, logps = (sharding.to_host(x) for x in out)
+        return Samples(tokens, mask, logps, self.group_size)

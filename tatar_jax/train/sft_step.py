@@ -15,14 +15,14 @@ Multi-device data parallelism is the same sum (the jitted step sees the global b
 ``sequence_mean`` (mean over sequences of per-sequence token means) is offered for ablations; it
 divides by the step's sequence count.
 
-The step's inputs are :class:`tatar_jax.train.inputs.StepInputs` built by ``inputs.sft_inputs``;
+The step's inputs are a frozen :class:`tatar_jax.train.inputs.SftBatch` (``inputs.sft_batch``);
 the model runs through its one forward (``inputs.hidden_states``) and only the target positions
 go through the lm_head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -140,9 +140,9 @@ def make_sft_step(
     normalization: str = "token_mean",
     chunk_size: int = 1024,
     schedule: optax.Schedule | None = None,
-) -> Callable[[optim.TrainState, Mapping[str, Any]], tuple[optim.TrainState, dict]]:
-    """Pure ``step(state, inputs) -> (state, metrics)``; jit it (``inputs``:
-    ``tatar_jax.train.inputs.sft_inputs``).
+) -> Callable[[optim.TrainState, step_inputs.SftBatch], tuple[optim.TrainState, dict]]:
+    """Pure ``step(state, batch) -> (state, metrics)``; jit it (``batch``:
+    ``tatar_jax.train.inputs.sft_batch``).
 
     The loss is the span cross-entropy of :func:`sft_loss`, normalised by the whole step's
     target tokens, summed over ``grad_accum_steps`` row micro-batches, then one
@@ -151,25 +151,25 @@ def make_sft_step(
     and lr when ``schedule`` is given.
     """
 
-    def step(state: optim.TrainState, inputs: Mapping[str, Any]):
-        rows, shared = inputs["rows"], inputs["shared"]
-        n_tok = jnp.sum(rows["target_valid"].astype(jnp.float32))
-        n_seq = jnp.sum(jnp.any(rows["target_valid"] > 0, axis=1).astype(jnp.float32))
+    def step(state: optim.TrainState, batch: step_inputs.SftBatch):
+        rows, vision, k = batch.rows, batch.vision, batch.pack_size
+        n_tok = jnp.sum(rows.target_valid.astype(jnp.float32))
+        n_seq = jnp.sum(jnp.any(rows.target_valid > 0, axis=1).astype(jnp.float32))
 
         def loss_fn(p, feats, mb):
             model = nnx.merge(graphdef, p)
-            h = step_inputs.hidden_states(model, mb, shared, feats)
+            h = step_inputs.hidden_states(model, mb, vision, feats)
             # Gather the predecessors of the K target positions, then lay them out so that
             # sft_loss's shift (position j predicts token j + 1) pairs them up again.
-            tp = mb["target_pos"]
+            tp = mb.target_pos
             hg = jnp.take_along_axis(h, (tp - 1)[..., None], axis=1)  # (n, K, D)
-            ids_g = jnp.take_along_axis(mb["input_ids"], tp, axis=1)
-            valid = mb["target_valid"]
+            ids_g = jnp.take_along_axis(mb.input_ids, tp, axis=1)
+            valid = mb.target_valid
             n_rows = jnp.sum(jnp.any(valid > 0, axis=1).astype(jnp.float32))
-            if "pack_slots" in shared:
+            if k:
                 # One row of the micro-batch's P valid targets (token_mean only: the loss is a
                 # sum over tokens, so where a token sits does not change it).
-                idx, keep = step_inputs.pack_index(valid, shared["pack_slots"].shape[0])
+                idx, keep = step_inputs.pack_index(valid, k)
                 hg = hg.reshape(-1, hg.shape[-1])[idx][None]
                 ids_g = ids_g.reshape(-1)[idx][None]
                 valid = keep.astype(valid.dtype)[None]
@@ -190,11 +190,11 @@ def make_sft_step(
             )
             return loss, {**aux, "sequences": n_rows}
 
-        if "pack_slots" in shared and normalization != "token_mean":
+        if k and normalization != "token_mean":
             raise ValueError("SFT target packing needs normalization='token_mean'")
         # The vision tower runs once per step (every micro-batch gathers its rows' features).
         loss, grads, aux = step_inputs.accumulate_with_features(
-            loss_fn, graphdef, state.params, rows, shared, max(1, int(grad_accum_steps)),
+            loss_fn, graphdef, state.params, rows, vision, max(1, int(grad_accum_steps)),
             train_vision=step_inputs.vision_trains(trainable),
         )  # fmt: skip
         new_state, info = optim.apply_gradients(

@@ -3,12 +3,14 @@
 A stage supplies
 
 - ``name`` ("sft" | "grpo") and ``updates_per_step`` (GRPO's mu);
-- ``prepare(state, batch, timer) -> (StepInputs, host metrics)``: the host side of a step
-  (SFT: the step inputs of a pipeline batch; GRPO: rollout, rewards, group advantages);
-- ``update(state, device_inputs) -> (state, metrics)``: its compiled step(s);
-- ``step_metrics(inputs)`` and ``after_step(step, batch)``: extra metrics and records.
+- ``prepare(state, batch, timer) -> (step batch, host metrics)``: the host side of a step
+  (SFT: the :class:`~tatar_jax.train.inputs.SftBatch` of a pipeline batch; GRPO: rollout, then
+  scoring: rewards, group advantages, the :class:`~tatar_jax.train.inputs.GrpoBatch`);
+- ``update(state, device_batch) -> (state, metrics)``: its compiled step(s);
+- ``step_metrics(batch)`` and ``after_step(step, batch)``: extra metrics and records.
 
-Batches follow :mod:`tatar_jax.train.inputs`.
+Step batches are frozen (:mod:`tatar_jax.train.inputs`); a stage returns new values and changes
+none of its inputs.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from tatar_jax import grpo, loading, rewards
-from tatar_jax.train import grpo_step, metrics, optim, rollout, sft_step
+from tatar_jax import generate, grpo, loading
+from tatar_jax.data import prompts
+from tatar_jax.train import grpo_step, metrics, optim, rollout, scoring, sft_step
 from tatar_jax.train import inputs as step_inputs
 
 PyTree = Any
@@ -37,12 +39,14 @@ class Stage(Protocol):
     updates_per_step: int
 
     def prepare(self, state: optim.TrainState, batch: Mapping[str, Any], timer: Any) -> tuple[
-        step_inputs.StepInputs, dict[str, float]
+        step_inputs.StepBatch, dict[str, float]
     ]: ...  # fmt: skip
 
-    def update(self, state: optim.TrainState, inputs: Any) -> tuple[optim.TrainState, dict]: ...
+    def update(
+        self, state: optim.TrainState, inputs: step_inputs.StepBatch
+    ) -> tuple[optim.TrainState, dict]: ...
 
-    def step_metrics(self, inputs: step_inputs.StepInputs) -> dict[str, float]: ...
+    def step_metrics(self, inputs: step_inputs.StepBatch) -> dict[str, float]: ...
 
     def after_step(self, step: int, batch: Mapping[str, Any]) -> None: ...
 
@@ -80,11 +84,10 @@ class SftStage:
 
     def prepare(self, state, batch, timer):
         del state, timer
-        inputs = step_inputs.sft_inputs(
+        inputs = step_inputs.sft_batch(
             batch, self.model_config, num_micro=self.num_micro, pack_buckets=self.pack_buckets
         )
-        step_inputs.cast_pixels(inputs["shared"], self.pixel_dtype)
-        return inputs, {}
+        return inputs.replace(vision=inputs.vision.cast(self.pixel_dtype)), {}
 
     def update(self, state, inputs):
         return self.step_fn(state, inputs)
@@ -123,72 +126,64 @@ class GrpoStage:
         self.workdir = workdir
         self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
         self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
-        self.pack_buckets = int(g.pack_buckets)
+        self.model_config = model.config
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
         self.engine = rollout.RolloutEngine(
-            model, tok, g, cfg.rewards, prompt_buckets=tuple(cfg.data.seq_buckets),
-            mesh=mesh, rules=rules, rollout_cfg=cfg.rollout,
-        )  # fmt: skip
+            model, tok, g, mesh=mesh, rules=rules, rollout_cfg=cfg.rollout
+        )
         self.num_micro = num_micro(cfg, num_rows)
-        chunk, temp = int(cfg.model.logprob_chunk_size), float(g.temperature)
+        self.scorer = scoring.Scorer(
+            tok, g, cfg.rewards, model.config, num_micro=self.num_micro,
+            pack_buckets=int(g.pack_buckets),
+        )  # fmt: skip
+        loss = grpo.LossConfig.from_config(g)
+        chunk = int(cfg.model.logprob_chunk_size)
         self.step_fn = jax.jit(
             grpo_step.make_grpo_step(
-                graphdef, tx, num_micro=self.num_micro, epsilon=float(g.epsilon),
-                epsilon_high=g.epsilon_high, beta=self.beta, aggregation=g.loss_aggregation,
-                importance_sampling_level=g.importance_sampling_level,
-                kl_bias_correction=bool(g.kl_bias_correction),
-                temperature=temp, chunk_size=chunk, trainable=trainable, schedule=schedule,
+                graphdef, tx, loss=loss, num_micro=self.num_micro, chunk_size=chunk,
+                trainable=trainable, schedule=schedule,
             ),
             donate_argnums=(0,),
         )  # fmt: skip
         self.logps_fn = jax.jit(
             grpo_step.make_logps_fn(
-                graphdef, temperature=temp, chunk_size=chunk, num_micro=self.num_micro
+                graphdef, temperature=loss.temperature, chunk_size=chunk, num_micro=self.num_micro
             )
         )
-        self.model_config = model.config
         self.train_vision = step_inputs.vision_trains(trainable)
-        self.last: rollout.Rollout | None = None
-        warm_rewards(cfg, num_rows)
+        self.last: scoring.ScoredRollout | None = None
 
     def prepare(self, state, batch, timer):
-        # once, before both the rollout's and the update's transfers
-        batch = dict(batch)
-        step_inputs.cast_pixels(batch, self.pixel_dtype)
+        # The batch's layout, once: the rollout samples from it and the update reads it as it
+        # is; the pixels in the compute dtype once, before both transfers.
+        prompts = generate.prompt_batch(batch, self.model_config)
+        prompts = prompts.replace(vision=prompts.vision.cast(self.pixel_dtype))
         with timer("rollout"):
             # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
             # layout), used for this step's generation only
-            out = self.engine.generate(state.params, batch, optim.rng_for_step(state, 1))
+            samples = self.engine.generate(state.params, prompts, optim.rng_for_step(state, 1))
         with timer("reward"):
-            ro = self.engine.score(batch, out)
-        self.last = ro
-        inputs = ro.inputs
-        # Each row's task, for the per-task entropy of the update (grpo_step.entropy_metrics).
-        g = len(ro.texts) // max(len(batch["valid"]), 1)
-        inputs["rows"]["task_id"] = np.repeat(np.asarray(batch["task_id"], np.int32), g)
-        slots = step_inputs.pack_slots(
-            inputs["rows"]["completion_mask"], self.num_micro, self.pack_buckets
-        )
-        if slots is not None:  # only counted completion tokens through the lm_head
-            inputs["shared"]["pack_slots"] = slots
-        return inputs, dict(ro.metrics)
+            self.last = self.scorer(batch, prompts, samples)
+        return self.last.batch, dict(self.last.metrics)
 
     def update(self, state, inputs):
         """The reference / pi_old log-probs, then mu updates; each part timed on its own
         (``time/ref_logps``, ``time/old_logps``, ``time/policy_update``: the update MFU's
-        denominator excludes the forward-only passes)."""
-        rows, times = inputs["rows"], {}
+        denominator excludes the forward-only passes). ``inputs`` is not changed: the update
+        runs on a new batch holding the log-probs."""
+        logps, times = {}, {}
         t0 = time.perf_counter()
         if self.beta != 0.0:
-            rows["ref_logps"] = jax.block_until_ready(self.logps_fn(self.ref_params, inputs))
+            logps["ref_logps"] = jax.block_until_ready(self.logps_fn(self.ref_params, inputs))
             times["time/ref_logps"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if self.updates_per_step > 1:
-            rows["old_logps"] = jax.block_until_ready(self.logps_fn(state.params, inputs))
+            logps["old_logps"] = jax.block_until_ready(self.logps_fn(state.params, inputs))
             times["time/old_logps"] = time.perf_counter() - t1
+        batch = inputs.replace(rows=inputs.rows.replace(**logps))
         t2 = time.perf_counter()
         for _ in range(self.updates_per_step):
-            state, m = self.step_fn(state, inputs)
+            state, m = self.step_fn(state, batch)
         m = jax.block_until_ready(m)
         times["time/policy_update"] = time.perf_counter() - t2
         return state, {**m, **times, **self._mfu(inputs, times)}
@@ -212,10 +207,9 @@ class GrpoStage:
 
     def step_metrics(self, inputs):
         ro = self.last
-        cm = np.asarray(inputs["rows"]["completion_mask"])
-        valid = cm.sum(axis=1) > 0
+        cm = np.asarray(ro.batch.rows.completion_mask)
         lp = (ro.rollout_logps * cm).sum() / max(cm.sum(), 1.0)
-        reward = float(ro.rewards[valid].mean()) if valid.any() else 0.0
+        reward = float(ro.rewards[ro.valid].mean()) if ro.valid.any() else 0.0
         return {"rollout_logp_mean": float(lp), "reward_mean": reward}
 
     def after_step(self, step, batch):
@@ -241,35 +235,6 @@ def reference_params(params: PyTree, ref_param_dtype: str, compute_dtype: str) -
     return jax.tree.map(cast, params)
 
 
-def warm_rewards(cfg: Any, n_rows: int) -> None:
-    """Runs the rewards and group advantages once on dummy completions of the step's shapes
-    (``n_rows`` = prompts x G): their eager ops compile here, not inside the first step."""
-    g = int(cfg.grpo.num_generations)
-    rng = np.random.default_rng(0)
-    groups = np.repeat(np.arange(n_rows // g, dtype=np.int32), g)
-    # The built-ins only: plug-in rewards were run (and jitted) by rewards.validate_extra_rewards,
-    # and a host one needs real completions.
-    built_in = ml_collections.ConfigDict(cfg.rewards.to_dict())
-    for name in list(built_in.extra):
-        del built_in.extra[name]
-        for task in ("iqa", "iaa"):
-            del built_in.weights[task][name]
-    total, _ = rewards.total_reward(
-        rng.uniform(0, 100, n_rows).astype(np.float32),
-        rng.uniform(0, 100, n_rows).astype(np.float32),
-        rng.random(n_rows) > 0.5,
-        rng.integers(1, 100, n_rows).astype(np.int32),
-        np.repeat(np.arange(n_rows // g) % 2 == 1, g),
-        groups,
-        config=built_in,
-        num_groups=n_rows // g,
-    )
-    grpo.group_advantages(
-        np.asarray(total, np.float32), g, cfg.grpo.advantage, cfg.grpo.advantage_eps,
-        ddof=int(cfg.grpo.advantage_std_ddof),
-    )  # fmt: skip
-
-
 def num_micro(cfg: Any, n_rows: int) -> int:
     """Row micro-batches of a GRPO update: ``grpo.mini_batch_size`` rows each (0: accumulate
     over ``optimizer.grad_accum_steps`` slices)."""
@@ -285,21 +250,26 @@ def num_micro(cfg: Any, n_rows: int) -> int:
 
 
 def log_samples(
-    wd: pathlib.Path, step: int, batch: Mapping[str, Any], ro: rollout.Rollout, n: int, every: int
+    wd: pathlib.Path,
+    step: int,
+    batch: Mapping[str, Any],
+    ro: scoring.ScoredRollout,
+    n: int,
+    every: int,
 ) -> None:
     """Appends ``n`` completions of the step (first prompts first) to ``samples.jsonl``: what
     the policy writes, its parse and reward, next to the label; every ``every`` steps."""
     if n <= 0 or step % max(int(every), 1):
         return
     g = len(ro.texts) // max(len(batch["valid"]), 1)
-    tasks = np.asarray(batch["task_id"])
+    tasks = prompts.task_names(batch["task_id"])
     with open(wd / "samples.jsonl", "a") as f:
         for k in range(min(n, len(ro.texts))):
             b = k // g
             rec = {
                 "step": step,
                 "prompt": b,
-                "task": "iaa" if int(tasks[b]) == rollout.IAA_ID else "iqa",
+                "task": str(tasks[b]),
                 "gt_100": float(np.asarray(batch["gt_100"])[b]),
                 "reward": float(ro.rewards[k]),
                 "advantage": float(ro.advantages[k]),

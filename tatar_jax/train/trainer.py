@@ -173,7 +173,7 @@ def _flops_fn(model_config: Any, train_vision: bool, cfg: Any) -> Any:
         if cfg.stage != "sft":
             return 0.0
         del batch
-        n_tok = float(np.asarray(inputs["rows"]["attention_mask"]).sum())
+        n_tok = float(np.asarray(inputs.rows.attention_mask).sum())
         try:
             flops = step_inputs.step_flops(
                 model_config, inputs, num_micro=int(cfg.optimizer.grad_accum_steps),

@@ -305,17 +305,30 @@ def prompt_batch(
 
 
 def grpo_step_inputs(
-    cfg: Any, batch: dict, tokens: np.ndarray, cmask: np.ndarray, advantages: np.ndarray, g: int
-) -> dict[str, dict]:
-    """The GRPO update's inputs as the rollout hands them over: every prompt of ``batch``
-    repeated for its ``g`` completions ``tokens`` (B*g, T) with ``cmask`` (bool), per-completion
-    ``advantages``; ``{"rows": ..., "shared": <the batch's vision inputs>}``."""
+    cfg: Any,
+    batch: dict,
+    tokens: np.ndarray,
+    cmask: np.ndarray,
+    advantages: np.ndarray,
+    g: int,
+    *,
+    task_id: Any = None,
+    num_micro: int = 1,
+    pack_buckets: int = 0,
+) -> Any:
+    """The GRPO update's inputs (``inputs.GrpoBatch``) as the scorer hands them over: every
+    prompt of ``batch`` repeated for its ``g`` completions ``tokens`` (B*g, T) with ``cmask``
+    (bool) as the counted mask, per-completion ``advantages``, the batch's vision inputs;
+    ``task_id`` (B,) per prompt (default all IQA)."""
+    from tatar_jax import generate
     from tatar_jax.train import inputs as step_inputs
 
-    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
-    rows["completion_mask"] = cmask.astype(np.float32)
-    rows["advantages"] = advantages
-    return {"rows": rows, "shared": step_inputs.shared_vision(batch, cfg.vision)}
+    b = len(batch["input_ids"])
+    tid = np.zeros(b, np.int32) if task_id is None else np.asarray(task_id, np.int32)
+    return step_inputs.grpo_batch(
+        generate.prompt_batch(batch, cfg), tid, tokens, cmask, cmask.astype(np.float32),
+        advantages, cfg.image_token_id, num_micro=num_micro, pack_buckets=pack_buckets,
+    )  # fmt: skip
 
 
 def jax_logits(model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -11,6 +11,7 @@ import pytest
 import tiny_models as tm
 from flax import nnx
 
+from tatar_jax import grpo
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import grpo_step, optim
 from tatar_jax.train import inputs as step_inputs
@@ -26,21 +27,20 @@ def _inputs(cfg):
     cmask = np.arange(T)[None, :] < np.array([T, 2, 4, 1])[:, None]
     tokens = np.where(cmask, tokens, 0)
     adv = rng.normal(size=n).astype(np.float32)
-    inputs = tm.grpo_step_inputs(cfg, batch, tokens, cmask, adv, G)
-    inputs["rows"]["task_id"] = np.repeat(np.array([0, 1], np.int32), G)  # prompt 0 IQA, 1 IAA
-    return inputs
+    # prompt 0 IQA, 1 IAA
+    return tm.grpo_step_inputs(cfg, batch, tokens, cmask, adv, G, task_id=[0, 1])
 
 
 def _reference(model, inputs):
     """Per-task mean entropy of softmax(logits / TEMP) over the completion tokens."""
-    rows = jax.tree.map(jnp.asarray, inputs["rows"])
-    h = step_inputs.hidden_states(model, rows, inputs["shared"])
+    rows = jax.tree.map(jnp.asarray, inputs.rows)
+    h = step_inputs.hidden_states(model, rows, inputs.vision)
     length = h.shape[1]
     logits = model.logits_from_hidden(h[:, length - T - 1 : length - 1]).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits / TEMP, axis=-1)
     ent = np.asarray(-jnp.sum(jnp.exp(logp) * logp, axis=-1))  # (N, T)
-    m = inputs["rows"]["completion_mask"]
-    task = inputs["rows"]["task_id"]
+    m = inputs.rows.completion_mask
+    task = inputs.rows.task_id
     out = {"entropy/all": (ent * m).sum() / m.sum()}
     for name, tid in (("iqa", 0), ("iaa", 1)):
         on = m * (task == tid)[:, None]
@@ -57,15 +57,14 @@ def test_entropy_metrics_match_full_softmax(packed):
     inputs = _inputs(model.config)
     want = _reference(model, inputs)
     if packed:
-        inputs["shared"]["pack_slots"] = step_inputs.pack_slots(
-            inputs["rows"]["completion_mask"], 2, 4
-        )
-        assert inputs["shared"]["pack_slots"] is not None
+        inputs = inputs.replace(pack_size=step_inputs.pack_size(inputs.rows.completion_mask, 2, 4))
+        assert inputs.pack_size > 0
     tx = optax.sgd(0.0)
     state = optim.TrainState.create(params, tx, jax.random.key(0))
     step = jax.jit(
         grpo_step.make_grpo_step(
-            graphdef, tx, num_micro=2, beta=0.0, temperature=TEMP, chunk_size=5
+            graphdef, tx, loss=grpo.LossConfig(beta=0.0, temperature=TEMP), num_micro=2,
+            chunk_size=5,
         )
     )
     _, m = step(state, jax.tree.map(jnp.asarray, inputs))

@@ -35,30 +35,33 @@ def _setup(seed=0):
     cmask = np.arange(T)[None, :] < rng.integers(1, T + 1, size=n)[:, None]
     adv = rng.normal(size=n).astype(np.float32)
     inputs = tm.grpo_step_inputs(cfg, batch, np.where(cmask, tokens, 0), cmask, adv, G)
-    rows = inputs["rows"]
-    rows["ref_logps"] = rng.normal(-5.0, 0.5, size=(n, T)).astype(np.float32)
-    rows["old_logps"] = rng.normal(-5.0, 0.3, size=(n, T)).astype(np.float32)
+    inputs = inputs.replace(
+        rows=inputs.rows.replace(
+            ref_logps=rng.normal(-5.0, 0.5, size=(n, T)).astype(np.float32),
+            old_logps=rng.normal(-5.0, 0.3, size=(n, T)).astype(np.float32),
+        )
+    )
     graphdef, params = nnx.split(model)
     return graphdef, params, jax.tree.map(jnp.asarray, inputs)
 
 
 def _per_micro_batch_grads(graphdef, params, inputs, num_micro, aggregation):
     """The update before the vision tower was hoisted: every micro-batch runs it."""
-    rows, shared = inputs["rows"], inputs["shared"]
-    tokens_step = jnp.maximum(jnp.sum(rows["completion_mask"]), 1.0)
+    rows, vision = inputs.rows, inputs.vision
+    tokens_step = jnp.maximum(jnp.sum(rows.completion_mask), 1.0)
 
     def loss_fn(p, mb):
-        logps = grpo_step.completion_logps(nnx.merge(graphdef, p), mb, shared, chunk_size=7)
+        logps = grpo_step.completion_logps(nnx.merge(graphdef, p), mb, vision, chunk_size=7)
         loss, m = grpo.grpo_loss(
-            logps, mb["old_logps"], mb["ref_logps"], mb["advantages"], mb["completion_mask"],
+            logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
             epsilon=EPS, beta=BETA, aggregation=aggregation,
         )  # fmt: skip
-        tokens_mb = jnp.sum(mb["completion_mask"])
+        tokens_mb = jnp.sum(mb.completion_mask)
         if aggregation == "token_mean":
             return loss * jnp.maximum(tokens_mb, 1.0) / tokens_step, {"kl": m["kl"]}
         return loss / num_micro, {"kl": m["kl"]}
 
-    return optim.accumulate_gradients(loss_fn, params, dict(rows), num_micro)
+    return optim.accumulate_gradients(loss_fn, params, rows, num_micro)
 
 
 def _worst_rel(a_tree, b_tree):
@@ -75,8 +78,8 @@ def test_vision_once_equals_per_micro_batch_vision(num_micro, aggregation):
     graphdef, params, inputs = _setup()
     new = jax.jit(
         lambda p, x: grpo_step.grpo_grads(
-            graphdef, p, x, num_micro=num_micro, beta=BETA, epsilon=EPS,
-            aggregation=aggregation, chunk_size=7,
+            graphdef, p, x, grpo.LossConfig(beta=BETA, epsilon=EPS, aggregation=aggregation),
+            num_micro=num_micro, chunk_size=7,
         )
     )  # fmt: skip
     old = jax.jit(lambda p, x: _per_micro_batch_grads(graphdef, p, x, num_micro, aggregation))
@@ -94,8 +97,8 @@ def test_vision_once_equals_per_micro_batch_vision(num_micro, aggregation):
     assert not step_inputs.vision_trains(mask) and step_inputs.vision_trains(None)
     frozen, f_grads, _ = jax.jit(
         lambda p, x: grpo_step.grpo_grads(
-            graphdef, p, x, num_micro=num_micro, train_vision=False, beta=BETA, epsilon=EPS,
-            aggregation=aggregation, chunk_size=7,
+            graphdef, p, x, grpo.LossConfig(beta=BETA, epsilon=EPS, aggregation=aggregation),
+            num_micro=num_micro, train_vision=False, chunk_size=7,
         )
     )(params, inputs)  # fmt: skip
     assert float(frozen) == pytest.approx(float(ref_loss), rel=1e-6)
@@ -107,6 +110,6 @@ def test_reference_logps_vision_once_equal_full_forward():
     graphdef, params, inputs = _setup()
     lean = jax.jit(grpo_step.make_logps_fn(graphdef, chunk_size=7, num_micro=4))(params, inputs)
     model = nnx.merge(graphdef, params)
-    full = grpo_step.completion_logps(model, inputs["rows"], inputs["shared"], chunk_size=7)
+    full = grpo_step.completion_logps(model, inputs.rows, inputs.vision, chunk_size=7)
     np.testing.assert_allclose(np.asarray(lean), np.asarray(full), rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(full).max()) > 0

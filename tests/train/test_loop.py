@@ -4,14 +4,34 @@ evaluation, checkpoints, the non-finite stop), knowing nothing of SFT or GRPO.""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import struct
 
 from tatar_jax.train import checkpointing, loop, metrics, optim
+
+
+@struct.dataclass
+class _Rows:
+    attention_mask: Any
+
+
+@struct.dataclass
+class _Vision:
+    pixel_values: Any
+
+
+@struct.dataclass
+class _Batch:
+    """The loop reads a step batch's ``rows.attention_mask`` and ``vision.pixel_values``."""
+
+    rows: _Rows
+    vision: _Vision
 
 
 class FakeStage:
@@ -27,18 +47,18 @@ class FakeStage:
 
     def prepare(self, state, batch, timer):
         with timer("fake_host"):
-            rows = {"attention_mask": np.ones((2, 3), np.int32)}
-            inputs = {"rows": rows, "shared": {"pixel_values": np.zeros((4, 2), np.float32)}}
+            rows = _Rows(np.ones((2, 3), np.int32))
+            inputs = _Batch(rows, _Vision(np.zeros((4, 2), np.float32)))
         return inputs, {"host/i": float(batch["i"])}
 
     def update(self, state, inputs):
-        loss = jnp.mean(inputs["shared"]["pixel_values"])
+        loss = jnp.mean(inputs.vision.pixel_values)
         grads = {"w": jnp.ones(())}
         new, info = optim.apply_gradients(state, grads, self.tx, loss=loss)
         return new, {"loss": loss, **info}
 
     def step_metrics(self, inputs):
-        return {"stage/rows": float(len(inputs["rows"]["attention_mask"]))}
+        return {"stage/rows": float(len(inputs.rows.attention_mask))}
 
     def after_step(self, step, batch):
         self.after.append(step)

@@ -23,7 +23,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from configs import grpo as grpo_configs
 from configs import sft as sft_configs
-from tatar_jax import loading
+from tatar_jax import grpo, loading
 from tatar_jax.data import tokenizer as tokenizer_mod
 from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
@@ -224,7 +224,9 @@ def test_grpo_update_trains_only_the_adapters():
     moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0]
     n_adapters = sum(jax.tree.leaves(trainable))
     assert n_adapters == 7 * 2 and len(moments) == 2 * n_adapters  # AdamW mu, nu
-    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, trainable=trainable, beta=0.0))
+    step = jax.jit(grpo_step.make_grpo_step(
+        graphdef, tx, trainable=trainable, loss=grpo.LossConfig(beta=0.0)
+    ))
     logps = jax.jit(grpo_step.make_logps_fn(graphdef))
     inputs = jax.tree.map(jnp.asarray, _grpo_inputs(model.config))
     before = np.asarray(logps(params, inputs))
@@ -233,7 +235,7 @@ def test_grpo_update_trains_only_the_adapters():
         new, m = step(new, inputs)
         assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
     after = np.asarray(logps(new.params, inputs))
-    adv = np.asarray(inputs["rows"]["advantages"])
+    adv = np.asarray(inputs.rows.advantages)
     gain = float(np.sum(adv[:, None] * (after - before)))
     assert gain > 0.1, gain  # sum_i A_i (log pi_new - log pi_old) over the completions' tokens
     a0, b0 = _split(params)

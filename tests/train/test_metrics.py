@@ -252,6 +252,7 @@ def _small_config(tie: bool, d: int, heads: int, inter: int, vocab: int):
 
 
 def _grpo_flop_inputs(cfg, packed: bool):
+    from tatar_jax import generate
     from tatar_jax.models import qwen2_5_vl as qvl
     from tatar_jax.train import inputs as step_inputs
 
@@ -261,18 +262,20 @@ def _grpo_flop_inputs(cfg, packed: bool):
     rng = np.random.default_rng(0)
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(2 * g, t)).astype(np.int32)
     cmask = np.arange(t)[None, :] < np.array([8, 3, 5, 2])[:, None]
-    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
-    rows["completion_mask"] = cmask.astype(np.float32)
-    rows["advantages"] = rng.normal(size=2 * g).astype(np.float32)
+    prompts = generate.PromptBatch(
+        batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["rope_deltas"]
+    )
+    seq = step_inputs.expand_prompts(prompts, tokens, cmask, g, cfg.image_token_id)
+    rows = step_inputs.GrpoRows(
+        **seq, completion_mask=cmask.astype(np.float32),
+        advantages=rng.normal(size=2 * g).astype(np.float32),
+        task_id=np.zeros(2 * g, np.int32),
+    )  # fmt: skip
     # The exact vision bucket (no padded windows / segments): every attention slot is real.
-    shared = {
-        "pixel_values": pixel_values,
-        "layout": qvl.vision_layout(grid, cfg.vision),
-    }
-    if packed:
-        shared["pack_slots"] = step_inputs.pack_slots(cmask, 1, 4)
-        assert shared["pack_slots"] is not None
-    return {"rows": rows, "shared": shared}
+    vision = step_inputs.Vision(pixel_values, qvl.vision_layout(grid, cfg.vision))
+    size = step_inputs.pack_size(cmask, 1, 4) if packed else 0
+    assert size > 0 or not packed
+    return step_inputs.GrpoBatch(rows, vision, size)
 
 
 def _xla_flops(fn, *args):
@@ -290,6 +293,7 @@ def test_step_flops_equal_xla_cost_of_the_compiled_update(
     import optax
     from flax import nnx
 
+    from tatar_jax import grpo
     from tatar_jax.models import qwen2_5_vl as qvl
     from tatar_jax.train import grpo_step, optim
     from tatar_jax.train import inputs as step_inputs
@@ -304,7 +308,9 @@ def test_step_flops_equal_xla_cost_of_the_compiled_update(
     trainable = optim.trainable_mask(params, freeze_vision=not train_vision)
     tx = optax.sgd(0.1)
     state = optim.TrainState.create(params, tx, jax.random.key(0))
-    step = grpo_step.make_grpo_step(graphdef, tx, trainable=trainable, beta=0.0, chunk_size=64)
+    step = grpo_step.make_grpo_step(
+        graphdef, tx, trainable=trainable, loss=grpo.LossConfig(beta=0.0), chunk_size=64
+    )
     xla = _xla_flops(step, state, inputs)
     ours = step_inputs.step_flops(cfg, inputs, train_vision=train_vision)
     print(f"update: ours {ours:.4g}, XLA {xla:.4g}, ratio {ours / xla:.3f}")
@@ -317,6 +323,6 @@ def test_step_flops_equal_xla_cost_of_the_compiled_update(
     print(f"reference: ours {ours_ref:.4g}, XLA {xla_ref:.4g}, ratio {ours_ref / xla_ref:.3f}")
     assert abs(ours_ref / xla_ref - 1) < 0.10
     # The old count (vision per row, lm_head on every position) is far off.
-    n, length = inputs["rows"]["input_ids"].shape
+    n, length = inputs.rows.input_ids.shape
     old = metrics.flops_per_token(cfg.text, cfg.vision, length, patches_per_seq=64) * n * length
     assert old / xla > 1.2

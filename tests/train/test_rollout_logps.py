@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_train_step as tts
+import tiny_models as tm
 from flax import nnx
 
-from tatar_jax import generate
+from tatar_jax import generate, grpo
 from tatar_jax.train import grpo_step, rollout
 from tatar_jax.train import inputs as step_inputs
 
@@ -45,12 +46,10 @@ def test_sampler_logps_equal_update_logps(temperature):
     assert tokens.shape == (2 * g, t)
     assert cmask.any(axis=1).all()
 
-    rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
-    rows["completion_mask"] = cmask.astype(np.float32)
-    shared = step_inputs.shared_vision(batch, cfg.vision)
+    inputs = tm.grpo_step_inputs(cfg, batch, tokens, cmask, np.zeros(len(tokens), np.float32), g)
     graphdef, state = nnx.split(model)
     fn = jax.jit(grpo_step.make_logps_fn(graphdef, temperature=temperature, chunk_size=5))
-    upd = np.asarray(fn(state, {"rows": rows, "shared": shared}))
+    upd = np.asarray(fn(state, inputs))
 
     m = cmask.astype(bool)
     assert np.isfinite(lps[m]).all() and (lps[m] < 0).all()
@@ -68,7 +67,6 @@ def test_grpo_loop_learns_a_bandit():
     row-order or alignment error anywhere in the loop makes this fail."""
     import optax
 
-    from tatar_jax import grpo
     from tatar_jax.train import optim
 
     g, t = 8, 3
@@ -76,9 +74,10 @@ def test_grpo_loop_learns_a_bandit():
     cfg, ids = model.config, np.asarray(batch["input_ids"])
     graphdef, p0 = nnx.split(model)
     tx = optax.adam(3e-2)
-    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.0, chunk_size=64))
+    step = jax.jit(
+        grpo_step.make_grpo_step(graphdef, tx, loss=grpo.LossConfig(beta=0.0), chunk_size=64)
+    )
     logps_fn = jax.jit(grpo_step.make_logps_fn(graphdef, chunk_size=64))
-    shared = step_inputs.shared_vision(batch, cfg.vision)
     state = optim.TrainState.create(p0, tx, jax.random.key(0))
 
     def p_even(params):
@@ -88,9 +87,8 @@ def test_grpo_loop_learns_a_bandit():
         toks[:, 0] = np.tile(np.arange(vocab), 2)
         cm = np.zeros((vocab * 2, t), bool)
         cm[:, 0] = True
-        rows = step_inputs.expand_prompts(batch, toks, cm, vocab, cfg.image_token_id)
-        rows["completion_mask"] = cm.astype(np.float32)
-        lp = np.asarray(logps_fn(params, {"rows": rows, "shared": shared}))[:, 0]
+        inputs = tm.grpo_step_inputs(cfg, batch, toks, cm, np.zeros(len(toks), np.float32), vocab)
+        lp = np.asarray(logps_fn(params, inputs))[:, 0]
         return float(np.exp(lp)[toks[:, 0] % 2 == 0].sum() / 2)
 
     before = p_even(state.params)
@@ -102,9 +100,7 @@ def test_grpo_loop_learns_a_bandit():
         tokens, cmask = np.asarray(out.tokens), np.asarray(out.mask)
         reward = (tokens[:, 0] % 2 == 0).astype(np.float32)
         adv = np.asarray(grpo.group_advantages(reward, g, "grpo", 1e-4), np.float32)
-        rows = step_inputs.expand_prompts(batch, tokens, cmask, g, cfg.image_token_id)
-        rows.update(completion_mask=cmask.astype(np.float32), advantages=adv)
-        state, m = step(state, {"rows": rows, "shared": shared})
+        state, m = step(state, tm.grpo_step_inputs(cfg, batch, tokens, cmask, adv, g))
         assert np.isfinite(float(m["loss"]))
     after = p_even(state.params)
     assert 0.3 < before < 0.7, before
@@ -123,10 +119,10 @@ def test_packed_completion_logps_equal_unpacked():
     model = tts._model(seed=3)
     cfg = model.config
     _, _, _, cmask, inputs = tts._grpo_inputs(cfg, seed=4, g=4)
-    slots = step_inputs.pack_slots(cmask, num_micro, num_buckets=12)
-    assert slots is not None and slots.shape[0] < cmask.size // num_micro
-    assert slots.shape[0] >= cmask.reshape(num_micro, -1).sum(1).max()
-    packed = {"rows": inputs["rows"], "shared": {**inputs["shared"], "pack_slots": slots}}
+    slots = step_inputs.pack_size(cmask, num_micro, num_buckets=12)
+    assert slots > 0 and slots < cmask.size // num_micro
+    assert slots >= cmask.reshape(num_micro, -1).sum(1).max()
+    packed = inputs.replace(pack_size=slots)
     graphdef, params = nnx.split(model)
     fn = jax.jit(grpo_step.make_logps_fn(graphdef, chunk_size=7, num_micro=num_micro))
     a, b = np.asarray(fn(params, inputs)), np.asarray(fn(params, packed))
@@ -134,7 +130,11 @@ def test_packed_completion_logps_equal_unpacked():
     assert (b[cmask == 0] == 0).all()
 
     tx = optax.sgd(1.0)
-    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.0, num_micro=num_micro))
+    step = jax.jit(
+        grpo_step.make_grpo_step(
+            graphdef, tx, loss=grpo.LossConfig(beta=0.0), num_micro=num_micro
+        )
+    )
     s0 = optim.TrainState.create(params, tx, jax.random.key(0))
     s1 = optim.TrainState.create(params, tx, jax.random.key(0))
     s0, m0 = step(jax.tree.map(jnp.copy, s0), inputs)
@@ -146,14 +146,14 @@ def test_packed_completion_logps_equal_unpacked():
     assert max(jax.tree.leaves(moved)) > 1e-4  # the update did something
 
 
-def test_pack_slots_buckets():
+def test_pack_size_buckets():
     m = np.zeros((8, 10), np.float32)
     m[:, :3] = 1  # 24 of 80 tokens
-    assert step_inputs.pack_slots(m, 1, 4).shape == (40,)  # buckets of 20: 24 -> 40
-    assert step_inputs.pack_slots(m, 2, 4).shape == (20,)  # 12 per micro-batch of 40 -> 20
-    assert step_inputs.pack_slots(m, 1, 0) is None
+    assert step_inputs.pack_size(m, 1, 4) == 40  # buckets of 20: 24 -> 40
+    assert step_inputs.pack_size(m, 2, 4) == 20  # 12 per micro-batch of 40 -> 20
+    assert step_inputs.pack_size(m, 1, 0) == 0
     m[:, :] = 1
-    assert step_inputs.pack_slots(m, 1, 4) is None  # nothing to save
+    assert step_inputs.pack_size(m, 1, 4) == 0  # nothing to save
 
 
 def test_trainer_rollout_on_its_own_layout_equals_one_device_generate():
@@ -161,8 +161,6 @@ def test_trainer_rollout_on_its_own_layout_equals_one_device_generate():
     replicated copy over the 8 devices, batch split over them) gives the one-device sampler's
     samples and log-probs on the same weights and key."""
     import types
-
-    import ml_collections
 
     from configs import grpo as grpo_config
     from tatar_jax import sharding
@@ -173,19 +171,20 @@ def test_trainer_rollout_on_its_own_layout_equals_one_device_generate():
     gcfg.update(dict(num_generations=g, max_new_tokens=t, top_k=0))
     tok = types.SimpleNamespace(eos_ids=(7, 11), pad_id=0)
     mesh = sharding.make_mesh({"fsdp": 8})
-    width = np.shape(batch["input_ids"])[1]
     engine = rollout.RolloutEngine(
-        model, tok, gcfg, ml_collections.ConfigDict(), prompt_buckets=(width,),
-        mesh=mesh, rules=sharding.DEFAULT_RULES, rollout_cfg=grpo_config.rollout_block(),
+        model, tok, gcfg, mesh=mesh, rules=sharding.DEFAULT_RULES,
+        rollout_cfg=grpo_config.rollout_block(),
     )  # fmt: skip
     assert dict(engine.sampler.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     state = nnx.state(model)
     fsdp = jax.device_put(state, sharding.state_shardings(state, mesh))
     key = jax.random.key(9)
-    out = engine.generate(fsdp, batch, key)
-    ref = sampler.generate(
-        batch["input_ids"], batch["attention_mask"], pv_real, batch["image_grid_thw"], rng=key
+    # The prompts' layout is computed once; both engines consume it as it is.
+    prompts = sampler.prepare(
+        batch["input_ids"], batch["attention_mask"], pv_real, batch["image_grid_thw"]
     )
+    out = engine.generate(fsdp, prompts, key)
+    ref = sampler.generate_prompts(prompts, rng=key)
     np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens))
     np.testing.assert_array_equal(out.mask, np.asarray(ref.mask))
     np.testing.assert_allclose(out.logps, np.asarray(ref.logps), atol=1e-5, rtol=0)

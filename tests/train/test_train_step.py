@@ -16,7 +16,7 @@ import pytest
 import tiny_models as tm
 from flax import nnx
 
-from tatar_jax import sharding
+from tatar_jax import grpo, sharding
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import grpo_step, optim, sft_step
 from tatar_jax.train import inputs as step_inputs
@@ -105,19 +105,18 @@ def test_grpo_loss_and_grads_match_per_sequence_reference(with_old):
     rng = np.random.default_rng(1)
     beta, eps = 0.04, 0.2
     ref = rng.normal(-5.0, 0.5, size=(2 * G, T)).astype(np.float32)
-    inputs["rows"]["ref_logps"] = ref
+    inputs = inputs.replace(rows=inputs.rows.replace(ref_logps=ref))
     old = None
     if with_old:
         # pi_old away from pi_theta so that ratios leave [0.8, 1.2] and clipping is active.
         lp = jax.jit(grpo_step.make_logps_fn(graphdef, chunk_size=5))(params, inputs)
         old = np.asarray(lp) + rng.normal(0, 0.3, size=lp.shape).astype(np.float32)
-        inputs["rows"]["old_logps"] = old
-    adv = inputs["rows"]["advantages"]
+        inputs = inputs.replace(rows=inputs.rows.replace(old_logps=old))
+    adv = inputs.rows.advantages
 
+    loss_cfg = grpo.LossConfig(beta=beta, epsilon=eps)
     fn = jax.jit(
-        lambda p, x: grpo_step.grpo_grads(
-            graphdef, p, x, num_micro=2, beta=beta, epsilon=eps, chunk_size=7
-        )
+        lambda p, x: grpo_step.grpo_grads(graphdef, p, x, loss_cfg, num_micro=2, chunk_size=7)
     )
     loss, grads, aux = fn(params, jax.tree.map(jnp.asarray, inputs))
     ref_fn = lambda p: _reference_loss(  # noqa: E731
@@ -143,10 +142,12 @@ def test_grpo_step_skips_nonfinite_update():
     model = _model()
     graphdef, params = nnx.split(model)
     _, _, _, _, inputs = _grpo_inputs(model.config)
-    inputs["rows"]["advantages"][3] = np.nan
+    adv = np.array(inputs.rows.advantages)
+    adv[3] = np.nan
+    inputs = inputs.replace(rows=inputs.rows.replace(advantages=adv))
     tx = optax.adamw(1e-2)
     state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
-    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, beta=0.0))
+    step = jax.jit(grpo_step.make_grpo_step(graphdef, tx, loss=grpo.LossConfig(beta=0.0)))
     new, m = step(state, jax.tree.map(jnp.asarray, inputs))
     assert int(m["update_skipped"]) == 1 and int(new.nonfinite_count) == 1
     assert int(new.step) == 1 and int(new.nonfinite_total) == 1
@@ -166,7 +167,7 @@ def test_sft_step_loss_matches_full_hidden_reference():
     label_mask[0, -4:] = 1
     label_mask[1, -2:] = 1
     batch["label_mask"] = label_mask
-    inputs = step_inputs.sft_inputs(batch, cfg)
+    inputs = step_inputs.sft_batch(batch, cfg)
     tx = optax.sgd(0.0)
     state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
     step = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=2, chunk_size=3))
@@ -205,7 +206,7 @@ def test_sft_accumulation_is_token_mean_not_mean_of_means():
     """Two micro-batches of very unequal target counts (1 and 6 tokens) give the full-batch
     token mean, its gradient and update, not the mean of the per-micro-batch means."""
     model, graphdef, params, batch = _sft_setup()
-    inputs = jax.tree.map(jnp.asarray, step_inputs.sft_inputs(batch, model.config))
+    inputs = jax.tree.map(jnp.asarray, step_inputs.sft_batch(batch, model.config))
     tx = optax.sgd(0.5)  # linear in the gradient: equal gradients give equal updates
     s0 = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
     full = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=1, chunk_size=5))
@@ -221,8 +222,9 @@ def test_sft_accumulation_is_token_mean_not_mean_of_means():
         one = {k: (v[r : r + 1] if k in ("input_ids", "attention_mask", "label_mask") else v)
                for k, v in batch.items()}  # fmt: skip
         one["position_ids"] = batch["position_ids"][:, r : r + 1]
-        one_in = step_inputs.sft_inputs(one, model.config)
-        one_in["rows"]["feat_index"] = np.asarray(inputs["rows"]["feat_index"])[r : r + 1]
+        one_in = step_inputs.sft_batch(one, model.config)
+        feat = np.asarray(inputs.rows.feat_index)[r : r + 1]
+        one_in = one_in.replace(rows=one_in.rows.replace(feat_index=feat))
         _, m = full(jax.tree.map(jnp.copy, s0), jax.tree.map(jnp.asarray, one_in))
         halves.append(float(m["loss"]))
     assert abs(np.mean(halves) - float(m1["loss"])) > 1e-3  # the two definitions really differ
@@ -231,7 +233,7 @@ def test_sft_accumulation_is_token_mean_not_mean_of_means():
 
 def test_sft_step_reports_lr_and_skips_nan():
     model, graphdef, params, batch = _sft_setup()
-    inputs = jax.tree.map(jnp.asarray, step_inputs.sft_inputs(batch, model.config))
+    inputs = jax.tree.map(jnp.asarray, step_inputs.sft_batch(batch, model.config))
     sched = optim.make_schedule(1e-2, 10)
     tx = optim.make_optimizer(sched)
     step = jax.jit(sft_step.make_sft_step(graphdef, tx, schedule=sched, chunk_size=5))
@@ -265,10 +267,10 @@ def test_sft_step_packed_targets_equal_per_row_targets():
     label_mask[0, -5:] = 1
     label_mask[1, -3:] = 1
     batch["label_mask"] = label_mask
-    plain = step_inputs.sft_inputs(batch, cfg, num_micro=accum)
-    packed = step_inputs.sft_inputs(batch, cfg, num_micro=accum, pack_buckets=4)
-    assert "pack_slots" not in plain["shared"]
-    assert packed["shared"]["pack_slots"].shape == (32,)
+    plain = step_inputs.sft_batch(batch, cfg, num_micro=accum)
+    packed = step_inputs.sft_batch(batch, cfg, num_micro=accum, pack_buckets=4)
+    assert plain.pack_size == 0
+    assert packed.pack_size == 32
     tx = optax.sgd(0.5)
     step = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=accum, chunk_size=5))
     out = {}
@@ -306,7 +308,7 @@ def test_grpo_step_on_8_devices_equals_single_device():
     make = lambda: jax.tree.map(  # noqa: E731
         jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0))
     )
-    step = grpo_step.make_grpo_step(graphdef, tx, beta=0.0, chunk_size=8)
+    step = grpo_step.make_grpo_step(graphdef, tx, loss=grpo.LossConfig(beta=0.0), chunk_size=8)
 
     one, m1 = jax.jit(step)(make(), jax.tree.map(jnp.asarray, inputs))
 
@@ -315,14 +317,13 @@ def test_grpo_step_on_8_devices_equals_single_device():
     state = make()
     p_shard = sharding.state_shardings(state.params, mesh, rules)
     state = state.replace(params=jax.device_put(state.params, p_shard))
-    rows = {
-        k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim, rules))
-        for k, v in inputs["rows"].items()
-    }
-    shared = jax.device_put(inputs["shared"], sharding.replicated(mesh))
+    rows = jax.tree.map(
+        lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim, rules)), inputs.rows
+    )
+    vision = jax.device_put(inputs.vision, sharding.replicated(mesh))
     with sharding.use_rules(mesh, rules):
-        many, m8 = jax.jit(step)(state, {"rows": rows, "shared": shared})
-    assert len(rows["input_ids"].sharding.device_set) == 8
+        many, m8 = jax.jit(step)(state, inputs.replace(rows=rows, vision=vision))
+    assert len(rows.input_ids.sharding.device_set) == 8
     np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), many.params, one.params)
