@@ -550,8 +550,37 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 _DPA_IMPL = "cudnn"
 
 
+def _same_sharding(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+    """q, k, v constrained to one sharding (batch over the batch axes, heads over the tensor
+    axis when both head counts divide it, else replicated heads), as jax's cuDNN partitioner
+    requires: left to propagation, the backward's q / k / v can come out sharded differently
+    ("Query, key and value should have same sharding") on 2-device meshes. Identity outside
+    ``sharding.use_rules``."""
+    active = sharding.active()
+    if active is None:
+        return q, k, v
+    mesh, rules = active
+    q_spec = sharding.logical_to_pspec(_CUDNN_Q, rules, mesh=mesh, shape=q.shape)
+    kv_spec = sharding.logical_to_pspec(_CUDNN_KV, rules, mesh=mesh, shape=k.shape)
+    if tuple(q_spec) != tuple(kv_spec):  # one head count does not divide: replicate heads
+        q_spec = kv_spec = sharding.logical_to_pspec(
+            _CUDNN_Q[:2], rules, mesh=mesh, shape=q.shape[:2]
+        )
+    put = lambda x, spec: jax.lax.with_sharding_constraint(  # noqa: E731
+        x, jax.sharding.NamedSharding(mesh, spec)
+    )
+    return put(q, q_spec), put(k, kv_spec), put(v, kv_spec)
+
+
+_CUDNN_Q = ("batch", None, "q_heads", None)
+_CUDNN_KV = ("batch", None, "kv_heads", None)
+
+
 def _attention_cudnn(q, k, v, kv_valid, q_positions, right_padded):
-    dpa = functools.partial(jax.nn.dot_product_attention, implementation=_DPA_IMPL)
+    def dpa(q, k, v, **kw):
+        q, k, v = _same_sharding(q, k, v)
+        return jax.nn.dot_product_attention(q, k, v, implementation=_DPA_IMPL, **kw)
+
     b, length, t = q.shape[0], q.shape[1], k.shape[1]
     if q_positions is None and right_padded:
         # (a group with no real row gets length 1: its output is never read, and never NaN)
