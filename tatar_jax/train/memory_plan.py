@@ -54,6 +54,7 @@ __all__ = [
     "PlanSpec",
     "fit",
     "format_table",
+    "mesh_text",
     "parse_mesh",
     "plan",
     "step_bound",
@@ -477,7 +478,7 @@ def plan(
         target = Target(name="cpu", platform="cpu", num_devices=len(devices or jax.devices()))
     if size > target.num_devices:
         raise ValueError(
-            f"mesh {_mesh_text(spec)} needs {size} devices; --target={target.name} has "
+            f"mesh {mesh_text(spec)} needs {size} devices; --target={target.name} has "
             f"{target.num_devices}"
         )
     with layers.compile_target(target.platform):
@@ -486,7 +487,8 @@ def plan(
         return _plan_programs(spec, b, target, dump_hlo)
 
 
-def _mesh_text(spec: PlanSpec) -> str:
+def mesh_text(spec: PlanSpec) -> str:
+    """``fsdp=8`` (``fsdp=8 dcn data=2`` for a multi-slice spec)."""
     text = ",".join(f"{k}={v}" for k, v in spec.mesh)
     return text + ("" if not spec.dcn else " dcn " + ",".join(f"{k}={v}" for k, v in spec.dcn))
 
