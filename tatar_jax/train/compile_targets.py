@@ -93,8 +93,10 @@ class Target:
         from jax.experimental import topologies
 
         if self.platform == "tpu":
-            # no metadata-server lookups: nothing here runs on a TPU VM
+            # no metadata-server lookups (nothing here runs on a TPU VM), and no lock on the
+            # TPU devices: a compile-only client uses none, and other processes compile too
             os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
             desc = topologies.get_topology_desc(
                 platform="tpu", topology_name=self.topology, num_slices=self.num_slices
             )

@@ -318,7 +318,7 @@ def _ref_params(b: _Builder) -> Any:
     return b.put(ref, b.param_shardings)
 
 
-def _plan_ref_logps(b: _Builder) -> tuple[Any, float]:
+def _plan_ref_logps(b: _Builder) -> tuple[Any, float, dict[str, Any]]:
     from tatar_jax.train import grpo_step
 
     s = b.spec
@@ -329,7 +329,7 @@ def _plan_ref_logps(b: _Builder) -> tuple[Any, float]:
     inputs["rows"].pop("ref_logps", None)
     ref = _ref_params(b)
     compiled, secs = _compile(lambda: fn.lower(ref, inputs), mesh=b.mesh, rules=b.rules)
-    return compiled, secs
+    return compiled, secs, {"_weights": ref}
 
 
 def _sampler(b: _Builder) -> Any:
@@ -390,6 +390,7 @@ def _plan_rollout(b: _Builder, program: int) -> tuple[Any, float, dict[str, Any]
 
     compiled, secs = _compile(lower, mesh=mesh, rules=sampler.rules)
     extra: dict[str, Any] = {
+        "_weights": args[0],
         "rollout_mesh": dict(mesh.shape),
         "rollout_rules": next(k for k, v in sharding.RULE_SETS.items() if v == sampler.rules),
         "rollout_weights_bytes_per_device": _per_device_bytes(args[0]),
@@ -440,6 +441,26 @@ def _kernel_calls(impl: str, hlo_text: str) -> int:
     return sum(n for name, n in calls.items() if name.startswith(prefixes)) if prefixes else 0
 
 
+def _f32_weight_copies(weights: Any, hlo_text: str) -> int | None:
+    """Float32 values shaped like the program's bf16 decoder weights (per-device shapes, and a
+    stacked layer's slice): a float32 copy of weights the program reads in bf16. None: the
+    program's weights are not bf16 (the update's float32 master weights)."""
+    if weights is None:
+        return None
+    shapes = set()
+    for path, x in jax.tree_util.tree_leaves_with_path(weights):
+        # the vision tower's small matrices share shapes with its activations; the decoder's
+        # weights are what a float32 copy would double
+        if x.dtype != jnp.bfloat16 or "visual" in jax.tree_util.keystr(path):
+            continue
+        s = getattr(x, "sharding", None)
+        shape = tuple(s.shard_shape(x.shape) if s is not None else x.shape)
+        shapes.update({shape, shape[1:]} if len(shape) >= 3 else {shape})
+    if not shapes:
+        return None
+    return len(hlo_stats.upcast_weight_buffers(hlo_text, shapes, min_elements=4096))
+
+
 def plan(
     spec: PlanSpec,
     devices: Sequence[jax.Device] | None = None,
@@ -457,6 +478,8 @@ def plan(
 
     Each dict: the configuration, ``target`` (its description), ``program``, ``attention`` (the
     implementation compiled) and ``attention_kernel_calls`` (its custom calls in the HLO),
+    ``f32_weight_copies`` (float32 buffers shaped like the bf16 weights of a bf16 program: CPU
+    XLA makes them, a TPU / GPU compile should not; None for the float32 update),
     ``per_device_bytes`` (arguments, outputs, aliased, temporaries, total = arguments + outputs
     - aliased + temporaries), ``resident_other`` (per-device bytes of buffers alive during the
     program but not its arguments), ``peak_bytes`` (= total + resident_other), ``fits`` per
@@ -555,9 +578,10 @@ def _plan_programs(
         if program == "update":
             compiled, secs, _ = _plan_update(b)
         elif program == "ref_logps":
-            compiled, secs = _plan_ref_logps(b)
+            compiled, secs, extra = _plan_ref_logps(b)
         else:
             compiled, secs, extra = _plan_rollout(b, 0 if program == "prefill" else 1)
+        weights = extra.pop("_weights", None)
         mem = _memory(compiled)
         cost = _cost(compiled)
         peak = mem["total"] + other[program]
@@ -566,6 +590,7 @@ def _plan_programs(
                 **base,
                 "program": program,
                 "attention_kernel_calls": _kernel_calls(impl, compiled.as_text()),
+                "f32_weight_copies": _f32_weight_copies(weights, compiled.as_text()),
                 "per_device_bytes": mem,
                 "resident_other": other[program],
                 "peak_bytes": peak,
