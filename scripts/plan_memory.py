@@ -125,9 +125,8 @@ def _set_device_count(argv: list[str]) -> None:
     meshes = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--mesh=")]
     meshes += [v for a, v in zip(argv[1:], argv[2:], strict=False) if a == "--mesh"]
     n = max(_mesh_size(m) for m in meshes or _MESH.default)
-    # the programs run nowhere: the host compiles (and jax-cuda's GPU checks must not run)
+    # the programs run nowhere: the host compiles (TPU / GPU targets: compile-only devices)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     xla = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in xla:
         os.environ["XLA_FLAGS"] = f"{xla} --xla_force_host_platform_device_count={n}".strip()

@@ -442,20 +442,22 @@ def _kernel_calls(impl: str, hlo_text: str) -> int:
 
 
 def _f32_weight_copies(weights: Any, hlo_text: str) -> int | None:
-    """Float32 values shaped like the program's bf16 decoder weights (per-device shapes, and a
-    stacked layer's slice): a float32 copy of weights the program reads in bf16. None: the
-    program's weights are not bf16 (the update's float32 master weights)."""
+    """Float32 values shaped like the program's bf16 decoder-layer weights (per-device shapes
+    of the stacked kernels, whole and one layer's slice): a float32 copy of weights the program
+    reads in bf16. None: the program's weights are not bf16 (the update's float32 master
+    weights)."""
     if weights is None:
         return None
     shapes = set()
     for path, x in jax.tree_util.tree_leaves_with_path(weights):
-        # the vision tower's small matrices share shapes with its activations; the decoder's
-        # weights are what a float32 copy would double
-        if x.dtype != jnp.bfloat16 or "visual" in jax.tree_util.keystr(path):
+        # The decoder layers' kernels: the bulk of the weights. The vision tower's matrices and
+        # the embedding / lm_head share shapes with activations (patches x width, a logits
+        # chunk) in small models.
+        if x.dtype != jnp.bfloat16 or x.ndim < 3 or "visual" in jax.tree_util.keystr(path):
             continue
         s = getattr(x, "sharding", None)
         shape = tuple(s.shard_shape(x.shape) if s is not None else x.shape)
-        shapes.update({shape, shape[1:]} if len(shape) >= 3 else {shape})
+        shapes.update({shape, shape[1:]})
     if not shapes:
         return None
     return len(hlo_stats.upcast_weight_buffers(hlo_text, shapes, min_elements=4096))
