@@ -132,6 +132,11 @@ def _set_device_count(argv: list[str]) -> None:
         os.environ["XLA_FLAGS"] = f"{xla} --xla_force_host_platform_device_count={n}".strip()
 
 
+def _usage(message: str) -> app.UsageError:
+    """A usage error: the one-line message and exit status 2."""
+    return app.UsageError(message, exitcode=2)
+
+
 def _spec(model: str, mesh_text: str, dcn: tuple[tuple[str, int], ...]) -> object:
     from tatar_jax.train import memory_plan as mp
 
@@ -179,21 +184,21 @@ def main(argv: list[str]) -> None:
         ]
         specs = [_spec(m, mesh, dcn) for m in _MODEL.value for mesh in _MESH.value]
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
+        raise _usage(str(e)) from e
     for target in targets:
         reason = ct.unavailable_reason(target.platform)
         if reason:
-            raise app.UsageError(f"--target={target.name}: {reason}")
+            raise _usage(f"--target={target.name}: {reason}")
         for spec in specs:
             size = math.prod(s for _, s in spec.mesh) * math.prod(s for _, s in spec.dcn)
             if size > target.num_devices:
-                raise app.UsageError(
+                raise _usage(
                     f"--mesh={mp.mesh_text(spec)} needs {size} devices; --target={target.name} "
                     f"has {target.num_devices}"
                 )
             if _FIT.value:
                 if target.memory_bytes is None:
-                    raise app.UsageError("--fit needs a tpu: or gpu: target (a known memory)")
+                    raise _usage("--fit needs a tpu: or gpu: target (a known memory)")
                 found = mp.fit(spec, target)
                 if not found["fits"]:
                     print(f"{spec.model} on {target.name}: nothing fits: {found['reason']}")
