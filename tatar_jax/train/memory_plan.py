@@ -689,6 +689,18 @@ def fit(
     if target.memory_bytes is None:
         raise ValueError(f"--fit needs a target with a known device memory, not {target.name}")
     limit = (1 - HEADROOM) * target.memory_bytes
+    with layers.compile_target(target.platform):
+        size = math.prod(n for _, n in spec.mesh) * math.prod(n for _, n in spec.dcn)
+        _, sizes = _resident(spec, _Builder(spec, target.devices()[:size], target.memory_bytes))
+    state = sum(sizes[f"{k}_bytes_per_device"] for k in ("params", "opt_state", "ref_params"))
+    if state > limit:  # no micro-batching helps: skip the compiles
+        return {
+            "fits": False,
+            "reason": f"the resident state alone (parameters + optimizer moments + reference) "
+            f"needs {state / GIB:.1f} GiB per device on {size} devices; {target.name} allows "
+            f"{limit / GIB:.1f} GiB (90% of {target.memory_bytes / GIB:.1f}): shard it over more "
+            "devices, or train LoRA adapters / a frozen vision tower",
+        }
     train_progs = tuple(p for p in ("update", "ref_logps") if p in spec.programs)
     roll_progs = tuple(p for p in ("prefill", "decode") if p in spec.programs)
     smallest: dict[str, float] = {}
