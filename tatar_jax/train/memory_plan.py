@@ -32,6 +32,7 @@ import contextvars
 import dataclasses
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -619,12 +620,19 @@ def _plan_programs(
         _HLO_DUMP.set(
             None if dump_hlo is None else f"{dump_hlo}/{spec.model}_{mesh_name}_{program}.hlo.txt"
         )
-        if program == "update":
-            compiled, secs, _ = _plan_update(b)
-        elif program == "ref_logps":
-            compiled, secs, extra = _plan_ref_logps(b)
-        else:
-            compiled, secs, extra = _plan_rollout(b, 0 if program == "prefill" else 1)
+        try:
+            if program == "update":
+                compiled, secs, _ = _plan_update(b)
+            elif program == "ref_logps":
+                compiled, secs, extra = _plan_ref_logps(b)
+            else:
+                compiled, secs, extra = _plan_rollout(b, 0 if program == "prefill" else 1)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # the TPU compiler refuses a program that cannot fit the device: a verdict too
+            results.append(_out_of_memory(base, program, str(e), other[program]))
+            continue
         weights = extra.pop("_weights", None)
         mem = _memory(compiled)
         cost = _cost(compiled)
@@ -659,6 +667,31 @@ def _plan_programs(
             }
         )
     return results
+
+
+def _out_of_memory(base: Mapping[str, Any], program: str, error: str, resident: int) -> dict:
+    """The result of a program the target's compiler refused for lack of device memory: no
+    memory analysis; ``peak_bytes`` is the temporaries the compiler said it needs (a lower
+    bound of the peak) plus the resident buffers."""
+    line = next((x for x in error.splitlines() if "RESOURCE_EXHAUSTED" in x), error)
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", line)
+    temps = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else 0
+    peak = temps + resident
+    return {
+        **base,
+        "program": program,
+        "compile_error": line.strip()[:300],
+        "per_device_bytes": None,
+        "resident_other": resident,
+        "peak_bytes": peak,
+        "peak_gib": round(peak / GIB, 2),
+        "fits": {hw: bool(peak <= gib * GIB) for hw, gib in HBM_GIB.items()},
+        "fits_target": False,
+        "fits_target_headroom": False,
+        "flops": None,
+        "bytes_accessed": None,
+        "roofline_seconds": float("nan"),
+    }
 
 
 def step_bound(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -708,7 +741,7 @@ def fit(
     def fits(results: Sequence[Mapping[str, Any]]) -> bool:
         for r in results:
             smallest[r["program"]] = min(smallest.get(r["program"], math.inf), r["peak_bytes"])
-        return all(r["peak_bytes"] <= limit for r in results)
+        return all(r["fits_target_headroom"] for r in results)
 
     found = None
     for n in [d for d in range(1, spec.rows + 1) if spec.rows % d == 0]:
@@ -756,11 +789,13 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        m = r["per_device_bytes"]
+        m = r["per_device_bytes"] or dict.fromkeys(("arguments", "outputs", "temporaries"), 0)
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
         mem = r["target"]["memory_gib"]
         if r["fits_target"] is None:
             verdict = "n/a (cpu)"
+        elif r["per_device_bytes"] is None:
+            verdict = "NO (OOM)"  # the compiler refused it; peak >= its stated temporaries
         else:
             verdict = "fits" if r["fits_target_headroom"] else "tight" if r["fits_target"] else "NO"
         flops = r.get("model_flops")
