@@ -179,7 +179,8 @@ def test_fit_finds_the_smallest_micro_batch_count_that_fits():
         assert "prefill" in found["reason"], found
     small = ct.Target(name="cpu-tiny", platform="cpu", num_devices=1, memory_bytes=1 << 20)
     nothing = mp.fit(dataclasses.replace(spec, programs=("update",)), small)
-    assert not nothing["fits"] and "num_micro=8" in nothing["reason"]
+    # 1 MiB: the resident state alone is larger, so no compile is tried
+    assert not nothing["fits"] and nothing["reason"].startswith("the resident state alone")
     assert "\n" not in nothing["reason"]
 
 
