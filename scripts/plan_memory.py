@@ -1,20 +1,28 @@
-r"""AOT memory plan: per-device bytes of the GRPO update and rollout programs, no weights needed.
+r"""AOT memory plan: per-device bytes, verdict and roofline of the GRPO programs, no weights needed.
 
-Lowers and compiles the trainer's programs (``tatar_jax.train.memory_plan``) with abstract
-shapes only on a virtual mesh of host CPU devices, and prints per-device arguments / outputs /
-temporaries / total from the compiled memory analysis, against the HBM of v5e (16 GiB), v5p
-(95 GiB), H100 (80 GiB) and H200 (141 GiB).
+Lowers and compiles the trainer's four programs (``tatar_jax.train.memory_plan``: the GRPO
+update, reference log-probs, rollout prefill and decode) with abstract shapes only, for the
+hardware ``--target`` names, by that hardware's own compiler without the hardware (deviceless
+AOT), and prints per-device arguments / outputs / temporaries / peak against the target's
+memory, the verdict (10% headroom), and on TPU the compiler's FLOPs / bytes with the roofline
+lower bound of each program and of one GRPO step.
 
-    python scripts/plan_memory.py --model=7b --mesh=fsdp=8
-    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --json          # one JSON per program
-    python scripts/plan_memory.py --model=32b --mesh=fsdp=16,tensor=2 --num_micro=4
-    python scripts/plan_memory.py --model=7b,32b --mesh=fsdp=8 --mesh=fsdp=4,tensor=2
-    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --programs=decode --json \
-        --dump_hlo=/tmp/hlo   # decode: kv_cache_bytes, collective_bytes_per_step, HLO text
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --target=gpu:h100x8
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --target=tpu:v5p-8 --json
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=16 --target=tpu:v5e-16 --fit
+    python scripts/plan_memory.py --model=72b --mesh=fsdp=64 --target=tpu:v5p-64
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8 --dcn=data=2 --target=tpu:v5e-8 \
+        --num_slices=2                                       # two slices over the DCN
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=1 --target=gpu:h100x1 \
+        --target_config=my_h100.txtpb                        # another GpuTargetConfig
+    python scripts/plan_memory.py --model=7b --mesh=fsdp=8   # --target=cpu: virtual CPU devices
 
-``--model`` and ``--mesh`` accept several values: every combination is planned. The virtual
-device count is the largest mesh (``--xla_force_host_platform_device_count``, set before jax is
-imported). Compiling a 7B step takes a few minutes on two CPU cores.
+Targets (``tatar_jax/train/compile_targets.py``): ``cpu`` (virtual host devices; CPU XLA
+upcasts bf16 dots, so it overstates bf16 programs), ``tpu:<v5e|v5p|v6e>-<chips>`` (the number
+counts chips; needs the ``libtpu`` wheel), ``gpu:<h100|h200|a100-80|l40s>x<count>`` (needs the
+jax-cuda plugin wheels and cuDNN: ``pip install -r requirements-aot.txt``). ``--model`` and
+``--mesh`` accept several values: every combination is planned. ``--fit`` searches the smallest
+``--num_micro`` (then rollout layout) for which every program fits with 10% headroom.
 """
 
 from __future__ import annotations
@@ -62,10 +70,23 @@ _PROGRAMS = flags.DEFINE_list(
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per planned program.")
 _ATTENTION = flags.DEFINE_enum(
-    "attention_impl", "chunked", ["chunked", "xla"],
-    "Attention implementation compiled on the CPU stand-in devices: chunked (memory-efficient, "
-    "the stand-in for cuDNN / splash flash kernels) or xla (O(L^2) float32 scores).",
+    "attention_impl", "auto", ["auto", "chunked", "xla", "cudnn", "splash"],
+    "Attention implementation: auto = what the trainer picks on the target (splash on TPU, "
+    "cuDNN on NVIDIA for bf16, chunked on cpu).",
 )  # fmt: skip
+_TARGET = flags.DEFINE_list(
+    "target", ["cpu"], "Hardware to compile for: cpu | tpu:<gen>-<chips> | gpu:<model>x<count>."
+)
+_TARGET_CONFIG = flags.DEFINE_string(
+    "target_config", None, "A GpuTargetConfig text-proto file for a gpu:<name>x<count> target."
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (GPU groups) joined by the DCN.")
+_DCN = flags.DEFINE_string(
+    "dcn", None, "Mesh factors over the DCN (axis=size,...; default data=<num_slices>)."
+)
+_FIT = flags.DEFINE_bool(
+    "fit", False, "Search the smallest num_micro (then rollout layout) that fits with 10% headroom."
+)
 _DUMP_HLO = flags.DEFINE_string(
     "dump_hlo",
     None,
@@ -139,46 +160,103 @@ def _check_usage() -> None:
 
 
 def _set_device_count(argv: list[str]) -> None:
-    """--xla_force_host_platform_device_count for the largest requested mesh, before jax loads."""
+    """The host platform, and --xla_force_host_platform_device_count for the largest requested
+    mesh (a ``cpu`` target's virtual devices), before jax loads."""
     # argv is scanned by hand: parsing FLAGS here would make app.run append --mesh values twice.
     meshes = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--mesh=")]
     meshes += [v for a, v in zip(argv[1:], argv[2:], strict=False) if a == "--mesh"]
     n = max(_mesh_size(m) for m in meshes or _MESH.default)
+    # the programs run nowhere: the host compiles (TPU / GPU targets: compile-only devices)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     xla = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in xla:
         os.environ["XLA_FLAGS"] = f"{xla} --xla_force_host_platform_device_count={n}".strip()
 
 
-def main(argv: list[str]) -> None:
+def _usage(message: str) -> Exception:
+    """A usage error: the one-line message and exit status 2."""
     from tatar_jax import cli_errors
 
-    if len(argv) > 1:
-        raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
-    _check_usage()
-    import jax
+    return cli_errors.UsageError(message)
 
+
+def _spec(model: str, mesh_text: str, dcn: tuple[tuple[str, int], ...]) -> object:
     from tatar_jax.train import memory_plan as mp
 
     none = ("", "none", "None")
-    for model in _MODEL.value:
-        for mesh_text in _MESH.value:
-            mesh = mp.parse_mesh(mesh_text)
-            size = math.prod(s for _, s in mesh)
-            if size > jax.device_count():
-                raise cli_errors.UsageError(f"mesh {mesh_text} needs {size} devices")
-            spec = mp.PlanSpec(
-                model=model, mesh=mesh, programs=tuple(_PROGRAMS.value),
-                remat=None if _REMAT.value in none else _REMAT.value,
-                vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
-                **{field: flag.value for field, flag in _SPEC_FLAGS.items()},
+    return mp.PlanSpec(
+        model=model, mesh=mp.parse_mesh(mesh_text), dcn=dcn, programs=tuple(_PROGRAMS.value),
+        remat=None if _REMAT.value in none else _REMAT.value,
+        vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
+        **{field: flag.value for field, flag in _SPEC_FLAGS.items()},
+    )  # fmt: skip
+
+
+def _print(results: list[dict], bound: dict | None) -> None:
+    from tatar_jax.train import memory_plan as mp
+
+    if _JSON.value:
+        for r in results:
+            print(json.dumps(r), flush=True)
+        if bound is not None:
+            print(json.dumps({"step_bound": bound}), flush=True)
+        return
+    print(mp.format_table(results), flush=True)
+    if bound is not None and bound["seconds"] == bound["seconds"]:
+        parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in bound["per_program_seconds"].items())
+        print(f"one GRPO step >= {bound['seconds']:.2f} s ({bound['label']}; {parts})", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise _usage(f"unexpected arguments: {argv[1:]}")
+    _check_usage()
+    import jax
+
+    from tatar_jax.train import compile_targets as ct
+    from tatar_jax.train import memory_plan as mp
+
+    try:
+        dcn = mp.parse_mesh(_DCN.value) if _DCN.value else ()
+        if _NUM_SLICES.value > 1 and not dcn:
+            dcn = (("data", _NUM_SLICES.value),)
+        targets = [
+            ct.parse_target(
+                t, num_devices=jax.device_count(), num_slices=_NUM_SLICES.value,
+                target_config=_TARGET_CONFIG.value,
             )  # fmt: skip
-            results = mp.plan(spec, devices=jax.devices()[:size], dump_hlo=_DUMP_HLO.value)
-            if _JSON.value:
-                for r in results:
-                    print(json.dumps(r), flush=True)
-            else:
-                print(mp.format_table(results), flush=True)
+            for t in _TARGET.value
+        ]
+        specs = [_spec(m, mesh, dcn) for m in _MODEL.value for mesh in _MESH.value]
+    except ValueError as e:
+        raise _usage(str(e)) from e
+    for target in targets:
+        reason = ct.unavailable_reason(target.platform)
+        if reason:
+            raise _usage(f"--target={target.name}: {reason}")
+        for spec in specs:
+            size = math.prod(s for _, s in spec.mesh) * math.prod(s for _, s in spec.dcn)
+            if size > target.num_devices:
+                raise _usage(
+                    f"--mesh={mp.mesh_text(spec)} needs {size} devices; --target={target.name} "
+                    f"has {target.num_devices}"
+                )
+            if _FIT.value:
+                if target.memory_bytes is None:
+                    raise _usage("--fit needs a tpu: or gpu: target (a known memory)")
+                found = mp.fit(spec, target)
+                if not found["fits"]:
+                    print(f"{spec.model} on {target.name}: nothing fits: {found['reason']}")
+                    continue
+                print(
+                    f"{spec.model} on {target.name} ({mp.mesh_text(spec)}): fits with "
+                    f"num_micro={found['num_micro']}, rollout_mesh={found['rollout_mesh']}",
+                    flush=True,
+                )
+                _print(found["results"], None)
+                continue
+            results = mp.plan(spec, target=target, dump_hlo=_DUMP_HLO.value)
+            _print(results, mp.step_bound(results) if target.platform != "cpu" else None)
 
 
 if __name__ == "__main__":

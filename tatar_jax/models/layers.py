@@ -37,15 +37,19 @@ Attention implementations (``attention_impl``; :func:`resolve_attention_impl`):
 - ``"auto"``: ``"cudnn"`` on NVIDIA GPUs for bf16/fp16 inputs, ``"splash"`` on TPU,
   ``"chunked"`` otherwise (float32 on GPU included: cuDNN has no float32 flash kernel).
 
-Choosing ``"cudnn"`` or ``"splash"`` on another backend raises ``ValueError`` naming it.
+Choosing ``"cudnn"`` or ``"splash"`` on another platform raises ``ValueError`` naming it. The
+platform is this process's backend, or, inside :func:`compile_target`, the devices an
+ahead-of-time compile is for (``scripts/plan_memory.py --target=tpu:...`` / ``gpu:...``).
 Library kernels only: jax's own cuDNN binding and the splash kernel shipped in jax; ``tokamax``
 is not a dependency of this project.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -69,6 +73,7 @@ __all__ = [
     "apply_rotary",
     "attention",
     "check_remat",
+    "compile_target",
     "cos_sin",
     "dense",
     "inv_frequencies",
@@ -268,30 +273,56 @@ _LANES = 128  # splash: head_dim padding multiple (TPU lanes)
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _nvidia_gpu() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    return "rocm" not in str(jax.devices()[0].client.platform_version).lower()
+# The platform :func:`resolve_attention_impl` decides for when none is passed: None = this
+# process's backend; an ahead-of-time compile for other devices sets it (:func:`compile_target`).
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
+TARGET_PLATFORMS = ("cpu", "tpu", "cuda", "rocm")
 
 
-def resolve_attention_impl(impl: str, dtype: Any = jnp.bfloat16) -> str:
-    """The implementation ``impl`` runs as in this process for activations of ``dtype``.
+@contextlib.contextmanager
+def compile_target(platform: str | None) -> Iterator[None]:
+    """Inside it, ``"auto"`` and the kernel checks of :func:`resolve_attention_impl` follow the
+    devices being compiled for (``"tpu"``, ``"cuda"``: NVIDIA, ``"rocm"``, ``"cpu"``), not this
+    host's backend: deviceless AOT plans build and lower the model inside it. None: the host."""
+    if platform is not None and platform not in TARGET_PLATFORMS:
+        raise ValueError(f"unknown target platform {platform!r}; choose one of {TARGET_PLATFORMS}")
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
-    ``"auto"`` becomes ``"cudnn"`` (NVIDIA GPU, bf16/fp16), ``"splash"`` (TPU) or ``"chunked"``.
-    Raises ``ValueError`` for an unknown name or a kernel this backend / dtype cannot run.
+
+def _host_platform() -> str:
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    rocm = "rocm" in str(jax.devices()[0].client.platform_version).lower()
+    return "rocm" if rocm else "cuda"
+
+
+def resolve_attention_impl(
+    impl: str, dtype: Any = jnp.bfloat16, platform: str | None = None
+) -> str:
+    """The implementation ``impl`` runs as for activations of ``dtype`` on ``platform``.
+
+    ``platform``: "tpu" / "cuda" (NVIDIA) / "rocm" / "cpu"; None = the :func:`compile_target`
+    in force, else this process's backend. ``"auto"`` becomes ``"cudnn"`` (NVIDIA, bf16/fp16),
+    ``"splash"`` (TPU) or ``"chunked"``. Raises ``ValueError`` for an unknown name or a kernel
+    that platform / dtype cannot run.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of {list(ATTENTION_IMPLS)}")
-    backend = jax.default_backend()
+    platform = platform or _TARGET.get() or _host_platform()
     half = jnp.dtype(dtype) in _HALF
     if impl == "auto":
-        if backend == "gpu" and half and _nvidia_gpu():
+        if platform == "cuda" and half:
             return "cudnn"
-        return "splash" if backend == "tpu" else "chunked"
+        return "splash" if platform == "tpu" else "chunked"
     if impl == "cudnn":
-        if not _nvidia_gpu():
+        if platform != "cuda":
             raise ValueError(
-                f"attention_impl='cudnn' needs an NVIDIA GPU; jax's backend here is {backend!r} "
+                f"attention_impl='cudnn' needs an NVIDIA GPU; the platform here is {platform!r} "
                 "(use 'chunked', or 'auto')"
             )
         if not half:
@@ -299,9 +330,9 @@ def resolve_attention_impl(impl: str, dtype: Any = jnp.bfloat16) -> str:
                 f"attention_impl='cudnn' needs bfloat16/float16 activations, got "
                 f"{jnp.dtype(dtype).name} (cuDNN has no float32 flash kernel; use 'chunked')"
             )
-    if impl == "splash" and backend != "tpu":
+    if impl == "splash" and platform != "tpu":
         raise ValueError(
-            f"attention_impl='splash' needs a TPU; jax's backend here is {backend!r} "
+            f"attention_impl='splash' needs a TPU; the platform here is {platform!r} "
             "(use 'chunked', or 'auto')"
         )
     return impl
@@ -519,8 +550,37 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 _DPA_IMPL = "cudnn"
 
 
+def _same_sharding(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+    """q, k, v constrained to one sharding (batch over the batch axes, heads over the tensor
+    axis when both head counts divide it, else replicated heads), as jax's cuDNN partitioner
+    requires: left to propagation, the backward's q / k / v can come out sharded differently
+    ("Query, key and value should have same sharding") on 2-device meshes. Identity outside
+    ``sharding.use_rules``."""
+    active = sharding.active()
+    if active is None:
+        return q, k, v
+    mesh, rules = active
+    q_spec = sharding.logical_to_pspec(_CUDNN_Q, rules, mesh=mesh, shape=q.shape)
+    kv_spec = sharding.logical_to_pspec(_CUDNN_KV, rules, mesh=mesh, shape=k.shape)
+    if tuple(q_spec) != tuple(kv_spec):  # one head count does not divide: replicate heads
+        q_spec = kv_spec = sharding.logical_to_pspec(
+            _CUDNN_Q[:2], rules, mesh=mesh, shape=q.shape[:2]
+        )
+    put = lambda x, spec: jax.lax.with_sharding_constraint(  # noqa: E731
+        x, jax.sharding.NamedSharding(mesh, spec)
+    )
+    return put(q, q_spec), put(k, kv_spec), put(v, kv_spec)
+
+
+_CUDNN_Q = ("batch", None, "q_heads", None)
+_CUDNN_KV = ("batch", None, "kv_heads", None)
+
+
 def _attention_cudnn(q, k, v, kv_valid, q_positions, right_padded):
-    dpa = functools.partial(jax.nn.dot_product_attention, implementation=_DPA_IMPL)
+    def dpa(q, k, v, **kw):
+        q, k, v = _same_sharding(q, k, v)
+        return jax.nn.dot_product_attention(q, k, v, implementation=_DPA_IMPL, **kw)
+
     b, length, t = q.shape[0], q.shape[1], k.shape[1]
     if q_positions is None and right_padded:
         # (a group with no real row gets length 1: its output is never read, and never NaN)

@@ -2,9 +2,11 @@
 
 Nothing is allocated: the model is built with ``nnx.eval_shape``, the train state with
 ``jax.eval_shape`` and every argument is a ``jax.ShapeDtypeStruct`` carrying its sharding
-(:mod:`tatar_jax.sharding` rules). Each program is compiled for the given mesh (on a machine
-without accelerators: virtual host-platform CPU devices, see ``scripts/plan_memory.py``) and
-``compiled.memory_analysis()`` gives the per-device bytes of its arguments, outputs, temporaries.
+(:mod:`tatar_jax.sharding` rules). Each program is compiled for the given mesh on the target's
+devices (:mod:`tatar_jax.train.compile_targets`: a TPU slice or NVIDIA GPUs compiled for without
+them, by their own compilers, or this host's virtual CPU devices) and
+``compiled.memory_analysis()`` gives the per-device bytes of its arguments, outputs, temporaries;
+``compiled.cost_analysis()`` its FLOPs and bytes accessed (TPU and GPU compilers).
 
 Programs (the ones the trainer runs, not re-implementations):
 
@@ -18,8 +20,10 @@ Besides a program's own arguments, other buffers stay resident while it runs (th
 state during rollout, the reference parameters during the update); ``resident_other`` adds them,
 so ``peak = total + resident_other`` is what must fit in a device's memory.
 
-CPU compilation differs from TPU/GPU in fusion and layout decisions (and CPU XLA may upcast bf16
-dots to f32), so the figures are an estimate of the real devices' footprint, not a measurement.
+CPU compilation differs from TPU/GPU in fusion and layout decisions and CPU XLA upcasts bf16
+dots to f32: a ``cpu`` plan overstates a bf16 rollout about 2x. Plans for ``tpu:`` / ``gpu:``
+targets come from the compilers that run on those devices (what they would allocate; the
+programs are not run). :func:`fit` searches the micro-batch count and rollout layout that fit.
 """
 
 from __future__ import annotations
@@ -40,23 +44,28 @@ import numpy as np
 from flax import nnx
 
 from tatar_jax import grpo, loading, sharding
-from tatar_jax.models import lora
-from tatar_jax.train import optim
+from tatar_jax.models import layers, lora
+from tatar_jax.train import compile_targets, hlo_stats, optim
+from tatar_jax.train.compile_targets import Target
 
 __all__ = [
     "HBM_GIB",
+    "HEADROOM",
     "PROGRAMS",
     "PlanSpec",
+    "fit",
     "format_table",
-    "loop_collective_bytes",
+    "mesh_text",
     "parse_mesh",
     "plan",
+    "step_bound",
 ]
 
 GIB = 1024**3
 # Memory per device (GiB) of the accelerators the plan compares against.
 HBM_GIB: dict[str, float] = {"v5e": 16.0, "v5p": 95.0, "H100": 80.0, "H200": 141.0}
 PROGRAMS = ("update", "ref_logps", "prefill", "decode")
+HEADROOM = 0.10  # share of a device's memory a plan keeps free (--fit, "fits_target_headroom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,9 @@ class PlanSpec:
 
     model: str = "7b"  # preset name of qwen2_5_vl.config (3b / 7b / 32b / 72b / tiny)
     mesh: tuple[tuple[str, int], ...] = (("fsdp", 8),)
+    # Multi-slice: each axis's factor over the data-center network (e.g. (("data", 2),)); the
+    # mesh above is then one slice's (ICI) shape.
+    dcn: tuple[tuple[str, int], ...] = ()
     rules: str = "default"
     prompts: int = 16
     num_generations: int = 8
@@ -87,12 +99,12 @@ class PlanSpec:
     freeze_vision: bool = False
     lora_rank: int = 0  # > 0: LoRA adapters on the decoder projections (only they train)
     programs: tuple[str, ...] = PROGRAMS
-    # The memory-efficient path, the CPU stand-in for the fused kernels (cuDNN / splash) that
-    # "auto" picks on GPU / TPU; "xla" plans the O(L^2) float32 scores.
-    attention_impl: str = "chunked"
+    # "auto": what the trainer picks on the target's devices: splash (TPU), cuDNN (NVIDIA, bf16),
+    # else the memory-efficient "chunked" (the CPU stand-in); "xla" plans O(L^2) float32 scores.
+    attention_impl: str = "auto"
     # The rollout's weights (configs/grpo.py `rollout` block, tatar_jax.train.rollout): mesh
     # "auto" / "train" / axis=size,...; rules "auto" / a RULE_SETS name; device_gib: the device
-    # memory "auto" sizes the layout for (H100).
+    # memory "auto" sizes the layout for when the target does not say (cpu: an H100's).
     rollout_mesh: str = "auto"
     rollout_rules: str = "auto"
     device_gib: float = 80.0
@@ -165,120 +177,25 @@ def _memory(compiled: Any) -> dict[str, int]:
 
 # Where _compile writes the program being planned (plan(dump_hlo=...)); None = nowhere.
 _HLO_DUMP: contextvars.ContextVar[str | None] = contextvars.ContextVar("hlo_dump", default=None)
-_COLLECTIVES = (
-    "all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
-    "collective-broadcast", "ragged-all-to-all",
-)  # fmt: skip
-_DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-    "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
-}  # fmt: skip
-_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-
-
-def _hlo_computations(text: str) -> dict[str, list[str]]:
-    """HLO module text -> {computation name: its instruction lines} (ENTRY under "ENTRY")."""
-    comps: dict[str, list[str]] = {}
-    name = None
-    for line in text.splitlines():
-        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if head and not line.startswith(" "):
-            name = "ENTRY" if head.group(1) else head.group(2)
-            comps[name] = []
-        elif name is not None and line.strip() == "}":
-            name = None
-        elif name is not None:
-            comps[name].append(line)
-    return comps
-
-
-def _shape_bytes(text: str) -> int:
-    """Bytes of the array shapes written in ``text`` (e.g. a tuple ``(f32[2,8], s32[])``)."""
-    total = 0
-    for dt, dims in _SHAPE.findall(text):
-        if dt in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-def _operand_bytes(line: str, op: str, sizes: Mapping[str, int]) -> int:
-    """Bytes of the operands of the ``op(...)`` call on an HLO instruction line (compiled HLO
-    text names its operands without shapes: ``sizes`` maps instruction names to bytes)."""
-    args = line.split(f" {op}(", 1)[1]
-    depth, end = 1, 0
-    while depth and end < len(args):
-        depth += {"(": 1, ")": -1}.get(args[end], 0)
-        end += 1
-    names = re.findall(r"%([\w.\-]+)", args[:end])
-    return sum(sizes.get(n, 0) for n in names) if names else _shape_bytes(args[:end])
-
-
-def _called(line: str) -> list[str]:
-    """Names of the computations an HLO instruction line calls."""
-    names = re.findall(r"\b(?:body|condition|calls|to_apply)=%?([\w.\-]+)", line)
-    for group in re.findall(r"\bbranch_computations=\{([^}]*)\}", line):
-        names += [n.strip().lstrip("%") for n in group.split(",")]
-    return names
-
-
-def loop_collective_bytes(hlo_text: str) -> int:
-    """Per-device bytes moved by collectives in one iteration of the decode token loop.
-
-    The token loop is the ``while`` of the ENTRY computation whose body holds the most
-    instructions (nested computations included); collectives (all-gather, all-reduce,
-    reduce-scatter, all-to-all, collective-permute) count their operands' bytes (shard shapes:
-    the compiled module is per device), nested loops (the layer scan) times their
-    ``known_trip_count``.
-    """
-    comps = _hlo_computations(hlo_text)
-    sizes = {}  # instruction / parameter name -> bytes of its (per-device) value
-    for lines in comps.values():
-        for line in lines:
-            m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s", line)
-            if m:
-                sizes[m.group(1)] = _shape_bytes(m.group(2))
-
-    def callees(line: str) -> list[str]:
-        return [c for c in _called(line) if c in comps]
-
-    def cost(name: str, seen: tuple[str, ...] = ()) -> tuple[int, int]:
-        """(collective bytes, instruction count) of one run of computation ``name``."""
-        total = count = 0
-        for line in comps.get(name, []):
-            count += 1
-            op = next((c for c in _COLLECTIVES if re.search(rf" {c}(-start)?\(", line)), None)
-            if op is not None:
-                call = op + ("-start" if f" {op}-start(" in line else "")
-                total += _operand_bytes(line, call, sizes)
-            trips = 1
-            if re.search(r" while\(", line):
-                m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                trips = int(m.group(1)) if m else 1
-            for callee in callees(line):
-                if callee not in seen:
-                    sub, n = cost(callee, seen + (name,))
-                    total += trips * sub
-                    count += n
-        return total, count
-
-    best = (-1, 0)
-    for line in comps.get("ENTRY", []):
-        if re.search(r" while\(", line):
-            body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-            sub, n = cost(body)
-            best = max(best, (n, sub))
-    return best[1]
 
 
 class _Builder:
     """Abstract model, state and inputs of one :class:`PlanSpec` on one mesh."""
 
-    def __init__(self, spec: PlanSpec, devices: Sequence[jax.Device] | None = None) -> None:
+    def __init__(
+        self,
+        spec: PlanSpec,
+        devices: Sequence[jax.Device] | None = None,
+        device_bytes: int | None = None,
+    ) -> None:
         from tatar_jax.models import qwen2_5_vl as qvl
 
         self.spec = spec
-        self.mesh = sharding.make_mesh(dict(spec.mesh), devices=devices)
+        # the device memory the rollout's "auto" layout is sized for
+        self.device_bytes = device_bytes or int(spec.device_gib * GIB)
+        self.mesh = sharding.make_mesh(
+            dict(spec.mesh), dcn_shape=dict(spec.dcn) or None, devices=devices
+        )
         self.rules = sharding.get_rules(spec.rules)
         self.config = qvl.preset(spec.model)
         self.dtype = loading.to_dtype(spec.dtype)
@@ -370,7 +287,7 @@ def _compile(lower: Any, *, mesh: Any, rules: Any) -> tuple[Any, float]:
     return compiled, time.perf_counter() - t0
 
 
-def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
+def _plan_update(b: _Builder) -> tuple[Any, float, dict[str, int]]:
     from tatar_jax.train import grpo_step
 
     s = b.spec
@@ -394,7 +311,7 @@ def _plan_update(b: _Builder) -> tuple[dict[str, int], float, dict[str, int]]:
         "params": _per_device_bytes(state.params),
         "opt_state": _per_device_bytes(state.opt_state),
     }
-    return _memory(compiled), secs, sizes
+    return compiled, secs, sizes
 
 
 def _ref_params(b: _Builder) -> Any:
@@ -406,7 +323,7 @@ def _ref_params(b: _Builder) -> Any:
     return b.put(ref, b.param_shardings)
 
 
-def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
+def _plan_ref_logps(b: _Builder) -> tuple[Any, float, dict[str, Any]]:
     from tatar_jax.train import grpo_step
 
     s = b.spec
@@ -417,7 +334,7 @@ def _plan_ref_logps(b: _Builder) -> tuple[dict[str, int], float]:
     inputs = inputs.replace(rows=inputs.rows.replace(ref_logps=None))
     ref = _ref_params(b)
     compiled, secs = _compile(lambda: fn.lower(ref, inputs), mesh=b.mesh, rules=b.rules)
-    return _memory(compiled), secs
+    return compiled, secs, {"_weights": ref}
 
 
 def _sampler(b: _Builder) -> Any:
@@ -433,9 +350,7 @@ def _sampler(b: _Builder) -> Any:
         max_new_tokens=s.completion_len, num_samples=s.num_generations, temperature=1.0
     )
     cfg = ml_collections.ConfigDict({"mesh": s.rollout_mesh, "rules": s.rollout_rules})
-    mesh, rules = rollout.rollout_mesh(
-        cfg, b.model, b.mesh, b.rules, device_bytes=int(s.device_gib * GIB)
-    )
+    mesh, rules = rollout.rollout_mesh(cfg, b.model, b.mesh, b.rules, device_bytes=b.device_bytes)
     return generate.Sampler(b.model, params, mesh=mesh, rules=rules)
 
 
@@ -463,7 +378,7 @@ def _prefill_args(b: _Builder, sampler: Any) -> tuple[Any, ...]:
     )
 
 
-def _plan_rollout(b: _Builder, program: int) -> tuple[dict[str, int], float, dict[str, Any]]:
+def _plan_rollout(b: _Builder, program: int) -> tuple[Any, float, dict[str, Any]]:
     """Program 0 = prefill, 1 = decode, lowered by the sampler exactly as it runs them. The
     extra fields: the rollout's layout and weights bytes; for decode the KV cache's bytes
     (total over devices) and the collective bytes of one token step (per device)."""
@@ -478,6 +393,7 @@ def _plan_rollout(b: _Builder, program: int) -> tuple[dict[str, int], float, dic
 
     compiled, secs = _compile(lower, mesh=mesh, rules=sampler.rules)
     extra: dict[str, Any] = {
+        "_weights": args[0],
         "rollout_mesh": dict(mesh.shape),
         "rollout_rules": next(k for k, v in sharding.RULE_SETS.items() if v == sampler.rules),
         "rollout_weights_bytes_per_device": _per_device_bytes(args[0]),
@@ -486,37 +402,169 @@ def _plan_rollout(b: _Builder, program: int) -> tuple[dict[str, int], float, dic
         carry = lowered["x"].args_info[0][1]
         kv = (carry.cache.prompt_k, carry.cache.prompt_v, carry.cache.gen_k, carry.cache.gen_v)
         extra["kv_cache_bytes"] = _nbytes([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in kv])
-        extra["collective_bytes_per_step"] = loop_collective_bytes(compiled.as_text())
-    return _memory(compiled), secs, extra
+        extra["collective_bytes_per_step"] = hlo_stats.loop_collective_bytes(compiled.as_text())
+    return compiled, secs, extra
 
 
-def _plan_prefill(b: _Builder) -> tuple[dict[str, int], float, dict[str, Any]]:
+def _plan_prefill(b: _Builder) -> tuple[Any, float, dict[str, Any]]:
     return _plan_rollout(b, 0)
 
 
-def _plan_decode(b: _Builder) -> tuple[dict[str, int], float, dict[str, Any]]:
+def _plan_decode(b: _Builder) -> tuple[Any, float, dict[str, Any]]:
     return _plan_rollout(b, 1)
 
 
-def plan(
-    spec: PlanSpec, devices: Sequence[jax.Device] | None = None, *, dump_hlo: str | None = None
-) -> list[dict[str, Any]]:
-    """Compiles ``spec.programs`` for ``spec``; one result dict per program.
+def _cost(compiled: Any) -> dict[str, float | None]:
+    """FLOPs and bytes accessed per device from the compiler's cost analysis (None: not given;
+    a ``while`` loop's body is counted once, as the compiler reports it)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        cost = None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    cost = cost or {}
+    flops = cost.get("flops")
+    nbytes = cost.get("bytes accessed")
+    return {
+        "flops": None if flops is None else float(flops),
+        "bytes_accessed": None if nbytes is None else float(nbytes),
+    }
 
-    Each dict: the configuration, ``program``, ``per_device_bytes`` (arguments, outputs,
-    aliased, temporaries, total = arguments + outputs - aliased + temporaries), ``resident_other``
-    (per-device bytes of buffers alive during the program but not its arguments), ``peak_bytes``
-    (= total + resident_other), ``fits`` per accelerator of :data:`HBM_GIB`, ``compile_seconds``.
-    ``prefill`` / ``decode`` add the rollout's ``rollout_mesh``, ``rollout_rules`` and
-    ``rollout_weights_bytes_per_device``; ``decode`` adds ``kv_cache_bytes`` (total over the
-    devices) and ``collective_bytes_per_step`` (per device, one step of the token loop:
-    :func:`loop_collective_bytes`). ``dump_hlo``: a directory that receives each compiled
-    program's HLO text as ``<model>_<mesh>_<program>.hlo.txt``.
+
+# custom-call targets that mean a fused attention kernel compiled (splash: Mosaic on TPU)
+_KERNEL_CALLS = {"splash": ("tpu_custom_call",), "cudnn": ("__cudnn$fmha",)}
+
+
+def _kernel_calls(impl: str, hlo_text: str) -> int:
+    """Custom calls of the fused attention kernel ``impl`` in a compiled program (0 for the
+    pure-JAX implementations)."""
+    prefixes = _KERNEL_CALLS.get(impl, ())
+    calls = hlo_stats.custom_call_targets(hlo_text)
+    return sum(n for name, n in calls.items() if name.startswith(prefixes)) if prefixes else 0
+
+
+def _model_floor(
+    b: _Builder, program: str, sizes: Mapping[str, int], extra: Mapping[str, Any]
+) -> tuple[float, float]:
+    """(model FLOPs, bytes that must move) per device of one run of ``program``: the trainer's
+    FLOP model (``inputs.step_flops`` / ``metrics.flops_per_token``: no rematerialisation, no
+    elementwise work) and the weights / state the program reads (and the update writes) at least
+    once; decode reads the rollout's weights once per token. Both are lower bounds, unlike the
+    compiler's cost analysis, which counts a ``while`` body (the layer scan, the token loop)
+    once."""
+    from tatar_jax.train import inputs as step_inputs
+    from tatar_jax.train import metrics
+
+    s, n_dev = b.spec, b.mesh.size
+    if program in ("update", "ref_logps"):
+        flops = step_inputs.step_flops(
+            b.config, b.grpo_inputs(), num_micro=s.num_micro, training=program == "update",
+            train_vision=not s.freeze_vision,
+        )  # fmt: skip
+        state = sizes["params_bytes_per_device"] + sizes["opt_state_bytes_per_device"]
+        nbytes = 2 * state if program == "update" else sizes["ref_params_bytes_per_device"]
+        return flops / n_dev, float(nbytes)
+    weights = float(extra["rollout_weights_bytes_per_device"])
+    if program == "prefill":
+        pv, layout = b.vision(s.prompts)
+        per_token = metrics.flops_per_token(
+            b.config.text, b.config.vision, s.prompt_len, training=False,
+            patches_per_seq=pv.shape[0] / s.prompts,
+            patches_per_image=np.shape(layout.segment_rows)[1],
+            lm_head_tokens=1 / s.prompt_len,
+        )  # fmt: skip
+        return per_token * s.prompts * s.prompt_len / n_dev, weights
+    per_token = metrics.flops_per_token(
+        b.config.text, None, s.prompt_len + s.completion_len // 2, training=False,
+        causal_discount=False, lm_head_tokens=1.0,
+    )  # fmt: skip
+    return per_token * s.rows * s.completion_len / n_dev, weights * s.completion_len
+
+
+def _f32_weight_copies(weights: Any, hlo_text: str) -> int | None:
+    """Float32 values shaped like the program's bf16 decoder-layer weights (per-device shapes
+    of the stacked kernels, whole and one layer's slice): a float32 copy of weights the program
+    reads in bf16. None: the program's weights are not bf16 (the update's float32 master
+    weights)."""
+    if weights is None:
+        return None
+    shapes = set()
+    for path, x in jax.tree_util.tree_leaves_with_path(weights):
+        # The decoder layers' kernels: the bulk of the weights. The vision tower's matrices and
+        # the embedding / lm_head share shapes with activations (patches x width, a logits
+        # chunk) in small models.
+        if x.dtype != jnp.bfloat16 or x.ndim < 3 or "visual" in jax.tree_util.keystr(path):
+            continue
+        s = getattr(x, "sharding", None)
+        shape = tuple(s.shard_shape(x.shape) if s is not None else x.shape)
+        shapes.update({shape, shape[1:]})
+    if not shapes:
+        return None
+    return len(hlo_stats.upcast_weight_buffers(hlo_text, shapes, min_elements=4096))
+
+
+def plan(
+    spec: PlanSpec,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    target: Target | None = None,
+    dump_hlo: str | None = None,
+) -> list[dict[str, Any]]:
+    """Compiles ``spec.programs`` for ``spec`` on ``target``; one result dict per program.
+
+    ``target`` (:mod:`~tatar_jax.train.compile_targets`): the hardware the programs compile
+    for, deviceless; None = this host's CPU devices. ``devices``: the devices of the mesh
+    (default: the target's first ``mesh size`` devices). Model building and lowering run
+    inside ``layers.compile_target(target.platform)``: ``attention_impl="auto"`` becomes splash
+    on TPU, cuDNN on NVIDIA (bf16), "chunked" on CPU.
+
+    Each dict: the configuration, ``target`` (its description), ``program``, ``attention`` (the
+    implementation compiled) and ``attention_kernel_calls`` (its custom calls in the HLO),
+    ``f32_weight_copies`` (float32 buffers shaped like the bf16 weights of a bf16 program: CPU
+    XLA makes them, a TPU / GPU compile should not; None for the float32 update),
+    ``per_device_bytes`` (arguments, outputs, aliased, temporaries, total = arguments + outputs
+    - aliased + temporaries), ``resident_other`` (per-device bytes of buffers alive during the
+    program but not its arguments), ``peak_bytes`` (= total + resident_other), ``fits`` per
+    accelerator of :data:`HBM_GIB`, ``fits_target`` / ``fits_target_headroom`` (peak <= the
+    target's memory / 90% of it; None when unknown), ``flops`` / ``bytes_accessed`` (the
+    compiler's cost analysis, per device; XLA counts a ``while`` body once, so for the layer
+    scans and the token loop these are far below one run's work), ``model_flops`` /
+    ``min_bytes`` (per device, one run: the trainer's FLOP model and the weights / state the
+    program must read, decode once per token), ``roofline_seconds`` (the larger of the two
+    roofline bounds at the target's peaks: a lower bound of one run), ``compile_seconds``.
+    ``prefill`` / ``decode`` add the rollout's
+    ``rollout_mesh``, ``rollout_rules`` and ``rollout_weights_bytes_per_device``; ``decode`` adds
+    ``kv_cache_bytes`` (total over the devices) and ``collective_bytes_per_step`` (per device,
+    one step of the token loop: :func:`hlo_stats.loop_collective_bytes`). ``dump_hlo``: a
+    directory that receives each compiled program's HLO text as
+    ``<model>_<mesh>_<program>.hlo.txt``.
     """
     unknown = set(spec.programs) - set(PROGRAMS)
     if unknown:
         raise ValueError(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
-    b = _Builder(spec, devices)
+    size = math.prod(n for _, n in spec.mesh) * math.prod(n for _, n in spec.dcn)
+    if target is None:
+        target = Target(name="cpu", platform="cpu", num_devices=len(devices or jax.devices()))
+    if size > target.num_devices:
+        raise ValueError(
+            f"mesh {mesh_text(spec)} needs {size} devices; --target={target.name} has "
+            f"{target.num_devices}"
+        )
+    with layers.compile_target(target.platform):
+        devices = list(devices) if devices is not None else target.devices()[:size]
+        b = _Builder(spec, devices, target.memory_bytes)
+        return _plan_programs(spec, b, target, dump_hlo)
+
+
+def mesh_text(spec: PlanSpec) -> str:
+    """``fsdp=8`` (``fsdp=8 dcn data=2`` for a multi-slice spec)."""
+    text = ",".join(f"{k}={v}" for k, v in spec.mesh)
+    return text + ("" if not spec.dcn else " dcn " + ",".join(f"{k}={v}" for k, v in spec.dcn))
+
+
+def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, Any]]:
+    """Per program, the per-device bytes resident beside its arguments; the plan's sizes."""
     missing = sharding.unknown_logical_names(b.params, b.rules)
     if missing and spec.rules != "replicated":
         raise ValueError(f"logical names missing from the {spec.rules!r} rules: {missing}")
@@ -536,33 +584,35 @@ def plan(
         "prefill": params_bytes + opt_bytes + ref_bytes,
         "decode": params_bytes + opt_bytes + ref_bytes,
     }
-    base = {
-        "model": spec.model,
-        "mesh": dict(b.mesh.shape),
-        "rules": spec.rules,
-        "devices": int(b.mesh.size),
-        "prompts": spec.prompts,
-        "num_generations": spec.num_generations,
-        "rows": spec.rows,
-        "prompt_len": spec.prompt_len,
-        "completion_len": spec.completion_len,
-        "image_tokens": spec.image_tokens,
-        "remat": spec.remat,
-        "vision_remat": spec.vision_remat,
-        "dtype": spec.dtype,
-        "param_dtype": spec.param_dtype,
-        "ref_param_dtype": spec.ref_param_dtype,
-        "num_micro": spec.num_micro,
-        "beta": spec.beta,
-        "freeze_vision": spec.freeze_vision,
-        "attention_impl": spec.attention_impl,
-        "lora_rank": spec.lora_rank,
+    sizes = {
         "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(b.params))),
         "trainable_count": _count(b.params, b.trainable),
         "params_bytes_per_device": params_bytes,
         "opt_state_bytes_per_device": opt_bytes,
         "ref_params_bytes_per_device": ref_bytes,
     }
+    return other, sizes
+
+
+def _plan_programs(
+    spec: PlanSpec, b: _Builder, target: Target, dump_hlo: str | None
+) -> list[dict[str, Any]]:
+    other, sizes = _resident(spec, b)
+    fields = dataclasses.asdict(spec)
+    for key in ("programs", "mesh", "dcn", "rollout_mesh", "rollout_rules", "device_gib"):
+        fields.pop(key)
+    impl = layers.resolve_attention_impl(spec.attention_impl, b.dtype, target.platform)
+    base = {
+        **fields,
+        "mesh": dict(b.mesh.shape),
+        "dcn": dict(spec.dcn),
+        "devices": int(b.mesh.size),
+        "rows": spec.rows,
+        "target": target.describe(),
+        "attention": impl,
+        **sizes,
+    }
+    mem_limit = target.memory_bytes
     results = []
     for program in spec.programs:
         if program == "ref_logps" and not spec.beta:
@@ -572,24 +622,48 @@ def plan(
         _HLO_DUMP.set(
             None if dump_hlo is None else f"{dump_hlo}/{spec.model}_{mesh_name}_{program}.hlo.txt"
         )
-        if program == "update":
-            mem, secs, _ = _plan_update(b)
-        elif program == "ref_logps":
-            mem, secs = _plan_ref_logps(b)
-        elif program == "prefill":
-            mem, secs, extra = _plan_prefill(b)
-        else:
-            mem, secs, extra = _plan_decode(b)
+        try:
+            if program == "update":
+                compiled, secs, _ = _plan_update(b)
+            elif program == "ref_logps":
+                compiled, secs, extra = _plan_ref_logps(b)
+            else:
+                compiled, secs, extra = _plan_rollout(b, 0 if program == "prefill" else 1)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # the TPU compiler refuses a program that cannot fit the device: a verdict too
+            results.append(_out_of_memory(base, program, str(e), other[program]))
+            continue
+        weights = extra.pop("_weights", None)
+        mem = _memory(compiled)
+        cost = _cost(compiled)
+        model_flops, min_bytes = _model_floor(b, program, sizes, extra)
+        bound = compile_targets.roofline_seconds(target, model_flops, min_bytes)
+        if cost["flops"] is not None:  # either floor is a lower bound: keep the larger
+            bound = max(bound, compile_targets.roofline_seconds(
+                target, cost["flops"], cost["bytes_accessed"]
+            ))  # fmt: skip
         peak = mem["total"] + other[program]
         results.append(
             {
                 **base,
                 "program": program,
+                "attention_kernel_calls": _kernel_calls(impl, compiled.as_text()),
+                "f32_weight_copies": _f32_weight_copies(weights, compiled.as_text()),
                 "per_device_bytes": mem,
                 "resident_other": other[program],
                 "peak_bytes": peak,
                 "peak_gib": round(peak / GIB, 2),
                 "fits": {hw: bool(peak <= gib * GIB) for hw, gib in HBM_GIB.items()},
+                "fits_target": None if mem_limit is None else bool(peak <= mem_limit),
+                "fits_target_headroom": (
+                    None if mem_limit is None else bool(peak <= (1 - HEADROOM) * mem_limit)
+                ),
+                **cost,
+                "model_flops": model_flops,
+                "min_bytes": min_bytes,
+                "roofline_seconds": bound,
                 "compile_seconds": round(secs, 1),
                 **extra,
             }
@@ -597,22 +671,148 @@ def plan(
     return results
 
 
+def _out_of_memory(base: Mapping[str, Any], program: str, error: str, resident: int) -> dict:
+    """The result of a program the target's compiler refused for lack of device memory: no
+    memory analysis; ``peak_bytes`` is the temporaries the compiler said it needs (a lower
+    bound of the peak) plus the resident buffers."""
+    line = next((x for x in error.splitlines() if "RESOURCE_EXHAUSTED" in x), error)
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", line)
+    temps = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else 0
+    peak = temps + resident
+    return {
+        **base,
+        "program": program,
+        "compile_error": line.strip()[:300],
+        "per_device_bytes": None,
+        "resident_other": resident,
+        "peak_bytes": peak,
+        "peak_gib": round(peak / GIB, 2),
+        "fits": {hw: bool(peak <= gib * GIB) for hw, gib in HBM_GIB.items()},
+        "fits_target": False,
+        "fits_target_headroom": False,
+        "flops": None,
+        "bytes_accessed": None,
+        "roofline_seconds": float("nan"),
+    }
+
+
+def step_bound(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A lower bound of one GRPO step's time on the target: the programs' roofline bounds
+    summed (reference log-probs + rollout prefill and decode + update, each once; decode's
+    bound covers its whole token loop). NaN when the target's peaks are unknown (cpu)."""
+    total = 0.0
+    parts = {}
+    for r in results:
+        t = float(r["roofline_seconds"])
+        parts[r["program"]] = t
+        total += t
+    return {
+        "label": "lower bound (roofline at published peaks; not a measurement)",
+        "seconds": total,
+        "per_program_seconds": parts,
+    }
+
+
+def fit(
+    spec: PlanSpec, target: Target, *, layouts: Sequence[str] = ("auto", "train")
+) -> dict[str, Any]:
+    """The smallest micro-batch count (then rollout layout) for which every program fits the
+    target with :data:`HEADROOM`: ``num_micro`` tries the divisors of the rows (each micro-batch
+    still split over the batch axes) from 1 up; the rollout tries ``layouts`` in order (its
+    programs do not depend on ``num_micro``). Returns {"fits": True, "num_micro", "rollout_mesh",
+    "results"} or {"fits": False, "reason": one line}."""
+    if target.memory_bytes is None:
+        raise ValueError(f"--fit needs a target with a known device memory, not {target.name}")
+    limit = (1 - HEADROOM) * target.memory_bytes
+    with layers.compile_target(target.platform):
+        size = math.prod(n for _, n in spec.mesh) * math.prod(n for _, n in spec.dcn)
+        _, sizes = _resident(spec, _Builder(spec, target.devices()[:size], target.memory_bytes))
+    state = sum(sizes[f"{k}_bytes_per_device"] for k in ("params", "opt_state", "ref_params"))
+    if state > limit:  # no micro-batching helps: skip the compiles
+        return {
+            "fits": False,
+            "reason": f"the resident state alone (parameters + optimizer moments + reference) "
+            f"needs {state / GIB:.1f} GiB per device on {size} devices; {target.name} allows "
+            f"{limit / GIB:.1f} GiB (90% of {target.memory_bytes / GIB:.1f}): shard it over more "
+            "devices, or train LoRA adapters / a frozen vision tower",
+        }
+    train_progs = tuple(p for p in ("update", "ref_logps") if p in spec.programs)
+    roll_progs = tuple(p for p in ("prefill", "decode") if p in spec.programs)
+    smallest: dict[str, float] = {}
+
+    def fits(results: Sequence[Mapping[str, Any]]) -> bool:
+        for r in results:
+            smallest[r["program"]] = min(smallest.get(r["program"], math.inf), r["peak_bytes"])
+        return all(r["fits_target_headroom"] for r in results)
+
+    found = None
+    for n in [d for d in range(1, spec.rows + 1) if spec.rows % d == 0]:
+        trial = dataclasses.replace(spec, num_micro=n, programs=train_progs)
+        results = plan(trial, target=target) if train_progs else []
+        if fits(results):
+            found = (n, results)
+            break
+    if found is None:
+        worst = max(train_progs, key=lambda p: smallest[p])
+        return {
+            "fits": False,
+            "reason": f"{worst} needs {smallest[worst] / GIB:.1f} GiB per device even with "
+            f"num_micro={spec.rows} (one row per micro-batch); {target.name} allows "
+            f"{limit / GIB:.1f} GiB (90% of {target.memory_bytes / GIB:.1f}): use more devices "
+            "or a larger mesh axis, LoRA, or a smaller shape",
+        }
+    n, train_results = found
+    for layout in layouts:
+        trial = dataclasses.replace(spec, num_micro=n, programs=roll_progs, rollout_mesh=layout)
+        results = plan(trial, target=target) if roll_progs else []
+        if fits(results):
+            return {
+                "fits": True,
+                "num_micro": n,
+                "rollout_mesh": layout,
+                "results": train_results + results,
+            }
+    worst = max(roll_progs, key=lambda p: smallest[p])
+    return {
+        "fits": False,
+        "reason": f"the rollout's {worst} needs {smallest[worst] / GIB:.1f} GiB per device in "
+        f"every layout tried ({', '.join(layouts)}) with num_micro={n}; {target.name} allows "
+        f"{limit / GIB:.1f} GiB: use more devices, fewer prompts per step or shorter sequences",
+    }
+
+
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """Human-readable table (GiB per device) of :func:`plan` results."""
-    hws = list(HBM_GIB)
+    """Human-readable table (GiB per device) of :func:`plan` results: the verdict against the
+    target's memory (10% headroom) and, where the target has peaks, the roofline bound (ms)."""
     head = (
-        f"{'model':>5} {'mesh':<22} {'program':<9} {'args':>7} {'outs':>7} {'temps':>7} "
-        f"{'total':>7} {'+resid':>7} {'peak':>7}  " + " ".join(f"{h:>5}" for h in hws)
+        f"{'model':>5} {'mesh':<18} {'target':<12} {'program':<9} {'attn':<7} {'args':>7} "
+        f"{'outs':>7} {'temps':>7} {'+resid':>7} {'peak':>7} {'of':>7}  {'verdict':<11} "
+        f"{'TFLOP':>8} {'bound ms':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        m = r["per_device_bytes"]
+        m = r["per_device_bytes"] or dict.fromkeys(("arguments", "outputs", "temporaries"), 0)
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
-        fits = " ".join(f"{'yes' if r['fits'][h] else 'no':>5}" for h in hws)
+        mem = r["target"]["memory_gib"]
+        if r["fits_target"] is None:
+            verdict = "n/a (cpu)"
+        elif r["per_device_bytes"] is None:
+            verdict = "NO (OOM)"  # the compiler refused it; peak >= its stated temporaries
+        else:
+            verdict = "fits" if r["fits_target_headroom"] else "tight" if r["fits_target"] else "NO"
+        flops = r.get("model_flops")
+        bound = r.get("roofline_seconds", float("nan"))
         lines.append(
-            f"{r['model']:>5} {mesh:<22} {r['program']:<9} "
-            f"{m['arguments'] / GIB:7.2f} {m['outputs'] / GIB:7.2f} {m['temporaries'] / GIB:7.2f} "
-            f"{m['total'] / GIB:7.2f} {r['resident_other'] / GIB:7.2f} {r['peak_gib']:7.2f}  "
-            + fits
+            f"{r['model']:>5} {mesh:<18} {r['target']['name']:<12} {r['program']:<9} "
+            f"{r['attention']:<7} {m['arguments'] / GIB:7.2f} {m['outputs'] / GIB:7.2f} "
+            f"{m['temporaries'] / GIB:7.2f} {r['resident_other'] / GIB:7.2f} "
+            f"{r['peak_gib']:7.2f} {'-' if mem is None else f'{mem:.1f}':>7}  {verdict:<11} "
+            f"{'-' if flops is None else f'{flops / 1e12:.2f}':>8} "
+            f"{'-' if bound != bound else f'{bound * 1e3:.1f}':>9}"
         )
+    lines.append(
+        "(GiB per device; peak = program total + resident buffers; verdict: fits = within 90% "
+        "of the device memory, tight = within 100%; bound = roofline lower bound per program "
+        "run; TFLOP: model FLOPs per device)"
+    )
     return "\n".join(lines)

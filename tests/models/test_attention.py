@@ -161,6 +161,33 @@ def test_kernel_unavailable_on_this_backend_is_a_clear_error(impl, needs):
         )
 
 
+def test_auto_follows_the_compile_target_not_the_host():
+    """An ahead-of-time compile for TPU / NVIDIA devices from this CPU host resolves "auto" (and
+    accepts the kernels) for the target's platform; outside the context the host decides again."""
+    pick = L.resolve_attention_impl
+    assert pick("auto", jnp.bfloat16, platform="tpu") == "splash"
+    assert pick("auto", jnp.float32, platform="tpu") == "splash"
+    assert pick("auto", jnp.bfloat16, platform="cuda") == "cudnn"
+    assert pick("auto", jnp.float32, platform="cuda") == "chunked"  # no float32 cuDNN kernel
+    assert pick("auto", jnp.bfloat16, platform="rocm") == "chunked"
+    with L.compile_target("cuda"):
+        assert pick("auto") == "cudnn" and pick("cudnn") == "cudnn"
+        with pytest.raises(ValueError, match="'splash' needs a TPU; the platform here is 'cuda'"):
+            pick("splash")
+        model = nnx.eval_shape(
+            lambda: qvl.Qwen2_5_VLForConditionalGeneration(
+                qvl.tiny(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+            )
+        )
+        assert model.language_model.attention_impl == "cudnn"
+    with L.compile_target("tpu"):
+        assert pick("auto", jnp.float32) == "splash"
+    assert pick("auto") == "chunked"
+    with pytest.raises(ValueError, match="unknown target platform 'gpu'"):
+        with L.compile_target("gpu"):
+            pass
+
+
 def test_unknown_impl_is_rejected_by_the_config_and_the_function():
     with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
         qvl.tiny().replace(attention_impl="flash")

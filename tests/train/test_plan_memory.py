@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from tatar_jax.train import compile_targets as ct
+from tatar_jax.train import hlo_stats
 from tatar_jax.train import memory_plan as mp
 
 TINY = dict(
@@ -58,6 +61,9 @@ def test_update_plan_fields_and_consistency(tiny_plan):
     assert upd["peak_bytes"] == m["total"] + upd["resident_other"]
     assert upd["resident_other"] == upd["ref_params_bytes_per_device"]
     assert upd["fits"] == {hw: True for hw in mp.HBM_GIB}
+    # a cpu target: "auto" compiles the chunked attention; no device memory, no cost model
+    assert (upd["attention"], upd["target"]["name"], upd["fits_target"]) == ("chunked", "cpu", None)
+    assert np.isnan(upd["roofline_seconds"])
     json.dumps(upd)  # JSON-serialisable as the script prints it
 
 
@@ -110,7 +116,8 @@ def test_script_json_decode(repo_root):
 def test_chunked_attention_plans_less_memory_than_xla():
     """2,064-token rows: "xla" holds (rows, heads, L, L) float32 scores, "chunked" one block."""
     long = {**TINY, "prompts": 4, "num_generations": 2, "prompt_len": 2048}
-    assert mp.PlanSpec().attention_impl == "chunked"  # the default: a flash kernel's stand-in
+    # the default "auto" is "chunked" on cpu targets: a flash kernel's stand-in
+    assert mp.PlanSpec().attention_impl == "auto"
     temps = {}
     for impl in ("xla", "chunked"):
         spec = mp.PlanSpec(
@@ -152,6 +159,31 @@ def test_rollout_plan_layout_kv_bytes_collectives_and_hlo_dump(tmp_path):
     assert pre["program"] == "prefill" and "kv_cache_bytes" not in pre
 
 
+def test_fit_finds_the_smallest_micro_batch_count_that_fits():
+    """--fit on a made-up 1-device target whose memory lies between the update's peak at 1 and
+    at 2 micro-batches: the search answers 2; with too little memory it says why in one line."""
+    spec = mp.PlanSpec(mesh=(("fsdp", 1),), programs=("update", "prefill"), **TINY)
+    peaks = {}
+    for n in (1, 2):
+        (r,) = mp.plan(dataclasses.replace(spec, num_micro=n, programs=("update",)))
+        peaks[n] = r["peak_bytes"]
+    assert peaks[2] < peaks[1]
+    memory = int((peaks[1] + peaks[2]) / 2 / (1 - mp.HEADROOM))
+    target = ct.Target(name="cpu-test", platform="cpu", num_devices=1, memory_bytes=memory)
+    found = mp.fit(spec, target, layouts=("auto",))
+    if found["fits"]:  # (the rollout's prefill is smaller than the update here)
+        assert (found["num_micro"], found["rollout_mesh"]) == (2, "auto")
+        assert [r["program"] for r in found["results"]] == ["update", "prefill"]
+        assert all(r["peak_bytes"] <= 0.9 * memory for r in found["results"])
+    else:
+        assert "prefill" in found["reason"], found
+    small = ct.Target(name="cpu-tiny", platform="cpu", num_devices=1, memory_bytes=1 << 20)
+    nothing = mp.fit(dataclasses.replace(spec, programs=("update",)), small)
+    # 1 MiB: the resident state alone is larger, so no compile is tried
+    assert not nothing["fits"] and nothing["reason"].startswith("the resident state alone")
+    assert "\n" not in nothing["reason"]
+
+
 def test_loop_collective_bytes_counts_operands_times_trip_counts():
     hlo = """HloModule m
 
@@ -179,4 +211,4 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
 """.replace("TRIPS", 'backend_config={"known_trip_count":{"n":"3"}}')
     # per token step: one all-reduce of 16 bf16 + 3 layer iterations x all-gather of 2x8 f32;
     # the all-gather outside the loop does not count
-    assert mp.loop_collective_bytes(hlo) == 16 * 2 + 3 * 2 * 8 * 4
+    assert hlo_stats.loop_collective_bytes(hlo) == 16 * 2 + 3 * 2 * 8 * 4
