@@ -5,7 +5,7 @@
 
 Files import their siblings as ``from configs import common``: the repository root must be on
 ``sys.path``, as the entry points under ``scripts/`` put it before absl's ``config_flags`` loads
-a file by path. Configs are light: the training and evaluation configs import neither JAX nor
-``tatar_jax``; ``reasoning.py`` takes its prompt texts from the pure-Python
-``tatar_jax.reasoning.prompts`` / ``judge``.
+a file by path. Configs are light: they import no JAX; ``rewards.py`` takes the reward names from
+the pure-Python ``tatar_jax.rewards.names`` and ``reasoning.py`` its prompt texts from
+``tatar_jax.reasoning.prompts`` / ``judge``, so a name has one source.
 """

@@ -117,22 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # On a CPU the lm_head log-softmax is fastest in small chunks (cache-sized logits).
         c.model.logprob_chunk_size = 128
         c.eval.at_start = True
-        # Chosen by the seeded sweeps in benchmarks/sweeps/grpo_default.md (GRPO-only runs from
-        # the same SFT warm-up checkpoint, then main jobs over seeds). From synthetic v3's
-        # warm-up (seed 42), 12 steps of 16 prompts x G = 4 at lr 2e-4, or at lr 1e-3, lowered the
-        # held-out IQA SRCC by 0.15 and IAA by 0.02-0.04, with no trend in the train rewards;
-        # G = 8 (the reference's group size: a steadier group mean) over 8 prompts per step,
-        # lr 5e-4 after a 2-step warm-up then linear decay, 24 steps (the 12-minute budget) was
-        # the one recipe that lowered neither (IQA +0.015, IAA 0.000). Dr. GRPO advantages
-        # (R - group mean): the std division turns reward differences of 1e-3 (Gaussian tails,
-        # near-tied Thurstone groups) into unit advantages; zero-variance groups get zero
-        # advantage and only the KL term (beta 0.01, a small anchor). On synthetic v4 (sweep 4) over
-        # seeds 42/0/1/2: IQA -0.002..+0.021, IAA -0.086..+0.191; lr 1e-3, 2e-3 and temperature 1.3
-        # did no better. Issue 18's acceptance (GRPO above SFT on both tasks) is not met by it.
-        # Sweep 5 (the embedded preset with the embedded tokenizer's 768-token vocabulary, whose
-        # rollouts cost a fraction of the 152k one's): a shorter warm-up (120 SFT steps, the
-        # paper starts GRPO from SFT checkpoint-120) leaves GRPO room, and 40 GRPO steps fit the
-        # budget the 24 did.
+        # Why these values: benchmarks/sweeps/grpo_default.md (sweep 5 is this recipe). G = 8 over
+        # 8 prompts per step, lr 5e-4 after a 2-step warm-up; Dr. GRPO advantages (R - group mean),
+        # since the std division turns reward differences of 1e-3 (Gaussian tails, near-tied
+        # Thurstone groups) into unit advantages; a 120-step SFT warm-up (the paper starts GRPO from
+        # SFT checkpoint-120) and 40 GRPO steps in the CPU budget.
         c.grpo.advantage = "dr_grpo"
         c.optimizer.learning_rate = 5e-4
         c.optimizer.warmup_steps = 2
