@@ -171,10 +171,16 @@ def test_convert_script_both_directions(tmp_path, hf, batch, ref_logits):
     script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "convert_checkpoint.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     orbax_dir, hf_out = tmp_path / "orbax", tmp_path / "hf_out"
+    # The random model has no tokenizer of its own (and its 256-token vocabulary is no shipped
+    # tokenizer's), so an HF output is given one explicitly: the conversion refuses to guess.
+    from tatar_jax.data import embedded_tokenizer
+
+    tok = embedded_tokenizer.tokenizer_dir()
     for args in (
         [f"--hf_dir={src}", f"--orbax_out={orbax_dir}"],
-        [f"--orbax_dir={orbax_dir}", f"--hf_out={hf_out}", "--max_shard_size=150KB"],
-    ):
+        [f"--orbax_dir={orbax_dir}", f"--hf_out={hf_out}", "--max_shard_size=150KB",
+         f"--tokenizer_dir={tok}"],
+    ):  # fmt: skip
         r = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
     assert (orbax_dir / "config.json").exists() and (

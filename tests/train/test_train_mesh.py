@@ -177,7 +177,10 @@ def test_grpo_run_on_mesh_equals_one_device(tmp_path, one_device_run, mesh):
         for k in ("reward_mean", "completion_len/all", "parsed_frac/all"):
             assert r[k] == pytest.approx(w[k], abs=1e-6), k
         assert r["loss"] == pytest.approx(w["loss"], abs=1e-5)
-    assert any(abs(r["loss"]) > 0 for r in rec)
+    # The update did something: with the embedded tokenizer's small vocabulary every tiny-model
+    # completion runs to max_new_tokens, and at mu = 1 the loss of equal-length completions is
+    # -mean(A) = 0 exactly, while its gradient is not.
+    assert all(r["grad_norm"] > 0 for r in rec)
     if mesh == {"fsdp": 8}:  # resuming on the mesh (orbax restores counters to one device)
         cfg.total_steps = 3
         cfg.allow_config_change = True  # extending a finished run changes its lr schedule
