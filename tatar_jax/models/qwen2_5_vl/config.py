@@ -296,6 +296,19 @@ def qwen2_5_vl_72b() -> Qwen2_5_VLConfig:
     return _published(8192, 29568, 80, 64, 8, 152064, 3456, tie=False)
 
 
+# The special-token ids of the random presets (``tiny``, ``embedded``) before
+# ``loading.embedded_config`` sets a tokenizer's.
+_RANDOM_MODEL_TOKEN_IDS = dict(
+    image_token_id=250,
+    video_token_id=251,
+    vision_start_token_id=248,
+    vision_end_token_id=249,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def tiny(*, tie_word_embeddings: bool = False) -> Qwen2_5_VLConfig:
     """A few-hundred-kilobyte model for tests and demos (window attention active on 8x8 grids)."""
     return Qwen2_5_VLConfig(
@@ -321,13 +334,7 @@ def tiny(*, tie_word_embeddings: bool = False) -> Qwen2_5_VLConfig:
             fullatt_block_indexes=(1,),
             out_hidden_size=64,
         ),
-        image_token_id=250,
-        video_token_id=251,
-        vision_start_token_id=248,
-        vision_end_token_id=249,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **_RANDOM_MODEL_TOKEN_IDS,
     )
 
 
@@ -372,13 +379,7 @@ def embedded(
             fullatt_block_indexes=(vision_depth - 1,),
             out_hidden_size=hidden,
         ),
-        image_token_id=250,
-        video_token_id=251,
-        vision_start_token_id=248,
-        vision_end_token_id=249,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **_RANDOM_MODEL_TOKEN_IDS,
     )
 
 
