@@ -14,11 +14,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LossConfig", "group_advantages", "grpo_loss", "masked_mean", "micro_batch_share"]
+__all__ = [
+    "LossConfig",
+    "group_advantages",
+    "grpo_loss",
+    "masked_mean",
+    "micro_batch_share",
+    "rollout_importance_weights",
+]
 
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch_std")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "bnpo", "fixed_length")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# Rollout/trainer mismatch correction (TRL 1.16 ``vllm_importance_sampling_mode``, "off" = none):
+# *_truncate = truncated IS (TIS), *_mask = masked IS (MIS), per token or per sequence.
+ROLLOUT_CORRECTIONS = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +42,24 @@ class LossConfig:
     aggregation: str = "seq_mean_token_mean"
     importance_sampling_level: str = "token"
     kl_bias_correction: bool = False
+    rollout_correction: str = "off"
+    rollout_clip_min: float | None = None
+    rollout_clip_max: float | None = 3.0
     temperature: float = 1.0
 
     @classmethod
     def from_config(cls, grpo_cfg: Any) -> LossConfig:
         """From the ``grpo`` block of configs/grpo.py."""
         eh = grpo_cfg.epsilon_high
+        rc = grpo_cfg.get("rollout_correction")
+        corr = {}
+        if rc is not None:
+            lo, hi = rc.clip_min, rc.clip_max
+            corr = dict(
+                rollout_correction=str(rc.mode),
+                rollout_clip_min=None if lo is None else float(lo),
+                rollout_clip_max=None if hi is None else float(hi),
+            )
         return cls(
             epsilon=float(grpo_cfg.epsilon),
             epsilon_high=None if eh is None else float(eh),
@@ -46,6 +68,7 @@ class LossConfig:
             importance_sampling_level=str(grpo_cfg.importance_sampling_level),
             kl_bias_correction=bool(grpo_cfg.kl_bias_correction),
             temperature=float(grpo_cfg.temperature),
+            **corr,
         )
 
     def loss_kwargs(self) -> dict[str, Any]:
@@ -126,6 +149,10 @@ def grpo_loss(
     aggregation: str = "seq_mean_token_mean",
     importance_sampling_level: str = "token",
     kl_bias_correction: bool = False,
+    rollout_logps: jax.Array | None = None,
+    rollout_correction: str = "off",
+    rollout_clip_min: float | None = None,
+    rollout_clip_max: float | None = 3.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO objective of spec §7.3, in float32 (float64 if given float64 under x64).
 
@@ -145,6 +172,13 @@ def grpo_loss(
       detached: on-policy (rho = 1) the value is unchanged but the gradient gains k3 d logp,
       which makes it the unbiased gradient of KL(pi_theta || pi_ref).
 
+    Rollout correction (``rollout_correction`` != "off", TRL 1.16's
+    ``vllm_importance_sampling_correction`` with ``vllm_importance_sampling_mode``): the clipped
+    surrogate of each token is multiplied by the detached weight
+    :func:`rollout_importance_weights` of ``old_logps`` (pi_old, the trainer's forward) against
+    ``rollout_logps`` (N, T) (the sampler's log-probs of the same tokens), before the KL term
+    is added. "off" ignores ``rollout_logps``: the objective is the one without it.
+
     The KL term is skipped when ``beta == 0`` or ``ref_logps is None``. With mu = 1, pass
     ``old_logps = jax.lax.stop_gradient(logps)`` (rho = 1, gradient = -A d logp).
 
@@ -158,7 +192,9 @@ def grpo_loss(
     Returns ``(loss, metrics)``; metrics (masked over completion tokens): ``kl`` (mean of the KL
     term before beta, bias-corrected if asked; 0 if skipped), ``clip_frac_low`` (rho < 1 - eps
     with A < 0), ``clip_frac_high`` (rho > 1 + eps_high with A > 0), ``clip_frac``,
-    ``ratio_mean``, ``ratio_min``, ``ratio_max`` (a sequence ratio counts once per token).
+    ``ratio_mean``, ``ratio_min``, ``ratio_max`` (a sequence ratio counts once per token); with a
+    rollout correction also ``is_weight_mean`` / ``_min`` / ``_max`` (over completion tokens)
+    and ``is_masked_frac`` (completion tokens whose weight is 0: MIS rejections).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
@@ -185,6 +221,14 @@ def grpo_loss(
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    is_weight = None
+    if rollout_correction != "off":
+        if rollout_logps is None:
+            raise ValueError(f"rollout_correction {rollout_correction!r} needs rollout_logps")
+        is_weight = rollout_importance_weights(
+            old, rollout_logps, mask, rollout_correction, rollout_clip_min, rollout_clip_max
+        )
+        per_token = per_token * is_weight
     use_kl = ref_logps is not None and not (isinstance(beta, (int, float)) and beta == 0)
     if use_kl:
         delta = jnp.where(mask > 0, jnp.asarray(ref_logps, dt) - logps, 0.0)
@@ -200,7 +244,57 @@ def grpo_loss(
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)
     metrics = _loss_metrics(ratio, kl, low, high, mask)
+    if is_weight is not None:
+        metrics.update(_is_metrics(jnp.broadcast_to(is_weight, mask.shape), mask))
     return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
+
+
+def rollout_importance_weights(
+    old_logps: jax.Array,
+    rollout_logps: jax.Array,
+    completion_mask: jax.Array,
+    mode: str,
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> jax.Array:
+    """Detached importance weights pi_old / pi_rollout of the sampled tokens (TRL 1.16's
+    ``vllm_importance_sampling_mode``; verl's rollout correction).
+
+    d_it = m_it (old_it - rollout_it) (0 off the mask; NaN rollout log-probs count as 0, as TRL);
+    ``token_*``: w_it = exp(d_it), (N, T); ``sequence_*``: w_i = exp(sum_t d_it), (N, 1) (the
+    product of the token ratios, not their geometric mean). ``*_truncate`` (TIS): w clipped to
+    [clip_min, clip_max] (None: no bound on that side); ``*_mask`` (MIS): w set to 0 outside
+    [clip_min, clip_max].
+    """
+    if mode not in ROLLOUT_CORRECTIONS or mode == "off":
+        raise ValueError(
+            f"unknown rollout correction {mode!r}; choose one of {ROLLOUT_CORRECTIONS[1:]}"
+        )
+    mask = jnp.asarray(completion_mask)
+    dt = jnp.result_type(jnp.asarray(old_logps).dtype, jnp.float32)
+    d = (jnp.asarray(old_logps, dt) - jnp.asarray(rollout_logps, dt)) * mask.astype(dt)
+    d = jax.lax.stop_gradient(jnp.where(jnp.isnan(d), 0.0, d))
+    if mode.startswith("sequence"):
+        d = d.sum(axis=1, keepdims=True)
+    w = jnp.exp(d)
+    lo = -jnp.inf if clip_min is None else clip_min
+    hi = jnp.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return jnp.clip(w, lo, hi)
+    return jnp.where((w < lo) | (w > hi), 0.0, w)
+
+
+def _is_metrics(w: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Mean / min / max of the rollout-correction weights over the completion tokens and the
+    share of those tokens a mask rejected (weight 0)."""
+    on = mask > 0
+    any_on = on.any()
+    return {
+        "is_weight_mean": masked_mean(w, mask),
+        "is_weight_min": jnp.where(any_on, jnp.min(jnp.where(on, w, jnp.inf)), 0.0),
+        "is_weight_max": jnp.where(any_on, jnp.max(jnp.where(on, w, -jnp.inf)), 0.0),
+        "is_masked_frac": masked_mean((w == 0).astype(mask.dtype), mask),
+    }
 
 
 def _aggregate(per_token: jax.Array, mask: jax.Array, aggregation: str) -> jax.Array:
