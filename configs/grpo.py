@@ -68,6 +68,40 @@ def grpo_block() -> ml_collections.ConfigDict:
     c.top_p = 1.0
     c.max_new_tokens = 256
     c.mask_truncated_completions = False
+    c.rollout_correction = rollout_correction_block()
+    # True: pi_old = the sampler's log-probs (no pi_old forward when mu > 1; with mu = 1 the
+    # PPO ratio is then pi_theta / pi_rollout). False: pi_old is recomputed by the trainer.
+    c.old_logps_from_rollout = False
+    c.dynamic_sampling = dynamic_sampling_block()
+    return c
+
+
+def rollout_correction_block() -> ml_collections.ConfigDict:
+    """Rollout/trainer mismatch correction (docs/grpo.md), as TRL 1.16's
+    ``vllm_importance_sampling_*``: each token's clipped surrogate is weighted by pi_old /
+    pi_rollout, per token or per sequence (product over its tokens), truncated (TIS) or
+    masked (MIS) at [clip_min, clip_max]. The mismatch itself is logged whatever ``mode``."""
+    c = ml_collections.ConfigDict()
+    # "off" | "token_truncate" | "token_mask" | "sequence_truncate" | "sequence_mask"
+    c.mode = "off"
+    c.clip_max = 3.0  # TRL's default C_max; None = no upper bound
+    c.clip_min = config_dict.placeholder(float)  # None = no lower bound (TRL's default)
+    return c
+
+
+def dynamic_sampling_block() -> ml_collections.ConfigDict:
+    """DAPO dynamic sampling (docs/grpo.md): groups whose total-reward std (over the G
+    completions) is <= the threshold are dropped, and further prompts (the next batches of the
+    data stream) are rolled out until the step holds ``prompts_per_step`` informative groups or
+    ``max_extra_batches`` extra batches were drawn (the step then trains on what it has, the
+    empty slots masked)."""
+    c = ml_collections.ConfigDict()
+    c.enabled = False
+    c.std_threshold = 0.0  # drop groups with reward std <= this (0: all-equal groups)
+    # per task (None = std_threshold)
+    c.std_threshold_iqa = config_dict.placeholder(float)
+    c.std_threshold_iaa = config_dict.placeholder(float)
+    c.max_extra_batches = 4  # extra batches of prompts_per_step prompts a step may draw
     return c
 
 

@@ -50,6 +50,7 @@ from tatar_jax.train import optim
 
 PyTree = Any
 _MEAN_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
+_IS_MEAN_METRICS = ("is_weight_mean", "is_masked_frac")
 
 
 def _packed_logps(hc, tgt, mask, w, k, layout, chunk_size, temperature):
@@ -115,7 +116,7 @@ def make_logps_fn(
 
     def fn(params: PyTree, batch: step_inputs.GrpoBatch) -> jax.Array:
         model = nnx.merge(graphdef, params)
-        rows = batch.rows.replace(old_logps=None, ref_logps=None)
+        rows = batch.rows.replace(old_logps=None, ref_logps=None, rollout_logps=None)
         feats = jax.lax.stop_gradient(step_inputs.image_features(model, batch.vision))
 
         def logps(mb):
@@ -143,13 +144,18 @@ def grpo_grads(
     num_micro: int = 1,
     train_vision: bool = True,
     chunk_size: int = 1024,
+    old_from_rollout: bool = False,
 ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
     """(loss, float32 grads, aux sums) of the step's GRPO loss, summed over ``num_micro`` row
     micro-batches (each contributes its share; see the module docstring).
 
     Aux also holds ``entropy_sum`` (summed token entropies over completion tokens),
     ``entropy_sum/<task>`` and ``completion_tokens/<task>`` (``rows.task_id``,
-    ``tatar_jax.data.prompts.TASK_IDS``).
+    ``tatar_jax.data.prompts.TASK_IDS``); with ``rows.rollout_logps``, the per-row (N,) sums
+    :func:`mismatch_metrics` reads.
+
+    pi_old: ``rows.old_logps`` when given; ``old_from_rollout``: ``rows.rollout_logps`` (the
+    sampler's log-probs; no pi_old forward); else the detached policy (rho = 1).
 
     The vision tower runs once per step: its features are an input of every micro-batch's
     loss, whose gradients w.r.t. them are summed and sent back through the tower once.
@@ -158,31 +164,85 @@ def grpo_grads(
     rows, vision = batch.rows, batch.vision
     tokens_step = jnp.maximum(jnp.sum(rows.completion_mask), 1.0)
     beta = loss.beta
+    if old_from_rollout and rows.rollout_logps is None:
+        raise ValueError("old_from_rollout needs rows.rollout_logps")
+    n_rows = rows.input_ids.shape[0]
 
-    def loss_fn(p, f, mb):
+    def loss_fn(p, f, mb_and_index):
+        mb, index = mb_and_index
         model = nnx.merge(graphdef, p)
         logps, ent = completion_logps(
             model, mb, vision, pack_size=batch.pack_size, features=f,
             temperature=loss.temperature, chunk_size=chunk_size, return_entropy=True,
         )  # fmt: skip
-        old = mb.old_logps if mb.old_logps is not None else jax.lax.stop_gradient(logps)
+        trainer_old = mb.old_logps if mb.old_logps is not None else jax.lax.stop_gradient(logps)
+        old = mb.rollout_logps if old_from_rollout else trainer_old
         ref = mb.ref_logps if beta else None
         value, m = grpo.grpo_loss(
-            logps, old, ref, mb.advantages, mb.completion_mask, **loss.loss_kwargs()
-        )
+            logps, old, ref, mb.advantages, mb.completion_mask,
+            rollout_logps=mb.rollout_logps, **loss.loss_kwargs(),
+        )  # fmt: skip
         tokens_mb = jnp.sum(mb.completion_mask)
         share = grpo.micro_batch_share(
             value, tokens_mb, tokens_step, num_micro, loss.aggregation
         )
         weight = tokens_mb / tokens_step  # token-weighted means over micro-batches
-        aux = {k: m[k] * weight for k in _MEAN_METRICS}
+        aux = {k: m[k] * weight for k in (*_MEAN_METRICS, *_IS_MEAN_METRICS) if k in m}
         aux["completion_tokens"] = tokens_mb
         aux.update(_entropy_sums(jax.lax.stop_gradient(ent), mb))
+        if mb.rollout_logps is not None:
+            aux.update(_mismatch_rows(trainer_old, mb.rollout_logps, mb.completion_mask, index,
+                                      n_rows))  # fmt: skip
         return share, aux
 
+    # The row index travels with the rows through the micro-batch split: per-row statistics
+    # (a max is not a sum) are scattered into (N,) vectors that the accumulation's sum keeps.
     return step_inputs.accumulate_with_features(
-        loss_fn, graphdef, params, rows, vision, num_micro, train_vision=train_vision
-    )
+        loss_fn, graphdef, params, (rows, jnp.arange(n_rows)), vision, num_micro,
+        train_vision=train_vision,
+    )  # fmt: skip
+
+
+def _mismatch_rows(
+    trainer_logps: jax.Array, rollout_logps: jax.Array, mask: jax.Array, index: jax.Array, n: int
+) -> dict[str, jax.Array]:
+    """(n,) vectors (zero outside this micro-batch's rows ``index``): per row, the summed k3
+    estimate of KL(pi_rollout || pi_old) over its completion tokens, exp(d) - d - 1 with d =
+    old - rollout (>= 0, sampled from the rollout), and max |d|."""
+    d = jax.lax.stop_gradient(trainer_logps) - jnp.asarray(rollout_logps, jnp.float32)
+    d = jnp.where(mask > 0, jnp.where(jnp.isnan(d), 0.0, d), 0.0)
+    k3 = jnp.sum((jnp.exp(d) - d - 1.0) * mask, axis=1)
+    zeros = jnp.zeros((n,), jnp.float32)
+    return {
+        "mismatch_rows/k3": zeros.at[index].set(k3),
+        "mismatch_rows/max_abs": zeros.at[index].set(jnp.max(jnp.abs(d), axis=1)),
+        "mismatch_rows/abs": zeros.at[index].set(jnp.sum(jnp.abs(d), axis=1)),
+    }
+
+
+def mismatch_metrics(aux: Mapping[str, jax.Array], rows: step_inputs.GrpoRows) -> dict:
+    """Rollout/trainer mismatch on the step's completion tokens, in all and per task:
+    ``mismatch/k3/<t>`` (mean k3 KL(pi_rollout || pi_old) per token), ``mismatch/abs_logp_diff/
+    <t>`` (mean |log pi_old - log pi_rollout|, TRL's ``sampling_logp_difference/mean``) and
+    ``mismatch/max_abs_logp_diff/<t>`` (its max). pi_old is the trainer's forward of the
+    policy that sampled (mu > 1: the recomputed ``old_logps``). Empty without
+    ``rows.rollout_logps``."""
+    if "mismatch_rows/k3" not in aux:
+        return {}
+    tokens = jnp.sum(rows.completion_mask, axis=1)
+    out = {}
+    for task, sel in [("all", tokens >= 0)] + [
+        (t, rows.task_id == tid) for t, tid in prompts.TASK_IDS.items()
+    ]:
+        n_tok = jnp.maximum(jnp.sum(jnp.where(sel, tokens, 0.0)), 1.0)
+        out[f"mismatch/k3/{task}"] = jnp.sum(jnp.where(sel, aux["mismatch_rows/k3"], 0.0)) / n_tok
+        out[f"mismatch/abs_logp_diff/{task}"] = (
+            jnp.sum(jnp.where(sel, aux["mismatch_rows/abs"], 0.0)) / n_tok
+        )
+        out[f"mismatch/max_abs_logp_diff/{task}"] = jnp.max(
+            jnp.where(sel, aux["mismatch_rows/max_abs"], 0.0)
+        )
+    return out
 
 
 def _entropy_sums(ent: jax.Array, mb: step_inputs.GrpoRows) -> dict[str, jax.Array]:
@@ -218,15 +278,17 @@ def make_grpo_step(
     trainable: PyTree | None = None,
     train_vision: bool | None = None,
     schedule: optax.Schedule | None = None,
+    old_from_rollout: bool = False,
 ) -> Callable[[optim.TrainState, step_inputs.GrpoBatch], tuple[optim.TrainState, dict]]:
     """Pure ``step(state, batch) -> (state, metrics)``: one optimizer update on a rollout.
 
     ``loss``: the objective's settings (None: ``grpo.LossConfig()``); ``train_vision`` None =
-    what ``trainable`` says.
+    what ``trainable`` says; ``old_from_rollout``: pi_old = ``rows.rollout_logps``.
     Metrics: ``loss``, ``kl``, ``clip_frac`` (+ ``_low``/``_high``), ``ratio_mean`` (token-weighted
     over micro-batches), ``completion_tokens``, ``entropy/all`` + ``entropy/<task>``
     (:func:`entropy_metrics`), ``grad_norm``, ``update_skipped``, ``nonfinite_count`` and ``lr``
-    when ``schedule`` is given.
+    when ``schedule`` is given; with ``rows.rollout_logps`` the :func:`mismatch_metrics`, and
+    with a rollout correction ``is_weight_mean`` and ``is_masked_frac`` (token-weighted).
     """
     if train_vision is None:
         train_vision = step_inputs.vision_trains(trainable)
@@ -235,13 +297,16 @@ def make_grpo_step(
     def step(state: optim.TrainState, batch: step_inputs.GrpoBatch):
         loss_value, grads, aux = grpo_grads(
             graphdef, state.params, batch, loss, num_micro=num_micro,
-            train_vision=train_vision, chunk_size=chunk_size,
+            train_vision=train_vision, chunk_size=chunk_size, old_from_rollout=old_from_rollout,
         )  # fmt: skip
         new_state, info = optim.apply_gradients(
             state, grads, tx, loss=loss_value, trainable=trainable, schedule=schedule
         )
-        sums = {k: v for k, v in aux.items() if k.startswith("entropy_sum")}
+        sums = {k for k in aux if k.startswith(("entropy_sum", "mismatch_rows/"))}
         metrics = {k: v for k, v in aux.items() if k not in sums}
-        return new_state, {"loss": loss_value, **metrics, **entropy_metrics(aux), **info}
+        mismatch = mismatch_metrics(aux, batch.rows)
+        return new_state, {
+            "loss": loss_value, **metrics, **entropy_metrics(aux), **mismatch, **info
+        }
 
     return step

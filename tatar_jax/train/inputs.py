@@ -73,6 +73,7 @@ class GrpoRows(Rows):
     task_id: Any  # (N,) int32 (``prompts.TASK_IDS``)
     old_logps: Any = None  # (N, T) pi_old (mu > 1)
     ref_logps: Any = None  # (N, T) the reference (beta > 0)
+    rollout_logps: Any = None  # (N, T) the sampler's log-probs of the completion tokens
 
 
 @struct.dataclass

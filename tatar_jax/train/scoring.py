@@ -104,6 +104,8 @@ class Scorer:
             self.model_cfg.image_token_id, num_micro=self.num_micro,
             pack_buckets=self.pack_buckets,
         )  # fmt: skip
+        # the sampler's log-probs travel with the rows: mismatch metrics, rollout correction
+        update = update.replace(rows=update.rows.replace(rollout_logps=samples.logps))
         m = self._metrics(batch, parts, feats, cmask, valid, g)
         return ScoredRollout(update, tuple(texts), total, adv, valid, samples.logps, m)
 

@@ -28,7 +28,15 @@ from flax import nnx
 
 from tatar_jax import generate, grpo, loading
 from tatar_jax.data import prompts
-from tatar_jax.train import grpo_step, metrics, optim, rollout, scoring, sft_step
+from tatar_jax.train import (
+    dynamic_sampling,
+    grpo_step,
+    metrics,
+    optim,
+    rollout,
+    scoring,
+    sft_step,
+)
 from tatar_jax.train import inputs as step_inputs
 
 PyTree = Any
@@ -120,9 +128,12 @@ class GrpoStage:
         workdir: pathlib.Path,
         mesh: Any = None,
         rules: Any = None,
+        next_batch: Any = None,
+        merge: Any = None,
     ) -> None:
         g = cfg.grpo
         self.beta, self.updates_per_step = float(g.beta), int(g.num_iterations)
+        self.old_from_rollout = bool(g.get("old_logps_from_rollout", False))
         self.workdir = workdir
         self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
         self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
@@ -141,7 +152,7 @@ class GrpoStage:
         self.step_fn = jax.jit(
             grpo_step.make_grpo_step(
                 graphdef, tx, loss=loss, num_micro=self.num_micro, chunk_size=chunk,
-                trainable=trainable, schedule=schedule,
+                trainable=trainable, schedule=schedule, old_from_rollout=self.old_from_rollout,
             ),
             donate_argnums=(0,),
         )  # fmt: skip
@@ -152,19 +163,46 @@ class GrpoStage:
         )
         self.train_vision = step_inputs.vision_trains(trainable)
         self.last: scoring.ScoredRollout | None = None
+        self.last_batch: Mapping[str, Any] | None = None
+        self.dynamic = None
+        if g.dynamic_sampling.enabled:
+            self.dynamic = dynamic_sampling.DynamicSampler(
+                g.dynamic_sampling, int(g.prompts_per_step), int(g.num_generations),
+                next_batch=next_batch, score=self.scorer,
+                make_prompts=self._prompts, merge=merge,
+            )  # fmt: skip
 
-    def prepare(self, state, batch, timer):
+    def _prompts(self, batch):
         # The batch's layout, once: the rollout samples from it and the update reads it as it
         # is; the pixels in the compute dtype once, before both transfers.
         prompts = generate.prompt_batch(batch, self.model_config)
-        prompts = prompts.replace(vision=prompts.vision.cast(self.pixel_dtype))
+        return prompts.replace(vision=prompts.vision.cast(self.pixel_dtype))
+
+    def prepare(self, state, batch, timer):
+        if self.dynamic is not None:
+            return self._prepare_dynamic(state, batch, timer)
+        prompts = self._prompts(batch)
         with timer("rollout"):
             # once per optimizer step: the policy -> the rollout's weights (compute dtype, own
             # layout), used for this step's generation only
             samples = self.engine.generate(state.params, prompts, optim.rng_for_step(state, 1))
         with timer("reward"):
             self.last = self.scorer(batch, prompts, samples)
+        self.last_batch = batch
         return self.last.batch, dict(self.last.metrics)
+
+    def _prepare_dynamic(self, state, batch, timer):
+        """Dynamic sampling (``tatar_jax.train.dynamic_sampling``): rollouts of further batches
+        of the stream until the step holds informative groups; rollout and scoring time
+        together under ``time/rollout``."""
+
+        def rollout_fn(prompts, rng):
+            return self.engine.generate(state.params, prompts, rng)
+
+        with timer("rollout"):
+            filled = self.dynamic(batch, optim.rng_for_step(state, 1), rollout_fn)
+        self.last, self.last_batch = filled.scored, filled.batch
+        return self.last.batch, {**self.last.metrics, **filled.metrics}
 
     def update(self, state, inputs):
         """The reference / pi_old log-probs, then mu updates; each part timed on its own
@@ -177,13 +215,17 @@ class GrpoStage:
             logps["ref_logps"] = jax.block_until_ready(self.logps_fn(self.ref_params, inputs))
             times["time/ref_logps"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        if self.updates_per_step > 1:
+        if self.updates_per_step > 1 and not self.old_from_rollout:
             logps["old_logps"] = jax.block_until_ready(self.logps_fn(state.params, inputs))
             times["time/old_logps"] = time.perf_counter() - t1
         batch = inputs.replace(rows=inputs.rows.replace(**logps))
         t2 = time.perf_counter()
+        first = None
         for _ in range(self.updates_per_step):
             state, m = self.step_fn(state, batch)
+            first = m if first is None else first
+        # the mismatch is the sampler's against pi_old: measured at the step's first update
+        m = {**m, **{k: v for k, v in first.items() if k.startswith("mismatch/")}}
         m = jax.block_until_ready(m)
         times["time/policy_update"] = time.perf_counter() - t2
         return state, {**m, **times, **self._mfu(inputs, times)}
@@ -213,8 +255,11 @@ class GrpoStage:
         return {"rollout_logp_mean": float(lp), "reward_mean": reward}
 
     def after_step(self, step, batch):
+        del batch  # the step's own (dynamic sampling: rows of several batches)
         if jax.process_index() == 0:
-            log_samples(self.workdir, step, batch, self.last, self.samples, self.samples_every)
+            log_samples(
+                self.workdir, step, self.last_batch, self.last, self.samples, self.samples_every
+            )
 
 
 def reference_params(params: PyTree, ref_param_dtype: str, compute_dtype: str) -> PyTree:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import pathlib
 import time
@@ -47,6 +48,7 @@ from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import (
     checkpointing,
+    dynamic_sampling,
     loop,
     metrics,
     optim,
@@ -187,8 +189,11 @@ def _flops_fn(model_config: Any, train_vision: bool, cfg: Any) -> Any:
     return flops_per_token
 
 
-def _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place):
+def _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place, data):
+    """The stage object; ``data`` = (next_batch, pipeline options): GRPO's dynamic sampling
+    draws further batches of the same stream and merges rows with the pipeline's padding."""
     graphdef = nnx.graphdef(model)
+    next_batch, opts = data
     if cfg.stage == "sft":
         return stages.SftStage(
             cfg, model.config, graphdef, tx, trainable=trainable, schedule=schedule
@@ -196,7 +201,11 @@ def _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, 
     return stages.GrpoStage(
         cfg, model, tok, graphdef, tx, trainable=trainable, schedule=schedule,
         ref_params=params, num_rows=per_step * int(cfg.grpo.num_generations), workdir=wd,
-        mesh=place.mesh, rules=place.rules,
+        mesh=place.mesh, rules=place.rules, next_batch=next_batch,
+        merge=functools.partial(
+            dynamic_sampling.merge_rows, pad_id=int(tok.pad_id), padding_side=opts.side,
+            patch_buckets=opts.patch_buckets,
+        ),
     )  # fmt: skip
 
 
@@ -243,7 +252,10 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     start = 0 if restored is None else int(restored)
     if restored is not None:
         print(f"[tatar-jax] resumed {cfg.stage} from {ckpt.directory}/{restored}", flush=True)
-    stage = _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place)
+    next_batch = _next_batch_fn(data_iter, opts, tok)
+    stage = _make_stage(
+        cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place, (next_batch, opts)
+    )
     lg = cfg.logging
     writer = metrics.MetricsWriter(
         wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
@@ -254,7 +266,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         mesh = place.mesh if place.multi else None
         evaluator = Evaluator(cfg, model, tok, wd, mesh=mesh, rules=place.rules)
     env = loop.LoopEnv(
-        data_iter=data_iter, next_batch=_next_batch_fn(data_iter, opts, tok),
+        data_iter=data_iter, next_batch=next_batch,
         put=lambda x: step_inputs.put_inputs(x, place.mesh, place.rules), checkpointer=ckpt,
         writer=writer, evaluator=evaluator, total=total, log_every=int(lg.every_steps),
         eval_every=int(cfg.eval.every_steps),

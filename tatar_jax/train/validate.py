@@ -29,6 +29,7 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
         ("stage", ("sft", "grpo")),
         ("grpo.advantage", grpo.ADVANTAGE_MODES),
         ("grpo.loss_aggregation", grpo.AGGREGATIONS),
+        ("grpo.rollout_correction.mode", grpo.ROLLOUT_CORRECTIONS),
         ("sft.loss_normalization", sft_step.NORMALIZATIONS),
         ("data.bad_record", manifest.ON_ERROR),
         ("data.mixing", ("concat", "interleave")),  # tatar_jax.data.pipeline.ScheduleOptions
@@ -68,6 +69,14 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("grpo.top_p", 0, True, 1),
     ("grpo.beta", 0, False, None),
     ("grpo.epsilon", 0, False, None),
+    ("grpo.rollout_correction.clip_max", 0, True, None),
+    ("grpo.rollout_correction.clip_min", 0, False, None),
+    ("grpo.dynamic_sampling.std_threshold", 0, False, None),
+    ("grpo.dynamic_sampling.std_threshold_iqa", 0, False, None),
+    ("grpo.dynamic_sampling.std_threshold_iaa", 0, False, None),
+    ("grpo.dynamic_sampling.max_extra_batches", 0, False, None),
+    ("rewards.overlong.max_length", 0, False, None),
+    ("rewards.overlong.cache", 1, False, None),
 )
 
 
@@ -129,9 +138,33 @@ def problems(cfg: Any, prefix: str = "--config.") -> Iterator[str]:
     yield from _number_problems(cfg, prefix)
     yield from _dataset_problems(cfg, prefix)
     yield from _path_problems(cfg, prefix)
+    yield from _grpo_problems(cfg, prefix)
     present, warmup = _get(cfg, "warmup")
     if present and hasattr(warmup, "keys"):
         yield from problems(warmup, prefix + "warmup.")
+
+
+def _grpo_problems(cfg: Any, prefix: str) -> Iterator[str]:
+    """Combinations of the GRPO options that cannot run."""
+    rc = f"{prefix}grpo.rollout_correction"
+    present, lo = _get(cfg, "grpo.rollout_correction.clip_min")
+    _, hi = _get(cfg, "grpo.rollout_correction.clip_max")
+    if present and lo is not None and hi is not None and lo > hi:
+        yield f"{rc}.clip_min: {lo!r} is above clip_max {hi!r}"
+    _, mode = _get(cfg, "grpo.rollout_correction.mode")
+    _, from_rollout = _get(cfg, "grpo.old_logps_from_rollout")
+    if from_rollout and mode not in (None, "off"):
+        yield (
+            f"{rc}.mode: {mode!r} with --config.grpo.old_logps_from_rollout=True weights by "
+            "pi_old / pi_rollout = 1 (the PPO ratio is already against the rollout): turn one off"
+        )
+    _, enabled = _get(cfg, "grpo.dynamic_sampling.enabled")
+    _, steps = _get(cfg, "total_steps")
+    if enabled and steps == -1:
+        yield (
+            f"{prefix}grpo.dynamic_sampling.enabled: needs --config.total_steps > 0 (extra draws "
+            "use up the data stream, so whole epochs do not say how many steps there are)"
+        )
 
 
 def _dataset_problems(cfg: Any, prefix: str) -> Iterator[str]:
