@@ -27,7 +27,7 @@ def _write_images(root, n, rng, prefix):
 
     paths = []
     for i in range(n):
-        h, w = (int(x) for x in rng.integers(28, 90, size=2))
+        h, w = (int(x) for x in rng.integers(28, 160, size=2))
         p = root / f"{prefix}{i}.png"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
@@ -47,7 +47,7 @@ def stream(tmp_path_factory):
     srcs = [pl.Source("toy_iqa", "iqa", iqa), pl.Source("toy_iaa", "iaa", iaa)]
     opts = pl.PipelineOptions(
         stage="grpo", batch_size=4, num_epochs=None, seq_buckets=(512,), process_index=0,
-        process_count=1, read_threads=1, min_pixels=3136, max_pixels=4 * 28 * 28 * 4, seed=3,
+        process_count=1, read_threads=1, min_pixels=3136, max_pixels=16 * 28 * 28, seed=3,
     )  # fmt: skip
     return srcs, opts
 
