@@ -104,6 +104,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     th.scale = 1.0  # rank_scale
     c.thurstone = th
 
+    ov = ml_collections.ConfigDict()  # DAPO soft overlong penalty ("overlong"), in [-1, 0]
+    # L_max in tokens; 0 = the rollout's grpo.max_new_tokens. The penalty ramps from 0 at
+    # L_max - cache to -1 at L_max. Off (weight 0) in both presets; e.g.
+    # --config.rewards.weights.iaa.overlong=1.0 for the long IAA narratives.
+    ov.max_length = 0
+    ov.cache = 64
+    ov.scale = 1.0
+    c.overlong = ov
+
     c.extra = ml_collections.ConfigDict()  # name -> add_extra block; none by default
     c.weights = ml_collections.ConfigDict()
     if preset == "reference":

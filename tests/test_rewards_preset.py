@@ -50,7 +50,8 @@ def test_preset_override_changes_the_weights_used(monkeypatch):
     ref = rewards_configs.get_config("reference")
     assert cfg.rewards.to_dict() == ref.to_dict()
     assert cfg.rewards.weights.iaa.to_dict() == {
-        "format": 1.0, "accuracy": 1.0, "threshold": 0.0, "rank": 1.0, "thurstone": 0.0
+        "format": 1.0, "accuracy": 1.0, "threshold": 0.0, "rank": 1.0, "thurstone": 0.0,
+        "overlong": 0.0,
     }  # fmt: skip
     assert cfg.rewards.scope == "device_local"
     # total_reward computes with the preset's functions: rank instead of thurstone on IAA

@@ -1,7 +1,8 @@
 """The built-in TATAR rewards as pure ``jnp`` programs (spec §8; jittable, static shapes).
 
 Every array is ``(N,)`` with ``N = prompts x G``; scores are on the 0-100 scale; ``parsed`` is
-a bool mask and unparsed completions get 0 from every reward (as the reference). Entries of
+a bool mask and unparsed completions get 0 from every score reward (as the reference); the
+overlong penalty reads only the length (a cut completion rarely parses). Entries of
 ``pred`` where ``parsed`` is False are ignored (they may be NaN).
 
 The rewards see the whole step's batch: the reference calls its reward functions on one device's
@@ -246,3 +247,20 @@ def thurstone_rank_reward(
     has_partner = partner_gg.any(axis=1)[group_ids]
     member = parsed & is_iaa & in_s[group_ids]
     return jnp.where(member & has_partner, r, 0.0).astype(dtype)
+
+
+def overlong_penalty_reward(
+    num_tokens: jax.Array, max_tokens: jax.Array, *, max_length: int = 0, cache: int = 64
+) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", eq. 13), a length-shaped reward
+    in [-1, 0]: with L = ``num_tokens`` (completion tokens, the stop token included), L_max =
+    ``max_length`` (0: ``max_tokens``, the rollout's ``max_new_tokens``) and L_cache = ``cache``:
+    0 for L <= L_max - L_cache, ((L_max - L_cache) - L) / L_cache up to L_max (-1 at a
+    completion cut at the budget), -1 beyond. (N,) -> (N,) float32."""
+    if isinstance(cache, (int, float)) and not cache >= 1:
+        raise ValueError(f"overlong cache must be >= 1 token, got {cache}")
+    n = jnp.asarray(num_tokens, jnp.float32)
+    l_max = jnp.asarray(max_tokens, jnp.float32) if not max_length else jnp.float32(max_length)
+    start = l_max - cache
+    r = jnp.where(n <= start, 0.0, (start - n) / cache)
+    return jnp.where(n > l_max, -1.0, r).astype(jnp.float32)

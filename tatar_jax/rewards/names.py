@@ -10,13 +10,14 @@ another name); :data:`CONSTANTS`: the constants each block passes to its functio
 
 from __future__ import annotations
 
-BUILT_INS: tuple[str, ...] = ("format", "accuracy", "threshold", "rank", "thurstone")
+BUILT_INS: tuple[str, ...] = ("format", "accuracy", "threshold", "rank", "thurstone", "overlong")
 CONFIG_BLOCK: dict[str, str] = {
     "format": "format",
     "accuracy": "accuracy",
     "threshold": "threshold_reward",
     "rank": "rank",
     "thurstone": "thurstone",
+    "overlong": "overlong",
 }
 CONSTANTS: dict[str, tuple[str, ...]] = {
     "format": (),
@@ -27,5 +28,6 @@ CONSTANTS: dict[str, tuple[str, ...]] = {
     "threshold": ("threshold",),
     "rank": ("tau", "m", "eps"),
     "thurstone": ("tau", "m", "eps"),
+    "overlong": ("max_length", "cache"),
 }  # fmt: skip
 EXTRA_KINDS: tuple[str, ...] = ("features", "host")

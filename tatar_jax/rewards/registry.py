@@ -20,7 +20,14 @@ from tatar_jax.rewards import functions as fn
 from tatar_jax.rewards import names
 from tatar_jax.rewards.plugins import config_field, extra_rewards
 
-Features = Mapping[str, Any]  # pred, gt, parsed, num_words, is_iaa, group_ids: (N,) each
+# pred, gt, parsed, num_words, is_iaa, group_ids (+ num_tokens, max_tokens for "overlong"): (N,)
+Features = Mapping[str, Any]
+# what a ``features`` plug-in receives (its documented signature)
+PLUGIN_FEATURES = ("pred", "gt", "parsed", "num_words", "is_iaa", "group_ids")
+
+
+def _plugin_features(f: Features) -> dict[str, Any]:
+    return {k: f[k] for k in PLUGIN_FEATURES}
 
 
 def _format(f: Features, **kw: Any) -> jax.Array:
@@ -50,6 +57,15 @@ def _thurstone(f: Features, *, local_size: Any, num_groups: Any, **kw: Any) -> j
     )  # fmt: skip
 
 
+def _overlong(f: Features, *, local_size: Any, num_groups: Any, **kw: Any) -> jax.Array:
+    if "num_tokens" not in f or "max_tokens" not in f:
+        raise ValueError(
+            "the overlong reward needs the completions' token counts (features num_tokens, "
+            "max_tokens)"
+        )
+    return fn.overlong_penalty_reward(f["num_tokens"], f["max_tokens"], **kw)
+
+
 # name -> fn(features, *, local_size, num_groups, **constants) -> (N,)
 REGISTRY: dict[str, Callable[..., jax.Array]] = {
     "format": _format,
@@ -57,6 +73,7 @@ REGISTRY: dict[str, Callable[..., jax.Array]] = {
     "threshold": _threshold,
     "rank": _rank,
     "thurstone": _thurstone,
+    "overlong": _overlong,
 }
 assert tuple(REGISTRY) == names.BUILT_INS
 REWARD_FUNCTIONS = names.BUILT_INS
@@ -105,9 +122,11 @@ def built_in_parts(
     return parts
 
 
-def _features(pred, gt, parsed, num_words, is_iaa, group_ids) -> dict[str, Any]:
-    return dict(pred=pred, gt=gt, parsed=parsed, num_words=num_words,
-                is_iaa=jnp.asarray(is_iaa, bool), group_ids=group_ids)  # fmt: skip
+def _features(pred, gt, parsed, num_words, is_iaa, group_ids, **lengths) -> dict[str, Any]:
+    out = dict(pred=pred, gt=gt, parsed=parsed, num_words=num_words,
+               is_iaa=jnp.asarray(is_iaa, bool), group_ids=group_ids)  # fmt: skip
+    out.update({k: v for k, v in lengths.items() if v is not None})
+    return out
 
 
 def total_reward(
@@ -122,6 +141,8 @@ def total_reward(
     num_groups: int | None = None,
     texts: Sequence[str] | None = None,
     records: Sequence[Mapping[str, Any]] | None = None,
+    num_tokens: jax.Array | None = None,
+    max_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-task weighted sum of the reward functions of a rewards preset (spec §7.3, §8.6).
 
@@ -136,14 +157,16 @@ def total_reward(
 
     ``config.extra`` names further reward functions (``plugins.extra_rewards``), weighted by
     ``weights.<task>.<name>`` like the built-ins. Host ones need the decoded ``texts`` (N,) and
-    per-completion ``records`` (``features.completion_records``).
+    per-completion ``records`` (``features.completion_records``). The ``overlong`` built-in needs
+    ``num_tokens`` (N,) (completion tokens) and ``max_tokens`` (N,) (the generation budget).
     """
-    f = _features(pred, gt, parsed, num_words, is_iaa, group_ids)
+    f = _features(pred, gt, parsed, num_words, is_iaa, group_ids, num_tokens=num_tokens,
+                  max_tokens=max_tokens)  # fmt: skip
     dtype = fn.float_dtype(pred, gt)
     parts = built_in_parts(f, config, num_groups=num_groups)
     for name, extra in extra_rewards(config).items():
         if _weights(config, name) != (0.0, 0.0):
-            parts[name] = extra(f, texts=texts, records=records).astype(dtype)
+            parts[name] = extra(_plugin_features(f), texts=texts, records=records).astype(dtype)
     total = jnp.zeros(f["is_iaa"].shape, dtype)
     for name, r in parts.items():
         w_iqa, w_iaa = _weights(config, name)
@@ -178,7 +201,7 @@ class RewardSet:
         parts = built_in_parts(f, self.config, num_groups=num_groups)
         dtype = fn.float_dtype(f["pred"], f["gt"])
         for name, extra in self.features_extras.items():
-            parts[name] = extra(f).astype(dtype)
+            parts[name] = extra(_plugin_features(f)).astype(dtype)
         return parts
 
     def __call__(

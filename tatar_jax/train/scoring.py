@@ -85,7 +85,7 @@ class Scorer:
         ))  # fmt: skip
         valid = np.repeat(np.asarray(batch["valid"], bool), g)
         feats = rewards.completion_features(texts, parser=self.rewards_cfg.parser)
-        total, parts = self._rewards(batch, feats, texts, valid, g)
+        total, parts = self._rewards(batch, feats, texts, valid, g, samples.mask)
         adv = np.asarray(
             grpo.group_advantages(
                 total, g, self.cfg.advantage, self.cfg.advantage_eps,
@@ -110,7 +110,8 @@ class Scorer:
         return ScoredRollout(update, tuple(texts), total, adv, valid, samples.logps, m)
 
     def _rewards(
-        self, batch: Mapping[str, Any], feats: Any, texts: list[str], valid: np.ndarray, g: int
+        self, batch: Mapping[str, Any], feats: Any, texts: list[str], valid: np.ndarray, g: int,
+        cmask: np.ndarray,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """(total (N,) float32, {name: (N,)}) over the whole batch."""
         b = len(batch["valid"])
@@ -120,6 +121,8 @@ class Scorer:
         features = dict(
             pred=feats.prediction, gt=gt, parsed=feats.parsed & valid, num_words=feats.num_words,
             is_iaa=is_iaa, group_ids=np.repeat(np.arange(b, dtype=np.int32), g),
+            num_tokens=cmask.sum(axis=1).astype(np.int32),
+            max_tokens=np.full(len(valid), cmask.shape[1], np.int32),
         )  # fmt: skip
         total, parts = self.rewards(
             features, num_groups=b, texts=texts, records=rewards.completion_records(batch, g)
