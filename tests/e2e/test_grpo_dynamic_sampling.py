@@ -35,7 +35,7 @@ from tatar_jax.train import stages, trainer
 cfg = t.tiny_config(fsdp=-1)
 cfg.total_steps = int(sys.argv[6])
 cfg.grpo.prompts_per_step = int(sys.argv[7])
-cfg.checkpoint.every_steps = 1
+cfg.checkpoint.every_steps = int(sys.argv[8])
 cfg.grpo.dynamic_sampling.enabled = True
 for k in list(cfg.rewards.weights.iaa.keys()):
     cfg.rewards.weights.iaa[k] = 0.0  # every IAA group: reward 0 for all G completions
@@ -61,16 +61,16 @@ def _env(**extra):
     return env
 
 
-def _start(workdir, *, nproc=1, pid=0, port="0", devices=1, prompts=2, env=None):
+def _start(workdir, *, nproc=1, pid=0, port="0", devices=1, prompts=2, env=None, every=1):
     return subprocess.Popen(
         [sys.executable, "-c", _RUN, str(pid), port, str(nproc), str(devices), str(workdir),
-         str(TOTAL), str(prompts)],
+         str(TOTAL), str(prompts), str(every)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or _env(),
         cwd=ROOT,
     )  # fmt: skip
 
 
-def _finish(proc, timeout=1200):
+def _finish(proc, timeout=2400):
     out, _ = proc.communicate(timeout=timeout)
     cut = out.find("Traceback")
     assert proc.returncode == 0, out[-4000:] if cut < 0 else out[cut : cut + 4000]
@@ -139,8 +139,9 @@ def test_two_processes_choose_as_one(tmp_path):
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = str(sock.getsockname()[1])
-    two = [_start(tmp_path / "two", nproc=2, pid=p, port=port, prompts=4) for p in range(2)]
-    one = _start(tmp_path / "one", devices=2, prompts=4)
+    two = [_start(tmp_path / "two", nproc=2, pid=p, port=port, prompts=4, every=100)
+           for p in range(2)]  # fmt: skip
+    one = _start(tmp_path / "one", devices=2, prompts=4, every=100)
     for p in [*two, one]:
         _finish(p)
     rec_one, rec_two = records(tmp_path / "one"), records(tmp_path / "two")
