@@ -32,8 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tatar_jax.evaluation.runner import RecordFailure
+from tatar_jax.evaluation.scoring import Samples
 
-Completion = str | tuple[str, ...] | RecordFailure
+Completion = str | Samples | RecordFailure
 
 
 class ModelUnavailableError(RuntimeError):
@@ -45,7 +46,8 @@ class Predictor:
     """What :func:`build_predict_fn` returns.
 
     predict_fn: records -> decoded completions (special tokens stripped), one entry per record:
-      a ``str`` (one sample) or a tuple of ``num_samples`` strings, or a :class:`RecordFailure`.
+      a ``str`` (one sample), a :class:`~tatar_jax.evaluation.scoring.Samples` of
+      ``num_samples`` texts, or a :class:`RecordFailure`.
     count_tokens: text -> number of tokens (think lengths in tokens).
     name: a short model name for reports (the checkpoint / HF directory).
     info: settings stored in ``run_info.json`` (a resumed run must use the same).
@@ -86,18 +88,18 @@ def load_model(
     return policy.model, policy.name
 
 
-def decoding_info(ev: Any) -> dict[str, Any]:
+def decoding_info(ev: Any, seed: int) -> dict[str, Any]:
     """The decoding settings of ``ev`` as stored in ``run_info.json`` (``decoding``): a resumed
-    run must decode the same way. Greedy single-sample decoding is ``{"num_samples": 1,
-    "temperature": 0.0, "constrained": False}`` (what an out_dir written before these settings
-    existed holds)."""
+    run must decode the same way. Greedy single-sample decoding is
+    :data:`~tatar_jax.evaluation.shards.GREEDY_DECODING` (what an out_dir written before these
+    settings existed holds); sampling adds top_k, top_p and the seed."""
     info: dict[str, Any] = {
         "num_samples": int(ev.num_samples),
         "temperature": float(ev.temperature),
         "constrained": bool(ev.constrained_answer),
     }
     if float(ev.temperature) > 0:
-        info.update(top_k=int(ev.top_k), top_p=float(ev.top_p))
+        info.update(top_k=int(ev.top_k), top_p=float(ev.top_p), seed=int(seed))
     if int(ev.num_samples) > 1:
         info["aggregate"] = str(ev.aggregate)
     return info
@@ -140,8 +142,7 @@ def build_predict_fn(cfg: Any, *, checkpoint: str = "", step: int = -1) -> Predi
         "min_pixels": int(ev.min_pixels),
         "max_pixels": int(ev.max_pixels),
         "prompt_variant": ev.prompt_variant,
-        "decoding": decoding_info(ev),
-        "seed": int(cfg.seed),
+        "decoding": decoding_info(ev, cfg.seed),
     }
     return Predictor(predict_fn, lambda s: len(tok.encode(s)), name, info)
 
@@ -238,9 +239,12 @@ def make_predict_fn(
     ``mesh`` with the logical-axis ``rules`` (``mesh=None``: one device); any object with
     ``params`` (its ``num_samples`` is used) and ``generate_prompts(prompts, *, rng)``.
     Completions are the masked tokens decoded with special tokens stripped: a ``str`` per record
-    with one sample, a tuple of K strings with K.
+    with one unconstrained sample, else a :class:`~tatar_jax.evaluation.scoring.Samples` of the
+    K texts (and, constrained, which ones the constraint forced: ``sampler.last_forced``).
     """
-    from tatar_jax import generate
+    import numpy as np
+
+    from tatar_jax import generate, sharding
     from tatar_jax.data import examples
 
     if sampler is None:
@@ -262,11 +266,21 @@ def make_predict_fn(
             return [failures[k] for k in range(len(records))]
         prompts = eval_prompts(exs, tok, ev.batch_size, model.config)
         out = sampler.generate_prompts(prompts, rng=batch_key(seed, records))
-        texts = generate.decode_completions(tok, out)[: len(exs) * k_samples]
-        grouped = iter(
-            texts[i] if k_samples == 1 else tuple(texts[i : i + k_samples])
-            for i in range(0, len(texts), k_samples)
-        )
+        n = len(exs) * k_samples
+        texts = generate.decode_completions(tok, out)[:n]
+        forced = getattr(sampler, "last_forced", None)
+        if forced is not None:
+            forced = [bool(f) for f in np.asarray(sharding.to_host(forced))[:n]]
+        if k_samples == 1 and forced is None:
+            grouped = iter(texts)  # one greedy completion per record: a str
+        else:
+            grouped = iter(
+                Samples(
+                    tuple(texts[i : i + k_samples]),
+                    None if forced is None else tuple(forced[i : i + k_samples]),
+                )
+                for i in range(0, n, k_samples)
+            )
         return [failures[k] if k in failures else next(grouped) for k in range(len(records))]
 
     return predict_fn

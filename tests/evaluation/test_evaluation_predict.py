@@ -147,8 +147,9 @@ def test_predict_fn_groups_k_samples_per_record(qwen_tok):
     out = fn(recs)
     assert isinstance(out[0], runner.RecordFailure)
     # good record i is prompt row i - 1; its samples j answer 50 + (i - 1) + j
-    assert out[1] == tuple(f"<think>row 0</think><answer>{50 + j}</answer>" for j in range(3))
-    assert out[2] == tuple(f"<think>row 1</think><answer>{51 + j}</answer>" for j in range(3))
+    assert out[1].texts == tuple(f"<think>row 0</think><answer>{50 + j}</answer>" for j in range(3))
+    assert out[2].texts == tuple(f"<think>row 1</think><answer>{51 + j}</answer>" for j in range(3))
+    assert out[1].forced is None  # no answer constraint
 
 
 @pytest.mark.slow
@@ -259,8 +260,8 @@ def test_k_samples_equal_the_rollout_engines(qwen_tok, tiny_model):
     recs = [_rec(3, (84, 56)), _rec(4, (56, 84), "iaa")]
     fn = make_predict_fn(model, tok, ev, mesh=None, rules=None, seed=5)
     ours = fn(recs)
-    assert all(isinstance(o, tuple) and len(o) == 4 for o in ours)
-    assert len({t for o in ours for t in o}) > 2  # sampled: the samples differ
+    assert all(len(o.texts) == 4 for o in ours)
+    assert len({t for o in ours for t in o.texts}) > 2  # sampled: the samples differ
 
     grpo_cfg = types.SimpleNamespace(
         max_new_tokens=6, num_generations=4, temperature=1.0, top_k=50, top_p=0.95
@@ -274,4 +275,4 @@ def test_k_samples_equal_the_rollout_engines(qwen_tok, tiny_model):
     samples = engine.generate(nnx.state(model), prompts, batch_key(5, recs))
     texts = generate.decode_completions(tok, generate.GenerateOutput(
         samples.tokens, samples.mask, samples.logps))  # fmt: skip
-    assert [t for o in ours for t in o] == texts
+    assert [t for o in ours for t in o.texts] == texts
