@@ -101,6 +101,9 @@ def test_sampled_rows_recompute_to_the_metrics(tmp_path, aggregate):
     outside = sum(1 for r in rows for a in r["raw_answers"] if a is not None and not 0 <= a <= 100)
     assert res["n_out_of_range"] == sum(r["out_of_range"] for r in rows) == outside >= 4
     assert res["n_would_be_unparsed"] == 7  # sample 0 of the even rows
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Sampled decoding" in summary
+    assert f"| m | {K} | {res['srcc']:.4f} | {res['plcc']:.4f} |" in summary
 
 
 def test_resumed_sampled_run_is_identical_and_decoding_is_checked(tmp_path):
