@@ -252,7 +252,8 @@ def make_predict_fn(
         if bool(getattr(ev, "constrained_answer", False)):
             from tatar_jax.generate import answer_constraint
 
-            extra["constraint"] = answer_constraint.for_tokenizer(tok)
+            vocab = int(model.config.text.vocab_size)
+            extra["constraint"] = answer_constraint.for_tokenizer(tok, vocab)
         sampler = generate.Sampler(model, sampling_params(ev, tok), mesh=mesh, rules=rules, **extra)
     k_samples = int(sampler.params.num_samples)
     merge_size = model.config.vision.spatial_merge_size
