@@ -154,6 +154,7 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
             setattr(ev, key, flags[key])
     if flags.get("seed") is not None:
         cfg.seed = flags["seed"]
+    sampled_defaults(ev, flags)
     if flags.get("score_range") is not None:
         ev.score_range = parse_range(flags["score_range"])
     if flags.get("hf_dir") is not None:
@@ -163,6 +164,31 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     if flags.get("dcn_shape"):
         cfg.mesh.dcn_shape.update(parse_axes(flags["dcn_shape"], "dcn_shape"))
     return cfg
+
+
+# What --num_samples > 1 samples with when no --temperature is given: the settings of the
+# reasoning IQA scorers' demos (VisualQuality-R1, Q-Insight: temperature 1.0, top-k 50).
+SAMPLED_DEFAULTS = {"temperature": 1.0, "top_k": 50}
+
+
+def sampled_defaults(ev: Any, flags: Mapping[str, Any]) -> None:
+    """``--num_samples`` > 1 without ``--temperature`` on a greedy config: samples at
+    :data:`SAMPLED_DEFAULTS` (``--top_k`` likewise when not given) and says so on stderr; K
+    greedy samples would be K equal copies."""
+    if not flags.get("num_samples") or int(flags["num_samples"]) <= 1:
+        return
+    if flags.get("temperature") is not None or float(ev.temperature) > 0:
+        return
+    ev.temperature = SAMPLED_DEFAULTS["temperature"]
+    said = f"--temperature={ev.temperature:g}"
+    if flags.get("top_k") is None and int(ev.top_k) == 0:
+        ev.top_k = SAMPLED_DEFAULTS["top_k"]
+        said += f" --top_k={ev.top_k}"
+    print(
+        f"note: --num_samples={flags['num_samples']} samples with {said} (give --temperature to "
+        "choose)",
+        file=sys.stderr,
+    )
 
 
 def check_eval_numbers(ev: Any) -> None:

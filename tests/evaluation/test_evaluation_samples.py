@@ -185,13 +185,20 @@ def test_decoding_flags_usage_errors(flag, value, match):
         cli.check_eval_numbers(cfg.eval)
 
 
-def test_k_greedy_samples_are_refused_and_flags_reach_the_config():
+def test_k_greedy_samples_are_refused_and_flags_reach_the_config(capsys):
     from configs import eval as eval_configs
 
     cfg = eval_configs.get_config()
-    cli.apply_overrides(cfg, {"num_samples": 8, "seed": 3, "aggregate": "median"})
-    assert cfg.eval.num_samples == 8 and cfg.seed == 3 and cfg.eval.aggregate == "median"
+    cfg.eval.num_samples = 8  # --config.eval.num_samples: no defaults applied
     with pytest.raises(ValueError, match="--num_samples=8 needs --temperature > 0"):
         cli.check_eval_numbers(cfg.eval)
-    cli.apply_overrides(cfg, {"temperature": 1.0, "top_k": 50, "top_p": 0.9})
+    cfg = eval_configs.get_config()
+    cli.apply_overrides(cfg, {"num_samples": 8, "seed": 3, "aggregate": "median"})
+    assert cfg.eval.num_samples == 8 and cfg.seed == 3 and cfg.eval.aggregate == "median"
+    assert (cfg.eval.temperature, cfg.eval.top_k) == (1.0, 50)  # the demos' sampling, said
+    assert "--temperature=1 --top_k=50" in capsys.readouterr().err
+    cli.check_eval_numbers(cfg.eval)
+    cfg = eval_configs.get_config()
+    cli.apply_overrides(cfg, {"num_samples": 4, "temperature": 0.7, "top_p": 0.9})
+    assert (cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p) == (0.7, 0, 0.9)
     cli.check_eval_numbers(cfg.eval)
