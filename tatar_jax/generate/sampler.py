@@ -115,14 +115,16 @@ class Sampler:
             carry_sh = self._carry_shardings()
             rows = self._rows_sharding
             out_sh = GenerateOutput(rows(2), rows(2), rows(2))
-            # ids, mask (B, L); positions (3, B, L); deltas (B, 1); pixels / layout / key /
-            # constraint tables replicated
-            in_sh = (None, rows(2), rows(2), self._pos_sharding(), rows(2), rep, rep, rep, rep)
+            # ids, mask (B, L); positions (3, B, L); deltas (B, 1); pixels / layout / key (and
+            # the constraint's tables) replicated; with a constraint decode also gives the
+            # forced rows
+            cons = () if self.constraint is None else (rep,)
+            in_sh = (None, rows(2), rows(2), self._pos_sharding(), rows(2), rep, rep, rep, *cons)
             self._prefill = jax.jit(self._prefill_fn, in_shardings=in_sh, out_shardings=carry_sh)
             self._decode = jax.jit(
                 self._decode_fn,
-                in_shardings=(None, carry_sh, rep),
-                out_shardings=(out_sh, carry_sh.cache, rep, rows(1)),
+                in_shardings=(None, carry_sh, *cons),
+                out_shardings=(out_sh, carry_sh.cache, rep, *(rows(1) for _ in cons)),
                 donate_argnums=(1,),
             )
 
@@ -293,9 +295,8 @@ class Sampler:
             forced=forced,
         )
 
-    def _decode_fn(
-        self, state, carry: _Carry, cons=None
-    ) -> tuple[GenerateOutput, SampleCache, jax.Array, jax.Array]:
+    def _decode_fn(self, state, carry: _Carry, cons=None) -> tuple[Any, ...]:
+        """(outputs, the donated cache, steps run) [+ (N,) forced rows with a constraint]."""
         self.trace_counts["decode"] += 1
         p = self.params
         model = nnx.merge(self.graphdef, state)
@@ -342,7 +343,8 @@ class Sampler:
         c = jax.lax.while_loop(cond, body, carry)
         # The cache is returned (and dropped by the caller) so that it can alias the donated
         # input: the loop then updates the donated buffers in place instead of copying them.
-        return GenerateOutput(c.tokens, c.mask, c.logps), c.cache, c.step, c.forced
+        out = GenerateOutput(c.tokens, c.mask, c.logps), c.cache, c.step
+        return out if cons is None else (*out, c.forced)
 
     # --- host side ----------------------------------------------------------------------------
     def prepare(
@@ -453,16 +455,17 @@ class Sampler:
                 stack.enter_context(sharding_mod.use_rules(self.mesh, self.rules))
                 if not sharding_mod.replicated(self.mesh).is_fully_addressable:
                     *args, key = self._global_inputs(*args, key)
-            carry = self._prefill(st, *args, key, self.constraint)
+            cons = () if self.constraint is None else (self.constraint,)
+            carry = self._prefill(st, *args, key, *cons)
             with warnings.catch_warnings():
                 # Only the cache and the output buffers can alias; the small per-row vectors of
                 # the donated carry cannot, which jax reports at every compilation.
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                out, _, self.last_num_steps, forced = self._decode(st, carry, self.constraint)
+                out, _, self.last_num_steps, *forced = self._decode(st, carry, *cons)
         n = b * self.params.num_samples
         if extra:
             out = GenerateOutput(*(x[:n] for x in out))
-        self.last_forced = None if self.constraint is None else forced[:n]
+        self.last_forced = forced[0][:n] if forced else None
         return out
 
     __call__ = generate
@@ -474,13 +477,13 @@ class Sampler:
         ``jax.ShapeDtypeStruct``; the arguments of ``prefill`` as :meth:`prepare` gives them),
         exactly as :meth:`generate` runs them: AOT memory plans and HLO dumps. Call it under
         ``sharding.use_rules`` on a mesh."""
-        cons = self.constraint
-        prefill = self._prefill.lower(state, ids, mask, pos, deltas, pv, layout, key, cons)
+        cons = () if self.constraint is None else (self.constraint,)
+        prefill = self._prefill.lower(state, ids, mask, pos, deltas, pv, layout, key, *cons)
         carry = jax.eval_shape(
-            self._prefill_fn, state, ids, mask, pos, deltas, pv, layout, key, cons
+            self._prefill_fn, state, ids, mask, pos, deltas, pv, layout, key, *cons
         )
         carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry)
-        return prefill, self._decode.lower(state, carry, cons)
+        return prefill, self._decode.lower(state, carry, *cons)
 
 
 def decode_completions(tokenizer: Any, out: GenerateOutput) -> list[str]:
