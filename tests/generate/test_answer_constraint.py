@@ -202,3 +202,31 @@ def test_sampler_refuses_a_budget_too_small(tok):
         Sampler(model, SamplingParams(max_new_tokens=cons.min_tokens - 1), constraint=cons)
     with pytest.raises(ValueError, match="vocab_size"):
         Sampler(model, SamplingParams(), constraint=ac.for_tokenizer(tok, len(tok) + 5))
+
+
+def test_constrained_sampler_on_a_mesh_equals_one_device(tok):
+    """Data parallel (the batch, the cache and the constraint's rows split over 2 devices, its
+    tables replicated): the same tokens and forced rows as on one device."""
+    import tiny_models
+    from flax import nnx
+
+    from tatar_jax import sharding
+    from tatar_jax.generate import Sampler
+    from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+
+    cfg = tiny_models.tiny_config_for(tok)
+    model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(1), init_std=0.08)
+    cons = ac.for_tokenizer(tok, cfg.text.vocab_size)
+    ids = np.random.default_rng(2).integers(10, 200, (3, 9)).astype(np.int32)
+    params = SamplingParams(max_new_tokens=16, num_samples=2, temperature=1.0, top_k=20,
+                            stop_token_ids=tuple(tok.eos_ids), pad_token_id=tok.pad_id)  # fmt: skip
+    one = Sampler(model, params, constraint=cons)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
+    two = Sampler(model, params, constraint=cons, mesh=mesh)
+    a = one.generate(ids, None, rng=jax.random.key(4))
+    b = two.generate(ids, None, rng=jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(
+        np.asarray(one.last_forced), np.asarray(b_forced := two.last_forced)
+    )
+    assert b_forced.shape == (6,)
