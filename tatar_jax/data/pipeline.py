@@ -30,8 +30,8 @@ substitutes another one for it) and refills its batch from the next records of t
 order, so a batch of bad records does not stop the run. Each skipped record is logged once
 (dataset, manifest file, row, image, reason; a record failing again in a later epoch is not
 logged again) and counted per dataset together with the manifest rows the loader rejected:
-``batch["meta"]["skipped_by_dataset"]`` (distinct records so far), ``["num_skipped"]`` (failed
-reads so far), ``["skipped"]`` (this batch's). When one dataset's skipped records exceed
+``batch.stats.skipped_by_dataset`` (distinct records so far), ``.num_skipped`` (failed reads so
+far), ``.skipped`` (this batch's). When one dataset's skipped records exceed
 ``max_skip_fraction`` of its manifest rows (per host: of the host's share) the pipeline raises
 :class:`TooManySkippedError` with the count: a wrong image root or a damaged copy stops the run
 early instead of training on what is left. When a finite host order runs out, the remaining
