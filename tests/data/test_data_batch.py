@@ -5,6 +5,7 @@ its vision layout once, where the batch is made."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,11 @@ from tatar_jax.generate import prompts as prompts_mod
 from tatar_jax.generate import sampler as sampler_mod
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.models.qwen2_5_vl import rope
-from tatar_jax.models.qwen2_5_vl import vision_layout as layout_mod
 from tatar_jax.train import grpo_step, rollout, scoring
 from tatar_jax.train import inputs as step_inputs
+
+# (the package re-exports the function ``vision_layout`` under the module's name)
+layout_mod = importlib.import_module("tatar_jax.models.qwen2_5_vl.vision_layout")
 
 
 def test_batch_is_frozen_and_replaced():
