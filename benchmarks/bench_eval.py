@@ -109,16 +109,16 @@ def _hf_predict(hf, model_cfg, tok, ev):
             exs, pad_id=tok.pad_id, seq_buckets=None, padding_side="left",
             batch_size=len(exs),
         )  # fmt: skip
-        n_patch = int(batch["patch_mask"].sum())
-        ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+        n_patch = batch.num_patches
+        ids = torch.from_numpy(np.asarray(batch.input_ids).astype(np.int64))
         kw = dict(do_sample=False) if ev.num_samples == 1 else dict(
             do_sample=True, temperature=ev.temperature, top_k=ev.top_k, top_p=1.0)  # fmt: skip
         with torch.no_grad():
             seq = hf.generate(
                 input_ids=ids,
-                attention_mask=torch.from_numpy(batch["attention_mask"].astype(np.int64)),
-                pixel_values=torch.from_numpy(batch["pixel_values"][:n_patch]),
-                image_grid_thw=torch.from_numpy(batch["image_grid_thw"].astype(np.int64)),
+                attention_mask=torch.from_numpy(np.asarray(batch.attention_mask, np.int64)),
+                pixel_values=torch.from_numpy(np.asarray(batch.vision.pixel_values)[:n_patch]),
+                image_grid_thw=torch.from_numpy(np.asarray(batch.image_grid_thw, np.int64)),
                 mm_token_type_ids=(ids == model_cfg.image_token_id).long(),
                 max_new_tokens=ev.max_new_tokens, num_return_sequences=ev.num_samples,
                 eos_token_id=list(tok.eos_ids), pad_token_id=tok.pad_id, **kw,

@@ -214,7 +214,7 @@ def eval_prompts(exs: Sequence[Mapping[str, Any]], tok: Any, batch_size: int, mo
 
     batch = examples.collate(
         exs, pad_id=tok.pad_id, seq_buckets=None, patch_buckets=None,
-        padding_side="left", batch_size=batch_size,
+        padding_side="left", batch_size=batch_size, vision_config=model_cfg.vision,
     )  # fmt: skip
     return generate.prompt_batch(batch, model_cfg)
 

@@ -235,10 +235,10 @@ def test_greedy_one_sample_equals_the_strip_and_redo_path(qwen_tok, tiny_model):
     batch = examples.collate(
         exs, pad_id=tok.pad_id, seq_buckets=None, padding_side="left", batch_size=3
     )
-    n_patch = int(batch["patch_mask"].sum())
+    n_patch = batch.num_patches
     out = generate.generate(
-        model, batch["input_ids"], batch["attention_mask"],
-        pixel_values=batch["pixel_values"][:n_patch], image_grid_thw=batch["image_grid_thw"],
+        model, batch.input_ids, batch.attention_mask,
+        pixel_values=batch.vision.pixel_values[:n_patch], image_grid_thw=batch.image_grid_thw,
         max_new_tokens=8, stop_token_ids=tuple(tok.eos_ids), pad_token_id=tok.pad_id,
         rng=jax.random.key(42),
     )  # fmt: skip
