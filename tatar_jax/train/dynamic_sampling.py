@@ -21,20 +21,23 @@ global batch and the gathered samples, so every host makes the same decisions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from tatar_jax import generate
+from tatar_jax.data import batch as batch_mod
 from tatar_jax.data import examples as ex
+from tatar_jax.data.batch import Batch
 from tatar_jax.data.prompts import TASKS, task_names
 from tatar_jax.train.rollout import Samples
 
-Batch = Mapping[str, Any]
-_SEQ_PAD = {"input_ids": None, "attention_mask": 0, "label_mask": 0, "labels": -100}
-_PATCH_KEYS = ("pixel_values", "patch_mask")
+_SEQ_FILL = {"input_ids": None, "attention_mask": 0, "label_mask": 0, "position_ids": 0}
+_ROW_FIELDS = ("input_ids", "attention_mask", "position_ids", "rope_deltas", "image_grid_thw",
+               "label_mask")  # fmt: skip
+_META_FIELDS = ("task_id", "gt_100", "row_id", "valid", "epoch", "think_dropped")
 
 
 def group_reward_std(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -57,72 +60,59 @@ def thresholds(ds_cfg: Any) -> dict[str, float]:
 # Pipeline-batch rows
 
 
-def _patch_counts(batch: Batch) -> np.ndarray:
-    """(B,) patches of each row's image (``image_grid_thw``: one image per row)."""
-    return np.prod(np.asarray(batch["image_grid_thw"], np.int64), axis=1)
-
-
 def merge_rows(
     picks: Sequence[tuple[Batch, Sequence[int]]],
     *,
     pad_id: int,
     padding_side: str = "left",
     patch_buckets: Sequence[int] | None = None,
-) -> dict[str, Any]:
+) -> Batch:
     """One pipeline batch of the given rows of several batches, in the order given, as
     ``examples.collate`` would have batched those examples: the longest sequence bucket of the
     sources, the real patches concatenated in row order and padded to the patch bucket of their
-    total. ``meta``: the last source's, with its per-row lists (``dataset``, ``image_path``, ...)
+    total, the vision layout made for it. ``stats``: the last source's; ``meta``'s strings
     rebuilt from the sources' where every source has them per row."""
     if not picks:
         raise ValueError("no rows to merge")
-    length = max(int(np.shape(b["input_ids"])[1]) for b, _ in picks)
-    parts: dict[str, list[np.ndarray]] = {}
+    length = max(int(np.shape(b.input_ids)[1]) for b, _ in picks)
+    fields: dict[str, list[np.ndarray]] = {}
     patches = []
     for batch, rows in picks:
         rows = np.asarray(rows, np.int64)
-        b = len(batch["valid"])
-        counts = _patch_counts(batch)
+        counts = np.prod(np.asarray(batch.image_grid_thw, np.int64), axis=1)
         starts = np.concatenate([[0], np.cumsum(counts)])
-        pv = np.asarray(batch["pixel_values"])
+        pv = np.asarray(batch.vision.pixel_values)
         patches += [pv[starts[r] : starts[r + 1]] for r in rows]
-        for k, v in batch.items():
-            if k == "meta" or k in _PATCH_KEYS:
+        values = {k: getattr(batch, k) for k in _ROW_FIELDS}
+        values.update({f"meta.{k}": getattr(batch.meta, k) for k in _META_FIELDS})
+        for k, v in values.items():
+            if v is None:
                 continue
-            v = np.asarray(v)
-            axis = 1 if k == "position_ids" else 0
-            if v.ndim <= axis or v.shape[axis] != b:
-                raise ValueError(f"batch[{k!r}] has shape {v.shape}: not a per-row array")
-            v = np.take(v, rows, axis=axis)
-            if k in _SEQ_PAD or k == "position_ids":
-                fill = 0 if k == "position_ids" else _SEQ_PAD[k]
+            v = np.take(np.asarray(v), rows, axis=1 if k == "position_ids" else 0)
+            if k in _SEQ_FILL:
                 extra = length - v.shape[-1]
                 pad = [(0, 0)] * (v.ndim - 1)
                 pad.append((extra, 0) if padding_side == "left" else (0, extra))
+                fill = _SEQ_FILL[k]
                 v = np.pad(v, pad, constant_values=pad_id if fill is None else fill)
-            parts.setdefault(k, []).append(v)
-    out: dict[str, Any] = {
-        k: np.concatenate(v, axis=1 if k == "position_ids" else 0) for k, v in parts.items()
-    }
-    pv = np.concatenate(patches) if patches else np.zeros((0, ex.PATCH_DIM), np.float32)
-    q = ex.bucket_size(len(pv), patch_buckets, "patch count")
-    out["pixel_values"] = np.concatenate([pv, np.zeros((q - len(pv), pv.shape[1]), pv.dtype)])
-    out["patch_mask"] = (np.arange(q) < len(pv)).astype(np.int32)
-    out["meta"] = _merge_meta(picks)
-    return out
-
-
-def _merge_meta(picks: Sequence[tuple[Batch, Sequence[int]]]) -> dict[str, Any]:
-    meta = dict(picks[-1][0].get("meta", {}))
-    for key, value in list(meta.items()):
-        if not isinstance(value, list):
-            continue
-        metas = [(b.get("meta", {}).get(key), len(b["valid"]), rows) for b, rows in picks]
-        if all(isinstance(m, list) and len(m) == n for m, n, _ in metas):
-            meta[key] = [m[r] for m, _, rows in metas for r in rows]
-        else:
-            del meta[key]
-    return meta
+            fields.setdefault(k, []).append(v)
+    out = {k: np.concatenate(v, axis=1 if k == "position_ids" else 0) for k, v in fields.items()}
+    real = np.concatenate(patches)
+    q = ex.bucket_size(len(real), patch_buckets, "patch count")
+    pixels = np.concatenate([real, np.zeros((q - len(real), real.shape[1]), real.dtype)])
+    meta = {k.removeprefix("meta."): out.pop(k) for k in list(out) if k.startswith("meta.")}
+    last = picks[-1][0]
+    for key in ("dataset", "image_path"):
+        per_row = all(len(getattr(b.meta, key)) == b.num_rows for b, _ in picks)
+        meta[key] = tuple(getattr(b.meta, key)[r] for b, rows in picks for r in rows) if (
+            per_row) else ()  # fmt: skip
+    return last.replace(
+        **out,
+        vision=batch_mod.vision_inputs(pixels, out["image_grid_thw"], last.vision_config),
+        meta=last.meta.replace(**meta),
+        num_patches=len(real),
+        process_rows=None,
+    )
 
 
 def take_samples(picks: Sequence[tuple[Samples, Sequence[int]]], g: int) -> Samples:
@@ -150,7 +140,7 @@ class Filled:
     """A filled step: its pipeline batch (``valid`` False on filler slots), prompts, samples,
     its scored rollout (``score``'s output) and the dynamic-sampling metrics."""
 
-    batch: dict[str, Any]
+    batch: Batch
     prompts: generate.PromptBatch
     scored: Any
     metrics: dict[str, float]
@@ -177,7 +167,7 @@ class DynamicSampler:
         next_batch: Callable[[], Batch],
         score: Callable[[Batch, generate.PromptBatch, Samples], Any],
         make_prompts: Callable[[Batch], generate.PromptBatch],
-        merge: Callable[[Sequence[tuple[Batch, Sequence[int]]]], dict[str, Any]],
+        merge: Callable[[Sequence[tuple[Batch, Sequence[int]]]], Batch],
     ) -> None:
         self.thresholds = thresholds(ds_cfg)
         self.max_extra = int(ds_cfg.max_extra_batches)
@@ -190,7 +180,7 @@ class DynamicSampler:
         """(batch, prompts, samples) of the ``chosen`` (draw, row) groups, then filler slots
         (other drawn rows, valid False) up to ``prompts_per_step``."""
         taken = set(chosen)
-        spare = [(d, r) for d in range(len(draws)) for r in range(len(draws[d].batch["valid"]))
+        spare = [(d, r) for d in range(len(draws)) for r in range(draws[d].batch.num_rows)
                  if (d, r) not in taken]  # fmt: skip
         slots = chosen + spare[: self.p - len(chosen)]
         picks, spicks = [], []
@@ -201,10 +191,10 @@ class DynamicSampler:
             else:
                 picks.append((draws[d].batch, [r]))
                 spicks.append((draws[d].samples, [r]))
-        batch = dict(self.merge(picks))
-        valid = np.asarray(batch["valid"], bool).copy()
+        batch = self.merge(picks)
+        valid = np.asarray(batch.meta.valid, bool).copy()
         valid[len(chosen) :] = False
-        batch["valid"] = valid
+        batch = batch.replace(meta=batch.meta.replace(valid=valid))
         return batch, self.make_prompts(batch), take_samples(spicks, self.g)
 
     def __call__(
@@ -217,7 +207,7 @@ class DynamicSampler:
         with ``rng`` (as without dynamic sampling), extra draws with ``fold_in(rng, k)``,
         k = 1, 2, ..."""
         draws = [Draw(first, rollout(self.make_prompts(first), rng))]
-        pool = [(0, r) for r in np.nonzero(np.asarray(first["valid"], bool))[0].tolist()]
+        pool = [(0, r) for r in np.nonzero(np.asarray(first.meta.valid, bool))[0].tolist()]
         dropped = dict.fromkeys(TASKS, 0)
         examined = set()
         while True:
@@ -225,7 +215,7 @@ class DynamicSampler:
             batch, prompts, samples = self._build(draws, chosen)
             scored = self.score(batch, prompts, samples)
             std = group_reward_std(scored.rewards, self.g)[: len(chosen)]
-            tasks = task_names(np.asarray(batch["task_id"])[: len(chosen)])
+            tasks = task_names(np.asarray(batch.meta.task_id)[: len(chosen)])
             bad = [i for i, t in enumerate(tasks) if std[i] <= self.thresholds[str(t)]]
             examined.update(chosen)
             if bad:
@@ -242,7 +232,7 @@ class DynamicSampler:
             key = jax.random.fold_in(rng, len(draws))
             draws.append(Draw(nxt, rollout(self.make_prompts(nxt), key)))
             d = len(draws) - 1
-            pool += [(d, r) for r in np.nonzero(np.asarray(nxt["valid"], bool))[0].tolist()]
+            pool += [(d, r) for r in np.nonzero(np.asarray(nxt.meta.valid, bool))[0].tolist()]
         return Filled(batch, prompts, scored, self._metrics(draws, dropped, examined, chosen))
 
     def _metrics(self, draws, dropped, examined, chosen) -> dict[str, float]:

@@ -66,7 +66,13 @@ def _merge(stream):
 
 
 def _arrays(b):
-    return {k: np.asarray(v) for k, v in b.items() if k != "meta"}
+    out = {k: getattr(b, k) for k in ("input_ids", "attention_mask", "position_ids",
+                                      "rope_deltas", "image_grid_thw")}  # fmt: skip
+    out.update({f"meta.{k}": getattr(b.meta, k) for k in ("task_id", "gt_100", "row_id",
+                                                          "valid", "epoch")})  # fmt: skip
+    out["pixel_values"] = b.vision.pixel_values
+    out["num_patches"] = b.num_patches
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 def test_merge_rows_is_collate_of_the_rows(stream):
@@ -76,42 +82,48 @@ def test_merge_rows_is_collate_of_the_rows(stream):
     b1, b2 = _batches(stream, 2)
     merge = _merge(stream)
     same = merge([(b1, range(4))])
+    got = _arrays(same)
     for k, v in _arrays(b1).items():
-        np.testing.assert_array_equal(same[k], v, err_msg=k)
-    assert same["meta"]["image_path"] == b1["meta"]["image_path"]
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert same.meta.image_path == b1.meta.image_path
     # two hosts' halves of the same steps (host h holds slots [2h, 2h + 2)), merged, are the
     # one-host batches of 4: sequence bucket, positions, patches and their bucket
     buckets = dict(seq_buckets=(96, 112, 128, 160, 192, 256, 512))
     one = _batches(stream, 3, **buckets)
     halves = [_batches(stream, 3, batch_size=2, process_index=h, process_count=2, **buckets)
               for h in range(2)]  # fmt: skip
-    lengths = {(h[s]["input_ids"].shape[1], len(h[s]["pixel_values"])) for h in halves
+    lengths = {(h[s].input_ids.shape[1], len(h[s].vision.pixel_values)) for h in halves
                for s in range(3)}  # fmt: skip
     assert len(lengths) > 1  # the halves differ: padding and patch buckets are merged
     for step in range(3):
         both = merge([(halves[0][step], [0, 1]), (halves[1][step], [0, 1])])
+        got = _arrays(both)
         for k, v in _arrays(one[step]).items():
-            np.testing.assert_array_equal(both[k], v, err_msg=f"step {step}: {k}")
+            np.testing.assert_array_equal(got[k], v, err_msg=f"step {step}: {k}")
+        assert (both.vision.layout is None) == (one[step].vision.layout is None)
+        for a, b in zip(both.vision.layout or (), one[step].vision.layout or (), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     sub = merge([(b2, [2]), (b1, [0, 3])])
     src = [(b2, 2), (b1, 0), (b1, 3)]
     for i, (b, r) in enumerate(src):
-        n = int(b["attention_mask"][r].sum())
-        np.testing.assert_array_equal(sub["input_ids"][i, -n:], b["input_ids"][r, -n:])
-        np.testing.assert_array_equal(sub["position_ids"][:, i, -n:], b["position_ids"][:, r, -n:])
-        assert sub["attention_mask"][i].sum() == n and (sub["input_ids"][i, :-n] == PAD).all()
-        assert sub["gt_100"][i] == b["gt_100"][r] and sub["meta"]["image_path"][i] == (
-            b["meta"]["image_path"][r]
+        n = int(b.attention_mask[r].sum())
+        np.testing.assert_array_equal(sub.input_ids[i, -n:], b.input_ids[r, -n:])
+        np.testing.assert_array_equal(sub.position_ids[:, i, -n:], b.position_ids[:, r, -n:])
+        assert sub.attention_mask[i].sum() == n and (sub.input_ids[i, :-n] == PAD).all()
+        assert sub.meta.gt_100[i] == b.meta.gt_100[r] and sub.meta.image_path[i] == (
+            b.meta.image_path[r]
         )
-    counts = np.prod(sub["image_grid_thw"], axis=1)
+    counts = np.prod(sub.image_grid_thw, axis=1)
     start = 0
     for i, (b, r) in enumerate(src):
-        bc = np.prod(b["image_grid_thw"], axis=1)
+        bc = np.prod(b.image_grid_thw, axis=1)
         s0 = int(bc[:r].sum())
         np.testing.assert_array_equal(
-            sub["pixel_values"][start : start + counts[i]], b["pixel_values"][s0 : s0 + bc[r]]
+            sub.vision.pixel_values[start : start + counts[i]],
+            b.vision.pixel_values[s0 : s0 + bc[r]],
         )
         start += int(counts[i])
-    assert sub["patch_mask"].sum() == start and not sub["pixel_values"][start:].any()
+    assert sub.num_patches == start and not sub.vision.pixel_values[start:].any()
 
 
 def _rollout(calls):
@@ -133,10 +145,10 @@ def _score(flat_iaa=True, flat_iqa_gt=()):
 
     def score(batch, prompts, samples):
         del prompts
-        task = np.repeat(np.asarray(batch["task_id"]), G)
-        gt = np.repeat(np.asarray(batch["gt_100"]), G)
-        valid = np.repeat(np.asarray(batch["valid"]), G)
-        spread = gt * (1 + np.tile(np.arange(G), len(batch["valid"])))
+        task = np.repeat(np.asarray(batch.meta.task_id), G)
+        gt = np.repeat(np.asarray(batch.meta.gt_100), G)
+        valid = np.repeat(np.asarray(batch.meta.valid), G)
+        spread = gt * (1 + np.tile(np.arange(G), batch.num_rows))
         flat = np.isin(gt, flat_iqa_gt) | ((task == TASK_IDS["iaa"]) & flat_iaa)
         r = np.where(valid & ~flat, spread, 0.0)
         return types.SimpleNamespace(rewards=r.astype(np.float32), batch=batch)
@@ -153,7 +165,7 @@ def _sampler(stream, extra_batches, cfg_kw=None, score=None):
     it = iter(extra_batches)
     return ds.DynamicSampler(
         cfg, 4, G, next_batch=lambda: next(it), score=score or _score(),
-        make_prompts=lambda b: types.SimpleNamespace(input_ids=np.asarray(b["input_ids"])),
+        make_prompts=lambda b: types.SimpleNamespace(input_ids=np.asarray(b.input_ids)),
         merge=_merge(stream),
     )  # fmt: skip
 
@@ -164,17 +176,17 @@ def test_zero_variance_groups_never_reach_the_step(stream):
     calls = []
     filled = _sampler(stream, rest)(first, jax.random.key(0), _rollout(calls))
     b = filled.batch
-    tasks = np.asarray(b["task_id"])
-    assert np.asarray(b["valid"]).all() and (tasks == TASK_IDS["iqa"]).all()
+    tasks = np.asarray(b.meta.task_id)
+    assert np.asarray(b.meta.valid).all() and (tasks == TASK_IDS["iqa"]).all()
     # the IQA prompts of the stream, in stream order, the first 4 of them
-    stream_iqa = [(int(x["row_id"][r])) for x in batches for r in range(4)
-                  if x["task_id"][r] == TASK_IDS["iqa"]]  # fmt: skip
-    assert np.asarray(b["row_id"]).tolist() == stream_iqa[:4]
+    stream_iqa = [(int(x.meta.row_id[r])) for x in batches for r in range(4)
+                  if x.meta.task_id[r] == TASK_IDS["iqa"]]  # fmt: skip
+    assert np.asarray(b.meta.row_id).tolist() == stream_iqa[:4]
     n_draws = len(calls)
     seen = [x for x in batches[:n_draws]]
-    n_iaa = sum(int((np.asarray(x["task_id"]) == TASK_IDS["iaa"]).sum()) for x in seen)
-    n_iqa = sum(int((np.asarray(x["task_id"]) == TASK_IDS["iqa"]).sum()) for x in seen)
-    assert n_iqa >= 4 and n_iqa - int((np.asarray(seen[-1]["task_id"]) == 0).sum()) < 4
+    n_iaa = sum(int((np.asarray(x.meta.task_id) == TASK_IDS["iaa"]).sum()) for x in seen)
+    n_iqa = sum(int((np.asarray(x.meta.task_id) == TASK_IDS["iqa"]).sum()) for x in seen)
+    assert n_iqa >= 4 and n_iqa - int((np.asarray(seen[-1].meta.task_id) == 0).sum()) < 4
     m = filled.metrics
     assert m["dynamic_sampling/extra_batches"] == n_draws - 1 >= 1
     assert m["dynamic_sampling/extra_rollouts"] == (n_draws - 1) * 4 * G
@@ -183,7 +195,7 @@ def test_zero_variance_groups_never_reach_the_step(stream):
     assert m["dynamic_sampling/empty_slots"] == 0
     assert m["dynamic_sampling/informative_frac"] == pytest.approx(4 / (4 + n_iaa))
     # the scored rollout the step trains on is the final selection's
-    np.testing.assert_array_equal(filled.scored.batch["row_id"], b["row_id"])
+    np.testing.assert_array_equal(filled.scored.batch.meta.row_id, b.meta.row_id)
 
 
 def test_cap_trains_on_what_there_is_and_counts_it(stream):
@@ -191,8 +203,8 @@ def test_cap_trains_on_what_there_is_and_counts_it(stream):
     filled = _sampler(stream, batches[1:], {"max_extra_batches": 0})(
         batches[0], jax.random.key(0), _rollout([])
     )
-    n_iqa = int((np.asarray(batches[0]["task_id"]) == TASK_IDS["iqa"]).sum())
-    valid = np.asarray(filled.batch["valid"])
+    n_iqa = int((np.asarray(batches[0].meta.task_id) == TASK_IDS["iqa"]).sum())
+    valid = np.asarray(filled.batch.meta.valid)
     assert valid.sum() == n_iqa < 4 and not valid[n_iqa:].any()
     assert filled.metrics["dynamic_sampling/empty_slots"] == 4 - n_iqa
     assert filled.metrics["dynamic_sampling/extra_batches"] == 0
@@ -205,7 +217,7 @@ def test_per_task_threshold_and_data_end(stream):
     s = _sampler(stream, batches[1:], {"std_threshold_iqa": 1e9},
                  score=_score(flat_iaa=False))  # fmt: skip
     filled = s(batches[0], jax.random.key(0), _rollout([]))
-    tasks = np.asarray(filled.batch["task_id"])[np.asarray(filled.batch["valid"])]
+    tasks = np.asarray(filled.batch.meta.task_id)[np.asarray(filled.batch.meta.valid)]
     assert (tasks == TASK_IDS["iaa"]).all() and len(tasks) == 4
     assert filled.metrics["dynamic_sampling/dropped_groups/iqa"] > 0
     assert filled.metrics["dynamic_sampling/dropped_groups/iaa"] == 0
