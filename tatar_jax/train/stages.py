@@ -163,7 +163,7 @@ class GrpoStage:
         )
         self.train_vision = step_inputs.vision_trains(trainable)
         self.last: scoring.ScoredRollout | None = None
-        self.last_batch: Mapping[str, Any] | None = None
+        self.last_batch: Any = None  # the step's pipeline Batch
         self.dynamic = None
         if g.dynamic_sampling.enabled:
             self.dynamic = dynamic_sampling.DynamicSampler(
