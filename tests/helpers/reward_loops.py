@@ -1,5 +1,5 @@
 """Plain-loop transcriptions of the reward formulas of spec §8 (one completion at a time, float
-math): the reference the jitted rewards are tested against (tests/test_rewards.py) and the
+math): the reference the jitted rewards are tested against (tests/rewards/test_rewards.py) and the
 per-completion peer they are benchmarked against (benchmarks/bench_rewards.py)."""
 
 from __future__ import annotations
