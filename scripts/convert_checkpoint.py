@@ -30,14 +30,12 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from tatar_jax import cli_errors, loading  # noqa: E402
-from tatar_jax.models import qwen2_5_vl as qvl  # noqa: E402
+from tatar_jax import cli_errors, loading
+from tatar_jax.models import qwen2_5_vl as qvl
 
 _WRITTEN = ("float32", "bfloat16")  # --dtype choices; "keep" reads any other dtype as float32
 

@@ -12,14 +12,11 @@ default, ``sft/metrics.jsonl``). Figures: see :mod:`tatar_jax.train.plots`. Defa
 from __future__ import annotations
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.train import plots  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.train import plots
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "run directory (repeat for several runs)")
 _LABEL = flags.DEFINE_multi_string("label", None, "legend name per --workdir (default: its name)")

@@ -37,11 +37,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 H200_HBM_BYTES_PER_S = 4.8e12
 SECTIONS = ("attention", "update", "rollout")
