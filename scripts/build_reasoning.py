@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from tatar_jax import cli_errors
 from tatar_jax.data.manifest import ManifestError
-from tatar_jax.reasoning import build
+from tatar_jax.reasoning import from_config
 from tatar_jax.reasoning.teachers import FatalTeacherError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,12 +34,12 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
-    problems = build.usage_problems(_CONFIG.value)
+    problems = from_config.usage_problems(_CONFIG.value)
     if problems:
         raise cli_errors.UsageError("\n".join(problems))
     logging.getLogger("tatar_jax.reasoning").setLevel(logging.INFO)
     try:
-        summary = build.main(_CONFIG.value)
+        summary = from_config.main(_CONFIG.value)
     except FatalTeacherError as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 2

@@ -90,7 +90,7 @@ SLOW_MODULES = {
     "tests/train/test_rollout_logps.py": 120,
     "tests/models/test_qwen2_5_vl_parity.py": 110,
     "tests/train/test_lean_update.py": 110,
-    "tests/train/test_plots.py": 100,
+    "tests/train/test_run_plots.py": 100,
     "tests/generate/test_generate.py": 100,
     "tests/e2e/test_lora_train.py": 95,
 }

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import struct
 
-from tatar_jax.train import checkpointing, loop, metrics, optim
+from tatar_jax.train import checkpointing, loop, metric_writers, optim
 
 
 @struct.dataclass
@@ -73,7 +73,9 @@ def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
         checkpointer=checkpointing.Checkpointer(
             tmp_path, every_steps=100, async_save=False, with_data=False
         ),
-        writer=metrics.MetricsWriter(tmp_path, every_steps=2, tensorboard=False, console=False),
+        writer=metric_writers.MetricsWriter(
+            tmp_path, every_steps=2, tensorboard=False, console=False
+        ),
         evaluator=evaluator,
         total=total,
         log_every=2,
