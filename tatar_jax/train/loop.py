@@ -120,7 +120,7 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
             last = out
             window.add(out)
             if step == env.total or step % max(env.log_every, 1) == 0:
-                env.writer.write(step, window.pop(), force=True)
+                env.writer.write(step, window.pop())
             stage.after_step(step, batch)
             progress.update(1, loss=out.get("loss", math.nan))
             if optim.should_stop(state, env.max_consecutive_nonfinite):
@@ -135,7 +135,7 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
             if env.evaluator is not None and env.eval_every > 0 and step % env.eval_every == 0:
                 if step < env.total:
                     eval_last = env.evaluator(state.params)
-                    env.writer.write(step, eval_last, force=True)
+                    env.writer.write(step, eval_last)
     finally:
         progress.close()
     return LoopResult(state, step, last, eval_last)

@@ -31,8 +31,8 @@ def _to_float(v: Any) -> float:
 
 
 class MetricsWriter:
-    """Every ``every_steps`` steps: one compact console line, one JSONL record with every
-    metric, TensorBoard scalars.
+    """Per written step: one compact console line, one JSONL record with every metric,
+    TensorBoard scalars (the loop chooses the steps: ``logging.every_steps``).
 
     Files: ``<workdir>/metrics.jsonl`` (``{"step": s, "wall_time": t, name: value, ...}``;
     non-finite values as JSON NaN/Infinity) and ``<workdir>/tensorboard/``.
@@ -47,7 +47,6 @@ class MetricsWriter:
         self,
         workdir: str | os.PathLike,
         *,
-        every_steps: int = 1,
         tensorboard: bool = True,
         jsonl: bool = True,
         console: bool = True,
@@ -60,7 +59,6 @@ class MetricsWriter:
 
             process_index = jax.process_index()
         self.enabled = process_index == 0
-        self.every_steps = max(1, int(every_steps))
         self.console = console
         self.workdir = pathlib.Path(workdir)
         self.total = total
@@ -82,12 +80,9 @@ class MetricsWriter:
             purge = None if resume_step is None else int(resume_step) + 1
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
 
-    def should_write(self, step: int) -> bool:
-        return self.enabled and step % self.every_steps == 0
-
-    def write(self, step: int, metrics: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Writes if ``step`` is a logging step (or ``force``); returns whether it wrote."""
-        if not self.enabled or not (force or step % self.every_steps == 0):
+    def write(self, step: int, metrics: Mapping[str, Any]) -> bool:
+        """Writes ``metrics`` (scalars) as step ``step``; returns whether it wrote (process 0)."""
+        if not self.enabled:
             return False
         values = {k: _to_float(v) for k, v in metrics.items()}
         if self._jsonl is not None:

@@ -246,7 +246,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     stage = _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place)
     lg = cfg.logging
     writer = metric_writers.MetricsWriter(
-        wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
+        wd, tensorboard=bool(lg.tensorboard),
         jsonl=bool(lg.jsonl), console=True, resume_step=start,
     )  # fmt: skip
     evaluator = None
@@ -267,7 +267,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     try:
         if evaluator is not None and bool(cfg.eval.at_start) and start == 0:
             eval_first = evaluator(state.params)
-            writer.write(0, eval_first, force=True)
+            writer.write(0, eval_first)
         print(
             f"[tatar-jax] {cfg.stage}: steps {start}->{total}, checkpoints in {ckpt.directory}, "
             f"metrics in {wd / 'metrics.jsonl'} and {wd / 'tensorboard'}",
@@ -299,7 +299,7 @@ def _finish(
     eval_last: dict[str, float] = {}
     if env.evaluator is not None and bool(cfg.eval.at_end):
         eval_last = env.evaluator(res.state.params)
-        env.writer.write(res.step, eval_last, force=True)
+        env.writer.write(res.step, eval_last)
     if bool(cfg.checkpoint.export_hf):
         nnx.update(model, res.state.params)
         # weights + config + tokenizer + chat template + image processor: loads as it is

@@ -73,9 +73,7 @@ def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
         checkpointer=checkpointing.Checkpointer(
             tmp_path, every_steps=100, async_save=False, with_data=False
         ),
-        writer=metric_writers.MetricsWriter(
-            tmp_path, every_steps=2, tensorboard=False, console=False
-        ),
+        writer=metric_writers.MetricsWriter(tmp_path, tensorboard=False, console=False),
         evaluator=evaluator,
         total=total,
         log_every=2,
