@@ -47,8 +47,8 @@ def eval_block() -> ml_collections.ConfigDict:
     # multiple of them); with several processes each scores its own rows (reference: 4 per GPU).
     c.batch_size = 16
     c.max_new_tokens = 256  # spec §9
-    c.min_pixels = 3_136  # spec §3
-    c.max_pixels = 1_572_864  # spec §3
+    c.min_pixels = common.MIN_PIXELS  # spec §3
+    c.max_pixels = common.MAX_PIXELS
     c.prompt_variant = "reference_eval"  # the evaluation wording (spec §3, D7) | "train"
     c.limit = -1  # first N records per dataset (-1 = all)
     c.reference_compat = False

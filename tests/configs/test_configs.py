@@ -273,3 +273,15 @@ def test_configs_is_an_installed_package(repo_root):
     }
     assert "configs" in found and "tatar_jax.train" in found
     assert found == on_disk
+
+
+def test_pixel_budget_is_the_image_modules():
+    """The configs' pixel budget (spec §3) is the one the image code defaults to: configs stay free
+    of the image code's imports, so this test ties the two copies."""
+    from configs import common
+    from configs import eval as eval_config
+    from tatar_jax.data import image
+
+    assert (common.MIN_PIXELS, common.MAX_PIXELS) == (image.MIN_PIXELS, image.MAX_PIXELS)
+    c = eval_config.get_config()
+    assert (c.eval.min_pixels, c.eval.max_pixels) == (image.MIN_PIXELS, image.MAX_PIXELS)
