@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import struct
 
+from tatar_jax.data.batch import ReadStats
 from tatar_jax.train import checkpointing, loop, metric_writers, optim
 
 
@@ -64,8 +65,17 @@ class FakeStage:
         self.after.append(step)
 
 
+class _PipelineBatch(dict):
+    """What the loop reads of a pipeline batch (``stats``, its skip counters) next to the fake
+    stage's ``i``."""
+
+    def __init__(self, i: int) -> None:
+        super().__init__(i=i)
+        self.stats = ReadStats(skipped_by_dataset=(("a", i // 3),))
+
+
 def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
-    batches = iter([{"i": i, "meta": {"skipped_by_dataset": {"a": i // 3}}} for i in range(1, 100)])
+    batches = iter([_PipelineBatch(i) for i in range(1, 100)])
     return loop.LoopEnv(
         data_iter=batches,
         next_batch=lambda: next(batches),
