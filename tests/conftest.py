@@ -80,6 +80,7 @@ def xla_cache_dir(tmp_path_factory) -> pathlib.Path:
 # start first, so that under ``pytest -n 2 --dist loadfile`` no long module is left to run alone
 # at the end while the other worker idles. Every other module keeps its collection order.
 SLOW_MODULES = {
+    "tests/e2e/test_grpo_dynamic_sampling.py": 600,
     "tests/e2e/test_train_multidevice.py": 320,
     "tests/train/test_train_step.py": 260,
     "tests/e2e/test_run_life.py": 170,
