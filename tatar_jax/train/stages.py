@@ -28,7 +28,8 @@ from flax import nnx
 
 from tatar_jax import generate, grpo, loading
 from tatar_jax.data import prompts
-from tatar_jax.train import grpo_step, metrics, optim, rollout, scoring, sft_step
+from tatar_jax.models import lora
+from tatar_jax.train import frozen, grpo_step, metrics, optim, rollout, scoring, sft_step
 from tatar_jax.train import inputs as step_inputs
 
 PyTree = Any
@@ -73,13 +74,13 @@ class SftStage:
         # Target packing sums tokens, so it serves token_mean only.
         token_mean = cfg.sft.loss_normalization == "token_mean"
         self.pack_buckets = int(cfg.sft.pack_buckets) if token_mean else 0
-        self.step_fn = jax.jit(
+        self.step_fn = frozen.step_without_frozen(
             sft_step.make_sft_step(
                 graphdef, tx, grad_accum_steps=self.num_micro, trainable=trainable,
                 normalization=cfg.sft.loss_normalization,
                 chunk_size=int(cfg.model.logprob_chunk_size), schedule=schedule,
             ),
-            donate_argnums=(0,),
+            trainable,
         )  # fmt: skip
 
     def prepare(self, state, batch, timer):
@@ -124,7 +125,12 @@ class GrpoStage:
         g = cfg.grpo
         self.beta, self.updates_per_step = float(g.beta), int(g.num_iterations)
         self.workdir = workdir
-        self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
+        # LoRA: the reference is the policy's own base with the adapters off, read from the
+        # train state at each step (no second copy); ref_param_dtype does not apply.
+        self.lora_reference = lora.is_adapted(model)
+        self.ref_params = None
+        if not self.lora_reference:
+            self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
         self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
         self.model_config = model.config
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
@@ -138,12 +144,12 @@ class GrpoStage:
         )  # fmt: skip
         loss = grpo.LossConfig.from_config(g)
         chunk = int(cfg.model.logprob_chunk_size)
-        self.step_fn = jax.jit(
+        self.step_fn = frozen.step_without_frozen(
             grpo_step.make_grpo_step(
                 graphdef, tx, loss=loss, num_micro=self.num_micro, chunk_size=chunk,
                 trainable=trainable, schedule=schedule,
             ),
-            donate_argnums=(0,),
+            trainable,
         )  # fmt: skip
         self.logps_fn = jax.jit(
             grpo_step.make_logps_fn(
@@ -174,7 +180,8 @@ class GrpoStage:
         logps, times = {}, {}
         t0 = time.perf_counter()
         if self.beta != 0.0:
-            logps["ref_logps"] = jax.block_until_ready(self.logps_fn(self.ref_params, inputs))
+            ref = lora.adapters_off(state.params) if self.lora_reference else self.ref_params
+            logps["ref_logps"] = jax.block_until_ready(self.logps_fn(ref, inputs))
             times["time/ref_logps"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if self.updates_per_step > 1:
