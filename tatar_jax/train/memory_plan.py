@@ -105,6 +105,9 @@ class PlanSpec:
     # The rollout's weights (configs/grpo.py `rollout` block, tatar_jax.train.rollout): mesh
     # "auto" / "train" / axis=size,...; rules "auto" / a RULE_SETS name; device_gib: the device
     # memory "auto" sizes the layout for when the target does not say (cpu: an H100's).
+    # config.offload (tatar_jax.train.offload): "never" | "rollout" | "always", and its parts
+    offload: str = "never"
+    offload_parts: tuple[str, ...] = ("opt_state",)
     rollout_mesh: str = "auto"
     rollout_rules: str = "auto"
     device_gib: float = 80.0
@@ -612,12 +615,18 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
     # The rollout's weights: the policy's own buffers where dtype and layout are the rollout's.
     rollout_w = _sampler(b).place_state(policy)
     rollout_shared = _same_buffer_bytes(policy, rollout_w)
+    # Host offload: the optimizer state leaves the device outside the update ("always": also
+    # during the reference pass), the reference copy outside its own pass.
+    off = spec.offload != "never"
+    opt_off = opt_bytes if off and "opt_state" in spec.offload_parts else 0
+    ref_off = ref_resident if off and "reference" in spec.offload_parts else 0
+    in_ref_pass = opt_off if spec.offload == "always" else 0
     other = {
-        "update": ref_resident,  # the state is the update's (donated) argument
-        "ref_logps": params_bytes + opt_bytes - ref_shared,
+        "update": ref_resident - ref_off,  # the state is the update's (donated) argument
+        "ref_logps": params_bytes + opt_bytes - ref_shared - in_ref_pass,
         # the policy's parameters stay resident beside the rollout's weights (an argument)
-        "prefill": params_bytes + opt_bytes + ref_resident - rollout_shared,
-        "decode": params_bytes + opt_bytes + ref_resident - rollout_shared,
+        "prefill": params_bytes + opt_bytes + ref_resident - rollout_shared - opt_off - ref_off,
+        "decode": params_bytes + opt_bytes + ref_resident - rollout_shared - opt_off - ref_off,
     }
     frozen_bytes = _masked_bytes(policy, frozen_mask)
     # Copies of the frozen parameters alive during the rollout, in units of the policy's frozen
@@ -639,6 +648,7 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
         "rollout_shared_bytes_per_device": rollout_shared,
         "frozen_bytes_per_device": frozen_bytes,
         "frozen_copies_in_rollout": copies,
+        "offloaded_bytes_per_device": opt_off + ref_off,
     }
     return other, sizes
 

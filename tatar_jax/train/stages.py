@@ -29,7 +29,16 @@ from flax import nnx
 from tatar_jax import generate, grpo, loading
 from tatar_jax.data import prompts
 from tatar_jax.models import lora
-from tatar_jax.train import frozen, grpo_step, metrics, optim, rollout, scoring, sft_step
+from tatar_jax.train import (
+    frozen,
+    grpo_step,
+    metrics,
+    offload,
+    optim,
+    rollout,
+    scoring,
+    sft_step,
+)
 from tatar_jax.train import inputs as step_inputs
 
 PyTree = Any
@@ -48,6 +57,8 @@ class Stage(Protocol):
     ) -> tuple[optim.TrainState, dict]: ...
 
     def step_metrics(self, inputs: step_inputs.StepBatch) -> dict[str, float]: ...
+
+    def park(self, state: optim.TrainState) -> optim.TrainState: ...
 
     def after_step(self, step: int, batch: Mapping[str, Any]) -> None: ...
 
@@ -93,6 +104,9 @@ class SftStage:
     def update(self, state, inputs):
         return self.step_fn(state, inputs)
 
+    def park(self, state: optim.TrainState) -> optim.TrainState:
+        return state
+
     def step_metrics(self, inputs):
         return {}
 
@@ -129,8 +143,10 @@ class GrpoStage:
         # train state at each step (no second copy); ref_param_dtype does not apply.
         self.lora_reference = lora.is_adapted(model)
         self.ref_params = None
+        self.offload = offload.from_config(cfg.get("offload"))
         if not self.lora_reference:
-            self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
+            ref = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
+            self.ref_params = self.offload.park_reference(ref)
         self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
         self.model_config = model.config
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
@@ -178,10 +194,15 @@ class GrpoStage:
         denominator excludes the forward-only passes). ``inputs`` is not changed: the update
         runs on a new batch holding the log-probs."""
         logps, times = {}, {}
+        state = self.offload.fetch(state, "update_start")
         t0 = time.perf_counter()
         if self.beta != 0.0:
-            ref = lora.adapters_off(state.params) if self.lora_reference else self.ref_params
+            if self.lora_reference:
+                ref = lora.adapters_off(state.params)
+            else:  # (an offloaded reference is on the device for this pass only)
+                ref = self.offload.fetch_reference(self.ref_params)
             logps["ref_logps"] = jax.block_until_ready(self.logps_fn(ref, inputs))
+            del ref
             times["time/ref_logps"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if self.updates_per_step > 1:
@@ -189,11 +210,18 @@ class GrpoStage:
             times["time/old_logps"] = time.perf_counter() - t1
         batch = inputs.replace(rows=inputs.rows.replace(**logps))
         t2 = time.perf_counter()
+        state = self.offload.fetch(state, "step")
         for _ in range(self.updates_per_step):
             state, m = self.step_fn(state, batch)
         m = jax.block_until_ready(m)
         times["time/policy_update"] = time.perf_counter() - t2
+        state = self.park(state)
         return state, {**m, **times, **self._mfu(inputs, times)}
+
+    def park(self, state: optim.TrainState) -> optim.TrainState:
+        """The state as it waits for the next update (``config.offload``: the optimizer state
+        in host memory)."""
+        return self.offload.park(state)
 
     def _mfu(self, inputs, times):
         """``mfu/update`` (the mu policy updates) and ``mfu/<ref|old>_logps`` (forward-only

@@ -247,6 +247,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     if restored is not None:
         print(f"[tatar-jax] resumed {cfg.stage} from {ckpt.directory}/{restored}", flush=True)
     stage = _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place)
+    state = stage.park(state)  # config.offload: what waits in host memory between updates
     lg = cfg.logging
     writer = metrics.MetricsWriter(
         wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
