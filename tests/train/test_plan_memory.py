@@ -228,8 +228,9 @@ def test_lora_plan_holds_one_base():
     adapters = params - base
     # the reference program reads the base the policy holds: resident beside it only the
     # adapters (and their moments), not the base again
-    assert ref["resident_other"] == params + ref["opt_state_bytes_per_device"] - (
-        ref["ref_shared_bytes_per_device"]
+    assert (
+        ref["resident_other"]
+        == params + ref["opt_state_bytes_per_device"] - (ref["ref_shared_bytes_per_device"])
     )
     assert ref["ref_shared_bytes_per_device"] >= base
     assert ref["resident_other"] <= 3 * adapters + 64
