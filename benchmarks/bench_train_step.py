@@ -132,6 +132,7 @@ def jax_step(hf_dir, a, batch):
     from flax import nnx
 
     from tatar_jax import generate, grpo
+    from tatar_jax.data.batch import vision_inputs
     from tatar_jax.models import qwen2_5_vl as qvl
     from tatar_jax.train import grpo_step, optim
     from tatar_jax.train import inputs as step_inputs
@@ -140,12 +141,10 @@ def jax_step(hf_dir, a, batch):
     model = qvl.load_hf_checkpoint(hf_dir, jnp.float32, attention_impl=a.attention_impl)
     cfg = model.config
     pos, deltas = qvl.get_rope_index(ids, grids, mask, cfg)
-    pbatch = {
-        "input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(pos, np.int32),
-        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1), "pixel_values": pv,
-        "image_grid_thw": grids,
-    }  # fmt: skip
-    prompts = generate.prompt_batch({**pbatch, "pixel_values": pv}, cfg)
+    prompts = generate.PromptBatch(
+        ids, mask, np.asarray(pos, np.int32), np.asarray(deltas, np.int32).reshape(-1, 1),
+        vision_inputs(np.asarray(pv, np.float32), grids, cfg.vision),
+    )  # fmt: skip
     task_id = np.zeros(len(ids), np.int32)
     inputs = step_inputs.grpo_batch(
         prompts, task_id, tokens, cmask, cmask.astype(np.float32), adv, cfg.image_token_id

@@ -268,9 +268,15 @@ def bench_update(dry: bool, compile_log: dict[str, float]) -> dict[str, Any]:
     tokens = rng.integers(3, 200, size=(n, s["new"])).astype(np.int32)
     cmask = np.arange(s["new"])[None] < rng.integers(s["new"] // 2, s["new"] + 1, size=(n, 1))
     from tatar_jax import generate, grpo
+    from tatar_jax.data.batch import vision_inputs
 
+    # The raw prompts' layout, as a pipeline batch carries it.
+    prompts = generate.PromptBatch(
+        batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["rope_deltas"],
+        vision_inputs(batch["pixel_values"], batch["image_grid_thw"], cfg.vision),
+    )  # fmt: skip
     inputs = step_inputs.grpo_batch(
-        generate.prompt_batch(batch, cfg), np.zeros(s["prompts"], np.int32), tokens, cmask,
+        prompts, np.zeros(s["prompts"], np.int32), tokens, cmask,
         cmask.astype(np.float32), rng.standard_normal(n).astype(np.float32), cfg.image_token_id,
     )  # fmt: skip
     ref = rng.normal(-11.0, 0.5, size=(n, s["new"])).astype(np.float32)

@@ -1,8 +1,8 @@
 """Model inputs for each stage, one example at a time, and their collation into bucketed batches.
 
 An *example* is a dict of unpadded numpy arrays plus metadata, built on the host (in a grain
-worker). A *batch* is a dict of padded arrays whose shapes come from a few buckets, so that jit
-sees few distinct shapes.
+worker). A *batch* is a frozen :class:`~tatar_jax.data.batch.Batch` of padded arrays whose shapes
+come from a few buckets, so that jit sees few distinct shapes, made by :func:`collate`.
 
 Example keys (``L`` tokens, ``P`` patches of the image, ``N = P / merge**2`` image tokens):
 
@@ -37,10 +37,10 @@ import numpy as np
 
 from tatar_jax import answer_format
 from tatar_jax.data import prompts
+from tatar_jax.data.batch import Batch, RowMeta, vision_inputs
 from tatar_jax.data.tokenizer import Tokenizer
 
 PATCH_DIM = 1176  # 3 channels x 2 (temporal) x 14 x 14
-IGNORE_INDEX = -100
 
 RopeIndexFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -348,26 +348,16 @@ def collate(
     patch_buckets: Sequence[int] | None = None,
     padding_side: str = "left",
     batch_size: int | None = None,
-) -> dict[str, Any]:
-    """Pad examples into one batch (numpy), shapes taken from buckets.
+    vision_config: Any = None,
+) -> Batch:
+    """Pad examples into one :class:`~tatar_jax.data.batch.Batch` (numpy), shapes taken from
+    buckets, with its layout: positions and rope deltas of the examples, the patch bucket and,
+    given the model's ``vision_config``, the vision layout of that bucket.
 
     ``batch_size`` > len(examples) appends dummy rows (copies of the last example) flagged
     ``valid = False`` so the final evaluation batch keeps the static batch shape; examples may
-    carry ``valid = False`` themselves (skipped records, eval fillers). Invalid rows get no
-    SFT labels.
-
-    Batch keys (``B`` rows, ``L`` = token bucket, ``Q`` = patch bucket, ``I`` = B images):
-
-    - ``input_ids`` (B, L) int32, padded with ``pad_id``; ``attention_mask`` (B, L) int32.
-    - ``position_ids`` (3, B, L) int32 (0 on padding); ``rope_deltas`` (B, 1) int32.
-    - ``pixel_values`` (Q, 1176) float32: the images' patches concatenated in row order, then
-      zeros; ``patch_mask`` (Q,) int32 (1 = real patch); ``image_grid_thw`` (I, 3) int32.
-    - ``label_mask`` (B, L) int32 and ``labels`` (B, L) int32 (= input_ids on the mask, -100
-      elsewhere), SFT only. ``label_mask[b, i] = 1`` means token ``input_ids[b, i]`` is a target:
-      it is predicted from the logits at ``i - 1`` (the loss shifts).
-    - ``seq_lengths`` (B,) int32: real tokens per row; ``valid`` (B,) bool.
-    - ``task_id`` (B,) int32, ``gt_100`` (B,) float32, ``row_id`` (B,) int64.
-    - ``meta``: host-only dict of lists: ``dataset``, ``image_path`` (+ ``think_dropped``, SFT).
+    carry ``valid = False`` themselves (skipped records, eval fillers) and their ``epoch``.
+    Invalid rows get no SFT labels. Shapes: :mod:`tatar_jax.data.batch`.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -400,30 +390,30 @@ def collate(
         if sft:
             label_mask[r, sl] = e["label_mask"]
     pixel_values = np.zeros((q, PATCH_DIM), np.float32)
-    patch_mask = np.zeros((q,), np.int32)
     pixel_values[:tot] = np.concatenate([e["pixel_values"] for e in exs], axis=0)
-    patch_mask[:tot] = 1
-    batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": attn,
-        "position_ids": pos,
-        "rope_deltas": np.array([[int(e["rope_delta"])] for e in exs], np.int32),
-        "pixel_values": pixel_values,
-        "patch_mask": patch_mask,
-        "image_grid_thw": np.stack([e["grid_thw"] for e in exs]).astype(np.int32),
-        "seq_lengths": np.array(lens, np.int32),
-        "valid": np.array(valid, bool),
-        "task_id": np.array([e["task_id"] for e in exs], np.int32),
-        "gt_100": np.array([e["gt_100"] for e in exs], np.float32),
-        "row_id": np.array([e["row_id"] for e in exs], np.int64),
-        "meta": {
-            "dataset": [e["dataset"] for e in exs],
-            "image_path": [e["image_path"] for e in exs],
-        },
-    }
+    grid = np.stack([e["grid_thw"] for e in exs]).astype(np.int32)
     if sft:
         label_mask *= np.asarray(valid, np.int32)[:, None]  # padding rows train nothing
-        batch["label_mask"] = label_mask
-        batch["labels"] = np.where(label_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
-        batch["meta"]["think_dropped"] = [bool(e["think_dropped"]) for e in exs]
-    return batch
+    meta = RowMeta(
+        task_id=np.array([e["task_id"] for e in exs], np.int32),
+        gt_100=np.array([e["gt_100"] for e in exs], np.float32),
+        row_id=np.array([e["row_id"] for e in exs], np.int64),
+        valid=np.array(valid, bool),
+        epoch=np.array([e.get("epoch", 0) for e in exs], np.int32),
+        think_dropped=np.array([bool(e["think_dropped"]) for e in exs]) if sft else None,
+        dataset=tuple(str(e["dataset"]) for e in exs),
+        image_path=tuple(str(e["image_path"]) for e in exs),
+    )
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=pos,
+        rope_deltas=np.array([[int(e["rope_delta"])] for e in exs], np.int32),
+        vision=vision_inputs(pixel_values, grid, vision_config),
+        image_grid_thw=grid,
+        meta=meta,
+        label_mask=label_mask,
+        num_patches=tot,
+        padding_side=padding_side,
+        vision_config=vision_config,
+    )

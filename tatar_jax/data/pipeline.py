@@ -30,14 +30,18 @@ substitutes another one for it) and refills its batch from the next records of t
 order, so a batch of bad records does not stop the run. Each skipped record is logged once
 (dataset, manifest file, row, image, reason; a record failing again in a later epoch is not
 logged again) and counted per dataset together with the manifest rows the loader rejected:
-``batch["meta"]["skipped_by_dataset"]`` (distinct records so far), ``["num_skipped"]`` (failed
-reads so far), ``["skipped"]`` (this batch's). When one dataset's skipped records exceed
+``batch.stats.skipped_by_dataset`` (distinct records so far), ``.num_skipped`` (failed reads so
+far), ``.skipped`` (this batch's). When one dataset's skipped records exceed
 ``max_skip_fraction`` of its manifest rows (per host: of the host's share) the pipeline raises
 :class:`TooManySkippedError` with the count: a wrong image root or a damaged copy stops the run
 early instead of training on what is left. When a finite host order runs out, the remaining
 batches are padding rows (``valid = False``, no SFT labels) up to the schedule's batch count, so
-every host yields the same number of batches. Trainers must mask rows with ``valid = False``
-(GRPO: no rollout reward/loss).
+every host yields the same number of batches. Trainers must mask rows with
+``batch.meta.valid = False`` (GRPO: no rollout reward/loss).
+
+Batches are frozen :class:`tatar_jax.data.batch.Batch` values carrying their layout (mRoPE
+positions, rope deltas, the patch bucket and, with ``PipelineOptions.vision``, its vision
+layout), computed here once and consumed as they are.
 
 State: ``it.get_state()`` / ``it.set_state(state)`` (JSON-serialisable dicts; grain's
 ``DatasetIterator`` checkpoint protocol, so orbax's grain handler saves it) restore the exact
@@ -57,6 +61,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from tatar_jax.data import batch as batch_mod
 from tatar_jax.data import examples as ex
 from tatar_jax.data import prompts
 
@@ -176,6 +181,9 @@ class PipelineOptions:
     use_chat_template: bool = True  # use the checkpoint's chat template when it has one
     process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None  # None: jax.process_count()
+    # The model config's ``vision`` (patch, merge and window sizes): each batch carries the
+    # vision layout of its patch bucket (None: no layout, e.g. reading data without a model).
+    vision: Any = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -493,7 +501,7 @@ def _fingerprint(sources: Sequence[Source], opts: PipelineOptions) -> str:
     # These may change between runs without changing the data order (a run stopped by a bad
     # record may resume with bad_record="skip").
     for k in ("worker_count", "worker_buffer_size", "read_threads", "tokenizer_dir",
-              "bad_record", "max_skip_fraction"):  # fmt: skip
+              "bad_record", "max_skip_fraction", "vision"):  # fmt: skip
         order.pop(k)
     key = json.dumps(
         [[s.name, s.task, len(s.records)] for s in sources] + [order], sort_keys=True, default=str
@@ -587,7 +595,7 @@ class _BatchIterator(grain.DatasetIterator):
                     raise TooManySkippedError(f"a whole pass read no record: {x['reason']}")
         return rows, skipped
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> batch_mod.Batch:
         rows, skipped = self._rows()
         if rows:
             self._template = rows[0]
@@ -607,17 +615,17 @@ class _BatchIterator(grain.DatasetIterator):
             patch_buckets=self._opts.patch_buckets,
             padding_side=self._opts.side,
             batch_size=self._opts.batch_size,
+            vision_config=self._opts.vision,
         )
-        epochs = [e["epoch"] for e in rows]
-        pad = epochs[-1:] * (len(batch["valid"]) - len(rows))
-        batch["epoch"] = np.array(epochs + pad, np.int32)
         self._num_batches += 1
-        batch["meta"]["num_skipped"] = self._ledger.num_failed
-        batch["meta"]["num_skipped_rows"] = sum(s.num_skipped_rows for s in self._ds.sources)
-        batch["meta"]["skipped_by_dataset"] = self._ledger.counts()
-        batch["meta"]["skipped"] = skipped
-        batch["meta"]["batch_index"] = self._num_batches - 1
-        return batch
+        stats = batch_mod.ReadStats(
+            num_skipped=self._ledger.num_failed,
+            num_skipped_rows=sum(s.num_skipped_rows for s in self._ds.sources),
+            skipped_by_dataset=tuple(self._ledger.counts().items()),
+            skipped=tuple(batch_mod.SkippedRead(**s) for s in skipped),
+            batch_index=self._num_batches - 1,
+        )
+        return batch.replace(stats=stats)
 
     def get_state(self) -> dict[str, Any]:
         return {

@@ -192,14 +192,14 @@ def make_predict_fn(
             padding_side="left",
             batch_size=ev.batch_size,
         )
-        n_patch = int(batch["patch_mask"].sum())
+        n_patch = batch.num_patches
         # Host arrays: the rollout engine buckets them and shards them over the mesh.
         out = generate_fn(
             model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            pixel_values=batch["pixel_values"][:n_patch],
-            image_grid_thw=batch["image_grid_thw"],
+            batch.input_ids,
+            batch.attention_mask,
+            pixel_values=batch.vision.pixel_values[:n_patch],
+            image_grid_thw=batch.image_grid_thw,
             max_new_tokens=ev.max_new_tokens,
             num_samples=1,
             temperature=0.0,

@@ -15,8 +15,8 @@ How a call runs (all device work under ``jax.jit``, static shapes):
 1. host (:mod:`~tatar_jax.generate.prompts`): a :class:`PromptBatch`: mRoPE positions and rope
    deltas (:func:`rope.get_rope_index`), the prompt left-padded to a length bucket, the vision
    layout for a patch-count bucket (:mod:`vision_layout`). :meth:`Sampler.prepare` makes it from
-   raw prompts; a pipeline batch carries its own (:func:`prompt_batch`), consumed as it is by
-   :meth:`Sampler.generate_prompts` and by the GRPO update.
+   raw prompts; a pipeline batch (:class:`tatar_jax.data.batch.Batch`) carries its own, which
+   :func:`prompt_batch` hands on as it is to :meth:`Sampler.generate_prompts` and the GRPO update.
 2. ``prefill`` (one program per (batch, prompt bucket, patch bucket)): the vision tower runs once
    per image, the prompt is written once per prompt into a cache of ``bucket`` slots, the last
    position's logits give the first token of each of the G samples. The decode cache
@@ -80,7 +80,7 @@ import jax
 from flax import nnx
 
 from tatar_jax import sharding as sharding_mod
-from tatar_jax.generate.prompts import PromptBatch, Vision, batch_vision, next_bucket, prompt_batch
+from tatar_jax.generate.prompts import PromptBatch, Vision, next_bucket, prompt_batch
 from tatar_jax.generate.sampler import Sampler, decode_completions
 from tatar_jax.generate.sampling import (
     ENDOFTEXT_ID,
@@ -101,7 +101,6 @@ __all__ = [
     "SamplingParams",
     "Sampler",
     "Vision",
-    "batch_vision",
     "decode_completions",
     "generate",
     "next_bucket",

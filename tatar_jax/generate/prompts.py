@@ -1,40 +1,20 @@
 """The host side of generation: a prompt batch with its layout (mRoPE positions, rope deltas,
-the patches at a patch bucket and its vision layout), computed once where the batch is made,
-and the length / patch buckets."""
+the patches at a patch bucket and its vision layout), computed once where the batch is made
+(:mod:`tatar_jax.data.batch`; :meth:`Sampler.prepare` for raw prompts), and the length / patch
+buckets of raw prompts."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from flax import struct
 
-from tatar_jax.models.qwen2_5_vl.vision_layout import (
-    VisionBucket,
-    VisionLayout,
-    fixed_bucket,
-    vision_bucket,
-    vision_layout,
-    window_len,
-)
+from tatar_jax.data.batch import Batch, Vision
+from tatar_jax.models.qwen2_5_vl.vision_layout import VisionBucket, vision_bucket, window_len
 
-
-@struct.dataclass
-class Vision:
-    """A batch's images: ``pixel_values`` (Q, patch_dim) padded to the patch bucket Q and their
-    ``layout`` (:class:`VisionLayout` of Q, computed once where the batch is made)."""
-
-    pixel_values: Any
-    layout: VisionLayout
-
-    def cast(self, dtype: Any) -> Vision:
-        """Pixels in ``dtype`` on the host, before they travel (half the bytes in bfloat16). The
-        vision tower casts them to the compute dtype first thing: its output does not change."""
-        pv = self.pixel_values
-        if np.dtype(pv.dtype) == np.dtype(dtype):
-            return self
-        return self.replace(pixel_values=np.asarray(pv).astype(dtype))
+__all__ = ["PromptBatch", "Vision", "next_bucket", "pad_rows", "patch_bucket", "prompt_batch"]
 
 
 @struct.dataclass
@@ -60,25 +40,22 @@ class PromptBatch:
         )  # fmt: skip
 
 
-def batch_vision(batch: Mapping[str, Any], vision_cfg: Any) -> Vision:
-    """A collated batch's patches (``pixel_values`` (Q, patch_dim), already padded to its patch
-    bucket Q) and a fixed layout for Q (one compilation per Q)."""
-    pv = np.asarray(batch["pixel_values"], np.float32)
-    grid = np.asarray(batch["image_grid_thw"])
-    bucket = fixed_bucket(vision_cfg, pv.shape[0], max_frames=max(int(grid.shape[0]), 1))
-    return Vision(pixel_values=pv, layout=vision_layout(grid, vision_cfg, bucket))
-
-
-def prompt_batch(batch: Mapping[str, Any], model_cfg: Any) -> PromptBatch:
+def prompt_batch(batch: Batch, model_cfg: Any) -> PromptBatch:
     """The prompts of a pipeline batch (``stage="grpo"`` / ``"eval"``, left-padded) with their
-    layout: positions and rope deltas as the pipeline computed them, the patches at the
-    batch's patch bucket with their layout (:func:`batch_vision`)."""
+    layout exactly as the pipeline made it: the batch's own ids, mask, positions, rope deltas
+    and vision inputs (the same objects; nothing is recomputed or re-bucketed). The batch's
+    vision layout must have been made for ``model_cfg.vision`` (:meth:`Batch.layout_for`)."""
+    if batch.padding_side != "left":
+        raise ValueError(
+            f"prompts must be left-padded for generation; this batch is {batch.padding_side}-"
+            "padded (an SFT pipeline batch?)"
+        )
     return PromptBatch(
-        input_ids=np.asarray(batch["input_ids"], np.int32),
-        attention_mask=np.asarray(batch["attention_mask"], np.int32),
-        position_ids=np.asarray(batch["position_ids"], np.int32),
-        rope_deltas=np.asarray(batch["rope_deltas"], np.int32).reshape(-1, 1),
-        vision=batch_vision(batch, model_cfg.vision),
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        rope_deltas=batch.rope_deltas,
+        vision=batch.layout_for(model_cfg.vision),
     )
 
 

@@ -294,7 +294,7 @@ class Sampler:
         left-padded, the HF processor's ``pixel_values`` and ``image_grid_thw``): mRoPE positions
         and rope deltas, the prompt padded to a length bucket, the patches to a patch bucket and
         its vision layout. A batch made by the data pipeline carries all of these already
-        (``tatar_jax.train.inputs.prompt_batch``): give it to :meth:`generate_prompts`."""
+        (``generate.prompt_batch(batch, model_config)``): give that to :meth:`generate_prompts`."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}")

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from tatar_jax import answer_format
 from tatar_jax.data import prompts
+from tatar_jax.data.batch import RowMeta
 
 
 def reference_rescale_prediction(value: float | None, task: str) -> float | None:
@@ -99,28 +100,27 @@ def completion_features(
     return CompletionFeatures(prediction, parsed, num_words, think_len, has_think)
 
 
-def completion_records(batch: Mapping[str, Any], group_size: int) -> list[dict[str, Any]]:
+def completion_records(meta: RowMeta, group_size: int) -> list[dict[str, Any]]:
     """The (N,) per-completion records a host reward receives, N = prompts x ``group_size``
     (prompt-major, as the rollout's rows): ``prompt`` (index in the step), ``task`` ("iqa" /
-    "iaa"), ``gt_100``, ``valid`` and, where the batch has them, ``row_id``, ``dataset`` and
-    ``image_path``. ``batch`` is a pipeline batch (``task_id``, ``gt_100``, ...). On a run over
-    several processes the arrays are the global batch but ``meta`` holds this host's rows only:
-    ``dataset`` / ``image_path`` are then left out."""
-    task_ids = np.asarray(batch["task_id"])
-    names = prompts.task_names(task_ids)
-    meta = batch.get("meta", {})
-    strings = [k for k in ("dataset", "image_path") if len(meta.get(k, ())) == len(task_ids)]
+    "iaa"), ``gt_100``, ``valid``, ``row_id`` and, where ``meta`` has them for every row,
+    ``dataset`` and ``image_path``. ``meta``: a pipeline batch's rows (``batch.meta``). On a
+    run over several processes the arrays are the global batch's but the strings this host's
+    rows only (``Batch.process_rows``): ``dataset`` / ``image_path`` are then left out."""
+    names = prompts.task_names(meta.task_id)
+    b = len(names)
+    strings = {"dataset": meta.dataset, "image_path": meta.image_path}
+    strings = {k: v for k, v in strings.items() if len(v) == b}
     out = []
-    for b in range(len(task_ids)):
+    for r in range(b):
         rec = {
-            "prompt": b,
-            "task": str(names[b]),
-            "gt_100": float(np.asarray(batch["gt_100"])[b]),
-            "valid": bool(np.asarray(batch["valid"])[b]) if "valid" in batch else True,
+            "prompt": r,
+            "task": str(names[r]),
+            "gt_100": float(meta.gt_100[r]),
+            "valid": bool(meta.valid[r]),
+            "row_id": int(meta.row_id[r]),
         }
-        if "row_id" in batch:
-            rec["row_id"] = int(np.asarray(batch["row_id"])[b])
-        for key in strings:
-            rec[key] = meta[key][b]
+        for key, values in strings.items():
+            rec[key] = values[r]
         out.extend(dict(rec) for _ in range(group_size))
     return out

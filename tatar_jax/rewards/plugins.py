@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tatar_jax.data.batch import RowMeta
 from tatar_jax.rewards import names
 from tatar_jax.rewards.features import completion_records
 
@@ -158,10 +159,13 @@ def _probe_batch(group_size: int) -> tuple[dict[str, np.ndarray], list[str], lis
         for w, p, ok in zip(words, pred, parsed, strict=True)
     ]
     words = np.array([len(t.split()) for t in texts], np.int32)
-    batch = {"task_id": is_iaa[::group_size].astype(np.int32), "gt_100": gt[::group_size]}
+    meta = RowMeta(
+        task_id=is_iaa[::group_size].astype(np.int32), gt_100=gt[::group_size],
+        row_id=np.full(4, -1, np.int64), valid=np.ones(4, bool), epoch=np.zeros(4, np.int32),
+    )  # fmt: skip
     feats = dict(pred=pred, gt=gt, parsed=parsed, num_words=words, is_iaa=is_iaa,
                  group_ids=np.repeat(np.arange(4, dtype=np.int32), group_size))  # fmt: skip
-    return feats, texts, completion_records(batch, group_size)
+    return feats, texts, completion_records(meta, group_size)
 
 
 def validate_extra_rewards(config: Any, group_size: int = 4) -> None:

@@ -55,7 +55,7 @@ class Evaluator:
         # default patch buckets; the sampler consumes each batch's layout as it is.
         self.opts = pipeline.options_from_config(
             cfg.data, "eval", int(ev.batch_size), tokenizer_dir=sources.tokenizer_dir(cfg),
-            num_epochs=1, patch_buckets=None,
+            num_epochs=1, patch_buckets=None, vision=model.config.vision,
             **({"process_index": 0, "process_count": 1} if mesh is not None else {}),
         )  # fmt: skip
         params = generate.SamplingParams(
@@ -77,8 +77,8 @@ class Evaluator:
                 prompts = generate.prompt_batch(batch, self.model_config)
                 gen = self.sampler.generate_prompts(prompts, state=params)
                 texts = generate.decode_completions(self.tok, gen)
-                for k in np.nonzero(batch["valid"])[0]:
-                    recs.append({"gt_100": float(batch["gt_100"][k]), "task": src.task})
+                for k in np.nonzero(batch.meta.valid)[0]:
+                    recs.append({"gt_100": float(batch.meta.gt_100[k]), "task": src.task})
                     comps.append(texts[k])
             m = metrics_from_completions(
                 recs, comps, count_tokens=lambda s: len(self.tok.encode(s)), name=src.name

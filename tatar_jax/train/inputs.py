@@ -12,12 +12,12 @@ dataclasses: pytrees whose static fields are part of the jit cache key):
 - ``vision`` (:class:`~tatar_jax.generate.Vision`): ``pixel_values`` (Q, patch_dim) padded to
   the batch's patch bucket and its ``VisionLayout``, replicated.
 
-The layout of a pipeline batch (mRoPE positions and rope deltas from the pipeline, the patch
-bucket Q of its collation, the vision layout of Q) is computed once, by
-``generate.prompt_batch`` (GRPO, evaluation: a :class:`~tatar_jax.generate.PromptBatch` the
-sampler consumes as it is) or ``generate.batch_vision`` (SFT); the GRPO update takes the
-rollout's prompts as they are and only appends the completions (their positions by
-``rope.decode_position_ids``, as the sampler's decode loop placed them).
+The layout of a pipeline batch (mRoPE positions and rope deltas, the patch bucket Q of its
+collation, the vision layout of Q) is computed once, where the batch is made
+(:class:`tatar_jax.data.batch.Batch`), and read as it is: ``generate.prompt_batch`` hands the
+same objects to the sampler (GRPO, evaluation), :func:`sft_batch` to the SFT update; the GRPO
+update takes the rollout's prompts as they are and only appends the completions (their
+positions by ``rope.decode_position_ids``, as the sampler's decode loop placed them).
 - ``pack_size`` (static int): K lm_head slots when only the positions that count go through
   the lm_head (:func:`pack_size`); 0 = no packing.
 
@@ -32,7 +32,7 @@ contract onto the model's one forward (``Qwen2_5_VLForConditionalGeneration.hidd
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,7 +41,8 @@ import numpy as np
 from flax import nnx, struct
 
 from tatar_jax import sharding
-from tatar_jax.generate import PromptBatch, Vision, batch_vision
+from tatar_jax.data.batch import Batch
+from tatar_jax.generate import PromptBatch, Vision
 from tatar_jax.models.qwen2_5_vl import rope
 from tatar_jax.train import metrics, optim
 
@@ -222,25 +223,28 @@ def target_positions(label_mask: np.ndarray, multiple: int = 128) -> tuple[np.nd
 
 
 def sft_batch(
-    batch: Mapping[str, Any], model_cfg: Any, *, num_micro: int = 1, pack_buckets: int = 0
+    batch: Batch, model_cfg: Any, *, num_micro: int = 1, pack_buckets: int = 0
 ) -> SftBatch:
-    """The SFT step's inputs from a pipeline batch (``stage="sft"``, right-padded).
+    """The SFT step's inputs from a pipeline batch (``stage="sft"``, right-padded): its ids,
+    mask and positions (row-major), its vision inputs as they are, the target positions.
 
     ``pack_buckets > 0`` packs the step's targets (over the rows of each of ``num_micro``
     micro-batches) into one of that many static sizes (:func:`pack_size`): rows of a short IQA
     rationale then do not pay for the K slots a long IAA one needs.
     """
-    ids = np.asarray(batch["input_ids"], np.int32)
-    pos, valid = target_positions(batch["label_mask"])
+    if batch.label_mask is None:
+        raise ValueError("an SFT step needs a batch with label_mask (a stage='sft' pipeline)")
+    ids = batch.input_ids
+    pos, valid = target_positions(batch.label_mask)
     rows = SftRows(
         input_ids=ids,
-        attention_mask=np.asarray(batch["attention_mask"], np.int32),
-        position_ids=np.ascontiguousarray(np.swapaxes(batch["position_ids"], 0, 1)),
+        attention_mask=batch.attention_mask,
+        position_ids=np.ascontiguousarray(np.swapaxes(batch.position_ids, 0, 1)),
         feat_index=running_feat_index(ids, model_cfg.image_token_id),
         target_pos=pos,
         target_valid=valid,
     )
-    vision = batch_vision(batch, model_cfg.vision)
+    vision = batch.layout_for(model_cfg.vision)
     return SftBatch(rows, vision, pack_size(valid, num_micro, pack_buckets))
 
 

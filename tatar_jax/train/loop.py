@@ -21,7 +21,7 @@ import numpy as np
 from tatar_jax import sharding
 from tatar_jax.train import checkpointing, metrics, optim
 
-Batch = dict[str, Any]
+Batch = Any  # a pipeline batch (tatar_jax.data.batch.Batch); test loops feed others
 
 
 class TrainingStopped(RuntimeError):
@@ -73,9 +73,10 @@ def _poison(inputs: Any) -> Any:
 def data_metrics(batch: Batch) -> dict[str, float]:
     """``data/skipped/<dataset>``: records skipped so far (manifest rows the loader rejected +
     records that could not be read; this host's) and ``data/skipped_total``."""
-    counts = batch.get("meta", {}).get("skipped_by_dataset")
-    if counts is None:
+    stats = getattr(batch, "stats", None)  # a pipeline batch's (test loops feed others)
+    if stats is None:
         return {}
+    counts = dict(stats.skipped_by_dataset)
     out = {f"data/skipped/{k}": float(v) for k, v in counts.items()}
     out["data/skipped_total"] = float(sum(counts.values()))
     return out

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tatar_jax import generate, grpo, rewards
+from tatar_jax.data.batch import Batch
 from tatar_jax.data.prompts import TASKS, task_names
 from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import metrics
@@ -75,15 +76,15 @@ class Scorer:
         self.pack_buckets = int(pack_buckets)
 
     def __call__(
-        self, batch: Mapping[str, Any], prompts: generate.PromptBatch, samples: Samples
+        self, batch: Batch, prompts: generate.PromptBatch, samples: Samples
     ) -> ScoredRollout:
-        """``batch``: the step's pipeline batch (labels: ``valid``, ``task_id``, ``gt_100``,
+        """``batch``: the step's pipeline batch (``batch.meta``: validity, tasks, labels,
         records); ``prompts``: its prompts as the rollout sampled them; ``samples``: theirs."""
         g = samples.group_size
         texts = generate.decode_completions(self.tok, generate.GenerateOutput(
             samples.tokens, samples.mask, samples.logps
         ))  # fmt: skip
-        valid = np.repeat(np.asarray(batch["valid"], bool), g)
+        valid = np.repeat(batch.meta.valid, g)
         feats = rewards.completion_features(texts, parser=self.rewards_cfg.parser)
         total, parts = self._rewards(batch, feats, texts, valid, g)
         adv = np.asarray(
@@ -100,7 +101,7 @@ class Scorer:
             stopped = np.isin(samples.tokens, self.tok.eos_ids) & cmask
             comp_mask *= stopped.any(axis=1, keepdims=True)
         update = step_inputs.grpo_batch(
-            prompts, batch["task_id"], samples.tokens, cmask, comp_mask, adv,
+            prompts, batch.meta.task_id, samples.tokens, cmask, comp_mask, adv,
             self.model_cfg.image_token_id, num_micro=self.num_micro,
             pack_buckets=self.pack_buckets,
         )  # fmt: skip
@@ -108,25 +109,25 @@ class Scorer:
         return ScoredRollout(update, tuple(texts), total, adv, valid, samples.logps, m)
 
     def _rewards(
-        self, batch: Mapping[str, Any], feats: Any, texts: list[str], valid: np.ndarray, g: int
+        self, batch: Batch, feats: Any, texts: list[str], valid: np.ndarray, g: int
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """(total (N,) float32, {name: (N,)}) over the whole batch."""
-        b = len(batch["valid"])
-        is_iaa = np.repeat(task_names(batch["task_id"]) == "iaa", g)
-        gt = np.repeat(np.asarray(batch["gt_100"], np.float32), g)
+        b = batch.num_rows
+        is_iaa = np.repeat(task_names(batch.meta.task_id) == "iaa", g)
+        gt = np.repeat(batch.meta.gt_100, g)
         gt = np.where(valid, gt, 50.0).astype(np.float32)  # invalid rows: any finite value
         features = dict(
             pred=feats.prediction, gt=gt, parsed=feats.parsed & valid, num_words=feats.num_words,
             is_iaa=is_iaa, group_ids=np.repeat(np.arange(b, dtype=np.int32), g),
         )  # fmt: skip
         total, parts = self.rewards(
-            features, num_groups=b, texts=texts, records=rewards.completion_records(batch, g)
+            features, num_groups=b, texts=texts, records=rewards.completion_records(batch.meta, g)
         )
         return np.asarray(total, np.float32), parts
 
     def _metrics(self, batch, parts, feats, cmask, valid, g) -> dict[str, float]:
         """Reward statistics per task over the valid rows, think length, valid prompts."""
-        tasks = np.repeat(task_names(batch["task_id"]), g)
+        tasks = np.repeat(task_names(batch.meta.task_id), g)
         weights = {
             t: {k: float(self.rewards_cfg.weights[t][k]) for k in parts} for t in TASKS
         }
@@ -141,5 +142,5 @@ class Scorer:
                 weights=weights,
             )
             m["think_len/all"] = float(feats.think_len[valid].mean())
-        m["valid_prompts"] = float(np.asarray(batch["valid"]).sum())
+        m["valid_prompts"] = float(batch.meta.valid.sum())
         return m

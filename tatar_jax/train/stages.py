@@ -296,8 +296,8 @@ def log_samples(
     the policy writes, its parse and reward, next to the label; every ``every`` steps."""
     if n <= 0 or step % max(int(every), 1):
         return
-    g = len(ro.texts) // max(len(batch["valid"]), 1)
-    tasks = prompts.task_names(batch["task_id"])
+    g = len(ro.texts) // max(batch.num_rows, 1)
+    tasks = prompts.task_names(batch.meta.task_id)
     with open(wd / "samples.jsonl", "a") as f:
         for k in range(min(n, len(ro.texts))):
             b = k // g
@@ -305,7 +305,7 @@ def log_samples(
                 "step": step,
                 "prompt": b,
                 "task": str(tasks[b]),
-                "gt_100": float(np.asarray(batch["gt_100"])[b]),
+                "gt_100": float(batch.meta.gt_100[b]),
                 "reward": float(ro.rewards[k]),
                 "advantage": float(ro.advantages[k]),
                 "completion": ro.texts[k],

@@ -134,8 +134,9 @@ def _placement(cfg: Any) -> _Placement:
     return _Placement(mesh if mesh.size > 1 else None, rules, sharding.spans_processes(mesh))
 
 
-def _data(cfg: Any, wd: pathlib.Path) -> tuple[Any, Any, int, int]:
-    """(data iterator, pipeline options, total steps, rows per step over all processes)."""
+def _data(cfg: Any, wd: pathlib.Path, vision: Any) -> tuple[Any, Any, int, int]:
+    """(data iterator, pipeline options, total steps, rows per step over all processes);
+    ``vision``: the model's vision config (each batch carries its vision layout)."""
     nproc = jax.process_count()
     sft = cfg.stage == "sft"
     name = "sft.global_batch_size" if sft else "grpo.prompts_per_step"
@@ -146,7 +147,7 @@ def _data(cfg: Any, wd: pathlib.Path) -> tuple[Any, Any, int, int]:
     infinite = int(cfg.total_steps) > 0
     opts = pipeline.options_from_config(
         cfg.data, cfg.stage, per_step // nproc, tokenizer_dir=sources.tokenizer_dir(cfg),
-        num_epochs=None if infinite else int(cfg.data.num_epochs),
+        num_epochs=None if infinite else int(cfg.data.num_epochs), vision=vision,
     )  # fmt: skip
     total = int(cfg.total_steps) if infinite else pipeline.num_batches(srcs, opts)
     return iter(pipeline.make_dataset(srcs, opts)), opts, total, per_step
@@ -216,7 +217,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     # The train state owns a copy (its buffers are donated to the step); ``params`` stays as the
     # frozen reference model of GRPO and the initial weights.
     params = nnx.state(model)
-    data_iter, opts, total, per_step = _data(cfg, wd)
+    data_iter, opts, total, per_step = _data(cfg, wd, model_config.vision)
     mu = int(cfg.grpo.num_iterations) if cfg.stage == "grpo" else 1
     trainable = optim.trainable_mask(
         params, freeze_vision=bool(cfg.model.freeze_vision), freeze=tuple(cfg.optimizer.freeze),

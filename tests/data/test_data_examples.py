@@ -133,13 +133,13 @@ def test_positions_equal_get_rope_index_on_padded_batch(tok, hf_image_processor,
     batch = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512, 1024), padding_side=side)
     cfg = ex.RopeConfig.from_tokenizer(tok)
     ref_pos, ref_delta = _torch_rope_index(
-        batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], cfg
+        batch.input_ids, batch.image_grid_thw, batch.attention_mask, cfg
     )
-    np.testing.assert_array_equal(batch["position_ids"], ref_pos)
-    np.testing.assert_array_equal(batch["rope_deltas"], ref_delta)
-    assert batch["input_ids"].shape == (3, 512) and batch["position_ids"].shape == (3, 3, 512)
+    np.testing.assert_array_equal(batch.position_ids, ref_pos)
+    np.testing.assert_array_equal(batch.rope_deltas, ref_delta)
+    assert batch.input_ids.shape == (3, 512) and batch.position_ids.shape == (3, 3, 512)
     n_patch = int(sum(np.prod(e["grid_thw"]) for e in exs))
-    assert batch["pixel_values"].shape[0] >= n_patch and batch["patch_mask"].sum() == n_patch
+    assert batch.vision.pixel_values.shape[0] >= n_patch and batch.num_patches == n_patch
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -153,19 +153,19 @@ def test_sft_label_spans_on_padded_batch(tok, hf_image_processor, side):
         "<think>\nNoisy.\n</think>\n<answer>30.00</answer> and <answer>30.00</answer><|im_end|>",
     ]
     for r in range(3):
-        m = batch["label_mask"][r] == 1
+        m = batch.label_mask[r] == 1
         # Labelled tokens are contiguous, decode to exactly target + <|im_end|>, and are the tail
         # of the real tokens (nothing after <|im_end|> but the template's newline).
         idx = np.nonzero(m)[0]
         assert np.all(np.diff(idx) == 1)
-        got = tok.decode(batch["input_ids"][r][m], skip_special_tokens=False)
+        got = tok.decode(batch.input_ids[r][m], skip_special_tokens=False)
         assert got == expected[r]
-        real = np.nonzero(batch["attention_mask"][r])[0]
-        assert idx[-1] == real[-2] and batch["input_ids"][r, real[-1]] == tok.encode("\n")[0]
+        real = np.nonzero(batch.attention_mask[r])[0]
+        assert idx[-1] == real[-2] and batch.input_ids[r, real[-1]] == tok.encode("\n")[0]
         # No prompt, image or padding token is trained (B3).
-        assert not np.any(m & (batch["attention_mask"][r] == 0))
-        assert not np.any(m & (batch["input_ids"][r] == tok.image_pad_id))
-        np.testing.assert_array_equal(batch["labels"][r], np.where(m, batch["input_ids"][r], -100))
+        assert not np.any(m & (batch.attention_mask[r] == 0))
+        assert not np.any(m & (batch.input_ids[r] == tok.image_pad_id))
+        np.testing.assert_array_equal(batch.labels[r], np.where(m, batch.input_ids[r], -100))
     # The prompt part of an SFT example is exactly the GRPO prompt example.
     pe = _examples(tok, hf_image_processor, False, _rope_fn())
     for s, p in zip(exs, pe, strict=True):
@@ -179,8 +179,8 @@ def test_label_count_independent_of_padding_side(tok, hf_image_processor):
     lft = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512,), padding_side="left")
     rgt = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512,), padding_side="right")
     for r in range(3):
-        a = lft["input_ids"][r][lft["label_mask"][r] == 1]
-        b = rgt["input_ids"][r][rgt["label_mask"][r] == 1]
+        a = lft.input_ids[r][lft.label_mask[r] == 1]
+        b = rgt.input_ids[r][rgt.label_mask[r] == 1]
         np.testing.assert_array_equal(a, b)
 
 
@@ -270,9 +270,9 @@ def test_buckets_and_batch_padding(tok, hf_image_processor):
     assert len({ex.default_patch_buckets(n) for n in range(64, 4096)}) == 25
     exs = _examples(tok, hf_image_processor, False, _rope_fn())[:2]
     b = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512,), batch_size=4)
-    assert b["valid"].tolist() == [True, True, False, False]
-    assert b["input_ids"].shape == (4, 512) and b["task_id"].tolist() == [0, 1, 1, 1]
-    assert b["meta"]["image_path"] == ["img0.png", "img1.png", "img1.png", "img1.png"]
+    assert b.meta.valid.tolist() == [True, True, False, False]
+    assert b.input_ids.shape == (4, 512) and b.meta.task_id.tolist() == [0, 1, 1, 1]
+    assert b.meta.image_path == ("img0.png", "img1.png", "img1.png", "img1.png")
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -280,7 +280,7 @@ def test_numpy_rope_index_equals_transformers(tok, hf_image_processor, side):
     exs = _examples(tok, hf_image_processor, False, _torch_rope_index)
     batch = ex.collate(exs, pad_id=tok.pad_id, seq_buckets=(512,), padding_side=side)
     cfg = ex.RopeConfig.from_tokenizer(tok)
-    args = (batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], cfg)
+    args = (batch.input_ids, batch.image_grid_thw, batch.attention_mask, cfg)
     ref_pos, ref_delta = _torch_rope_index(*args)
     pos, delta = _rope_fn()(*args)
     np.testing.assert_array_equal(pos, ref_pos)

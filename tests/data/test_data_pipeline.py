@@ -144,21 +144,19 @@ def test_grpo_batches_shapes_and_keys(sources):
     batches = list(ds)
     assert len(batches) == 3 == pl.num_batches(sources, _opts(num_epochs=1, batch_size=4))
     b = batches[0]
-    assert b["input_ids"].shape == (4, 512) and b["input_ids"].dtype == np.int32
-    assert b["position_ids"].shape == (3, 4, 512)
-    assert b["pixel_values"].shape[1] == 1176 and b["pixel_values"].dtype == np.float32
-    assert b["image_grid_thw"].shape == (4, 3) and b["rope_deltas"].shape == (4, 1)
-    assert b["attention_mask"][:, -1].all()  # left padded for generation
-    assert b["valid"].all() and b["meta"]["num_skipped"] == 0
+    assert b.input_ids.shape == (4, 512) and b.input_ids.dtype == np.int32
+    assert b.position_ids.shape == (3, 4, 512)
+    assert b.vision.pixel_values.shape[1] == 1176 and b.vision.pixel_values.dtype == np.float32
+    assert b.image_grid_thw.shape == (4, 3) and b.rope_deltas.shape == (4, 1)
+    assert b.attention_mask[:, -1].all()  # left padded for generation
+    assert b.meta.valid.all() and b.stats.num_skipped == 0
     rows = sorted(
-        (d, int(r))
-        for bb in batches
-        for d, r in zip(bb["meta"]["dataset"], bb["row_id"], strict=True)
+        (d, int(r)) for bb in batches for d, r in zip(bb.meta.dataset, bb.meta.row_id, strict=True)
     )
     assert rows == sorted([("toy_iqa", i) for i in range(7)] + [("toy_iaa", i) for i in range(5)])
     for bb in batches:
         for d, t, g, r in zip(
-            bb["meta"]["dataset"], bb["task_id"], bb["gt_100"], bb["row_id"], strict=True
+            bb.meta.dataset, bb.meta.task_id, bb.meta.gt_100, bb.meta.row_id, strict=True
         ):
             assert t == (0 if d == "toy_iqa" else 1)
             assert g == (float(r) if d == "toy_iqa" else 50.0 + r)
@@ -169,17 +167,17 @@ def test_sft_batches_have_labels(sources):
         sources, _opts(stage="sft", mixing="interleave", num_epochs=1, batch_size=2)
     )
     b = next(iter(ds))
-    assert b["attention_mask"][:, 0].all()  # right padded
-    assert b["label_mask"].sum() > 0
-    assert np.all(b["labels"][b["label_mask"] == 0] == -100)
+    assert b.attention_mask[:, 0].all()  # right padded
+    assert b.label_mask.sum() > 0
+    assert np.all(b.labels[b.label_mask == 0] == -100)
 
 
 def _flat(batch):
     return (
-        batch["input_ids"].tolist(),
-        batch["row_id"].tolist(),
-        batch["meta"]["dataset"],
-        float(np.abs(batch["pixel_values"]).sum()),
+        batch.input_ids.tolist(),
+        batch.meta.row_id.tolist(),
+        batch.meta.dataset,
+        float(np.abs(batch.vision.pixel_values).sum()),
     )
 
 
@@ -234,13 +232,13 @@ def test_bad_record_skip_is_counted_never_substituted(sources, tmp_path):
     opts = _opts(stage="eval", shuffle=False, batch_size=2, bad_record="skip",
                  max_skip_fraction=0.5)  # fmt: skip
     batches = list(pl.make_dataset(src, opts))
-    rows = [int(r) for b in batches for r, v in zip(b["row_id"], b["valid"], strict=True) if v]
+    rows = [int(r) for b in batches for r, v in zip(b.meta.row_id, b.meta.valid, strict=True) if v]
     assert rows == [0, 1, 2]  # row 99 is gone, nothing stands in for it
-    skipped = [s for b in batches for s in b["meta"]["skipped"]]
-    assert len(skipped) == 1 and "row 99" in skipped[0]["where"]
-    assert batches[-1]["valid"].tolist() == [True, False]
-    assert [b["meta"]["num_skipped"] for b in batches] == [0, 1]
-    assert batches[-1]["meta"]["skipped_by_dataset"] == {"toy_iqa": 1}
+    skipped = [s for b in batches for s in b.stats.skipped]
+    assert len(skipped) == 1 and "row 99" in skipped[0].where
+    assert batches[-1].meta.valid.tolist() == [True, False]
+    assert [b.stats.num_skipped for b in batches] == [0, 1]
+    assert dict(batches[-1].stats.skipped_by_dataset) == {"toy_iqa": 1}
 
 
 def _with_broken(sources, tmp_path, bad_rows):
@@ -263,23 +261,23 @@ def test_skip_refills_batches_logs_once_and_counts_per_dataset(sources, tmp_path
     it = iter(pl.make_dataset(src, opts))
     batches = [next(it) for _ in range(3)]
     b0 = batches[0]
-    first = [(d, int(r)) for d, r in zip(b0["meta"]["dataset"], b0["row_id"], strict=True)]
-    assert batches[0]["valid"].all()
+    first = [(d, int(r)) for d, r in zip(b0.meta.dataset, b0.meta.row_id, strict=True)]
+    assert batches[0].meta.valid.all()
     assert first == [("toy_iqa", 2), ("toy_iqa", 3), ("toy_iqa", 5)]  # refilled, in order
     state = json.loads(json.dumps(it.get_state()))
     rest = list(it)
     batches += rest
     # 2 epochs x 12 records, 6 bad reads: 18 good rows, each epoch's good rows exactly once.
     good = [(d, int(r)) for b in batches for d, r, v in
-            zip(b["meta"]["dataset"], b["row_id"], b["valid"], strict=True) if v]  # fmt: skip
+            zip(b.meta.dataset, b.meta.row_id, b.meta.valid, strict=True) if v]  # fmt: skip
     assert len(good) == 18 and collections.Counter(good).most_common(1)[0][1] == 2
     assert not {("toy_iqa", r) for r in (0, 1, 4)} & set(good)
     # The same number of batches as without skips (hosts in step): the tail is padding.
     assert len(batches) == pl.num_batches(src, opts) == 8
-    assert [int(b["valid"].sum()) for b in batches] == [3] * 6 + [0, 0]
-    assert np.all(batches[-1]["attention_mask"].sum(1) > 0)  # a real (masked) example shape
-    assert batches[-1]["meta"]["skipped_by_dataset"] == {"toy_iqa": 3, "toy_iaa": 0}
-    assert batches[-1]["meta"]["num_skipped"] == 6  # failed reads, both epochs
+    assert [int(b.meta.valid.sum()) for b in batches] == [3] * 6 + [0, 0]
+    assert np.all(batches[-1].attention_mask.sum(1) > 0)  # a real (masked) example shape
+    assert dict(batches[-1].stats.skipped_by_dataset) == {"toy_iqa": 3, "toy_iaa": 0}
+    assert batches[-1].stats.num_skipped == 6  # failed reads, both epochs
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert len(logged) == 3  # once per record, not again in epoch 2
     assert "'toy_iqa' row 0" in logged[0] and "junk0.png" in logged[0]
@@ -290,7 +288,7 @@ def test_skip_refills_batches_logs_once_and_counts_per_dataset(sources, tmp_path
     it2.set_state(state)
     again = list(it2)
     assert [_flat(b) for b in again] == [_flat(b) for b in rest]
-    assert again[-1]["meta"]["skipped_by_dataset"] == {"toy_iqa": 3, "toy_iaa": 0}
+    assert dict(again[-1].stats.skipped_by_dataset) == {"toy_iqa": 3, "toy_iaa": 0}
     assert not [r for r in caplog.records if r.getMessage().startswith("skipped")]
 
 
@@ -332,12 +330,12 @@ def test_skip_keeps_hosts_in_step_and_sft_rows_untrained(sources, tmp_path):
                      process_count=2, num_epochs=1, max_skip_fraction=0.5)  # fmt: skip
         batches = list(pl.make_dataset(src, opts))
         counts.append(len(batches))
-        skipped += batches[-1]["meta"]["skipped_by_dataset"]["toy_iqa"]
-        valid += sum(int(b["valid"].sum()) for b in batches)
+        skipped += dict(batches[-1].stats.skipped_by_dataset)["toy_iqa"]
+        valid += sum(int(b.meta.valid.sum()) for b in batches)
         for b in batches:
-            assert b["valid"].shape == (2,)
-            assert np.all(b["label_mask"][~b["valid"]] == 0)
-            assert np.all(b["labels"][~b["valid"]] == -100)
+            assert b.meta.valid.shape == (2,)
+            assert np.all(b.label_mask[~b.meta.valid] == 0)
+            assert np.all(b.labels[~b.meta.valid] == -100)
     assert counts[0] == counts[1] == 3  # 12 records / (2 per host x 2 hosts)
     assert skipped == 1 and valid == 11
 
@@ -367,12 +365,12 @@ def test_synthetic_sft_end_to_end(tmp_path_factory):
     b = next(iter(pl.make_dataset(sources, opts)))
     tok = tk.load_tokenizer()
     for r in range(4):
-        text = tok.decode(b["input_ids"][r][b["label_mask"][r] == 1], skip_special_tokens=False)
+        text = tok.decode(b.input_ids[r][b.label_mask[r] == 1], skip_special_tokens=False)
         assert text.startswith("<think>\n")
         assert text.endswith("</answer><|im_end|>")
         answer = float(text.rsplit("<answer>", 1)[1].split("</answer>")[0])
-        assert abs(answer - float(b["gt_100"][r])) <= 0.005 + 1e-4  # two decimals of the gt
-    assert b["meta"]["num_skipped_rows"] == 0
+        assert abs(answer - float(b.meta.gt_100[r])) <= 0.005 + 1e-4  # two decimals of the gt
+    assert b.stats.num_skipped_rows == 0
 
 
 def test_tfds_source_reads_like_the_manifest(tmp_path_factory):

@@ -276,12 +276,13 @@ def prompt_batch(
     rows: Any = PROMPT_ROWS,
     seed: int = 3,
     patch_bucket: int | None = None,
-    pixels: bool = True,
-) -> dict[str, np.ndarray]:
+) -> Any:
     """A :func:`make_batch` batch as the pipeline hands prompts to a training step (``cfg``: the
-    JAX model's config): int32 ``input_ids`` / ``attention_mask`` / ``image_grid_thw``, M-RoPE
-    ``position_ids`` (3, B, L) and ``rope_deltas`` (B, 1), float32 ``pixel_values`` zero-padded
-    to ``patch_bucket`` rows when given (left out with ``pixels=False``)."""
+    JAX model's config): a ``tatar_jax.data.batch.Batch`` with int32 ``input_ids`` /
+    ``attention_mask`` / ``image_grid_thw``, M-RoPE ``position_ids`` (3, B, L) and
+    ``rope_deltas`` (B, 1), float32 ``pixel_values`` zero-padded to ``patch_bucket`` rows when
+    given, their vision layout for ``cfg.vision``; every row a valid IQA row."""
+    from tatar_jax.data.batch import Batch, RowMeta, vision_inputs
     from tatar_jax.models import qwen2_5_vl as qvl
 
     b = make_batch([list(r) for r in rows], seed=seed)
@@ -289,24 +290,31 @@ def prompt_batch(
     mask = b["attention_mask"].astype(np.int32)
     grid = b["image_grid_thw"].astype(np.int32)
     pos, deltas = qvl.get_rope_index(ids, grid, mask, cfg)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": np.asarray(pos, np.int32),
-        "rope_deltas": np.asarray(deltas, np.int32).reshape(-1, 1),
-    }
-    if pixels:
-        pv = b["pixel_values"].astype(np.float32)
-        if patch_bucket is not None:
-            pv = np.concatenate([pv, np.zeros((patch_bucket - len(pv), pv.shape[1]), pv.dtype)])
-        batch["pixel_values"] = pv
-        batch["image_grid_thw"] = grid
-    return batch
+    pv = b["pixel_values"].astype(np.float32)
+    n = len(pv)
+    if patch_bucket is not None:
+        pv = np.concatenate([pv, np.zeros((patch_bucket - n, pv.shape[1]), pv.dtype)])
+    r = len(ids)
+    meta = RowMeta(
+        task_id=np.zeros(r, np.int32), gt_100=np.full(r, 50.0, np.float32),
+        row_id=np.arange(r, dtype=np.int64), valid=np.ones(r, bool), epoch=np.zeros(r, np.int32),
+    )  # fmt: skip
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=np.asarray(pos, np.int32),
+        rope_deltas=np.asarray(deltas, np.int32).reshape(-1, 1),
+        vision=vision_inputs(pv, grid, cfg.vision),
+        image_grid_thw=grid,
+        meta=meta,
+        num_patches=n,
+        vision_config=cfg.vision,
+    )
 
 
 def grpo_step_inputs(
     cfg: Any,
-    batch: dict,
+    batch: Any,
     tokens: np.ndarray,
     cmask: np.ndarray,
     advantages: np.ndarray,
@@ -323,7 +331,7 @@ def grpo_step_inputs(
     from tatar_jax import generate
     from tatar_jax.train import inputs as step_inputs
 
-    b = len(batch["input_ids"])
+    b = batch.num_rows
     tid = np.zeros(b, np.int32) if task_id is None else np.asarray(task_id, np.int32)
     return step_inputs.grpo_batch(
         generate.prompt_batch(batch, cfg), tid, tokens, cmask, cmask.astype(np.float32),

@@ -13,6 +13,7 @@ import pytest
 
 from configs import rewards as rewards_configs
 from tatar_jax import rewards
+from tatar_jax.data.batch import RowMeta
 
 
 def _batch(g=4):
@@ -25,9 +26,9 @@ def _batch(g=4):
             words = " ".join(["sharp", "noise", "calm", "blur", "x"][: 1 + (b + k) % 5] * (k + 1))
             texts.append(f"<think>{words}</think> <answer>{gt[b] + 3 * k - 4:.1f}</answer>")
     texts[5] = "no answer at all"
-    batch = {"task_id": task_id, "gt_100": gt, "valid": np.ones(3, bool),
-             "row_id": np.array([7, 8, 9]),
-             "meta": {"dataset": ["a", "b", "a"], "image_path": ["p0", "p1", "p2"]}}  # fmt: skip
+    batch = RowMeta(task_id=task_id, gt_100=gt, valid=np.ones(3, bool),
+                    row_id=np.array([7, 8, 9]), epoch=np.zeros(3, np.int32),
+                    dataset=("a", "b", "a"), image_path=("p0", "p1", "p2"))  # fmt: skip
     feats = rewards.completion_features(texts)
     n = 3 * g
     args = dict(

@@ -11,7 +11,8 @@ import tiny_models as tm
 from flax import nnx
 
 from configs import grpo as grpo_config
-from tatar_jax import generate, grpo, rewards
+from tatar_jax import grpo, rewards
+from tatar_jax.data.batch import vision_inputs
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import inputs as step_inputs
 from tatar_jax.train import stages
@@ -36,7 +37,7 @@ def test_pixels_in_compute_dtype_give_the_same_features():
         cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
     )
     b = tm.make_batch([[2, (1, 4, 8), 3]], seed=1)
-    vision = generate.batch_vision(b, cfg.vision)
+    vision = vision_inputs(b["pixel_values"], b["image_grid_thw"], cfg.vision)
     f32 = step_inputs.image_features(model, jax.tree.map(jnp.asarray, vision))
     cast = vision.cast(jnp.bfloat16)
     pv = cast.pixel_values
@@ -100,7 +101,7 @@ def test_step_batches_are_frozen_and_replaced_not_mutated():
 
     cfg = qvl.tiny()
     b = tm.prompt_batch(cfg)
-    n, t = 2 * len(b["input_ids"]), 3
+    n, t = 2 * b.num_rows, 3
     tokens = np.full((n, t), tm.TEXT_ID_RANGE[0], np.int32)
     batch = tm.grpo_step_inputs(cfg, b, tokens, np.ones((n, t), bool), np.zeros(n, np.float32), 2)
     with pytest.raises(dataclasses.FrozenInstanceError):

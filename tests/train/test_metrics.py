@@ -257,13 +257,13 @@ def _grpo_flop_inputs(cfg, packed: bool):
     from tatar_jax.train import inputs as step_inputs
 
     batch = tm.prompt_batch(cfg, [[3, (1, 8, 8), 5], [2, (1, 8, 8), 6]])
-    pixel_values, grid = batch.pop("pixel_values"), batch.pop("image_grid_thw")
+    pixel_values, grid = batch.vision.pixel_values, batch.image_grid_thw
     g, t = 2, 8
     rng = np.random.default_rng(0)
     tokens = rng.integers(*tm.TEXT_ID_RANGE, size=(2 * g, t)).astype(np.int32)
     cmask = np.arange(t)[None, :] < np.array([8, 3, 5, 2])[:, None]
     prompts = generate.PromptBatch(
-        batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["rope_deltas"]
+        batch.input_ids, batch.attention_mask, batch.position_ids, batch.rope_deltas
     )
     seq = step_inputs.expand_prompts(prompts, tokens, cmask, g, cfg.image_token_id)
     rows = step_inputs.GrpoRows(

@@ -29,7 +29,7 @@ def _setup(seed, g, t, temperature, stop_token_ids):
         max_new_tokens=t, num_samples=g, temperature=temperature,
         stop_token_ids=stop_token_ids, pad_token_id=0, logprobs="tempered",
     )  # fmt: skip
-    width = np.shape(batch["input_ids"])[1]
+    width = np.shape(batch.input_ids)[1]
     return model, batch, pv_real, generate.Sampler(model, params, prompt_buckets=(width,))
 
 
@@ -38,9 +38,9 @@ def test_sampler_logps_equal_update_logps(temperature):
     g, t = 3, 8
     # Stop on a token id that is likely to be sampled, so some completions end early.
     model, batch, pv_real, sampler = _setup(1, g, t, temperature, stop_token_ids=(7, 11))
-    cfg, ids = model.config, np.asarray(batch["input_ids"])
+    cfg, ids = model.config, np.asarray(batch.input_ids)
     out = sampler.generate(
-        ids, batch["attention_mask"], pv_real, batch["image_grid_thw"], rng=jax.random.key(5)
+        ids, batch.attention_mask, pv_real, batch.image_grid_thw, rng=jax.random.key(5)
     )
     tokens, cmask, lps = (np.asarray(x) for x in out)
     assert tokens.shape == (2 * g, t)
@@ -71,7 +71,7 @@ def test_grpo_loop_learns_a_bandit():
 
     g, t = 8, 3
     model, batch, pv_real, sampler = _setup(2, g, t, 1.0, stop_token_ids=())
-    cfg, ids = model.config, np.asarray(batch["input_ids"])
+    cfg, ids = model.config, np.asarray(batch.input_ids)
     graphdef, p0 = nnx.split(model)
     tx = optax.adam(3e-2)
     step = jax.jit(
@@ -94,7 +94,7 @@ def test_grpo_loop_learns_a_bandit():
     before = p_even(state.params)
     for i in range(6):
         out = sampler.generate(
-            ids, batch["attention_mask"], pv_real, batch["image_grid_thw"],
+            ids, batch.attention_mask, pv_real, batch.image_grid_thw,
             rng=jax.random.key(100 + i), state=state.params,
         )  # fmt: skip
         tokens, cmask = np.asarray(out.tokens), np.asarray(out.mask)
@@ -181,7 +181,7 @@ def test_trainer_rollout_on_its_own_layout_equals_one_device_generate():
     key = jax.random.key(9)
     # The prompts' layout is computed once; both engines consume it as it is.
     prompts = sampler.prepare(
-        batch["input_ids"], batch["attention_mask"], pv_real, batch["image_grid_thw"]
+        batch.input_ids, batch.attention_mask, pv_real, batch.image_grid_thw
     )
     out = engine.generate(fsdp, prompts, key)
     ref = sampler.generate_prompts(prompts, rng=key)

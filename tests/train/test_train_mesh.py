@@ -45,6 +45,7 @@ class _FakeHosts:
 
 def _pipeline_batches(tmp_path, stage: str, batch_size: int, index: int, count: int, n: int):
     from tatar_jax.data import pipeline, synthetic
+    from tatar_jax.models import qwen2_5_vl as qvl
 
     specs = synthetic.ensure_synthetic(tmp_path / "synthetic", image_size=56)
     sources = pipeline.sources_from_synthetic(specs, "train")
@@ -59,6 +60,7 @@ def _pipeline_batches(tmp_path, stage: str, batch_size: int, index: int, count: 
         process_index=index,
         process_count=count,
         read_threads=1,
+        vision=qvl.tiny().vision,  # batches carry their vision layout: merged, it is remade
     )
     it = iter(pipeline.make_dataset(sources, opts))
     return [next(it) for _ in range(n)], opts
@@ -86,8 +88,9 @@ def _merge(hosts_batches, opts, pad_id):
 
 @pytest.mark.parametrize("stage", ["grpo", "sft"])
 def test_global_batch_equals_one_host_batch(tmp_path, stage):
-    """Two hosts x 2 rows merged == one host x 4 rows (every array, every step), identical on
-    both hosts; the host's own rows are ``meta["process_rows"]``; one process: no gather."""
+    """Two hosts x 2 rows merged == one host x 4 rows (every array, the vision layout's too,
+    every step), identical on both hosts; the host's own rows are ``process_rows``; one
+    process: no gather."""
     from tatar_jax.data.tokenizer import load_tokenizer
 
     pad_id = load_tokenizer(None).pad_id
@@ -98,26 +101,34 @@ def test_global_batch_equals_one_host_batch(tmp_path, stage):
     seen_lengths = set()
     for s in range(steps):
         hb = [per_host[h][0][s] for h in range(2)]
-        seen_lengths.update(b["input_ids"].shape[1] for b in hb)
+        seen_lengths.update(b.input_ids.shape[1] for b in hb)
         merged = _merge(hb, opts, pad_id)
         want = single[s]
         for h, got in enumerate(merged):
-            assert set(got) == set(want), set(got) ^ set(want)
-            for k, v in want.items():
-                if k == "meta":
-                    continue
-                np.testing.assert_array_equal(got[k], v, err_msg=f"step {s} host {h} key {k}")
-                assert got[k].dtype == np.asarray(v).dtype, k
-            assert got["meta"]["process_rows"] == (2 * h, 2 * h + 2)
+            # Every array (the vision layout's included), by its path in the batch.
+            got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+            want_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
+            assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
+            assert any("layout" in jax.tree_util.keystr(p) for p, _ in want_leaves)
+            for (path, v), (_, w) in zip(got_leaves, want_leaves, strict=True):
+                k = jax.tree_util.keystr(path)
+                np.testing.assert_array_equal(v, w, err_msg=f"step {s} host {h} field {k}")
+                assert np.asarray(v).dtype == np.asarray(w).dtype, k
+            assert got.num_patches == want.num_patches
+            assert got.process_rows == (2 * h, 2 * h + 2)
     if stage == "sft":  # the hosts chose different sequence buckets: the padding path ran
         assert len(seen_lengths) > 1
     assert multihost.global_batch(single[0], pad_id=pad_id, process_count=1) is single[0]
 
 
 def test_global_batch_rejects_non_row_arrays():
-    batch = {"valid": np.ones(2, bool), "input_ids": np.zeros((2, 4), np.int32),
-             "odd": np.zeros((3,), np.int32)}  # fmt: skip
-    with pytest.raises(ValueError, match="odd"):
+    import tiny_models as tm
+
+    from tatar_jax.models import qwen2_5_vl as qvl
+
+    batch = tm.prompt_batch(qvl.tiny())
+    batch = batch.replace(meta=batch.meta.replace(task_id=np.zeros((3,), np.int32)))  # odd
+    with pytest.raises(ValueError, match="meta.task_id"):
         multihost.global_batch(batch, pad_id=0, process_count=2, allgather=lambda t: t)
 
 

@@ -35,16 +35,13 @@ def _prompt_batch(cfg):
     """Two left-padded prompts with images of different sizes, as the pipeline lays them out."""
     q = 64  # patch bucket
     batch = tm.prompt_batch(cfg, patch_bucket=q)
-    pv = tm.prompt_batch(cfg)["pixel_values"]  # the real patches
-    patch_mask = np.zeros(q, np.int32)
-    patch_mask[: len(pv)] = 1
-    batch.update(
-        patch_mask=patch_mask,
+    pv = tm.prompt_batch(cfg).vision.pixel_values  # the real patches
+    meta = batch.meta.replace(
         valid=np.array([True, True]),
         task_id=np.array([0, 1], np.int32),
         gt_100=np.array([40.0, 70.0], np.float32),
     )
-    return batch, pv
+    return batch.replace(meta=meta), pv
 
 
 def _grpo_inputs(cfg, seed=0, g=G):
@@ -63,12 +60,12 @@ def _grpo_inputs(cfg, seed=0, g=G):
 
 def _reference_loss(graphdef, params, batch, pv_real, tokens, cmask, adv, old, ref, eps, beta):
     cfg = nnx.merge(graphdef, params).config
-    grids = batch["image_grid_thw"]
+    grids = batch.image_grid_thw
     starts = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
     per_seq = []
     for r in range(len(tokens)):
         b = r // G
-        prompt = batch["input_ids"][b][batch["attention_mask"][b] == 1]
+        prompt = batch.input_ids[b][batch.attention_mask[b] == 1]
         comp = tokens[r][cmask[r]]
         seq = np.concatenate([prompt, comp])[None]
         grid = grids[b : b + 1]
@@ -162,23 +159,23 @@ def test_sft_step_loss_matches_full_hidden_reference():
     cfg = model.config
     graphdef, params = nnx.split(model)
     batch, _ = _prompt_batch(cfg)
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     label_mask = np.zeros_like(ids)
     label_mask[0, -4:] = 1
     label_mask[1, -2:] = 1
-    batch["label_mask"] = label_mask
+    batch = batch.replace(label_mask=label_mask)
     inputs = step_inputs.sft_batch(batch, cfg)
     tx = optax.sgd(0.0)
     state = jax.tree.map(jnp.copy, optim.TrainState.create(params, tx, jax.random.key(0)))
     step = jax.jit(sft_step.make_sft_step(graphdef, tx, grad_accum_steps=2, chunk_size=3))
     _, m = step(state, jax.tree.map(jnp.asarray, inputs))
 
-    layout = qvl.vision_layout(batch["image_grid_thw"], cfg.vision)
-    n = int(batch["patch_mask"].sum())
-    pv = np.pad(batch["pixel_values"][:n], ((0, layout.patch_index.shape[0] - n), (0, 0)))
+    layout = qvl.vision_layout(batch.image_grid_thw, cfg.vision)
+    n = batch.num_patches
+    pv = np.pad(batch.vision.pixel_values[:n], ((0, layout.patch_index.shape[0] - n), (0, 0)))
     h, _ = model.hidden_states(
-        jnp.asarray(ids), jnp.asarray(batch["attention_mask"]), jnp.asarray(pv),
-        position_ids=jnp.asarray(batch["position_ids"]), vision_layout=layout,
+        jnp.asarray(ids), jnp.asarray(batch.attention_mask), jnp.asarray(pv),
+        position_ids=jnp.asarray(batch.position_ids), vision_layout=layout,
     )  # fmt: skip
     w, lay = model.lm_head_weight()
     nll, mask = sft_step.span_nll(
@@ -195,11 +192,10 @@ def _sft_setup(counts=(1, 6)):
     cfg = model.config
     graphdef, params = nnx.split(model)
     batch, _ = _prompt_batch(cfg)
-    label_mask = np.zeros_like(batch["input_ids"])
+    label_mask = np.zeros_like(batch.input_ids)
     for r, c in enumerate(counts):
         label_mask[r, -c - 1 : -1] = 1
-    batch["label_mask"] = label_mask
-    return model, graphdef, params, batch
+    return model, graphdef, params, batch.replace(label_mask=label_mask)
 
 
 def test_sft_accumulation_is_token_mean_not_mean_of_means():
@@ -219,9 +215,12 @@ def test_sft_accumulation_is_token_mean_not_mean_of_means():
         np.testing.assert_allclose(a, b, atol=1e-6)
     halves = []
     for r in range(2):
-        one = {k: (v[r : r + 1] if k in ("input_ids", "attention_mask", "label_mask") else v)
-               for k, v in batch.items()}  # fmt: skip
-        one["position_ids"] = batch["position_ids"][:, r : r + 1]
+        one = batch.replace(
+            input_ids=batch.input_ids[r : r + 1],
+            attention_mask=batch.attention_mask[r : r + 1],
+            label_mask=batch.label_mask[r : r + 1],
+            position_ids=batch.position_ids[:, r : r + 1],
+        )
         one_in = step_inputs.sft_batch(one, model.config)
         feat = np.asarray(inputs.rows.feat_index)[r : r + 1]
         one_in = one_in.replace(rows=one_in.rows.replace(feat_index=feat))
@@ -263,10 +262,10 @@ def test_sft_step_packed_targets_equal_per_row_targets():
     cfg = model.config
     graphdef, params = nnx.split(model)
     batch, _ = _prompt_batch(cfg)
-    label_mask = np.zeros_like(batch["input_ids"])
+    label_mask = np.zeros_like(batch.input_ids)
     label_mask[0, -5:] = 1
     label_mask[1, -3:] = 1
-    batch["label_mask"] = label_mask
+    batch = batch.replace(label_mask=label_mask)
     plain = step_inputs.sft_batch(batch, cfg, num_micro=accum)
     packed = step_inputs.sft_batch(batch, cfg, num_micro=accum, pack_buckets=4)
     assert plain.pack_size == 0
