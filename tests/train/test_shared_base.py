@@ -158,14 +158,13 @@ def test_rollout_with_adapters_equals_the_merged_model(temperature):
         max_new_tokens=8, num_samples=3, temperature=temperature, pad_token_id=0,
         logprobs="tempered",
     )  # fmt: skip
-    width = np.shape(batch["input_ids"])[1]
+    width = np.shape(batch.input_ids)[1]
     outs = []
     for m in (model, merged):
         sampler = generate.Sampler(m, params, prompt_buckets=(width,))
         prompts = sampler.prepare(
-            batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-            batch["image_grid_thw"],
-        )  # fmt: skip
+            batch.input_ids, batch.attention_mask, batch.vision.pixel_values, batch.image_grid_thw
+        )
         outs.append(sampler.generate_prompts(prompts, rng=jax.random.key(3), state=nnx.state(m)))
     (lt, lm, llp), (mt, mm, mlp) = (map(np.asarray, o) for o in outs)
     np.testing.assert_array_equal(lt, mt)
