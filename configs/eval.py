@@ -47,6 +47,18 @@ def eval_block() -> ml_collections.ConfigDict:
     # multiple of them); with several processes each scores its own rows (reference: 4 per GPU).
     c.batch_size = 16
     c.max_new_tokens = 256  # spec §9
+    # Decoding: greedy, one completion per image (spec §9) by default. num_samples K > 1 draws K
+    # completions per image from one prefill (the rollout engine's G-sample path) at
+    # temperature / top_k (0 = off) / top_p, keyed by the config's seed; the prediction is the
+    # aggregate ("mean" | "median") of the parsed answers.
+    c.num_samples = 1
+    c.temperature = 0.0
+    c.top_k = 0
+    c.top_p = 1.0
+    c.aggregate = "mean"
+    # After </think> only <answer> + a number in 0-100 + </answer> may be written (a token mask
+    # per decode step, tatar_jax.generate.answer_constraint); off = the model's own tokens.
+    c.constrained_answer = False
     c.min_pixels = 3_136  # spec §3
     c.max_pixels = 1_572_864  # spec §3
     c.prompt_variant = "reference_eval"  # the evaluation wording (spec §3, D7) | "train"

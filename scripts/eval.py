@@ -13,6 +13,11 @@
     python scripts/eval.py --hf_dir=... --manifest=/data/my/labels.jsonl --task=iqa \\
         --score_range=1,5 --image_root=/data/my/images --out_dir=/tmp/eval/my
 
+    # 8 sampled answers per image (one prefill): the mean's SRCC/PLCC, per-image std, all
+    # answers in predictions.jsonl; --seed makes it repeatable
+    python scripts/eval.py --hf_dir=... --datasets=KADID --num_samples=8 --temperature=1.0 \
+        --top_k=50 --out_dir=/tmp/eval/k8
+
     # one table over several finished runs (no model needed)
     python scripts/eval.py --compare=/tmp/eval/sft,/tmp/eval/grpo
 
@@ -64,7 +69,7 @@ flags.DEFINE_list(
 _SHORT = (
     "hf_dir", "datasets", "benchmark_root", "image_root", "manifest", "task", "score_range",
     "batch_size", "max_new_tokens", "max_pixels", "limit", "out_dir", "reference_compat",
-    "prompt_variant", "mesh_shape", "dcn_shape", "allow_absolute_images",
+    "prompt_variant", "mesh_shape", "dcn_shape", "allow_absolute_images", *cli.DECODING_FLAGS,
 )  # fmt: skip
 
 

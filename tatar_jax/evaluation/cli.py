@@ -45,7 +45,28 @@ def define_model_flags(config_help: str) -> Any:
     flags.DEFINE_integer("max_new_tokens", None, "generation budget (default 256)")
     flags.DEFINE_integer("max_pixels", None, "image pixel budget (default 1572864)")
     flags.DEFINE_string("mesh_shape", "", "ICI mesh, e.g. data=8,fsdp=1,tensor=1 (-1 = inferred)")
+    flags.DEFINE_integer(
+        "num_samples", None, "completions per image from one prefill (default 1: greedy); the "
+        "prediction is their --aggregate, with the per-image std and parsed count",
+    )  # fmt: skip
+    flags.DEFINE_float("temperature", None, "sampling temperature (default 0 = greedy)")
+    flags.DEFINE_integer("top_k", None, "sample among the k most likely tokens (0 = off)")
+    flags.DEFINE_float("top_p", None, "nucleus sampling mass (1 = off)")
+    flags.DEFINE_integer(
+        "seed", None, "sampling seed (default 42): the same command, the same samples"
+    )
+    flags.DEFINE_enum("aggregate", None, ["mean", "median"], "prediction of K samples")
+    flags.DEFINE_bool(
+        "constrained_answer", None, "after </think> allow only <answer>NUMBER</answer> with a "
+        "number in 0-100, so every answer parses (n_would_be_unparsed counts the forced ones)",
+    )  # fmt: skip
     return holder
+
+
+# The decoding flags define_model_flags adds (scripts pass them to apply_overrides).
+DECODING_FLAGS = (
+    "num_samples", "temperature", "top_k", "top_p", "seed", "aggregate", "constrained_answer",
+)  # fmt: skip
 
 
 # The scripts' one-line error contract lives in tatar_jax.cli_errors (every script uses it).
@@ -121,10 +142,19 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
         "reference_compat",
         "prompt_variant",
         "allow_absolute_images",
+        "num_samples",
+        "temperature",
+        "top_k",
+        "top_p",
+        "aggregate",
+        "constrained_answer",
     )
     for key in direct:
         if flags.get(key) is not None:
             setattr(ev, key, flags[key])
+    if flags.get("seed") is not None:
+        cfg.seed = flags["seed"]
+    sampled_defaults(ev, flags)
     if flags.get("score_range") is not None:
         ev.score_range = parse_range(flags["score_range"])
     if flags.get("hf_dir") is not None:
@@ -134,6 +164,31 @@ def apply_overrides(cfg: Any, flags: Mapping[str, Any]) -> Any:
     if flags.get("dcn_shape"):
         cfg.mesh.dcn_shape.update(parse_axes(flags["dcn_shape"], "dcn_shape"))
     return cfg
+
+
+# What --num_samples > 1 samples with when no --temperature is given: the settings of the
+# reasoning IQA scorers' demos (VisualQuality-R1, Q-Insight: temperature 1.0, top-k 50).
+SAMPLED_DEFAULTS = {"temperature": 1.0, "top_k": 50}
+
+
+def sampled_defaults(ev: Any, flags: Mapping[str, Any]) -> None:
+    """``--num_samples`` > 1 without ``--temperature`` on a greedy config: samples at
+    :data:`SAMPLED_DEFAULTS` (``--top_k`` likewise when not given) and says so on stderr; K
+    greedy samples would be K equal copies."""
+    if not flags.get("num_samples") or int(flags["num_samples"]) <= 1:
+        return
+    if flags.get("temperature") is not None or float(ev.temperature) > 0:
+        return
+    ev.temperature = SAMPLED_DEFAULTS["temperature"]
+    said = f"--temperature={ev.temperature:g}"
+    if flags.get("top_k") is None and int(ev.top_k) == 0:
+        ev.top_k = SAMPLED_DEFAULTS["top_k"]
+        said += f" --top_k={ev.top_k}"
+    print(
+        f"note: --num_samples={flags['num_samples']} samples with {said} (give --temperature to "
+        "choose)",
+        file=sys.stderr,
+    )
 
 
 def check_eval_numbers(ev: Any) -> None:
@@ -146,6 +201,27 @@ def check_eval_numbers(ev: Any) -> None:
             raise ValueError(f"--{name}: must be a positive number, got {ev[name]}")
     if int(ev.min_pixels) > int(ev.max_pixels):
         raise ValueError(f"--max_pixels: {ev.max_pixels} is below min_pixels {ev.min_pixels}")
+    check_decoding(ev)
+
+
+def check_decoding(ev: Any) -> None:
+    """ValueError naming the flag of a decoding setting that cannot run (or that would silently
+    mean something else: K greedy samples are K equal copies)."""
+    if int(ev.num_samples) < 1:
+        raise ValueError(f"--num_samples: must be >= 1, got {ev.num_samples}")
+    t = float(ev.temperature)
+    if not (t >= 0 and math.isfinite(t)):
+        raise ValueError(f"--temperature: must be a finite number >= 0, got {ev.temperature}")
+    if int(ev.num_samples) > 1 and t == 0:
+        raise ValueError(
+            f"--num_samples={ev.num_samples} needs --temperature > 0 (greedy samples are equal)"
+        )
+    if int(ev.top_k) < 0:
+        raise ValueError(f"--top_k: must be >= 0 (0 = off), got {ev.top_k}")
+    if not 0 < float(ev.top_p) <= 1:
+        raise ValueError(f"--top_p: must be in (0, 1], got {ev.top_p}")
+    if ev.aggregate not in scoring.AGGREGATES:
+        raise ValueError(f"--aggregate: must be one of {scoring.AGGREGATES}, got {ev.aggregate!r}")
 
 
 def check_one_source(cfg: Any, checkpoint: str = "") -> None:
@@ -221,7 +297,11 @@ def run_eval_from_config(
     known = None
     if not checkpoint or fingerprint.is_export(checkpoint):
         known = _weights_info(cfg, checkpoint, {})
-    early = {"reference_compat": ev.reference_compat, **_decoding_info(ev), **(known or {})}
+    early = {
+        "reference_compat": ev.reference_compat,
+        **_decoding_info(ev, cfg.seed),
+        **(known or {}),
+    }
     shards.check_run_info(os.path.join(ev.out_dir, outputs.RUN_INFO), early)
     if predictor_factory is None:
         from tatar_jax.evaluation.predict import build_predict_fn as predictor_factory
@@ -241,6 +321,7 @@ def run_eval_from_config(
         progress=ev.progress and is_writer,
         is_writer=is_writer,
         plots=ev.plots,
+        aggregate=ev.aggregate,
         run_info={**predictor.info, **weights},
     )
     results = runner.run_eval(
@@ -257,14 +338,17 @@ def run_eval_from_config(
     return results
 
 
-def _decoding_info(ev: Any) -> dict[str, Any]:
+def _decoding_info(ev: Any, seed: int) -> dict[str, Any]:
     """The decoding settings of ``configs/eval.py``'s ``eval`` block as ``run_info.json`` holds
     them (:func:`tatar_jax.evaluation.predict.build_predict_fn`'s ``info``)."""
+    from tatar_jax.evaluation.predict import decoding_info
+
     return {
         "max_new_tokens": int(ev.max_new_tokens),
         "min_pixels": int(ev.min_pixels),
         "max_pixels": int(ev.max_pixels),
         "prompt_variant": ev.prompt_variant,
+        "decoding": decoding_info(ev, seed),
     }
 
 
@@ -320,13 +404,15 @@ def score_images(
     *,
     batch_size: int,
     count_tokens: scoring.CountTokens | None = None,
+    aggregate: str = "mean",
 ) -> list[dict[str, Any]]:
     """Scores every image for every task; one result dict per (image, task), input order.
 
     Result: ``image, task, score`` (0-100; None when the answer does not parse or lies outside
     0-100), ``answer`` (the parsed value as written), ``out_of_range``, ``reasoning``
     (:func:`tatar_jax.answer_format.think_text`, stripped), ``completion``, ``think_tokens``,
-    ``error`` (why an image was not scored).
+    ``error`` (why an image was not scored). K samples (a
+    :class:`~tatar_jax.evaluation.scoring.Samples` entry) add :func:`_sampled_result`'s fields.
     """
     from tatar_jax.data import image as image_mod
 
@@ -354,18 +440,49 @@ def score_images(
         for job, text in zip(chunk, texts, strict=True):
             if isinstance(text, runner.RecordFailure):
                 job["_result"]["error"] = text.reason
-                continue
-            scored = scoring.score_completion(text, job["task"], count_tokens=count_tokens)
-            out_of_range = scored["out_of_range"]
-            job["_result"].update(
-                score=None if out_of_range else scored["prediction"],
-                answer=scored["answer"],
-                out_of_range=out_of_range,
-                reasoning=answer_format.think_text(text).strip(),
-                completion=text,
-                think_tokens=scored["think_tokens"],
-            )
+            elif isinstance(text, scoring.Samples):
+                job["_result"].update(_sampled_result(text, job["task"], count_tokens, aggregate))
+            else:
+                scored = scoring.score_completion(text, job["task"], count_tokens=count_tokens)
+                out_of_range = scored["out_of_range"]
+                job["_result"].update(
+                    score=None if out_of_range else scored["prediction"],
+                    answer=scored["answer"],
+                    out_of_range=out_of_range,
+                    reasoning=answer_format.think_text(text).strip(),
+                    completion=text,
+                    think_tokens=scored["think_tokens"],
+                )
     return results
+
+
+def _sampled_result(
+    samples: scoring.Samples, task: str, count_tokens: Any, aggregate: str
+) -> dict[str, Any]:
+    """score.py's result of K samples: ``score`` the ``aggregate`` of the answers inside 0-100
+    (never clipped; None when none), ``std`` their population std, ``n_parsed`` their count of
+    ``n_samples``, ``out_of_range`` the parsed answers outside 0-100, ``answers`` every sample's
+    parsed value (None: unparsed), ``samples`` the K completions; reasoning / completion /
+    think_tokens of the first sample."""
+    import numpy as np
+
+    row = scoring.score_samples(samples, task, aggregate=aggregate, count_tokens=count_tokens)
+    raw = row["raw_answers"]
+    inside = [a for a in raw if a is not None and not answer_format.out_of_scale(a)]
+    first = samples.texts[0] if samples.texts else ""
+    return {
+        "score": scoring.aggregate_answers(inside, aggregate) if inside else None,
+        "std": float(np.std(inside)) if inside else None,
+        "n_parsed": len(inside),
+        "n_samples": len(samples.texts),
+        "out_of_range": int(row["out_of_range"]),
+        "answers": raw,
+        "reasoning": answer_format.think_text(first).strip(),
+        "completion": first,
+        "samples": list(samples.texts),
+        "think_tokens": row["think_tokens"],
+        **({"n_forced": row["n_forced"]} if "n_forced" in row else {}),
+    }
 
 
 def format_results(results: Sequence[Mapping[str, Any]], as_json: bool) -> str:
@@ -378,7 +495,9 @@ def format_results(results: Sequence[Mapping[str, Any]], as_json: bool) -> str:
         if r.get("error"):
             lines.append(f"{head}  error: {r['error']}")
             continue
-        if r.get("out_of_range"):
+        if "n_samples" in r:
+            score = _sampled_line(r)
+        elif r.get("out_of_range"):
             score = f"out of range: the model answered {r['answer']:g}, outside 0-100"
         elif r["score"] is None:
             score = "unparsed answer"
@@ -390,3 +509,15 @@ def format_results(results: Sequence[Mapping[str, Any]], as_json: bool) -> str:
         if r["score"] is None:
             lines.append(f"  raw output: {r.get('completion', '')!r}")
     return "\n".join(lines)
+
+
+def _sampled_line(r: Mapping[str, Any]) -> str:
+    """``73.4 ± 2.1 (8/8 parsed)``; answers outside 0-100 and forced answers named after."""
+    counts = f"{r['n_parsed']}/{r['n_samples']} parsed"
+    if r.get("out_of_range"):
+        counts += f", {r['out_of_range']} outside 0-100"
+    if r.get("n_forced"):
+        counts += f", {r['n_forced']} forced by the answer constraint"
+    if r["score"] is None:
+        return f"no answer inside 0-100 ({counts})"
+    return f"{r['score']:.1f} ± {r['std']:.1f} ({counts})"

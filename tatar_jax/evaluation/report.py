@@ -132,6 +132,31 @@ def details_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def samples_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """K samples per image (datasets with ``num_samples``): the aggregate's SRCC / PLCC beside one
+    sample's (averaged over the K), the mean per-image std, unparsed samples and (constrained
+    decoding) the answers the constraint forced; "" when no dataset was sampled."""
+    sampled = {n: m for n, m in results.items() if m.get("num_samples")}
+    if not sampled:
+        return ""
+    lines = [
+        "| Dataset | K | SRCC (aggregate) | PLCC (aggregate) | SRCC (one sample) "
+        "| PLCC (one sample) | Mean per-image std | Unparsed samples % | Forced answers |",
+        "|---|" + "---:|" * 8,
+    ]
+    for name, m in sampled.items():
+        frac = _num(m.get("frac_samples_unparsed"))
+        forced = m.get("n_would_be_unparsed")
+        lines.append(
+            f"| {name} | {m['num_samples']} | {_fmt(m.get('srcc'), 4)} | {_fmt(m.get('plcc'), 4)} "
+            f"| {_fmt(m.get('srcc_single'), 4)} | {_fmt(m.get('plcc_single'), 4)} "
+            f"| {_fmt(m.get('mean_pred_std'), 2)} "
+            f"| {DASH if math.isnan(frac) else f'{100 * frac:.1f}'} "
+            f"| {DASH if forced is None else forced} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(
     results: Mapping[str, Mapping[str, Any]],
     *,
@@ -151,6 +176,7 @@ def summary_markdown(
         + paper_table({title: results}, reference_compat=reference_compat)
         + "\n## Per dataset\n\n"
         + details_table(results)
+        + (f"\n## Sampled decoding\n\n{samples_table(results)}" if samples_table(results) else "")
     )
 
 

@@ -5,7 +5,9 @@ The model enters through one narrow seam, a **predict function**::
     predict_fn(records: Sequence[dict]) -> Sequence[str]      # one decoded completion per record
 
 (An entry may instead be a :class:`RecordFailure` for a record the model side cannot take, e.g.
-an image whose aspect ratio the processor rejects; it is listed in errors.jsonl and counted.)
+an image whose aspect ratio the processor rejects; it is listed in errors.jsonl and counted; or
+a :class:`~tatar_jax.evaluation.scoring.Samples` of K completions, scored by
+:func:`~tatar_jax.evaluation.scoring.score_samples`: the prediction is their mean / median.)
 
 Each record is a loaded manifest record (:func:`tatar_jax.data.manifest.load_records`: ``image``
 path, ``task``, ``gt_100``, ``row_id``, ...) plus ``"pil_image"``, the decoded image (so the
@@ -26,7 +28,10 @@ Per dataset, in ``out_dir/<dataset>/``:
 * ``predictions.jsonl``: one row per scored record, appended as it is scored:
   ``row_id, image, gt_raw, gt_100, task, completion, parsed, prediction, think_tokens,
   think_words, num_words``. ``prediction`` is the parsed answer clipped to [0, 100] (None when
-  unparsed); ``think_tokens`` is None without a token counter.
+  unparsed); ``think_tokens`` is None without a token counter. With K samples per image the row
+  also holds ``samples`` (the K completions), ``answers`` (each one's clipped prediction, None
+  when unparsed), ``raw_answers``, ``n_samples``, ``n_parsed``, ``pred_std`` and (constrained
+  decoding) ``n_forced``; ``prediction`` is then the ``aggregate`` of ``answers``.
 * ``errors.jsonl``: every record that could not be scored (missing / unreadable image) with the
   reason. Rewritten by each run (failed rows are retried on resume).
 * ``metrics.json``: counts and :func:`tatar_jax.evaluation.metrics.correlation_metrics`.
@@ -65,7 +70,13 @@ from tatar_jax.evaluation.outputs import (
     read_jsonl,
 )
 from tatar_jax.evaluation.prefetch import batches_with_images
-from tatar_jax.evaluation.scoring import CountTokens, dataset_metrics, score_completion
+from tatar_jax.evaluation.scoring import (
+    CountTokens,
+    Samples,
+    dataset_metrics,
+    score_completion,
+    score_samples,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +86,7 @@ class RecordFailure:
     reason: str
 
 
-PredictFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["str | RecordFailure"]]
+PredictFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["str | Samples | RecordFailure"]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +103,8 @@ class EvalOptions:
     progress: tqdm bar with ETA on stderr.
     is_writer: this process writes files (process 0 of a multi-host run).
     plots: write PNG plots (matplotlib).
+    aggregate: the prediction of K samples (:class:`~tatar_jax.evaluation.scoring.Samples`
+      entries): ``"mean"`` | ``"median"`` of the parsed answers.
     run_info: settings stored in run_info.json and checked on resume (model, decoding, ...).
     process_index / process_count: this process and the number of processes sharing the rows
       (None: ``jax.process_index()`` / ``jax.process_count()``, 0 / 1 without jax). With more
@@ -107,6 +120,7 @@ class EvalOptions:
     progress: bool = True
     is_writer: bool = True
     plots: bool = True
+    aggregate: str = "mean"
     run_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     process_index: int | None = None
     process_count: int | None = None
@@ -114,6 +128,8 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.aggregate not in ("mean", "median"):
+            raise ValueError(f"aggregate must be 'mean' or 'median', got {self.aggregate!r}")
         if self.bad_rows not in manifest_mod.ON_ERROR:
             raise ValueError(f"bad_rows must be one of {manifest_mod.ON_ERROR}")
         if (self.process_index is None) != (self.process_count is None):
@@ -189,6 +205,36 @@ def _record_error(
         ef.append(err)
 
 
+def _scored(
+    name: str,
+    rec: Mapping[str, Any],
+    text: Any,
+    options: EvalOptions,
+    count_tokens: CountTokens | None,
+) -> dict[str, Any]:
+    """The scored fields of one record's predict-function entry (one completion or K)."""
+    if isinstance(text, Samples):
+        return {
+            "completion": text.texts[0] if text.texts else "",
+            **score_samples(
+                text, rec["task"], aggregate=options.aggregate,
+                reference_compat=options.reference_compat, count_tokens=count_tokens,
+            ),
+        }  # fmt: skip
+    if not isinstance(text, str):
+        raise EvalError(
+            f"{name}: predict_fn returned {type(text).__name__} for row "
+            f"{rec['row_id']} ({rec['image_name']}); expected the decoded text"
+        )
+    return {
+        "completion": text,
+        **score_completion(
+            text, rec["task"], reference_compat=options.reference_compat,
+            count_tokens=count_tokens,
+        ),
+    }  # fmt: skip
+
+
 def _score_batches(
     name: str,
     todo: Sequence[Mapping[str, Any]],
@@ -241,24 +287,13 @@ def _score_batches(
                 }
                 _record_error(err, errors, ef)
                 continue
-            if not isinstance(text, str):
-                raise EvalError(
-                    f"{name}: predict_fn returned {type(text).__name__} for row "
-                    f"{rec['row_id']} ({rec['image_name']}); expected the decoded text"
-                )
             row = {
                 "row_id": rec["row_id"],
                 "image": rec["image_name"],
                 "gt_raw": rec["score_raw"],
                 "gt_100": rec["gt_100"],
                 "task": rec["task"],
-                "completion": text,
-                **score_completion(
-                    text,
-                    rec["task"],
-                    reference_compat=options.reference_compat,
-                    count_tokens=count_tokens,
-                ),
+                **_scored(name, rec, text, options, count_tokens),
             }
             done[row["row_id"]] = row
             if pf is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -14,6 +14,17 @@ from tatar_jax.data import manifest as manifest_mod
 from tatar_jax.evaluation import metrics as metrics_mod
 
 CountTokens = Callable[[str], int]
+AGGREGATES = ("mean", "median")
+
+
+class Samples(NamedTuple):
+    """A predict function's K completions of one record (``num_samples`` > 1, or a constrained
+    decoder): ``texts`` (K,) and ``forced`` (K,) bools, True where the answer constraint had to
+    override the model's own token (the unconstrained decode would have left the answer format:
+    ``n_would_be_unparsed``); ``forced`` None without a constraint."""
+
+    texts: tuple[str, ...]
+    forced: tuple[bool, ...] | None = None
 
 
 def score_completion(
@@ -55,6 +66,98 @@ def score_completion(
     }
 
 
+def aggregate_answers(values: Sequence[float], how: str = "mean") -> float:
+    """The prediction of K parsed answers (already clipped to [0, 100]): their mean or median;
+    NaN when none parsed."""
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
+    if not len(values):
+        return math.nan
+    v = np.asarray(values, np.float64)
+    return float(np.mean(v) if how == "mean" else np.median(v))
+
+
+def score_samples(
+    samples: Samples,
+    task: str,
+    *,
+    aggregate: str = "mean",
+    reference_compat: bool = False,
+    count_tokens: CountTokens | None = None,
+) -> dict[str, Any]:
+    """The scored row of K completions of one record: each scored by :func:`score_completion`.
+
+    ``prediction`` is the ``aggregate`` (mean | median) of the parsed samples' clipped predictions
+    (None when no sample parsed), ``pred_std`` their population standard deviation (0 for one),
+    ``n_parsed`` / ``n_samples`` the counts, ``answers`` each sample's prediction (None:
+    unparsed), ``samples`` every completion and ``completion`` the first; ``parsed`` is
+    ``n_parsed > 0``; ``out_of_range`` counts samples answering outside 0-100; think lengths are
+    means over the samples; ``n_forced`` (constrained decoding) the samples whose answer the
+    constraint had to force.
+    """
+    scored = [
+        score_completion(t, task, reference_compat=reference_compat, count_tokens=count_tokens)
+        for t in samples.texts
+    ]
+    preds = [s["prediction"] for s in scored]
+    good = [p for p in preds if p is not None]
+    agg = aggregate_answers(good, aggregate)
+    think = [s["think_tokens"] for s in scored if s["think_tokens"] is not None]
+    row = {
+        "parsed": bool(good),
+        "answer": agg if good else None,
+        "out_of_range": sum(bool(s["out_of_range"]) for s in scored),
+        "prediction": agg if good else None,
+        "pred_std": float(np.std(good)) if good else None,
+        "n_parsed": len(good),
+        "n_samples": len(scored),
+        "answers": preds,
+        "raw_answers": [s["answer"] for s in scored],
+        "think_tokens": float(np.mean(think)) if think else None,
+        "think_words": float(np.mean([s["think_words"] for s in scored])),
+        "num_words": float(np.mean([s["num_words"] for s in scored])),
+        "samples": list(samples.texts),
+    }
+    if samples.forced is not None:
+        row["n_forced"] = int(sum(bool(f) for f in samples.forced))
+    return row
+
+
+def sample_metrics(rows: Sequence[Mapping[str, Any]], gt: np.ndarray) -> dict[str, Any]:
+    """The K-sample statistics of scored rows (``n_samples`` in them): ``num_samples``,
+    ``mean_pred_std`` (mean per-image std over images with a parsed sample),
+    ``n_samples_unparsed`` / ``frac_samples_unparsed`` and ``srcc_single`` / ``plcc_single``:
+    the SRCC / PLCC of sample j's answers alone, averaged over j (what one sampled decode
+    gives, against the aggregate's ``srcc`` / ``plcc``); ``n_would_be_unparsed``: samples the
+    answer constraint had to force (constrained decoding only)."""
+    k = max(int(r.get("n_samples", 1)) for r in rows) if rows else 0
+    stds = [r["pred_std"] for r in rows if r.get("pred_std") is not None]
+    n_total = sum(int(r.get("n_samples", 1)) for r in rows)
+    n_bad = sum(int(r.get("n_samples", 1)) - int(r.get("n_parsed", 0)) for r in rows)
+    single_s, single_p = [], []
+    answers = [list(r.get("answers") or ()) for r in rows]
+    for j in range(k):
+        pj = np.array([_nan_if_none(a[j]) if j < len(a) else math.nan for a in answers])
+        m = metrics_mod.correlation_metrics(gt, pj, logistic=False)
+        single_s.append(m["srcc"])
+        single_p.append(m["plcc"])
+    out = {
+        "num_samples": k,
+        "mean_pred_std": float(np.mean(stds)) if stds else math.nan,
+        "n_samples_unparsed": n_bad,
+        "frac_samples_unparsed": n_bad / n_total if n_total else math.nan,
+        "srcc_single": float(np.mean(single_s)) if single_s else math.nan,
+        "plcc_single": float(np.mean(single_p)) if single_p else math.nan,
+    }
+    if any("n_forced" in r for r in rows):
+        out["n_would_be_unparsed"] = sum(int(r.get("n_forced", 0)) for r in rows)
+    return out
+
+
+def _nan_if_none(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
 def dataset_metrics(
     spec: manifest_mod.DatasetSpec,
     rows: Sequence[Mapping[str, Any]],
@@ -69,7 +172,9 @@ def dataset_metrics(
     ``n_image_errors`` / ``n_bad_rows`` / ``n_predict_errors`` = listed in errors.jsonl;
     ``n_missing`` = the rest (0 after a complete run); ``frac_unparsed`` = unparsed / scored;
     ``n_out_of_range`` = parsed answers outside 0-100 (clipped for the correlations, counted
-    here). Correlations use the ``n_pairs`` parsed rows.
+    here). Correlations use the ``n_pairs`` parsed rows. Rows of K samples
+    (:func:`score_samples`) add :func:`sample_metrics`; ``n_unparsed`` then counts images without
+    a parsed sample and ``n_out_of_range`` samples.
     """
     rows = sorted(rows, key=lambda r: r["row_id"])
     gt = np.array([r["gt_100"] for r in rows], np.float64)
@@ -90,7 +195,7 @@ def dataset_metrics(
         "n_bad_rows": sum(1 for e in errors if e.get("kind") == "bad_row"),
         "n_predict_errors": sum(1 for e in errors if e.get("kind") == "predict"),
         "n_unparsed": n_unparsed,
-        "n_out_of_range": sum(1 for r in rows if r.get("out_of_range")),
+        "n_out_of_range": sum(int(r.get("out_of_range") or 0) for r in rows),
         "frac_unparsed": n_unparsed / n_scored if n_scored else math.nan,
         "mean_think_tokens": float(np.mean(think_tok)) if think_tok else math.nan,
         "mean_think_words": (
@@ -105,6 +210,8 @@ def dataset_metrics(
         - out["n_predict_errors"]
     )
     out.update(metrics_mod.correlation_metrics(gt, pred, reference_compat=reference_compat))
+    if any("n_samples" in r for r in rows):
+        out.update(sample_metrics(rows, gt))
     return metrics_mod.json_ready(out)
 
 

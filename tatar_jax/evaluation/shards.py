@@ -36,7 +36,10 @@ RESUME_KEYS = (
     "prompt_variant",
     "weights",  # tatar_jax.evaluation.fingerprint: what was evaluated, not its folder's name
     "dtype",
+    "decoding",  # predict.decoding_info: K, temperature, top-k/p, seed, the answer constraint
 )
+# What an out_dir written before the decoding settings were recorded was decoded with.
+GREEDY_DECODING = {"num_samples": 1, "temperature": 0.0, "constrained": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +115,8 @@ def check_run_info(path: str, info: Mapping[str, Any]) -> dict[str, Any]:
             f"{old.get('model', '?')}; now {info['weights']}); stored predictions would be "
             "mixed with new ones - use a fresh out_dir"
         )
+    if "decoding" in info and "decoding" not in old and old:
+        old = {**old, "decoding": GREEDY_DECODING}
     for key in RESUME_KEYS:
         if key in old and key in info and old[key] != info[key]:
             raise ResumeMismatchError(

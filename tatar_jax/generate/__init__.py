@@ -52,6 +52,12 @@ exits as soon as every row is done.
 - ``"policy"``: the log-prob under the distribution actually sampled from (after temperature,
   top-k and top-p renormalisation); greedy rows get 0.
 
+Constrained answers (``Sampler(..., constraint=answer_constraint.for_tokenizer(tok, vocab))``):
+after ``</think>`` every step samples among the tokens that keep ``<answer>NUMBER</answer>``
+parsable with a number in [0, 100] (a token mask per step from a state machine carried in the
+loop, :mod:`~tatar_jax.generate.answer_constraint`); ``Sampler.last_forced`` says which rows it
+had to override.
+
 :class:`Sampler` keeps the compiled programs and takes new weights without recompiling (the
 parameters are an argument of the jitted functions, not constants).
 
@@ -80,6 +86,7 @@ import jax
 from flax import nnx
 
 from tatar_jax import sharding as sharding_mod
+from tatar_jax.generate.answer_constraint import AnswerConstraint
 from tatar_jax.generate.prompts import PromptBatch, Vision, next_bucket, prompt_batch
 from tatar_jax.generate.sampler import Sampler, decode_completions
 from tatar_jax.generate.sampling import (
@@ -93,6 +100,7 @@ from tatar_jax.generate.sampling import (
 )
 
 __all__ = [
+    "AnswerConstraint",
     "ENDOFTEXT_ID",
     "GenerateOutput",
     "IM_END_ID",

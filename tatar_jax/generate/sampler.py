@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from tatar_jax import sharding as sharding_mod
+from tatar_jax.generate import answer_constraint
 from tatar_jax.generate.prompts import PromptBatch, Vision, next_bucket, pad_rows, patch_bucket
 from tatar_jax.generate.sampling import GenerateOutput, SamplingParams, sample_tokens
 from tatar_jax.models.qwen2_5_vl import rope
@@ -36,6 +37,8 @@ class _Carry(NamedTuple):
     deltas: jax.Array  # (N,) int32 rope deltas
     keys: jax.Array  # (N,) typed keys, one stream per row
     step: jax.Array  # () int32, next output column
+    cstate: jax.Array  # (N,) int32 answer-constraint state (0 without a constraint)
+    forced: jax.Array  # (N,) bool, the constraint overrode the model's own token
 
 
 def _as_key(rng: Any) -> jax.Array:
@@ -63,6 +66,9 @@ class Sampler:
       mesh: shard the batch (and KV cache) over this mesh's batch axes and place the weights on
         it (see the module docstring); None = jit's default placement (one device).
       rules: logical-axis rules table for ``mesh`` (default ``sharding.DEFAULT_RULES``).
+      constraint: an :class:`~tatar_jax.generate.answer_constraint.AnswerConstraint` (None: off):
+        every step samples among the tokens its grammar allows (an answer that always parses);
+        :attr:`last_forced` then says which rows it had to override.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class Sampler:
         weights_dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding_mod.LogicalRules | None = None,
+        constraint: answer_constraint.AnswerConstraint | None = None,
     ) -> None:
         self.config = model.config
         self.mesh = mesh
@@ -95,6 +102,9 @@ class Sampler:
         # output columns filled by the last call (device scalar): < max_new_tokens when every
         # row stopped early and the loop left.
         self.last_num_steps: jax.Array | None = None
+        self.constraint = self._check_constraint(constraint, model.config)
+        # (N,) bool of the last call with a constraint: the rows whose answer it forced.
+        self.last_forced: jax.Array | None = None
         if mesh is None:
             self._prefill = jax.jit(self._prefill_fn)
             self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
@@ -105,13 +115,16 @@ class Sampler:
             carry_sh = self._carry_shardings()
             rows = self._rows_sharding
             out_sh = GenerateOutput(rows(2), rows(2), rows(2))
-            # ids, mask (B, L); positions (3, B, L); deltas (B, 1); pixels / layout / key replicated
-            in_sh = (None, rows(2), rows(2), self._pos_sharding(), rows(2), rep, rep, rep)
+            # ids, mask (B, L); positions (3, B, L); deltas (B, 1); pixels / layout / key (and
+            # the constraint's tables) replicated; with a constraint decode also gives the
+            # forced rows
+            cons = () if self.constraint is None else (rep,)
+            in_sh = (None, rows(2), rows(2), self._pos_sharding(), rows(2), rep, rep, rep, *cons)
             self._prefill = jax.jit(self._prefill_fn, in_shardings=in_sh, out_shardings=carry_sh)
             self._decode = jax.jit(
                 self._decode_fn,
-                in_shardings=(None, carry_sh),
-                out_shardings=(out_sh, carry_sh.cache, rep),
+                in_shardings=(None, carry_sh, *cons),
+                out_shardings=(out_sh, carry_sh.cache, rep, *(rows(1) for _ in cons)),
                 donate_argnums=(1,),
             )
 
@@ -154,6 +167,8 @@ class Sampler:
             deltas=rows(1),
             keys=rows(1),
             step=rep,
+            cstate=rows(1),
+            forced=rows(1),
         )
 
     def _global_inputs(self, ids, mask, pos, deltas, pv, layout, key) -> tuple[Any, ...]:
@@ -171,6 +186,31 @@ class Sampler:
             None if layout is None else sharding_mod.put_tree_global(layout, rep),
             jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key)),
         )
+
+    def _check_constraint(
+        self, cons: answer_constraint.AnswerConstraint | None, cfg: Any
+    ) -> answer_constraint.AnswerConstraint | None:
+        """The constraint with its tables on the device (replicated over the mesh); ValueError
+        when it cannot hold a whole answer in ``max_new_tokens`` or does not fit the vocabulary."""
+        if cons is None:
+            return None
+        vocab = int(cfg.text.vocab_size)
+        if np.shape(cons.next_state)[1] != vocab:
+            raise ValueError(
+                f"the answer constraint covers {np.shape(cons.next_state)[1]} tokens, the model's "
+                f"vocabulary {vocab}: build it with vocab_size={vocab}"
+            )
+        if cons.min_tokens > self.params.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens={self.params.max_new_tokens} cannot hold a constrained answer: "
+                f"this tokenizer needs at least {cons.min_tokens} tokens"
+            )
+        if self.mesh is None:
+            return jax.device_put(cons)
+        rep = sharding_mod.replicated(self.mesh)
+        if rep.is_fully_addressable:
+            return jax.device_put(cons, rep)
+        return sharding_mod.put_tree_global(cons, rep)
 
     def place_state(self, state: Any) -> Any:
         """The rollout's copy of ``state`` (policy parameters in any dtype and layout): floating
@@ -200,7 +240,9 @@ class Sampler:
         return jax.tree.map(convert, state, self._state_shardings)
 
     # --- jitted bodies ------------------------------------------------------------------------
-    def _prefill_fn(self, state, ids, mask, pos, deltas, pixel_values, layout, key) -> _Carry:
+    def _prefill_fn(
+        self, state, ids, mask, pos, deltas, pixel_values, layout, key, cons=None
+    ) -> _Carry:
         self.trace_counts["prefill"] += 1
         p = self.params
         model = nnx.merge(self.graphdef, state)
@@ -223,9 +265,17 @@ class Sampler:
         cache = SampleCache.from_prompt(cache, g, p.max_new_tokens)
         n = b * g
         keys = jax.random.split(key, n)
-        tok, lp = sample_tokens(
-            rep(logits), jax.vmap(jax.random.fold_in)(keys, jnp.zeros(n, int)), p
-        )
+        step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.zeros(n, int))
+        cstate = jnp.zeros(n, jnp.int32)
+        forced = jnp.zeros(n, bool)
+        if cons is None:
+            tok, lp = sample_tokens(rep(logits), step_keys, p)
+        else:
+            cstate = jnp.full(n, cons.start, jnp.int32)
+            left = jnp.int32(p.max_new_tokens - 1)  # tokens after this one
+            tok, lp, cstate, forced = answer_constraint.constrained_sample(
+                rep(logits), step_keys, p, cons, cstate, left
+            )
         stop = jnp.asarray(p.stop_token_ids or (-1,), jnp.int32)
         done = jnp.isin(tok, stop)
         s = p.max_new_tokens
@@ -241,9 +291,12 @@ class Sampler:
             deltas=rep(deltas.reshape(-1).astype(jnp.int32)),
             keys=keys,
             step=jnp.ones((), jnp.int32),
+            cstate=cstate,
+            forced=forced,
         )
 
-    def _decode_fn(self, state, carry: _Carry) -> tuple[GenerateOutput, SampleCache, jax.Array]:
+    def _decode_fn(self, state, carry: _Carry, cons=None) -> tuple[Any, ...]:
+        """(outputs, the donated cache, steps run) [+ (N,) forced rows with a constraint]."""
         self.trace_counts["decode"] += 1
         p = self.params
         model = nnx.merge(self.graphdef, state)
@@ -264,9 +317,17 @@ class Sampler:
             )
             logits = model.logits_from_hidden(h[:, 0]).astype(jnp.float32)
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(c.keys, c.step)
-            tok, lp = sample_tokens(logits, keys, p)
             live = ~c.done
             col = c.step
+            cstate, forced = c.cstate, c.forced
+            if cons is None:
+                tok, lp = sample_tokens(logits, keys, p)
+            else:  # the answer grammar: a mask per step (answer_constraint)
+                left = p.max_new_tokens - 1 - col
+                tok, lp, cstate, f = answer_constraint.constrained_sample(
+                    logits, keys, p, cons, c.cstate, left
+                )
+                forced = forced | (f & live)
             return c._replace(
                 cache=cache,
                 tokens=c.tokens.at[:, col].set(jnp.where(live, tok, p.pad_token_id)),
@@ -275,12 +336,15 @@ class Sampler:
                 last=tok,
                 done=c.done | jnp.isin(tok, stop),
                 step=c.step + 1,
+                cstate=cstate,
+                forced=forced,
             )
 
         c = jax.lax.while_loop(cond, body, carry)
         # The cache is returned (and dropped by the caller) so that it can alias the donated
         # input: the loop then updates the donated buffers in place instead of copying them.
-        return GenerateOutput(c.tokens, c.mask, c.logps), c.cache, c.step
+        out = GenerateOutput(c.tokens, c.mask, c.logps), c.cache, c.step
+        return out if cons is None else (*out, c.forced)
 
     # --- host side ----------------------------------------------------------------------------
     def prepare(
@@ -391,15 +455,17 @@ class Sampler:
                 stack.enter_context(sharding_mod.use_rules(self.mesh, self.rules))
                 if not sharding_mod.replicated(self.mesh).is_fully_addressable:
                     *args, key = self._global_inputs(*args, key)
-            carry = self._prefill(st, *args, key)
+            cons = () if self.constraint is None else (self.constraint,)
+            carry = self._prefill(st, *args, key, *cons)
             with warnings.catch_warnings():
                 # Only the cache and the output buffers can alias; the small per-row vectors of
                 # the donated carry cannot, which jax reports at every compilation.
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                out, _, self.last_num_steps = self._decode(st, carry)
+                out, _, self.last_num_steps, *forced = self._decode(st, carry, *cons)
+        n = b * self.params.num_samples
         if extra:
-            n = b * self.params.num_samples
             out = GenerateOutput(*(x[:n] for x in out))
+        self.last_forced = forced[0][:n] if forced else None
         return out
 
     __call__ = generate
@@ -411,10 +477,13 @@ class Sampler:
         ``jax.ShapeDtypeStruct``; the arguments of ``prefill`` as :meth:`prepare` gives them),
         exactly as :meth:`generate` runs them: AOT memory plans and HLO dumps. Call it under
         ``sharding.use_rules`` on a mesh."""
-        prefill = self._prefill.lower(state, ids, mask, pos, deltas, pv, layout, key)
-        carry = jax.eval_shape(self._prefill_fn, state, ids, mask, pos, deltas, pv, layout, key)
+        cons = () if self.constraint is None else (self.constraint,)
+        prefill = self._prefill.lower(state, ids, mask, pos, deltas, pv, layout, key, *cons)
+        carry = jax.eval_shape(
+            self._prefill_fn, state, ids, mask, pos, deltas, pv, layout, key, *cons
+        )
         carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry)
-        return prefill, self._decode.lower(state, carry)
+        return prefill, self._decode.lower(state, carry, *cons)
 
 
 def decode_completions(tokenizer: Any, out: GenerateOutput) -> list[str]:

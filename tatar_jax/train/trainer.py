@@ -42,6 +42,7 @@ from flax import nnx
 from tatar_jax import loading, multihost, rewards, sharding
 from tatar_jax.data import pipeline
 from tatar_jax.data import tokenizer as tokenizer_mod
+from tatar_jax.evaluation.in_training import Evaluator
 from tatar_jax.models import lora
 from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import (
@@ -56,7 +57,6 @@ from tatar_jax.train import (
     stages,
 )
 from tatar_jax.train import inputs as step_inputs
-from tatar_jax.train.evaluator import Evaluator
 
 PyTree = Any
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -238,3 +239,36 @@ def test_eval_resume_is_keyed_by_the_weights_not_the_folder_name(
     info2, _ = _eval([f"--hf_dir={moved}"], labelled, out, env)
     assert info2["weights"] == info["weights"]
     assert (out / "labels" / "predictions.jsonl").read_bytes() == preds  # resumed: nothing new
+
+
+def test_eval_and_score_eight_samples_constrained(run_dir, labelled, tmp_path, env):
+    """--num_samples=8 (issue 29): 8 answers per image from one prefill; with
+    --constrained_answer every one parses, and predictions.jsonl recomputes to the metrics."""
+    out = tmp_path / "k8"
+    info, _ = _eval([f"--checkpoint={run_dir}"], labelled, out, env, "--num_samples=8",
+                    "--constrained_answer", "--max_new_tokens=16", "--seed=3")  # fmt: skip
+    want = {"num_samples": 8, "temperature": 1.0, "constrained": True, "top_k": 50, "top_p": 1.0}
+    assert info["decoding"] == {**want, "seed": 3, "aggregate": "mean"}
+    rows = [json.loads(x) for x in (out / "labels" / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "labels" / "metrics.json").read_text())
+    for r in rows:
+        assert r["n_samples"] == r["n_parsed"] == 8 and len(r["samples"]) == 8
+        assert r["prediction"] == pytest.approx(np.mean(r["answers"]))
+        assert r["pred_std"] == pytest.approx(np.std(r["answers"]))
+    assert metrics["num_samples"] == 8 and metrics["n_unparsed"] == 0
+    assert metrics["mean_pred_std"] == pytest.approx(np.mean([r["pred_std"] for r in rows]))
+    assert metrics["n_would_be_unparsed"] == sum(r["n_forced"] for r in rows)
+
+    args = [
+        EVAL_TINY,
+        f"--checkpoint={run_dir}",
+        "--task=iqa",
+        "--num_samples=8",
+        "--constrained_answer",
+        "--max_new_tokens=16",
+        "--image",
+        str(labelled / "0.png"),
+    ]
+    r = _run("score.py", args, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"score: \d+\.\d ± \d+\.\d \(8/8 parsed", r.stdout), r.stdout

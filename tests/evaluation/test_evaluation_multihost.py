@@ -194,7 +194,7 @@ def test_real_predict_path_with_8_device_mesh_equals_one_device(tmp_path):
     from flax import nnx
     from PIL import Image
 
-    from tatar_jax import generate, sharding
+    from tatar_jax import sharding
     from tatar_jax.data.tokenizer import load_tokenizer
     from tatar_jax.evaluation.predict import make_predict_fn
     from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
@@ -208,6 +208,10 @@ def test_real_predict_path_with_8_device_mesh_equals_one_device(tmp_path):
         min_pixels=3136,
         max_pixels=40_000,
         prompt_variant="reference_eval",
+        num_samples=1,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
     )
     rng = np.random.default_rng(0)
     recs = [
@@ -223,9 +227,7 @@ def test_real_predict_path_with_8_device_mesh_equals_one_device(tmp_path):
     eight = sharding.make_mesh({"data": 2, "fsdp": 4})
     outs = {}
     for name, mesh in (("one", one), ("eight", eight)):
-        fn = make_predict_fn(
-            model, tok, ev, mesh=mesh, rules=sharding.DEFAULT_RULES, generate_fn=generate.generate
-        )
+        fn = make_predict_fn(model, tok, ev, mesh=mesh, rules=sharding.DEFAULT_RULES)
         outs[name] = fn(recs)
     print(f"[eval multihost] completions (1 vs 8 devices): {outs['one']}")
     assert outs["one"] == outs["eight"]

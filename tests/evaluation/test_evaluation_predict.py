@@ -21,7 +21,7 @@ from tatar_jax import sharding
 from tatar_jax.data import image as image_mod
 from tatar_jax.data import prompts
 from tatar_jax.evaluation import runner
-from tatar_jax.evaluation.predict import make_predict_fn
+from tatar_jax.evaluation.predict import make_predict_fn, sampling_params
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +37,26 @@ class Out:
     mask: jax.Array
 
 
-class StandInGenerate:
-    """Answers row k with ``<think>row k</think><answer>{50 + k}</answer><|im_end|>`` + padding."""
+class StandInSampler:
+    """Answers sample j of row k with ``<think>row k</think><answer>{50 + k + j}</answer>
+    <|im_end|>`` + padding; records the prompt batches it is given."""
 
-    def __init__(self, tok, max_new_tokens):
+    def __init__(self, tok, max_new_tokens, num_samples=1):
         self.tok, self.t, self.calls = tok, max_new_tokens, []
+        self.params = types.SimpleNamespace(num_samples=num_samples)
 
-    def __call__(self, model, input_ids, attention_mask, *, pixel_values, image_grid_thw, **kw):
-        self.calls.append(
-            dict(
-                input_ids=np.asarray(input_ids),
-                attention_mask=np.asarray(attention_mask),
-                pixel_values=np.asarray(pixel_values),
-                grid=np.asarray(image_grid_thw),
-                **kw,
-            )
-        )
-        b = input_ids.shape[0]
-        tokens = np.full((b, self.t), self.tok.pad_id, np.int32)
-        mask = np.zeros((b, self.t), bool)
-        for k in range(b):
-            ids = self.tok.encode(f"<think>row {k}</think><answer>{50 + k}</answer>")
+    def generate_prompts(self, prompts, *, rng):
+        self.calls.append(dict(prompts=prompts, rng=rng))
+        g = self.params.num_samples
+        n = np.shape(prompts.input_ids)[0] * g
+        tokens = np.full((n, self.t), self.tok.pad_id, np.int32)
+        mask = np.zeros((n, self.t), bool)
+        for row in range(n):
+            k, j = divmod(row, g)
+            ids = self.tok.encode(f"<think>row {k}</think><answer>{50 + k + j}</answer>")
             ids = ids + [self.tok.im_end_id]
-            tokens[k, : len(ids)] = ids
-            mask[k, : len(ids)] = True
+            tokens[row, : len(ids)] = ids
+            mask[row, : len(ids)] = True
         return Out(jax.numpy.asarray(tokens), jax.numpy.asarray(mask))
 
 
@@ -71,6 +67,11 @@ def _ev(**kw):
         min_pixels=3136,
         max_pixels=200_000,
         prompt_variant="reference_eval",
+        num_samples=1,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        constrained_answer=False,
     )
     base.update(kw)
     return types.SimpleNamespace(**base)
@@ -82,13 +83,23 @@ def _rec(k, size, task="iqa"):
     return {"pil_image": im, "task": task, "gt_100": 10.0 * k, "row_id": k, "image": f"{k}.png"}
 
 
-def test_predict_fn_wiring_with_stand_in_generate(qwen_tok):
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
+def _model_stub(tok):
+    import tiny_models
+
+    return types.SimpleNamespace(config=tiny_models.tiny_config_for(tok))
+
+
+def test_predict_fn_builds_one_prompt_batch(qwen_tok):
+    """The records' prompts reach the sampler as one PromptBatch whose layout is the data
+    path's (HF-equal preprocessing, the evaluation prompt, left padding, get_rope_index
+    positions, the patches in row order at the collated patch bucket): nothing re-bucketed."""
+    from tatar_jax.evaluation.predict import batch_key
+    from tatar_jax.models.qwen2_5_vl import rope
+
     ev = _ev()
-    gen = StandInGenerate(qwen_tok, ev.max_new_tokens)
-    fn = make_predict_fn(
-        object(), qwen_tok, ev, mesh=mesh, rules=sharding.DEFAULT_RULES, generate_fn=gen
-    )
+    model = _model_stub(qwen_tok)
+    smp = StandInSampler(qwen_tok, ev.max_new_tokens)
+    fn = make_predict_fn(model, qwen_tok, ev, mesh=None, rules=None, sampler=smp, seed=7)
     recs = [_rec(0, (64, 48)), _rec(1, (40, 90), "iaa"), _rec(2, (2, 600))]  # 2 x 600: 1:300
     out = fn(recs)
 
@@ -96,19 +107,23 @@ def test_predict_fn_wiring_with_stand_in_generate(qwen_tok):
     assert out[1] == "<think>row 1</think><answer>51</answer>"
     assert isinstance(out[2], runner.RecordFailure) and "aspect" in out[2].reason.lower()
 
-    (call,) = gen.calls
-    assert call["temperature"] == 0.0 and call["num_samples"] == 1
-    assert call["max_new_tokens"] == 40
-    assert set(call["stop_token_ids"]) == set(qwen_tok.eos_ids)
-    ids, am = call["input_ids"], call["attention_mask"]
+    (call,) = smp.calls
+    pb = call["prompts"]
+    want_key = jax.random.key_data(batch_key(7, recs))
+    np.testing.assert_array_equal(jax.random.key_data(call["rng"]), want_key)
+    ids, am = np.asarray(pb.input_ids), np.asarray(pb.attention_mask)
     assert ids.shape[0] == 4 and am[:, -1].all()  # static batch, left padded
-    assert call["pad_token_id"] == qwen_tok.pad_id
-    # The pixels are the HF-equal preprocessing of the two good images, in row order.
+    # The pixels are the HF-equal preprocessing of the two good images, in row order, then 0.
     want = [image_mod.preprocess_image(r["pil_image"], 3136, 200_000) for r in recs[:2]]
     n0, n1 = (w[0].shape[0] for w in want)
-    np.testing.assert_array_equal(call["grid"][:2], np.stack([w[1] for w in want]))
-    np.testing.assert_array_equal(call["pixel_values"][:n0], want[0][0])
-    np.testing.assert_array_equal(call["pixel_values"][n0 : n0 + n1], want[1][0])
+    pv = np.asarray(pb.vision.pixel_values)
+    np.testing.assert_array_equal(pv[:n0], want[0][0])
+    np.testing.assert_array_equal(pv[n0 : n0 + n1], want[1][0])
+    # Positions and deltas are get_rope_index's of the padded batch (the fillers copy row 1).
+    grid = np.stack([w[1] for w in want] + [want[1][1]] * 2)
+    pos, deltas = rope.get_rope_index(ids, grid, am, model.config)
+    np.testing.assert_array_equal(np.asarray(pb.position_ids) * am, np.asarray(pos) * am)
+    np.testing.assert_array_equal(np.asarray(pb.rope_deltas), np.asarray(deltas))
     # Each real row is its task's evaluation prompt with the image expanded.
     for k, r in enumerate(recs[:2]):
         row = ids[k][am[k] == 1]
@@ -119,9 +134,22 @@ def test_predict_fn_wiring_with_stand_in_generate(qwen_tok):
         assert text.endswith("<|im_start|>assistant\n")
 
     # A batch with no usable image never reaches the model.
-    assert fn([recs[2]]) == [out[2]] and len(gen.calls) == 1
+    assert fn([recs[2]]) == [out[2]] and len(smp.calls) == 1
     with pytest.raises(ValueError, match="batch_size"):
         fn([_rec(k, (30, 30)) for k in range(5)])
+
+
+def test_predict_fn_groups_k_samples_per_record(qwen_tok):
+    ev = _ev(batch_size=3)
+    smp = StandInSampler(qwen_tok, ev.max_new_tokens, num_samples=3)
+    fn = make_predict_fn(_model_stub(qwen_tok), qwen_tok, ev, mesh=None, rules=None, sampler=smp)
+    recs = [_rec(0, (2, 600)), _rec(1, (64, 48)), _rec(2, (40, 90))]
+    out = fn(recs)
+    assert isinstance(out[0], runner.RecordFailure)
+    # good record i is prompt row i - 1; its samples j answer 50 + (i - 1) + j
+    assert out[1].texts == tuple(f"<think>row 0</think><answer>{50 + j}</answer>" for j in range(3))
+    assert out[2].texts == tuple(f"<think>row 1</think><answer>{51 + j}</answer>" for j in range(3))
+    assert out[1].forced is None  # no answer constraint
 
 
 @pytest.mark.slow
@@ -140,13 +168,19 @@ def test_tiny_random_model_end_to_end_and_resume(tmp_path, qwen_tok):
     model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     calls = []
-
-    def gen(*a, **k):
-        calls.append(a[1].shape)
-        return generate.generate(*a, **k)
-
     ev = _ev(batch_size=2, max_new_tokens=6, max_pixels=40_000)
-    fn = make_predict_fn(model, tok, ev, mesh=mesh, rules=sharding.DEFAULT_RULES, generate_fn=gen)
+    smp = generate.Sampler(model, sampling_params(ev, tok), mesh=mesh, rules=sharding.DEFAULT_RULES)
+
+    class Counting:
+        params = smp.params
+
+        def generate_prompts(self, prompts, **kw):
+            calls.append(np.shape(prompts.input_ids))
+            return smp.generate_prompts(prompts, **kw)
+
+    fn = make_predict_fn(
+        model, tok, ev, mesh=mesh, rules=sharding.DEFAULT_RULES, sampler=Counting()
+    )
     rows = []
     for i in range(3):
         _rec(i, (84, 56))["pil_image"].save(tmp_path / f"{i}.png")
@@ -166,3 +200,79 @@ def test_tiny_random_model_end_to_end_and_resume(tmp_path, qwen_tok):
     assert m["n_scored"] == 3 and m["n_unparsed"] + m["n_pairs"] == 3
     again = runner.run_eval([spec], fn, tmp_path / "out", opts, count_tokens=count)
     assert again == first and len(calls) == 2  # nothing regenerated
+
+
+@pytest.fixture(scope="module")
+def tiny_model(qwen_tok):
+    import tiny_models
+    from flax import nnx
+
+    from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+
+    cfg = tiny_models.tiny_config_for(qwen_tok)
+    return Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0), init_std=0.08)
+
+
+def test_greedy_one_sample_equals_the_strip_and_redo_path(qwen_tok, tiny_model):
+    """K = 1 at temperature 0 gives exactly the completions of the path before the one-layout
+    batch (collate, strip the patch padding, ``generate.generate`` re-prepares the prompts)."""
+    from tatar_jax import generate
+    from tatar_jax.data import examples
+
+    tok, model = qwen_tok, tiny_model
+    ev = _ev(batch_size=3, max_new_tokens=8, max_pixels=40_000)
+    recs = [_rec(0, (84, 56)), _rec(1, (56, 84), "iaa"), _rec(2, (60, 60))]
+    new = make_predict_fn(model, tok, ev, mesh=None, rules=None)(recs)
+
+    rope_cfg = examples.RopeConfig.from_tokenizer(tok, 2)
+    exs = [
+        examples.make_prompt_example(
+            tok, *image_mod.preprocess_image(r["pil_image"], ev.min_pixels, ev.max_pixels),
+            r["task"], variant=ev.prompt_variant, rope_cfg=rope_cfg,
+        )
+        for r in recs
+    ]  # fmt: skip
+    batch = examples.collate(
+        exs, pad_id=tok.pad_id, seq_buckets=None, padding_side="left", batch_size=3
+    )
+    n_patch = batch.num_patches
+    out = generate.generate(
+        model, batch.input_ids, batch.attention_mask,
+        pixel_values=batch.vision.pixel_values[:n_patch], image_grid_thw=batch.image_grid_thw,
+        max_new_tokens=8, stop_token_ids=tuple(tok.eos_ids), pad_token_id=tok.pad_id,
+        rng=jax.random.key(42),
+    )  # fmt: skip
+    old = generate.decode_completions(tok, out)
+    assert new == old and all(new)
+
+
+def test_k_samples_equal_the_rollout_engines(qwen_tok, tiny_model):
+    """K samples per image are the GRPO rollout engine's G samples of the same prompts with the
+    same key (one prefill, the same sampler path)."""
+    from tatar_jax import generate
+    from tatar_jax.data import examples
+    from tatar_jax.evaluation.predict import batch_key, eval_prompts, prompt_examples
+    from tatar_jax.train import rollout
+
+    tok, model = qwen_tok, tiny_model
+    ev = _ev(batch_size=2, max_new_tokens=6, max_pixels=40_000, num_samples=4, temperature=1.0,
+             top_k=50, top_p=0.95)  # fmt: skip
+    recs = [_rec(3, (84, 56)), _rec(4, (56, 84), "iaa")]
+    fn = make_predict_fn(model, tok, ev, mesh=None, rules=None, seed=5)
+    ours = fn(recs)
+    assert all(len(o.texts) == 4 for o in ours)
+    assert len({t for o in ours for t in o.texts}) > 2  # sampled: the samples differ
+
+    grpo_cfg = types.SimpleNamespace(
+        max_new_tokens=6, num_generations=4, temperature=1.0, top_k=50, top_p=0.95
+    )
+    engine = rollout.RolloutEngine(model, tok, grpo_cfg)
+    rope_cfg = examples.RopeConfig.from_tokenizer(tok, 2)
+    exs, _ = prompt_examples(recs, tok, ev, rope_cfg, 2)
+    prompts = eval_prompts(exs, tok, 2, model.config)
+    from flax import nnx
+
+    samples = engine.generate(nnx.state(model), prompts, batch_key(5, recs))
+    texts = generate.decode_completions(tok, generate.GenerateOutput(
+        samples.tokens, samples.mask, samples.logps))  # fmt: skip
+    assert [t for o in ours for t in o.texts] == texts

@@ -1,4 +1,7 @@
-"""Periodic held-out evaluation during training: greedy decoding, SRCC/PLCC per data set."""
+"""Held-out evaluation during training (the trainer's periodic eval): greedy decoding, SRCC/PLCC
+per data set. Each pipeline batch carries its layout (positions, rope deltas, patch bucket);
+:func:`tatar_jax.generate.prompt_batch` hands it to the sampler as it is, the path of the GRPO
+rollout and of :mod:`tatar_jax.evaluation.predict`."""
 
 from __future__ import annotations
 
