@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _PROMPTS = flags.DEFINE_integer("prompts", 2, "prompts per call (one image each)")
 _G = flags.DEFINE_integer("num_samples", 8, "completions per prompt (spec: G = 8)")

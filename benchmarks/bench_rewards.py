@@ -21,13 +21,14 @@ Parsing (host side in both) is timed once separately for information.
 from __future__ import annotations
 
 import functools
-import pathlib
 import statistics
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
+
+# The peer is the spec's per-completion Python loops, the tests' reference too.
+from tatar_jax.rewards import spec_loops as loops
 
 _PROMPTS = flags.DEFINE_integer("prompts", 128, "prompts per step")
 _G = flags.DEFINE_integer("group_size", 8, "completions per prompt (G)")
@@ -35,11 +36,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 50, "timed calls of ours (median repo
 _PEER_REPEATS = flags.DEFINE_integer("peer_repeats", 5, "timed calls of the loop (median)")
 _SEED = flags.DEFINE_integer("seed", 0, "random seed of the synthetic batch")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# The peer is the spec's per-completion Python loops, shared with the tests' reference.
-sys.path.insert(0, str(ROOT / "tests" / "helpers"))
-import reward_loops as loops  # noqa: E402
 
 
 def _rewards_config(preset: str):
@@ -48,7 +44,7 @@ def _rewards_config(preset: str):
     return rewards_configs.get_config(preset)
 
 
-# --- the peer: per-completion Python, the reference's way (tests/helpers/reward_loops.py) ---
+# --- the peer: per-completion Python, the reference's way (tatar_jax/rewards/spec_loops.py) ---
 
 
 def peer_format(parsed):

@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 VOCAB = 151_936
 IMAGE_ID, VSTART, VEND, PAD = 151_655, 151_652, 151_653, 151_643

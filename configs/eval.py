@@ -59,8 +59,8 @@ def eval_block() -> ml_collections.ConfigDict:
     # After </think> only <answer> + a number in 0-100 + </answer> may be written (a token mask
     # per decode step, tatar_jax.generate.answer_constraint); off = the model's own tokens.
     c.constrained_answer = False
-    c.min_pixels = 3_136  # spec §3
-    c.max_pixels = 1_572_864  # spec §3
+    c.min_pixels = common.MIN_PIXELS  # spec §3
+    c.max_pixels = common.MAX_PIXELS
     c.prompt_variant = "reference_eval"  # the evaluation wording (spec §3, D7) | "train"
     c.limit = -1  # first N records per dataset (-1 = all)
     c.reference_compat = False

@@ -132,11 +132,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # On a CPU the lm_head log-softmax is fastest in small chunks (cache-sized logits).
         c.model.logprob_chunk_size = 128
         c.eval.at_start = True
-        # Why these values: benchmarks/sweeps/grpo_default.md (sweep 5 is this recipe). G = 8 over
-        # 8 prompts per step, lr 5e-4 after a 2-step warm-up; Dr. GRPO advantages (R - group mean),
-        # since the std division turns reward differences of 1e-3 (Gaussian tails, near-tied
-        # Thurstone groups) into unit advantages; a 120-step SFT warm-up (the paper starts GRPO from
-        # SFT checkpoint-120) and 40 GRPO steps in the CPU budget.
+        # Dr. GRPO advantages (R - group mean): the std division would turn reward differences of
+        # 1e-3 (Gaussian tails, near-tied Thurstone groups) into unit advantages. The SFT warm-up
+        # is 120 steps (the paper starts GRPO from SFT checkpoint-120); 40 GRPO steps fit the CPU
+        # budget. What the recipe reaches: docs/embedded_default.md.
         c.grpo.advantage = "dr_grpo"
         c.optimizer.learning_rate = 5e-4
         c.optimizer.warmup_steps = 2

@@ -51,16 +51,27 @@ def endpoint_config(api_key_env: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _teacher_task(
+    system: str, user: str, *, temperature: float, top_p: float, max_tokens: int, send_image: bool
+) -> ml_collections.ConfigDict:
+    """The fields every task's teacher request has; a reply stops at </answer> or EOS."""
+    c = ml_collections.ConfigDict()
+    c.system_prompt = system
+    c.user_prompt = user
+    c.temperature = temperature
+    c.top_p = top_p
+    c.max_tokens = max_tokens
+    c.stop = ("</answer>", END_OF_TEXT)
+    c.send_image = send_image
+    return c
+
+
 def iqa_config() -> ml_collections.ConfigDict:
     """Spec §5.1: Qwen3-VL-32B, T 0.3, top_p 0.8, 140 tokens, stop </answer> + EOS."""
-    c = ml_collections.ConfigDict()
-    c.system_prompt = P.IQA_TEACHER_SYSTEM
-    c.user_prompt = P.IQA_TEACHER_USER
-    c.temperature = 0.3
-    c.top_p = 0.8
-    c.max_tokens = 140
-    c.stop = ("</answer>", END_OF_TEXT)
-    c.send_image = True
+    c = _teacher_task(
+        P.IQA_TEACHER_SYSTEM, P.IQA_TEACHER_USER,
+        temperature=0.3, top_p=0.8, max_tokens=140, send_image=True,
+    )  # fmt: skip
     c.max_sentences = 2  # keep the first 2 sentences
     c.max_words = 50  # then the first 50 words (also the prompt's upper bound)
     c.prompt_min_words = 30  # the prompt asks for 30-50 words ...
@@ -73,14 +84,11 @@ def iqa_config() -> ml_collections.ConfigDict:
 
 def iaa_config() -> ml_collections.ConfigDict:
     """Spec §5.2: DeepSeek-R1-Distill-Qwen-32B, text only, T 0.2, top_p 0.9, 500 tokens."""
-    c = ml_collections.ConfigDict()
-    c.system_prompt = P.IAA_TEACHER_SYSTEM
-    c.user_prompt = P.IAA_TEACHER_USER
-    c.temperature = 0.2
-    c.top_p = 0.9
-    c.max_tokens = 500
-    c.stop = ("</answer>", END_OF_TEXT)
-    c.send_image = False  # the reference's IAA teacher never sees the image
+    # send_image False: the reference's IAA teacher never sees the image.
+    c = _teacher_task(
+        P.IAA_TEACHER_SYSTEM, P.IAA_TEACHER_USER,
+        temperature=0.2, top_p=0.9, max_tokens=500, send_image=False,
+    )  # fmt: skip
     c.attribute_order = P.IAA_ATTRIBUTE_ORDER
     c.target_words = 100  # "about 100 words" (asked, not enforced)
     c.low_score = "3.0"  # "below 3.0 is clearly low" (the 0-10 ArtiMuse scale)

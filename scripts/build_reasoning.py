@@ -15,18 +15,15 @@ an unknown teacher.kind, an empty or non-http(s) base_url) is one line per probl
 from __future__ import annotations
 
 import logging
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.data.manifest import ManifestError  # noqa: E402
-from tatar_jax.reasoning import build  # noqa: E402
-from tatar_jax.reasoning.teachers import FatalTeacherError  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.data.manifest import ManifestError
+from tatar_jax.reasoning import from_config
+from tatar_jax.reasoning.teachers import FatalTeacherError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/reasoning.py[:iqa|iaa]", lock_config=False
@@ -37,12 +34,12 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
-    problems = build.usage_problems(_CONFIG.value)
+    problems = from_config.usage_problems(_CONFIG.value)
     if problems:
         raise cli_errors.UsageError("\n".join(problems))
     logging.getLogger("tatar_jax.reasoning").setLevel(logging.INFO)
     try:
-        summary = build.main(_CONFIG.value)
+        summary = from_config.main(_CONFIG.value)
     except FatalTeacherError as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 2

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import collections
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.data import datasets, manifest, synthetic  # noqa: E402
-from tatar_jax.evaluation import cli  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.data import datasets, manifest, synthetic
+from tatar_jax.evaluation import cli
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "Manifest (JSON list or JSONL) to check.")
 _TASK = flags.DEFINE_enum("task", "iqa", list(manifest.TASKS), "Task of --manifest.")

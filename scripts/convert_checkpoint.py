@@ -11,7 +11,7 @@
 
 The orbax directory holds ``params/`` (the parameter tree, our layer-stacked names),
 ``config.json`` (HF nested layout) and the input's tokenizer files. Every HF directory written is
-complete (``qvl.checkpoint.export_hf``): weights, ``config.json``, ``generation_config.json``, the
+complete (``qvl.export_hf``): weights, ``config.json``, ``generation_config.json``, the
 tokenizer with its chat template and ``preprocessor_config.json``, so ``scripts/eval.py
 --hf_dir`` / ``scripts/score.py --hf_dir`` and transformers' ``from_pretrained`` load it as it is.
 The tokenizer: ``--tokenizer_dir`` if given, else the input's own (an orbax directory's copy, a
@@ -30,14 +30,12 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from tatar_jax import cli_errors, loading  # noqa: E402
-from tatar_jax.models import qwen2_5_vl as qvl  # noqa: E402
+from tatar_jax import cli_errors, loading
+from tatar_jax.models import qwen2_5_vl as qvl
 
 _WRITTEN = ("float32", "bfloat16")  # --dtype choices; "keep" reads any other dtype as float32
 
@@ -101,7 +99,7 @@ def _tokenizer_for(source: loading.PolicySource) -> str | None:
 
 
 def _export(model: object, out: pathlib.Path, tok_dir: str | None, dtype: object) -> None:
-    qvl.checkpoint.export_hf(
+    qvl.export_hf(
         model, out, tokenizer_dir=tok_dir, max_shard_size=_SHARD.value, dtype=dtype
     )
     print(f"tokenizer: {tok_dir or 'the offline Qwen2.5 rebuild (tatar_jax.data.tokenizer)'}")
@@ -184,7 +182,7 @@ def _convert() -> int:
         model = qvl.load_hf_checkpoint(src, dtype=dtype)
         _check_finite(model, src)
         qvl.save_orbax(model, dst)
-        for name in qvl.checkpoint.TOKENIZER_FILES:  # eval --checkpoint finds them here
+        for name in qvl.hf_export.TOKENIZER_FILES:  # eval --checkpoint finds them here
             if (src / name).is_file():
                 shutil.copy2(src / name, dst / name)
     else:

@@ -30,15 +30,12 @@ Every other setting: ``--config.eval.<field>`` / ``--config.model.<field>`` (con
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.evaluation import cli  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.evaluation import cli
 
 _CONFIG = cli.define_model_flags("configs/eval.py[:default|reference|tiny]")
 flags.DEFINE_string("datasets", None, "comma-separated built-in names (default: all eight)")

@@ -11,15 +11,10 @@ file is refused with one line, exit status 2, and left as it is.
 
 from __future__ import annotations
 
-import pathlib
-import sys
+from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from absl import flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.data import manifest, synthetic  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.data import manifest, synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _SIZE = flags.DEFINE_integer("image_size", 128, "Long side of the images in pixels.")

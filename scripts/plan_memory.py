@@ -271,7 +271,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _set_device_count(sys.argv)
     from tatar_jax import cli_errors
 

@@ -5,21 +5,18 @@
         --label=tatar --label=reference --out=/tmp/compare          # several runs side by side
 
 A workdir is a ``scripts/train.py`` run directory (its ``metrics.jsonl`` and, for the embedded
-default, ``sft/metrics.jsonl``). Figures: see :mod:`tatar_jax.train.plots`. Default ``--out``:
+default, ``sft/metrics.jsonl``). Figures: see :mod:`tatar_jax.train.run_plots`. Default ``--out``:
 ``<workdir>/plots`` for one run, ``<first workdir>/plots_compare`` for several.
 """
 
 from __future__ import annotations
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.train import plots  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.train import run_plots
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "run directory (repeat for several runs)")
 _LABEL = flags.DEFINE_multi_string("label", None, "legend name per --workdir (default: its name)")
@@ -44,14 +41,14 @@ def main(argv: list[str]) -> None:
         if not pathlib.Path(wd).is_dir():
             _usage_error(f"--workdir={wd}: no such directory")
         try:
-            runs.append(plots.read_run(wd, labels[i] if labels else None))
+            runs.append(run_plots.read_run(wd, labels[i] if labels else None))
         except (FileNotFoundError, ValueError) as err:
             _usage_error(f"--workdir={wd}: {err}")
     default = pathlib.Path(wds[0]) / ("plots" if len(wds) == 1 else "plots_compare")
     out = pathlib.Path(_OUT.value) if _OUT.value else default
-    figs = plots.write_plots(runs, out)
+    figs = run_plots.write_plots(runs, out)
     for run in runs:
-        print(plots.eval_table(run))
+        print(run_plots.eval_table(run))
     for name, fig in figs.items():
         print(f"{name}: {fig['path']}")
 

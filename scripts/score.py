@@ -20,16 +20,11 @@ Exit status: 0 every image scored; 1 an image could not be read or processed; 2 
 
 from __future__ import annotations
 
-import pathlib
-import sys
+from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from absl import flags  # noqa: E402
-
-from tatar_jax import cli_errors  # noqa: E402
-from tatar_jax.evaluation import cli  # noqa: E402
-from tatar_jax.evaluation.predict import build_predict_fn  # noqa: E402
+from tatar_jax import cli_errors
+from tatar_jax.evaluation import cli
+from tatar_jax.evaluation.predict import build_predict_fn
 
 _CONFIG = cli.define_model_flags("configs/eval.py[:default|tiny]")
 flags.DEFINE_multi_string("image", [], "image files or folders (repeat, or list after one flag)")

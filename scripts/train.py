@@ -31,8 +31,6 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sft.py or configs/grpo.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, data)")
 _ALLOW_CHANGE = flags.DEFINE_bool(

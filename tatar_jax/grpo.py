@@ -3,7 +3,7 @@
 Pure ``jnp`` functions with static shapes; the trainer's update step (rollout, log-probs,
 optimizer) lives elsewhere and calls these. Layout: the ``N = prompts x G`` completions of a step
 are ordered so that the G completions of one prompt are contiguous (rows ``g*G .. g*G+G-1``).
-Reward statistics per task are ``tatar_jax.train.metrics.grpo_reward_metrics``.
+Reward statistics per task are ``tatar_jax.train.reward_stats.grpo_reward_metrics``.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def embedded_config(tok: Any, preset: str = "tiny") -> qvl.Qwen2_5_VLConfig:
 def is_orbax_export(path: str | os.PathLike) -> bool:
     """A folder written by ``qvl.save_orbax``: ``config.json`` + ``params/``."""
     p = pathlib.Path(path)
-    return (p / "config.json").is_file() and (p / qvl.checkpoint.ORBAX_PARAMS).exists()
+    return (p / "config.json").is_file() and (p / qvl.orbax_checkpoint.ORBAX_PARAMS).exists()
 
 
 def _run_file(checkpoint: str, name: str) -> pathlib.Path | None:

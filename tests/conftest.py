@@ -24,6 +24,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The suite tests this checkout: its ``tatar_jax`` and ``configs`` come first for this process and
+# for every script it starts (``pip install -e .`` installs both; a clone without it still runs).
+sys.path.insert(0, str(REPO_ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 # tests/helpers (tiny models, the stub OpenAI server) import as top-level modules.
 sys.path.insert(0, str(REPO_ROOT / "tests" / "helpers"))
 
@@ -84,7 +90,7 @@ SLOW_MODULES = {
     "tests/train/test_rollout_logps.py": 120,
     "tests/models/test_qwen2_5_vl_parity.py": 110,
     "tests/train/test_lean_update.py": 110,
-    "tests/train/test_plots.py": 100,
+    "tests/train/test_run_plots.py": 100,
     "tests/generate/test_generate.py": 100,
     "tests/e2e/test_lora_train.py": 95,
 }

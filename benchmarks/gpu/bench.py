@@ -15,7 +15,7 @@ its ``error`` and the run goes on), so a run cut short still leaves what it meas
   and of the gradients on the queries that see a key.
 - ``update``: the 3B GRPO update (16 rows = 2 prompts x 8, 2,048-token prompt with 1,024 image
   tokens, 256 completion tokens, bf16 compute, f32 parameters, AdamW): median step seconds,
-  tokens/s, MFU from the analytic FLOP count (``metrics.flops_per_token``) and from XLA's
+  tokens/s, MFU from the analytic FLOP count (``flop_model.flops_per_token``) and from XLA's
   ``cost_analysis`` of the compiled step, measured peak device memory against the compiled
   program's memory analysis (the figure ``scripts/plan_memory.py`` reports).
 - ``rollout``: 3B and 7B bf16 sampling on one device: decode tokens/s and achieved HBM GB/s
@@ -37,11 +37,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 H200_HBM_BYTES_PER_S = 4.8e12
 SECTIONS = ("attention", "update", "rollout")
@@ -255,7 +253,7 @@ def _update_setup(dry: bool) -> tuple[Any, dict[str, Any], dict[str, int]]:
 def bench_update(dry: bool, compile_log: dict[str, float]) -> dict[str, Any]:
     import optax
 
-    from tatar_jax.train import grpo_step, metrics, optim
+    from tatar_jax.train import flop_model, grpo_step, optim
     from tatar_jax.train import inputs as step_inputs
 
     cfg, s, _ = _update_setup(dry)
@@ -305,11 +303,11 @@ def bench_update(dry: bool, compile_log: dict[str, float]) -> dict[str, Any]:
     sec = statistics.median(times[1:])
     seq = s["prompt_len"] + s["new"]
     tokens_per_step = n * seq
-    fpt = metrics.flops_per_token(
+    fpt = flop_model.flops_per_token(
         _asdict(cfg.text), _asdict(cfg.vision), seq,
         patches_per_seq=4 * s["image_tokens"] // s["g"],  # one image per G rows
     )  # fmt: skip
-    peak = metrics.peak_flops()
+    peak = flop_model.peak_flops()
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
     planned = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                + mem.temp_size_in_bytes) if mem is not None else None  # fmt: skip

@@ -256,10 +256,6 @@ class Tokenizer:
         return self.ids["<|endoftext|>"]
 
     @property
-    def im_start_id(self) -> int:
-        return self.ids["<|im_start|>"]
-
-    @property
     def im_end_id(self) -> int:
         return self.ids["<|im_end|>"]
 

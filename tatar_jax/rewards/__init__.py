@@ -7,7 +7,9 @@
 - :mod:`~tatar_jax.rewards.functions`: the built-in rewards as pure ``jnp`` programs;
 - :mod:`~tatar_jax.rewards.registry`: the rewards of a preset by name, their weighted total and
   :class:`RewardSet` (built-ins jitted once, host plug-ins outside jit);
-- :mod:`~tatar_jax.rewards.plugins`: plug-in rewards named in a config.
+- :mod:`~tatar_jax.rewards.plugins`: plug-in rewards named in a config;
+- :mod:`~tatar_jax.rewards.spec_loops`: the spec's formulas as per-completion Python loops (the
+  tests' reference and the benchmark's peer; not used by training).
 
 Every public name is importable from ``tatar_jax.rewards``; submodules load on first use, so
 ``tatar_jax.rewards.names`` stays free of JAX.

@@ -44,7 +44,7 @@ from tatar_jax import sharding
 from tatar_jax.data.batch import Batch
 from tatar_jax.generate import PromptBatch, Vision
 from tatar_jax.models.qwen2_5_vl import rope
-from tatar_jax.train import metrics, optim
+from tatar_jax.train import flop_model, optim
 
 
 @struct.dataclass
@@ -331,7 +331,7 @@ def step_flops(
         heads = np.size(rows.target_pos)
     patches = np.shape(vision.pixel_values)[0]
     per_image = np.shape(vision.layout.segment_rows)[1] if patches else 0
-    per_token = metrics.flops_per_token(
+    per_token = flop_model.flops_per_token(
         model_config.text, model_config.vision, length, training=training,
         patches_per_seq=patches / n, patches_per_image=per_image, train_vision=train_vision,
         lm_head_tokens=heads / n,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from tatar_jax import sharding
-from tatar_jax.train import checkpointing, metrics, optim
+from tatar_jax.train import checkpointing, flop_model, metric_writers, optim
 
 Batch = Any  # a pipeline batch (tatar_jax.data.batch.Batch); test loops feed others
 
@@ -41,7 +41,7 @@ class LoopEnv:
     next_batch: Callable[[], Batch]
     put: Callable[[Any], Any]
     checkpointer: checkpointing.Checkpointer
-    writer: metrics.MetricsWriter
+    writer: metric_writers.MetricsWriter
     evaluator: Callable[[Any], dict[str, float]] | None
     total: int
     log_every: int
@@ -88,8 +88,10 @@ def _scalars(m: Any) -> dict[str, float]:
 
 def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) -> LoopResult:
     """Runs steps ``start + 1 .. env.total`` of ``stage``; returns where it ended."""
-    timer, window = metrics.StepTimer(), metrics.WindowMean()
-    progress = metrics.Progress(env.total, initial=start, enabled=env.progress, desc=stage.name)
+    timer, window = metric_writers.StepTimer(), metric_writers.WindowMean()
+    progress = metric_writers.Progress(
+        env.total, initial=start, enabled=env.progress, desc=stage.name
+    )
     ckpt, step, last, eval_last, flops_tok = env.checkpointer, start, {}, {}, None
     if env.writer.total is None:
         env.writer.total = env.total  # the console's ETA
@@ -113,13 +115,13 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
             out["nonfinite_total"] = float(sharding.to_host(state.nonfinite_total))
             if flops_tok is None:
                 flops_tok = env.flops_per_token(inputs, batch)
-            mfu = metrics.mfu(out["tokens_per_sec"], flops_tok, jax.device_count())
+            mfu = flop_model.mfu(out["tokens_per_sec"], flops_tok, jax.device_count())
             if mfu is not None:
                 out["mfu"] = mfu
             last = out
             window.add(out)
             if step == env.total or step % max(env.log_every, 1) == 0:
-                env.writer.write(step, window.pop(), force=True)
+                env.writer.write(step, window.pop())
             stage.after_step(step, batch)
             progress.update(1, loss=out.get("loss", math.nan))
             if optim.should_stop(state, env.max_consecutive_nonfinite):
@@ -134,7 +136,7 @@ def train_loop(stage: Any, state: optim.TrainState, env: LoopEnv, start: int) ->
             if env.evaluator is not None and env.eval_every > 0 and step % env.eval_every == 0:
                 if step < env.total:
                     eval_last = env.evaluator(state.params)
-                    env.writer.write(step, eval_last, force=True)
+                    env.writer.write(step, eval_last)
     finally:
         progress.close()
     return LoopResult(state, step, last, eval_last)

@@ -471,13 +471,13 @@ def _model_floor(
     b: _Builder, program: str, sizes: Mapping[str, int], extra: Mapping[str, Any]
 ) -> tuple[float, float]:
     """(model FLOPs, bytes that must move) per device of one run of ``program``: the trainer's
-    FLOP model (``inputs.step_flops`` / ``metrics.flops_per_token``: no rematerialisation, no
+    FLOP model (``inputs.step_flops`` / ``flop_model.flops_per_token``: no rematerialisation, no
     elementwise work) and the weights / state the program reads (and the update writes) at least
     once; decode reads the rollout's weights once per token. Both are lower bounds, unlike the
     compiler's cost analysis, which counts a ``while`` body (the layer scan, the token loop)
     once."""
+    from tatar_jax.train import flop_model
     from tatar_jax.train import inputs as step_inputs
-    from tatar_jax.train import metrics
 
     s, n_dev = b.spec, b.mesh.size
     if program in ("update", "ref_logps"):
@@ -491,14 +491,14 @@ def _model_floor(
     weights = float(extra["rollout_weights_bytes_per_device"])
     if program == "prefill":
         pv, layout = b.vision(s.prompts)
-        per_token = metrics.flops_per_token(
+        per_token = flop_model.flops_per_token(
             b.config.text, b.config.vision, s.prompt_len, training=False,
             patches_per_seq=pv.shape[0] / s.prompts,
             patches_per_image=np.shape(layout.segment_rows)[1],
             lm_head_tokens=1 / s.prompt_len,
         )  # fmt: skip
         return per_token * s.prompts * s.prompt_len / n_dev, weights
-    per_token = metrics.flops_per_token(
+    per_token = flop_model.flops_per_token(
         b.config.text, None, s.prompt_len + s.completion_len // 2, training=False,
         causal_discount=False, lm_head_tokens=1.0,
     )  # fmt: skip

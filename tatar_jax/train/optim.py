@@ -10,7 +10,8 @@ inside one jitted function.
 Design choices
 - **Accumulation inside the step** (a ``lax.scan`` over micro-batches), not ``optax.MultiSteps``:
   a checkpoint is only ever taken at an optimizer-step boundary, so there is no half-accumulated
-  gradient to save and resume stays exact; the optimizer's step count is the trainer's step count.
+  gradient to save and resume stays exact. The learning-rate schedule counts applied updates
+  (the trainer's step less the skipped ones, below).
   ``loss_fn`` must return quantities already divided by the *whole step's* normaliser (e.g. the
   total number of assistant tokens of all micro-batches), so the step's loss and gradient are the
   plain sums over micro-batches (see ``tatar_jax.train.sft_step``).

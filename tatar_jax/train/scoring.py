@@ -24,7 +24,7 @@ from tatar_jax import generate, grpo, rewards
 from tatar_jax.data.batch import Batch
 from tatar_jax.data.prompts import TASKS, task_names
 from tatar_jax.train import inputs as step_inputs
-from tatar_jax.train import metrics
+from tatar_jax.train import reward_stats
 from tatar_jax.train.rollout import Samples
 
 
@@ -133,7 +133,7 @@ class Scorer:
         }
         m: dict[str, float] = {}
         if valid.any():
-            m = metrics.grpo_reward_metrics(
+            m = reward_stats.grpo_reward_metrics(
                 {k: np.asarray(v)[valid] for k, v in parts.items()},
                 tasks[valid],
                 group_size=g,

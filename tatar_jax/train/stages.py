@@ -30,9 +30,9 @@ from tatar_jax import generate, grpo, loading
 from tatar_jax.data import prompts
 from tatar_jax.models import lora
 from tatar_jax.train import (
+    flop_model,
     frozen,
     grpo_step,
-    metrics,
     offload,
     optim,
     rollout,
@@ -230,14 +230,14 @@ class GrpoStage:
         flops = step_inputs.step_flops(
             self.model_config, inputs, num_micro=self.num_micro, train_vision=self.train_vision
         )
-        u = metrics.mfu(1.0 / times["time/policy_update"], flops * self.updates_per_step, n_dev)
+        u = flop_model.mfu(1.0 / times["time/policy_update"], flops * self.updates_per_step, n_dev)
         if u is None:
             return out
         out["mfu/update"] = u
         fwd = step_inputs.step_flops(self.model_config, inputs, training=False)
         for name in ("ref_logps", "old_logps"):
             if f"time/{name}" in times:
-                out[f"mfu/{name}"] = metrics.mfu(1.0 / times[f"time/{name}"], fwd, n_dev)
+                out[f"mfu/{name}"] = flop_model.mfu(1.0 / times[f"time/{name}"], fwd, n_dev)
         return out
 
     def step_metrics(self, inputs):

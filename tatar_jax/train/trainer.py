@@ -49,9 +49,9 @@ from tatar_jax.train import (
     checkpointing,
     frozen,
     loop,
-    metrics,
+    metric_writers,
     optim,
-    plots,
+    run_plots,
     run_records,
     sources,
     stages,
@@ -250,8 +250,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     stage = _make_stage(cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place)
     state = stage.park(state)  # config.offload: what waits in host memory between updates
     lg = cfg.logging
-    writer = metrics.MetricsWriter(
-        wd, every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard),
+    writer = metric_writers.MetricsWriter(
+        wd, tensorboard=bool(lg.tensorboard),
         jsonl=bool(lg.jsonl), console=True, resume_step=start,
     )  # fmt: skip
     evaluator = None
@@ -272,7 +272,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     try:
         if evaluator is not None and bool(cfg.eval.at_start) and start == 0:
             eval_first = evaluator(state.params)
-            writer.write(0, eval_first, force=True)
+            writer.write(0, eval_first)
         print(
             f"[tatar-jax] {cfg.stage}: steps {start}->{total}, checkpoints in {ckpt.directory}, "
             f"metrics in {wd / 'metrics.jsonl'} and {wd / 'tensorboard'}",
@@ -304,11 +304,11 @@ def _finish(
     eval_last: dict[str, float] = {}
     if env.evaluator is not None and bool(cfg.eval.at_end):
         eval_last = env.evaluator(res.state.params)
-        env.writer.write(res.step, eval_last, force=True)
+        env.writer.write(res.step, eval_last)
     if bool(cfg.checkpoint.export_hf):
         nnx.update(model, res.state.params)
         # weights + config + tokenizer + chat template + image processor: loads as it is
-        qvl.checkpoint.export_hf(model, wd / "hf", tokenizer_dir=sources.tokenizer_dir(cfg))
+        qvl.export_hf(model, wd / "hf", tokenizer_dir=sources.tokenizer_dir(cfg))
         print(f"[tatar-jax] exported HF directory to {wd / 'hf'}", flush=True)
     return eval_last
 
@@ -367,12 +367,12 @@ def _summary(results: Mapping[str, StageResult], wd: pathlib.Path) -> None:
 
 
 def _plots(wd: pathlib.Path) -> None:
-    """``<workdir>/plots/`` (tatar_jax.train.plots) and the held-out before/after table."""
+    """``<workdir>/plots/`` (tatar_jax.train.run_plots) and the held-out before/after table."""
     if jax.process_index() != 0:
         return
     try:
-        figs = plots.write_plots([wd], wd / "plots")
-        print(plots.eval_table(plots.read_run(wd)), flush=True)
+        figs = run_plots.write_plots([wd], wd / "plots")
+        print(run_plots.eval_table(run_plots.read_run(wd)), flush=True)
     except Exception as err:  # noqa: BLE001 - a finished run is never lost to a figure
         logging.warning("plots not written to %s: %s", wd / "plots", err)
         return

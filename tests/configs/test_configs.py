@@ -169,12 +169,11 @@ def test_unknown_field_and_preset_are_errors(repo_root):
 
 
 def test_override_in_subprocess_from_other_cwd(repo_root, tmp_path):
-    """As a script run from elsewhere sees it (``scripts/*.py`` put the repository root on
-    sys.path; the config files import ``from configs import common``)."""
+    """As a script run from elsewhere sees it: the config files import ``from configs import
+    common``, and ``configs`` is a package (installed by ``pip install -e .``; here on
+    ``PYTHONPATH``, tests/conftest.py), no ``sys.path`` edit."""
     script = tmp_path / "show.py"
     script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(repo_root)!r})  # as scripts/*.py do\n"
         "from absl import app\n"
         "from ml_collections import config_flags\n"
         "C = config_flags.DEFINE_config_file('config')\n"
@@ -278,3 +277,33 @@ def test_one_gpu_lora_presets_parse_and_validate(repo_root, preset):
     )
     with pytest.raises(ValueError, match="--config.offload.mode: 'often'"):
         validate.check_config(bad)
+
+
+def test_configs_is_an_installed_package(repo_root):
+    """``pip install -e .`` installs ``configs`` beside every ``tatar_jax`` package (pyproject's
+    package list, as setuptools reads it): the scripts import both without ``sys.path`` edits."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set(find_packages(str(repo_root), include=find["packages"]["find"]["include"]))
+    on_disk = {
+        ".".join(p.parent.relative_to(repo_root).parts)
+        for top in ("tatar_jax", "configs")
+        for p in (repo_root / top).rglob("__init__.py")
+    }
+    assert "configs" in found and "tatar_jax.train" in found
+    assert found == on_disk
+
+
+def test_pixel_budget_is_the_image_modules():
+    """The configs' pixel budget (spec §3) is the one the image code defaults to: configs stay free
+    of the image code's imports, so this test ties the two copies."""
+    from configs import common
+    from configs import eval as eval_config
+    from tatar_jax.data import image
+
+    assert (common.MIN_PIXELS, common.MAX_PIXELS) == (image.MIN_PIXELS, image.MAX_PIXELS)
+    c = eval_config.get_config()
+    assert (c.eval.min_pixels, c.eval.max_pixels) == (image.MIN_PIXELS, image.MAX_PIXELS)

@@ -33,7 +33,7 @@ def _run(script, args, env, timeout=600):
 def run_dir(tmp_path_factory):
     """A scripts/train.py workdir of the embedded tiny model with checkpoints at steps 1 and 2,
     written the trainer's way (``config.json``, ``run_config.json``, the trainer's Checkpointer)
-    without the minutes of compiling a training step (tests/train/test_train_run.py runs
+    without the minutes of compiling a training step (tests/e2e/test_train_run.py runs
     train.py itself)."""
     import jax
     from flax import nnx

@@ -1,7 +1,7 @@
 """Tiny in-process training runs compared across meshes and processes (tests/train/
-test_train_mesh.py, test_train_multidevice.py and the latter's worker processes): configs/grpo.py
-and configs/sft.py ``tiny`` for 2 steps with rewards that move the parameters, and readers of a
-run's final parameters and records.
+test_train_mesh.py, tests/e2e/test_train_multidevice.py and the latter's worker processes):
+configs/grpo.py and configs/sft.py ``tiny`` for 2 steps with rewards that move the parameters, and
+readers of a run's final parameters and records.
 
 The random tiny model never writes a parseable answer, so every reward would be 0 and nothing
 would move: the runs use a parser that reads a number from any text (a function of the whole

@@ -1,6 +1,6 @@
 """``scripts/train.py`` (and the other scripts) as subprocesses of the tests: one environment and
-the tiny SFT flags shared by tests/train/test_train_run.py, test_run_life.py, test_plots.py,
-test_reward_plugins.py and tests/test_scripts_after_training.py.
+the tiny SFT flags shared by tests/e2e/test_train_run.py, test_run_life.py,
+test_scripts_after_training.py and tests/train/test_run_plots.py, test_reward_plugins.py.
 
 The runs are single-device CPU processes (``XLA_FLAGS`` cleared: no 8 virtual devices) and share
 the session's persistent XLA compilation cache (tests/conftest.py ``xla_cache_dir``), so a step

@@ -20,7 +20,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from tatar_jax import sharding
 from tatar_jax.models import qwen2_5_vl as qvl
-from tatar_jax.models.qwen2_5_vl.checkpoint import SafetensorsReader
+from tatar_jax.models.qwen2_5_vl.hf_checkpoint import SafetensorsReader
 
 TOL = 1e-4
 BATCH_ROWS = [[2, (1, 4, 8), 3], [1, (1, 8, 12), 5], [4]]  # shapes as in the parity tests

@@ -93,6 +93,12 @@ def _max_diff(ref, ours, batch):
     return float(np.abs(ref - ours)[valid].max())
 
 
+def _two_image_logits_diff(hf, model, seed: int) -> float:
+    """max |Δ logits| (valid positions) on two images of different grids, left-padded."""
+    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=seed, length=LEN)
+    return _max_diff(tm.hf_logits(hf, batch), _ours(model, batch), batch)
+
+
 CASES = {
     "text_only_left_padded": [[11], [6], [3]],
     "one_image_window_attention": [[3, (1, 8, 8), 4]],
@@ -125,8 +131,7 @@ def test_splash_kernel_interpreted_matches_transformers(hf_dir):
     blocks, left padding."""
     hf, path = hf_dir
     model = qvl.load_hf_checkpoint(path, dtype=jnp.float32, attention_impl="splash_interpret")
-    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=9, length=LEN)
-    diff = _max_diff(tm.hf_logits(hf, batch), _ours(model, batch), batch)
+    diff = _two_image_logits_diff(hf, model, seed=9)
     print(f"[parity] splash_interpret: max|Δ logits| = {diff:.2e}")
     assert diff <= TOL
 
@@ -164,8 +169,7 @@ def test_chunked_gradients_equal_xla(hf_dir):
 def test_tied_embeddings_match_transformers(tied_pair):
     hf, model = tied_pair
     assert model.lm_head is None and model.lm_head_weight()[1] == "vd"
-    batch = tm.make_batch(CASES["two_images_different_grids_left_padded"], seed=2, length=LEN)
-    diff = _max_diff(tm.hf_logits(hf, batch), _ours(model, batch), batch)
+    diff = _two_image_logits_diff(hf, model, seed=2)
     print(f"[parity] tied embeddings: max|Δ logits| = {diff:.2e}")
     assert diff <= TOL
 

@@ -24,7 +24,7 @@ from stub_openai_server import (
     user_text,
 )
 
-from tatar_jax.reasoning import build, records
+from tatar_jax.reasoning import build, from_config, records
 from tatar_jax.reasoning import prompts as P
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -149,8 +149,8 @@ def test_iqa_end_to_end_bookkeeping_and_retry_failed(tmp_path):
 
     with StubServer(teacher) as t_srv, StubServer(judge) as j_srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, t_srv.url, j_srv.url, concurrency=3)
-        rows = build.load_rows(cfg)[0]
-        summary = build.run(cfg, rows, build.make_teacher(cfg), build.make_judge(cfg))
+        rows = from_config.load_rows(cfg)[0]
+        summary = build.run(cfg, rows, from_config.make_teacher(cfg), from_config.make_judge(cfg))
         out = pathlib.Path(cfg.out_dir)
         kept = read_jsonl(out / "sft.jsonl")
         assert [r["source_row"] for r in kept] == [2, 9]
@@ -171,7 +171,7 @@ def test_iqa_end_to_end_bookkeeping_and_retry_failed(tmp_path):
         # reply (its judge call had failed) is reused, not asked for again
         fail_row3.clear()
         n_before = len(t_srv.requests)
-        summary = build.run(cfg, rows, build.make_teacher(cfg), build.make_judge(cfg))
+        summary = build.run(cfg, rows, from_config.make_teacher(cfg), from_config.make_judge(cfg))
         assert [iqa_row(r["body"]) for r in t_srv.requests[n_before:]] == [3]
         assert summary.processed_this_run == 2 and summary.skipped_from_journal == 8
         kept = read_jsonl(out / "sft.jsonl")
@@ -208,12 +208,12 @@ def test_order_is_input_order_under_out_of_order_completion(tmp_path):
     with StubServer(teacher) as srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None, concurrency=6)
         cfg.teacher.extra_body = '{"top_k": 20}'
-        rows = build.load_rows(cfg)[0]
-        build.run(cfg, rows, build.make_teacher(cfg), None)
+        rows = from_config.load_rows(cfg)[0]
+        build.run(cfg, rows, from_config.make_teacher(cfg), None)
         assert {r["body"]["top_k"] for r in srv.requests} == {20}
         cfg.teacher.extra_body = "[1]"
         with pytest.raises(ValueError, match="must be a JSON object"):
-            build.make_teacher(cfg)
+            from_config.make_teacher(cfg)
     out = pathlib.Path(cfg.out_dir)
     completion_order = [e["row"] for e in read_jsonl(out / "journal.jsonl")]
     assert completion_order != sorted(completion_order)  # they really finished out of order
@@ -230,7 +230,7 @@ def test_resume_after_interrupt_and_torn_journal_line(tmp_path):
 
     with StubServer(teacher) as srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None, concurrency=2)
-        rows = build.load_rows(cfg)[0]
+        rows = from_config.load_rows(cfg)[0]
         count = []
 
         def interrupt(entry):
@@ -239,13 +239,13 @@ def test_resume_after_interrupt_and_torn_journal_line(tmp_path):
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            build.run(cfg, rows, build.make_teacher(cfg), None, on_entry=interrupt)
+            build.run(cfg, rows, from_config.make_teacher(cfg), None, on_entry=interrupt)
         journal = pathlib.Path(cfg.out_dir) / "journal.jsonl"
         assert len(read_jsonl(journal)) == 4
         with open(journal, "a") as f:  # a torn line, as a kill during a write leaves it
             f.write('{"row": 9, "status": "ke')
         first = len(srv.requests)
-        summary = build.run(cfg, rows, build.make_teacher(cfg), None)
+        summary = build.run(cfg, rows, from_config.make_teacher(cfg), None)
         second = [iqa_row(r["body"]) for r in srv.requests[first:]]
     assert sorted(second) == sorted(set(range(n)) - set(count))  # nothing finished is redone
     assert summary.kept == n and summary.skipped_from_journal == 4
@@ -258,7 +258,7 @@ def test_resume_after_interrupt_and_torn_journal_line(tmp_path):
     # different output-shaping settings: refuse to mix them into the same journal
     cfg.iqa.temperature = 0.9
     with pytest.raises(ValueError, match="different settings"):
-        build.run(cfg, rows, build.make_teacher(cfg), None)
+        build.run(cfg, rows, from_config.make_teacher(cfg), None)
 
 
 def _kill9_script(tmp_path, manifest, img_dir, t_url, j_url):
@@ -396,7 +396,10 @@ def test_iaa_text_only_teacher_attribute_order_and_coverage(tmp_path):
     with StubServer(teacher) as t_srv, StubServer(judge) as j_srv:
         cfg = make_cfg(tmp_path, manifest, img_dir, t_srv.url, j_srv.url, task="iaa")
         summary = build.run(
-            cfg, build.load_rows(cfg)[0], build.make_teacher(cfg), build.make_judge(cfg)
+            cfg,
+            from_config.load_rows(cfg)[0],
+            from_config.make_teacher(cfg),
+            from_config.make_judge(cfg),
         )
     out = pathlib.Path(cfg.out_dir)
     kept = read_jsonl(out / "sft.jsonl")
@@ -419,7 +422,10 @@ def test_judge_only_mode_reads_existing_targets(tmp_path):
         cfg = make_cfg(tmp_path, manifest, img_dir, "", j_srv.url)
         cfg.teacher.kind = "none"
         summary = build.run(
-            cfg, build.load_rows(cfg)[0], build.make_teacher(cfg), build.make_judge(cfg)
+            cfg,
+            from_config.load_rows(cfg)[0],
+            from_config.make_teacher(cfg),
+            from_config.make_judge(cfg),
         )
     assert summary.kept == 2 and summary.rejected == {"role_prefix": 1}
     kept = read_jsonl(pathlib.Path(cfg.out_dir) / "sft.jsonl")
@@ -439,12 +445,12 @@ def test_dataset_declaration_bad_rows_and_skip_reporting(tmp_path):
     cfg = _config().get_config("iaa")
     cfg.input = str(p)
     with pytest.raises(ValueError, match="declare the native score range"):
-        build.load_rows(cfg)
+        from_config.load_rows(cfg)
     cfg.score_range = (0.0, 10.0)
     with pytest.raises(records.ManifestError, match=r"m.jsonl: row 1.*missing or empty field"):
-        build.load_rows(cfg)
+        from_config.load_rows(cfg)
     cfg.on_bad_row = "skip"
-    rows, bad = build.load_rows(cfg)
+    rows, bad = from_config.load_rows(cfg)
     assert [r.row for r in rows] == [0, 3] and [b.row for b in bad] == [1, 2]
     assert rows[0].gt_score == 3 and isinstance(rows[0].gt_score, int)  # as the file gives it
     assert rows[0].gt_100 == 30.0 and rows[0].image_path == str(tmp_path / "a.png")
@@ -460,7 +466,7 @@ def test_dataset_declaration_bad_rows_and_skip_reporting(tmp_path):
         cfg.progress = False
         cfg.teacher.base_url, cfg.teacher.model = srv.url, "t"
         cfg.judge.enabled = False
-        summary = build.run(cfg, rows, build.make_teacher(cfg), None, bad_rows=bad)
+        summary = build.run(cfg, rows, from_config.make_teacher(cfg), None, bad_rows=bad)
     assert summary.kept == 2 and summary.rejected == {"bad_manifest_row": 2}
     rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert [(r["source_row"], r["stage"]) for r in rejected] == [(1, "manifest"), (2, "manifest")]
@@ -485,12 +491,12 @@ def test_dataset_declaration_bad_rows_and_skip_reporting(tmp_path):
     # a built-in declaration supplies range and label field; its task must match
     cfg.input, cfg.score_range = "", None
     cfg.dataset, cfg.data_root = "artimuse-train", str(tmp_path)
-    spec = build.dataset_spec(cfg)
+    spec = from_config.dataset_spec(cfg)
     assert spec.score_range == (0.0, 10.0)
     assert spec.manifest == str(tmp_path / "train" / "train_iaa.json")
     cfg.task = "iqa"
     with pytest.raises(ValueError, match="is an iaa dataset"):
-        build.dataset_spec(cfg)
+        from_config.dataset_spec(cfg)
 
 
 def test_score_scale_100_shows_the_0_100_score(tmp_path):
@@ -504,7 +510,7 @@ def test_score_scale_100_shows_the_0_100_score(tmp_path):
         cfg = make_cfg(tmp_path, manifest, img_dir, srv.url, None)
         cfg.score_range = (1.0, 5.0)
         cfg.score_scale = "100"
-        build.run(cfg, build.load_rows(cfg)[0], build.make_teacher(cfg), None)
+        build.run(cfg, from_config.load_rows(cfg)[0], from_config.make_teacher(cfg), None)
         shown = [find_number(r"MOS: ([0-9.]+)", user_text(r["body"])) for r in srv.requests]
     assert sorted(shown) == [25.0, 50.0]
     kept = read_jsonl(pathlib.Path(cfg.out_dir) / "sft.jsonl")

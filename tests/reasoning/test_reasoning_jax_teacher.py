@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from tatar_jax.reasoning import build
+from tatar_jax.reasoning import build, from_config
 from tatar_jax.reasoning.teachers import ChatRequest, JaxTeacher, SamplingParams
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def test_builder_with_jax_teacher_writes_well_formed_file(tmp_path, qwen_tok):
     cfg = _config().get_config("iqa")
     cfg.input, cfg.score_range, cfg.out_dir = manifest, (0.0, 100.0), str(tmp_path / "out")
     cfg.progress, cfg.judge.enabled, cfg.client.concurrency = False, False, 1
-    summary = build.run(cfg, build.load_rows(cfg)[0], teacher, None)
+    summary = build.run(cfg, from_config.load_rows(cfg)[0], teacher, None)
     assert summary.kept == 3
     rows = [json.loads(x) for x in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
     think = "<think>\nSoft edges and visible noise. Dull colours.\n</think>\n"
@@ -151,7 +151,7 @@ def test_tiny_random_model_as_teacher_end_to_end(tmp_path):
     cfg.iqa.max_tokens = 12
     cfg.iqa.reject_score_in_think = False  # random text may contain any digits
     teacher = JaxTeacher(model, ByteTokenizer(), name="tiny-random", seed=0)
-    summary = build.run(cfg, build.load_rows(cfg)[0], teacher, None)
+    summary = build.run(cfg, from_config.load_rows(cfg)[0], teacher, None)
     assert summary.total == 1 and summary.failed == {} and summary.pending == 0
     out = tmp_path / "out"
     kept = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]

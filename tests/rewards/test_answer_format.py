@@ -1,7 +1,7 @@
 """The completion format in one module: writing, the think span, teacher-target reading.
 
-The strict and lenient parsers' own cases and fuzzing live in tests/test_rewards_parse.py (through
-their public names in ``tatar_jax.rewards``, which are these functions).
+The strict and lenient parsers' own cases and fuzzing live in tests/rewards/test_rewards_parse.py
+(through their public names in ``tatar_jax.rewards``, which are these functions).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reward_loops import clip100, loop_gaussian, loop_soft_rank, loop_thurstone
 
 from tatar_jax import rewards
+from tatar_jax.rewards.spec_loops import clip100, loop_gaussian, loop_soft_rank, loop_thurstone
 
 HSET = settings(max_examples=60, derandomize=True, deadline=None)
 _STATIC = ("threshold", "target", "alpha_iqa", "alpha_iaa", "iqa_max_words", "iaa_min_words",

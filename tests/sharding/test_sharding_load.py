@@ -14,7 +14,7 @@ from flax import nnx
 
 from tatar_jax import sharding
 from tatar_jax.models import qwen2_5_vl as qvl
-from tatar_jax.models.qwen2_5_vl import checkpoint as ckpt_mod
+from tatar_jax.models.qwen2_5_vl import hf_checkpoint as ckpt_mod
 
 
 @pytest.fixture(scope="module")

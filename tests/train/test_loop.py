@@ -13,7 +13,8 @@ import optax
 import pytest
 from flax import struct
 
-from tatar_jax.train import checkpointing, loop, metrics, optim
+from tatar_jax.data.batch import ReadStats
+from tatar_jax.train import checkpointing, loop, metric_writers, optim
 
 
 @struct.dataclass
@@ -64,8 +65,17 @@ class FakeStage:
         self.after.append(step)
 
 
+class _PipelineBatch(dict):
+    """What the loop reads of a pipeline batch (``stats``, its skip counters) next to the fake
+    stage's ``i``."""
+
+    def __init__(self, i: int) -> None:
+        super().__init__(i=i)
+        self.stats = ReadStats(skipped_by_dataset=(("a", i // 3),))
+
+
 def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
-    batches = iter([{"i": i, "meta": {"skipped_by_dataset": {"a": i // 3}}} for i in range(1, 100)])
+    batches = iter([_PipelineBatch(i) for i in range(1, 100)])
     return loop.LoopEnv(
         data_iter=batches,
         next_batch=lambda: next(batches),
@@ -73,7 +83,7 @@ def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
         checkpointer=checkpointing.Checkpointer(
             tmp_path, every_steps=100, async_save=False, with_data=False
         ),
-        writer=metrics.MetricsWriter(tmp_path, every_steps=2, tensorboard=False, console=False),
+        writer=metric_writers.MetricsWriter(tmp_path, tensorboard=False, console=False),
         evaluator=evaluator,
         total=total,
         log_every=2,

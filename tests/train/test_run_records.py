@@ -8,7 +8,7 @@ import json
 import ml_collections
 import pytest
 
-from tatar_jax.train import metrics, run_records
+from tatar_jax.train import metric_writers, run_records
 
 
 def _cfg(**kw):
@@ -79,7 +79,7 @@ def test_writer_drops_rows_logged_after_the_restored_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": float(s)} for s in (0, 1, 2, 3, 4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')  # torn
-    w = metrics.MetricsWriter(tmp_path, tensorboard=False, console=False, resume_step=2,
+    w = metric_writers.MetricsWriter(tmp_path, tensorboard=False, console=False, resume_step=2,
                               process_index=0)  # fmt: skip
     assert w.dropped == 3
     w.write(3, {"loss": 30.0})
@@ -94,10 +94,10 @@ def test_console_line_is_compact():
         "parsed_frac/all": 0.9375, "time/step": 1.234, "grad_norm": 3.0, "clip_frac": 0.1,
         "reward/gauss/iqa": 0.5, "data/skipped_total": 2.0, "update_skipped": 0.0,
     }  # fmt: skip
-    line = metrics.console_line(12, values, total=200, eta_s=231.7)
+    line = metric_writers.console_line(12, values, total=200, eta_s=231.7)
     assert line == (
         "step 12/200 | loss 1.235 | reward iqa 0.512 | reward iaa 0.300 | kl 0.00123 | "
         "parsed 94% | 1.23s/step | skipped 2 | ETA 3m52s"
     )
     ev = {"eval/a/srcc": 0.5, "eval/a/plcc": 0.25, "eval/a/n": 8.0, "eval/b/srcc": float("nan")}
-    assert metrics.console_line(20, ev) == "step 20 eval | a srcc 0.5 plcc 0.25 | b srcc nan"
+    assert metric_writers.console_line(20, ev) == "step 20 eval | a srcc 0.5 plcc 0.25 | b srcc nan"

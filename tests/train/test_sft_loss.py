@@ -95,12 +95,12 @@ def test_sequence_mean():
 def test_vl_model_loss_and_grads_match_transformers(tmp_path):
     """Span loss on the tiny VL model (images, left padding) == transformers' loss with -100
     labels; lm_head and embedding gradients equal torch's. Also: the frozen-vision mask on the
-    real parameter tree, and metrics.param_counts on it."""
+    real parameter tree, and flop_model.param_counts on it."""
     tm = pytest.importorskip("tiny_models")
     qvl = pytest.importorskip("tatar_jax.models.qwen2_5_vl")
     from flax import nnx
 
-    from tatar_jax.train import metrics
+    from tatar_jax.train import flop_model
 
     hf = tm.tiny_hf_model(seed=0)
     model = qvl.load_hf_checkpoint(tm.save_hf_dir(hf, tmp_path / "tiny"), dtype=jnp.float32)
@@ -161,5 +161,5 @@ def test_vl_model_loss_and_grads_match_transformers(tmp_path):
     sizes = [x.size for x in jax.tree.leaves(pure)]
     n_vis = sum(x.size for x in jax.tree.leaves(pure["visual"]))
     assert sum(s for s, t in zip(sizes, flat_mask, strict=True) if not t) == n_vis > 0
-    pc = metrics.param_counts(cfg.text, cfg.vision)
+    pc = flop_model.param_counts(cfg.text, cfg.vision)
     assert pc["vision"] == n_vis and pc["total"] == sum(sizes)

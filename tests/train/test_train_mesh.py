@@ -1,5 +1,5 @@
 """The GRPO training loop on several devices equals the one-device run (the two-process run is
-tests/train/test_train_multidevice.py).
+tests/e2e/test_train_multidevice.py).
 
 - ``global_batch`` (several hosts' pipeline batches -> the global batch) equals the one-host
   pipeline batch of the same global batch size, through a fake all-gather (threads);

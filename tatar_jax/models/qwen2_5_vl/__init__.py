@@ -8,14 +8,6 @@ qvl.save_hf_checkpoint(model, out_dir)
 ```
 """
 
-from tatar_jax.models.qwen2_5_vl.checkpoint import (
-    CheckpointError,
-    hf_rules,
-    load_hf_checkpoint,
-    load_orbax,
-    save_hf_checkpoint,
-    save_orbax,
-)
 from tatar_jax.models.qwen2_5_vl.config import (
     PRESETS,
     Qwen2_5_VLConfig,
@@ -25,8 +17,16 @@ from tatar_jax.models.qwen2_5_vl.config import (
     preset,
     tiny,
 )
+from tatar_jax.models.qwen2_5_vl.hf_checkpoint import (
+    CheckpointError,
+    hf_rules,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
+from tatar_jax.models.qwen2_5_vl.hf_export import export_hf
 from tatar_jax.models.qwen2_5_vl.language import KVCache
 from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+from tatar_jax.models.qwen2_5_vl.orbax_checkpoint import load_orbax, save_orbax
 from tatar_jax.models.qwen2_5_vl.rope import (
     decode_position_ids,
     get_rope_index,
@@ -45,6 +45,7 @@ __all__ = [
     "VisionConfig",
     "VisionLayout",
     "decode_position_ids",
+    "export_hf",
     "get_rope_index",
     "hf_rules",
     "load_config_json",

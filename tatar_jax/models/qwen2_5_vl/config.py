@@ -182,10 +182,6 @@ class Qwen2_5_VLConfig:
                 top[key] = text_d[key]
         return cls(text=text, vision=vision, **top)
 
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike[str]) -> Qwen2_5_VLConfig:
-        return load_config_json(path)
-
     def to_hf_dict(self) -> dict[str, Any]:
         """Nested transformers-5 ``config.json`` dict (``Qwen2_5_VLConfig(**d)`` loads it)."""
         t = self.text

@@ -1,11 +1,11 @@
-"""Metrics: parameter / FLOP counts vs the transformers model (numel, torch FlopCounterMode), a hand
-count, the peak-FLOPs table, writers (JSONL + TensorBoard), GRPO reward summaries."""
+"""The FLOP model: parameter / FLOP counts vs the transformers model (numel, torch
+FlopCounterMode), a hand count, the peak-FLOPs table and MFU, the step's FLOPs vs XLA's cost
+analysis of the compiled GRPO update."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from tatar_jax.train import metrics
+from tatar_jax.train import flop_model
 
 T, PATCHES = 40, 64  # sequence tokens; one 8x8-patch image = 16 image tokens
 
@@ -50,7 +50,7 @@ def _inputs(with_image: bool):
 @pytest.mark.parametrize("tie", [False, True])
 def test_param_counts_match_hf_numel(tie):
     cfg, model = _hf_model(tie)
-    pc = metrics.param_counts(
+    pc = flop_model.param_counts(
         cfg.text_config, cfg.vision_config, tie_word_embeddings=cfg.tie_word_embeddings
     )
     # The actual parameter tree: transformers' state dict shapes (tied weights appear once).
@@ -59,7 +59,7 @@ def test_param_counts_match_hf_numel(tie):
     t = cfg.text_config
     assert pc["lm_head"] == (0 if tie else t.hidden_size * t.vocab_size)
     # Works from plain dicts too (a params-shape dict / config.json contents).
-    as_dict = metrics.param_counts(
+    as_dict = flop_model.param_counts(
         {**cfg.text_config.to_dict(), "tie_word_embeddings": tie}, cfg.vision_config.to_dict()
     )
     assert as_dict == pc
@@ -68,7 +68,7 @@ def test_param_counts_match_hf_numel(tie):
 def test_param_counts_of_our_config_dataclass():
     cfgmod = pytest.importorskip("tatar_jax.models.qwen2_5_vl.config")
     c = cfgmod.qwen2_5_vl_7b()
-    pc = metrics.param_counts(c.text, c.vision)
+    pc = flop_model.param_counts(c.text, c.vision)
     assert 8.2e9 < pc["total"] < 8.4e9  # Qwen2.5-VL-7B-Instruct: 8.29B parameters
 
 
@@ -86,7 +86,7 @@ def test_flops_match_torch_flop_counter(hf, with_image, training):
             model.eval()
             with torch.no_grad():
                 model(**inputs)
-    ours = metrics.flops_per_token(
+    ours = flop_model.flops_per_token(
         cfg.text_config,
         cfg.vision_config,
         T,
@@ -108,9 +108,9 @@ def test_flops_hand_count_and_options():
     # Per token: q 4x4, k 4x2, v 4x2, o 4x4, gate/up/down 3x4x6, lm_head 4x10 -> 2 FLOPs per MAC.
     macs = 16 + 8 + 8 + 16 + 72 + 40
     attn = 4 * 1 * 2 * 2 * 8  # 4 * layers * heads * head_dim * context (QK^T and AV)
-    assert metrics.flops_per_token(text, None, 8, training=False) == 2 * macs + attn
-    assert metrics.flops_per_token(text, None, 8) == 3 * (2 * macs + attn)
-    assert metrics.flops_per_token(text, None, 8, training=False, causal_discount=True) == (
+    assert flop_model.flops_per_token(text, None, 8, training=False) == 2 * macs + attn
+    assert flop_model.flops_per_token(text, None, 8) == 3 * (2 * macs + attn)
+    assert flop_model.flops_per_token(text, None, 8, training=False, causal_discount=True) == (
         2 * macs + attn / 2
     )
 
@@ -121,115 +121,38 @@ def test_missing_model_config_field_is_an_error_naming_it():
         num_attention_heads=2,
     )  # fmt: skip
     with pytest.raises(KeyError, match="num_key_value_heads"):
-        metrics.flops_per_token(text, None, 8)
+        flop_model.flops_per_token(text, None, 8)
     with pytest.raises(KeyError, match="tie_word_embeddings"):
-        metrics.param_counts({**text, "num_key_value_heads": 1})
+        flop_model.param_counts({**text, "num_key_value_heads": 1})
 
 
 def test_frozen_vision_counts_forward_only(hf):
     cfg, _ = hf
     args = (cfg.text_config, cfg.vision_config, T)
-    full = metrics.flops_per_token(*args, patches_per_seq=PATCHES)
-    frozen = metrics.flops_per_token(*args, patches_per_seq=PATCHES, train_vision=False)
-    text_only = metrics.flops_per_token(*args)
-    vis_fwd = metrics.flops_per_token(*args, training=False, patches_per_seq=PATCHES) - (
-        metrics.flops_per_token(*args, training=False)
+    full = flop_model.flops_per_token(*args, patches_per_seq=PATCHES)
+    frozen = flop_model.flops_per_token(*args, patches_per_seq=PATCHES, train_vision=False)
+    text_only = flop_model.flops_per_token(*args)
+    vis_fwd = flop_model.flops_per_token(*args, training=False, patches_per_seq=PATCHES) - (
+        flop_model.flops_per_token(*args, training=False)
     )
     assert frozen == pytest.approx(text_only + vis_fwd)
     assert full > frozen
 
 
 def test_peak_flops_table():
-    assert metrics.peak_flops("TPU v4") == 275e12
-    assert metrics.peak_flops("TPU v5 lite") == 197e12
-    assert metrics.peak_flops("TPU v5") == 459e12
-    assert metrics.peak_flops("TPU v5p") == 459e12
-    assert metrics.peak_flops("TPU v6 lite") == 918e12
-    assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert metrics.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert metrics.peak_flops("NVIDIA H200") == 989e12
-    assert metrics.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert metrics.peak_flops("cpu") is None
-    assert metrics.peak_flops() is None  # tests run on CPU
-    assert metrics.mfu(1000.0, 1e9, 1) is None
-    assert metrics.mfu(1000.0, 1e9, 4, "TPU v4") == pytest.approx(1e12 / (4 * 275e12))
-
-
-def test_writer_jsonl_tensorboard_and_every(tmp_path):
-    w = metrics.MetricsWriter(tmp_path, every_steps=2, console=False, process_index=0)
-    assert not w.write(1, {"loss": 1.0})
-    assert w.write(2, {"loss": np.float32(0.5), "lr": np.asarray([1e-6])})
-    assert w.write(3, {"loss": float("nan")}, force=True)
-    w.close()
-    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [2, 3]
-    assert recs[0]["loss"] == 0.5 and recs[0]["lr"] == pytest.approx(1e-6)
-    assert np.isnan(recs[1]["loss"])
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    with pytest.raises(ValueError, match="scalar"):
-        metrics.MetricsWriter(tmp_path, console=False, process_index=0).write(0, {"x": [1, 2]})
-    other = tmp_path / "other"
-    w1 = metrics.MetricsWriter(other, process_index=1)
-    assert not w1.write(0, {"loss": 1.0})
-    assert not other.exists()  # non-zero processes write nothing
-
-
-def test_grpo_reward_metrics():
-    tasks = ["iqa"] * 4 + ["iaa"] * 4  # two prompts, G = 4
-    acc = [1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2]
-    fmt = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    m = metrics.grpo_reward_metrics(
-        {"accuracy": acc, "format": fmt},
-        tasks,
-        group_size=4,
-        completion_lengths=[10, 20, 30, 40, 100, 100, 100, 100],
-        parsed=[1, 1, 0, 1, 1, 1, 1, 1],
-        weights={"iqa": {"accuracy": 2.0, "format": 1.0}, "iaa": {"accuracy": 1.0}},
-    )
-    iqa_total = 2 * np.array(acc[:4]) + np.array(fmt[:4])
-    assert m["reward/accuracy/iqa"] == pytest.approx(0.5)
-    assert m["reward/format/iaa"] == pytest.approx(1.0)
-    assert m["reward_total/iqa"] == pytest.approx(iqa_total.mean())
-    assert m["reward_total/iaa"] == pytest.approx(1.2)  # format weight defaults to 1
-    assert m["reward_group_std/iqa"] == pytest.approx(iqa_total.std(ddof=1))
-    assert m["zero_std_groups/iaa"] == 1.0 and m["zero_std_groups/iqa"] == 0.0
-    assert m["zero_std_groups/all"] == 0.5
-    assert m["completion_len/iqa"] == 25 and m["parsed_frac/iqa"] == 0.75
-    assert m["parsed_frac/all"] == pytest.approx(7 / 8)
-    # One task only: its statistics and "all", finite, nothing for the absent task.
-    one = metrics.grpo_reward_metrics({"accuracy": acc[:4]}, tasks[:4], group_size=4)
-    assert "reward/accuracy/iaa" not in one and all(np.isfinite(list(one.values())))
-    assert one["reward/accuracy/all"] == one["reward/accuracy/iqa"] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="mixes tasks"):
-        metrics.grpo_reward_metrics({"a": acc}, ["iqa", "iaa"] * 4, group_size=4)
-    with pytest.raises(ValueError, match="multiple"):
-        metrics.grpo_reward_metrics({"a": acc}, tasks, group_size=3)
-
-
-def test_step_timer_and_progress():
-    timer = metrics.StepTimer()
-    with timer("rollout"):
-        pass
-    with timer("update"):
-        pass
-    m = timer.metrics()
-    assert set(m) == {"time/rollout", "time/update", "time/step"}
-    assert m["time/step"] == pytest.approx(m["time/rollout"] + m["time/update"])
-    assert timer.metrics() == {"time/step": 0.0}
-    bar = metrics.Progress(10, initial=3, enabled=False)
-    bar.update(1, loss=np.float32(0.1))
-    bar.close()
-
-
-def test_window_mean_averages_each_key_over_the_steps_that_have_it():
-    from tatar_jax.train.metrics import WindowMean
-
-    w = WindowMean()
-    w.add({"reward_total/iaa": 1.0, "reward_total/iqa": 0.5, "lr": 3e-4, "loss": 2.0})
-    w.add({"reward_total/iqa": 1.5, "lr": 2e-4, "loss": np.float32(4.0)})
-    out = w.pop()
-    assert out == {"reward_total/iaa": 1.0, "reward_total/iqa": 1.0, "loss": 3.0, "lr": 2e-4}
-    assert w.pop() == {}
+    assert flop_model.peak_flops("TPU v4") == 275e12
+    assert flop_model.peak_flops("TPU v5 lite") == 197e12
+    assert flop_model.peak_flops("TPU v5") == 459e12
+    assert flop_model.peak_flops("TPU v5p") == 459e12
+    assert flop_model.peak_flops("TPU v6 lite") == 918e12
+    assert flop_model.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert flop_model.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert flop_model.peak_flops("NVIDIA H200") == 989e12
+    assert flop_model.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flop_model.peak_flops("cpu") is None
+    assert flop_model.peak_flops() is None  # tests run on CPU
+    assert flop_model.mfu(1000.0, 1e9, 1) is None
+    assert flop_model.mfu(1000.0, 1e9, 4, "TPU v4") == pytest.approx(1e12 / (4 * 275e12))
 
 
 # --- FLOPs of the compiled GRPO update vs XLA's cost analysis ---------------------------------
@@ -324,5 +247,5 @@ def test_step_flops_equal_xla_cost_of_the_compiled_update(
     assert abs(ours_ref / xla_ref - 1) < 0.10
     # The old count (vision per row, lm_head on every position) is far off.
     n, length = inputs.rows.input_ids.shape
-    old = metrics.flops_per_token(cfg.text, cfg.vision, length, patches_per_seq=64) * n * length
+    old = flop_model.flops_per_token(cfg.text, cfg.vision, length, patches_per_seq=64) * n * length
     assert old / xla > 1.2

@@ -1,4 +1,4 @@
-"""tatar_jax.train.plots and scripts/plot_run.py: the curves read back from a run directory are
+"""tatar_jax.train.run_plots and scripts/plot_run.py: the curves read back from a run directory are
 the logged numbers, the PNGs are written, several runs go side by side, and a real tiny run
 (SFT warm-up + GRPO, scripts/train.py) leaves ``plots/`` and the console table."""
 
@@ -13,7 +13,7 @@ import sys
 import pytest
 from train_runs import run_script, train_env
 
-from tatar_jax.train import plots
+from tatar_jax.train import run_plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,20 +60,20 @@ def _fake_run(wd: pathlib.Path, shift: float = 0.0) -> pathlib.Path:
 
 
 def test_read_run_phases_and_curves(tmp_path):
-    run = plots.read_run(_fake_run(tmp_path / "a"))
-    ph = plots.eval_phases(run)
+    run = run_plots.read_run(_fake_run(tmp_path / "a"))
+    ph = run_plots.eval_phases(run)
     assert list(ph) == ["before SFT", "after SFT", "after GRPO"]
     assert math.isnan(ph["before SFT"]["iqa"]["srcc"])
     assert ph["before SFT"]["iaa"]["frac_unparsed"] == 1.0
     assert ph["after SFT"]["iqa"] == {"srcc": 0.5, "plcc": 0.4, "frac_unparsed": 0.0}
     assert ph["after GRPO"]["iaa"] == {"srcc": 0.2, "plcc": 0.25, "frac_unparsed": 0.0}
-    iqa = plots.reward_curves(run, "iqa")
+    iqa = run_plots.reward_curves(run, "iqa")
     # thurstone has weight 0 for IQA: not a curve of that task
     assert list(iqa) == ["total", "format", "accuracy"]
     assert iqa["accuracy"] == ([1, 2, 3], [0.1, 0.2, 0.3])
     assert iqa["total"][1] == pytest.approx([1.1, 1.2, 1.3])
-    assert list(plots.reward_curves(run, "iaa")) == ["total", "format", "thurstone"]
-    table = plots.eval_table(run)
+    assert list(run_plots.reward_curves(run, "iaa")) == ["total", "format", "thurstone"]
+    table = run_plots.eval_table(run)
     assert "GRPO - SFT" in table
     diff = table.splitlines()[-1].split()[-4:]
     assert [float(x) for x in diff] == pytest.approx([0.1, 0.15, 0.3, 0.25])
@@ -85,14 +85,14 @@ def test_grpo_run_from_a_checkpoint_has_its_start_as_after_sft(tmp_path):
         {"step": 0, **_eval((0.3, 0.3), (0.1, 0.1))}, {"step": 1, "reward_total/iqa": 1.0},
         {"step": 1, **_eval((0.4, 0.35), (0.2, 0.1))},
     ])  # fmt: skip
-    ph = plots.eval_phases(plots.read_run(wd))
+    ph = run_plots.eval_phases(run_plots.read_run(wd))
     assert list(ph) == ["after SFT", "after GRPO"]
     assert ph["after SFT"]["iqa"]["srcc"] == 0.3 and ph["after GRPO"]["iqa"]["srcc"] == 0.4
 
 
 def test_write_plots_side_by_side(tmp_path):
-    runs = [plots.read_run(_fake_run(tmp_path / n, s), n) for n, s in (("a", 0.0), ("b", 0.5))]
-    figs = plots.write_plots(runs, tmp_path / "out")
+    runs = [run_plots.read_run(_fake_run(tmp_path / n, s), n) for n, s in (("a", 0.0), ("b", 0.5))]
+    figs = run_plots.write_plots(runs, tmp_path / "out")
     assert set(figs) == {"rewards_iqa", "rewards_iaa", "reward_total", "eval_srcc_plcc", "sft_loss"}
     for fig in figs.values():
         assert pathlib.Path(fig["path"]).read_bytes()[:8] == PNG
@@ -104,12 +104,12 @@ def test_write_plots_side_by_side(tmp_path):
 
 def test_read_run_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        plots.read_run(tmp_path / "missing")
+        run_plots.read_run(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
-        plots.read_run(tmp_path)
+        run_plots.read_run(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
-        plots.read_run(tmp_path)
+        run_plots.read_run(tmp_path)
 
 
 def _script(args, env=None):
@@ -144,13 +144,13 @@ def test_tiny_run_leaves_plots_and_plot_run_redraws_them(tmp_path, xla_cache_dir
     names = ("rewards_iqa", "rewards_iaa", "reward_total", "eval_srcc_plcc", "sft_loss")
     for n in names:
         assert (wd / "plots" / f"{n}.png").read_bytes()[:8] == PNG
-    run = plots.read_run(wd)
-    assert list(plots.eval_phases(run)) == ["before SFT", "after SFT", "after GRPO"]
+    run = run_plots.read_run(wd)
+    assert list(run_plots.eval_phases(run)) == ["before SFT", "after SFT", "after GRPO"]
     logged = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     want = [(r["step"], r["reward_total/iqa"]) for r in logged if "reward_total/iqa" in r]
-    got = plots.reward_curves(run, "iqa")["total"]
+    got = run_plots.reward_curves(run, "iqa")["total"]
     assert list(zip(*got, strict=True)) == want and [s for s, _ in want] == [1, 2]
-    assert set(plots.reward_curves(run, "iaa")) >= {"total", "format", "thurstone"}
+    assert set(run_plots.reward_curves(run, "iaa")) >= {"total", "format", "thurstone"}
 
     out = tmp_path / "cmp"
     q = _script(

@@ -19,6 +19,10 @@ Sharded loading: pass ``mesh`` (and optionally ``rules``, the logical-axis table
 :mod:`tatar_jax.sharding`) or a ``shardings(path, variable) -> jax.sharding.Sharding`` callable;
 each parameter is then built with ``jax.make_array_from_callback`` and every device reads only
 the layers (and slices) it holds.
+
+A complete export (tokenizer, chat template, image processor config) is
+:mod:`~tatar_jax.models.qwen2_5_vl.hf_export`; orbax parameter trees
+:mod:`~tatar_jax.models.qwen2_5_vl.orbax_checkpoint`.
 """
 
 from __future__ import annotations
@@ -42,14 +46,12 @@ from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
 __all__ = [
     "CheckpointError",
-    "export_hf",
     "shardings_from_mesh",
     "SafetensorsReader",
     "hf_rules",
     "load_hf_checkpoint",
-    "load_orbax",
+    "param_variables",
     "save_hf_checkpoint",
-    "save_orbax",
     "write_safetensors",
 ]
 
@@ -234,7 +236,7 @@ def _detect_layout(names: list[str]) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _flat_vars(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
+def param_variables(model: nnx.Module) -> dict[tuple[str, ...], nnx.Variable]:
     out = {}
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
@@ -306,7 +308,7 @@ def load_hf_checkpoint(
             rngs=nnx.Rngs(0),
         )
     )
-    variables = _flat_vars(abstract)
+    variables = param_variables(abstract)
 
     used: set[str] = set()
     missing: list[str] = []
@@ -454,7 +456,7 @@ def _hf_tensors(
     model: Qwen2_5_VLForConditionalGeneration, layout: str, save_dtype: Any
 ) -> Iterator[tuple[str, tuple[int, ...], Any, Callable[[], np.ndarray]]]:
     config = model.config
-    variables = _flat_vars(model)
+    variables = param_variables(model)
     for template, path, transform in hf_rules(config, layout):
         var = variables[path]
         dt = np.dtype(save_dtype if save_dtype is not None else var.dtype)
@@ -551,117 +553,6 @@ def save_hf_checkpoint(
     return names
 
 
-# The Qwen2.5-VL chat format (what tatar_jax.data.prompts renders without a template) as the
-# Jinja template transformers' apply_chat_template reads from an export.
-_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in part -%}{{- part['text'] -}}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-# Files of a tokenizer folder an export carries over (what save_pretrained writes).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "video_preprocessor_config.json",
-)  # fmt: skip
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def _rebuilt_tokenizer_files(out_dir: str, model_max_length: int) -> None:
-    """``tokenizer.json`` + ``tokenizer_config.json`` of the offline Qwen2.5 rebuild
-    (:func:`tatar_jax.data.tokenizer.default_tokenizer_json`)."""
-    from tatar_jax.data import tokenizer as tok_mod
-
-    tok = tok_mod.default_tokenizer_json()
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    _write_json(
-        os.path.join(out_dir, "tokenizer_config.json"),
-        tok_mod.hf_tokenizer_config(tok, model_max_length),
-    )
-
-
-def _has_chat_template(folder: str) -> bool:
-    if any(
-        os.path.isfile(os.path.join(folder, f))
-        for f in ("chat_template.jinja", "chat_template.json")
-    ):
-        return True
-    path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        return "chat_template" in json.load(f)
-
-
-def export_hf(
-    model: Qwen2_5_VLForConditionalGeneration,
-    out_dir: str | os.PathLike[str],
-    *,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    max_shard_size: int | str = "5GB",
-    dtype: Any = None,
-) -> list[str]:
-    """A complete HF directory: what :func:`save_hf_checkpoint` writes (weights, ``config.json``,
-    ``generation_config.json``) plus the tokenizer, its chat template and
-    ``preprocessor_config.json``, so that ``scripts/eval.py --hf_dir`` and transformers'
-    ``AutoProcessor`` / ``from_pretrained`` load it as it is.
-
-    ``tokenizer_dir``: the run's tokenizer folder (its files are copied; it must hold a
-    ``tokenizer.json``); None = the offline Qwen2.5 rebuild the run used. Where the folder has
-    no chat template / image processor config, the Qwen2.5-VL ones are written
-    (``min_pixels`` / ``max_pixels``: the image processor's pixel budget, default spec §3's).
-    Returns the written safetensors file names.
-    """
-    from tatar_jax.data import image as image_mod
-
-    out = os.fspath(out_dir)
-    if tokenizer_dir is not None and not os.path.isfile(
-        os.path.join(tokenizer_dir, "tokenizer.json")
-    ):
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json to export with the weights")
-    names = save_hf_checkpoint(model, out, max_shard_size=max_shard_size, dtype=dtype)
-    if tokenizer_dir is None:
-        max_len = model.config.text.max_position_embeddings
-        _rebuilt_tokenizer_files(out, max_len)
-    else:
-        for fname in TOKENIZER_FILES:
-            src = os.path.join(tokenizer_dir, fname)
-            if os.path.isfile(src):
-                with open(src, "rb") as fi, open(os.path.join(out, fname), "wb") as fo:
-                    fo.write(fi.read())
-    if not _has_chat_template(out):
-        with open(os.path.join(out, "chat_template.jinja"), "w", encoding="utf-8") as f:
-            f.write(_CHAT_TEMPLATE)
-    if not os.path.isfile(os.path.join(out, "preprocessor_config.json")):
-        budget = {
-            "min_pixels": image_mod.MIN_PIXELS if min_pixels is None else int(min_pixels),
-            "max_pixels": image_mod.MAX_PIXELS if max_pixels is None else int(max_pixels),
-        }
-        cfg = image_mod.hf_preprocessor_config(**budget)
-        _write_json(os.path.join(out, "preprocessor_config.json"), cfg)
-    return names
-
-
 def _jsonable(x: Any) -> Any:
     return list(x) if isinstance(x, tuple) else x
 
@@ -675,73 +566,3 @@ def _parse_size(s: int | str) -> int:
         if t.endswith(u):
             return int(float(t[: -len(u)]) * units[u])
     return int(t)
-
-
-# --- orbax ---------------------------------------------------------------------------------------
-
-ORBAX_PARAMS = "params"
-
-
-def save_orbax(model: Qwen2_5_VLForConditionalGeneration, out_dir: str | os.PathLike[str]) -> str:
-    """Writes the parameters with orbax (``out_dir/params``) and ``out_dir/config.json``.
-
-    The tree is ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (our parameter paths).
-    """
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    target = os.path.join(out_dir, ORBAX_PARAMS)
-    if os.path.exists(target):
-        raise FileExistsError(f"{target} already exists; choose an empty output directory")
-    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, tree)
-        ckptr.wait_until_finished()
-    model.config.to_json_file(os.path.join(out_dir, "config.json"))
-    return target
-
-
-def load_orbax(
-    orbax_dir: str | os.PathLike[str],
-    dtype: Any = jnp.float32,
-    param_dtype: Any = None,
-    *,
-    mesh: Any = None,
-    rules: Any = None,
-    shardings: Callable[[tuple[str, ...], Any], Any] | None = None,
-    attention_impl: str | None = None,
-) -> Qwen2_5_VLForConditionalGeneration:
-    """Inverse of :func:`save_orbax`; parameters are cast to ``param_dtype`` (default ``dtype``).
-
-    ``mesh``/``rules``/``shardings``/``attention_impl`` as in :func:`load_hf_checkpoint`.
-    """
-    import orbax.checkpoint as ocp
-
-    orbax_dir = os.path.abspath(os.fspath(orbax_dir))
-    param_dtype = dtype if param_dtype is None else param_dtype
-    if shardings is None and mesh is not None:
-        shardings = shardings_from_mesh(mesh, rules)
-    config = load_config_json(orbax_dir)
-    if attention_impl is not None:
-        config = config.replace(attention_impl=attention_impl)
-    abstract = nnx.eval_shape(
-        lambda: Qwen2_5_VLForConditionalGeneration(
-            config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)
-        )
-    )
-    variables = _flat_vars(abstract)
-    state = nnx.state(abstract, nnx.Param)
-    template = nnx.to_pure_dict(state)
-
-    def target(path, leaf):
-        keys = tuple(str(getattr(p, "key", p)) for p in path)
-        sharding = None if shardings is None else shardings(keys, variables[keys])
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    template = jax.tree_util.tree_map_with_path(target, template)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(orbax_dir, ORBAX_PARAMS), template)
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(abstract, state)
-    return abstract

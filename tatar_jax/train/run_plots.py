@@ -1,9 +1,9 @@
 """The curves a user looks at after a training run: rewards per task and per reward function over
 the GRPO steps, held-out SRCC / PLCC before SFT, after SFT and after GRPO, and the SFT loss.
 
-    from tatar_jax.train import plots
-    data = plots.write_plots(["/runs/a"], "/runs/a/plots")   # PNGs + the plotted data
-    print(plots.eval_table(plots.read_run("/runs/a")))
+    from tatar_jax.train import run_plots
+    data = run_plots.write_plots(["/runs/a"], "/runs/a/plots")   # PNGs + the plotted data
+    print(run_plots.eval_table(run_plots.read_run("/runs/a")))
 
 A run directory is what :func:`tatar_jax.train.trainer.run` leaves: ``metrics.jsonl`` of the
 configured stage and, for the embedded default, the SFT warm-up's ``sft/metrics.jsonl``. The

@@ -1,6 +1,8 @@
-"""Plain-loop transcriptions of the reward formulas of spec §8 (one completion at a time, float
-math): the reference the jitted rewards are tested against (tests/test_rewards.py) and the
-per-completion peer they are benchmarked against (benchmarks/bench_rewards.py)."""
+"""The reward formulas of spec §8 as plain Python loops, one completion at a time (``math``,
+lists, dictionaries of groups): not what training runs (that is :mod:`tatar_jax.rewards.functions`)
+but the independent reference the jitted rewards are tested against
+(tests/rewards/test_rewards.py) and the per-completion peer they are benchmarked against
+(benchmarks/bench_rewards.py). NumPy only."""
 
 from __future__ import annotations
 
