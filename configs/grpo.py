@@ -11,7 +11,8 @@
 Presets (``:arg``): ``default`` (embedded tiny model + synthetic data), ``tiny`` (tests),
 ``reference`` (spec §7: 16 prompts x G = 8 = 128 completions per step, beta 0.001, eps 0.2,
 mu = 1, temperature 1.0, top-k 50, 256 new tokens, AdamW lr 1e-6 linear decay, clip 1.0,
-3 epochs, save every 100, initialised from SFT step 120).
+3 epochs, save every 100, initialised from SFT step 120), ``lora_1gpu`` / ``lora_1gpu_3b``
+(the reference run as rank-16 LoRA on one 48 GB / 24 GB GPU: :func:`one_gpu_lora`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ml_collections import config_dict
 from configs import common, sft
 from configs import rewards as rewards_configs
 
-PRESETS = ("default", "tiny", "reference")
+PRESETS = ("default", "tiny", "reference", "lora_1gpu", "lora_1gpu_3b")
 # SFT steps of the embedded default's warm-up (benchmarks/sweeps/grpo_default.md, sweep 5).
 WARMUP_STEPS = 120
 
@@ -121,6 +122,17 @@ def rollout_block() -> ml_collections.ConfigDict:
     return c
 
 
+def offload_block() -> ml_collections.ConfigDict:
+    """Host offload (``tatar_jax.train.offload``): ``mode`` "never" | "rollout" (the ``parts``
+    wait in host memory from one update to the next) | "always" (they come back only for the
+    program that reads them); ``parts``: "opt_state" (AdamW moments), "reference" (the
+    full-parameter reference copy). Exact copies: results and resumes are unchanged."""
+    c = ml_collections.ConfigDict()
+    c.mode = "never"
+    c.parts = ("opt_state",)
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = common.parse_preset(arg, PRESETS)
     c = common.base_config(learning_rate=1e-6)  # authors' GRPOConfig (spec §7.4)
@@ -128,13 +140,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.preset = preset
     c.grpo = grpo_block()
     c.rollout = rollout_block()
+    c.offload = offload_block()
     c.rewards = rewards_configs.get_config("reference" if preset == "reference" else "tatar")
     # GRPO data: the two training lists concatenated and shuffled (spec §7.1), each prompt
     # repeated G times inside the step (never re-loaded per copy: fixes B5).
     c.data.mixing = "concat"
     c.data.stopping = "first_exhausted"  # incomplete final chunk of prompts dropped
 
-    if preset == "reference":
+    if preset in ("reference", "lora_1gpu", "lora_1gpu_3b"):
         common.reference_run(c)  # 128 completions = 2 micro-steps of 64 (8 dev x 8)
         c.model.init_checkpoint = ""  # required: the SFT workdir
         c.model.init_step = 120  # spec §6.3: GRPO starts from SFT checkpoint-120
@@ -144,6 +157,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grpo.mini_batch_size = 64
         c.grpo.pack_buckets = 0
         c.checkpoint.every_steps = 100
+        if preset != "reference":
+            one_gpu_lora(c)
     elif preset == "default":
         # Embedded tiny random model on the synthetic set, CPU minutes: an SFT warm-up teaches the
         # format and a first ranking, GRPO's rewards refine it.
@@ -178,6 +193,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
+def one_gpu_lora(c: ml_collections.ConfigDict) -> None:
+    """``lora_1gpu`` (Qwen2.5-VL-7B on one 48 GB GPU) and ``lora_1gpu_3b`` (3B on one 24 GB
+    GPU): the reference GRPO shape (16 prompts x G = 8, 256 new tokens) on one device, rank-16
+    LoRA on every decoder projection over one bfloat16 base (policy, reference and rollout read
+    it: tatar_jax.train.frozen), 16 micro-batches of 8 completions. The model size is the
+    weights' (``--config.model.init_checkpoint`` / ``hf_dir``); memory plans: docs/scaling.md."""
+    c.mesh.num_devices = 1
+    c.model.param_dtype = "bfloat16"  # the frozen base in the compute dtype: the rollout's own
+    c.model.lora.rank = 16
+    c.model.lora.alpha = 32.0
+    c.grpo.mini_batch_size = 8  # 128 completions = 16 micro-batches
+
+
 def warmup_block(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
     """The SFT warm-up of the embedded default: ``configs/sft.py`` of the same preset run for
     ``steps`` steps in ``<workdir>/sft`` before GRPO starts from its last checkpoint. It runs
@@ -189,7 +217,7 @@ def warmup_block(c: ml_collections.ConfigDict, steps: int) -> ml_collections.Con
     reference), so a command-line override of the GRPO field reaches the warm-up too.
     ``--config.warmup.<field>`` sets any other SFT field of the warm-up.
     """
-    w = sft.get_config(c.preset)
+    w = sft.get_config(c.preset if c.preset in sft.PRESETS else "reference")
     w.total_steps = steps
     w.seed = c.get_ref("seed")
     w.model = c.model

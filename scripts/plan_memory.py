@@ -65,6 +65,14 @@ _FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "No updates / moments
 _LORA_RANK = flags.DEFINE_integer(
     "lora_rank", 0, "LoRA rank on the decoder projections (0 = full fine-tuning)."
 )
+_OFFLOAD = flags.DEFINE_enum(
+    "offload", "never", ["never", "rollout", "always"],
+    "config.offload.mode: the --offload_parts in host memory outside the programs that read "
+    "them (rollout: outside the update stage; always: outside the program that reads them).",
+)  # fmt: skip
+_OFFLOAD_PARTS = flags.DEFINE_list(
+    "offload_parts", ["opt_state"], "config.offload.parts: opt_state, reference."
+)
 _PROGRAMS = flags.DEFINE_list(
     "programs", ["update", "ref_logps", "prefill", "decode"], "Programs to compile."
 )
@@ -107,7 +115,7 @@ _SPEC_FLAGS = {
     "param_dtype": _PARAM_DTYPE, "ref_param_dtype": _REF_DTYPE, "num_micro": _NUM_MICRO,
     "chunk_size": _CHUNK, "beta": _BETA, "freeze_vision": _FREEZE_VISION,
     "attention_impl": _ATTENTION,
-    "lora_rank": _LORA_RANK,
+    "lora_rank": _LORA_RANK, "offload": _OFFLOAD,
     "rollout_mesh": _ROLLOUT_MESH, "rollout_rules": _ROLLOUT_RULES,
 }  # fmt: skip
 
@@ -188,6 +196,7 @@ def _spec(model: str, mesh_text: str, dcn: tuple[tuple[str, int], ...]) -> objec
         model=model, mesh=mp.parse_mesh(mesh_text), dcn=dcn, programs=tuple(_PROGRAMS.value),
         remat=None if _REMAT.value in none else _REMAT.value,
         vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
+        offload_parts=tuple(_OFFLOAD_PARTS.value),
         **{field: flag.value for field, flag in _SPEC_FLAGS.items()},
     )  # fmt: skip
 
@@ -222,7 +231,9 @@ def main(argv: list[str]) -> None:
             dcn = (("data", _NUM_SLICES.value),)
         targets = [
             ct.parse_target(
-                t, num_devices=jax.device_count(), num_slices=_NUM_SLICES.value,
+                t,
+                num_devices=jax.device_count(),
+                num_slices=_NUM_SLICES.value,
                 target_config=_TARGET_CONFIG.value,
             )  # fmt: skip
             for t in _TARGET.value

@@ -53,6 +53,7 @@ __all__ = [
     "LoraScale",
     "LoraSpec",
     "adapter_state",
+    "adapters_off",
     "apply_lora",
     "is_adapted",
     "merge",
@@ -221,6 +222,22 @@ def is_adapted(model: nnx.Module) -> bool:
 def adapter_state(model: nnx.Module) -> nnx.State:
     """The adapters and their scale: the parameters LoRA adds to the model."""
     return nnx.state(model, nnx.Any(nnx.LoRAParam, LoraScale))
+
+
+def adapters_off(params: Any) -> Any:
+    """``params`` (an adapted model's state, or a pytree with its leaf paths) with every ``B``
+    zero: the base model's forward (``W x + s·(x A)·0 = W x`` exactly) on the *same* base
+    buffers, no copy. Only the (..., r, d_out) zeros are new. The reference model of a LoRA run
+    (:mod:`tatar_jax.train.frozen`)."""
+
+    def one(path: Any, x: Any) -> Any:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "kernel_lora_b" not in names or isinstance(x, jax.ShapeDtypeStruct):
+            return x  # (abstract B: memory plans; its shape is all they read)
+        zeros = jnp.zeros(x.shape, x.dtype)
+        return jax.device_put(zeros, x.sharding) if isinstance(x, jax.Array) else zeros
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def _merged_kernel(w: Any, a: Any, b: Any, scale: float, on_host: bool) -> Any:

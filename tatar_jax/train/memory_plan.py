@@ -45,7 +45,7 @@ from flax import nnx
 
 from tatar_jax import grpo, loading, sharding
 from tatar_jax.models import layers, lora
-from tatar_jax.train import compile_targets, hlo_stats, optim
+from tatar_jax.train import compile_targets, frozen, hlo_stats, optim
 from tatar_jax.train.compile_targets import Target
 
 __all__ = [
@@ -105,6 +105,9 @@ class PlanSpec:
     # The rollout's weights (configs/grpo.py `rollout` block, tatar_jax.train.rollout): mesh
     # "auto" / "train" / axis=size,...; rules "auto" / a RULE_SETS name; device_gib: the device
     # memory "auto" sizes the layout for when the target does not say (cpu: an H100's).
+    # config.offload (tatar_jax.train.offload): "never" | "rollout" | "always", and its parts
+    offload: str = "never"
+    offload_parts: tuple[str, ...] = ("opt_state",)
     rollout_mesh: str = "auto"
     rollout_rules: str = "auto"
     device_gib: float = 80.0
@@ -305,7 +308,10 @@ def _plan_update(b: _Builder) -> tuple[Any, float, dict[str, int]]:
         chunk_size=s.chunk_size,
         trainable=trainable,
     )
-    fn = jax.jit(step, out_shardings=(state_sh, None), donate_argnums=(0,))
+    # As the trainer compiles it: frozen parameters (a LoRA base, a frozen tower) are an
+    # argument the update neither donates nor returns (train.frozen).
+    out_sh = state_sh if trainable is None else frozen.split(state_sh, trainable)[0]
+    fn = frozen.step_without_frozen(step, trainable, out_shardings=(out_sh, None))
     compiled, secs = _compile(lambda: fn.lower(state, inputs), mesh=b.mesh, rules=b.rules)
     sizes = {
         "params": _per_device_bytes(state.params),
@@ -315,12 +321,29 @@ def _plan_update(b: _Builder) -> tuple[Any, float, dict[str, int]]:
 
 
 def _ref_params(b: _Builder) -> Any:
-    """The reference parameters as ``stages.reference_params`` makes them."""
+    """The reference parameters as the GRPO stage makes them: with LoRA the policy's own
+    parameters with the adapters off (``lora.adapters_off``: the same base buffers), else
+    ``stages.reference_params`` (a copy in the reference dtype)."""
     from tatar_jax.train import stages
 
     s = b.spec
+    if s.lora_rank:
+        return lora.adapters_off(b.put(b.params, b.param_shardings))
     ref = jax.eval_shape(lambda p: stages.reference_params(p, s.ref_param_dtype, s.dtype), b.params)
     return b.put(ref, b.param_shardings)
+
+
+def _same_buffer_bytes(policy: Any, other: Any, eligible: Any = None) -> int:
+    """Per-device bytes of the leaves of ``other`` that are the policy's own buffers: same dtype
+    and an equivalent sharding (what ``Sampler.place_state`` and the reference keep without a
+    copy), among the ``eligible`` leaves (bool pytree; default all)."""
+    pl, ol = jax.tree.leaves(policy), jax.tree.leaves(other)
+    el = jax.tree.leaves(eligible) if eligible is not None else [True] * len(pl)
+    total = 0
+    for p, o, e in zip(pl, ol, el, strict=True):
+        same = e and p.dtype == o.dtype and p.sharding.is_equivalent_to(o.sharding, len(p.shape))
+        total += _per_device_bytes(o) if same else 0
+    return total
 
 
 def _plan_ref_logps(b: _Builder) -> tuple[Any, float, dict[str, Any]]:
@@ -463,7 +486,7 @@ def _model_floor(
             train_vision=not s.freeze_vision,
         )  # fmt: skip
         state = sizes["params_bytes_per_device"] + sizes["opt_state_bytes_per_device"]
-        nbytes = 2 * state if program == "update" else sizes["ref_params_bytes_per_device"]
+        nbytes = 2 * state if program == "update" else sizes["ref_read_bytes_per_device"]
         return flops / n_dev, float(nbytes)
     weights = float(extra["rollout_weights_bytes_per_device"])
     if program == "prefill":
@@ -575,23 +598,78 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
     opt_bytes = _per_device_bytes(
         b.put(opt_abs, sharding.state_shardings(opt_abs, b.mesh, b.rules))
     )
-    params_bytes = _per_device_bytes(b.put(b.params, b.param_shardings))
-    ref_bytes = _per_device_bytes(_ref_params(b)) if spec.beta else 0
+    policy = b.put(b.params, b.param_shardings)
+    params_bytes = _per_device_bytes(policy)
+    # The reference: LoRA reads the policy's buffers but the zero B's; otherwise a resident
+    # copy, sharing only the frozen leaves whose dtype it keeps.
+    ref = _ref_params(b)
+    ref_args = _per_device_bytes(ref) if spec.beta else 0
+    frozen_mask = [not t for t in _flags(b)]
+    if not spec.beta:
+        ref_shared = 0
+    elif spec.lora_rank:
+        ref_shared = _same_buffer_bytes(policy, ref, _lora_b_mask(b.params, negate=True))
+    else:
+        ref_shared = _same_buffer_bytes(policy, ref, frozen_mask)
+    ref_resident = 0 if spec.lora_rank else ref_args - ref_shared
+    # The rollout's weights: the policy's own buffers where dtype and layout are the rollout's.
+    rollout_w = _sampler(b).place_state(policy)
+    rollout_shared = _same_buffer_bytes(policy, rollout_w)
+    # Host offload: the optimizer state leaves the device outside the update ("always": also
+    # during the reference pass), the reference copy outside its own pass.
+    off = spec.offload != "never"
+    opt_off = opt_bytes if off and "opt_state" in spec.offload_parts else 0
+    ref_off = ref_resident if off and "reference" in spec.offload_parts else 0
+    in_ref_pass = opt_off if spec.offload == "always" else 0
     other = {
-        "update": ref_bytes,  # the state is the update's (donated) argument
-        "ref_logps": params_bytes + opt_bytes,
-        # the policy's parameters stay resident beside the rollout's copy (an argument)
-        "prefill": params_bytes + opt_bytes + ref_bytes,
-        "decode": params_bytes + opt_bytes + ref_bytes,
+        "update": ref_resident - ref_off,  # the state is the update's (donated) argument
+        "ref_logps": params_bytes + opt_bytes - ref_shared - in_ref_pass,
+        # the policy's parameters stay resident beside the rollout's weights (an argument)
+        "prefill": params_bytes + opt_bytes + ref_resident - rollout_shared - opt_off - ref_off,
+        "decode": params_bytes + opt_bytes + ref_resident - rollout_shared - opt_off - ref_off,
     }
+    frozen_bytes = _masked_bytes(policy, frozen_mask)
+    # Copies of the frozen parameters alive during the rollout, in units of the policy's frozen
+    # bytes: the policy's (1), the reference's own (a resident copy), the rollout's own (a cast
+    # / re-layout; a bf16 copy of a float32 base is 0.5).
+    own = 0
+    for tree, resident in ((ref, spec.beta and not spec.lora_rank), (rollout_w, True)):
+        if resident:
+            own += _masked_bytes(tree, frozen_mask) - _same_buffer_bytes(policy, tree, frozen_mask)
+    copies = round(1 + own / frozen_bytes, 2) if frozen_bytes else 0.0
     sizes = {
         "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(b.params))),
         "trainable_count": _count(b.params, b.trainable),
         "params_bytes_per_device": params_bytes,
         "opt_state_bytes_per_device": opt_bytes,
-        "ref_params_bytes_per_device": ref_bytes,
+        "ref_params_bytes_per_device": ref_resident,
+        "ref_shared_bytes_per_device": ref_shared,
+        "ref_read_bytes_per_device": ref_args,
+        "rollout_shared_bytes_per_device": rollout_shared,
+        "frozen_bytes_per_device": frozen_bytes,
+        "frozen_copies_in_rollout": copies,
+        "offloaded_bytes_per_device": opt_off + ref_off,
     }
     return other, sizes
+
+
+def _masked_bytes(tree: Any, mask: Sequence[bool]) -> int:
+    """Per-device bytes of the leaves of ``tree`` where ``mask`` (a flat list) is True."""
+    leaves = jax.tree.leaves(tree)
+    return _per_device_bytes([x for x, m in zip(leaves, mask, strict=True) if m])
+
+
+def _flags(b: _Builder) -> list[bool]:
+    """Per parameter leaf: trains (True) or frozen."""
+    n = len(jax.tree.leaves(b.params))
+    return jax.tree.leaves(b.trainable) if b.trainable is not None else [True] * n
+
+
+def _lora_b_mask(params: Any, *, negate: bool = False) -> Any:
+    """Bool pytree like ``params``: True at the adapters' B leaves (``negate``: elsewhere)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: ("kernel_lora_b" in optim.path_str(p)) != negate, params
+    )
 
 
 def _plan_programs(
@@ -810,6 +888,13 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
             f"{'-' if flops is None else f'{flops / 1e12:.2f}':>8} "
             f"{'-' if bound != bound else f'{bound * 1e3:.1f}':>9}"
         )
+    for r in results[:1]:
+        if r.get("frozen_bytes_per_device"):
+            lines.append(
+                f"frozen parameters: {r['frozen_bytes_per_device'] / GIB:.2f} GiB per device, "
+                f"{r['frozen_copies_in_rollout']:g} copies during the rollout (1 = the policy, "
+                "the reference and the rollout's weights read the same buffers)"
+            )
     lines.append(
         "(GiB per device; peak = program total + resident buffers; verdict: fits = within 90% "
         "of the device memory, tight = within 100%; bound = roofline lower bound per program "

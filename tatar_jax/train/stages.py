@@ -28,10 +28,13 @@ from flax import nnx
 
 from tatar_jax import generate, grpo, loading
 from tatar_jax.data import prompts
+from tatar_jax.models import lora
 from tatar_jax.train import (
     dynamic_sampling,
     flop_model,
+    frozen,
     grpo_step,
+    offload,
     optim,
     rollout,
     scoring,
@@ -55,6 +58,8 @@ class Stage(Protocol):
     ) -> tuple[optim.TrainState, dict]: ...
 
     def step_metrics(self, inputs: step_inputs.StepBatch) -> dict[str, float]: ...
+
+    def park(self, state: optim.TrainState) -> optim.TrainState: ...
 
     def after_step(self, step: int, batch: Mapping[str, Any]) -> None: ...
 
@@ -81,13 +86,13 @@ class SftStage:
         # Target packing sums tokens, so it serves token_mean only.
         token_mean = cfg.sft.loss_normalization == "token_mean"
         self.pack_buckets = int(cfg.sft.pack_buckets) if token_mean else 0
-        self.step_fn = jax.jit(
+        self.step_fn = frozen.step_without_frozen(
             sft_step.make_sft_step(
                 graphdef, tx, grad_accum_steps=self.num_micro, trainable=trainable,
                 normalization=cfg.sft.loss_normalization,
                 chunk_size=int(cfg.model.logprob_chunk_size), schedule=schedule,
             ),
-            donate_argnums=(0,),
+            trainable,
         )  # fmt: skip
 
     def prepare(self, state, batch, timer):
@@ -99,6 +104,9 @@ class SftStage:
 
     def update(self, state, inputs):
         return self.step_fn(state, inputs)
+
+    def park(self, state: optim.TrainState) -> optim.TrainState:
+        return state
 
     def step_metrics(self, inputs):
         return {}
@@ -135,7 +143,14 @@ class GrpoStage:
         self.beta, self.updates_per_step = float(g.beta), int(g.num_iterations)
         self.old_from_rollout = bool(g.get("old_logps_from_rollout", False))
         self.workdir = workdir
-        self.ref_params = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
+        # LoRA: the reference is the policy's own base with the adapters off, read from the
+        # train state at each step (no second copy); ref_param_dtype does not apply.
+        self.lora_reference = lora.is_adapted(model)
+        self.ref_params = None
+        self.offload = offload.from_config(cfg.get("offload"))
+        if not self.lora_reference:
+            ref = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
+            self.ref_params = self.offload.park_reference(ref)
         self.pixel_dtype = loading.to_dtype(cfg.model.dtype)
         self.model_config = model.config
         self.samples, self.samples_every = int(cfg.logging.samples), int(cfg.logging.every_steps)
@@ -149,12 +164,12 @@ class GrpoStage:
         )  # fmt: skip
         loss = grpo.LossConfig.from_config(g)
         chunk = int(cfg.model.logprob_chunk_size)
-        self.step_fn = jax.jit(
+        self.step_fn = frozen.step_without_frozen(
             grpo_step.make_grpo_step(
                 graphdef, tx, loss=loss, num_micro=self.num_micro, chunk_size=chunk,
                 trainable=trainable, schedule=schedule, old_from_rollout=self.old_from_rollout,
             ),
-            donate_argnums=(0,),
+            trainable,
         )  # fmt: skip
         self.logps_fn = jax.jit(
             grpo_step.make_logps_fn(
@@ -210,9 +225,15 @@ class GrpoStage:
         denominator excludes the forward-only passes). ``inputs`` is not changed: the update
         runs on a new batch holding the log-probs."""
         logps, times = {}, {}
+        state = self.offload.fetch(state, "update_start")
         t0 = time.perf_counter()
         if self.beta != 0.0:
-            logps["ref_logps"] = jax.block_until_ready(self.logps_fn(self.ref_params, inputs))
+            if self.lora_reference:
+                ref = lora.adapters_off(state.params)
+            else:  # (an offloaded reference is on the device for this pass only)
+                ref = self.offload.fetch_reference(self.ref_params)
+            logps["ref_logps"] = jax.block_until_ready(self.logps_fn(ref, inputs))
+            del ref
             times["time/ref_logps"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if self.updates_per_step > 1 and not self.old_from_rollout:
@@ -220,6 +241,7 @@ class GrpoStage:
             times["time/old_logps"] = time.perf_counter() - t1
         batch = inputs.replace(rows=inputs.rows.replace(**logps))
         t2 = time.perf_counter()
+        state = self.offload.fetch(state, "step")
         first = None
         for _ in range(self.updates_per_step):
             state, m = self.step_fn(state, batch)
@@ -228,7 +250,13 @@ class GrpoStage:
         m = {**m, **{k: v for k, v in first.items() if k.startswith("mismatch/")}}
         m = jax.block_until_ready(m)
         times["time/policy_update"] = time.perf_counter() - t2
+        state = self.park(state)
         return state, {**m, **times, **self._mfu(inputs, times)}
+
+    def park(self, state: optim.TrainState) -> optim.TrainState:
+        """The state as it waits for the next update (``config.offload``: the optimizer state
+        in host memory)."""
+        return self.offload.park(state)
 
     def _mfu(self, inputs, times):
         """``mfu/update`` (the mu policy updates) and ``mfu/<ref|old>_logps`` (forward-only

@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -50,6 +49,7 @@ from tatar_jax.models import qwen2_5_vl as qvl
 from tatar_jax.train import (
     checkpointing,
     dynamic_sampling,
+    frozen,
     loop,
     metric_writers,
     optim,
@@ -239,13 +239,16 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
         with_data=True, handle_sigterm=True,
     )  # fmt: skip
     state, restored = ckpt.restore_or_init(
-        # Every leaf its own buffer: the step donates the state (TrainState.create shares one
-        # zero scalar between its counters).
-        lambda: jax.tree.map(
-            jnp.copy, optim.TrainState.create(params, tx, jax.random.key(int(cfg.seed)))
-        ),
+        # Every trainable leaf its own buffer (the step donates them); frozen leaves (a LoRA
+        # base, a frozen tower) stay the model's buffers: one copy in device memory.
+        lambda: frozen.init_state(params, tx, jax.random.key(int(cfg.seed)), trainable),
         data_iter=data_iter,
     )
+    if restored is not None and frozen.frozen_leaves(trainable):
+        # The restored frozen leaves replace the model's (equal values): one copy again.
+        keep = jax.tree.map(lambda s, t, p: p if t else s, state.params, trainable, params)
+        nnx.update(model, keep)
+        params = nnx.state(model)
     if place.mesh is not None:
         # The state's counters / key live on one device (fresh: the default device; restored:
         # orbax commits them to device 0, which jit refuses next to the mesh's parameters).
@@ -257,6 +260,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> S
     stage = _make_stage(
         cfg, model, tok, params, tx, schedule, trainable, per_step, wd, place, (next_batch, opts)
     )
+    state = stage.park(state)  # config.offload: what waits in host memory between updates
     lg = cfg.logging
     writer = metric_writers.MetricsWriter(
         wd, tensorboard=bool(lg.tensorboard),

@@ -23,7 +23,7 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
     from tatar_jax import answer_format, grpo, loading, sharding
     from tatar_jax.data import manifest
     from tatar_jax.models import layers
-    from tatar_jax.train import sft_step
+    from tatar_jax.train import offload, sft_step
 
     return [
         ("stage", ("sft", "grpo")),
@@ -43,6 +43,7 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
         ("rewards.parser", tuple(answer_format.PARSERS)),
         ("rewards.scope", ("global", "device_local")),  # tatar_jax.rewards
         ("mesh.rules", tuple(sharding.RULE_SETS)),
+        ("offload.mode", offload.MODES),  # tatar_jax.train.offload
     ]
 
 

@@ -257,6 +257,28 @@ def test_grpo_names_are_accepted_by_tatar_jax_grpo(repo_root):
         )
 
 
+@pytest.mark.parametrize("preset", [":lora_1gpu", ":lora_1gpu_3b"])
+def test_one_gpu_lora_presets_parse_and_validate(repo_root, preset):
+    from tatar_jax.train import stages, validate
+
+    c = _parse(repo_root, [f"--config={repo_root}/configs/grpo.py{preset}"])
+    validate.check_config(c)  # raises on any problem
+    assert c.preset == preset[1:] and c.stage == "grpo"
+    # the reference GRPO shape on one device, LoRA over a bf16 base, 16 micro-batches
+    assert c.grpo.prompts_per_step == 16 and c.grpo.num_generations == 8
+    assert c.grpo.max_new_tokens == 256 and c.grpo.beta == 0.001
+    assert c.mesh.num_devices == 1 and c.model.param_dtype == "bfloat16"
+    assert c.model.dtype == "bfloat16" and c.model.remat
+    assert c.model.lora.rank == 16 and c.model.lora.alpha == 32.0
+    assert stages.num_micro(c, 16 * 8) == 16
+    assert c.offload.mode == "never"
+    bad = _parse(
+        repo_root, [f"--config={repo_root}/configs/grpo.py{preset}", "--config.offload.mode=often"]
+    )
+    with pytest.raises(ValueError, match="--config.offload.mode: 'often'"):
+        validate.check_config(bad)
+
+
 def test_configs_is_an_installed_package(repo_root):
     """``pip install -e .`` installs ``configs`` beside every ``tatar_jax`` package (pyproject's
     package list, as setuptools reads it): the scripts import both without ``sys.path`` edits."""

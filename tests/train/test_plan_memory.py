@@ -212,3 +212,45 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     # per token step: one all-reduce of 16 bf16 + 3 layer iterations x all-gather of 2x8 f32;
     # the all-gather outside the loop does not count
     assert hlo_stats.loop_collective_bytes(hlo) == 16 * 2 + 3 * 2 * 8 * 4
+
+
+def test_lora_plan_holds_one_base():
+    """LoRA (bf16 base, one device): the reference reads the policy's base (only the zero B's
+    are its own), the rollout's weights are the policy's buffers, so no program has a second
+    base resident; full fine-tuning on the same shape keeps a resident reference copy."""
+    shape = dict(TINY, dtype="bfloat16", param_dtype="bfloat16", mesh=(("fsdp", 1),))
+    spec = mp.PlanSpec(lora_rank=4, programs=("ref_logps", "prefill"), **shape)
+    ref, pre = mp.plan(spec)
+    base = ref["frozen_bytes_per_device"]
+    params = ref["params_bytes_per_device"]
+    assert ref["frozen_copies_in_rollout"] == 1.0 and 0 < base < params
+    assert ref["ref_params_bytes_per_device"] == 0  # nothing of the reference stays resident
+    adapters = params - base
+    # the reference program reads the base the policy holds: resident beside it only the
+    # adapters (and their moments), not the base again
+    assert (
+        ref["resident_other"]
+        == params + ref["opt_state_bytes_per_device"] - (ref["ref_shared_bytes_per_device"])
+    )
+    assert ref["ref_shared_bytes_per_device"] >= base
+    assert ref["resident_other"] <= 3 * adapters + 64
+    # the rollout's argument is the base itself: resident beside it only what it does not read
+    assert pre["rollout_shared_bytes_per_device"] >= base - 4  # (lora_scale: cast to bf16)
+    assert pre["resident_other"] <= 3 * adapters + 64
+    full = mp.plan(dataclasses.replace(spec, lora_rank=0, programs=("prefill",)))[0]
+    assert full["frozen_copies_in_rollout"] == 0.0
+    assert full["resident_other"] >= full["params_bytes_per_device"]  # the reference's copy
+
+
+def test_offload_takes_the_optimizer_state_and_reference_out_of_the_rollout():
+    spec = mp.PlanSpec(mesh=(("fsdp", 1),), programs=("ref_logps", "prefill"), **TINY)
+    ref0, pre0 = mp.plan(spec)
+    parts = ("opt_state", "reference")
+    ref1, pre1 = mp.plan(dataclasses.replace(spec, offload="rollout", offload_parts=parts))
+    ref2, _ = mp.plan(dataclasses.replace(spec, offload="always", offload_parts=parts))
+    opt, ref = pre0["opt_state_bytes_per_device"], pre0["ref_params_bytes_per_device"]
+    assert opt > 0 and ref > 0 and pre1["offloaded_bytes_per_device"] == opt + ref
+    assert pre0["resident_other"] - pre1["resident_other"] == opt + ref
+    assert pre0["peak_bytes"] - pre1["peak_bytes"] == opt + ref
+    assert ref1["resident_other"] == ref0["resident_other"]  # back on the device for the pass
+    assert ref0["resident_other"] - ref2["resident_other"] == opt  # "always": not even then
