@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import struct
 
+from tatar_jax.data.batch import ReadStats
 from tatar_jax.train import checkpointing, loop, metrics, optim
 
 
@@ -49,7 +50,7 @@ class FakeStage:
         with timer("fake_host"):
             rows = _Rows(np.ones((2, 3), np.int32))
             inputs = _Batch(rows, _Vision(np.zeros((4, 2), np.float32)))
-        return inputs, {"host/i": float(batch["i"])}
+        return inputs, {"host/i": float(batch.i)}
 
     def update(self, state, inputs):
         loss = jnp.mean(inputs.vision.pixel_values)
@@ -64,8 +65,17 @@ class FakeStage:
         self.after.append(step)
 
 
+@struct.dataclass
+class _Data:
+    """What the loop reads of a pipeline batch (``stats``) and the fake stage's counter."""
+
+    i: int = struct.field(pytree_node=False)
+    stats: ReadStats = struct.field(pytree_node=False)
+
+
 def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
-    batches = iter([{"i": i, "meta": {"skipped_by_dataset": {"a": i // 3}}} for i in range(1, 100)])
+    stats = lambda i: ReadStats(skipped_by_dataset=(("a", i // 3),))  # noqa: E731
+    batches = iter([_Data(i, stats(i)) for i in range(1, 100)])
     return loop.LoopEnv(
         data_iter=batches,
         next_batch=lambda: next(batches),
