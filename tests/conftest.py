@@ -74,19 +74,19 @@ def xla_cache_dir(tmp_path_factory) -> pathlib.Path:
 # start first, so that under ``pytest -n 2 --dist loadfile`` no long module is left to run alone
 # at the end while the other worker idles. Every other module keeps its collection order.
 SLOW_MODULES = {
-    "tests/train/test_train_multidevice.py": 320,
+    "tests/e2e/test_train_multidevice.py": 320,
     "tests/train/test_train_step.py": 260,
-    "tests/train/test_run_life.py": 170,
-    "tests/train/test_train_run.py": 170,
+    "tests/e2e/test_run_life.py": 170,
+    "tests/e2e/test_train_run.py": 170,
     "tests/train/test_train_mesh.py": 125,
-    "tests/test_generate_sharded.py": 125,
-    "tests/test_sharding.py": 125,
+    "tests/generate/test_generate_sharded.py": 125,
+    "tests/sharding/test_sharding.py": 125,
     "tests/train/test_rollout_logps.py": 120,
     "tests/models/test_qwen2_5_vl_parity.py": 110,
     "tests/train/test_lean_update.py": 110,
     "tests/train/test_plots.py": 100,
-    "tests/test_generate.py": 100,
-    "tests/train/test_lora_train.py": 95,
+    "tests/generate/test_generate.py": 100,
+    "tests/e2e/test_lora_train.py": 95,
 }
 
 

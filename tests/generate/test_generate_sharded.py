@@ -212,10 +212,10 @@ def test_mesh_over_two_processes_equals_single_device(model):
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = str(sock.getsockname()[1])
-    here = os.path.dirname(os.path.abspath(__file__))
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([here, os.path.join(here, "helpers"), os.path.dirname(here)]),
+        "PYTHONPATH": os.pathsep.join([os.path.join(tests, "helpers"), os.path.dirname(tests)]),
     }
     procs = [
         subprocess.Popen(

@@ -9,7 +9,7 @@ import os
 import pathlib
 import subprocess
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN = REPO / "benchmarks" / "gpu" / "run.sh"
 
 
