@@ -50,7 +50,7 @@ class FakeStage:
         with timer("fake_host"):
             rows = _Rows(np.ones((2, 3), np.int32))
             inputs = _Batch(rows, _Vision(np.zeros((4, 2), np.float32)))
-        return inputs, {"host/i": float(batch["i"])}
+        return inputs, {"host/i": float(batch.i)}
 
     def update(self, state, inputs):
         loss = jnp.mean(inputs.vision.pixel_values)
@@ -65,17 +65,17 @@ class FakeStage:
         self.after.append(step)
 
 
-class _PipelineBatch(dict):
-    """What the loop reads of a pipeline batch (``stats``, its skip counters) next to the fake
-    stage's ``i``."""
+@struct.dataclass
+class _Data:
+    """What the loop reads of a pipeline batch (``stats``) and the fake stage's counter."""
 
-    def __init__(self, i: int) -> None:
-        super().__init__(i=i)
-        self.stats = ReadStats(skipped_by_dataset=(("a", i // 3),))
+    i: int = struct.field(pytree_node=False)
+    stats: ReadStats = struct.field(pytree_node=False)
 
 
 def _env(tmp_path, *, total, inject=(), max_nonfinite=0, evaluator=None):
-    batches = iter([_PipelineBatch(i) for i in range(1, 100)])
+    stats = lambda i: ReadStats(skipped_by_dataset=(("a", i // 3),))  # noqa: E731
+    batches = iter([_Data(i, stats(i)) for i in range(1, 100)])
     return loop.LoopEnv(
         data_iter=batches,
         next_batch=lambda: next(batches),
