@@ -270,6 +270,8 @@ class _Builder:
             advantages=self.batch((n,), jnp.float32),
             task_id=self.batch((n,), jnp.int32),
             ref_logps=self.batch((n, t), jnp.float32) if s.beta else None,
+            # the trainer always hands the update the sampler's log-probs (mismatch metrics)
+            rollout_logps=self.batch((n, t), jnp.float32),
         )
         pv, layout = self.vision(s.prompts, self.dtype)
         return step_inputs.GrpoBatch(rows, step_inputs.Vision(pv, layout))
