@@ -196,13 +196,7 @@ def grpo_loss(
     rollout correction also ``is_weight_mean`` / ``_min`` / ``_max`` (over completion tokens)
     and ``is_masked_frac`` (completion tokens whose weight is 0: MIS rejections).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"unknown importance_sampling_level {importance_sampling_level!r}; choose one of "
-            f"{IMPORTANCE_SAMPLING_LEVELS}"
-        )
+    _check_options(aggregation, importance_sampling_level)
     eps_low = float(epsilon)
     eps_high = eps_low if epsilon_high is None else float(epsilon_high)
     # float32 at least (bf16 log-probs are promoted); float64 only for float64 inputs under x64.
@@ -212,13 +206,7 @@ def grpo_loss(
     mask = jnp.asarray(completion_mask).astype(dt)
     adv = jnp.asarray(advantages, dt)[:, None]
 
-    log_ratio = logps - old
-    # Padded positions may hold garbage log-probs; keep them out of exp and out of the gradient.
-    log_ratio = jnp.where(mask > 0, log_ratio, 0.0)
-    if importance_sampling_level == "sequence":
-        seq = log_ratio.sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1)
-        log_ratio = jnp.broadcast_to(seq, log_ratio.shape)
-    ratio = jnp.exp(log_ratio)
+    ratio = _policy_ratio(logps, old, mask, importance_sampling_level)
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
     is_weight = None
@@ -231,10 +219,7 @@ def grpo_loss(
         per_token = per_token * is_weight
     use_kl = ref_logps is not None and not (isinstance(beta, (int, float)) and beta == 0)
     if use_kl:
-        delta = jnp.where(mask > 0, jnp.asarray(ref_logps, dt) - logps, 0.0)
-        kl = jnp.exp(delta) - delta - 1.0
-        if kl_bias_correction:
-            kl = kl * ratio
+        kl = _k3_kl(jnp.asarray(ref_logps, dt), logps, mask, ratio if kl_bias_correction else None)
         per_token = per_token + beta * kl
     else:
         kl = jnp.zeros_like(per_token)
@@ -247,6 +232,37 @@ def grpo_loss(
     if is_weight is not None:
         metrics.update(_is_metrics(jnp.broadcast_to(is_weight, mask.shape), mask))
     return loss.astype(dt), {k: jax.lax.stop_gradient(v).astype(dt) for k, v in metrics.items()}
+
+
+def _check_options(aggregation: str, level: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown importance_sampling_level {level!r}; choose one of "
+            f"{IMPORTANCE_SAMPLING_LEVELS}"
+        )
+
+
+def _policy_ratio(logps: jax.Array, old: jax.Array, mask: jax.Array, level: str) -> jax.Array:
+    """(N, T) ratio pi/pi_old per token ("token") or the per-completion geometric mean of the
+    token ratios broadcast over its tokens ("sequence", GSPO)."""
+    # Padded positions may hold garbage log-probs; keep them out of exp and out of the gradient.
+    log_ratio = jnp.where(mask > 0, logps - old, 0.0)
+    if level == "sequence":
+        seq = log_ratio.sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1)
+        log_ratio = jnp.broadcast_to(seq, log_ratio.shape)
+    return jnp.exp(log_ratio)
+
+
+def _k3_kl(
+    ref: jax.Array, logps: jax.Array, mask: jax.Array, ratio: jax.Array | None
+) -> jax.Array:
+    """(N, T) k3 = exp(ref - logp) - (ref - logp) - 1; times the (not detached) ``ratio`` when
+    given (TRL's bias-corrected KL)."""
+    delta = jnp.where(mask > 0, ref - logps, 0.0)
+    kl = jnp.exp(delta) - delta - 1.0
+    return kl if ratio is None else kl * ratio
 
 
 def rollout_importance_weights(
