@@ -126,7 +126,9 @@ def offload_block() -> ml_collections.ConfigDict:
     """Host offload (``tatar_jax.train.offload``): ``mode`` "never" | "rollout" (the ``parts``
     wait in host memory from one update to the next) | "always" (they come back only for the
     program that reads them); ``parts``: "opt_state" (AdamW moments), "reference" (the
-    full-parameter reference copy). Exact copies: results and resumes are unchanged."""
+    full-parameter reference copy), "params" (the float32 master weights of a full-parameter
+    run: the rollout reads its own compute-dtype copy). Exact copies: results and resumes are
+    unchanged."""
     c = ml_collections.ConfigDict()
     c.mode = "never"
     c.parts = ("opt_state",)

@@ -227,6 +227,10 @@ class Sampler:
             want = dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
             if isinstance(x, jax.ShapeDtypeStruct):  # abstract (AOT plans)
                 return jax.ShapeDtypeStruct(x.shape, want, sharding=sh or x.sharding)
+            if isinstance(x, jax.Array) and x.sharding.memory_kind == "pinned_host":
+                # offloaded master weights (config.offload "params"): to the device one leaf
+                # at a time, so no whole float32 copy comes back for the rollout
+                x = jax.device_put(x, x.sharding.with_memory_kind("device"))
             placed = sh is None or (
                 isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, np.ndim(x))
             )

@@ -11,8 +11,12 @@ in device memory through the rollout, which reads neither. With ``config.offload
   the optimizer state for the update program (the reference / pi_old log-prob passes run
   without it), the reference copy for its own pass.
 
-``parts``: ``"opt_state"`` (AdamW moments and counters) and ``"reference"`` (the frozen
-reference copy of a full-parameter run; a LoRA run has none: its reference is the policy's base).
+``parts``: ``"opt_state"`` (AdamW moments and counters), ``"reference"`` (the frozen
+reference copy of a full-parameter run; a LoRA run has none: its reference is the policy's base)
+and ``"params"`` (the float32 master weights of a full-parameter run: the rollout and the
+evaluation read their own compute-dtype copy, which ``generate.Sampler.place_state`` makes leaf
+by leaf from the host copy; with ``always`` they come back for the passes that read the policy,
+not for the reference pass. A LoRA run's base *is* the rollout's weights: refused there).
 A transfer is an exact copy, so numbers and resumed runs are bit-identical to ``never``.
 
 Backends: memory kinds need a device with a ``pinned_host`` memory (TPU, GPU, and jax's CPU
@@ -31,7 +35,7 @@ from absl import logging
 PyTree = Any
 
 MODES = ("never", "rollout", "always")
-PARTS = ("opt_state", "reference")
+PARTS = ("opt_state", "reference", "params")
 HOST, DEVICE = "pinned_host", "device"
 
 __all__ = ["HOST", "MODES", "PARTS", "Offload", "from_config", "move", "supported"]
@@ -80,18 +84,27 @@ class Offload:
         return self.mode != "never" and part in self.parts
 
     def park(self, state: Any) -> Any:
-        """The train state with the optimizer state in host memory (when configured)."""
-        if not self.on("opt_state"):
-            return state
-        return state.replace(opt_state=move(state.opt_state, HOST))
+        """The train state with the configured parts (optimizer state, parameters) in host
+        memory."""
+        return self._moved(state, HOST, self.on("opt_state"), self.on("params"))
 
     def fetch(self, state: Any, program: str) -> Any:
-        """The train state with the optimizer state back on the device for ``program``
-        ("update_start": the start of the update stage, "step": the update program)."""
-        if not self.on("opt_state"):
-            return state
-        if program == "step" or self.mode == "rollout":
-            return state.replace(opt_state=move(state.opt_state, DEVICE))
+        """The train state with the parts ``program`` reads back on the device:
+        "update_start" (the start of the update stage), "policy" (a log-prob pass of the
+        policy: its parameters) or "step" (the update program: everything)."""
+        if program not in ("update_start", "policy", "step"):
+            raise ValueError(f"Offload.fetch: unknown program {program!r}")
+        early = self.mode == "rollout" or program == "step"
+        return self._moved(
+            state, DEVICE, self.on("opt_state") and early,
+            self.on("params") and (early or program == "policy"),
+        )  # fmt: skip
+
+    def _moved(self, state: Any, kind: str, opt_state: bool, params: bool) -> Any:
+        if opt_state:
+            state = state.replace(opt_state=move(state.opt_state, kind))
+        if params:
+            state = state.replace(params=move(state.params, kind))
         return state
 
     def park_reference(self, ref: PyTree) -> PyTree:

@@ -148,6 +148,11 @@ class GrpoStage:
         self.lora_reference = lora.is_adapted(model)
         self.ref_params = None
         self.offload = offload.from_config(cfg.get("offload"))
+        if self.lora_reference and self.offload.on("params"):
+            raise ValueError(
+                "config.offload.parts: 'params' is for full-parameter runs (a LoRA run's base "
+                "is the rollout's own weights)"
+            )
         if not self.lora_reference:
             ref = reference_params(ref_params, g.ref_param_dtype, cfg.model.dtype)
             self.ref_params = self.offload.park_reference(ref)
@@ -237,6 +242,7 @@ class GrpoStage:
             times["time/ref_logps"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         if self.updates_per_step > 1 and not self.old_from_rollout:
+            state = self.offload.fetch(state, "policy")
             logps["old_logps"] = jax.block_until_ready(self.logps_fn(state.params, inputs))
             times["time/old_logps"] = time.perf_counter() - t1
         batch = inputs.replace(rows=inputs.rows.replace(**logps))
@@ -255,7 +261,7 @@ class GrpoStage:
 
     def park(self, state: optim.TrainState) -> optim.TrainState:
         """The state as it waits for the next update (``config.offload``: the optimizer state
-        in host memory)."""
+        and / or the master weights in host memory)."""
         return self.offload.park(state)
 
     def _mfu(self, inputs, times):

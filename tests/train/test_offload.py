@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tatar_jax.train import offload, optim
 
@@ -45,8 +46,48 @@ def test_round_trip_through_host_memory_is_exact():
     assert never.park(state) is state
 
 
+def test_master_weights_round_trip_and_come_back_for_the_passes_that_read_them():
+    state = _state()
+    off = offload.Offload("always", ("opt_state", "params"))
+    parked = off.park(state)
+    assert _kinds(parked.params) == {"pinned_host"} and _kinds(parked.opt_state) == {"pinned_host"}
+    start = off.fetch(parked, "update_start")  # the reference pass runs without either
+    assert _kinds(start.params) == {"pinned_host"} and _kinds(start.opt_state) == {"pinned_host"}
+    policy = off.fetch(start, "policy")  # a pi_old pass reads the parameters only
+    assert _kinds(policy.params) == {"device"} and _kinds(policy.opt_state) == {"pinned_host"}
+    back = off.fetch(policy, "step")
+    assert _kinds(back.params) == {"device"} and _kinds(back.opt_state) == {"device"}
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rollout = offload.Offload("rollout", ("params",))
+    assert _kinds(rollout.fetch(rollout.park(state), "update_start").params) == {"device"}
+    with pytest.raises(ValueError, match="unknown program"):
+        off.fetch(parked, "rollout")
+
+
+def test_rollout_copy_of_offloaded_master_weights_equals_the_device_ones():
+    """The sampler's compute-dtype copy made from host-resident float32 weights: on the device,
+    equal to the copy made from the device weights."""
+    from tatar_jax import generate
+    from tatar_jax.models import qwen2_5_vl as qvl
+
+    model = qvl.Qwen2_5_VLForConditionalGeneration(
+        qvl.tiny(), dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    params = nnx.state(model)
+    sampler = generate.Sampler(model, generate.SamplingParams(max_new_tokens=2))
+    want = sampler.place_state(params)
+    got = sampler.place_state(offload.move(params, offload.HOST))
+    assert _kinds(got) == {"device"}
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert x.dtype == y.dtype == jnp.bfloat16 or not jnp.issubdtype(x.dtype, jnp.floating)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_bad_offload_config_names_the_field():
     with pytest.raises(ValueError, match="offload.mode"):
         offload.Offload("sometimes")
     with pytest.raises(ValueError, match="offload.parts"):
         offload.Offload("rollout", ("moments",))
+    assert "params" in offload.PARTS
