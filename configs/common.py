@@ -179,6 +179,9 @@ def optimizer_config(learning_rate: float) -> ml_collections.ConfigDict:
     c.b2 = 0.999
     c.eps = 1e-8
     c.weight_decay = 0.0
+    # AdamW's first moment: "params" (the parameters' dtype) | "float32" | "bfloat16" (half its
+    # memory; the second moment stays in the parameters' dtype: tatar_jax.train.optim.MU_DTYPES)
+    c.mu_dtype = "params"
     c.schedule = "linear"  # "linear" (to end_lr_factor * lr) | "cosine" | "constant"
     c.warmup_steps = 0
     c.end_lr_factor = 0.0

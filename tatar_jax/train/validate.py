@@ -23,7 +23,7 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
     from tatar_jax import answer_format, grpo, loading, sharding
     from tatar_jax.data import manifest
     from tatar_jax.models import layers
-    from tatar_jax.train import offload, sft_step
+    from tatar_jax.train import offload, optim, sft_step
 
     return [
         ("stage", ("sft", "grpo")),
@@ -39,6 +39,7 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
         ("model.remat_policy", tuple(layers.REMAT_POLICIES)),
         ("model.vision_remat_policy", tuple(layers.REMAT_POLICIES)),
         ("optimizer.name", ("adamw",)),  # tatar_jax.train.optim.make_optimizer_from_config
+        ("optimizer.mu_dtype", optim.MU_DTYPES),
         ("optimizer.schedule", ("linear", "cosine", "constant")),  # optim.make_schedule
         ("rewards.parser", tuple(answer_format.PARSERS)),
         ("rewards.scope", ("global", "device_local")),  # tatar_jax.rewards

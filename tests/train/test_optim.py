@@ -179,3 +179,67 @@ def test_rng_for_step_is_a_function_of_step():
     k1 = jax.random.key_data(optim.rng_for_step(s.replace(step=s.step + 1)))
     assert not np.array_equal(k0, k1)
     np.testing.assert_array_equal(k0, jax.random.key_data(optim.rng_for_step(s)))
+
+
+def _train_tiny_lm(mu_dtype, steps=5, lr=1e-3):
+    """``steps`` AdamW updates of the tiny Qwen2.5-VL (float32 parameters, text only) on one
+    next-token batch: (total parameter change, final optimizer state)."""
+    from flax import nnx
+
+    from tatar_jax.models import qwen2_5_vl as qvl
+
+    model = qvl.Qwen2_5_VLForConditionalGeneration(
+        qvl.tiny(), init_std=0.08, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    graphdef, params = nnx.split(model)
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, model.config.text.vocab_size)
+    pos = jnp.asarray(qvl.text_position_ids(np.ones((2, 11))))
+
+    def loss_fn(p):
+        logits = nnx.merge(graphdef, p)(ids[:, :-1], position_ids=pos)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+
+    tx = optim.make_optimizer(lr, mu_dtype=mu_dtype)
+    state = optim.TrainState.create(params, tx, jax.random.key(0))
+
+    @jax.jit
+    def step(state):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return optim.apply_gradients(state, grads, tx, loss=loss)[0]
+
+    for _ in range(steps):
+        state = step(state)
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, params)
+    return delta, state.opt_state
+
+
+def test_bfloat16_first_moment_matches_float32_update_within_tolerance():
+    """config.optimizer.mu_dtype="bfloat16" (optax's ``mu_dtype``): the first moment is stored in
+    bfloat16 (half its bytes; the second stays float32), and 5 updates of the tiny model move
+    the parameters by what the float32-moment updates do: the difference of the two total
+    changes within 0.5% of the change's norm and 2% of its largest element (measured
+    2026-12-07: see the print)."""
+    want, opt32 = _train_tiny_lm("params")
+    got, opt16 = _train_tiny_lm("bfloat16")
+    adam16 = opt16[1][0]  # (clip, adamw chain) -> ScaleByAdamState
+    assert {x.dtype for x in jax.tree.leaves(adam16.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam16.nu)} == {jnp.dtype(jnp.float32)}
+    nbytes = [sum(x.nbytes for x in jax.tree.leaves(s)) for s in (opt32, opt16)]
+    assert nbytes[1] / nbytes[0] == pytest.approx(0.75, abs=1e-3)  # (2 + 4) / (4 + 4) bytes
+    flat32 = np.concatenate([x.ravel() for x in jax.tree.leaves(want)])
+    flat16 = np.concatenate([x.ravel() for x in jax.tree.leaves(got)])
+    rel_norm = np.linalg.norm(flat16 - flat32) / np.linalg.norm(flat32)
+    rel_max = np.abs(flat16 - flat32).max() / np.abs(flat32).max()
+    print(f"[mu bf16] 5 steps: |Δ16 - Δ32| / |Δ32| = {rel_norm:.2e} (norm), {rel_max:.2e} (max)")
+    assert np.abs(flat32).max() > 1e-3  # 5 steps of lr 1e-3 moved the weights
+    assert 0 < rel_norm < 5e-3 and rel_max < 2e-2  # a different update (rounding), close
+    # "float32" equals "params" on float32 parameters, bit for bit
+    same, base = _train_tiny_lm("float32", steps=2)[0], _train_tiny_lm("params", steps=2)[0]
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_mu_dtype_names_the_field():
+    with pytest.raises(ValueError, match=r"config.optimizer.mu_dtype must be one of"):
+        optim.make_optimizer(1e-3, mu_dtype="int8")
