@@ -54,6 +54,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Comput
 _PARAM_DTYPE = flags.DEFINE_enum(
     "param_dtype", "float32", ["bfloat16", "float32"], "Parameter / optimizer-state dtype."
 )
+_MU_DTYPE = flags.DEFINE_enum(
+    "mu_dtype", "params", ["params", "float32", "bfloat16"],
+    "config.optimizer.mu_dtype: AdamW's first moment in the parameters' dtype or its own.",
+)  # fmt: skip
 _REF_DTYPE = flags.DEFINE_enum(
     "ref_param_dtype", "compute", ["compute", "float32"],
     "Reference-model parameters (config.grpo.ref_param_dtype): --dtype or float32.",
@@ -71,7 +75,8 @@ _OFFLOAD = flags.DEFINE_enum(
     "them (rollout: outside the update stage; always: outside the program that reads them).",
 )  # fmt: skip
 _OFFLOAD_PARTS = flags.DEFINE_list(
-    "offload_parts", ["opt_state"], "config.offload.parts: opt_state, reference."
+    "offload_parts", ["opt_state"],
+    "config.offload.parts: opt_state, reference, params (the float32 master weights).",
 )
 _PROGRAMS = flags.DEFINE_list(
     "programs", ["update", "ref_logps", "prefill", "decode"], "Programs to compile."
@@ -112,7 +117,8 @@ _ROLLOUT_RULES = flags.DEFINE_string(
 _SPEC_FLAGS = {
     "rules": _RULES, "prompts": _PROMPTS, "num_generations": _G, "prompt_len": _PROMPT_LEN,
     "completion_len": _COMPLETION_LEN, "image_tokens": _IMAGE_TOKENS, "dtype": _DTYPE,
-    "param_dtype": _PARAM_DTYPE, "ref_param_dtype": _REF_DTYPE, "num_micro": _NUM_MICRO,
+    "param_dtype": _PARAM_DTYPE, "mu_dtype": _MU_DTYPE, "ref_param_dtype": _REF_DTYPE,
+    "num_micro": _NUM_MICRO,
     "chunk_size": _CHUNK, "beta": _BETA, "freeze_vision": _FREEZE_VISION,
     "attention_impl": _ATTENTION,
     "lora_rank": _LORA_RANK, "offload": _OFFLOAD,
@@ -192,13 +198,15 @@ def _spec(model: str, mesh_text: str, dcn: tuple[tuple[str, int], ...]) -> objec
     from tatar_jax.train import memory_plan as mp
 
     none = ("", "none", "None")
-    return mp.PlanSpec(
+    spec = mp.PlanSpec(
         model=model, mesh=mp.parse_mesh(mesh_text), dcn=dcn, programs=tuple(_PROGRAMS.value),
         remat=None if _REMAT.value in none else _REMAT.value,
         vision_remat=None if _VISION_REMAT.value in none else _VISION_REMAT.value,
         offload_parts=tuple(_OFFLOAD_PARTS.value),
         **{field: flag.value for field, flag in _SPEC_FLAGS.items()},
     )  # fmt: skip
+    mp.check_offload(spec)
+    return spec
 
 
 def _print(results: list[dict], bound: dict | None) -> None:

@@ -92,6 +92,7 @@ class PlanSpec:
     vision_remat: str | None = "full"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    mu_dtype: str = "params"  # config.optimizer.mu_dtype: AdamW's first moment (optim.MU_DTYPES)
     ref_param_dtype: str = "compute"  # config.grpo.ref_param_dtype: "compute" | "float32"
     num_micro: int = 1
     chunk_size: int = 1024
@@ -297,7 +298,7 @@ def _plan_update(b: _Builder) -> tuple[Any, float, dict[str, int]]:
 
     s = b.spec
     trainable = b.trainable
-    tx = optim.make_optimizer(1e-6, trainable=trainable)
+    tx = optim.make_optimizer(1e-6, trainable=trainable, mu_dtype=s.mu_dtype)
     state = jax.eval_shape(lambda p: optim.TrainState.create(p, tx, jax.random.key(0)), b.params)
     state_sh = sharding.state_shardings(state, b.mesh, b.rules)
     state = b.put(state, state_sh)
@@ -595,7 +596,7 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
         raise ValueError(f"logical names missing from the {spec.rules!r} rules: {missing}")
     # Resident buffers: the train state (params + AdamW moments) lives through the whole step,
     # the reference parameters too when beta > 0.
-    tx = optim.make_optimizer(1e-6, trainable=b.trainable)
+    tx = optim.make_optimizer(1e-6, trainable=b.trainable, mu_dtype=spec.mu_dtype)
     opt_abs = jax.eval_shape(tx.init, b.params)
     opt_bytes = _per_device_bytes(
         b.put(opt_abs, sharding.state_shardings(opt_abs, b.mesh, b.rules))
@@ -617,18 +618,21 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
     # The rollout's weights: the policy's own buffers where dtype and layout are the rollout's.
     rollout_w = _sampler(b).place_state(policy)
     rollout_shared = _same_buffer_bytes(policy, rollout_w)
-    # Host offload: the optimizer state leaves the device outside the update ("always": also
-    # during the reference pass), the reference copy outside its own pass.
-    off = spec.offload != "never"
-    opt_off = opt_bytes if off and "opt_state" in spec.offload_parts else 0
-    ref_off = ref_resident if off and "reference" in spec.offload_parts else 0
-    in_ref_pass = opt_off if spec.offload == "always" else 0
+    # Host offload: the optimizer state (and the master weights) leave the device outside the
+    # update ("always": also during the reference pass), the reference copy outside its own pass.
+    opt_off, ref_off, params_off = _offloaded(
+        spec, opt_bytes, ref_resident, params_bytes, ref_shared
+    )
+    in_ref_pass = opt_off + params_off if spec.offload == "always" else 0
+    if params_off:  # the rollout's copy is cast from the host copy: none of its buffers shared
+        rollout_shared = 0
+    away = opt_off + ref_off + params_off  # in host memory during the rollout
     other = {
         "update": ref_resident - ref_off,  # the state is the update's (donated) argument
         "ref_logps": params_bytes + opt_bytes - ref_shared - in_ref_pass,
         # the policy's parameters stay resident beside the rollout's weights (an argument)
-        "prefill": params_bytes + opt_bytes + ref_resident - rollout_shared - opt_off - ref_off,
-        "decode": params_bytes + opt_bytes + ref_resident - rollout_shared - opt_off - ref_off,
+        "prefill": params_bytes + opt_bytes + ref_resident - rollout_shared - away,
+        "decode": params_bytes + opt_bytes + ref_resident - rollout_shared - away,
     }
     frozen_bytes = _masked_bytes(policy, frozen_mask)
     # Copies of the frozen parameters alive during the rollout, in units of the policy's frozen
@@ -650,9 +654,43 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
         "rollout_shared_bytes_per_device": rollout_shared,
         "frozen_bytes_per_device": frozen_bytes,
         "frozen_copies_in_rollout": copies,
-        "offloaded_bytes_per_device": opt_off + ref_off,
+        "offloaded_bytes_per_device": away,
     }
     return other, sizes
+
+
+def check_offload(spec: PlanSpec) -> None:
+    """ValueError (one line) for an offload mode / part the trainer would refuse."""
+    from tatar_jax.train import offload
+
+    unknown = sorted(set(spec.offload_parts) - set(offload.PARTS))
+    if spec.offload not in offload.MODES or unknown:
+        raise ValueError(
+            f"--offload={spec.offload} --offload_parts: unknown {unknown}; modes "
+            f"{offload.MODES}, parts {offload.PARTS}"
+        )
+    if spec.offload != "never" and "params" in spec.offload_parts and spec.lora_rank:
+        raise ValueError("--offload_parts=params is for full-parameter plans (with LoRA the base "
+                         "is the rollout's own weights)")  # fmt: skip
+
+
+def _offloaded(
+    spec: PlanSpec, opt_bytes: int, ref_resident: int, params_bytes: int, ref_shared: int
+) -> tuple[int, int, int]:
+    """Per-device bytes ``config.offload`` moves to host memory: (optimizer state, reference
+    copy, master weights). The master weights' leaves that a resident reference shares stay on
+    the device (the reference holds them)."""
+    check_offload(spec)
+    if spec.offload == "never":
+        return 0, 0, 0
+    parts = spec.offload_parts
+    ref_off = ref_resident if "reference" in parts else 0
+    held = ref_shared if spec.beta and not ref_off else 0
+    return (
+        opt_bytes if "opt_state" in parts else 0,
+        ref_off,
+        params_bytes - held if "params" in parts else 0,
+    )
 
 
 def _masked_bytes(tree: Any, mask: Sequence[bool]) -> int:

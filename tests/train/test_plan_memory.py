@@ -254,3 +254,29 @@ def test_offload_takes_the_optimizer_state_and_reference_out_of_the_rollout():
     assert pre0["peak_bytes"] - pre1["peak_bytes"] == opt + ref
     assert ref1["resident_other"] == ref0["resident_other"]  # back on the device for the pass
     assert ref0["resident_other"] - ref2["resident_other"] == opt  # "always": not even then
+
+
+def test_offloaded_master_weights_and_a_bfloat16_first_moment_are_counted():
+    """--offload_parts=params: the float32 master weights leave the device for the rollout
+    (which reads its own bf16 copy) and, with "always", for the reference pass; --mu_dtype=
+    bfloat16 halves the first moment's bytes."""
+    spec = mp.PlanSpec(
+        mesh=(("fsdp", 1),), programs=("ref_logps", "prefill"), **{**TINY, "dtype": "bfloat16"}
+    )
+    ref0, pre0 = mp.plan(spec)
+    ref1, pre1 = mp.plan(
+        dataclasses.replace(spec, offload="always", offload_parts=("opt_state", "params"))
+    )
+    params, opt = pre0["params_bytes_per_device"], pre0["opt_state_bytes_per_device"]
+    assert params > 0 and pre0["rollout_shared_bytes_per_device"] == 0  # a bf16 copy of f32
+    assert pre1["offloaded_bytes_per_device"] == params + opt
+    assert pre0["resident_other"] - pre1["resident_other"] == params + opt
+    assert ref0["resident_other"] - ref1["resident_other"] == params + opt
+    mu = mp.plan(dataclasses.replace(spec, mu_dtype="bfloat16", programs=("prefill",)))[0]
+    assert opt - mu["opt_state_bytes_per_device"] == params // 2
+    assert pre0["resident_other"] - mu["resident_other"] == params // 2
+    with pytest.raises(ValueError, match="full-parameter"):
+        mp.check_offload(dataclasses.replace(spec, lora_rank=4, offload="rollout",
+                                             offload_parts=("params",)))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown"):
+        mp.check_offload(dataclasses.replace(spec, offload="rollout", offload_parts=("x",)))
