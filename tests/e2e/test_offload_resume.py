@@ -1,10 +1,18 @@
-"""A tiny GRPO run with the optimizer state and the reference copy in host memory
-(tatar_jax.train.offload, config.offload) ends with the train state of the run without offload, bit
-for bit, uninterrupted and resumed from its step-1 checkpoint."""
+"""A tiny GRPO run with the optimizer state, the reference copy and the float32 master weights in
+host memory (tatar_jax.train.offload, ``config.offload.mode="always"``; mu = 2, so the pi_old pass
+fetches the weights alone), killed with SIGKILL after a checkpoint and restarted, ends with the
+train state and the losses of an uninterrupted run without offload, bit for bit. Each run is its
+own process (``trainer.run``, tests/helpers/tiny_runs.py's config)."""
 
 from __future__ import annotations
 
-import shutil
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -12,42 +20,88 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny_runs
 
-from tatar_jax.train import trainer
+TOTAL = 3
+PARTS = ("opt_state", "reference", "params")
+
+_RUN = """
+import os, sys, time
+import tiny_runs
+from tatar_jax.train import stages, trainer
+cfg = tiny_runs.tiny_config()
+cfg.total_steps = int(sys.argv[3])
+cfg.grpo.beta = 0.04  # the reference pass runs (its copy is offloaded too)
+cfg.grpo.num_iterations = 2  # a pi_old pass of the policy (offload "always": params only)
+cfg.checkpoint.every_steps = 1
+cfg.checkpoint.keep = 5
+cfg.checkpoint.async_save = False
+cfg.offload.mode = sys.argv[2]
+cfg.offload.parts = tuple(sys.argv[4].split(","))
+pause = float(os.environ.get("STEP_PAUSE", "0"))  # room for the test's SIGKILL
+after = stages.GrpoStage.after_step
+def after_step(self, step, batch):
+    after(self, step, batch)
+    print("STEP", step, flush=True)
+    time.sleep(pause)
+stages.GrpoStage.after_step = after_step
+trainer.run(cfg, sys.argv[1])
+"""
 
 
-def _config(mode):
-    cfg = tiny_runs.tiny_config()
-    cfg.grpo.beta = 0.04  # the reference pass runs (its copy is offloaded too)
-    cfg.checkpoint.every_steps = 1
-    cfg.checkpoint.keep = 5
-    cfg.offload.mode = mode
-    cfg.offload.parts = ("opt_state", "reference")
-    return cfg
+def _start(workdir: pathlib.Path, mode: str, pause: float = 0.0) -> subprocess.Popen:
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "STEP_PAUSE": str(pause),
+           "PYTHONPATH": os.pathsep.join([str(root / "tests" / "helpers"), str(root)])}  # fmt: skip
+    env.pop("XLA_FLAGS", None)  # one CPU device in every run
+    args = [str(workdir), mode, str(TOTAL), ",".join(PARTS)]
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUN, *args], cwd=root, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
 
 
-def _final_state(wd, step=2):
+def _wait(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _final_state(wd: pathlib.Path) -> dict[str, np.ndarray]:
     with ocp.PyTreeCheckpointer() as c:
-        tree = c.restore(wd / "checkpoints" / str(step) / "state")
+        tree = c.restore(wd / "checkpoints" / str(TOTAL) / "state")
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
             jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_grpo_with_offload_equals_without_and_resumes_bit_identically(tmp_path):
-    trainer.run(_config("never"), tmp_path / "never")
-    trainer.run(_config("always"), tmp_path / "always")
-    # a run killed after its step-1 checkpoint (step 2 never written), restarted with offload
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "always", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "2")
-    trainer.run(_config("always"), resumed)
-    want = _final_state(tmp_path / "never")
+def test_offload_kill9_resume_equals_uninterrupted_run_without_offload(tmp_path):
+    from tatar_jax.train import checkpointing
+
+    never = _start(tmp_path / "never", "never")
+    wd = tmp_path / "killed"
+    proc = _start(wd, "always", pause=30.0)
+    t0 = time.time()
+    # SIGKILL once a checkpoint is on disk, while the run (offload on) waits before its next step
+    while checkpointing.latest_step_on_disk(wd) in (None, 0):
+        assert proc.poll() is None and time.time() - t0 < 1200, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    killed_after = checkpointing.latest_step_on_disk(wd)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and 0 < killed_after < TOTAL
+    _wait(never)
+    out = _wait(_start(wd, "always"))
+    assert re.search(rf"resumed grpo from \S+/{killed_after}\b", out), out[-3000:]
+    want, got = _final_state(tmp_path / "never"), _final_state(wd)
     assert any("opt_state" in k for k in want) and len(want) > 20
-    for name in ("always", "resumed"):
-        got = _final_state(tmp_path / name)
-        assert got.keys() == want.keys()
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k}")
-    losses = [r["loss"] for r in tiny_runs.records(tmp_path / "never")]
-    assert losses == [r["loss"] for r in tiny_runs.records(tmp_path / "always")]
-    assert any(r.get("kl", 0.0) != 0.0 for r in tiny_runs.records(tmp_path / "never"))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    full = {r["step"]: r for r in tiny_runs.records(tmp_path / "never")}
+    assert len(full) == TOTAL and any(r.get("kl", 0.0) != 0.0 for r in full.values())
+    resumed = [r for r in tiny_runs.records(wd) if r["step"] > killed_after]
+    assert [r["step"] for r in resumed] == list(range(killed_after + 1, TOTAL + 1))
+    for r in resumed:
+        for key in ("loss", "kl", "grad_norm"):
+            assert r[key] == full[r["step"]][key], (r["step"], key)
+    print(f"[offload] SIGKILL after step {killed_after}, resumed to {TOTAL} with offload: "
+          f"{len(want)} state leaves bit-identical to the run without offload")  # fmt: skip
