@@ -141,9 +141,27 @@ def problems(cfg: Any, prefix: str = "--config.") -> Iterator[str]:
     yield from _dataset_problems(cfg, prefix)
     yield from _path_problems(cfg, prefix)
     yield from _grpo_problems(cfg, prefix)
+    yield from _offload_problems(cfg, prefix)
     present, warmup = _get(cfg, "warmup")
     if present and hasattr(warmup, "keys"):
         yield from problems(warmup, prefix + "warmup.")
+
+
+def _offload_problems(cfg: Any, prefix: str) -> Iterator[str]:
+    """``offload.parts`` names only what ``tatar_jax.train.offload`` can move; ``params`` not
+    with LoRA (its base is the rollout's own weights)."""
+    from tatar_jax.train import offload
+
+    present, parts = _get(cfg, "offload.parts")
+    if not present:
+        return
+    unknown = [p for p in parts if p not in offload.PARTS]
+    if unknown:
+        yield f"{prefix}offload.parts: {unknown} not among {', '.join(offload.PARTS)}"
+    _, rank = _get(cfg, "model.lora.rank")
+    _, mode = _get(cfg, "offload.mode")
+    if "params" in parts and rank and mode != "never":
+        yield f"{prefix}offload.parts: 'params' is for full-parameter runs (model.lora.rank={rank})"
 
 
 def _grpo_problems(cfg: Any, prefix: str) -> Iterator[str]:

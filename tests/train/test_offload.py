@@ -91,3 +91,14 @@ def test_bad_offload_config_names_the_field():
     with pytest.raises(ValueError, match="offload.parts"):
         offload.Offload("rollout", ("moments",))
     assert "params" in offload.PARTS
+    from configs import grpo as grpo_configs
+    from tatar_jax.train import validate
+
+    cfg = grpo_configs.get_config("lora_1gpu")
+    cfg.offload.mode, cfg.offload.parts = "rollout", ("params", "moments")
+    cfg.optimizer.mu_dtype = "fp8"
+    assert sorted(validate.problems(cfg)) == [
+        "--config.offload.parts: 'params' is for full-parameter runs (model.lora.rank=16)",
+        "--config.offload.parts: ['moments'] not among opt_state, reference, params",
+        "--config.optimizer.mu_dtype: 'fp8' is not one of params, float32, bfloat16",
+    ]
