@@ -620,12 +620,12 @@ def _resident(spec: PlanSpec, b: _Builder) -> tuple[dict[str, int], dict[str, An
     rollout_shared = _same_buffer_bytes(policy, rollout_w)
     # Host offload: the optimizer state (and the master weights) leave the device outside the
     # update ("always": also during the reference pass), the reference copy outside its own pass.
-    opt_off, ref_off, params_off = _offloaded(
-        spec, opt_bytes, ref_resident, params_bytes, ref_shared
+    opt_off, ref_off, params_off = _offloaded(  # (trainable master weights only)
+        spec, opt_bytes, ref_resident, _masked_bytes(policy, _flags(b))
     )
     in_ref_pass = opt_off + params_off if spec.offload == "always" else 0
-    if params_off:  # the rollout's copy is cast from the host copy: none of its buffers shared
-        rollout_shared = 0
+    if params_off:  # the rollout's copy is cast from the host copy: only frozen leaves shared
+        rollout_shared = _same_buffer_bytes(policy, rollout_w, frozen_mask)
     away = opt_off + ref_off + params_off  # in host memory during the rollout
     other = {
         "update": ref_resident - ref_off,  # the state is the update's (donated) argument
@@ -675,21 +675,19 @@ def check_offload(spec: PlanSpec) -> None:
 
 
 def _offloaded(
-    spec: PlanSpec, opt_bytes: int, ref_resident: int, params_bytes: int, ref_shared: int
+    spec: PlanSpec, opt_bytes: int, ref_resident: int, params_bytes: int
 ) -> tuple[int, int, int]:
     """Per-device bytes ``config.offload`` moves to host memory: (optimizer state, reference
-    copy, master weights). The master weights' leaves that a resident reference shares stay on
-    the device (the reference holds them)."""
+    copy, trainable master weights ``params_bytes``: the frozen ones, which a reference may
+    share, stay on the device)."""
     check_offload(spec)
     if spec.offload == "never":
         return 0, 0, 0
     parts = spec.offload_parts
-    ref_off = ref_resident if "reference" in parts else 0
-    held = ref_shared if spec.beta and not ref_off else 0
     return (
         opt_bytes if "opt_state" in parts else 0,
-        ref_off,
-        params_bytes - held if "params" in parts else 0,
+        ref_resident if "reference" in parts else 0,
+        params_bytes if "params" in parts else 0,
     )
 
 

@@ -16,7 +16,8 @@ reference copy of a full-parameter run; a LoRA run has none: its reference is th
 and ``"params"`` (the float32 master weights of a full-parameter run: the rollout and the
 evaluation read their own compute-dtype copy, which ``generate.Sampler.place_state`` makes leaf
 by leaf from the host copy; with ``always`` they come back for the passes that read the policy,
-not for the reference pass. A LoRA run's base *is* the rollout's weights: refused there).
+not for the reference pass; frozen leaves stay: they are the model's own buffers. A LoRA run's
+base *is* the rollout's weights: refused there).
 A transfer is an exact copy, so numbers and resumed runs are bit-identical to ``never``.
 
 Backends: memory kinds need a device with a ``pinned_host`` memory (TPU, GPU, and jax's CPU
@@ -65,7 +66,12 @@ def move(tree: PyTree, kind: str) -> PyTree:
 class Offload:
     """What leaves device memory when (see the module docstring)."""
 
-    def __init__(self, mode: str = "never", parts: Sequence[str] = ("opt_state",)) -> None:
+    def __init__(
+        self,
+        mode: str = "never",
+        parts: Sequence[str] = ("opt_state",),
+        trainable: PyTree | None = None,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"config.offload.mode must be one of {MODES}, got {mode!r}")
         unknown = sorted(set(parts) - set(PARTS))
@@ -73,6 +79,9 @@ class Offload:
             raise ValueError(f"config.offload.parts: unknown {unknown}; choose from {PARTS}")
         self.parts = tuple(parts)
         self.mode = mode
+        # "params" moves the trainable leaves only: frozen ones (a frozen vision tower) are the
+        # model's own buffers, which stay on the device anyway (tatar_jax.train.frozen)
+        self.trainable = trainable
         if mode != "never" and not supported():
             logging.warning(
                 "config.offload.mode=%s: %s has no pinned_host memory; nothing is offloaded",
@@ -104,7 +113,12 @@ class Offload:
         if opt_state:
             state = state.replace(opt_state=move(state.opt_state, kind))
         if params:
-            state = state.replace(params=move(state.params, kind))
+            if self.trainable is None:
+                state = state.replace(params=move(state.params, kind))
+            else:
+                state = state.replace(params=jax.tree.map(
+                    lambda x, t: move(x, kind) if t else x, state.params, self.trainable
+                ))  # fmt: skip
         return state
 
     def park_reference(self, ref: PyTree) -> PyTree:
@@ -114,8 +128,9 @@ class Offload:
         return move(ref, DEVICE) if self.on("reference") and ref is not None else ref
 
 
-def from_config(block: Any) -> Offload:
-    """The ``offload`` config block (absent: never)."""
+def from_config(block: Any, trainable: PyTree | None = None) -> Offload:
+    """The ``offload`` config block (absent: never); ``trainable``: the bool pytree of
+    ``optim.trainable_mask`` (None: every parameter trains)."""
     if block is None:
         return Offload()
-    return Offload(str(block.mode), tuple(block.parts))
+    return Offload(str(block.mode), tuple(block.parts), trainable)

@@ -147,7 +147,7 @@ class GrpoStage:
         # train state at each step (no second copy); ref_param_dtype does not apply.
         self.lora_reference = lora.is_adapted(model)
         self.ref_params = None
-        self.offload = offload.from_config(cfg.get("offload"))
+        self.offload = offload.from_config(cfg.get("offload"), trainable)
         if self.lora_reference and self.offload.on("params"):
             raise ValueError(
                 "config.offload.parts: 'params' is for full-parameter runs (a LoRA run's base "

@@ -64,6 +64,10 @@ def test_master_weights_round_trip_and_come_back_for_the_passes_that_read_them()
     assert _kinds(rollout.fetch(rollout.park(state), "update_start").params) == {"device"}
     with pytest.raises(ValueError, match="unknown program"):
         off.fetch(parked, "rollout")
+    # frozen leaves (the model's own buffers) stay where they are: only trainable ones move
+    some = offload.Offload("rollout", ("params",), trainable={"w": True, "b": False})
+    kept = some.park(state)
+    assert _kinds(kept.params["w"]) == {"pinned_host"} and kept.params["b"] is state.params["b"]
 
 
 def test_rollout_copy_of_offloaded_master_weights_equals_the_device_ones():

@@ -275,6 +275,12 @@ def test_offloaded_master_weights_and_a_bfloat16_first_moment_are_counted():
     mu = mp.plan(dataclasses.replace(spec, mu_dtype="bfloat16", programs=("prefill",)))[0]
     assert opt - mu["opt_state_bytes_per_device"] == params // 2
     assert pre0["resident_other"] - mu["resident_other"] == params // 2
+    frozen_tower = mp.plan(dataclasses.replace(
+        spec, freeze_vision=True, offload="rollout", offload_parts=("params",),
+        programs=("prefill",),
+    ))[0]  # fmt: skip
+    # only the trainable master weights leave (a frozen tower is the model's own buffers)
+    assert 0 < frozen_tower["offloaded_bytes_per_device"] < params
     with pytest.raises(ValueError, match="full-parameter"):
         mp.check_offload(dataclasses.replace(spec, lora_rank=4, offload="rollout",
                                              offload_parts=("params",)))  # fmt: skip
