@@ -62,6 +62,7 @@ GPU_MODELS: dict[str, tuple[float, float]] = {
     "h200": (989e12, 4.8e12),
     "a100-80": (312e12, 2.039e12),
     "l40s": (362e12, 0.864e12),
+    "l4": (121e12, 0.3e12),  # dense bf16 tensor peak; the 24 GB card of the one-GPU LoRA presets
 }
 _GPUS_PER_HOST = 8
 
