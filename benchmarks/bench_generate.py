@@ -57,54 +57,50 @@ def _heads(hidden: int) -> tuple[int, int, int]:
     return head_dim, heads, 2 if heads % 2 == 0 else 1
 
 
-def _hf_model(vocab: int, hidden: int, layers: int):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _config(vocab: int, hidden: int, layers: int):
+    """The benchmark's random model (a :class:`Qwen2_5_VLConfig`; transformers' is written from
+    it): SwiGLU 3 x hidden, a 4-block 256-wide vision tower with full attention in blocks 1, 3."""
+    from tatar_jax.models.qwen2_5_vl import config as qcfg
 
     image, video, v_start, v_end = _special_ids(vocab)
     head_dim, heads, kv = _heads(hidden)
     half = head_dim // 2  # mRoPE sections (t, h, w) cover head_dim / 2 frequencies
-    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=3 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=4096,
-            hidden_act="silu",
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": section,
-            },
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=512,
-            num_heads=4,
-            in_channels=3,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1, 3],
-            out_hidden_size=hidden,
-            hidden_act="silu",
-        ),
+    text = qcfg.TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        mrope_section=(half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8),
+        max_position_embeddings=4096,
+    )
+    vision = qcfg.VisionConfig(
+        depth=4,
+        hidden_size=256,
+        intermediate_size=512,
+        num_heads=4,
+        fullatt_block_indexes=(1, 3),
+        out_hidden_size=hidden,
+    )
+    return qcfg.Qwen2_5_VLConfig(
+        text=text,
+        vision=vision,
         image_token_id=image,
         video_token_id=video,
         vision_start_token_id=v_start,
         vision_end_token_id=v_end,
-        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
+
+
+def _hf_model(vocab: int, hidden: int, layers: int):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(**_config(vocab, hidden, layers).to_hf_dict())
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "sdpa"
     torch.manual_seed(0)
