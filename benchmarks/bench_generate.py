@@ -23,22 +23,21 @@ there), ``--repeats`` timed calls of both engines alternate; medians and ratios 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 
+import peer
 from absl import app, flags
 
 _PROMPTS = flags.DEFINE_integer("prompts", 2, "prompts per call (one image each)")
 _G = flags.DEFINE_integer("num_samples", 8, "completions per prompt (spec: G = 8)")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "new tokens per completion")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per engine (after one warm-up)")
 _GRID = flags.DEFINE_list("image_grid", ["16", "16"], "image patch grid h,w (multiples of 2)")
 _TEXT = flags.DEFINE_integer("text_tokens", 24, "text tokens per prompt besides the image")
 _LAYERS = flags.DEFINE_integer("layers", 6, "decoder layers")
 _WIDTH = flags.DEFINE_integer("hidden", 512, "decoder width")
 _VOCAB = flags.DEFINE_integer("vocab", 16384, "vocabulary size")
-_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = default)")
+flags.adopt_module_key_flags(peer)  # --repeats, --torch_threads in --help
 
 
 def _heads(hidden: int) -> tuple[int, int, int]:
@@ -149,8 +148,7 @@ def main(argv: list[str]) -> None:
     from tatar_jax import generate
     from tatar_jax.models import qwen2_5_vl as qvl
 
-    if _THREADS.value:
-        torch.set_num_threads(_THREADS.value)
+    peer.set_torch_threads()
     config = _config(_VOCAB.value, _WIDTH.value, _LAYERS.value)
     hf = _hf_model(config)
     n_params = sum(p.numel() for p in hf.parameters())
@@ -223,17 +221,19 @@ def main(argv: list[str]) -> None:
     run_ours(new, 0), run_ours(1, 0)
     print(f"ours warm-up (compile + run): {time.perf_counter() - t0:.1f}s")
     run_hf(new, 0), run_hf(1, 0)
-    times: dict[str, list[float]] = {k: [] for k in ("ours", "ours_1", "hf", "hf_1")}
-    for r in range(_REPEATS.value):  # interleaved: both engines see the same machine load
-        times["ours"].append(run_ours(new, r + 1))
-        times["hf"].append(run_hf(new, r + 1))
-        times["ours_1"].append(run_ours(1, r + 1))
-        times["hf_1"].append(run_hf(1, r + 1))
-        print(
-            f"  repeat {r}: ours {times['ours'][-1]:.3f}s (prefill {times['ours_1'][-1]:.3f}s), "
-            f"transformers {times['hf'][-1]:.3f}s (prefill {times['hf_1'][-1]:.3f}s)"
-        )
-    med = {k: statistics.median(v) for k, v in times.items()}
+    calls = {  # round r draws with seed r + 1 (the warm-up used 0)
+        "ours": lambda r: run_ours(new, r + 1),
+        "hf": lambda r: run_hf(new, r + 1),
+        "ours_1": lambda r: run_ours(1, r + 1),
+        "hf_1": lambda r: run_hf(1, r + 1),
+    }
+    med = peer.interleaved_medians(
+        calls,
+        lambda r, s: (
+            f"  repeat {r}: ours {s['ours']:.3f}s (prefill {s['ours_1']:.3f}s), "
+            f"transformers {s['hf']:.3f}s (prefill {s['hf_1']:.3f}s)"
+        ),
+    )
     # decode step: (rollout - prefill) / (new - 1), per engine, from the medians
     step = {e: (med[e] - med[e + "_1"]) / max(new - 1, 1) for e in ("ours", "hf")}
     print(f"{'':20} {'rollout s':>10} {'tokens/s':>10} {'prefill s':>10} {'decode step ms':>15}")
@@ -245,7 +245,7 @@ def main(argv: list[str]) -> None:
     print(
         f"ratio (transformers / ours): rollout {med['hf'] / med['ours']:.2f}x, prefill "
         f"{med['hf_1'] / med['ours_1']:.2f}x, decode step {step['hf'] / step['ours']:.2f}x "
-        f"(medians of {_REPEATS.value} interleaved repeats)"
+        f"(medians of {peer.REPEATS.value} interleaved repeats)"
     )
 
 
