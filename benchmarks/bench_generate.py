@@ -41,13 +41,6 @@ _VOCAB = flags.DEFINE_integer("vocab", 16384, "vocabulary size")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = default)")
 
 
-def _special_ids(vocab: int) -> tuple[int, int, int, int]:
-    """(image, video, vision start, vision end) token ids: the top of any vocabulary."""
-    if vocab < 16:
-        raise app.UsageError(f"--vocab={vocab}: need at least 16 tokens")
-    return vocab - 1, vocab - 2, vocab - 4, vocab - 3
-
-
 def _heads(hidden: int) -> tuple[int, int, int]:
     """(head_dim, attention heads, kv heads) for any width: head_dim 64 (16 below 128)."""
     head_dim = 64 if hidden >= 128 else 16
@@ -57,54 +50,52 @@ def _heads(hidden: int) -> tuple[int, int, int]:
     return head_dim, heads, 2 if heads % 2 == 0 else 1
 
 
-def _hf_model(vocab: int, hidden: int, layers: int):
+def _config(vocab: int, hidden: int, layers: int):
+    """The benchmark's random model (a :class:`Qwen2_5_VLConfig`; transformers' is written from
+    it): SwiGLU 3 x hidden, a 4-block 256-wide vision tower with full attention in blocks 1, 3;
+    the image / video / vision start / vision end token ids at the top of any vocabulary."""
+    from tatar_jax.models.qwen2_5_vl import config as qcfg
+
+    if vocab < 16:
+        raise app.UsageError(f"--vocab={vocab}: need at least 16 tokens")
+    head_dim, heads, kv = _heads(hidden)
+    half = head_dim // 2  # mRoPE sections (t, h, w) cover head_dim / 2 frequencies
+    text = qcfg.TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        mrope_section=(half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8),
+        max_position_embeddings=4096,
+    )
+    vision = qcfg.VisionConfig(
+        depth=4,
+        hidden_size=256,
+        intermediate_size=512,
+        num_heads=4,
+        fullatt_block_indexes=(1, 3),
+        out_hidden_size=hidden,
+    )
+    return qcfg.Qwen2_5_VLConfig(
+        text=text,
+        vision=vision,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 4,
+        vision_end_token_id=vocab - 3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def _hf_model(config):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    image, video, v_start, v_end = _special_ids(vocab)
-    head_dim, heads, kv = _heads(hidden)
-    half = head_dim // 2  # mRoPE sections (t, h, w) cover head_dim / 2 frequencies
-    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=3 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=4096,
-            hidden_act="silu",
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": section,
-            },
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=512,
-            num_heads=4,
-            in_channels=3,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1, 3],
-            out_hidden_size=hidden,
-            hidden_act="silu",
-        ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=v_start,
-        vision_end_token_id=v_end,
-        tie_word_embeddings=False,
-    )
+    cfg = Qwen2_5_VLConfig(**config.to_hf_dict())
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -119,10 +110,12 @@ def _hf_model(vocab: int, hidden: int, layers: int):
     return model
 
 
-def _batch(prompts: int, grid: tuple[int, int], text: int, vocab: int):
+def _batch(prompts: int, grid: tuple[int, int], text: int, config):
+    """Left-padded prompts of random text around one image each (``config``'s token ids)."""
     import numpy as np
 
-    image, _, v_start, v_end = _special_ids(vocab)
+    image = config.image_token_id
+    v_start, v_end = config.vision_start_token_id, config.vision_end_token_id
     rng = np.random.default_rng(0)
     n_img = grid[0] * grid[1] // 4
     rows = []
@@ -158,7 +151,8 @@ def main(argv: list[str]) -> None:
 
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
-    hf = _hf_model(_VOCAB.value, _WIDTH.value, _LAYERS.value)
+    config = _config(_VOCAB.value, _WIDTH.value, _LAYERS.value)
+    hf = _hf_model(config)
     n_params = sum(p.numel() for p in hf.parameters())
     with tempfile.TemporaryDirectory() as d:
         state = {}
@@ -170,7 +164,7 @@ def main(argv: list[str]) -> None:
         ours = qvl.load_hf_checkpoint(d, dtype=jnp.float32)
     grid = (int(_GRID.value[0]), int(_GRID.value[1]))
     vocab = _VOCAB.value
-    ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value, vocab)
+    ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value, config)
     g, new = _G.value, _NEW.value
     rows = _PROMPTS.value * g
     total = rows * new
@@ -196,7 +190,7 @@ def main(argv: list[str]) -> None:
         attention_mask=torch.from_numpy(mask),
         pixel_values=torch.from_numpy(pv),
         image_grid_thw=torch.from_numpy(thw),
-        mm_token_type_ids=torch.from_numpy((ids == _special_ids(vocab)[0]).astype(np.int64)),
+        mm_token_type_ids=torch.from_numpy((ids == config.image_token_id).astype(np.int64)),
     )
 
     def run_hf(n: int, seed: int) -> float:

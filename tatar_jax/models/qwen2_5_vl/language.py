@@ -151,16 +151,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, std=std, rngs=rngs, attention_impl=attention_impl, **kw)
-        self.mlp = GatedMLP(
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.hidden_act,
-            ("embed", "mlp"),
-            hidden_names=_BLM,
-            use_bias=False,
-            std=std,
-            rngs=rngs,
-            **kw,
+        self.mlp = GatedMLP.from_config(
+            cfg, ("embed", "mlp"), hidden_names=_BLM, use_bias=False, std=std, rngs=rngs, **kw
         )
 
 
