@@ -6,7 +6,6 @@ own process (``trainer.run``, tests/helpers/tiny_runs.py's config)."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import signal
@@ -19,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tiny_runs
+import train_runs
 
 TOTAL = 3
 PARTS = ("opt_state", "reference", "params")
@@ -48,21 +48,12 @@ trainer.run(cfg, sys.argv[1])
 
 
 def _start(workdir: pathlib.Path, mode: str, pause: float = 0.0) -> subprocess.Popen:
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "STEP_PAUSE": str(pause),
-           "PYTHONPATH": os.pathsep.join([str(root / "tests" / "helpers"), str(root)])}  # fmt: skip
-    env.pop("XLA_FLAGS", None)  # one CPU device in every run
+    env = train_runs.worker_env(JAX_PLATFORMS="cpu", STEP_PAUSE=str(pause))  # one CPU device
     args = [str(workdir), mode, str(TOTAL), ",".join(PARTS)]
     return subprocess.Popen(
-        [sys.executable, "-c", _RUN, *args], cwd=root, env=env, text=True,
+        [sys.executable, "-c", _RUN, *args], cwd=train_runs.ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-
-
-def _wait(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=1800)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def _final_state(wd: pathlib.Path) -> dict[str, np.ndarray]:
@@ -88,8 +79,8 @@ def test_offload_kill9_resume_equals_uninterrupted_run_without_offload(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and 0 < killed_after < TOTAL
-    _wait(never)
-    out = _wait(_start(wd, "always"))
+    train_runs.finish(never, 1800)
+    out = train_runs.finish(_start(wd, "always"), 1800)
     assert re.search(rf"resumed grpo from \S+/{killed_after}\b", out), out[-3000:]
     want, got = _final_state(tmp_path / "never"), _final_state(wd)
     assert any("opt_state" in k for k in want) and len(want) > 20
