@@ -11,6 +11,10 @@ how it is run, logged, checkpointed or evaluated): ``RESUMABLE_PREFIXES``. ``tot
 not among them: the learning-rate schedule is laid out over it, so extending a run changes the
 learning rate of every later step.
 
+A field a later version of tatar-jax added is absent from an older run's ``run_config.json``;
+at the value that does what the older version did (``ADDED_FIELDS``) it is not a change, so a run
+resumes across an upgrade; at any other value it is a change like any other.
+
 ``summary.json`` is merged, not rewritten: a stage that ran no step in this invocation (a
 finished run started again) keeps its stored row, and a resumed stage keeps the ``eval_first``
 of the invocation that started it.
@@ -47,6 +51,11 @@ RESUMABLE_PREFIXES = (
     "data.root",  # the data moved to another disk
 )
 
+# Fields added after runs were started, with the value that trains as before they existed.
+ADDED_FIELDS = {
+    "optimizer.mu_dtype": "params",  # AdamW's first moment in the parameters' dtype
+}
+
 
 class ConfigChangeError(ValueError):
     """A resume whose hyper-parameters differ from the workdir's run config."""
@@ -65,6 +74,10 @@ def _resumable(key: str) -> bool:
     return key.startswith(RESUMABLE_PREFIXES) or key.endswith(".image_root")
 
 
+def _as_before(key: str, value: Any) -> bool:
+    return key in ADDED_FIELDS and value == ADDED_FIELDS[key]
+
+
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
     """``{dotted.field: [old, new]}`` of the fields that differ (absent = None)."""
     a, b = _flatten(old), _flatten(new)
@@ -81,7 +94,11 @@ def check_run_config(cfg: Any, workdir: pathlib.Path, resume_step: int | None) -
         if not isinstance(stored, dict):
             raise cli_errors.DamagedInputError(path, "not a JSON object (a run's config)")
         diff = config_diff(stored, json.loads(text))
-        changes = {k: v for k, v in diff.items() if not _resumable(k)}
+        changes = {
+            k: v
+            for k, v in diff.items()
+            if not _resumable(k) and not (k not in _flatten(stored) and _as_before(k, v[1]))
+        }
         if changes and not bool(cfg.allow_config_change):
             listing = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
             raise ConfigChangeError(

@@ -64,6 +64,22 @@ def test_resume_with_changed_hyperparameters_is_refused_then_recorded(tmp_path):
     assert json.loads((tmp_path / "run_config.json").read_text())["total_steps"] == 3
 
 
+def test_a_field_added_since_the_run_started_resumes_only_at_its_old_behaviour(tmp_path):
+    run_records.check_run_config(_cfg(), tmp_path, None)  # written before mu_dtype existed
+    run_records.check_run_config(_cfg(**{"optimizer.mu_dtype": "params"}), tmp_path, 4)
+    changes = [json.loads(x) for x in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[0]["changes"] == {"optimizer.mu_dtype": [None, "params"]}
+    (tmp_path / "run_config.json").write_text(json.dumps(_cfg().to_dict()))
+    with pytest.raises(
+        run_records.ConfigChangeError, match=r"optimizer.mu_dtype: None -> 'bfloat16'"
+    ):
+        run_records.check_run_config(_cfg(**{"optimizer.mu_dtype": "bfloat16"}), tmp_path, 4)
+    # A stored run that had the field is compared as usual.
+    run_records.check_run_config(_cfg(**{"optimizer.mu_dtype": "float32"}), tmp_path, None)
+    with pytest.raises(run_records.ConfigChangeError, match=r"'float32' -> 'params'"):
+        run_records.check_run_config(_cfg(**{"optimizer.mu_dtype": "params"}), tmp_path, 4)
+
+
 def test_summary_of_a_stage_that_ran_nothing_stays(tmp_path):
     first = {"sft": {"step": 4, "eval_first": {"e": 1.0}, "eval_last": {"e": 2.0}}}
     run_records.merge_summary(first, {"sft": True}, tmp_path)
