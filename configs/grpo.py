@@ -213,8 +213,9 @@ def warmup_block(c: ml_collections.ConfigDict, steps: int) -> ml_collections.Con
     model has never seen the answer format. 0 steps = none.
 
     The warm-up trains the GRPO run's model with its mesh, seed, image size, tokenizer and
-    held-out evaluation: those fields are shared (sub-blocks by reference, scalars by field
-    reference), so a command-line override of the GRPO field reaches the warm-up too.
+    held-out evaluation (at its end, not at its start): those fields are shared (sub-blocks by
+    reference, scalars by field reference), so a command-line override of the GRPO field reaches
+    the warm-up too.
     ``--config.warmup.<field>`` sets any other SFT field of the warm-up.
     """
     w = sft.get_config(c.preset if c.preset in sft.PRESETS else "reference")
@@ -224,8 +225,12 @@ def warmup_block(c: ml_collections.ConfigDict, steps: int) -> ml_collections.Con
     w.mesh = c.mesh
     w.data.synthetic = c.data.synthetic
     w.data.tokenizer_dir = c.data.get_ref("tokenizer_dir")
-    for name in ("datasets", "max_examples", "max_new_tokens", "batch_size", "at_start"):
+    for name in ("datasets", "max_examples", "max_new_tokens", "batch_size"):
         setattr(w.eval, name, c.eval.get_ref(name))
+    # Not at its start: the random model parses no answer (SRCC undefined) and every one of its
+    # completions runs to max_new_tokens, the costliest evaluation of the job (sweep 6: 285 s of
+    # a loaded 2-core machine). ``--config.warmup.eval.at_start=True`` still asks for it.
+    w.eval.at_start = False
     w.eval.at_end = True
     w.logging.progress = c.logging.get_ref("progress")
     return w
