@@ -103,8 +103,8 @@ def test_grpo_warmup_block_follows_the_grpo_fields(repo_root):
     w = c.warmup
     from configs import grpo as grpo_config
 
-    assert grpo_config.WARMUP_STEPS == 120
-    assert w.stage == "sft" and w.total_steps == 120 and w.sft.global_batch_size == 8
+    assert grpo_config.WARMUP_STEPS == 200
+    assert w.stage == "sft" and w.total_steps == 200 and w.sft.global_batch_size == 8
     assert (w.seed, w.model.preset, w.eval.max_new_tokens) == (3, "small", 7)
     assert w.data.synthetic.image_size == 64 and w.eval.at_end and not w.eval.at_start
     # the warm-up's override leaves the GRPO run's own learning rate (the default preset's) alone
