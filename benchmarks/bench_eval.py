@@ -28,12 +28,13 @@ ratio ours / transformers (images/s) are printed.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 
+import peer
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,8 +44,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "images per generate call (eval.b
 _NEW = flags.DEFINE_integer("new_tokens", 64, "max new tokens per completion")
 _SIZE = flags.DEFINE_integer("image_size", 224, "image side in pixels (random RGB)")
 _SAMPLES = flags.DEFINE_list("num_samples", ["1", "8"], "K values (1 = greedy)")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed passes per engine and K (after a warm-up)")
-_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = default)")
+flags.adopt_module_key_flags(peer)  # --repeats, --torch_threads in --help
 
 
 def _records(n: int, size: int) -> list[dict]:
@@ -166,13 +166,17 @@ def _pass(fn, records, batch: int) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_pass(fn, records, batch: int) -> Callable[[int], float]:
+    """One round's pass of ``fn`` over ``records`` (:func:`_pass`; the round index is unused)."""
+    return lambda r: _pass(fn, records, batch)
+
+
 def main(argv: list[str]) -> None:
     del argv
     import jax
     import torch
 
-    if _THREADS.value:
-        torch.set_num_threads(_THREADS.value)
+    peer.set_torch_threads()
     records = _records(_IMAGES.value, _SIZE.value)
     ks = [int(k) for k in _SAMPLES.value]
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,20 +199,21 @@ def main(argv: list[str]) -> None:
         _pass(fn, records[: _BATCH.value], _BATCH.value)
         counted["tokens"] = 0
     print(f"warm-up: {time.perf_counter() - t0:.1f}s")
-    times = {key: [] for key in engines}
-    for r in range(_REPEATS.value):  # interleaved: every engine sees the same machine load
-        for key, (fn, _) in engines.items():
-            times[key].append(_pass(fn, records, _BATCH.value))
-        print("  repeat", r, " ".join(f"{e}/K={k} {times[(e, k)][-1]:.2f}s" for e, k in times))
+    passes = {key: _timed_pass(fn, records, _BATCH.value) for key, (fn, _) in engines.items()}
+    medians = peer.interleaved_medians(
+        passes,
+        lambda r, s: f"  repeat {r} " + " ".join(f"{e}/K={k} {t:.2f}s" for (e, k), t in s.items()),
+    )
+    repeats = peer.REPEATS.value
     print(f"{'':28} {'median s':>9} {'images/s':>9} {'tokens/pass':>12}")
     for k in ks:
-        med = {e: statistics.median(times[(e, k)]) for e in ("ours", "hf")}
+        med = {e: medians[(e, k)] for e in ("ours", "hf")}
         for e, name in (("ours", "eval.py scoring loop"), ("hf", "transformers generate")):
-            toks = engines[(e, k)][1]["tokens"] / _REPEATS.value
+            toks = engines[(e, k)][1]["tokens"] / repeats
             print(f"{name + f' K={k}':28} {med[e]:9.3f} {_IMAGES.value / med[e]:9.2f} {toks:12.0f}")
         print(
             f"ratio K={k} (ours / transformers, images/s): {med['hf'] / med['ours']:.2f}x "
-            f"(medians of {_REPEATS.value} interleaved repeats)"
+            f"(medians of {repeats} interleaved repeats)"
         )
 
 

@@ -23,29 +23,21 @@ there), ``--repeats`` timed calls of both engines alternate; medians and ratios 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 
+import peer
 from absl import app, flags
 
 _PROMPTS = flags.DEFINE_integer("prompts", 2, "prompts per call (one image each)")
 _G = flags.DEFINE_integer("num_samples", 8, "completions per prompt (spec: G = 8)")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "new tokens per completion")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per engine (after one warm-up)")
 _GRID = flags.DEFINE_list("image_grid", ["16", "16"], "image patch grid h,w (multiples of 2)")
 _TEXT = flags.DEFINE_integer("text_tokens", 24, "text tokens per prompt besides the image")
 _LAYERS = flags.DEFINE_integer("layers", 6, "decoder layers")
 _WIDTH = flags.DEFINE_integer("hidden", 512, "decoder width")
 _VOCAB = flags.DEFINE_integer("vocab", 16384, "vocabulary size")
-_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = default)")
-
-
-def _special_ids(vocab: int) -> tuple[int, int, int, int]:
-    """(image, video, vision start, vision end) token ids: the top of any vocabulary."""
-    if vocab < 16:
-        raise app.UsageError(f"--vocab={vocab}: need at least 16 tokens")
-    return vocab - 1, vocab - 2, vocab - 4, vocab - 3
+flags.adopt_module_key_flags(peer)  # --repeats, --torch_threads in --help
 
 
 def _heads(hidden: int) -> tuple[int, int, int]:
@@ -57,54 +49,52 @@ def _heads(hidden: int) -> tuple[int, int, int]:
     return head_dim, heads, 2 if heads % 2 == 0 else 1
 
 
-def _hf_model(vocab: int, hidden: int, layers: int):
+def _config(vocab: int, hidden: int, layers: int):
+    """The benchmark's random model (a :class:`Qwen2_5_VLConfig`; transformers' is written from
+    it): SwiGLU 3 x hidden, a 4-block 256-wide vision tower with full attention in blocks 1, 3;
+    the image / video / vision start / vision end token ids at the top of any vocabulary."""
+    from tatar_jax.models.qwen2_5_vl import config as qcfg
+
+    if vocab < 16:
+        raise app.UsageError(f"--vocab={vocab}: need at least 16 tokens")
+    head_dim, heads, kv = _heads(hidden)
+    half = head_dim // 2  # mRoPE sections (t, h, w) cover head_dim / 2 frequencies
+    text = qcfg.TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        mrope_section=(half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8),
+        max_position_embeddings=4096,
+    )
+    vision = qcfg.VisionConfig(
+        depth=4,
+        hidden_size=256,
+        intermediate_size=512,
+        num_heads=4,
+        fullatt_block_indexes=(1, 3),
+        out_hidden_size=hidden,
+    )
+    return qcfg.Qwen2_5_VLConfig(
+        text=text,
+        vision=vision,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 4,
+        vision_end_token_id=vocab - 3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def _hf_model(config):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    image, video, v_start, v_end = _special_ids(vocab)
-    head_dim, heads, kv = _heads(hidden)
-    half = head_dim // 2  # mRoPE sections (t, h, w) cover head_dim / 2 frequencies
-    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=3 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=4096,
-            hidden_act="silu",
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": section,
-            },
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=512,
-            num_heads=4,
-            in_channels=3,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1, 3],
-            out_hidden_size=hidden,
-            hidden_act="silu",
-        ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=v_start,
-        vision_end_token_id=v_end,
-        tie_word_embeddings=False,
-    )
+    cfg = Qwen2_5_VLConfig(**config.to_hf_dict())
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -119,10 +109,12 @@ def _hf_model(vocab: int, hidden: int, layers: int):
     return model
 
 
-def _batch(prompts: int, grid: tuple[int, int], text: int, vocab: int):
+def _batch(prompts: int, grid: tuple[int, int], text: int, config):
+    """Left-padded prompts of random text around one image each (``config``'s token ids)."""
     import numpy as np
 
-    image, _, v_start, v_end = _special_ids(vocab)
+    image = config.image_token_id
+    v_start, v_end = config.vision_start_token_id, config.vision_end_token_id
     rng = np.random.default_rng(0)
     n_img = grid[0] * grid[1] // 4
     rows = []
@@ -156,9 +148,9 @@ def main(argv: list[str]) -> None:
     from tatar_jax import generate
     from tatar_jax.models import qwen2_5_vl as qvl
 
-    if _THREADS.value:
-        torch.set_num_threads(_THREADS.value)
-    hf = _hf_model(_VOCAB.value, _WIDTH.value, _LAYERS.value)
+    peer.set_torch_threads()
+    config = _config(_VOCAB.value, _WIDTH.value, _LAYERS.value)
+    hf = _hf_model(config)
     n_params = sum(p.numel() for p in hf.parameters())
     with tempfile.TemporaryDirectory() as d:
         state = {}
@@ -170,7 +162,7 @@ def main(argv: list[str]) -> None:
         ours = qvl.load_hf_checkpoint(d, dtype=jnp.float32)
     grid = (int(_GRID.value[0]), int(_GRID.value[1]))
     vocab = _VOCAB.value
-    ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value, vocab)
+    ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value, config)
     g, new = _G.value, _NEW.value
     rows = _PROMPTS.value * g
     total = rows * new
@@ -196,7 +188,7 @@ def main(argv: list[str]) -> None:
         attention_mask=torch.from_numpy(mask),
         pixel_values=torch.from_numpy(pv),
         image_grid_thw=torch.from_numpy(thw),
-        mm_token_type_ids=torch.from_numpy((ids == _special_ids(vocab)[0]).astype(np.int64)),
+        mm_token_type_ids=torch.from_numpy((ids == config.image_token_id).astype(np.int64)),
     )
 
     def run_hf(n: int, seed: int) -> float:
@@ -229,17 +221,19 @@ def main(argv: list[str]) -> None:
     run_ours(new, 0), run_ours(1, 0)
     print(f"ours warm-up (compile + run): {time.perf_counter() - t0:.1f}s")
     run_hf(new, 0), run_hf(1, 0)
-    times: dict[str, list[float]] = {k: [] for k in ("ours", "ours_1", "hf", "hf_1")}
-    for r in range(_REPEATS.value):  # interleaved: both engines see the same machine load
-        times["ours"].append(run_ours(new, r + 1))
-        times["hf"].append(run_hf(new, r + 1))
-        times["ours_1"].append(run_ours(1, r + 1))
-        times["hf_1"].append(run_hf(1, r + 1))
-        print(
-            f"  repeat {r}: ours {times['ours'][-1]:.3f}s (prefill {times['ours_1'][-1]:.3f}s), "
-            f"transformers {times['hf'][-1]:.3f}s (prefill {times['hf_1'][-1]:.3f}s)"
-        )
-    med = {k: statistics.median(v) for k, v in times.items()}
+    calls = {  # round r draws with seed r + 1 (the warm-up used 0)
+        "ours": lambda r: run_ours(new, r + 1),
+        "hf": lambda r: run_hf(new, r + 1),
+        "ours_1": lambda r: run_ours(1, r + 1),
+        "hf_1": lambda r: run_hf(1, r + 1),
+    }
+    med = peer.interleaved_medians(
+        calls,
+        lambda r, s: (
+            f"  repeat {r}: ours {s['ours']:.3f}s (prefill {s['ours_1']:.3f}s), "
+            f"transformers {s['hf']:.3f}s (prefill {s['hf_1']:.3f}s)"
+        ),
+    )
     # decode step: (rollout - prefill) / (new - 1), per engine, from the medians
     step = {e: (med[e] - med[e + "_1"]) / max(new - 1, 1) for e in ("ours", "hf")}
     print(f"{'':20} {'rollout s':>10} {'tokens/s':>10} {'prefill s':>10} {'decode step ms':>15}")
@@ -251,7 +245,7 @@ def main(argv: list[str]) -> None:
     print(
         f"ratio (transformers / ours): rollout {med['hf'] / med['ours']:.2f}x, prefill "
         f"{med['hf_1'] / med['ours_1']:.2f}x, decode step {step['hf'] / step['ours']:.2f}x "
-        f"(medians of {_REPEATS.value} interleaved repeats)"
+        f"(medians of {peer.REPEATS.value} interleaved repeats)"
     )
 
 

@@ -271,11 +271,24 @@ def reference_sft_sources() -> ml_collections.ConfigDict:
     return c
 
 
-def reference_run(c: ml_collections.ConfigDict) -> None:
+def reference_run(
+    c: ml_collections.ConfigDict,
+    sources: ml_collections.ConfigDict,
+    train: tuple[str, ...],
+    *,
+    num_epochs: int,
+    checkpoint_every: int,
+) -> None:
     """What both stages' ``reference`` presets share (spec §6.3, §7.4): bf16 on 8 devices,
     4,096-token buckets (2,006 visual tokens max + text; never truncated), two accumulation
-    micro-steps, every step logged, keep 5 checkpoints, no periodic evaluation."""
+    micro-steps, every step logged, keep 5 checkpoints, no periodic evaluation; the stage's
+    data ``sources`` of which ``train`` are trained on for ``num_epochs`` epochs, a checkpoint
+    every ``checkpoint_every`` steps."""
     c.model.preset = ""
+    c.data.sources = sources
+    c.data.train = train
+    c.data.num_epochs = num_epochs
+    c.checkpoint.every_steps = checkpoint_every
     c.data.seq_buckets = (1024, 2048, 4096)
     c.optimizer.grad_accum_steps = 2
     c.checkpoint.keep = 5

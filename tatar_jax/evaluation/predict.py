@@ -153,15 +153,7 @@ def sampling_params(ev: Any, tok: Any) -> Any:
     tokenizer's end ids."""
     from tatar_jax import generate
 
-    return generate.SamplingParams(
-        max_new_tokens=int(ev.max_new_tokens),
-        num_samples=int(ev.num_samples),
-        temperature=float(ev.temperature),
-        top_k=int(ev.top_k),
-        top_p=float(ev.top_p),
-        stop_token_ids=tuple(tok.eos_ids),
-        pad_token_id=int(tok.pad_id),
-    )
+    return generate.SamplingParams.from_config(ev, tok, num_samples=int(ev.num_samples))
 
 
 def batch_key(seed: int, records: Sequence[Mapping[str, Any]]) -> Any:

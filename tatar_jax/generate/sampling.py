@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,24 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs not in LOGPROB_MODES:
             raise ValueError(f"logprobs must be one of {LOGPROB_MODES}, got {self.logprobs!r}")
+
+    @classmethod
+    def from_config(
+        cls, block: Any, tokenizer: Any, *, num_samples: int, logprobs: str = "tempered"
+    ) -> SamplingParams:
+        """The settings of a config block (``max_new_tokens``, ``temperature``, ``top_k``,
+        ``top_p``: the ``eval`` and ``grpo`` blocks name them alike) with ``num_samples``
+        completions per prompt, stopping at the tokenizer's end ids and padding with its pad id."""
+        return cls(
+            max_new_tokens=int(block.max_new_tokens),
+            num_samples=int(num_samples),
+            temperature=float(block.temperature),
+            top_k=int(block.top_k),
+            top_p=float(block.top_p),
+            stop_token_ids=tuple(tokenizer.eos_ids),
+            pad_token_id=int(tokenizer.pad_id),
+            logprobs=logprobs,
+        )
 
 
 def _top_p_sorted(srt: jax.Array, top_p: float) -> jax.Array:

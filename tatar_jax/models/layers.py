@@ -216,6 +216,13 @@ class GatedMLP(nnx.Module):
         self.act = activation(act)
         self.hidden_names = hidden_names
 
+    @classmethod
+    def from_config(cls, cfg: Any, names: tuple[str, str], **kw: Any) -> GatedMLP:
+        """The MLP of an HF config block, ``hidden_size`` → ``intermediate_size`` with
+        ``hidden_act`` (the text and the vision config name them alike); ``kw``: the
+        keyword-only arguments of the constructor."""
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, names, **kw)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.act(self.gate_proj(x)) * self.up_proj(x)
         if self.hidden_names is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 from tatar_jax import answer_format
 from tatar_jax.answer_format import ANSWER_TAG, THINK_TAG
@@ -156,6 +157,13 @@ class PostprocessOptions:
     reject_changed_score: bool = True  # teacher's own <answer> differs from the given score
     score_tolerance: float = 1e-6
     think_block: str = "first"  # which complete <think> block to use: "first" (spec) | "last"
+
+    @classmethod
+    def from_config(cls, block: Any) -> PostprocessOptions:
+        """The options a ``configs/reasoning.py`` task block (``iqa`` / ``iaa``) sets: every
+        field but ``score_tolerance``, each as the type of the field's default."""
+        fields = [f for f in dataclasses.fields(cls) if f.name != "score_tolerance"]
+        return cls(**{f.name: type(f.default)(block[f.name]) for f in fields})
 
 
 IQA_OPTIONS = PostprocessOptions(max_sentences=2, max_words=50)

@@ -114,15 +114,8 @@ class Samples:
 def sampling_params(grpo_cfg: Any, tokenizer: Any) -> generate.SamplingParams:
     """The rollout's sampling settings from the ``grpo`` config block (tempered log-probs: what
     the loss computes for pi_theta)."""
-    return generate.SamplingParams(
-        max_new_tokens=int(grpo_cfg.max_new_tokens),
-        num_samples=int(grpo_cfg.num_generations),
-        temperature=float(grpo_cfg.temperature),
-        top_k=int(grpo_cfg.top_k),
-        top_p=float(grpo_cfg.top_p),
-        stop_token_ids=tuple(tokenizer.eos_ids),
-        pad_token_id=int(tokenizer.pad_id),
-        logprobs="tempered",
+    return generate.SamplingParams.from_config(
+        grpo_cfg, tokenizer, num_samples=int(grpo_cfg.num_generations), logprobs="tempered"
     )
 
 

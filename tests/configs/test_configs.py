@@ -242,19 +242,9 @@ def test_grpo_names_are_accepted_by_tatar_jax_grpo(repo_root):
             jnp.arange(2.0 * n), n, g.advantage, g.advantage_eps, ddof=g.advantage_std_ddof
         )
         logps = jnp.zeros((2 * n, 3))
-        grpo.grpo_loss(
-            logps,
-            logps,
-            logps,
-            adv,
-            jnp.ones((2 * n, 3)),
-            epsilon=g.epsilon,
-            epsilon_high=g.epsilon_high,
-            beta=g.beta,
-            aggregation=g.loss_aggregation,
-            importance_sampling_level=g.importance_sampling_level,
-            kl_bias_correction=g.kl_bias_correction,
-        )
+        # The config -> loss keywords mapping the trainer uses (train/stages.py).
+        loss = grpo.LossConfig.from_config(g)
+        grpo.grpo_loss(logps, logps, logps, adv, jnp.ones((2 * n, 3)), **loss.loss_kwargs())
 
 
 @pytest.mark.parametrize("preset", [":lora_1gpu", ":lora_1gpu_3b"])

@@ -7,20 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from random_images import write_random_images
 
 from tatar_jax.data import pipeline as pl
-
-
-def _write_images(root, n, rng, prefix="img"):
-    from PIL import Image
-
-    paths = []
-    for i in range(n):
-        h, w = (int(x) for x in rng.integers(28, 72, size=2))
-        p = root / f"{prefix}{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +19,11 @@ def sources(tmp_path_factory):
     rng = np.random.default_rng(0)
     iqa = [
         {"image": p, "gt_100": float(i), "row_id": i, "target": f"<think>\nq{i}\n</think>"}
-        for i, p in enumerate(_write_images(root, 7, rng, "q"))
+        for i, p in enumerate(write_random_images(root, 7, rng, "q", max_side=72))
     ]
     iaa = [
         {"image": p, "gt_100": 50.0 + i, "row_id": i, "target": f"<think>\na{i}\n</think>"}
-        for i, p in enumerate(_write_images(root, 5, rng, "a"))
+        for i, p in enumerate(write_random_images(root, 5, rng, "a", max_side=72))
     ]
     return [pl.Source("toy_iqa", "iqa", iqa), pl.Source("toy_iaa", "iaa", iaa)]
 

@@ -7,42 +7,27 @@ Configs and readers: tests/helpers/tiny_runs.py."""
 
 from __future__ import annotations
 
-import os
-import pathlib
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from tiny_runs import final_params, max_diff, records, tiny_config
+from train_runs import finish, start_workers, worker_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOTAL = 4
 
 _RUN = """
 import os, sys, time
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[4]
-import jax
-nproc = int(sys.argv[3])
-if nproc > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-import tiny_runs as t
-from tatar_jax.train import stages, trainer
-cfg = t.tiny_config(fsdp=-1)
+import train_runs
+cfg = train_runs.worker_config()
 cfg.total_steps = int(sys.argv[6])
 cfg.grpo.prompts_per_step = int(sys.argv[7])
 cfg.checkpoint.every_steps = int(sys.argv[8])
 cfg.grpo.dynamic_sampling.enabled = True
 for k in list(cfg.rewards.weights.iaa.keys()):
     cfg.rewards.weights.iaa[k] = 0.0  # every IAA group: reward 0 for all G completions
-if nproc > 1:
-    cfg.mesh.coordinator_address = "localhost:" + sys.argv[2]
-    cfg.mesh.num_processes = nproc
-    cfg.mesh.process_id = int(sys.argv[1])
+from tatar_jax.train import stages, trainer
 pause = float(os.environ.get("STEP_PAUSE", "0"))  # room for the test's kill -9
 after = stages.GrpoStage.after_step
 def after_step(self, step, batch):
@@ -54,27 +39,9 @@ trainer.run(cfg, sys.argv[5])
 """
 
 
-def _env(**extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "helpers"),
-                                                        str(ROOT)]), **extra}  # fmt: skip
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _start(workdir, *, nproc=1, pid=0, port="0", devices=1, prompts=2, env=None, every=1):
-    return subprocess.Popen(
-        [sys.executable, "-c", _RUN, str(pid), port, str(nproc), str(devices), str(workdir),
-         str(TOTAL), str(prompts), str(every)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or _env(),
-        cwd=ROOT,
-    )  # fmt: skip
-
-
-def _finish(proc, timeout=2400):
-    out, _ = proc.communicate(timeout=timeout)
-    cut = out.find("Traceback")
-    assert proc.returncode == 0, out[-4000:] if cut < 0 else out[cut : cut + 4000]
-    return out
+def _start(workdir, *, nproc=1, devices=1, prompts=2, env=None, every=1):
+    """The ``nproc`` workers of one run (argv: ..., workdir, total steps, prompts, ckpt every)."""
+    return start_workers(_RUN, nproc, devices, workdir, TOTAL, prompts, every, env=env)
 
 
 def _ds(recs):
@@ -84,7 +51,7 @@ def _ds(recs):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     wd = tmp_path_factory.mktemp("full") / "run"
-    _finish(_start(wd))
+    finish(*_start(wd), timeout=2400)
     return wd
 
 
@@ -106,7 +73,7 @@ def test_kill9_resume_is_bit_identical(uninterrupted, tmp_path):
     from tatar_jax.train import checkpointing
 
     wd = tmp_path / "run"
-    proc = _start(wd, env=_env(STEP_PAUSE="5"))
+    (proc,) = _start(wd, env=worker_env(STEP_PAUSE="5"))
     t0 = time.time()
     while checkpointing.latest_step_on_disk(wd) in (None, 0):
         assert proc.poll() is None and time.time() - t0 < 900, proc.stdout.read()[-3000:]
@@ -115,7 +82,7 @@ def test_kill9_resume_is_bit_identical(uninterrupted, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert killed_after < TOTAL
-    out = _finish(_start(wd))
+    out = finish(*_start(wd), timeout=2400)
     assert "resumed grpo" in out
     cfg = tiny_config(num_devices=1)
     want, got = final_params(uninterrupted, cfg), final_params(wd, cfg)
@@ -136,14 +103,10 @@ def test_kill9_resume_is_bit_identical(uninterrupted, tmp_path):
 def test_two_processes_choose_as_one(tmp_path):
     """2 processes x 1 device (2 prompts each) == 1 process x 2 devices (4 prompts): same
     drops, extra draws and parameters."""
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = str(sock.getsockname()[1])
-    two = [_start(tmp_path / "two", nproc=2, pid=p, port=port, prompts=4, every=100)
-           for p in range(2)]  # fmt: skip
+    two = _start(tmp_path / "two", nproc=2, prompts=4, every=100)
     one = _start(tmp_path / "one", devices=2, prompts=4, every=100)
-    for p in [*two, one]:
-        _finish(p)
+    for p in [*two, *one]:
+        finish(p, timeout=2400)
     rec_one, rec_two = records(tmp_path / "one"), records(tmp_path / "two")
     assert _ds(rec_two) == _ds(rec_one)
     assert sum(r["dynamic_sampling/dropped_groups/iaa"] for r in rec_one) > 0

@@ -6,12 +6,6 @@ move and Adam's eps is raised): tests/helpers/tiny_runs.py.
 
 from __future__ import annotations
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
-
 import pytest
 from tiny_runs import (
     eval_records,
@@ -21,53 +15,26 @@ from tiny_runs import (
     records,
     tiny_config,
 )
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
+from train_runs import finish, start_workers
 
 # --------------------------------------------------------------------------------------------
 # Two real processes
 
 _PROCESS = """
-import os, sys
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[4]
-import jax
-nproc = int(sys.argv[3])
-if nproc > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-import tiny_runs as t
-cfg = t.tiny_config(fsdp=-1)
+import sys
+import train_runs
+cfg = train_runs.worker_config()
 cfg.grpo.prompts_per_step = 4  # 2 prompts per process
-if nproc > 1:
-    cfg.mesh.coordinator_address = "localhost:" + sys.argv[2]
-    cfg.mesh.num_processes = nproc
-    cfg.mesh.process_id = int(sys.argv[1])
+import jax
+import tiny_runs as t
 from tatar_jax.train import trainer
 trainer.run(cfg, sys.argv[5] + "/grpo")
 sft = t.tiny_sft_config(fsdp=-1)
 sft.mesh = cfg.mesh
 trainer.run(sft, sys.argv[5] + "/sft")
+nproc = int(sys.argv[3])
 assert jax.process_count() == nproc and jax.device_count() == 4, jax.devices()
 """
-
-
-def _launch(nproc: int, devices: int, workdir, env):
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = str(sock.getsockname()[1])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _PROCESS, str(p), port, str(nproc), str(devices), workdir],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )  # fmt: skip
-        for p in range(nproc)
-    ]
-    return procs
 
 
 @pytest.mark.slow
@@ -75,19 +42,10 @@ def test_grpo_two_processes_equal_one_process(tmp_path):
     """2 processes x 2 CPU devices (fsdp=4 over both, 2 prompts per process) == 1 process x 4
     devices with the same 4-prompt global batch: same parameters after 2 GRPO steps, same
     (global-batch) reward metrics on both processes."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "helpers"), str(ROOT)]),
-    }
-    env.pop("XLA_FLAGS", None)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    procs = _launch(2, 2, two, env)
-    procs += _launch(1, 4, one, env)
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        # (a process that dies takes the others down at jax's shutdown barrier: show its error)
-        cut = out.find("Traceback")
-        assert p.returncode == 0, out[-5000:] if cut < 0 else out[cut : cut + 5000]
+    procs = start_workers(_PROCESS, 2, 2, two) + start_workers(_PROCESS, 1, 4, one)
+    for p in procs:
+        finish(p, timeout=900)
     cfg = tiny_config(num_devices=1)
     init = final_params_init(cfg)
     for stage in ("grpo", "sft"):

@@ -186,11 +186,11 @@ def test_two_real_jax_processes(tmp_path, spec):
 def test_real_predict_path_with_8_device_mesh_equals_one_device(tmp_path):
     """The real predict function (tiny random model, real tokenizer, greedy generate): the batch
     over an 8-device mesh gives the same completions as one device."""
-    import types
 
     import jax
     import numpy as np
     import tiny_models
+    from eval_settings import eval_settings
     from flax import nnx
     from PIL import Image
 
@@ -202,17 +202,7 @@ def test_real_predict_path_with_8_device_mesh_equals_one_device(tmp_path):
     tok = load_tokenizer(None)
     cfg = tiny_models.tiny_config_for(tok)
     model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0), init_std=0.08)
-    ev = types.SimpleNamespace(
-        batch_size=4,
-        max_new_tokens=6,
-        min_pixels=3136,
-        max_pixels=40_000,
-        prompt_variant="reference_eval",
-        num_samples=1,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-    )
+    ev = eval_settings(max_new_tokens=6, max_pixels=40_000)
     rng = np.random.default_rng(0)
     recs = [
         {

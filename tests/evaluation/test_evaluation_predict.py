@@ -15,6 +15,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from eval_settings import eval_settings
 from PIL import Image
 
 from tatar_jax import sharding
@@ -60,23 +61,6 @@ class StandInSampler:
         return Out(jax.numpy.asarray(tokens), jax.numpy.asarray(mask))
 
 
-def _ev(**kw):
-    base = dict(
-        batch_size=4,
-        max_new_tokens=40,
-        min_pixels=3136,
-        max_pixels=200_000,
-        prompt_variant="reference_eval",
-        num_samples=1,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        constrained_answer=False,
-    )
-    base.update(kw)
-    return types.SimpleNamespace(**base)
-
-
 def _rec(k, size, task="iqa"):
     rng = np.random.default_rng(k)
     im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
@@ -96,7 +80,7 @@ def test_predict_fn_builds_one_prompt_batch(qwen_tok):
     from tatar_jax.evaluation.predict import batch_key
     from tatar_jax.models.qwen2_5_vl import rope
 
-    ev = _ev()
+    ev = eval_settings()
     model = _model_stub(qwen_tok)
     smp = StandInSampler(qwen_tok, ev.max_new_tokens)
     fn = make_predict_fn(model, qwen_tok, ev, mesh=None, rules=None, sampler=smp, seed=7)
@@ -140,7 +124,7 @@ def test_predict_fn_builds_one_prompt_batch(qwen_tok):
 
 
 def test_predict_fn_groups_k_samples_per_record(qwen_tok):
-    ev = _ev(batch_size=3)
+    ev = eval_settings(batch_size=3)
     smp = StandInSampler(qwen_tok, ev.max_new_tokens, num_samples=3)
     fn = make_predict_fn(_model_stub(qwen_tok), qwen_tok, ev, mesh=None, rules=None, sampler=smp)
     recs = [_rec(0, (2, 600)), _rec(1, (64, 48)), _rec(2, (40, 90))]
@@ -168,7 +152,7 @@ def test_tiny_random_model_end_to_end_and_resume(tmp_path, qwen_tok):
     model = Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     calls = []
-    ev = _ev(batch_size=2, max_new_tokens=6, max_pixels=40_000)
+    ev = eval_settings(batch_size=2, max_new_tokens=6, max_pixels=40_000)
     smp = generate.Sampler(model, sampling_params(ev, tok), mesh=mesh, rules=sharding.DEFAULT_RULES)
 
     class Counting:
@@ -220,7 +204,7 @@ def test_greedy_one_sample_equals_the_strip_and_redo_path(qwen_tok, tiny_model):
     from tatar_jax.data import examples
 
     tok, model = qwen_tok, tiny_model
-    ev = _ev(batch_size=3, max_new_tokens=8, max_pixels=40_000)
+    ev = eval_settings(batch_size=3, max_new_tokens=8, max_pixels=40_000)
     recs = [_rec(0, (84, 56)), _rec(1, (56, 84), "iaa"), _rec(2, (60, 60))]
     new = make_predict_fn(model, tok, ev, mesh=None, rules=None)(recs)
 
@@ -255,8 +239,8 @@ def test_k_samples_equal_the_rollout_engines(qwen_tok, tiny_model):
     from tatar_jax.train import rollout
 
     tok, model = qwen_tok, tiny_model
-    ev = _ev(batch_size=2, max_new_tokens=6, max_pixels=40_000, num_samples=4, temperature=1.0,
-             top_k=50, top_p=0.95)  # fmt: skip
+    ev = eval_settings(batch_size=2, max_new_tokens=6, max_pixels=40_000, num_samples=4,
+                       temperature=1.0, top_k=50, top_p=0.95)  # fmt: skip
     recs = [_rec(3, (84, 56)), _rec(4, (56, 84), "iaa")]
     fn = make_predict_fn(model, tok, ev, mesh=None, rules=None, seed=5)
     ours = fn(recs)

@@ -3,7 +3,8 @@
 The reference is TRL 1.16's ``GRPOTrainer._compute_loss``, called as it is: a trainer object
 holding the attributes that method reads (set from a real ``GRPOConfig`` exactly as
 ``GRPOTrainer.__init__`` sets them) and a stub policy whose forward returns the per-token
-log-probs as a leaf tensor, so ``loss.backward()`` gives TRL's gradient w.r.t. the log-probs.
+log-probs as a leaf tensor, so ``loss.backward()`` gives TRL's gradient w.r.t. the log-probs
+(tests/helpers/trl_stub_trainer.py).
 Everything in float64; values, gradients and TRL's logged metrics (kl, clip ratios) are compared.
 
 Correspondence (ours <-> TRL ``loss_type``): seq_mean_token_mean <-> grpo, bnpo <-> bnpo,
@@ -14,17 +15,15 @@ token_mean <-> dapo, fixed_length <-> dr_grpo; ``importance_sampling_level`` <->
 from __future__ import annotations
 
 import sys
-import types
 import warnings
-from collections import defaultdict
 
-import accelerate
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
+from trl_stub_trainer import StubPolicy, loss_inputs, stub_trainer
 
 from tatar_jax import grpo
 
@@ -36,53 +35,10 @@ TRL_LOSS = {
 }
 
 
-class _StubPolicy(torch.nn.Module):
-    """A "model" whose forward returns given per-token log-probs (and entropies) of the
-    completion, right-aligned as TRL's fused-lm-head outputs are (TRL keeps the last T)."""
-
-    def __init__(self, logps: torch.Tensor) -> None:
-        super().__init__()
-        self.logps = logps
-
-    def forward(self, input_ids, attention_mask, labels=None, fused_lm_head=False):
-        del attention_mask, labels, fused_lm_head
-        n, length = input_ids.shape
-        t = self.logps.shape[1]
-        pad = torch.zeros((n, length - t), dtype=self.logps.dtype)
-        lp = torch.cat([pad, self.logps], dim=1)
-        return types.SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp))
-
-
-def _trl_trainer(args: GRPOConfig, model: torch.nn.Module, accum: int) -> GRPOTrainer:
-    """A GRPOTrainer with the attributes ``_compute_loss`` reads, set as its __init__ does."""
-    tr = object.__new__(GRPOTrainer)
-    tr.args = args
-    tr.loss_type = args.loss_type
-    tr.importance_sampling_level = args.importance_sampling_level
-    tr.epsilon_low = args.epsilon
-    tr.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    tr.beta = args.beta
-    tr.max_completion_length = args.max_completion_length
-    tr.top_entropy_quantile = args.top_entropy_quantile
-    tr.off_policy_mask_threshold = args.off_policy_mask_threshold
-    tr.use_vllm = args.use_vllm
-    tr.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
-    tr.entropy_coef = args.entropy_coef
-    tr.use_adaptive_entropy = args.use_adaptive_entropy
-    tr._entropy_bonus_enabled = tr.entropy_coef != 0.0 or tr.use_adaptive_entropy
-    tr.aux_loss_enabled = False
-    tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    tr.current_gradient_accumulation_steps = accum
-    # After the GRPOConfig: TrainingArguments resets accelerate's shared state.
-    tr.accelerator = accelerate.Accelerator(cpu=True)
-    tr.model = model.train()
-    return tr
-
-
 def trl_loss(logp, old, ref, adv, mask, *, aggregation, beta, epsilon=0.2, epsilon_high=None,
              level="token", bias_kl=False, accum=1, items=None):  # fmt: skip
     """TRL's (loss, d loss / d logp, metrics) for one micro-batch, float64."""
-    n, t = logp.shape
+    t = logp.shape[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = GRPOConfig(
@@ -93,17 +49,8 @@ def trl_loss(logp, old, ref, adv, mask, *, aggregation, beta, epsilon=0.2, epsil
             gradient_accumulation_steps=accum, steps_per_generation=accum,
         )  # fmt: skip
     leaf = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
-    tr = _trl_trainer(args, _StubPolicy(leaf), accum)
-    inputs = {
-        "prompt_ids": torch.zeros((n, 2), dtype=torch.long),
-        "prompt_mask": torch.ones((n, 2), dtype=torch.long),
-        "completion_ids": torch.zeros((n, t), dtype=torch.long),
-        "completion_mask": torch.tensor(mask, dtype=torch.float64),
-        "advantages": torch.tensor(adv, dtype=torch.float64),
-        "ref_per_token_logps": torch.tensor(ref, dtype=torch.float64),
-    }
-    if old is not None:  # None: on-policy, TRL uses per_token_logps.detach()
-        inputs["old_per_token_logps"] = torch.tensor(old, dtype=torch.float64)
+    tr = stub_trainer(args, StubPolicy(leaf), accum)
+    inputs = loss_inputs(mask, adv, ref, old)  # old None: on-policy
     if items is not None:
         inputs["num_items_in_batch"] = torch.tensor(float(items), dtype=torch.float64)
     loss = tr._compute_loss(tr.model, inputs)

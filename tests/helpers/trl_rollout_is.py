@@ -18,6 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 from trl.trainer import grpo_trainer
+from trl_stub_trainer import StubPolicy, loss_inputs, stub_trainer
 
 _RATIO_START = "mask = completion_mask if tool_mask is None else completion_mask * tool_mask"
 _RATIO_END = "# Compute the per-token log probabilities for the reference model"
@@ -70,22 +71,6 @@ def trl_is_ratio(
     return ratio, {k: v[-1] for k, v in metrics.items()}
 
 
-class _StubPolicy(torch.nn.Module):
-    """A "model" whose forward returns given per-token log-probs of the completion,
-    right-aligned (TRL keeps the last T positions)."""
-
-    def __init__(self, logps: torch.Tensor) -> None:
-        super().__init__()
-        self.logps = logps
-
-    def forward(self, input_ids, attention_mask, labels=None, fused_lm_head=False):
-        del attention_mask, labels, fused_lm_head
-        n, length = input_ids.shape
-        pad = torch.zeros((n, length - self.logps.shape[1]), dtype=self.logps.dtype)
-        lp = torch.cat([pad, self.logps], dim=1)
-        return types.SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp))
-
-
 def trl_loss_with_is(
     logp: np.ndarray,
     old: np.ndarray | None,
@@ -106,9 +91,7 @@ def trl_loss_with_is(
     ``old`` None: on-policy (TRL uses the detached log-probs)."""
     import warnings
 
-    import accelerate
-
-    n, t = logp.shape
+    t = logp.shape[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = grpo_trainer.GRPOConfig(
@@ -118,33 +101,11 @@ def trl_loss_with_is(
             use_bias_correction_kl=bias_kl,
         )  # fmt: skip
     leaf = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
-    tr = object.__new__(grpo_trainer.GRPOTrainer)  # the attributes _compute_loss reads
-    tr.args, tr.loss_type, tr.importance_sampling_level = args, args.loss_type, level
-    tr.epsilon_low = args.epsilon
-    tr.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    tr.beta, tr.max_completion_length = args.beta, args.max_completion_length
-    tr.top_entropy_quantile = args.top_entropy_quantile
-    tr.off_policy_mask_threshold = args.off_policy_mask_threshold
+    tr = stub_trainer(args, StubPolicy(leaf), 1)
     tr.use_vllm, tr.vllm_importance_sampling_correction = True, True
-    tr.entropy_coef, tr.use_adaptive_entropy = args.entropy_coef, args.use_adaptive_entropy
-    tr._entropy_bonus_enabled = False
-    tr.aux_loss_enabled = False
-    tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    tr.current_gradient_accumulation_steps = 1
-    tr.accelerator = accelerate.Accelerator(cpu=True)
-    tr.model = _StubPolicy(leaf).train()
-    inputs = {
-        "prompt_ids": torch.zeros((n, 2), dtype=torch.long),
-        "prompt_mask": torch.ones((n, 2), dtype=torch.long),
-        "completion_ids": torch.zeros((n, t), dtype=torch.long),
-        "completion_mask": torch.tensor(mask, dtype=torch.float64),
-        "advantages": torch.tensor(adv, dtype=torch.float64),
-        "ref_per_token_logps": torch.tensor(ref, dtype=torch.float64),
-        "importance_sampling_ratio": torch.tensor(is_ratio, dtype=torch.float64),
-        "num_items_in_batch": torch.tensor(float(mask.sum()), dtype=torch.float64),
-    }
-    if old is not None:
-        inputs["old_per_token_logps"] = torch.tensor(old, dtype=torch.float64)
+    inputs = loss_inputs(mask, adv, ref, old)
+    inputs["importance_sampling_ratio"] = torch.tensor(is_ratio, dtype=torch.float64)
+    inputs["num_items_in_batch"] = torch.tensor(float(mask.sum()), dtype=torch.float64)
     loss = tr._compute_loss(tr.model, inputs)
     loss.backward()
     return float(loss.detach()), leaf.grad.numpy().copy()

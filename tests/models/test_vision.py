@@ -6,6 +6,7 @@ failure points at its stage.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax
@@ -21,6 +22,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from tatar_jax.models.qwen2_5_vl import vision as V
+from tatar_jax.models.qwen2_5_vl.config import tiny
 
 VISION_KEYS = (
     "depth",
@@ -37,22 +39,14 @@ VISION_KEYS = (
     "hidden_act",
 )
 
-# window_size 56 / patch 14 / merge 2 → windows of 2x2 merge units (16 patches): windows are much
-# smaller than the images below, so window attention really restricts attention.
-HF_KW = dict(
-    depth=4,
-    hidden_size=64,
-    intermediate_size=96,
-    num_heads=4,
-    out_hidden_size=32,
-    fullatt_block_indexes=[1, 3],
-    window_size=56,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    in_channels=3,
-    hidden_act="silu",
+# The tiny preset's vision tower with a fourth block, full attention in blocks 1 and 3 (window,
+# full, window, full), merged tokens of width 32. window_size 56 / patch 14 / merge 2 → windows of
+# 2x2 merge units (16 patches): windows are much smaller than the images below, so window
+# attention really restricts attention.
+VISION = dataclasses.replace(
+    tiny().vision, depth=4, fullatt_block_indexes=(1, 3), out_hidden_size=32
 )
+HF_KW = dataclasses.asdict(VISION)
 TOL = 1e-4
 
 

@@ -13,6 +13,45 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GRPO = "--config=configs/grpo.py:tiny"
 
+
+def _train(flag: str, complaint: str) -> tuple[list[str], str]:
+    """``train.py`` on the tiny GRPO config with one bad ``--config.<field>=<value>``: the one
+    error line names ``--config.<field>``, then says what is wrong."""
+    field = flag.partition("=")[0]
+    args = ["train.py", GRPO, "--workdir=/tmp/never", f"--config.{flag}"]
+    return args, f"error: --config.{field}: {complaint}"
+
+
+def _build_reasoning(*flags: str) -> list[str]:
+    """``build_reasoning.py`` on the IQA preset, with the judge off (no second endpoint)."""
+    preset = "--config=configs/reasoning.py:iqa"
+    return ["build_reasoning.py", preset, *flags, "--config.judge.enabled=False"]
+
+
+_STEPS = "must be -1 (whole epochs: data.num_epochs) or a positive number of steps, got"
+
+# name -> (the bad ``--config.`` flag of train.py, what the error says about it)
+TRAIN_CASES = {
+    "train_enum": ("grpo.advantage=foo", "'foo' is not one of grpo, dr_grpo, rloo, batch_std"),
+    "train_missing_hf_dir": ("model.hf_dir=/nonexistent", "no such directory: /nonexistent"),
+    "train_unknown_data_set": (
+        "data.train=nope",
+        "unknown data set 'nope'; configured: synthetic, synthetic_test, user_iaa, user_iqa",
+    ),
+    # Issue 32 item 3: a non-finite or impossible hyper-parameter is never trained with.
+    "train_nan_learning_rate": ("optimizer.learning_rate=nan", "must be a finite number, got nan"),
+    "train_negative_learning_rate": ("optimizer.learning_rate=-1e-3", "must be >= 0, got -0.001"),
+    "train_beta2_one": ("optimizer.b2=1.0", "must be < 1, got 1.0"),
+    "train_infinite_temperature": ("grpo.temperature=inf", "must be a finite number, got inf"),
+    # Issue 32 item 4: only -1 means whole epochs.
+    "train_negative_total_steps": ("total_steps=-5", f"{_STEPS} -5"),
+    "train_zero_total_steps": ("total_steps=0", f"{_STEPS} 0"),
+    "train_negative_warmup_steps": (
+        "warmup.total_steps=-7",
+        "must be 0 (no warm-up) or a step count, got -7",
+    ),
+}
+
 CASES = {
     "unknown_flag": (["eval.py", "--foo=1"], "error: Unknown command line flag 'foo'"),
     "unknown_config_field": (
@@ -50,97 +89,36 @@ CASES = {
         ["convert_checkpoint.py", "--orbax_dir=/tmp"],
         "error: --orbax_dir needs --hf_out",
     ),
-    "train_enum": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.grpo.advantage=foo"],
-        "error: --config.grpo.advantage: 'foo' is not one of grpo, dr_grpo, rloo, batch_std",
-    ),
-    "train_missing_hf_dir": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.model.hf_dir=/nonexistent"],
-        "error: --config.model.hf_dir: no such directory: /nonexistent",
-    ),
-    "train_unknown_data_set": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.data.train=nope"],
-        "error: --config.data.train: unknown data set 'nope'; configured: synthetic,"
-        " synthetic_test, user_iaa, user_iqa",
-    ),
+    **{name: _train(*case) for name, case in TRAIN_CASES.items()},
     "train_no_workdir": (
         ["train.py", GRPO],
         "error: flag --workdir=None: Flag --workdir must have a value other than None.",
     ),
-    # Issue 32 item 3: a non-finite or impossible hyper-parameter is never trained with.
-    "train_nan_learning_rate": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.learning_rate=nan"],
-        "error: --config.optimizer.learning_rate: must be a finite number, got nan",
-    ),
-    "train_negative_learning_rate": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.learning_rate=-1e-3"],
-        "error: --config.optimizer.learning_rate: must be >= 0, got -0.001",
-    ),
-    "train_beta2_one": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.optimizer.b2=1.0"],
-        "error: --config.optimizer.b2: must be < 1, got 1.0",
-    ),
-    "train_infinite_temperature": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.grpo.temperature=inf"],
-        "error: --config.grpo.temperature: must be a finite number, got inf",
-    ),
-    # Issue 32 item 4: only -1 means whole epochs.
-    "train_negative_total_steps": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.total_steps=-5"],
-        "error: --config.total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
-        "number of steps, got -5",
-    ),
-    "train_zero_total_steps": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.total_steps=0"],
-        "error: --config.total_steps: must be -1 (whole epochs: data.num_epochs) or a positive "
-        "number of steps, got 0",
-    ),
-    "train_negative_warmup_steps": (
-        ["train.py", GRPO, "--workdir=/tmp/never", "--config.warmup.total_steps=-7"],
-        "error: --config.warmup.total_steps: must be 0 (no warm-up) or a step count, got -7",
-    ),
     # Issue 32 item 7: every script's usage errors, one line, exit 2.
     "build_reasoning_missing_input": (
-        [
-            "build_reasoning.py",
-            "--config=configs/reasoning.py:iqa",
+        _build_reasoning(
             "--config.input=/no/x.jsonl",
             "--config.score_range=(1.0, 5.0)",
             "--config.teacher.base_url=http://h/v1",
             "--config.teacher.model=m",
-            "--config.judge.enabled=False",
-        ],
+        ),
         "error: --config.input: no such file: /no/x.jsonl",
-    ),  # fmt: skip
+    ),
     "build_reasoning_teacher_kind": (
-        [
-            "build_reasoning.py",
-            "--config=configs/reasoning.py:iqa",
-            "--config.teacher.kind=magic",
-            "--config.judge.enabled=False",
-        ],
+        _build_reasoning("--config.teacher.kind=magic"),
         "error: --config.teacher.kind: 'magic' is not one of openai, jax, none",
-    ),  # fmt: skip
+    ),
     "build_reasoning_empty_base_url": (
-        [
-            "build_reasoning.py",
-            "--config=configs/reasoning.py:iqa",
-            "--config.teacher.model=m",
-            "--config.judge.enabled=False",
-        ],
+        _build_reasoning("--config.teacher.model=m"),
         "error: --config.teacher.base_url: empty (the endpoint URL, e.g. http://host:8000/v1)",
-    ),  # fmt: skip
+    ),
     "build_reasoning_file_url": (  # item 9: never handed to urllib
-        [
-            "build_reasoning.py",
-            "--config=configs/reasoning.py:iqa",
-            "--config.teacher.model=m",
-            "--config.teacher.base_url=file:///etc/passwd",
-            "--config.judge.enabled=False",
-        ],
+        _build_reasoning(
+            "--config.teacher.model=m", "--config.teacher.base_url=file:///etc/passwd"
+        ),
         "error: --config.teacher.base_url: must start with http:// or https://, got "
         "'file:///etc/passwd'",
-    ),  # fmt: skip
+    ),
     "plan_memory_unknown_model": (
         ["plan_memory.py", "--model=13b"],
         "error: --model: unknown preset '13b'; choose from 3b, 7b, 32b, 72b, tiny",

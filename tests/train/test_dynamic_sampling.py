@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from random_images import write_random_images
 
 from configs import grpo as grpo_config
 from tatar_jax.data import pipeline as pl
@@ -22,28 +23,20 @@ G = 4
 PAD = 151643
 
 
-def _write_images(root, n, rng, prefix):
-    from PIL import Image
-
-    paths = []
-    for i in range(n):
-        h, w = (int(x) for x in rng.integers(28, 160, size=2))
-        p = root / f"{prefix}{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
-
-
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
     """A GRPO pipeline over 9 IQA + 7 IAA images of different sizes (different patch counts
     and sequence lengths per row), batches of 4 prompts."""
     root = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
-    iqa = [{"image": p, "gt_100": float(10 + i), "row_id": i}
-           for i, p in enumerate(_write_images(root, 9, rng, "q"))]  # fmt: skip
-    iaa = [{"image": p, "gt_100": float(60 + i), "row_id": 100 + i}
-           for i, p in enumerate(_write_images(root, 7, rng, "a"))]  # fmt: skip
+    iqa = [
+        {"image": p, "gt_100": float(10 + i), "row_id": i}
+        for i, p in enumerate(write_random_images(root, 9, rng, "q", max_side=160))
+    ]
+    iaa = [
+        {"image": p, "gt_100": float(60 + i), "row_id": 100 + i}
+        for i, p in enumerate(write_random_images(root, 7, rng, "a", max_side=160))
+    ]
     srcs = [pl.Source("toy_iqa", "iqa", iqa), pl.Source("toy_iaa", "iaa", iaa)]
     opts = pl.PipelineOptions(
         stage="grpo", batch_size=4, num_epochs=None, seq_buckets=(512,), process_index=0,

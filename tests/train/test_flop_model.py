@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from tatar_jax.models.qwen2_5_vl.config import tiny
 from tatar_jax.train import flop_model
 
 T, PATCHES = 40, 64  # sequence tokens; one 8x8-patch image = 16 image tokens
@@ -97,17 +98,16 @@ def test_flops_match_torch_flop_counter(hf, with_image, training):
 
 
 def test_flops_hand_count_and_options():
-    text = dict(
-        vocab_size=10,
-        hidden_size=4,
-        intermediate_size=6,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    # Per token: q 4x4, k 4x2, v 4x2, o 4x4, gate/up/down 3x4x6, lm_head 4x10 -> 2 FLOPs per MAC.
-    macs = 16 + 8 + 8 + 16 + 72 + 40
-    attn = 4 * 1 * 2 * 2 * 8  # 4 * layers * heads * head_dim * context (QK^T and AV)
+    # The tiny preset's decoder as a plain mapping with no head_dim (hidden_size // heads): the
+    # sizes the count below is made of.
+    text = dataclasses.asdict(tiny().text)
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    sizes += ("num_attention_heads", "num_key_value_heads")
+    assert [text[k] for k in sizes] == [256, 64, 128, 2, 4, 2] and "head_dim" not in text
+    # Per token and layer: q 64x64, k 64x32, v 64x32 (2 KV heads of 16), o 64x64, gate/up/down
+    # 3x64x128; 2 layers, then lm_head 64x256 -> 2 FLOPs per MAC.
+    macs = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 64 * 128) + 64 * 256
+    attn = 4 * 2 * 4 * 16 * 8  # 4 * layers * heads * head_dim * context (QK^T and AV)
     assert flop_model.flops_per_token(text, None, 8, training=False) == 2 * macs + attn
     assert flop_model.flops_per_token(text, None, 8) == 3 * (2 * macs + attn)
     assert flop_model.flops_per_token(text, None, 8, training=False, causal_discount=True) == (
@@ -116,10 +116,8 @@ def test_flops_hand_count_and_options():
 
 
 def test_missing_model_config_field_is_an_error_naming_it():
-    text = dict(
-        vocab_size=10, hidden_size=4, intermediate_size=6, num_hidden_layers=1,
-        num_attention_heads=2,
-    )  # fmt: skip
+    missing = ("num_key_value_heads", "tie_word_embeddings")
+    text = {k: v for k, v in dataclasses.asdict(tiny().text).items() if k not in missing}
     with pytest.raises(KeyError, match="num_key_value_heads"):
         flop_model.flops_per_token(text, None, 8)
     with pytest.raises(KeyError, match="tie_word_embeddings"):

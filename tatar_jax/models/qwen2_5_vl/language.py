@@ -112,18 +112,10 @@ class SampleCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(
-        self,
-        cfg: Any,
-        *,
-        dtype: Any,
-        param_dtype: Any,
-        std: float,
-        rngs: nnx.Rngs,
-        attention_impl: str = "xla",
-    ):
+    """The q/k/v/o projections of one layer (the kernel runs in :func:`_layer_forward`)."""
+
+    def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, std: float, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.attention_impl = attention_impl
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = hd
@@ -137,30 +129,13 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Parameters of one layer; the forward is :func:`_layer_forward` (run inside a scan)."""
 
-    def __init__(
-        self,
-        cfg: Any,
-        *,
-        dtype: Any,
-        param_dtype: Any,
-        std: float,
-        rngs: nnx.Rngs,
-        attention_impl: str = "xla",
-    ):
+    def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, std: float, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, std=std, rngs=rngs, attention_impl=attention_impl, **kw)
-        self.mlp = GatedMLP(
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.hidden_act,
-            ("embed", "mlp"),
-            hidden_names=_BLM,
-            use_bias=False,
-            std=std,
-            rngs=rngs,
-            **kw,
+        self.self_attn = Attention(cfg, std=std, rngs=rngs, **kw)
+        self.mlp = GatedMLP.from_config(
+            cfg, ("embed", "mlp"), hidden_names=_BLM, use_bias=False, std=std, rngs=rngs, **kw
         )
 
 
@@ -266,10 +241,13 @@ def _layer_forward(
     cache_kv: tuple[jax.Array, jax.Array] | None,
     index: jax.Array | None,
     layer_index: jax.Array | None = None,
+    *,
+    attention_impl: str,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x (B, L, D) → (B, L, D). With ``cache_kv`` = the (k, v) buffers of *all* layers
-    (layers, B, T, KV, hd), this layer's keys/values are written at ``[layer_index, :, index]``
-    (in place: the buffers are the scan's carry) and the updated buffers are returned."""
+    """x (B, L, D) → (B, L, D), attention by ``attention_impl`` (the model's, resolved). With
+    ``cache_kv`` = the (k, v) buffers of *all* layers (layers, B, T, KV, hd), this layer's
+    keys/values are written at ``[layer_index, :, index]`` (in place: the buffers are the scan's
+    carry) and the updated buffers are returned."""
     q, k, v = _qkv(layer, x, cos, sin)
     if cache_kv is not None:
         ck, cv = (
@@ -279,7 +257,7 @@ def _layer_forward(
         k = jax.lax.dynamic_index_in_dim(ck, layer_index, keepdims=False).astype(q.dtype)
         v = jax.lax.dynamic_index_in_dim(cv, layer_index, keepdims=False).astype(q.dtype)
         cache_kv = (ck, cv)
-    o = attention(q, k, v, q_slots, kv_valid, layer.self_attn.attention_impl)
+    o = attention(q, k, v, q_slots, kv_valid, attention_impl)
     return _layer_out(layer, x, o), cache_kv
 
 
@@ -350,9 +328,7 @@ class TextModel(nnx.Module):
                 rngs=rngs,
             )
             self.layers = stacked(
-                lambda r: DecoderLayer(
-                    cfg, std=init_std, rngs=r, attention_impl=self.attention_impl, **kw
-                ),
+                lambda r: DecoderLayer(cfg, std=init_std, rngs=r, **kw),
                 cfg.num_hidden_layers,
                 rngs,
             )
@@ -384,6 +360,7 @@ class TextModel(nnx.Module):
             return self._decode(x, cos, sin, kv_valid, cache)
         length = x.shape[1]
         graphdef, state = nnx.split(self.layers)
+        impl = self.attention_impl  # static: one kernel choice for every layer
         if cache is None:
             q_slots = jnp.arange(length, dtype=jnp.int32)
             if kv_valid.shape != x.shape[:2]:
@@ -391,7 +368,9 @@ class TextModel(nnx.Module):
 
             def body(x, layer_state):
                 layer = nnx.merge(graphdef, layer_state)
-                x, _ = _layer_forward(layer, x, cos, sin, kv_valid, q_slots, None, None)
+                x, _ = _layer_forward(
+                    layer, x, cos, sin, kv_valid, q_slots, None, None, attention_impl=impl
+                )
                 return x, None
 
             x, _ = jax.lax.scan(remat(body, self.remat), x, state)
@@ -408,7 +387,9 @@ class TextModel(nnx.Module):
             x, kv = carry
             layer_state, i = inputs
             layer = nnx.merge(graphdef, layer_state)
-            x, kv = _layer_forward(layer, x, cos, sin, kv_valid, q_slots, kv, cache.index, i)
+            x, kv = _layer_forward(
+                layer, x, cos, sin, kv_valid, q_slots, kv, cache.index, i, attention_impl=impl
+            )
             return (x, kv), None
 
         layer_ids = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)

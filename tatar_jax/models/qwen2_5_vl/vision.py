@@ -92,6 +92,7 @@ _INIT_STD = 0.02
 # Logical names of the activations (tatar_jax.sharding.constrain; no-ops outside use_rules).
 _TOKEN_NAMES = ("vision_tokens", "vision_embed")
 _GROUP_NAMES = ("vision_groups", None, "vision_heads", None)
+_MLP_NAMES = ("vision_embed", "vision_mlp")  # the MLP kernels' (model, hidden) axes
 
 
 class VisionAttention(nnx.Module):
@@ -114,31 +115,15 @@ class VisionBlock(nnx.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, _RMS_EPS, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, _RMS_EPS, **kw)
         self.attn = VisionAttention(cfg, rngs=rngs, **kw)
-        self.mlp = GatedMLP(
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.hidden_act,
-            ("vision_embed", "vision_mlp"),
-            hidden_names=None,
-            use_bias=True,
-            std=_INIT_STD,
-            rngs=rngs,
-            **kw,
+        self.mlp = GatedMLP.from_config(
+            cfg, _MLP_NAMES, hidden_names=None, use_bias=True, std=_INIT_STD, rngs=rngs, **kw
         )
 
 
 class PatchEmbed(nnx.Module):
     def __init__(self, cfg: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> None:
-        self.proj = dense(
-            patch_dim(cfg),
-            cfg.hidden_size,
-            ("vision_patch", "vision_embed"),
-            use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            std=_INIT_STD,
-            rngs=rngs,
-        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, std=_INIT_STD, use_bias=False, rngs=rngs)
+        self.proj = dense(patch_dim(cfg), cfg.hidden_size, ("vision_patch", "vision_embed"), **kw)
 
 
 class PatchMerger(nnx.Module):
