@@ -103,10 +103,10 @@ def test_grpo_warmup_block_follows_the_grpo_fields(repo_root):
     w = c.warmup
     from configs import grpo as grpo_config
 
-    assert grpo_config.WARMUP_STEPS == 120
-    assert w.stage == "sft" and w.total_steps == 120 and w.sft.global_batch_size == 8
+    assert grpo_config.WARMUP_STEPS == 200
+    assert w.stage == "sft" and w.total_steps == 200 and w.sft.global_batch_size == 8
     assert (w.seed, w.model.preset, w.eval.max_new_tokens) == (3, "small", 7)
-    assert w.data.synthetic.image_size == 64 and w.eval.at_end and w.eval.at_start
+    assert w.data.synthetic.image_size == 64 and w.eval.at_end and not w.eval.at_start
     # the warm-up's override leaves the GRPO run's own learning rate (the default preset's) alone
     grpo_lr = grpo_config.get_config("default").optimizer.learning_rate
     assert w.optimizer.learning_rate == 0.05 and c.optimizer.learning_rate == grpo_lr != 0.05
@@ -132,9 +132,9 @@ def test_grpo_warmup_block_is_the_sft_preset_with_the_grpo_run_fields(preset):
     want.mesh = g.mesh.to_dict()
     want.data.synthetic.image_size = g.data.synthetic.image_size
     want.data.tokenizer_dir = g.data.tokenizer_dir
-    for name in ("datasets", "max_examples", "max_new_tokens", "batch_size", "at_start"):
+    for name in ("datasets", "max_examples", "max_new_tokens", "batch_size"):
         want.eval[name] = g.eval[name]
-    want.eval.at_end = True
+    want.eval.at_start, want.eval.at_end = False, True  # no evaluation of the random model
     want.logging.progress = g.logging.progress
     assert g.warmup.to_dict() == want.to_dict()
     assert "sft_warmup_steps" not in g

@@ -135,6 +135,7 @@ def test_tiny_run_leaves_plots_and_plot_run_redraws_them(tmp_path, xla_cache_dir
     args = [
         "--config=configs/grpo.py:tiny", f"--workdir={wd}",
         "--config.warmup.total_steps=2", "--config.total_steps=2", "--config.eval.at_start=True",
+        "--config.warmup.eval.at_start=True",  # the warm-up's own flag: "before SFT"
         "--config.eval.max_examples=4", "--config.model.remat=False", "--config.grpo.beta=0.0",
         "--config.logging.tensorboard=False",
     ]  # fmt: skip
