@@ -342,11 +342,12 @@ def embedded(
     vision_depth: int = 4,
     head_dim: int = 32,
 ) -> Qwen2_5_VLConfig:
-    """The embedded default's random model (``configs/*.py`` preset ``default``): sized for CPU
-    minutes once its vocabulary is the embedded tokenizer's few hundred ids
-    (``tatar_jax.loading.embedded_config`` sets the vocabulary and token ids), with the compute
-    the 152k-token lm_head used to take spent on a wider, deeper decoder and vision tower
-    (sizes chosen by measurement, ``benchmarks/sweeps/grpo_default.md`` sweep 5).
+    """A wider, deeper random model for the embedded tokenizer's few hundred ids
+    (``--config.model.preset=embedded``; ``tatar_jax.loading.embedded_config`` sets the
+    vocabulary and token ids): the compute the 152k-token lm_head used to take spent on the
+    decoder and vision tower (``benchmarks/sweeps/grpo_default.md`` sweep 5). The default run
+    uses the ``tiny`` sizes instead: on the synthetic set's warm-up this one ranked held-out IAA
+    backwards (sweep 6).
     SwiGLU width 2 x hidden (the tiny preset's ratio), 2 KV heads, Qwen's 2:3:3 M-RoPE split of
     ``head_dim / 2``; vision: 2 x hidden MLP, window attention on 4 x 4-patch windows with full
     attention in the last block."""
