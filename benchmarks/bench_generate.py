@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from typing import Any
 
 import peer
 from absl import app, flags
@@ -137,21 +138,14 @@ def _batch(prompts: int, grid: tuple[int, int], text: int, config):
     return ids, mask, pv, thw
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    import jax
+def _ours_from_hf(hf: Any) -> Any:
+    """Our model from transformers' weights, through a safetensors directory with the hub's
+    tensor names (the path a user's checkpoint takes)."""
     import jax.numpy as jnp
-    import numpy as np
-    import torch
     from safetensors.torch import save_file
 
-    from tatar_jax import generate
     from tatar_jax.models import qwen2_5_vl as qvl
 
-    peer.set_torch_threads()
-    config = _config(_VOCAB.value, _WIDTH.value, _LAYERS.value)
-    hf = _hf_model(config)
-    n_params = sum(p.numel() for p in hf.parameters())
     with tempfile.TemporaryDirectory() as d:
         state = {}
         for k, v in hf.state_dict().items():  # hub tensor names
@@ -159,7 +153,40 @@ def main(argv: list[str]) -> None:
             state[k] = v.contiguous()
         save_file(state, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
         hf.config.save_pretrained(d)
-        ours = qvl.load_hf_checkpoint(d, dtype=jnp.float32)
+        return qvl.load_hf_checkpoint(d, dtype=jnp.float32)
+
+
+def _report(med: dict[str, float], total: int, new: int) -> None:
+    """The table and ratios from the medians (s) of ``ours``/``hf`` (``new`` tokens) and
+    ``ours_1``/``hf_1`` (the prefill alone)."""
+    # decode step: (rollout - prefill) / (new - 1), per engine, from the medians
+    step = {e: (med[e] - med[e + "_1"]) / max(new - 1, 1) for e in ("ours", "hf")}
+    print(f"{'':20} {'rollout s':>10} {'tokens/s':>10} {'prefill s':>10} {'decode step ms':>15}")
+    for e, name in (("ours", "tatar_jax.generate"), ("hf", "transformers")):
+        print(
+            f"{name:20} {med[e]:10.3f} {total / med[e]:10.1f} {med[e + '_1']:10.3f} "
+            f"{1e3 * step[e]:15.2f}"
+        )
+    print(
+        f"ratio (transformers / ours): rollout {med['hf'] / med['ours']:.2f}x, prefill "
+        f"{med['hf_1'] / med['ours_1']:.2f}x, decode step {step['hf'] / step['ours']:.2f}x "
+        f"(medians of {peer.REPEATS.value} interleaved repeats)"
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+    import numpy as np
+    import torch
+
+    from tatar_jax import generate
+
+    peer.set_torch_threads()
+    config = _config(_VOCAB.value, _WIDTH.value, _LAYERS.value)
+    hf = _hf_model(config)
+    n_params = sum(p.numel() for p in hf.parameters())
+    ours = _ours_from_hf(hf)
     grid = (int(_GRID.value[0]), int(_GRID.value[1]))
     vocab = _VOCAB.value
     ids, mask, pv, thw = _batch(_PROMPTS.value, grid, _TEXT.value, config)
@@ -234,19 +261,7 @@ def main(argv: list[str]) -> None:
             f"transformers {s['hf']:.3f}s (prefill {s['hf_1']:.3f}s)"
         ),
     )
-    # decode step: (rollout - prefill) / (new - 1), per engine, from the medians
-    step = {e: (med[e] - med[e + "_1"]) / max(new - 1, 1) for e in ("ours", "hf")}
-    print(f"{'':20} {'rollout s':>10} {'tokens/s':>10} {'prefill s':>10} {'decode step ms':>15}")
-    for e, name in (("ours", "tatar_jax.generate"), ("hf", "transformers")):
-        print(
-            f"{name:20} {med[e]:10.3f} {total / med[e]:10.1f} {med[e + '_1']:10.3f} "
-            f"{1e3 * step[e]:15.2f}"
-        )
-    print(
-        f"ratio (transformers / ours): rollout {med['hf'] / med['ours']:.2f}x, prefill "
-        f"{med['hf_1'] / med['ours_1']:.2f}x, decode step {step['hf'] / step['ours']:.2f}x "
-        f"(medians of {peer.REPEATS.value} interleaved repeats)"
-    )
+    _report(med, total, new)
 
 
 if __name__ == "__main__":
