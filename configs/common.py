@@ -137,7 +137,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.seq_buckets = (256, 512, 1024, 2048)
     c.patch_buckets = ()  # () = the pipeline's default vision-patch buckets
     # Mixing of the tasks (spec §6.1): random interleave with P(IQA) = p_iqa, "all_exhausted".
-    c.mixing = "interleave"  # "interleave" | "concat" (GRPO reference: concatenated, shuffled)
+    # "interleave" | "concat" (GRPO reference: concatenated, shuffled) | "stratified" (every
+    # batch round(p_iqa * batch) IQA records, the rest IAA: tatar_jax.data.pipeline)
+    c.mixing = "interleave"
     c.p_iqa = 0.5
     c.stopping = "all_exhausted"  # "all_exhausted" | "first_exhausted"
     # Asymmetric thought dropout (spec D1): P(replace the thought by an empty one) per task.

@@ -150,6 +150,9 @@ def sources_from_synthetic(specs: Mapping[str, Any], split: str = "train") -> li
     return sources_from_specs([specs[f"synthetic-{t}-{split}"] for t in prompts.TASKS])
 
 
+MIXINGS = ("concat", "interleave", "stratified")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
     """How to read. Field names follow ``configs/common.py:data_config`` where they overlap."""
@@ -159,9 +162,9 @@ class PipelineOptions:
     seq_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
     patch_buckets: tuple[int, ...] | None = None  # None: m * 2**k, m in 4..7 (<= 25 % pad)
     padding_side: str | None = None  # None: left for grpo/eval (generation), right for sft
-    mixing: str = "concat"  # "concat" | "interleave"
+    mixing: str = "concat"  # "concat" | "interleave" | "stratified"
     p_iqa: float = 0.5
-    stopping: str = "all_exhausted"  # "all_exhausted" | "first_exhausted" (interleave only)
+    stopping: str = "all_exhausted"  # "all_exhausted" | "first_exhausted" (not for concat)
     num_epochs: int | None = 1  # None = repeat forever
     shuffle: bool = True
     seed: int = 42
@@ -188,8 +191,8 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.mixing not in ("concat", "interleave"):
-            raise ValueError(f"mixing must be 'concat' or 'interleave', got {self.mixing!r}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.stopping not in ("all_exhausted", "first_exhausted"):
             raise ValueError(f"unknown stopping {self.stopping!r}")
         if self.bad_record not in ("error", "skip"):
@@ -284,6 +287,8 @@ class Schedule(Sequence):
             order = np.arange(self._total, dtype=np.int64)
         elif opts.mixing == "concat":
             order = self._perm(self._total, epoch, 0)
+        elif opts.mixing == "stratified":
+            return self._stratified(epoch)
         else:
             return self._drop_partial(self._interleave(epoch))
         return self._drop_partial(np.stack([order, np.zeros_like(order)], axis=1))
@@ -294,7 +299,8 @@ class Schedule(Sequence):
         keep = len(order) // self._g * self._g  # drop the incomplete final global batch
         return order[:keep]
 
-    def _interleave(self, epoch: int) -> np.ndarray:
+    def _task_pools(self) -> list[np.ndarray]:
+        """Global record indices of each task in ``prompts.TASKS`` order."""
         pools = []
         for task in prompts.TASKS:
             idx = [
@@ -303,6 +309,48 @@ class Schedule(Sequence):
                 if t == task
             ]
             pools.append(np.concatenate(idx) if idx else np.zeros(0, np.int64))
+        return pools
+
+    def _pool_walk(self, pool: np.ndarray, n: int, epoch: int, k: int) -> np.ndarray:
+        """(n, 2) [global index, visit]: ``pool`` in seeded orders, reshuffled per restart."""
+        out, visit = [], 0
+        while sum(len(o) for o in out) < n:
+            perm = self._perm(len(pool), epoch, 10 + 1000 * k + visit)
+            out.append(np.stack([pool[perm], np.full(len(pool), visit, np.int64)], axis=1))
+            visit += 1
+        return np.concatenate(out)[:n]
+
+    def _stratified(self, epoch: int) -> np.ndarray:
+        """Global batches of ``round(p_iqa * G)`` IQA and ``G - that`` IAA records each."""
+        pools = self._task_pools()
+        n_iqa = int(round(self._opts.p_iqa * self._g))
+        per_batch = [n_iqa, self._g - n_iqa]
+        for k, task in enumerate(prompts.TASKS):
+            if per_batch[k] and not len(pools[k]):
+                raise ValueError(
+                    f"stratified mixing: p_iqa {self._opts.p_iqa} asks for {per_batch[k]} "
+                    f"{task} records per batch of {self._g}, but there are no {task} records"
+                )
+        used = [k for k in range(2) if per_batch[k]]
+        if self._opts.stopping == "first_exhausted":  # no pool restarts
+            n_batches = min(len(pools[k]) // per_batch[k] for k in used)
+        else:  # every pool seen once: the smaller one restarts (reshuffled) to fill the batches
+            n_batches = max(-(-len(pools[k]) // per_batch[k]) for k in used)
+        walks = [self._pool_walk(pools[k], per_batch[k] * n_batches, epoch, k) for k in range(2)]
+        rng = self._rng(epoch, 2)
+        batches = []
+        for b in range(n_batches):
+            rows = np.concatenate(
+                [walks[k][b * per_batch[k] : (b + 1) * per_batch[k]] for k in range(2)]
+            )
+            batches.append(rows[self._perm_rng(rng, len(rows))])
+        return np.concatenate(batches) if batches else np.zeros((0, 2), np.int64)
+
+    def _perm_rng(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.permutation(n) if self._opts.shuffle else np.arange(n)
+
+    def _interleave(self, epoch: int) -> np.ndarray:
+        pools = self._task_pools()
         probs = np.array([self._opts.p_iqa, 1.0 - self._opts.p_iqa])
         live = [k for k in range(2) if len(pools[k]) and probs[k] > 0]
         if not live:

@@ -21,7 +21,7 @@ from typing import Any
 
 def _choices() -> list[tuple[str, Sequence[str]]]:
     from tatar_jax import answer_format, grpo, loading, sharding
-    from tatar_jax.data import manifest
+    from tatar_jax.data import manifest, pipeline
     from tatar_jax.models import layers
     from tatar_jax.train import offload, optim, sft_step
 
@@ -32,7 +32,7 @@ def _choices() -> list[tuple[str, Sequence[str]]]:
         ("grpo.rollout_correction.mode", grpo.ROLLOUT_CORRECTIONS),
         ("sft.loss_normalization", sft_step.NORMALIZATIONS),
         ("data.bad_record", manifest.ON_ERROR),
-        ("data.mixing", ("concat", "interleave")),  # tatar_jax.data.pipeline.ScheduleOptions
+        ("data.mixing", pipeline.MIXINGS),
         ("data.stopping", ("all_exhausted", "first_exhausted")),
         ("model.dtype", tuple(loading.DTYPES)),
         ("model.param_dtype", tuple(loading.DTYPES)),

@@ -83,12 +83,46 @@ def test_interleave_all_exhausted_oversamples_smaller_pool():
     assert collections.Counter(s for s, *_ in first)[1] >= 40
 
 
-@pytest.mark.parametrize("hosts", [2, 3])
-def test_host_shards_partition_the_single_host_order(hosts):
+def test_stratified_batches_hold_a_fixed_task_count():
+    # Sources: two IQA sets (20 + 10 records) and one IAA set (13): 8 per batch at p_iqa 0.5.
+    sizes, tasks = [20, 10, 13], ["iqa", "iqa", "iaa"]
+    kw = dict(mixing="stratified", p_iqa=0.5, batch_size=8, num_epochs=1)
+    first = _slots(sizes, tasks, stopping="first_exhausted", **kw)
+    # first_exhausted: 13 IAA records fill 3 batches of 4 (30 IQA would fill 7).
+    assert len(first) == 24
+    is_iaa = [[s == 2 for s, *_ in first[8 * b : 8 * b + 8]] for b in range(3)]
+    assert [sum(b) for b in is_iaa] == [4, 4, 4]
+    # The tasks are in a seeded order inside a batch (hosts read slices of it), not IQA first.
+    assert any(b != [False] * 4 + [True] * 4 for b in is_iaa)
+    # No record twice before its pool restarts.
+    iqa = [(s, r) for s, r, *_ in first if s < 2]
+    assert len(set(iqa)) == 12
+    every = _slots(sizes, tasks, stopping="all_exhausted", **kw)
+    # all_exhausted: ceil(30 / 4) = 8 batches; every IQA record seen, IAA restarted twice.
+    assert len(every) == 64
+    assert len({(s, r) for s, r, *_ in every if s < 2}) == 30
+    iaa = [(r, v) for s, r, _, _, v in every if s == 2]
+    assert len(iaa) == 32 and len(set(iaa)) == 32 and max(v for _, v in iaa) == 2
+    assert len({r for r, v in iaa if v == 0}) == 13
+    # Deterministic; another seed, another order.
+    assert _slots(sizes, tasks, stopping="all_exhausted", **kw) == every
+    assert _slots(sizes, tasks, stopping="all_exhausted", seed=7, **kw) != every
+    # p_iqa 0.25 of 8: 2 IQA + 6 IAA per batch.
+    quarter = _slots(sizes, tasks, stopping="first_exhausted", **{**kw, "p_iqa": 0.25})
+    assert len(quarter) == 16 and sum(s == 2 for s, *_ in quarter[:8]) == 6
+    with pytest.raises(
+        ValueError, match="asks for 4 iaa records per batch of 8, but there are no iaa"
+    ):
+        _slots([20], ["iqa"], **kw)
+
+
+@pytest.mark.parametrize("hosts,mixing", [(2, "concat"), (3, "concat"), (2, "stratified")])
+def test_host_shards_partition_the_single_host_order(hosts, mixing):
     sizes, tasks = [30, 17], ["iqa", "iaa"]
-    single = _slots(sizes, tasks, num_epochs=2, batch_size=2 * hosts)
+    kw = dict(num_epochs=2, mixing=mixing)
+    single = _slots(sizes, tasks, batch_size=2 * hosts, **kw)
     shards = [
-        _slots(sizes, tasks, num_epochs=2, batch_size=2, process_index=h, process_count=hosts)
+        _slots(sizes, tasks, batch_size=2, process_index=h, process_count=hosts, **kw)
         for h in range(hosts)
     ]
     assert len({len(s) for s in shards}) == 1
