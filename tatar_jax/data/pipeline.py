@@ -311,14 +311,18 @@ class Schedule(Sequence):
             pools.append(np.concatenate(idx) if idx else np.zeros(0, np.int64))
         return pools
 
+    def _pool_perm(self, n: int, epoch: int, k: int, visit: int) -> np.ndarray:
+        """The order of task pool ``k`` (``n`` records) on its ``visit``-th pass of ``epoch``."""
+        return self._perm(n, epoch, 10 + 1000 * k + visit)
+
     def _pool_walk(self, pool: np.ndarray, n: int, epoch: int, k: int) -> np.ndarray:
         """(n, 2) [global index, visit]: ``pool`` in seeded orders, reshuffled per restart."""
-        out, visit = [], 0
-        while sum(len(o) for o in out) < n:
-            perm = self._perm(len(pool), epoch, 10 + 1000 * k + visit)
-            out.append(np.stack([pool[perm], np.full(len(pool), visit, np.int64)], axis=1))
-            visit += 1
-        return np.concatenate(out)[:n]
+        passes = -(-n // len(pool)) if n else 0
+        walk = [
+            np.stack([pool[self._pool_perm(len(pool), epoch, k, v)], np.full(len(pool), v)], 1)
+            for v in range(passes)
+        ]
+        return np.concatenate(walk)[:n] if walk else np.zeros((0, 2), np.int64)
 
     def _stratified(self, epoch: int) -> np.ndarray:
         """Global batches of ``round(p_iqa * G)`` IQA and ``G - that`` IAA records each."""
@@ -359,7 +363,7 @@ class Schedule(Sequence):
         rng = self._rng(epoch, 1)
         cursor = [0] * len(live)
         restarts = [0] * len(live)
-        perms = [self._perm(len(pools[k]), epoch, 10 + 1000 * k) for k in live]
+        perms = [self._pool_perm(len(pools[k]), epoch, k, 0) for k in live]
         exhausted = [False] * len(live)
         out: list[tuple[int, int]] = []
         # Draw choices in chunks; each slot is one Bernoulli/categorical choice (spec §6.1).
@@ -372,7 +376,7 @@ class Schedule(Sequence):
                     exhausted[c] = True
                     restarts[c] += 1
                     cursor[c] = 0
-                    perms[c] = self._perm(len(pools[k]), epoch, 10 + 1000 * k + restarts[c])
+                    perms[c] = self._pool_perm(len(pools[k]), epoch, k, restarts[c])
                     done = all(exhausted) if self._opts.stopping == "all_exhausted" else True
                     if done:
                         return np.asarray(out, np.int64).reshape(-1, 2)

@@ -94,10 +94,11 @@ def check_run_config(cfg: Any, workdir: pathlib.Path, resume_step: int | None) -
         if not isinstance(stored, dict):
             raise cli_errors.DamagedInputError(path, "not a JSON object (a run's config)")
         diff = config_diff(stored, json.loads(text))
+        had = _flatten(stored)  # the fields the stored run already had
         changes = {
             k: v
             for k, v in diff.items()
-            if not _resumable(k) and not (k not in _flatten(stored) and _as_before(k, v[1]))
+            if not _resumable(k) and not (k not in had and _as_before(k, v[1]))
         }
         if changes and not bool(cfg.allow_config_change):
             listing = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())

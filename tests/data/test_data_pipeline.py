@@ -110,6 +110,10 @@ def test_stratified_batches_hold_a_fixed_task_count():
     # p_iqa 0.25 of 8: 2 IQA + 6 IAA per batch.
     quarter = _slots(sizes, tasks, stopping="first_exhausted", **{**kw, "p_iqa": 0.25})
     assert len(quarter) == 16 and sum(s == 2 for s, *_ in quarter[:8]) == 6
+    # p_iqa 1: IQA batches only (an IAA list may be absent); 30 IQA records fill 3 of 8.
+    only_iqa = _slots(sizes, tasks, stopping="first_exhausted", **{**kw, "p_iqa": 1.0})
+    assert len(only_iqa) == 24 and all(s < 2 for s, *_ in only_iqa)
+    assert _slots([20, 10], ["iqa", "iqa"], **{**kw, "p_iqa": 1.0})[:8] == only_iqa[:8]
     with pytest.raises(
         ValueError, match="asks for 4 iaa records per batch of 8, but there are no iaa"
     ):
