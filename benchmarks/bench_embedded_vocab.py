@@ -14,9 +14,9 @@ medians and the ratio.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,10 +37,9 @@ def write_qwen_tokenizer(folder: pathlib.Path) -> pathlib.Path:
     from tatar_jax.data import tokenizer as tok_mod
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = tok_mod.build_qwen2_tokenizer()
-    tok.save(str(folder / "tokenizer.json"))
-    config = tok_mod.hf_tokenizer_config(tok, embedded_tokenizer.MODEL_MAX_LENGTH)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok_mod.save_tokenizer_folder(
+        tok_mod.default_tokenizer_json(), folder, embedded_tokenizer.MODEL_MAX_LENGTH
+    )
     return folder
 
 
@@ -78,8 +77,6 @@ def main(argv: list[str]) -> None:
     if _KEEP.value:
         print(f"runs kept in {tmp}")
     else:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -102,14 +102,6 @@ def _digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _write_folder(tok: tokenizers.Tokenizer, folder: pathlib.Path) -> None:
-    tok.save(str(folder / "tokenizer.json"))
-    config = tok_mod.hf_tokenizer_config(tok, MODEL_MAX_LENGTH)
-    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 _MEMO: dict[str, str] = {}
 
 
@@ -126,7 +118,7 @@ def tokenizer_dir() -> str:
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, suffix=".tmp"))
-            _write_folder(tok, tmp)
+            tok_mod.save_tokenizer_folder(tok, tmp, MODEL_MAX_LENGTH)
             os.chmod(tmp, 0o755)
             try:
                 os.replace(tmp, folder)  # atomic: a concurrent builder never sees half of it
@@ -134,7 +126,7 @@ def tokenizer_dir() -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:  # read-only cache: a private temporary copy
             folder = pathlib.Path(tempfile.mkdtemp(prefix="tatar_embedded_tokenizer_"))
-            _write_folder(tok, folder)
+            tok_mod.save_tokenizer_folder(tok, folder, MODEL_MAX_LENGTH)
     _MEMO[digest] = str(folder)
     return str(folder)
 

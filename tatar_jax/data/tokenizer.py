@@ -365,3 +365,15 @@ def hf_tokenizer_config(tok: tokenizers.Tokenizer, model_max_length: int) -> dic
         "split_special_tokens": False,
         "model_max_length": int(model_max_length),
     }
+
+
+def save_tokenizer_folder(
+    tok: tokenizers.Tokenizer, folder: str | os.PathLike, model_max_length: int
+) -> None:
+    """Writes ``tok`` as the pair transformers loads: ``folder/tokenizer.json`` and
+    ``folder/tokenizer_config.json`` (:func:`hf_tokenizer_config`)."""
+    folder = pathlib.Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_tokenizer_config(tok, model_max_length), f, indent=2, ensure_ascii=False)
+        f.write("\n")

@@ -55,12 +55,7 @@ def _rebuilt_tokenizer_files(out_dir: str, model_max_length: int) -> None:
     (:func:`tatar_jax.data.tokenizer.default_tokenizer_json`)."""
     from tatar_jax.data import tokenizer as tok_mod
 
-    tok = tok_mod.default_tokenizer_json()
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    _write_json(
-        os.path.join(out_dir, "tokenizer_config.json"),
-        tok_mod.hf_tokenizer_config(tok, model_max_length),
-    )
+    tok_mod.save_tokenizer_folder(tok_mod.default_tokenizer_json(), out_dir, model_max_length)
 
 
 def _has_chat_template(folder: str) -> bool:
