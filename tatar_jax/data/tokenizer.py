@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from tatar_jax.data import jsonl
+
 # Qwen2's pre-tokenizer split pattern (digits one by one, unlike GPT-4's \p{N}{1,3}).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -374,6 +376,6 @@ def save_tokenizer_folder(
     ``folder/tokenizer_config.json`` (:func:`hf_tokenizer_config`)."""
     folder = pathlib.Path(folder)
     tok.save(str(folder / "tokenizer.json"))
-    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(hf_tokenizer_config(tok, model_max_length), f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    jsonl.write_json(
+        str(folder / "tokenizer_config.json"), hf_tokenizer_config(tok, model_max_length), indent=2
+    )

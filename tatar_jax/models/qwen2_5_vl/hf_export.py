@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from tatar_jax.data import jsonl
 from tatar_jax.models.qwen2_5_vl.hf_checkpoint import save_hf_checkpoint
 from tatar_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
@@ -42,12 +43,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "preprocessor_config.json", "video_preprocessor_config.json",
 )  # fmt: skip
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def _rebuilt_tokenizer_files(out_dir: str, model_max_length: int) -> None:
@@ -118,5 +113,5 @@ def export_hf(
             "max_pixels": image_mod.MAX_PIXELS if max_pixels is None else int(max_pixels),
         }
         cfg = image_mod.hf_preprocessor_config(**budget)
-        _write_json(os.path.join(out, "preprocessor_config.json"), cfg)
+        jsonl.write_json(os.path.join(out, "preprocessor_config.json"), cfg, indent=2)
     return names
